@@ -1,0 +1,1 @@
+"""Host block plumbing: iSCSI initiator and targets, device-mapper, qemu-storage-daemon."""

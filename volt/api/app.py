@@ -1,0 +1,201 @@
+"""The WSGI application: routing, authentication, errors as JSON, request metrics.
+
+The route table is the single place that lists the API; /openapi.json documents it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from importlib import resources
+from typing import Any
+
+from prometheus_client import exposition
+
+from volt.api.handlers import Handlers
+from volt.api.request import Request, Response, read_json_body
+from volt.errors import MethodNotAllowed, RouteNotFound, Unauthenticated, VoltError
+from volt.metrics import Metrics
+from volt.service import VoltService
+
+LOG = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Response]
+StartResponse = Callable[..., Any]
+REASONS = {
+    200: "OK",
+    300: "Multiple Choices",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def route_table(h: Handlers, app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
+    """(path template, {method: handler}); the first template that matches wins."""
+    return [
+        ("/", {"GET": app.versions}),
+        ("/metrics", {"GET": app.metrics_text}),
+        ("/openapi.json", {"GET": app.openapi}),
+        ("/v1/volumes", {"GET": h.list_volumes}),
+        ("/v1/volumes/query/{volume_id}", {"GET": h.query}),
+        (
+            "/v1/volumes/{volume_id}",
+            {"GET": h.show_volume, "HEAD": h.show_volume, "DELETE": h.delete_volume},
+        ),
+        ("/v1/volumes/{volume_id}/{peer_id}", {"POST": h.register, "DELETE": h.leave}),
+        ("/v1/members", {"GET": h.list_members}),
+        ("/v1/members/heartbeat", {"PUT": h.heartbeat}),
+    ]
+
+
+def _match(template: str, path: str) -> dict[str, str] | None:
+    want, got = template.strip("/").split("/"), path.strip("/").split("/")
+    if len(want) != len(got) or (template == "/" and path != "/"):
+        return None
+    params = {}
+    for w, g in zip(want, got, strict=True):
+        if w.startswith("{"):
+            if not g:
+                return None
+            params[w[1:-1]] = g
+        elif w != g:
+            return None
+    return params
+
+
+def _error_body(err: VoltError, request_id: str) -> dict[str, Any]:
+    return {
+        "errors": [
+            {
+                "status": err.status,
+                "code": err.code,
+                "title": err.title,
+                "detail": err.detail,
+                "request_id": request_id,
+            }
+        ]
+    }
+
+
+class VoltApp:
+    def __init__(
+        self,
+        service: VoltService,
+        *,
+        auth_token: str | None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.service = service
+        self.auth_token = auth_token
+        self.metrics_ = metrics or service.metrics
+        self.routes = route_table(Handlers(service), self)
+        self._openapi = resources.files("volt.api").joinpath("openapi.json").read_bytes()
+
+    # -- WSGI ------------------------------------------------------------------------------
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
+        request_id = "req-" + uuid.uuid4().hex
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        path = environ.get("PATH_INFO") or "/"
+        route = "unmatched"
+        try:
+            route, handler, params = self._route(method, path)
+            if route.startswith("/v1/"):
+                self._authenticate(environ)
+            req = Request(
+                method=method,
+                path=path,
+                params=params,
+                remote_addr=environ.get("REMOTE_ADDR", ""),
+                headers={},
+                body=read_json_body(environ),
+                request_id=request_id,
+            )
+            response = handler(req)
+        except VoltError as err:
+            response = Response(err.status, _error_body(err, request_id))
+            if isinstance(err, MethodNotAllowed):
+                response.headers.append(("Allow", ", ".join(err.allowed)))
+            level = logging.WARNING if err.status >= 500 else logging.INFO
+            LOG.log(level, "%s %s -> %d %s [%s]", method, path, err.status, err.detail, request_id)
+        except Exception:
+            LOG.exception("%s %s failed [%s]", method, path, request_id)
+            err = VoltError("internal error; see the volt-api log for " + request_id)
+            response = Response(500, _error_body(err, request_id))
+        payload = self._encode(response)
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(payload))),
+            ("X-Request-Id", request_id),
+            *response.headers,
+        ]
+        start_response(f"{response.status} {REASONS.get(response.status, '')}", headers)
+        self.metrics_.requests.labels(method, route, str(response.status)).inc()
+        self.metrics_.latency.labels(method, route).observe(time.perf_counter() - started)
+        return [] if method == "HEAD" else [payload]
+
+    def _route(self, method: str, path: str) -> tuple[str, Handler, dict[str, str]]:
+        for template, methods in self.routes:
+            params = _match(template, path)
+            if params is None:
+                continue
+            handler = methods.get(method)
+            if handler is None:
+                continue
+            return template, handler, params
+        allowed = sorted(
+            {m for t, methods in self.routes if _match(t, path) is not None for m in methods}
+        )
+        if allowed:
+            raise MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
+        raise RouteNotFound(f"no such resource: {path}")
+
+    def _authenticate(self, environ: dict[str, Any]) -> None:
+        if self.auth_token is None:
+            return
+        given = environ.get("HTTP_X_AUTH_TOKEN", "")
+        if not given or not hmac.compare_digest(given.encode(), self.auth_token.encode()):
+            raise Unauthenticated("missing or wrong X-Auth-Token")
+
+    @staticmethod
+    def _encode(response: Response) -> bytes:
+        if response.raw is not None:
+            return response.raw
+        if response.body is None:
+            return b""
+        return json.dumps(response.body).encode()
+
+    # -- unversioned resources -------------------------------------------------------------
+    def versions(self, req: Request) -> Response:
+        return Response(
+            300,
+            {
+                "versions": [
+                    {
+                        "id": "v1.0",
+                        "status": "CURRENT",
+                        "links": [{"rel": "self", "href": "/v1/"}],
+                    }
+                ]
+            },
+        )
+
+    def metrics_text(self, req: Request) -> Response:
+        return Response(
+            200,
+            raw=exposition.generate_latest(self.metrics_.registry),
+            content_type=exposition.CONTENT_TYPE_LATEST,
+        )
+
+    def openapi(self, req: Request) -> Response:
+        return Response(200, raw=self._openapi)

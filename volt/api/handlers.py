@@ -1,0 +1,112 @@
+"""Handlers of the REST API: one function per operation, plain data in and out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from volt import validation
+from volt.api import schemas
+from volt.api.request import Request, Response
+from volt.errors import InvalidInput
+from volt.service import VoltService
+from volt.topology import Node
+
+NOT_PLACEABLE = {"peer_id": None, "parents": [{"peer_id": None}]}
+
+
+def _identities(nodes: list[Node]) -> list[dict[str, Any]]:
+    return [n.identity() for n in nodes]
+
+
+def _caller(req: Request, body: dict[str, Any]) -> str:
+    """The node's host: the body's ``host`` if given, else the request's source address."""
+    host: str = body.get("host") or validation.host(req.remote_addr, "remote address")
+    return host
+
+
+def _volume_id(req: Request) -> str:
+    return validation.volume_id(req.params["volume_id"])
+
+
+def _peer_id(req: Request, volume_id: str) -> str:
+    host, peer_volume = validation.split_peer_id(req.params["peer_id"])
+    if peer_volume != volume_id:
+        raise InvalidInput("peer_id", f"names volume {peer_volume!r}, not {volume_id!r}")
+    return validation.make_peer_id(host, peer_volume)
+
+
+class Handlers:
+    def __init__(self, service: VoltService) -> None:
+        self.service = service
+
+    def query(self, req: Request) -> Response:
+        volume_id = _volume_id(req)
+        body = schemas.extract(req.body, schemas.QUERY)
+        host = _caller(req, body)
+        if "peer_id" in body and body["peer_id"] != (host, volume_id):
+            raise InvalidInput(
+                "peer_id", f"must be {validation.make_peer_id(host, volume_id)!r} for this caller"
+            )
+        placement = self.service.query(volume_id, host)
+        if placement.node is None:
+            return Response(200, NOT_PLACEABLE)
+        return Response(
+            200, {"peer_id": placement.node.peer_id, "parents": _identities(placement.parents)}
+        )
+
+    def register(self, req: Request) -> Response:
+        volume_id = _volume_id(req)
+        peer_id = _peer_id(req, volume_id)
+        body = schemas.extract(req.body, schemas.REGISTER, schemas.REGISTER_REQUIRED)
+        node = self.service.register(
+            volume_id, peer_id, body["host"], body["port"], body["iqn"], body["lun"]
+        )
+        return Response(200, node.identity())
+
+    def leave(self, req: Request) -> Response:
+        volume_id = _volume_id(req)
+        self.service.leave(volume_id, _peer_id(req, volume_id))
+        return Response(200)
+
+    def delete_volume(self, req: Request) -> Response:
+        self.service.delete_volume(_volume_id(req))
+        return Response(200)
+
+    def list_volumes(self, req: Request) -> Response:
+        counts = self.service.volume_counts()
+        return Response(200, [{"id": vid, "count": count} for vid, count in counts])
+
+    def show_volume(self, req: Request) -> Response:
+        entries = []
+        for node, parents in self.service.volume_nodes(_volume_id(req)):
+            assert node.parent is not None
+            entry: dict[str, Any] = node.identity()
+            entry["parent"] = node.parent.peer_id
+            entry["depth"] = node.depth
+            entry["parents"] = [p.peer_id for p in parents]
+            entries.append(entry)
+        return Response(200, entries)
+
+    def heartbeat(self, req: Request) -> Response:
+        body = schemas.extract(req.body, schemas.HEARTBEAT)
+        answer = self.service.heartbeat(_caller(req, body))
+        return Response(
+            200,
+            [
+                {"peer_id": node.peer_id, "parents": _identities(parents)}
+                for node, parents in answer
+            ],
+        )
+
+    def list_members(self, req: Request) -> Response:
+        return Response(
+            200,
+            [
+                {
+                    "host": m.host,
+                    "seconds_since_heartbeat": round(m.seconds_since_heartbeat, 3),
+                    "peer_ids": m.peer_ids,
+                }
+                for m in self.service.member_list()
+            ],
+        )

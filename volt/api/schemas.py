@@ -1,0 +1,45 @@
+"""Request bodies: which keys each operation accepts, and their validators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from volt import validation
+from volt.errors import InvalidInput, MalformedBody
+
+Validator = Callable[[object, str], str]
+
+QUERY = {
+    "host": validation.host,
+    "port": validation.port,
+    "iqn": validation.iqn,
+    "lun": validation.lun,
+    "peer_id": validation.split_peer_id,
+}
+REGISTER = {
+    "host": validation.host,
+    "port": validation.port,
+    "iqn": validation.iqn,
+    "lun": validation.lun,
+}
+REGISTER_REQUIRED = ("host", "port", "iqn", "lun")
+HEARTBEAT = {"host": validation.host}
+
+
+def extract(
+    body: Any, schema: dict[str, Callable[..., Any]], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Validate a JSON object body against ``schema``; unknown keys are an error."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise MalformedBody("request body must be a JSON object")
+    unknown = sorted(set(body) - set(schema))
+    if unknown:
+        raise InvalidInput(unknown[0], f"unknown field; allowed: {', '.join(sorted(schema))}")
+    values = {key: schema[key](value, key) for key, value in body.items() if value is not None}
+    for key in required:
+        if key not in values:
+            raise InvalidInput(key, "is required")
+    return values

@@ -1,0 +1,153 @@
+"""``volt-api``: the Volt master daemon.
+
+The HTTP layer is Granian (one worker process running the WSGI application in a pool of
+``api_threads`` threads). The worker dies with the master process (PR_SET_PDEATHSIG), so even
+a ``kill -9`` leaves no orphan holding the port. SIGTERM/SIGINT stop it gracefully.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as oslo_logging
+
+from volt import conf as volt_conf
+from volt.api.app import VoltApp
+from volt.errors import VoltError
+from volt.liveness import Evictor
+from volt.metrics import Metrics
+from volt.service import VoltService
+from volt.store import Store
+from volt.topology import load_executor
+
+LOG = logging.getLogger(__name__)
+CONF = volt_conf.CONF
+ARGV_ENV = "VOLT_API_ARGV"
+PR_SET_PDEATHSIG = 1
+
+
+def _parse_config(argv: list[str]) -> None:
+    oslo_logging.register_options(CONF)
+    CONF(argv, project="volt", prog="volt-api", default_config_files=_default_config_files())
+
+
+def _default_config_files() -> list[str]:
+    return cfg.find_config_files(project="volt", prog="volt-api") or (
+        ["/etc/volt/volt.conf"] if os.path.exists("/etc/volt/volt.conf") else []
+    )
+
+
+def _auth_token() -> str | None:
+    if CONF.auth_strategy == "noauth":
+        return None
+    return str(CONF.auth.token)
+
+
+def check_config() -> None:
+    """Refuse configurations that cannot work, with a message that says what to change."""
+    if CONF.auth_strategy == "token" and not CONF.auth.token:
+        raise SystemExit(
+            "volt-api: auth_strategy = token needs [auth] token (or set auth_strategy = noauth "
+            "explicitly on a closed test network)"
+        )
+    try:
+        load_executor(CONF.default_executor)
+    except Exception as exc:  # stevedore raises several kinds
+        raise SystemExit(
+            f"volt-api: unknown default_executor {CONF.default_executor!r} ({exc})"
+        ) from None
+
+
+def build_app() -> VoltApp:
+    """Everything volt-api serves, built from the parsed configuration."""
+    executor = load_executor(
+        CONF.default_executor,
+        fanout=CONF.balanced.fanout,
+        parents_per_node=CONF.balanced.parents_per_node,
+    )
+    metrics = Metrics()
+    store = Store(CONF.database.connection)
+    service = VoltService(store, executor, node_timeout=CONF.node_timeout, metrics=metrics)
+    Evictor(service).start()
+    LOG.info(
+        "volt-api ready: executor %s, node_timeout %ss, auth %s",
+        executor.name,
+        CONF.node_timeout,
+        CONF.auth_strategy,
+    )
+    return VoltApp(service, auth_token=_auth_token(), metrics=metrics)
+
+
+def wsgi_factory() -> VoltApp:
+    """Entry point of the Granian worker process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the master died before prctl took effect
+        os._exit(1)
+    if not hasattr(CONF, "bind_port") or CONF.config_file is None:
+        _parse_config(json.loads(os.environ[ARGV_ENV]))
+    try:
+        return build_app()
+    except VoltError as err:
+        LOG.error("volt-api cannot start: %s", err.detail)
+        raise SystemExit(1) from err
+
+
+def _serve() -> None:
+    from granian.constants import Interfaces
+    from granian.server import Server
+
+    log_config: dict[str, Any] = {
+        "handlers": {},
+        "loggers": {
+            "_granian": {"level": "WARNING", "propagate": True},
+            "granian.access": {"level": "WARNING", "propagate": True},
+        },
+    }
+    server = Server(
+        "volt.cmd.api:wsgi_factory",
+        address=CONF.bind_host,
+        port=CONF.bind_port,
+        interface=Interfaces.WSGI,
+        workers=1,
+        blocking_threads=CONF.api_threads,
+        backlog=4096,
+        factory=True,
+        log_dictconfig=log_config,
+        workers_kill_timeout=10,
+    )
+    server.serve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    _parse_config(argv)
+    oslo_logging.setup(CONF, "volt")
+    check_config()
+    try:
+        Store(CONF.database.connection).dispose()  # fail fast, before forking the worker
+    except VoltError as err:
+        raise SystemExit(f"volt-api: {err.detail} ({CONF.database.connection})") from None
+    os.environ[ARGV_ENV] = json.dumps(argv)
+    pid_file = CONF.pid_file
+    if pid_file:
+        with open(pid_file, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+    LOG.info("volt-api listening on %s:%d", CONF.bind_host, CONF.bind_port)
+    try:
+        _serve()
+    finally:
+        if pid_file and os.path.exists(pid_file):
+            os.unlink(pid_file)
+        LOG.info("volt-api stopped")
+
+
+if __name__ == "__main__":
+    main()

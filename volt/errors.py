@@ -1,0 +1,89 @@
+"""Volt's domain errors. Each carries a stable machine code and the HTTP status it maps to.
+
+The ``code`` strings are part of the API: do not change their values.
+"""
+
+
+class VoltError(Exception):
+    status = 500
+    code = "volt.internal"
+    title = "Internal Server Error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(VoltError):
+    status = 400
+    code = "volt.invalid_input"
+    title = "Bad Request"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"invalid {field!r}: {reason}")
+        self.field = field
+
+
+class MalformedBody(VoltError):
+    status = 400
+    code = "volt.malformed_body"
+    title = "Bad Request"
+
+
+class Unauthenticated(VoltError):
+    status = 401
+    code = "volt.unauthenticated"
+    title = "Unauthorized"
+
+
+class VolumeNotFound(VoltError):
+    status = 404
+    code = "volt.volume.not_found"
+    title = "Not Found"
+
+    def __init__(self, volume_id: str) -> None:
+        super().__init__(f"volume {volume_id!r} has no tree")
+        self.volume_id = volume_id
+
+
+class PeerNotFound(VoltError):
+    status = 404
+    code = "volt.peer.not_found"
+    title = "Not Found"
+
+    def __init__(self, volume_id: str, peer_id: str) -> None:
+        super().__init__(f"peer {peer_id!r} is not in the tree of volume {volume_id!r}")
+
+
+class RouteNotFound(VoltError):
+    status = 404
+    code = "volt.route.not_found"
+    title = "Not Found"
+
+
+class MethodNotAllowed(VoltError):
+    status = 405
+    code = "volt.method_not_allowed"
+    title = "Method Not Allowed"
+
+    def __init__(self, detail: str, allowed: list[str]) -> None:
+        super().__init__(detail)
+        self.allowed = allowed
+
+
+class Conflict(VoltError):
+    status = 409
+    code = "volt.conflict"
+    title = "Conflict"
+
+
+class BodyTooLarge(VoltError):
+    status = 413
+    code = "volt.body_too_large"
+    title = "Payload Too Large"
+
+
+class StoreUnavailable(VoltError):
+    status = 503
+    code = "volt.store.unavailable"
+    title = "Service Unavailable"

@@ -1,0 +1,307 @@
+"""Volt's state: every image's tree, the hosts' liveness, and write-through to the store.
+
+All methods are thread-safe (one lock; tree operations are microseconds and the store write
+happens inside it so that the store always matches memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from volt.errors import PeerNotFound, StoreUnavailable, VolumeNotFound
+from volt.metrics import Metrics
+from volt.store import Store, VolumeRows
+from volt.topology import OK, Executor, Node, Tree
+from volt.validation import make_peer_id
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: Node | None  # None: not placeable yet (btree executors), retry
+    parents: list[Node]
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    host: str
+    seconds_since_heartbeat: float
+    peer_ids: list[str]
+
+
+class VoltService:
+    def __init__(
+        self,
+        store: Store,
+        executor: Executor,
+        *,
+        node_timeout: float,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.node_timeout = node_timeout
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.trees: dict[str, Tree] = {}
+        self.members: dict[str, set[tuple[str, str]]] = {}  # host -> {(volume_id, peer_id)}
+        self.last_seen: dict[str, float] = {}
+        self.lock = threading.Lock()
+        with self.lock:
+            self._load()
+        self.metrics.watch_trees(self.volume_counts)
+
+    # -- API operations ------------------------------------------------------------------
+    def query(self, volume_id: str, member: str) -> Placement:
+        """Place ``member`` in the tree of ``volume_id`` (idempotent) and return its parents."""
+        peer_id = make_peer_id(member, volume_id)
+        with self.lock:
+            tree = self.trees.get(volume_id)
+            created = tree is None
+            if tree is None:
+                tree = Tree(volume_id, self.executor.fanout())
+            node = tree.nodes.get(peer_id)
+            if node is not None:
+                self._count_placement("existing")
+                return Placement(node, self.executor.parents(tree, node))
+            node = self.executor.join(tree, peer_id, member)
+            if node is None:
+                self._count_placement("not_placeable")
+                if created:
+                    self.trees[volume_id] = tree
+                    self._commit(tree, create=True)
+                return Placement(None, [])
+            self.trees[volume_id] = tree
+            self._commit(tree, create=created)
+            self.members.setdefault(member, set()).add((volume_id, peer_id))
+            self.last_seen[member] = self.clock()
+            self._count_placement("placed")
+            LOG.info(
+                "placed %s in %s at depth %d under %s",
+                peer_id,
+                volume_id,
+                node.depth,
+                node.parent.peer_id if node.parent else None,
+            )
+            return Placement(node, self.executor.parents(tree, node))
+
+    def register(
+        self, volume_id: str, peer_id: str, host: str, port: str, iqn: str, lun: str
+    ) -> Node:
+        """The node's relay target is ready: it becomes a parent candidate (status OK)."""
+        with self.lock:
+            tree, node = self._find(volume_id, peer_id)
+            changed = (node.host, node.port, node.iqn, node.lun, node.status) != (
+                host,
+                port,
+                iqn,
+                lun,
+                OK,
+            )
+            if changed:
+                node.host, node.port, node.iqn, node.lun = host, port, iqn, lun
+                tree.set_status(node, OK)
+                tree.mark(node)
+                self._commit(tree)
+                LOG.info(
+                    "registered %s in %s: %s:%s %s lun %s", peer_id, volume_id, host, port, iqn, lun
+                )
+            return node
+
+    def leave(self, volume_id: str, peer_id: str) -> None:
+        with self.lock:
+            tree, node = self._find(volume_id, peer_id)
+            self._remove(tree, node, reason="leave")
+            self._commit(tree)
+
+    def delete_volume(self, volume_id: str) -> int:
+        """Forget a whole tree; returns how many nodes it had."""
+        with self.lock:
+            tree = self.trees.get(volume_id)
+            if tree is None:
+                raise VolumeNotFound(volume_id)
+            try:
+                self.store.delete_volume(volume_id)
+            except sa.exc.SQLAlchemyError as exc:
+                raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
+            del self.trees[volume_id]
+            for node in tree.nodes.values():
+                self._forget_member_node(node, volume_id)
+            self.metrics.removals.labels("volume_deleted").inc(len(tree))
+            LOG.info("deleted the tree of %s (%d nodes)", volume_id, len(tree))
+            return len(tree)
+
+    def heartbeat(self, member: str) -> list[tuple[Node, list[Node]]]:
+        """Refresh ``member``'s clock; return the parents of each of its nodes."""
+        with self.lock:
+            entries = self.members.get(member)
+            if not entries:
+                return []
+            self.last_seen[member] = self.clock()
+            answer = []
+            for volume_id, peer_id in sorted(entries):
+                tree = self.trees[volume_id]
+                node = tree.nodes[peer_id]
+                answer.append((node, self.executor.parents(tree, node)))
+            return answer
+
+    def evict_expired(self) -> list[str]:
+        """Remove every node of each host silent for ``node_timeout``; returns those hosts."""
+        with self.lock:
+            deadline = self.clock() - self.node_timeout
+            expired = [m for m, seen in self.last_seen.items() if seen < deadline]
+            for member in expired:
+                self._evict(member)
+            return expired
+
+    # -- views -----------------------------------------------------------------------------
+    def volume_counts(self) -> list[tuple[str, int]]:
+        with self.lock:
+            return [(vid, len(tree)) for vid, tree in sorted(self.trees.items())]
+
+    def volume_nodes(self, volume_id: str) -> list[tuple[Node, list[Node]]]:
+        """Breadth-first: each node with the parents it would be sent now."""
+        with self.lock:
+            tree = self.trees.get(volume_id)
+            if tree is None:
+                raise VolumeNotFound(volume_id)
+            return [
+                (node, self.executor.parents(tree, node)) for node in tree.bfs() if not node.is_root
+            ]
+
+    def member_list(self) -> list[MemberInfo]:
+        with self.lock:
+            now = self.clock()
+            return [
+                MemberInfo(host, now - self.last_seen.get(host, now), sorted(p for _, p in nodes))
+                for host, nodes in sorted(self.members.items())
+            ]
+
+    # -- internals -------------------------------------------------------------------------
+    def _find(self, volume_id: str, peer_id: str) -> tuple[Tree, Node]:
+        tree = self.trees.get(volume_id)
+        if tree is None:
+            raise VolumeNotFound(volume_id)
+        node = tree.nodes.get(peer_id)
+        if node is None:
+            raise PeerNotFound(volume_id, peer_id)
+        return tree, node
+
+    def _remove(self, tree: Tree, node: Node, *, reason: str) -> None:
+        assert node.peer_id is not None
+        self.executor.remove(tree, node)
+        self._forget_member_node(node, tree.volume_id)
+        self.metrics.removals.labels(reason).inc()
+        LOG.info("removed %s from %s (%s)", node.peer_id, tree.volume_id, reason)
+
+    def _forget_member_node(self, node: Node, volume_id: str) -> None:
+        assert node.member is not None and node.peer_id is not None
+        entries = self.members.get(node.member)
+        if entries is not None:
+            entries.discard((volume_id, node.peer_id))
+            if not entries:
+                del self.members[node.member]
+                self.last_seen.pop(node.member, None)
+
+    def _evict(self, member: str) -> None:
+        entries = sorted(self.members.get(member, ()))
+        LOG.warning(
+            "evicting host %s: no heartbeat for %ss; its %d node(s) leave their trees",
+            member,
+            self.node_timeout,
+            len(entries),
+        )
+        touched: dict[str, Tree] = {}
+        for volume_id, peer_id in entries:
+            tree = self.trees[volume_id]
+            self._remove(tree, tree.nodes[peer_id], reason="evicted")
+            touched[volume_id] = tree
+        self.members.pop(member, None)
+        self.last_seen.pop(member, None)
+        self.metrics.evictions.inc()
+        for tree in touched.values():
+            self._commit(tree)
+
+    def _count_placement(self, result: str) -> None:
+        self.metrics.placements.labels(self.executor.name, result).inc()
+
+    def _commit(self, tree: Tree, *, create: bool = False) -> None:
+        changed, removed = tree.take_changes()
+        if not (changed or removed or create):
+            return
+        try:
+            self.store.save(tree.volume_id, tree.fanout, changed, removed, create=create)
+        except sa.exc.SQLAlchemyError as exc:
+            LOG.error(
+                "store write for %s failed (%s); reloading from the store", tree.volume_id, exc
+            )
+            self._reload()
+            raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
+
+    def _reload(self) -> None:
+        """Make memory match the store again (after a failed write)."""
+        self.trees.clear()
+        self.members.clear()
+        seen = dict(self.last_seen)
+        self.last_seen.clear()
+        try:
+            self._load()
+        finally:
+            now = self.clock()
+            for member in self.members:
+                self.last_seen[member] = seen.get(member, now)
+
+    def _load(self) -> None:
+        now = self.clock()
+        for rows in self.store.load():
+            tree = self._build_tree(rows)
+            self.trees[rows.volume_id] = tree
+            for node in tree.nodes.values():
+                assert node.member is not None and node.peer_id is not None
+                self.members.setdefault(node.member, set()).add((rows.volume_id, node.peer_id))
+                self.last_seen[node.member] = now
+        total = sum(len(t) for t in self.trees.values())
+        LOG.info("loaded %d tree(s) with %d node(s) from the store", len(self.trees), total)
+
+    def _build_tree(self, rows: VolumeRows) -> Tree:
+        tree = Tree(rows.volume_id, rows.fanout)
+        children: dict[str | None, list[tuple[int, Node]]] = {}
+        for row in rows.nodes:
+            node = tree.new_node(row.peer_id, row.member, seq=row.seq)
+            node.host, node.port, node.iqn, node.lun = row.host, row.port, row.iqn, row.lun
+            node.status = row.status
+            children.setdefault(row.parent_peer_id, []).append((row.slot, node))
+        stack: list[Node] = [tree.root]
+        while stack:
+            parent = stack.pop()
+            for slot, node in sorted(children.pop(parent.peer_id, []), key=lambda c: c[0]):
+                tree.attach(node, parent, slot)
+                stack.append(node)
+        orphans = [node for group in children.values() for _, node in group]
+        tree.take_changes()
+        for node in orphans:  # rows whose parent row is missing: place them again
+            LOG.warning("re-placing orphan %s of %s", node.peer_id, rows.volume_id)
+            assert node.peer_id is not None
+            tree.nodes.pop(node.peer_id)
+            placed = self.executor.join(tree, node.peer_id, node.member or "")
+            if placed is not None:
+                placed.host, placed.port, placed.iqn, placed.lun = (
+                    node.host,
+                    node.port,
+                    node.iqn,
+                    node.lun,
+                )
+                placed.status = node.status
+            else:
+                tree.removed.add(node.peer_id)
+        if orphans:
+            self._commit(tree)
+        return tree

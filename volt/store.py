@@ -1,0 +1,193 @@
+"""The SQL store of all trees (SQLAlchemy Core; SQLite by default, PostgreSQL or MySQL).
+
+The in-memory trees are a write-through cache of these tables: every change is committed
+before the API answers, so a restart (even after ``kill -9``) serves the same trees.
+Heartbeat times are deliberately not stored: after a restart every host starts a fresh
+``node_timeout`` instead of being evicted for the time volt-api was down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from volt.errors import StoreUnavailable
+from volt.topology.tree import Node
+
+LOG = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+volumes = sa.Table(
+    "volt_volumes",
+    metadata,
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("fanout", sa.Integer, nullable=False),
+)
+
+nodes = sa.Table(
+    "volt_nodes",
+    metadata,
+    sa.Column(
+        "volume_id",
+        sa.String(255),
+        sa.ForeignKey("volt_volumes.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("peer_id", sa.String(320), primary_key=True),
+    sa.Column("member", sa.String(255), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("port", sa.String(8)),
+    sa.Column("iqn", sa.String(255)),
+    sa.Column("lun", sa.String(8)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("parent_peer_id", sa.String(320)),  # NULL: child of the image server
+    sa.Column("slot", sa.Integer, nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    peer_id: str
+    member: str
+    host: str
+    port: str | None
+    iqn: str | None
+    lun: str | None
+    status: str
+    parent_peer_id: str | None
+    slot: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class VolumeRows:
+    volume_id: str
+    fanout: int
+    nodes: list[NodeRow]
+
+
+def _node_values(volume_id: str, node: Node) -> dict[str, object]:
+    parent = node.parent
+    assert parent is not None
+    return {
+        "volume_id": volume_id,
+        "peer_id": node.peer_id,
+        "member": node.member,
+        "host": node.host,
+        "port": node.port,
+        "iqn": node.iqn,
+        "lun": node.lun,
+        "status": node.status,
+        "parent_peer_id": parent.peer_id,
+        "slot": node.slot,
+        "seq": node.seq,
+    }
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = self._make_engine(url)
+        try:
+            metadata.create_all(self.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot open the store: {exc.__class__.__name__}") from exc
+
+    @staticmethod
+    def _make_engine(url: str) -> Engine:
+        parsed = sa.engine.make_url(url)
+        if parsed.get_backend_name() != "sqlite":
+            return sa.create_engine(url, pool_pre_ping=True)
+        if parsed.database and parsed.database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            # WAL + NORMAL: a committed transaction survives a crash of the process.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.close()
+
+        return engine
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def load(self) -> list[VolumeRows]:
+        with self.engine.connect() as conn:
+            fanouts = {row.id: row.fanout for row in conn.execute(sa.select(volumes))}
+            by_volume: dict[str, list[NodeRow]] = {vid: [] for vid in fanouts}
+            query = sa.select(nodes).order_by(nodes.c.volume_id, nodes.c.seq)
+            for row in conn.execute(query):
+                by_volume[row.volume_id].append(
+                    NodeRow(
+                        peer_id=row.peer_id,
+                        member=row.member,
+                        host=row.host,
+                        port=row.port,
+                        iqn=row.iqn,
+                        lun=row.lun,
+                        status=row.status,
+                        parent_peer_id=row.parent_peer_id,
+                        slot=row.slot,
+                        seq=row.seq,
+                    )
+                )
+        return [VolumeRows(vid, fanouts[vid], rows) for vid, rows in by_volume.items()]
+
+    def save(
+        self,
+        volume_id: str,
+        fanout: int,
+        changed: Iterable[Node],
+        removed: Iterable[str],
+        *,
+        create: bool = False,
+    ) -> None:
+        """Write one tree's changes in one transaction (``create``: the volume row too)."""
+        rows = [_node_values(volume_id, node) for node in changed]
+        removed = list(removed)
+        with self.engine.begin() as conn:
+            if create:
+                conn.execute(self._upsert(volumes, [{"id": volume_id, "fanout": fanout}], ["id"]))
+            if removed:
+                conn.execute(
+                    nodes.delete().where(
+                        nodes.c.volume_id == volume_id, nodes.c.peer_id.in_(removed)
+                    )
+                )
+            if rows:
+                conn.execute(self._upsert(nodes, rows, ["volume_id", "peer_id"]))
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(nodes.delete().where(nodes.c.volume_id == volume_id))
+            conn.execute(volumes.delete().where(volumes.c.id == volume_id))
+
+    def _upsert(
+        self, table: sa.Table, rows: list[dict[str, object]], keys: list[str]
+    ) -> sa.Executable:
+        dialect = self.engine.dialect.name
+        if dialect == "mysql":
+            stmt = mysql.insert(table).values(rows)
+            return stmt.on_duplicate_key_update(
+                {c.name: stmt.inserted[c.name] for c in table.columns if c.name not in keys}
+            )
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = insert(table).values(rows)
+        updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+        if not updates:
+            return stmt.on_conflict_do_nothing(index_elements=keys)
+        return stmt.on_conflict_do_update(index_elements=keys, set_=updates)
