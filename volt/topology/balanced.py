@@ -9,9 +9,9 @@ shallow as a complete k-ary tree of its size, up to one level, so depth <= ceil(
   heap); then, while the tree is deeper than a new node would be placed, a deepest leaf moves
   up to the shallowest free slot. Every move lifts a node, so removal terminates.
 * Parents: the tree parent first (it carries the reads), then up to ``parents_per_node - 1``
-  standby parents: the tree parent's siblings, then its ancestors. Standby parents are ready
-  and strictly shallower than the node, so no node can ever read from its own subtree. While
-  the tree parent is pending, a pending node still sees it first (status "pending": connect
+  standby parents: the tree parent's siblings, then its ancestors and their siblings. Standby
+  parents are ready and strictly shallower than the node, so no node can ever read from its
+  own subtree. While the tree parent is pending, a pending node still sees it first (status "pending": connect
   later) and reads from the next entry; a ready node only ever gets ready parents.
 """
 
@@ -75,15 +75,19 @@ class BalancedExecutor(Executor):
     # -- internals ---------------------------------------------------------------------
     @staticmethod
     def _standby_candidates(tree: Tree, parent: Node) -> Iterator[Node]:
-        """Siblings of the tree parent (in slot order after it), then its ancestors; with a
-        pending tree parent its nearest ready ancestor comes first."""
-        grand = parent.parent
-        assert grand is not None
-        width = len(grand.children)
-        siblings = [grand.children[(parent.slot + i) % width] for i in range(1, width)]
-        present = [s for s in siblings if s is not None]
+        """Nodes above the caller, nearest first: with a ready tree parent its siblings, then
+        each ancestor followed by that ancestor's siblings; with a pending tree parent the
+        ancestors first (the nearest ready one carries the reads), then all those siblings."""
         ancestors = list(tree.ancestors(parent))
-        yield from (present + ancestors) if parent.ready else (ancestors + present)
+        if parent.ready:
+            yield from _siblings(parent)
+            for ancestor in ancestors:
+                yield ancestor
+                yield from _siblings(ancestor)
+        else:
+            yield from ancestors
+            for node in [parent, *ancestors]:
+                yield from _siblings(node)
 
     def _placement_parent(self, tree: Tree) -> Node:
         depth = tree.placement_depth() - 1
@@ -115,3 +119,12 @@ class BalancedExecutor(Executor):
             tree.detach(leaf)
             parent = self._placement_parent(tree)
             tree.attach(leaf, parent, parent.free_slot())
+
+
+def _siblings(node: Node) -> list[Node]:
+    """The other children of ``node``'s parent, in slot order starting after ``node``."""
+    parent = node.parent
+    assert parent is not None
+    width = len(parent.children)
+    around = (parent.children[(node.slot + i) % width] for i in range(1, width))
+    return [s for s in around if s is not None]
