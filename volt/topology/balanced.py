@@ -11,8 +11,9 @@ shallow as a complete k-ary tree of its size, up to one level, so depth <= ceil(
 * Parents: the tree parent first (it carries the reads), then up to ``parents_per_node - 1``
   standby parents: the tree parent's siblings, then its ancestors and their siblings. Standby
   parents are ready and strictly shallower than the node, so no node can ever read from its
-  own subtree. While the tree parent is pending, a pending node still sees it first (status "pending": connect
-  later) and reads from the next entry; a ready node only ever gets ready parents.
+  own subtree. While the tree parent is pending, a pending node still sees it first (status
+  "pending": connect later) and reads from the next entry; a ready node only ever gets ready
+  parents.
 """
 
 from __future__ import annotations
