@@ -1,0 +1,179 @@
+"""VoltService: liveness, eviction, write-through persistence (real SQLite files)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.unit.volt.invariants import check_tree
+from volt.errors import PeerNotFound, StoreUnavailable, VolumeNotFound
+from volt.service import VoltService
+from volt.store import Store
+from volt.topology import load_executor
+from volt.validation import make_peer_id
+
+IQN = "iqn.2010-10.org.openstack:"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(path: Path, executor: str = "balanced", clock: Clock | None = None) -> VoltService:
+    return VoltService(
+        Store(f"sqlite:///{path / 'volt.sqlite'}"),
+        load_executor(executor),
+        node_timeout=60,
+        clock=clock or Clock(),
+    )
+
+
+def snapshot(service: VoltService) -> dict:
+    """Everything a client can observe: tree shape, node fields, and parents served."""
+    result = {}
+    for volume_id, tree in service.trees.items():
+        result[volume_id] = {
+            peer_id: (
+                node.parent.peer_id,
+                node.slot,
+                node.depth,
+                node.status,
+                node.identity(),
+                [p.peer_id for p in service.executor.parents(tree, node)],
+            )
+            for peer_id, node in tree.nodes.items()
+        }
+    return result
+
+
+def register(service: VoltService, volume: str, host: str) -> None:
+    service.register(volume, make_peer_id(host, volume), host, "3260", IQN + volume, "1")
+
+
+def test_silent_host_is_evicted_and_children_reparented(tmp_path):
+    clock = Clock()
+    service = make(tmp_path, clock=clock)
+    hosts = [f"10.0.0.{i}" for i in range(1, 8)]
+    for host in hosts:
+        service.query("volume-a", host)
+        register(service, "volume-a", host)
+    service.query("volume-b", "10.0.0.1")
+    child = service.trees["volume-a"].nodes["10.0.0.3:volume-a"]
+    assert child.parent.peer_id == "10.0.0.1:volume-a"
+
+    clock.now += 45
+    for host in hosts[1:]:
+        service.heartbeat(host)
+    clock.now += 30  # 10.0.0.1 silent for 75 s > 60 s; the others for 30 s
+    assert service.evict_expired() == ["10.0.0.1"]
+    assert "10.0.0.1:volume-a" not in service.trees["volume-a"].nodes
+    assert "10.0.0.1:volume-b" not in service.trees["volume-b"].nodes
+    # The next heartbeat of the orphaned child carries its new parents.
+    [(node, parents)] = service.heartbeat("10.0.0.3")
+    assert node.peer_id == "10.0.0.3:volume-a"
+    assert parents and all(p.peer_id != "10.0.0.1:volume-a" for p in parents)
+    assert service.heartbeat("10.0.0.1") == []
+    check_tree(service.trees["volume-a"], service.executor, depth_bound=True)
+    # Eviction is in the store too, and so is a leave.
+    assert snapshot(make(tmp_path)) == snapshot(service)
+    service.leave("volume-a", "10.0.0.2:volume-a")
+    assert snapshot(make(tmp_path)) == snapshot(service)
+
+
+def test_restart_gives_every_host_a_fresh_timeout(tmp_path):
+    clock = Clock()
+    service = make(tmp_path, clock=clock)
+    service.query("volume-a", "10.0.0.1")
+    service.store.dispose()
+    clock.now += 3600  # volt-api was down for an hour
+    restarted = make(tmp_path, clock=clock)
+    assert restarted.evict_expired() == []
+    clock.now += 61
+    assert restarted.evict_expired() == ["10.0.0.1"]
+
+
+def test_unknown_volume_and_peer(tmp_path):
+    service = make(tmp_path)
+    with pytest.raises(VolumeNotFound):
+        register(service, "volume-a", "10.0.0.1")
+    service.query("volume-a", "10.0.0.2")
+    with pytest.raises(PeerNotFound):
+        register(service, "volume-a", "10.0.0.1")
+    with pytest.raises(PeerNotFound):
+        service.leave("volume-a", "10.0.0.1:volume-a")
+    assert service.delete_volume("volume-a") == 1
+    with pytest.raises(VolumeNotFound):
+        service.delete_volume("volume-a")
+    assert service.member_list() == []
+
+
+def test_failed_store_write_changes_nothing(tmp_path):
+    service = make(tmp_path)
+    for i in range(1, 6):
+        service.query("volume-a", f"10.0.0.{i}")
+    before = snapshot(service)
+
+    def broken(*args, **kwargs):
+        raise sa.exc.OperationalError("INSERT", {}, Exception("disk full"))
+
+    service.store.save = broken
+    with pytest.raises(StoreUnavailable):
+        service.query("volume-a", "10.0.0.9")
+    with pytest.raises(StoreUnavailable):
+        service.leave("volume-a", "10.0.0.1:volume-a")
+    assert snapshot(service) == before
+    assert "10.0.0.9" not in {m.host for m in service.member_list()}
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["query", "register", "leave", "heartbeat", "tick", "evict", "drop"]),
+        st.integers(0, 7),
+        st.sampled_from(["volume-a", "volume-b:x"]),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["balanced", "btree", "btreewithuncle"]), ops)
+def test_store_always_matches_memory(executor, operations):
+    """After any sequence (evictions included), a fresh service loaded from the store
+    serves exactly the same trees and parents."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        clock = Clock()
+        service = make(path, executor, clock)
+        for op, i, volume in operations:
+            host = f"10.0.{i}.1" if i % 2 else f"fd00::{i}"
+            peer_id = make_peer_id(host, volume)
+            known = volume in service.trees and peer_id in service.trees[volume].nodes
+            if op == "query":
+                service.query(volume, host)
+            elif op == "register" and known:
+                register(service, volume, host)
+            elif op == "leave" and known:
+                service.leave(volume, peer_id)
+            elif op == "heartbeat":
+                service.heartbeat(host)
+            elif op == "tick":
+                clock.now += 25
+            elif op == "evict":
+                service.evict_expired()
+            elif op == "drop" and volume in service.trees:
+                service.delete_volume(volume)
+            for tree in service.trees.values():
+                check_tree(tree, service.executor, depth_bound=executor == "balanced")
+        reloaded = make(path, executor, clock)
+        assert snapshot(reloaded) == snapshot(service)
+        service.store.dispose()
+        reloaded.store.dispose()
