@@ -72,7 +72,7 @@ def test_btree_keeps_the_original_retry_rounds(volt_factory):
     while waiting:
         answers = burst(volt, waiting)
         placed = [i for i, a in answers.items() if a["peer_id"] is not None]
-        for i, a in answers.items():
+        for a in answers.values():
             if a["peer_id"] is None:
                 assert a == {"peer_id": None, "parents": [{"peer_id": None}]}
             else:

@@ -90,6 +90,7 @@ def test_silent_host_is_evicted(volt_factory):
         time.sleep(0.3)
     assert beat == [{"peer_id": "10.9.0.3:volume-a", "parents": []}]
     status, nodes = volt.request("GET", "/v1/volumes/volume-a")
+    assert status == 200
     assert [(n["peer_id"], n["depth"]) for n in nodes] == [("10.9.0.3:volume-a", 1)]
     assert "evicting host 10.9.0.1" in volt.log()
 

@@ -191,7 +191,7 @@ def test_bad_input_is_rejected_and_changes_nothing(volt):
     status, _, answer = raw(
         volt,
         "POST",
-        f"/v1/volumes/volume-x/127.0.0.99:volume-x",
+        "/v1/volumes/volume-x/127.0.0.99:volume-x",
         src,
         {"host": src, "port": 1, "iqn": IQN, "lun": 1},
     )

@@ -96,6 +96,7 @@ def test_acknowledged_writes_survive_kill_9_in_flight(volt_factory):
         t.join()
     volt.start()
     status, nodes = volt.request("GET", "/v1/volumes/volume-a")
+    assert status == 200
     present = {n["peer_id"] for n in nodes}
     assert set(acknowledged) <= present
     assert len(present) - len(acknowledged) <= 4  # at most one unanswered write per client
