@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.functional.pgserver import PostgresCluster
 from tests.functional.voltproc import VoltProcess
 
 
@@ -28,3 +29,11 @@ def volt_factory(tmp_path: Path) -> Iterator:
 def volt(volt_factory) -> VoltProcess:
     """One volt-api with the default executor and token auth."""
     return volt_factory()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL server on 127.0.0.1 for the whole session."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
+
 from tests.functional.voltproc import VoltProcess
 
 IMAGES = ["volume-a", "volume-b", "volume-c:v2"]
@@ -30,8 +32,12 @@ def observable(volt: VoltProcess) -> dict:
     return state
 
 
-def test_trees_identical_after_kill_9(volt_factory):
-    volt = volt_factory()
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_trees_identical_after_kill_9(volt_factory, backend, request):
+    options = {}
+    if backend == "postgresql":
+        options["database__connection"] = request.getfixturevalue("postgres").url
+    volt = volt_factory(**options)
     rnd = random.Random(7)
     joined: list[tuple[str, str]] = []
     for step in range(300):
