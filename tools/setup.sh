@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Prepare this machine for VMThunder: system packages and the pinned Python environment
+# (.venv). Idempotent; re-running it after a pull installs only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (installs packages; the tests start databases and namespaces)" >&2
+    exit 1
+fi
+
+packages=()
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || packages+=(postgresql)
+command -v runuser >/dev/null || packages+=(util-linux)
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+if [ "${#packages[@]}" -gt 0 ]; then
+    echo "setup: installing ${packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"setup: Python >= 3.11 needed, found {sys.version.split()[0]}")
+PY
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=$(cat requirements.txt test-requirements.txt setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.vmt-stamp 2>/dev/null)" != "$stamp" ]; then
+    echo "setup: installing Python dependencies into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check \
+        -r requirements.txt -r test-requirements.txt
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+    echo "$stamp" > .venv/.vmt-stamp
+fi
+echo "setup: ready ($(.venv/bin/python --version))"
