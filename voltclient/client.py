@@ -1,0 +1,273 @@
+"""HTTP client of volt-api's v1 REST API, with the method names of python-voltclient.
+
+Usage::
+
+    client = Client("http://volt-master:7447", token="secret")
+    peer_id, parents = client.volumes.get("volume-img1", host="10.0.0.5")
+    client.volumes.login("volume-img1", peer_id, "10.0.0.5", 3260, "iqn.2010-10.org:x", 1)
+    for entry in client.members.heartbeat(host="10.0.0.5"):
+        print(entry["peer_id"], [p.peer_id for p in entry["parents"]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+import requests
+
+from voltclient import exceptions
+
+QUERY_FIELDS = ("host", "port", "iqn", "lun", "peer_id")
+# Aliases: the managers' ``list`` methods shadow the builtin inside their classes.
+Records = list[dict[str, Any]]
+
+
+@dataclass
+class Volume:
+    """A node of an image's tree as volt-api identifies it (the original's identity dict).
+
+    ``status`` is ``"OK"`` (the node relays) or ``"pending"`` (not yet: readers skip it).
+    In the "not placeable, retry" answer of :meth:`VolumeManager.get` every field is None.
+    """
+
+    host: str | None = None
+    port: str | None = None
+    iqn: str | None = None
+    lun: str | None = None
+    status: str | None = None
+    peer_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Volume:
+        """Build from an identity dict; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, str | None]:
+        """The identity dict: host, port, iqn, lun, status, peer_id."""
+        return dataclasses.asdict(self)
+
+    @property
+    def ready(self) -> bool:
+        """True when the node relays (status OK)."""
+        return self.status == "OK"
+
+
+Parents = list[Volume]
+
+
+def _segment(value: object, name: str) -> str:
+    """One URL-quoted path component (peer ids contain ':' and maybe '[' ']')."""
+    text = str(value) if value is not None else ""
+    if not text:
+        raise ValueError(f"{name} must not be empty")
+    return quote(text, safe="")
+
+
+def _peer_path(session_name: str, peer_id: str) -> str:
+    volume = _segment(session_name, "session_name")
+    return f"/v1/volumes/{volume}/{_segment(peer_id, 'peer_id')}"
+
+
+def _volume_list(body: Any) -> list[Volume]:
+    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
+        raise TypeError("expected a list of identities")
+    return [Volume.from_dict(item) for item in body]
+
+
+class HTTPClient:
+    """One requests Session to volt-api; JSON in, JSON out, errors as exceptions."""
+
+    def __init__(self, endpoint: str, token: str | None = None, timeout: float = 30.0) -> None:
+        if "://" not in endpoint:
+            endpoint = "http://" + endpoint
+        self.endpoint = endpoint.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["Accept"] = "application/json"
+        if token:
+            self.session.headers["X-Auth-Token"] = token
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request; return the parsed JSON answer (None for an empty body).
+
+        ``path`` is already URL-quoted; errors show it unquoted, as volt-api logs it.
+        """
+        url, path = self.endpoint + path, unquote(path)
+        kwargs: dict[str, Any] = {"timeout": self.timeout}
+        if body is not None:
+            kwargs["json"] = body
+        try:
+            resp = self.session.request(method, url, **kwargs)
+        except requests.Timeout:
+            raise exceptions.ConnectionFailed(
+                f"no answer from {self.endpoint} within {self.timeout:g}s",
+                method=method,
+                path=path,
+            ) from None
+        except requests.RequestException as exc:
+            raise exceptions.ConnectionFailed(
+                f"cannot reach {self.endpoint}: {_reason(exc)}", method=method, path=path
+            ) from exc
+        request_id = resp.headers.get("X-Request-Id")
+        if resp.status_code >= 400:
+            raise exceptions.from_response(method, path, resp.status_code, resp.content, request_id)
+        if not resp.content:
+            return None
+        try:
+            return json.loads(resp.content)
+        except (ValueError, UnicodeDecodeError):
+            raise exceptions.InvalidResponse(
+                resp.status_code,
+                None,
+                "answer is not JSON: " + resp.content[:200].decode("utf-8", "replace"),
+                request_id,
+                method=method,
+                path=path,
+            ) from None
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost OS-level reason of a requests error (e.g. "Connection refused")."""
+    seen: set[int] = set()
+    queue: list[BaseException] = [exc]
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        nested = [a for a in current.args if isinstance(a, BaseException)]
+        for attr in ("reason", "__cause__", "__context__"):
+            value = getattr(current, attr, None)
+            if isinstance(value, BaseException):
+                nested.append(value)
+        queue.extend(nested)
+    return str(exc)
+
+
+class VolumeManager:
+    """Image trees: join (``get``), register (``login``), leave (``logout``), inspect."""
+
+    def __init__(self, api: HTTPClient) -> None:
+        self.api = api
+
+    def get(self, session_name: str, **fields: Any) -> tuple[str | None, Parents]:
+        """Place the caller in the tree of ``session_name``; returns (peer_id, parents).
+
+        ``fields``: ``host`` (the node; default: the request's source address), ``port``,
+        ``iqn``, ``lun``, ``peer_id``. Parents are ordered: the first carries the reads, the
+        others are standby paths; skip those whose status is ``"pending"``. An empty list
+        means "read from the image server". When the node cannot be placed yet the answer
+        is ``(None, [Volume(peer_id=None)])``: retry later.
+        """
+        for name in fields:
+            if name not in QUERY_FIELDS:
+                raise TypeError(f"get() got an unexpected keyword argument {name!r}")
+        body = {k: v for k, v in fields.items() if v is not None}
+        path = f"/v1/volumes/query/{_segment(session_name, 'session_name')}"
+        answer = self.api.request("GET", path, body)
+        try:
+            return answer["peer_id"], _volume_list(answer["parents"])
+        except (TypeError, KeyError) as exc:
+            raise _unexpected("GET", path, answer) from exc
+
+    def login(
+        self,
+        session_name: str,
+        peer_id: str,
+        host: str,
+        port: int | str,
+        iqn: str,
+        lun: int | str,
+    ) -> Volume:
+        """Register the node's relay target; it becomes a parent for others (status OK)."""
+        path = _peer_path(session_name, peer_id)
+        answer = self.api.request(
+            "POST", path, {"host": host, "port": port, "iqn": iqn, "lun": lun}
+        )
+        if not isinstance(answer, dict):
+            raise _unexpected("POST", path, answer)
+        return Volume.from_dict(answer)
+
+    def logout(self, session_name: str, peer_id: str) -> None:
+        """Take the node out of the tree (its children get new parents)."""
+        path = _peer_path(session_name, peer_id)
+        self.api.request("DELETE", path)
+
+    def list(self, volume_id: str | None = None) -> Records:
+        """Without ``volume_id``: ``[{"id", "count"}]`` of every tree. With it: the tree's
+        nodes breadth first, each an identity plus ``parent``, ``depth`` and ``parents``
+        (the peer ids it would be sent now)."""
+        path = "/v1/volumes"
+        if volume_id is not None:
+            path += f"/{_segment(volume_id, 'volume_id')}"
+        answer = self.api.request("GET", path)
+        if not isinstance(answer, list):
+            raise _unexpected("GET", path, answer)
+        return answer
+
+    def delete(self, volume_id: str) -> None:
+        """Forget the whole tree of ``volume_id``."""
+        self.api.request("DELETE", f"/v1/volumes/{_segment(volume_id, 'volume_id')}")
+
+
+class MemberManager:
+    """Hosts running nodes: heartbeats and liveness."""
+
+    def __init__(self, api: HTTPClient) -> None:
+        self.api = api
+
+    def heartbeat(self, host: str | None = None) -> Records:
+        """Refresh the host's liveness; returns ``[{"peer_id", "parents": [Volume]}]``,
+        the current parents of each of its nodes (empty when the host has none)."""
+        path = "/v1/members/heartbeat"
+        answer = self.api.request("PUT", path, {"host": host} if host else None)
+        try:
+            return [
+                {"peer_id": item["peer_id"], "parents": _volume_list(item["parents"])}
+                for item in answer
+            ]
+        except (TypeError, KeyError) as exc:
+            raise _unexpected("PUT", path, answer) from exc
+
+    def list(self) -> Records:
+        """``[{"host", "seconds_since_heartbeat", "peer_ids"}]`` of every host."""
+        answer = self.api.request("GET", "/v1/members")
+        if not isinstance(answer, list):
+            raise _unexpected("GET", "/v1/members", answer)
+        return answer
+
+
+def _unexpected(method: str, path: str, answer: Any) -> exceptions.InvalidResponse:
+    text = json.dumps(answer)[:200]
+    return exceptions.InvalidResponse(
+        200, None, f"unexpected answer: {text}", method=method, path=path
+    )
+
+
+class Client:
+    """Client of volt-api: ``client.volumes`` and ``client.members``."""
+
+    def __init__(self, endpoint: str, token: str | None = None, timeout: float = 30.0) -> None:
+        self.http_client = HTTPClient(endpoint, token, timeout)
+        self.volumes = VolumeManager(self.http_client)
+        self.members = MemberManager(self.http_client)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.http_client.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
