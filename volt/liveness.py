@@ -25,6 +25,7 @@ class Evictor(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             try:
+                self.service.retry_unloaded()
                 self.service.evict_expired()
             except Exception:
                 LOG.exception("eviction scan failed; retrying in %.1f s", self.interval)

@@ -54,6 +54,7 @@ class VoltService:
         self.trees: dict[str, Tree] = {}
         self.members: dict[str, set[tuple[str, str]]] = {}  # host -> {(volume_id, peer_id)}
         self.last_seen: dict[str, float] = {}
+        self.unloaded: set[str] = set()  # trees to reload once the store answers again
         self.lock = threading.Lock()
         with self.lock:
             self._load()
@@ -64,20 +65,19 @@ class VoltService:
         """Place ``member`` in the tree of ``volume_id`` (idempotent) and return its parents."""
         peer_id = make_peer_id(member, volume_id)
         with self.lock:
+            self._ensure_loaded(volume_id)
             tree = self.trees.get(volume_id)
             created = tree is None
             if tree is None:
                 tree = Tree(volume_id, self.executor.fanout())
             node = tree.nodes.get(peer_id)
             if node is not None:
+                self.last_seen[member] = self.clock()
                 self._count_placement("existing")
                 return Placement(node, self.executor.parents(tree, node))
             node = self.executor.join(tree, peer_id, member)
             if node is None:
                 self._count_placement("not_placeable")
-                if created:
-                    self.trees[volume_id] = tree
-                    self._commit(tree, create=True)
                 return Placement(None, [])
             self.trees[volume_id] = tree
             self._commit(tree, create=created)
@@ -121,10 +121,12 @@ class VoltService:
             tree, node = self._find(volume_id, peer_id)
             self._remove(tree, node, reason="leave")
             self._commit(tree)
+            self._drop_if_empty(tree)
 
     def delete_volume(self, volume_id: str) -> int:
         """Forget a whole tree; returns how many nodes it had."""
         with self.lock:
+            self._ensure_loaded(volume_id)
             tree = self.trees.get(volume_id)
             if tree is None:
                 raise VolumeNotFound(volume_id)
@@ -132,9 +134,7 @@ class VoltService:
                 self.store.delete_volume(volume_id)
             except sa.exc.SQLAlchemyError as exc:
                 raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
-            del self.trees[volume_id]
-            for node in tree.nodes.values():
-                self._forget_member_node(node, volume_id)
+            self._forget_tree(tree)
             self.metrics.removals.labels("volume_deleted").inc(len(tree))
             LOG.info("deleted the tree of %s (%d nodes)", volume_id, len(tree))
             return len(tree)
@@ -170,6 +170,7 @@ class VoltService:
     def volume_nodes(self, volume_id: str) -> list[tuple[Node, list[Node]]]:
         """Breadth-first: each node with the parents it would be sent now."""
         with self.lock:
+            self._ensure_loaded(volume_id)
             tree = self.trees.get(volume_id)
             if tree is None:
                 raise VolumeNotFound(volume_id)
@@ -187,6 +188,7 @@ class VoltService:
 
     # -- internals -------------------------------------------------------------------------
     def _find(self, volume_id: str, peer_id: str) -> tuple[Tree, Node]:
+        self._ensure_loaded(volume_id)
         tree = self.trees.get(volume_id)
         if tree is None:
             raise VolumeNotFound(volume_id)
@@ -228,48 +230,85 @@ class VoltService:
         self.last_seen.pop(member, None)
         self.metrics.evictions.inc()
         for tree in touched.values():
-            self._commit(tree)
+            try:
+                self._commit(tree)
+            except StoreUnavailable:
+                continue  # the tree is reloaded from the store once it answers again
+            self._drop_if_empty(tree)
 
     def _count_placement(self, result: str) -> None:
         self.metrics.placements.labels(self.executor.name, result).inc()
 
     def _commit(self, tree: Tree, *, create: bool = False) -> None:
+        """Write the tree's changes. If that fails, memory goes back to what the store holds
+        (the tree is reloaded now, or as soon as the store answers again) and the caller gets
+        StoreUnavailable: a failed request changes nothing."""
         changed, removed = tree.take_changes()
         if not (changed or removed or create):
             return
         try:
             self.store.save(tree.volume_id, tree.fanout, changed, removed, create=create)
         except sa.exc.SQLAlchemyError as exc:
-            LOG.error(
-                "store write for %s failed (%s); reloading from the store", tree.volume_id, exc
-            )
-            self._reload()
+            LOG.error("store write for %s failed: %s", tree.volume_id, exc)
+            self._forget_tree(tree)
+            self.unloaded.add(tree.volume_id)
+            self._retry_unloaded()
             raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
 
-    def _reload(self) -> None:
-        """Make memory match the store again (after a failed write)."""
-        self.trees.clear()
-        self.members.clear()
-        seen = dict(self.last_seen)
-        self.last_seen.clear()
+    def _forget_tree(self, tree: Tree) -> None:
+        self.trees.pop(tree.volume_id, None)
+        for node in tree.nodes.values():
+            self._forget_member_node(node, tree.volume_id)
+
+    def _drop_if_empty(self, tree: Tree) -> None:
+        """A tree whose last node left is forgotten (the next query starts a new one)."""
+        if tree.nodes or self.trees.get(tree.volume_id) is not tree:
+            return
         try:
-            self._load()
-        finally:
-            now = self.clock()
-            for member in self.members:
-                self.last_seen[member] = seen.get(member, now)
+            self.store.delete_volume(tree.volume_id)
+        except sa.exc.SQLAlchemyError as exc:
+            LOG.warning("could not drop the empty tree of %s: %s", tree.volume_id, exc)
+            return
+        del self.trees[tree.volume_id]
+        LOG.info("the tree of %s is empty and was dropped", tree.volume_id)
+
+    def _ensure_loaded(self, volume_id: str) -> None:
+        if volume_id in self.unloaded and not self._retry_unloaded(volume_id):
+            raise StoreUnavailable(f"the tree of {volume_id!r} waits for the store to answer")
+
+    def retry_unloaded(self) -> None:
+        """Reload trees dropped after a failed write (called by the eviction loop)."""
+        with self.lock:
+            self._retry_unloaded()
+
+    def _retry_unloaded(self, volume_id: str | None = None) -> bool:
+        wanted = [volume_id] if volume_id else sorted(self.unloaded)
+        try:
+            found = {rows.volume_id: rows for rows in self.store.load(wanted)}
+        except sa.exc.SQLAlchemyError as exc:
+            LOG.warning("store still unavailable for %s: %s", ", ".join(wanted), exc)
+            return False
+        now = self.clock()
+        for vid in wanted:
+            self.unloaded.discard(vid)
+            if vid in found:
+                self._adopt(self._build_tree(found[vid]), now, keep_clocks=True)
+        return True
 
     def _load(self) -> None:
         now = self.clock()
         for rows in self.store.load():
-            tree = self._build_tree(rows)
-            self.trees[rows.volume_id] = tree
-            for node in tree.nodes.values():
-                assert node.member is not None and node.peer_id is not None
-                self.members.setdefault(node.member, set()).add((rows.volume_id, node.peer_id))
-                self.last_seen[node.member] = now
+            self._adopt(self._build_tree(rows), now, keep_clocks=False)
         total = sum(len(t) for t in self.trees.values())
         LOG.info("loaded %d tree(s) with %d node(s) from the store", len(self.trees), total)
+
+    def _adopt(self, tree: Tree, now: float, *, keep_clocks: bool) -> None:
+        self.trees[tree.volume_id] = tree
+        for node in tree.nodes.values():
+            assert node.member is not None and node.peer_id is not None
+            self.members.setdefault(node.member, set()).add((tree.volume_id, node.peer_id))
+            if not keep_clocks or node.member not in self.last_seen:
+                self.last_seen[node.member] = now
 
     def _build_tree(self, rows: VolumeRows) -> Tree:
         tree = Tree(rows.volume_id, rows.fanout)

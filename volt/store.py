@@ -125,11 +125,16 @@ class Store:
     def dispose(self) -> None:
         self.engine.dispose()
 
-    def load(self) -> list[VolumeRows]:
+    def load(self, volume_ids: list[str] | None = None) -> list[VolumeRows]:
+        """All trees, or those of ``volume_ids`` (missing ones are simply absent)."""
+        volume_query = sa.select(volumes)
+        query = sa.select(nodes).order_by(nodes.c.volume_id, nodes.c.seq)
+        if volume_ids is not None:
+            volume_query = volume_query.where(volumes.c.id.in_(volume_ids))
+            query = query.where(nodes.c.volume_id.in_(volume_ids))
         with self.engine.connect() as conn:
-            fanouts = {row.id: row.fanout for row in conn.execute(sa.select(volumes))}
+            fanouts = {row.id: row.fanout for row in conn.execute(volume_query)}
             by_volume: dict[str, list[NodeRow]] = {vid: [] for vid in fanouts}
-            query = sa.select(nodes).order_by(nodes.c.volume_id, nodes.c.seq)
             for row in conn.execute(query):
                 by_volume[row.volume_id].append(
                     NodeRow(

@@ -166,14 +166,19 @@ def test_logout_takes_the_node_out(client: Client) -> None:
 
 def test_logout_of_an_ipv6_peer(client: Client) -> None:
     client.volumes.get("img1", host="fd00::5")
+    client.volumes.get("img1", host="fd00::6")
     client.volumes.logout("img1", "[fd00::5]:img1")
-    assert client.volumes.list("img1") == []
+    assert [n["peer_id"] for n in client.volumes.list("img1")] == ["[fd00::6]:img1"]
     with pytest.raises(exc.NotFound) as info:
         client.volumes.logout("img1", "[fd00::5]:img1")
     assert info.value.path == "/v1/volumes/img1/[fd00::5]:img1"  # shown unquoted
     assert str(info.value).startswith(
         "DELETE /v1/volumes/img1/[fd00::5]:img1 -> 404 volt.peer.not_found: "
     )
+    # When the last node leaves, the tree goes away.
+    client.volumes.logout("img1", "[fd00::6]:img1")
+    with pytest.raises(exc.NotFound):
+        client.volumes.list("img1")
 
 
 def test_list_volumes_and_show_one(client: Client) -> None:
@@ -442,9 +447,12 @@ def test_cli_volume_show_marks_a_node_reading_past_its_pending_parent(
 
 
 def test_cli_volume_show_of_an_emptied_tree(volt: VoltProcess, client: Client, capsys) -> None:
+    """The last node left: the tree is gone, and the CLI says so in one line."""
     client.volumes.get("img1", host="10.0.0.1")
     client.volumes.logout("img1", "10.0.0.1:img1")
-    assert run(capsys, volt, "volume-show", "img1") == (0, "image server (img1, 0 nodes)\n", "")
+    code, out, err = run(capsys, volt, "volume-show", "img1")
+    assert (code, out) == (1, "")
+    assert err.startswith("volt: error: GET /v1/volumes/img1 -> 404 volt.volume.not_found")
 
 
 def test_cli_volume_list(volt: VoltProcess, client: Client, capsys) -> None:

@@ -59,8 +59,8 @@ def route_table(h: Handlers, app: VoltApp) -> list[tuple[str, dict[str, Handler]
 
 
 def _match(template: str, path: str) -> dict[str, str] | None:
-    want, got = template.strip("/").split("/"), path.strip("/").split("/")
-    if len(want) != len(got) or (template == "/" and path != "/"):
+    want, got = template.split("/"), path.split("/")
+    if len(want) != len(got):
         return None
     params = {}
     for w, g in zip(want, got, strict=True):

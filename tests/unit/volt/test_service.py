@@ -76,7 +76,7 @@ def test_silent_host_is_evicted_and_children_reparented(tmp_path):
     clock.now += 30  # 10.0.0.1 silent for 75 s > 60 s; the others for 30 s
     assert service.evict_expired() == ["10.0.0.1"]
     assert "10.0.0.1:volume-a" not in service.trees["volume-a"].nodes
-    assert "10.0.0.1:volume-b" not in service.trees["volume-b"].nodes
+    assert "volume-b" not in service.trees  # its only node was evicted
     # The next heartbeat of the orphaned child carries its new parents.
     [(node, parents)] = service.heartbeat("10.0.0.3")
     assert node.peer_id == "10.0.0.3:volume-a"
@@ -177,3 +177,50 @@ def test_store_always_matches_memory(executor, operations):
         assert snapshot(reloaded) == snapshot(service)
         service.store.dispose()
         reloaded.store.dispose()
+
+
+def test_store_outage_makes_the_tree_wait_then_recovers(tmp_path):
+    service = make(tmp_path)
+    for i in range(1, 6):
+        service.query("volume-a", f"10.0.0.{i}")
+    service.query("volume-b", "10.0.0.1")
+    before = snapshot(service)
+
+    def down(*args, **kwargs):
+        raise sa.exc.OperationalError("SELECT", {}, Exception("connection refused"))
+
+    save, load = service.store.save, service.store.load
+    service.store.save = service.store.load = down
+    with pytest.raises(StoreUnavailable):
+        service.leave("volume-a", "10.0.0.1:volume-a")
+    # The tree waits for the store; no answer is built from unsaved state.
+    with pytest.raises(StoreUnavailable):
+        service.query("volume-a", "10.0.0.1")
+    with pytest.raises(StoreUnavailable):
+        service.volume_nodes("volume-a")
+    assert [p.peer_id for p, _ in service.volume_nodes("volume-b")] == ["10.0.0.1:volume-b"]
+    service.retry_unloaded()
+    assert "volume-a" in service.unloaded
+
+    service.store.save, service.store.load = save, load
+    service.retry_unloaded()
+    assert service.unloaded == set()
+    assert snapshot(service) == before
+
+
+def test_a_repeated_query_refreshes_liveness(tmp_path):
+    clock = Clock()
+    service = make(tmp_path, clock=clock)
+    service.query("volume-a", "10.0.0.1")
+    clock.now += 50
+    service.query("volume-a", "10.0.0.1")
+    clock.now += 50
+    assert service.evict_expired() == []
+
+
+def test_a_tree_is_dropped_when_its_last_node_leaves(tmp_path):
+    service = make(tmp_path)
+    service.query("volume-a", "10.0.0.1")
+    service.leave("volume-a", "10.0.0.1:volume-a")
+    assert service.volume_counts() == []
+    assert make(tmp_path).volume_counts() == []
