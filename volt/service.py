@@ -108,8 +108,11 @@ class VoltService:
             )
             if changed:
                 node.host, node.port, node.iqn, node.lun = host, port, iqn, lun
+                became_ready = not node.ready
                 tree.set_status(node, OK)
                 tree.mark(node)
+                if became_ready:
+                    self.executor.registered(tree, node)
                 self._commit(tree)
                 LOG.info(
                     "registered %s in %s: %s:%s %s lun %s", peer_id, volume_id, host, port, iqn, lun

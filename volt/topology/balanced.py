@@ -8,6 +8,10 @@ shallow as a complete k-ary tree of its size, up to one level, so depth <= ceil(
 * Remove: a deepest leaf takes the removed node's place (one node moves, like deleting from a
   heap); then, while the tree is deeper than a new node would be placed, a deepest leaf moves
   up to the shallowest free slot. Every move lifts a node, so removal terminates.
+* Readiness: ready nodes are kept above pending ones. When a node registers, it swaps places
+  with its pending ancestors (positions, and so the balance, stay as they are), so a ready
+  node always reads from its tree parent and at most ``fanout`` nodes read from the image
+  server once they serve VMs.
 * Parents: the tree parent first (it carries the reads), then up to ``parents_per_node - 1``
   standby parents: the tree parent's siblings, then its ancestors and their siblings. Standby
   parents are ready and strictly shallower than the node, so no node can ever read from its
@@ -46,6 +50,9 @@ class BalancedExecutor(Executor):
         tree.attach(node, parent, parent.free_slot())
         return node
 
+    def registered(self, tree: Tree, node: Node) -> None:
+        self._promote(tree, node)
+
     def remove(self, tree: Tree, node: Node) -> None:
         parent, slot = node.parent, node.slot
         assert parent is not None
@@ -55,6 +62,8 @@ class BalancedExecutor(Executor):
             tree.detach(node)
             tree.attach(replacement, parent, slot)
             tree.take_children(replacement, node)
+            self._sink(tree, replacement)
+            self._promote(tree, replacement)
         else:
             tree.detach(node)
         tree.delete(node)
@@ -120,6 +129,27 @@ class BalancedExecutor(Executor):
             tree.detach(leaf)
             parent = self._placement_parent(tree)
             tree.attach(leaf, parent, parent.free_slot())
+            self._promote(tree, leaf)
+
+    # Ready nodes are kept above pending ones (a heap ordered by readiness): a ready node's
+    # tree parent is always ready, so it reads from its tree parent, and at most ``fanout``
+    # ready nodes ever read from the image server. Positions (and so balance) do not change.
+    @staticmethod
+    def _promote(tree: Tree, node: Node) -> None:
+        """Swap a ready node up past its pending ancestors."""
+        while node.ready and node.parent is not None and not node.parent.is_root:
+            if node.parent.ready:
+                return
+            tree.swap_with_parent(node)
+
+    @staticmethod
+    def _sink(tree: Tree, node: Node) -> None:
+        """Swap a pending node down below its ready children."""
+        while not node.ready:
+            ready_child = next((c for c in node.child_nodes() if c.ready), None)
+            if ready_child is None:
+                return
+            tree.swap_with_parent(ready_child)
 
 
 def _siblings(node: Node) -> list[Node]:

@@ -29,6 +29,9 @@ class Executor(abc.ABC):
     def remove(self, tree: Tree, node: Node) -> None:
         """Take ``node`` out of the tree and re-parent its children. Always terminates."""
 
+    def registered(self, tree: Tree, node: Node) -> None:  # noqa: B027 - optional hook
+        """``node`` just became ready (its relay target is registered)."""
+
     @abc.abstractmethod
     def parents(self, tree: Tree, node: Node) -> list[Node]:
         """Ordered parents to send to ``node``: the first carries the reads, the others are

@@ -154,6 +154,32 @@ class Tree:
             self.detach(child)
             self.attach(child, new, slot)
 
+    def swap_with_parent(self, node: Node) -> None:
+        """Exchange the places of ``node`` and its parent: ``node`` moves up one level and
+        takes its parent's slot and other children; the parent takes ``node``'s slot and
+        children. Only these two nodes change depth."""
+        parent = node.parent
+        assert parent is not None and not parent.is_root
+        grand = parent.parent
+        assert grand is not None
+        upper_slot, lower_slot = parent.slot, node.slot
+        lower_children = list(node.children)
+        for child in node.child_nodes():
+            self.detach(child)
+        self.detach(node)
+        siblings = list(parent.children)
+        for child in parent.child_nodes():
+            self.detach(child)
+        self.detach(parent)
+        self.attach(node, grand, upper_slot)
+        self.attach(parent, node, lower_slot)
+        for slot, child in enumerate(siblings):
+            if child is not None:
+                self.attach(child, node, slot)
+        for slot, child in enumerate(lower_children):
+            if child is not None:
+                self.attach(child, parent, slot)
+
     def set_status(self, node: Node, status: str) -> None:
         if node.status != status:
             node.status = status

@@ -47,6 +47,9 @@ def check_tree(tree: Tree, executor: Executor, *, depth_bound: bool) -> None:
             assert parents == [], "top-level nodes read from the image server"
 
     if depth_bound and tree.nodes:
+        # Ready nodes sit above pending ones.
+        for node in tree.nodes.values():
+            assert not node.ready or node.parent.ready, f"{node.peer_id} under a pending parent"
         # The balanced executor's own invariant (stronger than the bound below): no node
         # is deeper than where the next node would be placed.
         assert tree.max_depth() <= tree.placement_depth()

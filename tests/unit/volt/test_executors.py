@@ -1,5 +1,6 @@
 """Exact behaviour of each executor on small, hand-checked trees."""
 
+from tests.unit.volt.invariants import check_tree
 from volt.topology import OK, Tree, load_executor
 
 
@@ -91,26 +92,30 @@ def test_balanced_places_a_burst_at_once():
     assert ex.parents(tree, nodes[4]) == [nodes[1], nodes[0]]
     # Under a pending parent (node 3), the nearest ready ancestor (node 1) comes next.
     assert ex.parents(tree, nodes[6]) == [nodes[2], nodes[0]]
-    # A ready node is never given a pending parent.
-    tree.set_status(nodes[6], OK)
-    assert ex.parents(tree, nodes[6]) == [nodes[0], nodes[1]]
 
 
-def test_balanced_removal_moves_one_leaf_into_the_hole():
+def test_balanced_registration_lifts_a_ready_node_above_pending_ones():
     ex = load_executor("balanced", fanout=2, parents_per_node=2)
     tree = Tree("volume-x", 2)
-    nodes = [join(ex, tree, i) for i in range(1, 8)]
-    for node in nodes:
-        tree.set_status(node, OK)
-    before = shape(tree)
-    tree.take_changes()
-    ex.remove(tree, nodes[0])
-    changed, removed = tree.take_changes()
-    after = shape(tree)
-    assert removed == {peer(1)}
-    # Node 7 (the deepest leaf) took node 1's slot; node 1's children now hang under it.
-    assert after[peer(7)] == (None, 0)
-    assert after[peer(3)] == (peer(7), 0) and after[peer(4)] == (peer(7), 1)
-    moved = {p for p in after if after[p] != before[p]}
-    assert moved == {peer(7), peer(3), peer(4)}
-    assert {n.peer_id for n in changed} >= moved
+    nodes = [join(ex, tree, i) for i in range(1, 16)]  # all pending, depths 1..4
+    leaf = nodes[14]
+    chain = [leaf, *tree.ancestors(leaf)]  # leaf, its parent, grandparent, top node
+    assert [n.depth for n in chain] == [4, 3, 2, 1]
+    slots = [n.slot for n in chain]
+    tree.set_status(leaf, OK)
+    ex.registered(tree, leaf)
+    # It swapped places with each pending ancestor, so it now sits at the top (reading from
+    # the image server) and each ancestor moved one place down the same path.
+    assert leaf.parent is tree.root and leaf.slot == slots[3]
+    assert [n.depth for n in chain] == [1, 4, 3, 2]
+    assert chain[3].parent is leaf and chain[2].parent is chain[3] and chain[1].parent is chain[2]
+    assert [chain[1].slot, chain[2].slot, chain[3].slot] == slots[:3]
+    assert tree.max_depth() == 4 and len(tree) == 15
+    check_tree(tree, ex, depth_bound=True)
+    # A node that registers under a ready parent stays where it is.
+    child = chain[3]  # pending, under the ready leaf
+    before = (child.parent, child.slot)
+    tree.set_status(child, OK)
+    ex.registered(tree, child)
+    assert (child.parent, child.slot) == before
+    check_tree(tree, ex, depth_bound=True)

@@ -35,8 +35,9 @@ def run(name: str, options: dict, ops: list[tuple[str, int]]) -> None:
                 assert placed is not None, "balanced always places at once"
             if placed is None:
                 assert not any(n.ready and n.has_free_slot() for n in tree.bfs())
-        elif op == "register" and node is not None:
+        elif op == "register" and node is not None and not node.ready:
             tree.set_status(node, OK)
+            executor.registered(tree, node)
         elif op == "leave" and node is not None:
             executor.remove(tree, node)
             assert peer_id not in tree.nodes
