@@ -429,9 +429,10 @@ def test_cli_volume_show_prints_the_tree(volt: VoltProcess, client: Client, caps
     assert run(capsys, volt, "volume-show", "img1") == (0, SMALL_TREE, "")
 
 
-def test_cli_volume_show_marks_a_node_reading_past_its_pending_parent(
+def test_cli_volume_show_after_a_node_registers_under_a_pending_parent(
     volt: VoltProcess, client: Client, capsys
 ) -> None:
+    """A node that registers under a pending parent swaps up past it (readiness order)."""
     for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
         client.volumes.get("img1", host=host)  # nobody ready: 10.0.0.3 goes under 10.0.0.1
     client.volumes.login("img1", "10.0.0.2:img1", "10.0.0.2", 3260, IQN, 1)
@@ -439,8 +440,8 @@ def test_cli_volume_show_marks_a_node_reading_past_its_pending_parent(
     assert run(capsys, volt, "volume-show", "img1") == (
         0,
         "image server (img1, 3 nodes)\n"
-        "|-- 10.0.0.1:img1  pending\n"
-        "|   `-- 10.0.0.3:img1  OK  10.0.0.3:3260  reads from: 10.0.0.2:img1\n"
+        "|-- 10.0.0.3:img1  OK  10.0.0.3:3260\n"
+        "|   `-- 10.0.0.1:img1  pending  standby: 10.0.0.2:img1\n"
         "`-- 10.0.0.2:img1  OK  10.0.0.2:3260\n",
         "",
     )
