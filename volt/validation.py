@@ -44,6 +44,8 @@ def host(value: object, field: str = "host") -> str:
         raise InvalidInput(field, f"must be an IP address or a DNS name, got {value!r}")
     candidate = value[1:-1] if value.startswith("[") and value.endswith("]") else value
     try:
+        if "%" in candidate:  # an IPv6 zone ("fe80::1%eth0") means nothing to other hosts
+            raise ValueError(candidate)
         address = ipaddress.ip_address(candidate)
     except ValueError:
         if len(value) <= 253 and HOSTNAME_RE.fullmatch(value) and not _all_numeric(value):

@@ -49,9 +49,11 @@ def read_json_body(environ: dict[str, Any]) -> Any:
     raw = stream.read(length) if length > 0 else stream.read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
         raise BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
-    if not raw.strip():
+    if not raw.strip(b" \t\r\n"):  # only JSON whitespace: the same as no body
         return None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 30000 nested arrays: fits in the size limit, not the stack
+        raise MalformedBody("request body is nested too deeply") from None
