@@ -42,10 +42,12 @@ default_opts = [
     ),
     cfg.IntOpt(
         "api_threads",
-        default=8,
+        default=4,
         min=1,
         max=256,
-        help="Worker threads that run API requests (the HTTP layer itself is Granian's).",
+        help="Worker threads that run API requests (the HTTP layer itself is Granian's). "
+        "Requests are serialised on the trees' lock, so more threads mostly add GIL "
+        "contention: 4 measured best on 2 cores (bench/volt_load.py).",
     ),
     cfg.StrOpt(
         "pid_file",

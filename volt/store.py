@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from volt.errors import StoreUnavailable
@@ -23,6 +22,9 @@ from volt.topology.tree import Node
 LOG = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
+# host (a DNS name: 253, or a bracketed IPv6 address) + ":" + volume id (255): 509 at most.
+# MySQL's 3072-byte key limit fits (255 + 512) utf8mb4 characters exactly.
+PEER_ID_WIDTH = 512
 
 volumes = sa.Table(
     "volt_volumes",
@@ -40,14 +42,14 @@ nodes = sa.Table(
         sa.ForeignKey("volt_volumes.id", ondelete="CASCADE"),
         primary_key=True,
     ),
-    sa.Column("peer_id", sa.String(320), primary_key=True),
+    sa.Column("peer_id", sa.String(PEER_ID_WIDTH), primary_key=True),
     sa.Column("member", sa.String(255), nullable=False),
     sa.Column("host", sa.String(255), nullable=False),
     sa.Column("port", sa.String(8)),
     sa.Column("iqn", sa.String(255)),
     sa.Column("lun", sa.String(8)),
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("parent_peer_id", sa.String(320)),  # NULL: child of the image server
+    sa.Column("parent_peer_id", sa.String(PEER_ID_WIDTH)),  # NULL: child of the image server
     sa.Column("slot", sa.Integer, nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
 )
@@ -100,6 +102,7 @@ class Store:
             metadata.create_all(self.engine)
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot open the store: {exc.__class__.__name__}") from exc
+        self._prepare_statements()
 
     @staticmethod
     def _make_engine(url: str) -> Engine:
@@ -166,33 +169,39 @@ class Store:
         removed = list(removed)
         with self.engine.begin() as conn:
             if create:
-                conn.execute(self._upsert(volumes, [{"id": volume_id, "fanout": fanout}], ["id"]))
+                conn.execute(self._upsert_volume, [{"id": volume_id, "fanout": fanout}])
             if removed:
                 conn.execute(
-                    nodes.delete().where(
-                        nodes.c.volume_id == volume_id, nodes.c.peer_id.in_(removed)
-                    )
+                    self._delete_node, [{"volume_id": volume_id, "peer_id": p} for p in removed]
                 )
             if rows:
-                conn.execute(self._upsert(nodes, rows, ["volume_id", "peer_id"]))
+                conn.execute(self._upsert_node, rows)
 
     def delete_volume(self, volume_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(nodes.delete().where(nodes.c.volume_id == volume_id))
             conn.execute(volumes.delete().where(volumes.c.id == volume_id))
 
-    def _upsert(
-        self, table: sa.Table, rows: list[dict[str, object]], keys: list[str]
-    ) -> sa.Executable:
-        dialect = self.engine.dialect.name
-        if dialect == "mysql":
-            stmt = mysql.insert(table).values(rows)
-            return stmt.on_duplicate_key_update(
-                {c.name: stmt.inserted[c.name] for c in table.columns if c.name not in keys}
-            )
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        stmt = insert(table).values(rows)
-        updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-        if not updates:
-            return stmt.on_conflict_do_nothing(index_elements=keys)
-        return stmt.on_conflict_do_update(index_elements=keys, set_=updates)
+    def _prepare_statements(self) -> None:
+        """Build the write statements once; rows come as execute() parameters."""
+        self._upsert_volume = self._upsert(volumes, ["id"])
+        self._upsert_node = self._upsert(nodes, ["volume_id", "peer_id"])
+        self._delete_node = nodes.delete().where(
+            nodes.c.volume_id == sa.bindparam("volume_id"),
+            nodes.c.peer_id == sa.bindparam("peer_id"),
+        )
+
+    def _upsert(self, table: sa.Table, keys: list[str]) -> sa.TextClause:
+        """INSERT or UPDATE one row per parameter set, as text: SQLAlchemy does not cache the
+        compiled form of its dialect upsert constructs, and compiling costs more than writing."""
+        columns = [c.name for c in table.columns]
+        others = [c for c in columns if c not in keys]
+        insert = (
+            f"INSERT INTO {table.name} ({', '.join(columns)}) "  # noqa: S608 (our names)
+            f"VALUES ({', '.join(':' + c for c in columns)})"
+        )
+        if self.engine.dialect.name == "mysql":
+            updates = ", ".join(f"{c} = VALUES({c})" for c in others)
+            return sa.text(f"{insert} ON DUPLICATE KEY UPDATE {updates}")
+        updates = ", ".join(f"{c} = excluded.{c}" for c in others)
+        return sa.text(f"{insert} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
@@ -24,6 +24,7 @@ from volt.service import VoltService
 
 LOG = logging.getLogger(__name__)
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 Handler = Callable[[Request], Response]
 StartResponse = Callable[..., Any]
 REASONS = {
@@ -58,8 +59,9 @@ def route_table(h: Handlers, app: VoltApp) -> list[tuple[str, dict[str, Handler]
     ]
 
 
-def _match(template: str, path: str) -> dict[str, str] | None:
-    want, got = template.split("/"), path.split("/")
+def _match(want: list[str], path: str) -> dict[str, str] | None:
+    """Match a split template (``["", "v1", "{volume_id}"]``) against ``path``."""
+    got = path.split("/")
     if len(want) != len(got):
         return None
     params = {}
@@ -98,13 +100,17 @@ class VoltApp:
         self.service = service
         self.auth_token = auth_token
         self.metrics_ = metrics or service.metrics
-        self.routes = route_table(Handlers(service), self)
+        self.routes = [
+            (template, template.split("/"), methods)
+            for template, methods in route_table(Handlers(service), self)
+        ]
+        self._observers: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._openapi = resources.files("volt.api").joinpath("openapi.json").read_bytes()
 
     # -- WSGI ------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
-        request_id = "req-" + uuid.uuid4().hex
+        request_id = "req-" + os.urandom(16).hex()
         method = environ.get("REQUEST_METHOD", "GET").upper()
         path = environ.get("PATH_INFO") or "/"
         route = "unmatched"
@@ -140,22 +146,37 @@ class VoltApp:
             *response.headers,
         ]
         start_response(f"{response.status} {REASONS.get(response.status, '')}", headers)
-        self.metrics_.requests.labels(method, route, str(response.status)).inc()
-        self.metrics_.latency.labels(method, route).observe(time.perf_counter() - started)
+        counter, histogram = self._observer(method, route, response.status)
+        counter.inc()
+        histogram.observe(time.perf_counter() - started)
         return [] if method == "HEAD" else [payload]
 
+    def _observer(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        """The metric children of one (method, route, status), looked up once: labels() is
+        slow. Keys are bounded: routes are templates, methods and statuses the few known."""
+        if method not in KNOWN_METHODS:
+            method = "other"
+        key = (method, route, status)
+        found = self._observers.get(key)
+        if found is None:
+            found = (
+                self.metrics_.requests.labels(method, route, str(status)),
+                self.metrics_.latency.labels(method, route),
+            )
+            self._observers[key] = found
+        return found
+
     def _route(self, method: str, path: str) -> tuple[str, Handler, dict[str, str]]:
-        for template, methods in self.routes:
-            params = _match(template, path)
+        for template, parts, methods in self.routes:
+            params = _match(parts, path)
             if params is None:
                 continue
             handler = methods.get(method)
             if handler is None:
                 continue
             return template, handler, params
-        allowed = sorted(
-            {m for t, methods in self.routes if _match(t, path) is not None for m in methods}
-        )
+        matching = [methods for _, parts, methods in self.routes if _match(parts, path) is not None]
+        allowed = sorted({m for methods in matching for m in methods})
         if allowed:
             raise MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
         raise RouteNotFound(f"no such resource: {path}")

@@ -8,6 +8,7 @@ a ``kill -9`` leaves no orphan holding the port. SIGTERM/SIGINT stop it graceful
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ LOG = logging.getLogger(__name__)
 CONF = volt_conf.CONF
 ARGV_ENV = "VOLT_API_ARGV"
 PR_SET_PDEATHSIG = 1
+GC_THRESHOLDS = (50_000, 50, 100)  # CPython default: (700, 10, 10)
 
 
 def _parse_config(argv: list[str]) -> None:
@@ -94,10 +96,16 @@ def wsgi_factory() -> VoltApp:
     if not hasattr(CONF, "bind_port") or CONF.config_file is None:
         _parse_config(json.loads(os.environ[ARGV_ENV]))
     try:
-        return build_app()
+        app = build_app()
     except VoltError as err:
         LOG.error("volt-api cannot start: %s", err.detail)
         raise SystemExit(1) from err
+    # The trees are long-lived objects: keep them out of the collector's full passes, and
+    # collect young objects less often, so that no request waits behind a long GC pause.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    return app
 
 
 def _serve() -> None:
