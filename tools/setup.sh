@@ -9,15 +9,21 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# The userspace block stack, its relays and VMs (env: shared/reference/env-userspace-stack.md).
+SYSTEM_PACKAGES=(
+    qemu-system-x86 qemu-utils qemu-block-extra fuse3 tgt libiscsi-bin libnbd-bin
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
+    busybox-static cpio e2fsprogs iproute2 postgresql util-linux python3-venv
+)
 packages=()
-compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || packages+=(postgresql)
-command -v runuser >/dev/null || packages+=(util-linux)
-python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+for p in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || packages+=("$p")
+done
 if [ "${#packages[@]}" -gt 0 ]; then
     echo "setup: installing ${packages[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    apt-get install -o DPkg::Lock::Timeout=900 -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
 python3 - <<'PY'
