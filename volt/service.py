@@ -94,20 +94,24 @@ class VoltService:
             return Placement(node, self.executor.parents(tree, node))
 
     def register(
-        self, volume_id: str, peer_id: str, host: str, port: str, iqn: str, lun: str
+        self,
+        volume_id: str,
+        peer_id: str,
+        host: str,
+        port: str,
+        iqn: str,
+        lun: str,
+        *,
+        nbd_port: str | None = None,
     ) -> Node:
         """The node's relay target is ready: it becomes a parent candidate (status OK)."""
         with self.lock:
             tree, node = self._find(volume_id, peer_id)
-            changed = (node.host, node.port, node.iqn, node.lun, node.status) != (
-                host,
-                port,
-                iqn,
-                lun,
-                OK,
-            )
-            if changed:
+            wanted = (host, port, iqn, lun, nbd_port, OK)
+            changed = (node.host, node.port, node.iqn, node.lun, node.nbd_port, node.status)
+            if changed != wanted:
                 node.host, node.port, node.iqn, node.lun = host, port, iqn, lun
+                node.nbd_port = nbd_port
                 became_ready = not node.ready
                 tree.set_status(node, OK)
                 tree.mark(node)
@@ -319,6 +323,7 @@ class VoltService:
         for row in rows.nodes:
             node = tree.new_node(row.peer_id, row.member, seq=row.seq)
             node.host, node.port, node.iqn, node.lun = row.host, row.port, row.iqn, row.lun
+            node.nbd_port = row.nbd_port
             node.status = row.status
             children.setdefault(row.parent_peer_id, []).append((row.slot, node))
         stack: list[Node] = [tree.root]
@@ -341,6 +346,7 @@ class VoltService:
                     node.iqn,
                     node.lun,
                 )
+                placed.nbd_port = node.nbd_port
                 placed.status = node.status
             else:
                 tree.removed.add(node.peer_id)

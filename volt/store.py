@@ -48,6 +48,7 @@ nodes = sa.Table(
     sa.Column("port", sa.String(8)),
     sa.Column("iqn", sa.String(255)),
     sa.Column("lun", sa.String(8)),
+    sa.Column("nbd_port", sa.String(8)),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("parent_peer_id", sa.String(PEER_ID_WIDTH)),  # NULL: child of the image server
     sa.Column("slot", sa.Integer, nullable=False),
@@ -63,6 +64,7 @@ class NodeRow:
     port: str | None
     iqn: str | None
     lun: str | None
+    nbd_port: str | None
     status: str
     parent_peer_id: str | None
     slot: int
@@ -87,6 +89,7 @@ def _node_values(volume_id: str, node: Node) -> dict[str, object]:
         "port": node.port,
         "iqn": node.iqn,
         "lun": node.lun,
+        "nbd_port": node.nbd_port,
         "status": node.status,
         "parent_peer_id": parent.peer_id,
         "slot": node.slot,
@@ -100,9 +103,25 @@ class Store:
         self.engine = self._make_engine(url)
         try:
             metadata.create_all(self.engine)
+            self._add_missing_columns()
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot open the store: {exc.__class__.__name__}") from exc
         self._prepare_statements()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a store was created (nullable ones only) are added in place."""
+        for table in (volumes, nodes):
+            present = {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                assert column.nullable, column.name
+                kind = column.type.compile(dialect=self.engine.dialect)
+                LOG.warning("store: adding column %s.%s", table.name, column.name)
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
+                    )
 
     @staticmethod
     def _make_engine(url: str) -> Engine:
@@ -147,6 +166,7 @@ class Store:
                         port=row.port,
                         iqn=row.iqn,
                         lun=row.lun,
+                        nbd_port=row.nbd_port,
                         status=row.status,
                         parent_peer_id=row.parent_peer_id,
                         slot=row.slot,

@@ -40,6 +40,7 @@ class Volume:
     lun: str | None = None
     status: str | None = None
     peer_id: str | None = None
+    nbd_port: str | None = None  # extension: an NBD export of the same relay, if registered
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Volume:
@@ -48,8 +49,11 @@ class Volume:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_dict(self) -> dict[str, str | None]:
-        """The identity dict: host, port, iqn, lun, status, peer_id."""
-        return dataclasses.asdict(self)
+        """The identity dict: host, port, iqn, lun, status, peer_id (and nbd_port if set)."""
+        identity = dataclasses.asdict(self)
+        if identity["nbd_port"] is None:
+            del identity["nbd_port"]
+        return identity
 
     @property
     def ready(self) -> bool:
@@ -188,12 +192,15 @@ class VolumeManager:
         port: int | str,
         iqn: str,
         lun: int | str,
+        nbd_port: int | str | None = None,
     ) -> Volume:
-        """Register the node's relay target; it becomes a parent for others (status OK)."""
+        """Register the node's relay target; it becomes a parent for others (status OK).
+        ``nbd_port``: the relay is also exported over NBD there (an extension)."""
         path = _peer_path(session_name, peer_id)
-        answer = self.api.request(
-            "POST", path, {"host": host, "port": port, "iqn": iqn, "lun": lun}
-        )
+        body: dict[str, Any] = {"host": host, "port": port, "iqn": iqn, "lun": lun}
+        if nbd_port is not None:
+            body["nbd_port"] = nbd_port
+        answer = self.api.request("POST", path, body)
         if not isinstance(answer, dict):
             raise _unexpected("POST", path, answer)
         return Volume.from_dict(answer)

@@ -212,3 +212,28 @@ def test_bad_input_is_rejected_and_changes_nothing(volt):
     assert status == 405 and answer["errors"][0]["code"] == "volt.method_not_allowed"
     assert raw(volt, "GET", "/v1/volumes/volume-x", src)[2] == before
     assert "Traceback" not in volt.log()
+
+
+def test_nbd_port_extension_reaches_children_and_survives_a_restart(volt):
+    """A relay that also exports NBD says so at registration; its children see ``nbd_port``
+    in its identity (and nodes that did not register one keep the original's exact dict)."""
+    a, top, b = "127.0.0.21", "127.0.0.23", "127.0.0.22"
+    raw(volt, "GET", "/v1/volumes/query/volume-image1", a)
+    raw(volt, "GET", "/v1/volumes/query/volume-image1", top)  # fills the image server's slots
+    body = {"host": a, "port": "3260", "iqn": IQN, "lun": "1", "nbd_port": 10809}
+    status, _, registered = raw(
+        volt, "POST", f"/v1/volumes/volume-image1/{a}:volume-image1", a, body
+    )
+    assert status == 200
+    assert registered == {**identity(a), "nbd_port": "10809"}
+    _, _, placed = raw(volt, "GET", "/v1/volumes/query/volume-image1", b)
+    assert placed["parents"][0] == {**identity(a), "nbd_port": "10809"}
+    volt.kill9()
+    volt.start()
+    _, _, beat = raw(volt, "PUT", "/v1/members/heartbeat", b)
+    assert beat == [
+        {"peer_id": f"{b}:volume-image1", "parents": [{**identity(a), "nbd_port": "10809"}]}
+    ]
+    bad = {**body, "nbd_port": "0"}
+    status, _, error = raw(volt, "POST", f"/v1/volumes/volume-image1/{a}:volume-image1", a, bad)
+    assert status == 400 and "nbd_port" in error["errors"][0]["detail"]

@@ -59,7 +59,13 @@ class Handlers:
         peer_id = _peer_id(req, volume_id)
         body = schemas.extract(req.body, schemas.REGISTER, schemas.REGISTER_REQUIRED)
         node = self.service.register(
-            volume_id, peer_id, body["host"], body["port"], body["iqn"], body["lun"]
+            volume_id,
+            peer_id,
+            body["host"],
+            body["port"],
+            body["iqn"],
+            body["lun"],
+            nbd_port=body.get("nbd_port"),
         )
         return Response(200, node.identity())
 

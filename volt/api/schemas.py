@@ -22,6 +22,7 @@ REGISTER = {
     "port": validation.port,
     "iqn": validation.iqn,
     "lun": validation.lun,
+    "nbd_port": validation.port,
 }
 REGISTER_REQUIRED = ("host", "port", "iqn", "lun")
 HEARTBEAT = {"host": validation.host}

@@ -27,6 +27,7 @@ class Node:
     port: str | None = None
     iqn: str | None = None
     lun: str | None = None
+    nbd_port: str | None = None  # an NBD export of the same relay (an extension; optional)
     parent: Node | None = None
     slot: int = 0
     depth: int = 0
@@ -50,8 +51,9 @@ class Node:
         return [c for c in self.children if c is not None]
 
     def identity(self) -> dict[str, str | None]:
-        """The original's identity dict, byte-compatible."""
-        return {
+        """The original's identity dict, byte-compatible; ``nbd_port`` is added only for a
+        node that registered one."""
+        identity = {
             "host": self.host,
             "port": self.port,
             "iqn": self.iqn,
@@ -59,6 +61,9 @@ class Node:
             "status": self.status,
             "peer_id": self.peer_id,
         }
+        if self.nbd_port is not None:
+            identity["nbd_port"] = self.nbd_port
+        return identity
 
 
 class Tree:
