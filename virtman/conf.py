@@ -1,0 +1,141 @@
+"""Configuration options of virtman (oslo.config).
+
+Option names kept from the original: ``host_ip``, ``master_ip``, ``master_port``,
+``heartbeat_interval``. The core never reads ``CONF`` itself: ``Settings.from_conf`` turns
+the parsed options into one frozen object handed to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from oslo_config import cfg
+
+CONF = cfg.CONF
+
+default_opts = [
+    cfg.HostAddressOpt(
+        "host_ip",
+        help="This node's address: registered with Volt as the relay's host, used for the "
+        "relay target and the NBD export. Detected from the default route when unset.",
+    ),
+    cfg.HostAddressOpt("master_ip", default="127.0.0.1", help="Volt's address."),
+    cfg.PortOpt("master_port", default=7447, help="Volt's port."),
+    cfg.StrOpt("master_token", secret=True, help="Volt's [auth] token (X-Auth-Token)."),
+    cfg.IntOpt(
+        "heartbeat_interval",
+        default=20,
+        min=1,
+        max=3600,
+        help="Seconds between heartbeats to Volt; parent changes arrive with them. Must be "
+        "well below Volt's node_timeout.",
+    ),
+    cfg.StrOpt(
+        "driver",
+        default="qemu",
+        choices=[("qemu", "userspace: qemu-storage-daemon, tgtd, qcow2 (any Linux host)")],
+        help="The block stack driver.",
+    ),
+    cfg.StrOpt("state_dir", default="/var/lib/virtman", help="Journal and default dirs."),
+    cfg.StrOpt(
+        "cache_dir",
+        help="Cache files, one per image (default: <state_dir>/cache). Put it on "
+        "local fast storage: every block read from upstream is kept here.",
+    ),
+    cfg.StrOpt(
+        "instances_dir", help="Per-VM copy-on-write disks (default: <state_dir>/instances)."
+    ),
+    cfg.StrOpt("run_dir", default="/run/virtman", help="Sockets, pid files, FUSE exports."),
+    cfg.HostAddressOpt("listen_host", default="0.0.0.0", help="XML-RPC address."),  # noqa: S104
+    cfg.PortOpt("listen_port", default=7774, help="XML-RPC port (path /RPC2)."),
+    cfg.StrOpt(
+        "api_token",
+        secret=True,
+        help="If set, XML-RPC callers must send it in the X-Auth-Token header.",
+    ),
+    cfg.PortOpt("iscsi_port", default=3260, help="Port of this node's relay target (tgtd)."),
+    cfg.PortOpt(
+        "nbd_port",
+        default=10809,
+        help="Port of this node's NBD exports of the relay (0: none). Children prefer NBD.",
+    ),
+    cfg.IntOpt(
+        "tgt_control_port",
+        default=3260,
+        min=0,
+        max=65535,
+        help="tgtd's control port (tgtadm -C); distinct per tgtd on one machine.",
+    ),
+    cfg.StrOpt("iqn_prefix", default="iqn.2010-10.org.openstack:", help="IQN of images."),
+    cfg.StrOpt("chap_user", help="CHAP user of every image and relay target (with password)."),
+    cfg.StrOpt("chap_password", secret=True, help="CHAP password (12-64 characters)."),
+    cfg.IntOpt(
+        "parent_wait_timeout",
+        default=600,
+        min=1,
+        help="Seconds a create waits for Volt to place the node (btree executors answer "
+        "'not placeable' until a parent is ready).",
+    ),
+    cfg.IntOpt(
+        "nbd_reconnect_delay",
+        default=3,
+        min=1,
+        max=60,
+        help="Seconds an NBD path waits for its parent before the read moves to another path.",
+    ),
+    cfg.StrOpt("pid_file", help="Write virtmanserver's PID here while it runs."),
+]
+
+
+def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
+    return [("DEFAULT", default_opts)]
+
+
+CONF.register_opts(default_opts)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host_ip: str
+    master_url: str
+    master_token: str | None
+    heartbeat_interval: float
+    state_dir: Path
+    cache_dir: Path
+    instances_dir: Path
+    run_dir: Path
+    iscsi_port: int = 3260
+    nbd_port: int = 10809
+    tgt_control_port: int = 3260
+    iqn_prefix: str = "iqn.2010-10.org.openstack:"
+    chap_user: str | None = None
+    chap_password: str | None = None
+    parent_wait_timeout: float = 600.0
+    nbd_reconnect_delay: int = 3
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts, host_ip: str) -> Settings:
+        state = Path(conf.state_dir)
+        return cls(
+            host_ip=host_ip,
+            master_url=f"http://{_url_host(conf.master_ip)}:{conf.master_port}",
+            master_token=conf.master_token,
+            heartbeat_interval=conf.heartbeat_interval,
+            state_dir=state,
+            cache_dir=Path(conf.cache_dir) if conf.cache_dir else state / "cache",
+            instances_dir=Path(conf.instances_dir) if conf.instances_dir else state / "instances",
+            run_dir=Path(conf.run_dir),
+            iscsi_port=conf.iscsi_port,
+            nbd_port=conf.nbd_port,
+            tgt_control_port=conf.tgt_control_port,
+            iqn_prefix=conf.iqn_prefix,
+            chap_user=conf.chap_user,
+            chap_password=conf.chap_password,
+            parent_wait_timeout=conf.parent_wait_timeout,
+            nbd_reconnect_delay=conf.nbd_reconnect_delay,
+        )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,321 @@
+"""The userspace driver: one qemu-storage-daemon and one tgtd per node.
+
+Per image::
+
+    paths (iscsi / nbd nodes) -> quorum (fifo: the first working path carries the reads)
+      -> qcow2 cache file (backing = the quorum) -> copy-on-read filter
+      -> FUSE export (a raw file: the origin) -> tgtd LUN 1 read-only (the relay), + NBD export
+    per VM: a qcow2 overlay file whose backing is the FUSE file
+
+NBD paths fail over by themselves (``reconnect-delay``); an iSCSI path that dies with a read
+on it hangs that read in QEMU, so peers are read over NBD whenever they offer it, and iSCSI
+is used for image servers (and parents without NBD, e.g. ``dm`` nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from brick.qsd.daemon import StorageDaemon
+from brick.tgt import Chap, TgtAdm, TgtDaemon
+
+from brick.exception import BrickError, PathsUnavailable
+from brick.executor import execute
+from virtman.conf import Settings
+from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
+from virtman.layers.base import Device, Endpoint, Relay
+
+LOG = logging.getLogger(__name__)
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class QemuDriver:
+    name = "qemu"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host = settings.host_ip
+        for d in (settings.cache_dir, settings.instances_dir, settings.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for sub in ("exports", "paths"):
+            (settings.run_dir / sub).mkdir(exist_ok=True)
+        self.qsd = StorageDaemon("virtman-qsd", settings.run_dir)
+        self.tgtd = TgtDaemon(
+            settings.tgt_control_port,
+            [f"{self.host}:{settings.iscsi_port}"],
+            run_dir=settings.run_dir,
+        )
+        self.tgt = TgtAdm(settings.tgt_control_port)
+        self.chap = (
+            Chap(settings.chap_user, settings.chap_password)
+            if settings.chap_user and settings.chap_password
+            else None
+        )
+        self.upstream = QemuUpstream(self)
+        self.cache = QemuCache(self)
+        self.relay = QemuRelay(self)
+        self.snapshot = QemuSnapshot(self)
+
+    def names(self, image: str) -> ImageNames:
+        return ImageNames(image, cache_dir=self.settings.cache_dir, run_dir=self.settings.run_dir)
+
+    # -- daemons ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.qsd.adopt():
+            self.qsd.start()
+        if not self.tgtd.adopt():
+            self.tgtd.start()
+        if self.settings.nbd_port:
+            self.qsd.start_nbd_server(self.host, self.settings.nbd_port)
+
+    def stop(self) -> None:
+        """Stop qemu-storage-daemon, and tgtd unless it still exports image targets."""
+        self.qsd.stop()
+        if not self.tgt.targets():
+            self.tgtd.stop()
+
+    # -- what exists -----------------------------------------------------------------------
+    def images(self) -> set[str]:
+        found = {p.stem for p in self.settings.cache_dir.glob("*.qcow2")}
+        found |= {p.stem for p in (self.settings.run_dir / "paths").glob("*.json")}
+        return found
+
+    def origin(self, image: str) -> Device | None:
+        n = self.names(image)
+        exports = {e["id"] for e in self.qsd.exports()}
+        if n.fuse_export not in exports or n.cor not in self.qsd.nodes():
+            return None
+        return Device(n.cor, str(n.fuse_file), self.qsd.node_size(n.cor))
+
+    def sweep(self, keep: set[str]) -> None:
+        """Remove every node and export of ours that belongs to no image in ``keep``."""
+        tags = {image_tag(i) for i in keep}
+        for export in self.qsd.exports():
+            m = NODE.fullmatch(export["id"])
+            if m and m.group(1) not in tags:
+                LOG.warning("removing stray export %s", export["id"])
+                self.qsd.delete_export(export["id"])
+        for _ in range(4):  # parents before children: repeat until nothing more goes
+            stray = [
+                n for n in self.qsd.nodes() if (m := NODE.fullmatch(n)) and m.group(1) not in tags
+            ]
+            if not stray:
+                break
+            for node in stray:
+                try:
+                    self.qsd.delete_node(node)
+                except BrickError:
+                    continue
+
+
+class QemuUpstream:
+    def __init__(self, driver: QemuDriver) -> None:
+        self.d = driver
+
+    def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
+        n = self.d.names(image)
+        qsd = self.d.qsd
+        present = qsd.nodes()
+        current = self.endpoints(image)
+        wanted: list[Endpoint] = []
+        for endpoint in endpoints:
+            node = n.path(endpoint)
+            if node not in present:
+                try:
+                    self._connect(node, endpoint, image)
+                except BrickError as exc:
+                    LOG.warning("%s: path %s unusable: %s", image, endpoint.key, exc)
+                    continue
+            wanted.append(endpoint)
+        if not wanted:
+            raise PathsUnavailable(image, [e.key for e in endpoints])
+        if n.quorum not in present:
+            qsd.add_quorum(n.quorum, [n.path(e) for e in wanted])
+        else:
+            self._reorder(n, current, wanted)
+        self._save(n, wanted)
+        for endpoint in current:
+            if endpoint.key not in {e.key for e in wanted}:
+                self._disconnect(n.path(endpoint))
+        return Device(n.quorum, "", qsd.node_size(n.quorum))
+
+    def _reorder(self, n: ImageNames, current: list[Endpoint], wanted: list[Endpoint]) -> None:
+        """Make the quorum's children ``wanted`` in order: add first, then drop, so that a
+        path always remains (x-blockdev-change appends; fifo reads the first child)."""
+        qsd = self.d.qsd
+        children = [n.path(e) for e in current]
+        goal = [n.path(e) for e in wanted]
+        for node in goal:
+            if node not in children:
+                qsd.quorum_add_child(n.quorum, node)
+                children.append(node)
+        while children[: len(goal)] != goal:
+            head = children.pop(0)
+            qsd.quorum_remove_child(n.quorum, head)
+            if head in goal:
+                qsd.quorum_add_child(n.quorum, head)
+                children.append(head)
+        for node in children[len(goal) :]:
+            qsd.quorum_remove_child(n.quorum, node)
+
+    def _connect(self, node: str, endpoint: Endpoint, image: str) -> None:
+        qsd = self.d.qsd
+        if endpoint.nbd:
+            host, port = _split(endpoint.nbd)
+            qsd.add_nbd(
+                node, host, port, image, reconnect_delay=self.d.settings.nbd_reconnect_delay
+            )
+            return
+        chap = self.d.chap
+        qsd.add_iscsi(
+            node,
+            endpoint.portal,
+            endpoint.iqn,
+            endpoint.lun,
+            user=chap.user if chap else None,
+            password=chap.password if chap else None,
+            initiator_name=f"iqn.2010-10.org.vmthunder:{self.d.host.replace(':', '-')}",
+        )
+
+    def _disconnect(self, node: str) -> None:
+        try:
+            self.d.qsd.delete_node(node)
+        except BrickError as exc:
+            LOG.warning("could not remove path node %s: %s", node, exc)
+
+    def endpoints(self, image: str) -> list[Endpoint]:
+        path = self.d.names(image).paths_file
+        if not path.exists():
+            return []
+        return [Endpoint(**e) for e in json.loads(path.read_text())]
+
+    def _save(self, n: ImageNames, endpoints: list[Endpoint]) -> None:
+        tmp = n.paths_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([e.__dict__ for e in endpoints]))
+        os.replace(tmp, n.paths_file)
+
+    def teardown(self, image: str) -> None:
+        n = self.d.names(image)
+        present = self.d.qsd.nodes()
+        if n.quorum in present:
+            self.d.qsd.delete_node(n.quorum)
+        for node in present:
+            if node.startswith(n.quorum[:-1] + "p"):
+                self.d.qsd.delete_node(node)
+        n.paths_file.unlink(missing_ok=True)
+
+
+class QemuCache:
+    def __init__(self, driver: QemuDriver) -> None:
+        self.d = driver
+
+    def ensure(self, image: str, upstream: Device) -> Device:
+        n = self.d.names(image)
+        qsd = self.d.qsd
+        present = qsd.nodes()
+        if n.cache not in present:
+            qsd.add_qcow2_cache(n.cache, n.cache_file, upstream.name, upstream.size)
+        if n.cor not in present:
+            qsd.add_copy_on_read(n.cor, n.cache)
+        if n.fuse_export not in {e["id"] for e in qsd.exports()}:
+            qsd.export_fuse(n.fuse_export, n.cor, n.fuse_file)
+        return Device(n.cor, str(n.fuse_file), upstream.size)
+
+    def teardown(self, image: str) -> None:
+        n = self.d.names(image)
+        qsd = self.d.qsd
+        if n.fuse_export in {e["id"] for e in qsd.exports()}:
+            qsd.delete_export(n.fuse_export)
+        present = qsd.nodes()
+        for node in (n.cor, n.cache):
+            if node in present:
+                qsd.delete_node(node)
+        n.fuse_file.unlink(missing_ok=True)
+        n.cache_file.unlink(missing_ok=True)
+
+
+class QemuRelay:
+    def __init__(self, driver: QemuDriver) -> None:
+        self.d = driver
+
+    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
+        n = self.d.names(image)
+        s = self.d.settings
+        self.d.tgt.create_target(iqn, Path(cached.path), lun=1, readonly=True, chap=self.d.chap)
+        nbd = None
+        if s.nbd_port:
+            if n.nbd_export not in {e["id"] for e in self.d.qsd.exports()}:
+                self.d.qsd.export_nbd(n.nbd_export, cached.name, image)
+            nbd = f"{_host(self.d.host)}:{s.nbd_port}"
+        return Relay(iqn, f"{_host(self.d.host)}:{s.iscsi_port}", nbd)
+
+    def readers(self, image: str, iqn: str) -> int:
+        """iSCSI sessions on the image's target, plus NBD clients of this node (NBD
+        connections cannot be told apart by export, so they count for every image)."""
+        n = self.d.names(image)
+        count = len(self.d.tgt.connections(iqn))
+        if n.nbd_export in {e["id"] for e in self.d.qsd.exports()}:
+            count += established_connections(self.d.settings.nbd_port)
+        return count
+
+    def teardown(self, image: str, iqn: str | None = None) -> None:
+        n = self.d.names(image)
+        if n.nbd_export in {e["id"] for e in self.d.qsd.exports()}:
+            self.d.qsd.delete_export(n.nbd_export)
+        for target in self.d.tgt.targets():
+            if target.iqn == iqn or any(
+                lun.backing_path == str(n.fuse_file) for lun in target.luns
+            ):
+                self.d.tgt.delete_target(target.iqn)
+
+
+class QemuSnapshot:
+    def __init__(self, driver: QemuDriver) -> None:
+        self.d = driver
+
+    def _file(self, instance: str) -> Path:
+        return self.d.settings.instances_dir / f"{instance}.qcow2"
+
+    def ensure(self, instance: str, origin: Device) -> str:
+        path = self._file(instance)
+        tmp = path.with_suffix(".part")
+        execute(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", origin.path, str(tmp)]
+        )
+        os.replace(tmp, path)
+        return str(path)
+
+    def teardown(self, instance: str) -> None:
+        self._file(instance).unlink(missing_ok=True)
+        self._file(instance).with_suffix(".part").unlink(missing_ok=True)
+
+    def owned(self) -> list[str]:
+        return sorted(p.stem for p in self.d.settings.instances_dir.glob("*.qcow2"))
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def established_connections(port: int) -> int:
+    """TCP connections established to local ``port`` in this network namespace."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rpartition(":")[2], 16)
+            if local_port == port and fields[3] == "01":
+                count += 1
+    return count

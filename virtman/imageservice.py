@@ -1,0 +1,104 @@
+"""The image server role: export base image files as iSCSI targets (tgtd, CHAP, read-only).
+
+Results keep the original's strings. The original bound each file to a loop device first;
+tgtd serves files directly, so ``loop_dev`` is accepted and ignored, and the result's second
+field is the exported file: ``"0:<tid>:<file>"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from pathlib import Path
+
+from brick.tgt import Chap, TgtAdm
+
+from brick.exception import BrickError
+from virtman import validation
+from virtman.errors import InvalidInput
+
+LOG = logging.getLogger(__name__)
+
+
+class ImageService:
+    def __init__(self, tgt: TgtAdm, chap: Chap | None, default_prefix: str) -> None:
+        self.tgt = tgt
+        self.chap = chap
+        self.default_prefix = default_prefix
+        self.lock = threading.Lock()
+
+    def create_image_target(
+        self,
+        image_name: str,
+        file_path: str,
+        loop_dev: str | None = None,
+        iqn_prefix: str | None = None,
+    ) -> str:
+        try:
+            image = validation.image_name(image_name)
+            iqn = validation.iqn((iqn_prefix or self.default_prefix) + image, "iqn_prefix")
+            path = _image_file(file_path)
+        except InvalidInput as err:
+            return f"2:{err}"
+        if path is None:
+            return f"2:ImageService: the file {file_path!r} does not exist"
+        with self.lock:
+            if self._find(image) is not None:
+                return f"1:ImageService: the image target '{image}' already exists!"
+            try:
+                tid = self.tgt.create_target(iqn, path, lun=1, readonly=True, chap=self.chap)
+            except BrickError as exc:
+                LOG.error("exporting %s failed: %s", image, exc)
+                return f"2:ImageService: cannot export {image}: {exc}"
+        LOG.info("exported %s as %s (tid %s)", path, iqn, tid)
+        return f"0:{tid}:{path}"
+
+    def destroy_image_target(self, image_name: str) -> str:
+        try:
+            image = validation.image_name(image_name)
+        except InvalidInput as err:
+            return f"2:{err}"
+        with self.lock:
+            target = self._find(image)
+            if target is None:
+                return f"1:ImageService: the image target '{image}' does not exist!"
+            try:
+                self.tgt.delete_target(target.iqn)
+            except BrickError as exc:
+                return f"2:ImageService: cannot remove {image}: {exc}"
+        LOG.info("removed the target of %s", image)
+        return "0:"
+
+    def list_image_target(self) -> dict[str, str]:
+        """``{"volume-<name>": "<tid>:<file>"}`` for every image target of this server."""
+        result = {}
+        for target in self.tgt.targets():
+            image = target.iqn.rpartition(":")[2]
+            if image.startswith("volume-") and target.luns:
+                result[image] = f"{target.tid}:{target.luns[0].backing_path}"
+        return result
+
+    def _find(self, image: str):  # type: ignore[no-untyped-def]
+        for target in self.tgt.targets():
+            if target.iqn.rpartition(":")[2] == image:
+                return target
+        return None
+
+
+def _image_file(value: object) -> Path | None:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise InvalidInput("file_path", value, "must be an absolute path")
+    path = Path(os.path.normpath(value))
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+        raise InvalidInput("file_path", value, "must be a regular file or a block device")
+    if not os.access(path, os.R_OK):
+        raise InvalidInput("file_path", value, "is not readable")
+    if stat.S_ISREG(info.st_mode) and (info.st_size == 0 or info.st_size % 512):
+        raise InvalidInput("file_path", value, "size must be a non-zero multiple of 512 bytes")
+    return path

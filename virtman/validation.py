@@ -1,0 +1,91 @@
+"""Validation of everything that reaches virtman from outside (names end up in file names,
+QMP node names, IQNs and command arguments: nothing unvalidated gets that far)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from virtman.errors import InvalidInput
+from virtman.layers.base import Endpoint
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9._:-]+)?")
+HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*")
+
+
+def name(value: object, field: str) -> str:
+    if not isinstance(value, str) or not NAME.fullmatch(value) or value in {".", ".."}:
+        raise InvalidInput(field, value, "use 1-64 of A-Z a-z 0-9 _ . - (not starting with . _ -)")
+    return value
+
+
+def image_name(value: object) -> str:
+    """The original's normalisation: every image is ``volume-<name>``."""
+    raw = name(value, "image_name")
+    normalised = raw if raw.startswith("volume-") else "volume-" + raw
+    return name(normalised, "image_name")
+
+
+def host(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(field, value, "must be an IP address or a host name")
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        if HOSTNAME.fullmatch(value):
+            return value.lower()
+    raise InvalidInput(field, value, "must be an IP address or a host name")
+
+
+def portal(value: object, field: str = "target_portal") -> str:
+    """``host:port`` or ``[v6]:port``; returns the canonical form."""
+    if not isinstance(value, str) or ":" not in value:
+        raise InvalidInput(field, value, "must be host:port")
+    head, _, port_text = value.rpartition(":")
+    address = host(head, field)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise InvalidInput(field, value, "port must be 1-65535")
+    shown = f"[{address}]" if ":" in address else address
+    return f"{shown}:{int(port_text)}"
+
+
+def iqn(value: object, field: str = "target_iqn") -> str:
+    if not isinstance(value, str) or len(value) > 223 or not IQN.fullmatch(value):
+        raise InvalidInput(field, value, "must be an iSCSI qualified name iqn.YYYY-MM.domain:…")
+    return value
+
+
+def lun(value: object, field: str = "target_lun") -> int:
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise InvalidInput(field, value, "must be an integer 0-255") from None
+    if isinstance(value, bool) or not 0 <= number <= 255:
+        raise InvalidInput(field, value, "must be an integer 0-255")
+    return number
+
+
+def connections(value: Any) -> list[Endpoint]:
+    """The original's connection dict, or a list of them (several image servers)."""
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise InvalidInput("image_connection", value, "a connection dict or a non-empty list")
+    endpoints = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise InvalidInput("image_connection", item, "must be a dict")
+        unknown = set(item) - {"target_portal", "target_iqn", "target_lun"}
+        if unknown:
+            raise InvalidInput("image_connection", sorted(unknown), "unknown keys")
+        endpoints.append(
+            Endpoint(
+                portal=portal(item.get("target_portal")),
+                iqn=iqn(item.get("target_iqn")),
+                lun=lun(item.get("target_lun", 1)),
+            )
+        )
+    if len({e.iqn for e in endpoints}) != 1:
+        raise InvalidInput("image_connection", value, "every path must export the same IQN")
+    return endpoints

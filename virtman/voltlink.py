@@ -1,0 +1,77 @@
+"""Virtman's side of the Volt protocol: join an image's tree, register the relay, heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from brick.wait import pause
+from virtman.errors import ParentsUnavailable
+from virtman.layers.base import Endpoint, Relay
+from voltclient import Client
+from voltclient.client import Volume
+from voltclient.exceptions import VoltClientError
+
+LOG = logging.getLogger(__name__)
+
+
+def parent_endpoints(parents: list[Volume]) -> list[Endpoint]:
+    """Volt's parents (ordered; the first carries the reads) as endpoints, skipping those
+    that are not ready yet. An empty list means: read from the image servers."""
+    endpoints = []
+    for p in parents:
+        if not p.ready or not (p.host and p.port and p.iqn and p.lun):
+            continue
+        host = f"[{p.host}]" if ":" in p.host else p.host
+        nbd = f"{host}:{p.nbd_port}" if p.nbd_port else None
+        endpoints.append(Endpoint(f"{host}:{p.port}", p.iqn, int(p.lun), nbd, p.peer_id))
+    return endpoints
+
+
+def pending_parents(parents: list[Volume]) -> bool:
+    return any(not p.ready for p in parents)
+
+
+class VoltLink:
+    def __init__(self, url: str, token: str | None, host_ip: str, *, timeout: float = 10.0):
+        self.client = Client(url, token=token, timeout=timeout)
+        self.host_ip = host_ip
+
+    def join(
+        self,
+        image: str,
+        *,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> tuple[str, list[Volume]]:
+        """Place this node in the image's tree; retries while Volt answers "not placeable"
+        (btree executors) or cannot be reached, until ``timeout_s``."""
+        deadline = clock() + timeout_s
+        delay = 0.2
+        while True:
+            try:
+                peer_id, parents = self.client.volumes.get(image, host=self.host_ip)
+                if peer_id is not None:
+                    return peer_id, parents
+                LOG.info("%s: Volt says not placeable yet, retrying", image)
+            except VoltClientError as exc:
+                LOG.warning("%s: Volt query failed: %s", image, exc)
+            if clock() + delay > deadline:
+                raise ParentsUnavailable(image, timeout_s)
+            pause(delay)
+            delay = min(delay * 1.5, 5.0)
+
+    def register(self, image: str, peer_id: str, relay: Relay) -> None:
+        host, _, port = relay.portal.rpartition(":")
+        nbd_port = relay.nbd.rpartition(":")[2] if relay.nbd else None
+        self.client.volumes.login(image, peer_id, host.strip("[]"), port, relay.iqn, 1, nbd_port)
+
+    def leave(self, image: str, peer_id: str) -> None:
+        self.client.volumes.logout(image, peer_id)
+
+    def heartbeat(self) -> dict[str, list[Volume]]:
+        """{peer_id: parents} for every node of this host that Volt knows."""
+        return {
+            item["peer_id"]: item["parents"] for item in self.client.members.heartbeat(self.host_ip)
+        }
