@@ -1,0 +1,156 @@
+"""In-memory stand-ins for the block-stack driver and Volt (pure logic tests only)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from virtman.layers.base import Device, Endpoint, Relay
+from voltclient.client import Volume
+
+
+class Layers:
+    def __init__(self, fail: set[str], gate: threading.Event | None) -> None:
+        self.fail = fail
+        self.gate = gate
+        self.upstreams: dict[str, list[Endpoint]] = {}
+        self.caches: dict[str, Device] = {}
+        self.relays: dict[str, str] = {}
+        self.snapshots: dict[str, str] = {}
+        self.readers_of: dict[str, int] = {}
+        self.builds = 0
+
+    def check(self, layer: str) -> None:
+        if layer in self.fail:
+            raise RuntimeError(f"{layer} broke")
+
+
+class FakeDriver:
+    name = "fake"
+
+    def __init__(self, fail: set[str] | None = None, gate: threading.Event | None = None):
+        self.state = Layers(fail or set(), gate)
+        self.upstream = _Upstream(self.state)
+        self.cache = _Cache(self.state)
+        self.relay = _Relay(self.state)
+        self.snapshot = _Snapshot(self.state)
+        self.started = self.stopped = 0
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+    def images(self) -> set[str]:
+        return set(self.state.upstreams) | set(self.state.caches) | set(self.state.relays)
+
+    def sweep(self, keep: set[str]) -> None:
+        for image in self.images() - keep:
+            self.state.upstreams.pop(image, None)
+            self.state.caches.pop(image, None)
+            self.state.relays.pop(image, None)
+
+    def origin(self, image: str) -> Device | None:
+        return self.state.caches.get(image)
+
+    def empty(self) -> bool:
+        s = self.state
+        return not (s.upstreams or s.caches or s.relays or s.snapshots)
+
+
+class _Upstream:
+    def __init__(self, s: Layers) -> None:
+        self.s = s
+
+    def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
+        if self.s.gate is not None:
+            self.s.gate.wait(10)
+        self.s.check("upstream")
+        self.s.builds += image not in self.s.upstreams
+        self.s.upstreams[image] = list(endpoints)
+        return Device(f"{image}-mp", "", 1 << 20)
+
+    def endpoints(self, image: str) -> list[Endpoint]:
+        return list(self.s.upstreams.get(image, []))
+
+    def teardown(self, image: str) -> None:
+        self.s.upstreams.pop(image, None)
+
+
+class _Cache:
+    def __init__(self, s: Layers) -> None:
+        self.s = s
+
+    def ensure(self, image: str, upstream: Device) -> Device:
+        self.s.check("cache")
+        device = Device(f"{image}-cache", f"/fake/{image}.raw", upstream.size)
+        self.s.caches[image] = device
+        return device
+
+    def teardown(self, image: str) -> None:
+        self.s.caches.pop(image, None)
+
+
+class _Relay:
+    def __init__(self, s: Layers) -> None:
+        self.s = s
+
+    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
+        self.s.check("relay")
+        self.s.relays[image] = iqn
+        return Relay(iqn, "10.0.0.9:3260", "10.0.0.9:10809")
+
+    def readers(self, image: str, iqn: str) -> int:
+        return self.s.readers_of.get(image, 0)
+
+    def teardown(self, image: str, iqn: str | None = None) -> None:
+        self.s.relays.pop(image, None)
+
+
+class _Snapshot:
+    def __init__(self, s: Layers) -> None:
+        self.s = s
+
+    def ensure(self, instance: str, origin: Device) -> str:
+        self.s.check("snapshot")
+        self.s.snapshots[instance] = f"/fake/instances/{instance}.qcow2"
+        return self.s.snapshots[instance]
+
+    def teardown(self, instance: str) -> None:
+        self.s.snapshots.pop(instance, None)
+
+    def owned(self) -> list[str]:
+        return sorted(self.s.snapshots)
+
+
+def ready(host: str, image: str, nbd: str | None = "10809") -> Volume:
+    iqn = f"iqn.2010-10.org.openstack:{image}"
+    return Volume(host, "3260", iqn, "1", "OK", f"{host}:{image}", nbd)
+
+
+class FakeVolt:
+    """Volt as the node sees it: joins answer with ``parents``; calls are recorded."""
+
+    def __init__(self, host_ip: str = "10.0.0.9") -> None:
+        self.host_ip = host_ip
+        self.parents: dict[str, list[Volume]] = {}
+        self.calls: list[tuple[str, ...]] = []
+        self.known: dict[str, str] = {}  # peer_id -> image
+
+    def join(self, image: str, *, timeout_s: float) -> tuple[str, list[Volume]]:
+        peer_id = f"{self.host_ip}:{image}"
+        self.calls.append(("join", image))
+        self.known[peer_id] = image
+        return peer_id, self.parents.get(image, [])
+
+    def register(self, image: str, peer_id: str, relay: Relay) -> None:
+        self.calls.append(("register", image, peer_id, relay.nbd or ""))
+
+    def leave(self, image: str, peer_id: str) -> None:
+        self.calls.append(("leave", image, peer_id))
+        self.known.pop(peer_id, None)
+
+    def heartbeat(self) -> dict[str, list[Volume]]:
+        self.calls.append(("heartbeat",))
+        return {p: self.parents.get(image, []) for p, image in self.known.items()}

@@ -1,0 +1,199 @@
+"""Virtman's logic (results, undo, locking, heartbeat, reconcile) over in-memory layers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
+from virtman.compute import Virtman
+from virtman.conf import Settings
+
+CONN = {
+    "target_portal": "10.0.0.1:3260",
+    "target_iqn": "iqn.2010-10.org.openstack:volume-img",
+    "target_lun": 1,
+}
+
+
+def settings(tmp_path: Path, host_ip: str = "10.0.0.9") -> Settings:
+    return Settings(
+        host_ip=host_ip,
+        master_url="http://127.0.0.1:1",
+        master_token=None,
+        heartbeat_interval=3600,
+        state_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        instances_dir=tmp_path / "instances",
+        run_dir=tmp_path / "run",
+    )
+
+
+def make(tmp_path: Path, driver: FakeDriver | None = None, volt: FakeVolt | None = None):
+    driver = driver or FakeDriver()
+    volt = volt or FakeVolt()
+    return Virtman(settings(tmp_path), driver, volt=volt, heartbeat=False), driver, volt  # type: ignore[arg-type]
+
+
+def test_create_list_destroy_and_lazy_teardown(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    assert vm.create("vm1", "img", CONN) == "0:/fake/instances/vm1.qcow2"
+    assert vm.list() == ["vm1:volume-img"]
+    assert ("register", "volume-img", "10.0.0.9:volume-img", "10.0.0.9:10809") in volt.calls
+    assert vm.destroy("vm1") == "0:"
+    assert vm.list() == []
+    assert driver.state.relays  # the relay stays until the heartbeat finds it unused
+    vm.heartbeat()
+    assert driver.empty()
+    assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls
+
+
+def test_original_warnings(tmp_path: Path) -> None:
+    vm, _, _ = make(tmp_path)
+    vm.create("vm1", "img", [CONN])
+    assert vm.create("vm1", "img", CONN) == "1:Virtman: the instance_name 'vm1' already exists!"
+    assert vm.destroy("nope") == "1:Virtman: the instance_name 'nope' does not exist!"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("vm;rm -rf /", "img", CONN), "instance_name"),
+        (("../etc", "img", CONN), "instance_name"),
+        (("vm1", "img/../x", CONN), "image_name"),
+        (("vm1", "img", {**CONN, "target_portal": "10.0.0.1"}), "target_portal"),
+        (("vm1", "img", {**CONN, "target_iqn": "not an iqn"}), "target_iqn"),
+        (("vm1", "img", {**CONN, "target_lun": "x"}), "target_lun"),
+        (("vm1", "img", []), "image_connection"),
+        (("vm1", "img", CONN, "/dev/loop3"), "snapshot"),
+    ],
+)
+def test_bad_input_is_a_failure_result_and_creates_nothing(tmp_path, args, field) -> None:
+    vm, driver, volt = make(tmp_path)
+    result = vm.create(*args)
+    assert result.startswith(f"2:invalid {field} ")
+    assert driver.empty() and vm.list() == [] and volt.calls == []
+
+
+@pytest.mark.parametrize("layer", ["upstream", "cache", "relay", "snapshot"])
+def test_a_failed_create_leaves_nothing_and_frees_the_name(tmp_path, layer) -> None:
+    driver = FakeDriver(fail={layer})
+    vm, driver, volt = make(tmp_path, driver)
+    result = vm.create("vm1", "img", CONN)
+    assert result.startswith("2:") and f"{layer} broke" in result
+    vm.heartbeat()
+    assert driver.empty() and vm.list() == []
+    assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls
+    driver.state.fail.clear()
+    assert vm.create("vm1", "img", CONN).startswith("0:")
+
+
+def test_concurrent_creates_of_one_image_build_it_once(tmp_path: Path) -> None:
+    vm, driver, _ = make(tmp_path)
+    results: list[str] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(vm.create(f"vm{i}", "img", CONN)))
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted(f"0:/fake/instances/vm{i}.qcow2" for i in range(8))
+    assert driver.state.builds == 1
+
+
+def test_heartbeat_never_waits_behind_a_build(tmp_path: Path) -> None:
+    gate = threading.Event()
+    vm, _, _ = make(tmp_path, FakeDriver(gate=gate))
+    creator = threading.Thread(target=vm.create, args=("vm1", "img", CONN))
+    creator.start()
+    time.sleep(0.2)  # the build now waits on the gate, holding the image's lock
+    started = time.monotonic()
+    vm.heartbeat()
+    assert time.monotonic() - started < 1.0
+    gate.set()
+    creator.join()
+    assert vm.list() == ["vm1:volume-img"]
+
+
+def test_heartbeat_follows_new_parents_in_order(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    assert [e.portal for e in driver.state.upstreams["volume-img"]] == ["10.0.0.1:3260"]
+    volt.parents["volume-img"] = [
+        ready("10.0.0.3", "volume-img"),
+        ready("10.0.0.4", "volume-img", None),
+    ]
+    vm.heartbeat()
+    paths = driver.state.upstreams["volume-img"]
+    assert [(e.peer_id, e.nbd) for e in paths] == [
+        ("10.0.0.3:volume-img", "10.0.0.3:10809"),
+        ("10.0.0.4:volume-img", None),
+    ]
+
+
+def test_a_node_volt_forgot_joins_again(tmp_path: Path) -> None:
+    vm, _, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    volt.known.clear()  # evicted while away
+    vm.heartbeat()
+    assert volt.calls.count(("join", "volume-img")) == 2
+    assert (
+        volt.calls.count(("register", "volume-img", "10.0.0.9:volume-img", "10.0.0.9:10809")) == 2
+    )
+
+
+def test_the_image_server_itself_reads_locally_and_does_not_relay(tmp_path: Path) -> None:
+    driver, volt = FakeDriver(), FakeVolt(host_ip="10.0.0.1")
+    vm = Virtman(settings(tmp_path, "10.0.0.1"), driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    other = {**CONN, "target_portal": "10.0.0.11:3260"}
+    assert vm.create("vm1", "img", [other, CONN]).startswith("0:")
+    assert volt.calls == [] and not driver.state.relays
+    assert [e.portal for e in driver.state.upstreams["volume-img"]] == ["10.0.0.1:3260"]
+
+
+def test_restart_adopts_what_is_intact_and_removes_the_rest(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    vm.create("vm2", "img", CONN)
+    driver.state.snapshots["half"] = "/fake/instances/half.qcow2"  # a create that never ended
+    driver.state.upstreams["volume-other"] = []  # a stack whose build was cut short
+    vm.close()
+    again = Virtman(settings(tmp_path), driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    assert again.list() == ["vm1:volume-img", "vm2:volume-img"]
+    assert sorted(driver.state.snapshots) == ["vm1", "vm2"]
+    assert driver.images() == {"volume-img"}
+    assert again.destroy("vm1") == "0:" and again.destroy("vm2") == "0:"
+    again.heartbeat()
+    assert driver.empty()
+
+
+def test_a_broken_stack_is_rebuilt_for_its_vms_at_restart(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    vm.close()
+    driver.state.caches.clear()  # the cache went away while virtman was down
+    again = Virtman(settings(tmp_path), driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    assert again.list() == ["vm1:volume-img"]
+    assert "volume-img" in driver.state.caches
+
+
+def test_shutdown_without_vms_tears_everything_down(tmp_path: Path) -> None:
+    vm, driver, _ = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    vm.destroy("vm1")
+    driver.state.readers_of["volume-img"] = 1  # a child that never lets go
+    clock = iter([0.0, 0.0, 1e9, 1e9])
+    vm.shutdown(clock=lambda: next(clock))
+    assert driver.empty() and driver.stopped == 1
+
+
+def test_shutdown_with_vms_keeps_the_stacks(tmp_path: Path) -> None:
+    vm, driver, _ = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    vm.shutdown()
+    assert driver.state.caches and driver.stopped == 0
