@@ -13,9 +13,8 @@ import stat
 import threading
 from pathlib import Path
 
-from brick.tgt import Chap, TgtAdm
-
 from brick.exception import BrickError
+from brick.tgt import Chap, TgtAdm
 from virtman import validation
 from virtman.errors import InvalidInput
 

@@ -20,11 +20,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from brick.qsd.daemon import StorageDaemon
-from brick.tgt import Chap, TgtAdm, TgtDaemon
-
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
+from brick.qsd.daemon import StorageDaemon
+from brick.tgt import Chap, TgtAdm, TgtDaemon
 from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
 from virtman.layers.base import Device, Endpoint, Relay

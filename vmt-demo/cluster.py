@@ -1,0 +1,200 @@
+"""A VMThunder cluster on one machine: Volt, an image server and N compute nodes, each in
+its own network namespace on a private bridge (brick.netns), driven from a control host.
+
+Nothing here sends a packet from the root namespace to a namespace address: daemons are
+checked through their logs and every RPC runs inside the control namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brick.netns import Host, Lab
+from brick.wait import wait_until
+
+PYTHON = sys.executable
+RPC_SNIPPET = (
+    "import json, sys, xmlrpc.client\n"
+    "url, token, method, args = sys.argv[1:5]\n"
+    "class T(xmlrpc.client.Transport):\n"
+    "    def send_headers(self, c, h):\n"
+    "        super().send_headers(c, h)\n"
+    "        if token: c.putheader('X-Auth-Token', token)\n"
+    "proxy = xmlrpc.client.ServerProxy(url, transport=T(), allow_none=True)\n"
+    "print(json.dumps(getattr(proxy, method)(*json.loads(args))))\n"
+)
+
+
+@dataclass
+class Daemon:
+    name: str
+    host: Host
+    proc: subprocess.Popen[bytes]
+    log: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int,
+        *,
+        name: str = "vmt",
+        subnet: str = "10.231.0.0/24",
+        token: str | None = None,
+        heartbeat_interval: int = 2,
+        node_timeout: int = 10,
+        executor: str = "balanced",
+        chap: bool = True,
+    ) -> None:
+        self.workdir = workdir
+        self.node_count = nodes
+        self.token = token or secrets.token_hex(16)  # a fresh secret per cluster
+        self.heartbeat_interval = heartbeat_interval
+        self.node_timeout = node_timeout
+        self.executor = executor
+        self.chap = ("vmthunder", secrets.token_hex(8)) if chap else None
+        self.lab = Lab(name, subnet, state_dir=workdir / "lab")
+        self.hosts: dict[str, Host] = {}
+        self.daemons: dict[str, Daemon] = {}
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> LocalCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for host in ["volt", "img", "ctl", *self.node_names]:
+            self.hosts[host] = self.lab.add_host(host)
+        self.start_volt()
+        for i, host in enumerate(["img", *self.node_names]):
+            self.start_virtman(host, index=i)
+        return self
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"n{i + 1}" for i in range(self.node_count)]
+
+    def close(self) -> None:
+        """Stop every daemon (virtman nodes first), then remove the namespaces."""
+        for name in [*self.node_names, "img"]:
+            daemon = self.daemons.pop(name, None)
+            if daemon is not None:
+                daemon.stop()
+        volt = self.daemons.pop("volt", None)
+        if volt is not None:
+            volt.stop()
+        self.lab.close()
+
+    # -- daemons -------------------------------------------------------------------------------
+    def start_volt(self) -> Daemon:
+        host = self.hosts["volt"]
+        d = self.workdir / "volt"
+        d.mkdir(exist_ok=True)
+        conf = d / "volt.conf"
+        conf.write_text(
+            "[DEFAULT]\n"
+            f"bind_host = {host.address}\nbind_port = 7447\n"
+            f"default_executor = {self.executor}\nnode_timeout = {self.node_timeout}\n"
+            f"pid_file = {d / 'volt-api.pid'}\n"
+            f"[auth]\ntoken = {self.token}\n"
+            f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n"
+        )
+        log = d / "volt-api.log"
+        proc = host.spawn([PYTHON, "-m", "volt.cmd.api", "--config-file", str(conf)], log)
+        daemon = self.daemons["volt"] = Daemon("volt", host, proc, log)
+        self._wait_log(daemon, "volt-api ready")
+        return daemon
+
+    def node_dir(self, host: str) -> Path:
+        return self.workdir / "nodes" / host
+
+    def start_virtman(self, host_name: str, *, index: int | None = None) -> Daemon:
+        host = self.hosts[host_name]
+        d = self.node_dir(host_name)
+        d.mkdir(parents=True, exist_ok=True)
+        if index is None:
+            index = ["img", *self.node_names].index(host_name)
+        conf = d / "virtman.conf"
+        chap = f"chap_user = {self.chap[0]}\nchap_password = {self.chap[1]}\n" if self.chap else ""
+        conf.write_text(
+            "[DEFAULT]\n"
+            f"host_ip = {host.address}\nmaster_ip = {self.hosts['volt'].address}\n"
+            f"master_port = 7447\nmaster_token = {self.token}\n"
+            f"heartbeat_interval = {self.heartbeat_interval}\n"
+            f"state_dir = {d / 'state'}\nrun_dir = {d / 'run'}\n"
+            f"listen_host = {host.address}\napi_token = {self.token}\n"
+            f"tgt_control_port = {3300 + index}\n"
+            f"parent_wait_timeout = 60\n"
+            f"log_file = {d / 'virtman.log'}\n" + chap
+        )
+        log = d / "virtmanserver.out"
+        proc = host.spawn([PYTHON, "-m", "virtman.cmd.server", "--config-file", str(conf)], log)
+        daemon = self.daemons[host_name] = Daemon(host_name, host, proc, log, {"dir": d})
+        self._wait_log(daemon, "Virtman Server Run ...")
+        return daemon
+
+    def _wait_log(self, daemon: Daemon, marker: str, timeout_s: float = 60.0) -> None:
+        def ready() -> bool:
+            if daemon.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{daemon.name} exited {daemon.proc.returncode}:\n{self._logs(daemon)}"
+                )
+            return marker in self._logs(daemon)
+
+        wait_until(ready, timeout_s=timeout_s, what=f"{daemon.name} to start")
+
+    def _logs(self, daemon: Daemon) -> str:
+        text = daemon.log_text()
+        extra = daemon.extra.get("dir")
+        if extra and (extra / "virtman.log").exists():
+            text += (extra / "virtman.log").read_text(errors="replace")
+        return text
+
+    # -- RPC (from the control host) -----------------------------------------------------------
+    def rpc(self, host_name: str, method: str, *args: Any, timeout_s: float = 300.0) -> Any:
+        url = f"http://{self.hosts[host_name].address}:7774/RPC2"
+        result = self.hosts["ctl"].run(
+            [PYTHON, "-c", RPC_SNIPPET, url, self.token, method, json.dumps(args)],
+            timeout_s=timeout_s,
+        )
+        return json.loads(result.stdout)
+
+    def connection(self, image: str) -> dict[str, Any]:
+        return {
+            "target_portal": f"{self.hosts['img'].address}:3260",
+            "target_iqn": f"iqn.2010-10.org.openstack:{image}",
+            "target_lun": 1,
+        }
+
+    def tx_bytes(self, host_name: str) -> int:
+        """Bytes the host has sent on its link (its eth0)."""
+        out = self.hosts[host_name].run(["ip", "-j", "-s", "link", "show", "eth0"]).stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+    def paths(self, host_name: str, image: str) -> list[dict[str, Any]]:
+        """The node's upstream paths now, in read order (the qemu driver's record)."""
+        f = self.node_dir(host_name) / "run" / "paths" / f"{image}.json"
+        return json.loads(f.read_text()) if f.exists() else []

@@ -1,0 +1,154 @@
+"""VMThunder API for scripts (tutorial §6.2): the six calls of a virtman server by node IP.
+
+Every function takes the IP of the node to call first, then the original's arguments, and
+returns virtman's raw answer: ``"0:<info>"`` success, ``"1:<info>"`` warning (exists / does not
+exist), ``"2:<info>"`` failure; ``list`` gives ``["<instance>:<image>", ...]`` and
+``list_image_target`` ``{"volume-<name>": "<tid>:<loop_dev>", ...}``. A node that cannot be
+reached raises ``virtmanclient.ConnectionFailed`` (other transport problems: another
+``virtmanclient.VirtmanError``).
+
+The server is ``http://<ip>:PORT/RPC2``. The token (sent as X-Auth-Token) is ``TOKEN`` if set,
+else the environment variable ``VMT_TOKEN``. Keyword-only ``port``, ``token`` and ``timeout``
+override the module settings for one call.
+
+    import vmtapi
+    vmtapi.create_image_target("10.0.0.9", "image1", "/srv/images/image1.raw")
+    vmtapi.create("10.0.0.5", "vm1", "image1", "10.0.0.9")   # -> "0:/dev/mapper/snapshot_vm1"
+    vmtapi.list("10.0.0.5")                                   # -> ["vm1:volume-image1"]
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from virtmanclient.client import Client, build_connection
+from virtmanclient.validation import join_host_port, normalise_image_name
+
+PORT = 7774  # virtman's XML-RPC port
+TOKEN: str | None = None  # None: use the environment variable VMT_TOKEN
+TIMEOUT = 600.0
+DEFAULT_IQN_PREFIX = "iqn.2010-10.org.openstack:"
+
+__all__ = [
+    "create",
+    "create_image_target",
+    "destroy",
+    "destroy_image_target",
+    "list",
+    "list_image_target",
+]
+
+
+def _client(
+    ip: str, port: int | None = None, token: str | None = None, timeout: float | None = None
+) -> Client:
+    """The client of the virtman server at ``ip``."""
+    host = f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+    chosen = token if token is not None else TOKEN
+    if chosen is None:
+        chosen = os.environ.get("VMT_TOKEN") or None
+    return Client(
+        f"http://{host}:{port or PORT}/RPC2",
+        token=chosen,
+        timeout=timeout if timeout is not None else TIMEOUT,
+    )
+
+
+def create(
+    node_ip: str,
+    instance_name: str,
+    image_name: str,
+    image_server_ip: str | Sequence[str],
+    image_server_port: int = 3260,
+    iqn_prefix: str = DEFAULT_IQN_PREFIX,
+    target_lun: int = 1,
+    snapshot_dev: str | None = None,
+    *,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Create VM instance ``instance_name`` on compute node ``node_ip`` from ``image_name``
+    exported by ``image_server_ip`` (a list of IPs: one path per image server).
+
+    Returns ``"0:<instance path>"`` (e.g. ``/dev/mapper/snapshot_vm1``) or ``"1:<exists>"``.
+    """
+    image_name = normalise_image_name(image_name)
+    servers = [image_server_ip] if isinstance(image_server_ip, str) else image_server_ip
+    conns = [
+        build_connection(
+            join_host_port(ip.strip("[]"), image_server_port), image_name, iqn_prefix, target_lun
+        )
+        for ip in servers
+    ]
+    connection: Any = conns[0] if len(conns) == 1 else conns
+    return _client(node_ip, port, token, timeout).create(
+        instance_name, image_name, connection, snapshot_dev
+    )
+
+
+def destroy(
+    node_ip: str,
+    instance_name: str,
+    *,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Destroy VM instance ``instance_name`` on ``node_ip``: ``"0:"`` or ``"1:<not exists>"``."""
+    return _client(node_ip, port, token, timeout).destroy(instance_name)
+
+
+def list(
+    node_ip: str,
+    *,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> builtins.list[str]:
+    """The VM instances of ``node_ip``: ``["<instance_name>:<image_name>", ...]``."""
+    return _client(node_ip, port, token, timeout).list()
+
+
+def create_image_target(
+    image_server_ip: str,
+    image_name: str,
+    file_path: str,
+    loop_dev: str | None = None,
+    iqn_prefix: str = DEFAULT_IQN_PREFIX,
+    *,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Export ``file_path`` of ``image_server_ip`` as the iSCSI target of ``image_name``:
+    ``"0:<tid>:<loop_dev>"``, ``"1:<exists>"`` or ``"2:<file missing>"``."""
+    return _client(image_server_ip, port, token, timeout).create_image_target(
+        image_name, file_path, loop_dev, iqn_prefix
+    )
+
+
+def destroy_image_target(
+    image_server_ip: str,
+    image_name: str,
+    *,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Remove the image target of ``image_name``: ``"0:"`` or ``"1:<not exists>"``."""
+    return _client(image_server_ip, port, token, timeout).destroy_image_target(image_name)
+
+
+def list_image_target(
+    image_server_ip: str,
+    *,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> dict[str, str]:
+    """The image targets of ``image_server_ip``: ``{"volume-<name>": "<tid>:<loop_dev>"}``."""
+    return _client(image_server_ip, port, token, timeout).list_image_target()
