@@ -86,14 +86,16 @@ class BaseImage:
                     )
                     undo.append(("leave Volt", self._leave))
                     endpoints = self._choose(parents)
-                upstream = self.driver.upstream.ensure(self.name, endpoints)
+                # Each undo is armed before its step: a step that fails half way leaves
+                # parts behind, and every teardown is idempotent.
                 undo.append(("upstream", lambda: self.driver.upstream.teardown(self.name)))
+                upstream = self.driver.upstream.ensure(self.name, endpoints)
                 self.upstream = list(endpoints)
-                origin = self.driver.cache.ensure(self.name, upstream)
                 undo.append(("cache", lambda: self.driver.cache.teardown(self.name)))
+                origin = self.driver.cache.ensure(self.name, upstream)
                 if not self.local:
-                    self.relay = self.driver.relay.ensure(self.name, self.iqn, origin)
                     undo.append(("relay", lambda: self.driver.relay.teardown(self.name, self.iqn)))
+                    self.relay = self.driver.relay.ensure(self.name, self.iqn, origin)
                     assert self.peer_id is not None
                     self.volt.register(self.name, self.peer_id, self.relay)
                 self.origin = origin

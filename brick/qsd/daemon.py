@@ -470,6 +470,13 @@ class StorageDaemon:
         node = validate_node_name(node)
         return self._named_nodes().get(node)
 
+    def node_size(self, node: str) -> int:
+        """The virtual size of ``node`` in bytes; ``NotFound`` if there is no such node."""
+        info = self.node_info(node)
+        if info is None:
+            raise NotFound("block node", node)
+        return int(info["image"]["virtual-size"])
+
     def children(self, node: str) -> dict[str, str]:
         """``{edge name: child node name}`` of ``node`` (``file``, ``backing``,
         ``children.N``), read from ``x-debug-query-block-graph``."""

@@ -89,7 +89,7 @@ class QemuDriver:
 
     def origin(self, image: str) -> Device | None:
         n = self.names(image)
-        exports = {e["id"] for e in self.qsd.exports()}
+        exports = {e.id for e in self.qsd.exports()}
         if n.fuse_export not in exports or n.cor not in self.qsd.nodes():
             return None
         return Device(n.cor, str(n.fuse_file), self.qsd.node_size(n.cor))
@@ -98,10 +98,10 @@ class QemuDriver:
         """Remove every node and export of ours that belongs to no image in ``keep``."""
         tags = {image_tag(i) for i in keep}
         for export in self.qsd.exports():
-            m = NODE.fullmatch(export["id"])
+            m = NODE.fullmatch(export.id)
             if m and m.group(1) not in tags:
-                LOG.warning("removing stray export %s", export["id"])
-                self.qsd.delete_export(export["id"])
+                LOG.warning("removing stray export %s", export.id)
+                self.qsd.delete_export(export.id)
         for _ in range(4):  # parents before children: repeat until nothing more goes
             stray = [
                 n for n in self.qsd.nodes() if (m := NODE.fullmatch(n)) and m.group(1) not in tags
@@ -224,14 +224,14 @@ class QemuCache:
             qsd.add_qcow2_cache(n.cache, n.cache_file, upstream.name, upstream.size)
         if n.cor not in present:
             qsd.add_copy_on_read(n.cor, n.cache)
-        if n.fuse_export not in {e["id"] for e in qsd.exports()}:
+        if n.fuse_export not in {e.id for e in qsd.exports()}:
             qsd.export_fuse(n.fuse_export, n.cor, n.fuse_file)
         return Device(n.cor, str(n.fuse_file), upstream.size)
 
     def teardown(self, image: str) -> None:
         n = self.d.names(image)
         qsd = self.d.qsd
-        if n.fuse_export in {e["id"] for e in qsd.exports()}:
+        if n.fuse_export in {e.id for e in qsd.exports()}:
             qsd.delete_export(n.fuse_export)
         present = qsd.nodes()
         for node in (n.cor, n.cache):
@@ -251,7 +251,7 @@ class QemuRelay:
         self.d.tgt.create_target(iqn, Path(cached.path), lun=1, readonly=True, chap=self.d.chap)
         nbd = None
         if s.nbd_port:
-            if n.nbd_export not in {e["id"] for e in self.d.qsd.exports()}:
+            if n.nbd_export not in {e.id for e in self.d.qsd.exports()}:
                 self.d.qsd.export_nbd(n.nbd_export, cached.name, image)
             nbd = f"{_host(self.d.host)}:{s.nbd_port}"
         return Relay(iqn, f"{_host(self.d.host)}:{s.iscsi_port}", nbd)
@@ -261,13 +261,13 @@ class QemuRelay:
         connections cannot be told apart by export, so they count for every image)."""
         n = self.d.names(image)
         count = len(self.d.tgt.connections(iqn))
-        if n.nbd_export in {e["id"] for e in self.d.qsd.exports()}:
+        if n.nbd_export in {e.id for e in self.d.qsd.exports()}:
             count += established_connections(self.d.settings.nbd_port)
         return count
 
     def teardown(self, image: str, iqn: str | None = None) -> None:
         n = self.d.names(image)
-        if n.nbd_export in {e["id"] for e in self.d.qsd.exports()}:
+        if n.nbd_export in {e.id for e in self.d.qsd.exports()}:
             self.d.qsd.delete_export(n.nbd_export)
         for target in self.d.tgt.targets():
             if target.iqn == iqn or any(
