@@ -128,7 +128,8 @@ def nsenter_argv(netns: str) -> list[str]:
 
 
 # -- processes inside a namespace ------------------------------------------------------------
-def _netns_inode(netns: str) -> int | None:
+def netns_inode(netns: str) -> int | None:
+    """The inode of network namespace ``netns``, or None if there is no such namespace."""
     try:
         return os.stat(NETNS_DIR / netns).st_ino
     except FileNotFoundError:
@@ -161,7 +162,7 @@ def kill_netns_processes(netns: str, timeout_s: float = _KILL_TIMEOUT_S) -> list
 
     Only PIDs whose ``/proc/<pid>/ns/net`` is this namespace are signalled.
     """
-    inode = _netns_inode(netns)
+    inode = netns_inode(netns)
     if inode is None:
         return []
     victims = pids_in_netns(inode)
@@ -301,7 +302,7 @@ class Lab:
                     )
 
     def _add_netns(self, netns: str) -> None:
-        if _netns_inode(netns) is not None:
+        if netns_inode(netns) is not None:
             raise Conflict("netns", netns, "already exists (another lab, or a leftover)")
         obj = {"kind": "netns", "name": netns}
         self._record(obj)
@@ -458,7 +459,7 @@ def _teardown(lab: str, objects: Sequence[Mapping[str, str]]) -> None:
     # if one ever ended up in the root namespace (it should not), remove it there too.
     root = _root_links() if veths else set()
     for veth in veths:
-        where = [veth["netns"]] if _netns_inode(veth["netns"]) is not None else []
+        where = [veth["netns"]] if netns_inode(veth["netns"]) is not None else []
         where += ["root"] if veth["name"] in root else []
         for ns in where:
             ip = ["ip"] if ns == "root" else ["ip", "-n", ns]
@@ -467,7 +468,7 @@ def _teardown(lab: str, objects: Sequence[Mapping[str, str]]) -> None:
             except BrickError as exc:
                 errors.append(exc)
     for netns in reversed(namespaces):
-        if _netns_inode(netns) is None:
+        if netns_inode(netns) is None:
             continue
         try:
             execute(["ip", "netns", "del", netns])

@@ -4,6 +4,8 @@ import pathlib
 
 import pytest
 
+pytest_plugins = ["tests.functional.clusterfixtures"]
+
 TIMEOUTS = {"unit": 60, "functional": 300}
 
 

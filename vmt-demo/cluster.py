@@ -12,11 +12,12 @@ import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brick.netns import Host, Lab
+from brick.netns import Host, Lab, netns_inode, pids_in_netns
 from brick.wait import wait_until
 
 PYTHON = sys.executable
@@ -29,6 +30,16 @@ RPC_SNIPPET = (
     "        if token: c.putheader('X-Auth-Token', token)\n"
     "proxy = xmlrpc.client.ServerProxy(url, transport=T(), allow_none=True)\n"
     "print(json.dumps(getattr(proxy, method)(*json.loads(args))))\n"
+)
+VOLT_SNIPPET = (
+    "import json, sys\n"
+    "from voltclient import Client\n"
+    "from voltclient.exceptions import NotFound\n"
+    "url, token, image = sys.argv[1:4]\n"
+    "try:\n"
+    "    print(json.dumps(Client(url, token=token).volumes.list(image)))\n"
+    "except NotFound:\n"
+    "    print('[]')\n"
 )
 
 
@@ -71,6 +82,8 @@ class LocalCluster:
         node_timeout: int = 10,
         executor: str = "balanced",
         chap: bool = True,
+        tgt_control_base: int = 3300,
+        lab_state_dir: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -79,7 +92,11 @@ class LocalCluster:
         self.node_timeout = node_timeout
         self.executor = executor
         self.chap = ("vmthunder", secrets.token_hex(8)) if chap else None
-        self.lab = Lab(name, subnet, state_dir=workdir / "lab")
+        # tgtd's control sockets (/var/run/tgtd/socket.N) are shared by all namespaces:
+        # clusters that run at the same time need distinct bases.
+        self.tgt_control_base = tgt_control_base
+        # A fixed lab_state_dir lets the next run remove what a killed run left (Lab.cleanup).
+        self.lab = Lab(name, subnet, state_dir=lab_state_dir or workdir / "lab")
         self.hosts: dict[str, Host] = {}
         self.daemons: dict[str, Daemon] = {}
 
@@ -98,7 +115,12 @@ class LocalCluster:
         return [f"n{i + 1}" for i in range(self.node_count)]
 
     def close(self) -> None:
-        """Stop every daemon (virtman nodes first), then remove the namespaces."""
+        """Destroy every VM instance and image target, stop every daemon (virtman nodes
+        first, so that they tear their stacks down), then remove the namespaces."""
+        try:
+            self.destroy_all()
+        except Exception as exc:  # the namespaces go anyway, and their processes with them
+            print(f"cluster: could not destroy everything cleanly: {exc}", file=sys.stderr)
         for name in [*self.node_names, "img"]:
             daemon = self.daemons.pop(name, None)
             if daemon is not None:
@@ -107,6 +129,28 @@ class LocalCluster:
         if volt is not None:
             volt.stop()
         self.lab.close()
+
+    def destroy_all(self) -> None:
+        """Destroy the instances of every running node, then the image server's targets."""
+        for name in self.node_names:
+            daemon = self.daemons.get(name)
+            if daemon is None or daemon.proc.poll() is not None:
+                continue
+            for entry in self.rpc(name, "list"):
+                self.rpc(name, "destroy", entry.partition(":")[0])
+        img = self.daemons.get("img")
+        if img is not None and img.proc.poll() is None:
+            for image in self.rpc("img", "list_image_target"):
+                self.rpc("img", "destroy_image_target", image)
+
+    @staticmethod
+    def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        wait_until(predicate, timeout_s=timeout_s, what=what)
+
+    def processes(self, host_name: str) -> list[int]:
+        """PIDs of every process that runs inside the host's namespace now."""
+        inode = netns_inode(self.hosts[host_name].netns)
+        return pids_in_netns(inode) if inode is not None else []
 
     # -- daemons -------------------------------------------------------------------------------
     def start_volt(self) -> Daemon:
@@ -146,7 +190,7 @@ class LocalCluster:
             f"heartbeat_interval = {self.heartbeat_interval}\n"
             f"state_dir = {d / 'state'}\nrun_dir = {d / 'run'}\n"
             f"listen_host = {host.address}\napi_token = {self.token}\n"
-            f"tgt_control_port = {3300 + index}\n"
+            f"tgt_control_port = {self.tgt_control_base + index}\n"
             f"parent_wait_timeout = 60\n"
             f"log_file = {d / 'virtman.log'}\n" + chap
         )
@@ -179,6 +223,15 @@ class LocalCluster:
         result = self.hosts["ctl"].run(
             [PYTHON, "-c", RPC_SNIPPET, url, self.token, method, json.dumps(args)],
             timeout_s=timeout_s,
+        )
+        return json.loads(result.stdout)
+
+    def volt_tree(self, image: str) -> list[dict[str, Any]]:
+        """Volt's nodes of ``image`` (breadth first: identity, parent, depth, parents),
+        asked from the control host; [] when Volt knows no such tree."""
+        url = f"http://{self.hosts['volt'].address}:7447"
+        result = self.hosts["ctl"].run(
+            [PYTHON, "-c", VOLT_SNIPPET, url, self.token, image], timeout_s=60
         )
         return json.loads(result.stdout)
 
