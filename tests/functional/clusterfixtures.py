@@ -19,7 +19,7 @@ from brick.netns import Lab
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "vmt-demo"))
 
-from cluster import LocalCluster  # noqa: E402
+from cluster import LocalCluster
 
 IMAGE = "volume-image1"
 # Distinct from the demo's and the benchmarks' defaults, so that they can run meanwhile.
