@@ -195,18 +195,23 @@ class LocalCluster:
             f"log_file = {d / 'virtman.log'}\n" + chap
         )
         log = d / "virtmanserver.out"
+        extra: dict[str, Any] = {"dir": d, "log_offset": log.stat().st_size if log.exists() else 0}
         proc = host.spawn([PYTHON, "-m", "virtman.cmd.server", "--config-file", str(conf)], log)
-        daemon = self.daemons[host_name] = Daemon(host_name, host, proc, log, {"dir": d})
+        daemon = self.daemons[host_name] = Daemon(host_name, host, proc, log, extra)
         self._wait_log(daemon, "Virtman Server Run ...")
         return daemon
 
     def _wait_log(self, daemon: Daemon, marker: str, timeout_s: float = 60.0) -> None:
+        """Wait for ``marker`` in what the daemon logged since it started (a restarted
+        daemon appends to the log of the previous run)."""
+        start = daemon.extra.get("log_offset", 0)
+
         def ready() -> bool:
             if daemon.proc.poll() is not None:
                 raise RuntimeError(
                     f"{daemon.name} exited {daemon.proc.returncode}:\n{self._logs(daemon)}"
                 )
-            return marker in self._logs(daemon)
+            return marker in daemon.log_text()[start:]
 
         wait_until(ready, timeout_s=timeout_s, what=f"{daemon.name} to start")
 

@@ -76,8 +76,9 @@ def test_three_nodes_two_vms_each_read_the_image_through_the_tree(cluster_factor
             # Placed in the burst under parents still building, it read from the image
             # server first; its next heartbeats (fast while a parent is pending) move it.
             cluster.wait_for(
-                lambda node=node, entry=entry: [p["peer_id"] for p in cluster.paths(node, IMAGE)]
-                == entry["parents"],
+                lambda node=node, entry=entry: (
+                    [p["peer_id"] for p in cluster.paths(node, IMAGE)] == entry["parents"]
+                ),
                 f"{node} to read from its parents {entry['parents']}",
                 timeout_s=15,
             )
