@@ -372,8 +372,13 @@ class VirtualMachines:
             memory_mib=memory_mib, console_log=console_log, disk_format=disk_format,
         )  # fmt: skip
         existing = self._owned(instance_name)
-        if existing is not None and self._active(existing):
-            raise InstanceExists(instance_name)
+        if existing is not None:
+            if self._active(existing):
+                raise InstanceExists(instance_name)
+            try:  # left by an earlier boot: its uuid would clash with the new definition
+                existing.undefineFlags(_UNDEFINE_FLAGS)
+            except libvirt.libvirtError as err:
+                raise VMError(f"removing the old definition of {instance_name}: {err}") from err
         log = _abs_path(console_log, "console_log")
         if log.is_file():
             log.unlink()  # no stale marker from an earlier boot
