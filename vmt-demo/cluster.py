@@ -131,17 +131,26 @@ class LocalCluster:
         self.lab.close()
 
     def destroy_all(self) -> None:
-        """Destroy the instances of every running node, then the image server's targets."""
-        for name in self.node_names:
+        """Destroy the instances of every running node, then the image server's targets.
+        A node that fails (e.g. not listening yet) does not stop the others; the errors
+        are raised together at the end."""
+        errors: list[Exception] = []
+        for name in [*self.node_names, "img"]:
             daemon = self.daemons.get(name)
             if daemon is None or daemon.proc.poll() is not None:
                 continue
-            for entry in self.rpc(name, "list"):
-                self.rpc(name, "destroy", entry.partition(":")[0])
-        img = self.daemons.get("img")
-        if img is not None and img.proc.poll() is None:
-            for image in self.rpc("img", "list_image_target"):
-                self.rpc("img", "destroy_image_target", image)
+            try:
+                if name == "img":
+                    for image in self.rpc(name, "list_image_target"):
+                        self.rpc(name, "destroy_image_target", image)
+                else:
+                    for entry in self.rpc(name, "list"):
+                        self.rpc(name, "destroy", entry.partition(":")[0])
+            except Exception as exc:
+                exc.add_note(f"while destroying what {name} holds")
+                errors.append(exc)
+        if errors:
+            raise ExceptionGroup("cluster: some nodes could not be emptied", errors)
 
     @staticmethod
     def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:

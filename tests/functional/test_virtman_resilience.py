@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import pytest
 from brick.executor import execute
 from brick.netns import kill_netns_processes
 from tests.functional.clusterfixtures import IMAGE, disk_matches, write_image
+from tests.functional.vmfixtures import (
+    guest_image,
+    libvirt_daemons,
+    unique_instance,
+    vm_factory,
+    wait_for_marker,
+)
+
+__all__ = ["guest_image", "libvirt_daemons", "vm_factory"]  # fixtures used here
 
 pytestmark = pytest.mark.functional
 
@@ -96,11 +106,20 @@ def test_killing_the_parent_of_a_reading_node_loses_no_read(cluster_factory) -> 
     assert cluster.rpc(standby, "list") == [f"vm-{standby}:{IMAGE}"]
 
 
-def test_kill_9_of_virtman_then_restart_adopts_everything(cluster_factory) -> None:
+def test_kill_9_of_virtman_under_a_running_vm_then_restart_adopts_everything(
+    cluster_factory, vm_factory
+) -> None:
     cluster = cluster_factory(2, heartbeat_interval=1)
-    image_file = _build(cluster, 16)
+    image_file = cluster.workdir / "guest.raw"
+    shutil.copyfile(vm_factory.guest.rootfs, image_file)
+    assert cluster.rpc("img", "create_image_target", "image1", str(image_file)).startswith("0:")
     disks = [_create(cluster, "n1", vm) for vm in ("vm1", "vm2")]
     _create(cluster, "n2", "vm3")
+    # A real VM runs on vm1's disk (and stays up) while virtman dies.
+    console = cluster.workdir / "vm1.console"
+    instance = unique_instance("vm1")
+    vm_factory.boot(instance, Path(disks[0]), console, cmdline_extra="vmt.stay")
+    assert vm_factory.guest.marker_matches(wait_for_marker(vm_factory.vms, instance, console))
     before = cluster.rpc("n1", "list")
     run = cluster.node_dir("n1") / "run"
     qsd_pid = int((run / "virtman-qsd.pid").read_text())
@@ -112,13 +131,15 @@ def test_kill_9_of_virtman_then_restart_adopts_everything(cluster_factory) -> No
     assert cluster.rpc("n1", "list") == before
     assert int((run / "virtman-qsd.pid").read_text()) == qsd_pid, "the daemon was not adopted"
     assert cluster.volt_tree(IMAGE) == tree_before
-    for disk in disks:
+    assert vm_factory.vms.info(instance).active
+    for disk in disks[1:]:
         assert disk_matches(disk, image_file)
     log = (cluster.node_dir("n1") / "virtman.log").read_text()
     assert "reconciled: 1 image(s), 2 instance(s) adopted" in log
 
     # A create and a destroy after the restart work as before.
     disks.append(_create(cluster, "n1", "vm4"))
+    vm_factory.vms.destroy(instance)
     for vm in ("vm1", "vm2", "vm4"):
         assert cluster.rpc("n1", "destroy", vm) == "0:"
     assert cluster.rpc("n1", "list") == []
