@@ -347,7 +347,19 @@ class StorageDaemon:
                 raise Conflict(
                     "qemu-storage-daemon", self.name, f"pid {pid} is not in netns {self.netns}"
                 )
-            self._connect(timeout_s)
+            try:
+                self._connect(timeout_s)
+            except QMPDisconnected:
+                # a daemon that was just killed can still be exiting: its socket resets
+                wait_until(
+                    lambda: not self._is_ours(pid),
+                    timeout_s=_STOP_KILL_TIMEOUT_S,
+                    what=f"qemu-storage-daemon pid {pid}, whose QMP socket resets, to exit",
+                )
+                self.detach()
+                LOG.info("qemu-storage-daemon %s died as we adopted it: cleaning up", self.name)
+                self._clean_leftovers()
+                return False
             self._pid = pid
             LOG.info("adopted qemu-storage-daemon %s pid %d", self.name, pid)
             return True
