@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from brick.wait import pause
-from virtman import validation
+from virtman import conf, validation
 from virtman.baseimage import BaseImage, Status
 from virtman.conf import Settings
+from virtman.drivers import load_driver
 from virtman.errors import InstanceExists, InstanceNotFound, VirtmanError
 from virtman.journal import Journal
 from virtman.layers.base import Driver, Endpoint
@@ -29,13 +30,23 @@ FAST_FOLLOW_S = 1.0  # heartbeat period while a tree parent is still pending
 class Virtman:
     def __init__(
         self,
-        settings: Settings,
-        driver: Driver,
-        *,
         openstack_compatible: bool = False,
+        *,
+        settings: Settings | None = None,
+        driver: Driver | None = None,
         volt: VoltLink | None = None,
         heartbeat: bool = True,
+        config_files: Sequence[str] | None = None,
     ) -> None:
+        """``Virtman(openstack_compatible=True)`` is how Nova makes it (the original's
+        call): the configuration is read from the original's files (``/etc/nova/nova.conf``
+        and ``/etc/virtman/virtman.conf``, or ``config_files``) unless ``CONF`` is parsed
+        already. ``settings`` and ``driver`` given: nothing is read."""
+        if settings is None:
+            conf.load(openstack_compatible=openstack_compatible, config_files=config_files)
+            settings = conf.settings_from_conf()
+        if driver is None:
+            driver = load_driver(conf.CONF.driver, settings)
         self.settings = settings
         self.driver = driver
         self.openstack_compatible = openstack_compatible

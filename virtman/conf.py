@@ -7,6 +7,8 @@ the parsed options into one frozen object handed to it.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,3 +141,65 @@ class Settings:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def default_config_files(openstack_compatible: bool) -> list[str]:
+    """The original's files: Nova's and virtman's in OpenStack mode, virtman's otherwise
+    (those that exist; oslo's usual search path first)."""
+    wanted = ["/etc/nova/nova.conf"] if openstack_compatible else []
+    wanted += cfg.find_config_files(project="virtman") or ["/etc/virtman/virtman.conf"]
+    return [f for f in wanted if os.path.exists(f)]
+
+
+def load(
+    argv: Sequence[str] = (),
+    *,
+    openstack_compatible: bool = False,
+    config_files: Sequence[str] | None = None,
+    prog: str = "virtman",
+) -> None:
+    """Parse the configuration into ``CONF`` (once per process: a second call is a no-op,
+    e.g. inside Nova, whose own options are parsed already)."""
+    from oslo_log import log as oslo_logging
+
+    try:
+        oslo_logging.register_options(CONF)
+    except cfg.ArgsAlreadyParsedError:
+        return
+    files = list(config_files) if config_files is not None else None
+    CONF(
+        list(argv),
+        project="virtman",
+        prog=prog,
+        default_config_files=files or default_config_files(openstack_compatible),
+    )
+    if CONF.log_file:  # a fresh node has no log folder yet
+        log_dir = Path(CONF.log_dir or "") / Path(CONF.log_file).parent
+        log_dir.mkdir(parents=True, exist_ok=True)
+    oslo_logging.setup(CONF, "virtman")
+
+
+def detect_host_ip() -> str:
+    """The source address the kernel would use for the default route (asks the routing
+    table only: no packet is sent)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for family, probe in ((2, "192.0.2.1"), (10, "2001:db8::1")):
+            try:
+                routes = ipr.route("get", dst=probe, family=family)
+            except Exception:  # noqa: S112 (no route for this family)
+                continue
+            for route in routes:
+                source = route.get_attr("RTA_PREFSRC")
+                if source:
+                    return str(source)
+    raise ValueError("cannot detect host_ip (no default route): set host_ip")
+
+
+def settings_from_conf() -> Settings:
+    """``Settings`` from the parsed ``CONF``; ``ValueError`` if they do not hold together."""
+    settings = Settings.from_conf(CONF, CONF.host_ip or detect_host_ip())
+    if bool(settings.chap_user) != bool(settings.chap_password):
+        raise ValueError("set both chap_user and chap_password, or neither")
+    return settings

@@ -35,7 +35,11 @@ def settings(tmp_path: Path, host_ip: str = "10.0.0.9") -> Settings:
 def make(tmp_path: Path, driver: FakeDriver | None = None, volt: FakeVolt | None = None):
     driver = driver or FakeDriver()
     volt = volt or FakeVolt()
-    return Virtman(settings(tmp_path), driver, volt=volt, heartbeat=False), driver, volt  # type: ignore[arg-type]
+    return (
+        Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False),
+        driver,
+        volt,
+    )  # type: ignore[arg-type]
 
 
 def test_create_list_destroy_and_lazy_teardown(tmp_path: Path) -> None:
@@ -149,7 +153,7 @@ def test_a_node_volt_forgot_joins_again(tmp_path: Path) -> None:
 
 def test_the_image_server_itself_reads_locally_and_does_not_relay(tmp_path: Path) -> None:
     driver, volt = FakeDriver(), FakeVolt(host_ip="10.0.0.1")
-    vm = Virtman(settings(tmp_path, "10.0.0.1"), driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    vm = Virtman(settings=settings(tmp_path, "10.0.0.1"), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
     other = {**CONN, "target_portal": "10.0.0.11:3260"}
     assert vm.create("vm1", "img", [other, CONN]).startswith("0:")
     assert volt.calls == [] and not driver.state.relays
@@ -163,7 +167,7 @@ def test_restart_adopts_what_is_intact_and_removes_the_rest(tmp_path: Path) -> N
     driver.state.snapshots["half"] = "/fake/instances/half.qcow2"  # a create that never ended
     driver.state.upstreams["volume-other"] = []  # a stack whose build was cut short
     vm.close()
-    again = Virtman(settings(tmp_path), driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    again = Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
     assert again.list() == ["vm1:volume-img", "vm2:volume-img"]
     assert sorted(driver.state.snapshots) == ["vm1", "vm2"]
     assert driver.images() == {"volume-img"}
@@ -177,7 +181,7 @@ def test_a_broken_stack_is_rebuilt_for_its_vms_at_restart(tmp_path: Path) -> Non
     vm.create("vm1", "img", CONN)
     vm.close()
     driver.state.caches.clear()  # the cache went away while virtman was down
-    again = Virtman(settings(tmp_path), driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    again = Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
     assert again.list() == ["vm1:volume-img"]
     assert "volume-img" in driver.state.caches
 
