@@ -176,10 +176,21 @@ class LocalCluster:
             f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n"
         )
         log = d / "volt-api.log"
+        extra: dict[str, Any] = {"log_offset": log.stat().st_size if log.exists() else 0}
         proc = host.spawn([PYTHON, "-m", "volt.cmd.api", "--config-file", str(conf)], log)
-        daemon = self.daemons["volt"] = Daemon("volt", host, proc, log)
+        daemon = self.daemons["volt"] = Daemon("volt", host, proc, log, extra)
         self._wait_log(daemon, "volt-api ready")
         return daemon
+
+    def restart_volt(self, *, executor: str | None = None, fresh: bool = False) -> Daemon:
+        """Stop volt-api and start it again (with another placement executor, and with an
+        empty store if ``fresh``)."""
+        self.daemons.pop("volt").stop()
+        if executor is not None:
+            self.executor = executor
+        if fresh:
+            (self.workdir / "volt" / "volt.sqlite").unlink(missing_ok=True)
+        return self.start_volt()
 
     def node_dir(self, host: str) -> Path:
         return self.workdir / "nodes" / host
@@ -258,8 +269,13 @@ class LocalCluster:
 
     def tx_bytes(self, host_name: str) -> int:
         """Bytes the host has sent on its link (its eth0)."""
+        return self.link_bytes(host_name)[0]
+
+    def link_bytes(self, host_name: str) -> tuple[int, int]:
+        """(sent, received) bytes of the host's link (its eth0)."""
         out = self.hosts[host_name].run(["ip", "-j", "-s", "link", "show", "eth0"]).stdout
-        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+        stats = json.loads(out)[0]["stats64"]
+        return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
     def paths(self, host_name: str, image: str) -> list[dict[str, Any]]:
         """The node's upstream paths now, in read order (the qemu driver's record)."""
