@@ -51,6 +51,7 @@ from types import TracebackType
 
 import libvirt
 
+from brick import proc
 from brick.exception import InvalidArgument, NotFound, Timeout
 from brick.executor import execute
 from brick.wait import wait_until
@@ -132,23 +133,6 @@ def _virtlogd_answers() -> bool:
     return True
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in {"Z", "X"}
-
-
 class LibvirtDaemons:
     """virtlogd and libvirtd serving ``qemu:///system``, started or adopted; see the module
     docstring. Usable as a context manager (``stop`` on exit)."""
@@ -198,9 +182,9 @@ class LibvirtDaemons:
 
     def _is_ours(self, daemon: str, pid: int) -> bool:
         """Whether ``pid`` is a live ``daemon`` started with our pidfile (not a reused PID)."""
-        if not _alive(pid):
+        if proc.is_gone(pid):
             return False
-        argv = _cmdline(pid)
+        argv = proc.cmdline(pid)
         return (
             bool(argv) and os.path.basename(argv[0]) == daemon and str(self.pidfile(daemon)) in argv
         )

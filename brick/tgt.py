@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brick import proc
 from brick.exception import (
     BrickError,
     CommandFailed,
@@ -625,22 +626,6 @@ class TgtAdm:
 
 
 # -- tgtd ------------------------------------------------------------------------------------
-def _read_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _is_zombie_or_gone(pid: int) -> bool:
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat_line.rpartition(")")[2].split()[0] in {"Z", "X"}
-
-
 def _listening(pid: int) -> set[str]:
     """``ip:port`` (``[v6]:port``) of the TCP sockets that process ``pid`` listens on."""
     inodes = set()
@@ -734,9 +719,9 @@ class TgtDaemon:
         """Whether ``pid`` is a live tgtd with our ``-C N`` (guards against PID reuse)."""
         if self._proc is not None and self._proc.pid == pid:
             self._proc.poll()  # reap it if it has exited
-        if _is_zombie_or_gone(pid):
+        if proc.is_gone(pid):
             return False
-        argv = _read_cmdline(pid)
+        argv = proc.cmdline(pid)
         if not argv or os.path.basename(argv[0]) != "tgtd":
             return False
         return any(
@@ -777,7 +762,7 @@ class TgtDaemon:
                 LOG.info("removing stale pidfile %s (pid %d is gone)", self.pidfile, pid)
                 self.pidfile.unlink(missing_ok=True)
             return False
-        argv = _read_cmdline(pid)
+        argv = proc.cmdline(pid)
         if self._portal_arg() not in argv:
             raise Conflict("tgtd", f"pid {pid}", f"runs as {argv}, not with {self.portals}")
         try:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from brick import proc
 from brick.exception import BrickError, Conflict, InvalidArgument, NotFound, Timeout
 from brick.executor import execute
 from brick.qsd.qmp import QMPClient, QMPDisconnected, QMPError
@@ -149,23 +150,6 @@ def _validate_int(value: object, field: str, low: int, high: int) -> int:
 
 
 # -- /proc helpers ---------------------------------------------------------------------------
-def _read_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _is_gone(pid: int) -> bool:
-    """True if ``pid`` no longer runs (a zombie counts as gone)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat_line.rpartition(")")[2].split()[0] in {"Z", "X"}
-
-
 def _unescape_mount_field(text: str) -> str:
     """/proc/mounts escapes space, tab, newline and backslash as octal (``\\040``)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
@@ -277,9 +261,9 @@ class StorageDaemon:
     def _is_ours(self, pid: int) -> bool:
         """Whether ``pid`` is a live qemu-storage-daemon with our QMP socket (not a reused
         PID)."""
-        if _is_gone(pid):
+        if proc.is_gone(pid):
             return False
-        argv = _read_cmdline(pid)
+        argv = proc.cmdline(pid)
         return bool(argv) and os.path.basename(argv[0]) == BINARY and self._chardev_arg() in argv
 
     def _pid_from_file(self) -> int | None:
