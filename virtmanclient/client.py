@@ -83,7 +83,7 @@ def parse_result(raw: object) -> Result:
         raise InvalidResponse(f"expected a result string '<code>:<info>', got {raw!r:.200}")
     code_text, sep, info = raw.partition(":")
     code_text = code_text.strip()
-    if not sep or not code_text.isdigit():
+    if not sep or not (code_text.isascii() and code_text.isdigit()):
         raise InvalidResponse(f"not a result string '<code>:<info>': {raw!r:.200}")
     return Result(int(code_text), info)
 
@@ -129,9 +129,9 @@ def parse_instance_list(raw: object) -> list[Instance]:
         raise InvalidResponse(f"expected a list of '<instance>:<image>', got {raw!r:.200}")
     instances = []
     for item in raw:
-        if not isinstance(item, str) or ":" not in item:
+        name, sep, image = item.partition(":") if isinstance(item, str) else ("", "", "")
+        if not (name and sep and image):
             raise InvalidResponse(f"not an '<instance>:<image>' entry: {item!r:.200}")
-        name, _, image = item.partition(":")
         instances.append(Instance(name, image))
     return instances
 
@@ -183,7 +183,10 @@ def build_connections(
     iqn_prefix: str = DEFAULT_IQN_PREFIX,
     lun: int = 1,
 ) -> Connections:
-    """One dict for one portal, a list of dicts (one path each) for several."""
+    """One dict for one portal (a string is one portal), a list of dicts (one path each)
+    for several."""
+    if isinstance(portals, str):
+        portals = [portals] if portals else []
     if not portals:
         raise ValueError("at least one portal is needed")
     conns = [build_connection(p, image_name, iqn_prefix, lun) for p in portals]
@@ -198,6 +201,8 @@ def normalise_endpoint(endpoint: str) -> str:
     text = endpoint.strip()
     if not text:
         raise ValueError("empty virtman endpoint")
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise ValueError(f"invalid virtman endpoint {endpoint!r}: whitespace or control characters")
     if "://" not in text:
         if text.count(":") > 1 and not text.startswith("["):
             text = f"[{text}]"  # a bare IPv6 address
@@ -210,6 +215,8 @@ def normalise_endpoint(endpoint: str) -> str:
     except ValueError:
         raise ValueError(f"invalid virtman endpoint {endpoint!r}: bad port") from None
     netloc = parts.netloc
+    if port == 0 or (port is None and netloc.endswith(":")):
+        raise ValueError(f"invalid virtman endpoint {endpoint!r}: bad port")
     if port is None:
         netloc = f"{netloc}:{DEFAULT_PORT}"
     return urlunsplit((parts.scheme, netloc, parts.path or RPC_PATH, parts.query, ""))

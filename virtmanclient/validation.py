@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import TypeGuard
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = "use 1-64 of A-Z a-z 0-9 _ . - (not starting with _ . -)"
@@ -15,6 +16,11 @@ IMAGE_PREFIX = "volume-"
 DEFAULT_IQN_PREFIX = "iqn.2010-10.org.openstack:"
 ISCSI_PORT = 3260
 IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9._:-]+)?")
+
+
+def _decimal(text: str | None) -> TypeGuard[str]:
+    """ASCII digits only (``str.isdigit`` also accepts other scripts' digits and "²")."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
 def _invalid(what: str, value: object, rule: str) -> ValueError:
@@ -60,8 +66,9 @@ def ip(value: object, what: str = "IP address") -> str:
     """An IPv4 or IPv6 address (no host names); returns its canonical text."""
     if not isinstance(value, str):
         raise _invalid(what, value, "not an IP address")
+    bracketed = value.startswith("[") and value.endswith("]")
     try:
-        return str(ipaddress.ip_address(value.strip("[]") if value.startswith("[") else value))
+        return str(ipaddress.ip_address(value[1:-1] if bracketed else value))
     except ValueError:
         raise _invalid(what, value, "not an IP address") from None
 
@@ -69,7 +76,7 @@ def ip(value: object, what: str = "IP address") -> str:
 def port(value: object, what: str = "port") -> int:
     """A TCP port 1-65535 (int or decimal text)."""
     text = str(value).strip() if isinstance(value, int | str) else None
-    if isinstance(value, bool) or not text or not text.isdigit() or not 1 <= int(text) <= 65535:
+    if isinstance(value, bool) or not _decimal(text) or not 1 <= int(text) <= 65535:
         raise _invalid(what, value, "must be a port number 1-65535")
     return int(text)
 
@@ -118,6 +125,6 @@ def iqn(value: object, what: str = "IQN") -> str:
 def lun(value: object, what: str = "LUN") -> int:
     """A LUN 0-255."""
     text = str(value).strip() if isinstance(value, int | str) else ""
-    if isinstance(value, bool) or not text.isdigit() or not 0 <= int(text) <= 255:
+    if isinstance(value, bool) or not _decimal(text) or not 0 <= int(text) <= 255:
         raise _invalid(what, value, "must be an integer 0-255")
     return int(text)

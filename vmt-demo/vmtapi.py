@@ -5,7 +5,8 @@ returns virtman's raw answer: ``"0:<info>"`` success, ``"1:<info>"`` warning (ex
 exist), ``"2:<info>"`` failure; ``list`` gives ``["<instance>:<image>", ...]`` and
 ``list_image_target`` ``{"volume-<name>": "<tid>:<loop_dev>", ...}``. A node that cannot be
 reached raises ``virtmanclient.ConnectionFailed`` (other transport problems: another
-``virtmanclient.VirtmanError``).
+``virtmanclient.VirtmanError``). An address that is neither an IP address nor a host name
+raises ``ValueError`` before anything is sent.
 
 The server is ``http://<ip>:PORT/RPC2``. The token (sent as X-Auth-Token) is ``TOKEN`` if set,
 else the environment variable ``VMT_TOKEN``. Keyword-only ``port``, ``token`` and ``timeout``
@@ -21,16 +22,19 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from virtmanclient.client import Client, build_connection
+from virtmanclient import validation
+from virtmanclient.client import Client, build_connections
 from virtmanclient.validation import join_host_port, normalise_image_name
 
 PORT = 7774  # virtman's XML-RPC port
 TOKEN: str | None = None  # None: use the environment variable VMT_TOKEN
 TIMEOUT = 600.0
 DEFAULT_IQN_PREFIX = "iqn.2010-10.org.openstack:"
+HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*")
 
 __all__ = [
     "create",
@@ -42,11 +46,23 @@ __all__ = [
 ]
 
 
+def _host(value: object, what: str) -> str:
+    """An IP address (canonical text, IPv6 without brackets) or a host name; ``ValueError``
+    for anything else (nothing that could change the URL's meaning gets into it)."""
+    try:
+        return validation.ip(value, what)
+    except ValueError:
+        if isinstance(value, str) and HOSTNAME.fullmatch(value):
+            return value.lower()
+    raise ValueError(f"invalid {what} {value!r}: must be an IP address or a host name")
+
+
 def _client(
     ip: str, port: int | None = None, token: str | None = None, timeout: float | None = None
 ) -> Client:
-    """The client of the virtman server at ``ip``."""
-    host = f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+    """The client of the virtman server at ``ip`` (an IP address or a host name)."""
+    address = _host(ip, "node address")
+    host = f"[{address}]" if ":" in address else address
     chosen = token if token is not None else TOKEN
     if chosen is None:
         chosen = os.environ.get("VMT_TOKEN") or None
@@ -75,16 +91,16 @@ def create(
     exported by ``image_server_ip`` (a list of IPs: one path per image server).
 
     Returns ``"0:<instance path>"`` (e.g. ``/dev/mapper/snapshot_vm1``) or ``"1:<exists>"``.
+    ``ValueError`` (nothing sent) for a bad address or an empty list of image servers.
     """
     image_name = normalise_image_name(image_name)
     servers = [image_server_ip] if isinstance(image_server_ip, str) else image_server_ip
-    conns = [
-        build_connection(
-            join_host_port(ip.strip("[]"), image_server_port), image_name, iqn_prefix, target_lun
-        )
-        for ip in servers
+    if not servers:
+        raise ValueError("at least one image server is needed")
+    portals = [
+        join_host_port(_host(ip, "image server address"), image_server_port) for ip in servers
     ]
-    connection: Any = conns[0] if len(conns) == 1 else conns
+    connection: Any = build_connections(portals, image_name, iqn_prefix, target_lun)
     return _client(node_ip, port, token, timeout).create(
         instance_name, image_name, connection, snapshot_dev
     )
