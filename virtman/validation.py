@@ -31,12 +31,16 @@ def image_name(value: object) -> str:
 def host(value: object, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidInput(field, value, "must be an IP address or a host name")
+    bracketed = value.startswith("[") and value.endswith("]")
     try:
-        return str(ipaddress.ip_address(value.strip("[]")))
+        address = ipaddress.ip_address(value[1:-1] if bracketed else value)
     except ValueError:
         if HOSTNAME.fullmatch(value):
             return value.lower()
-    raise InvalidInput(field, value, "must be an IP address or a host name")
+        raise InvalidInput(field, value, "must be an IP address or a host name") from None
+    if bracketed and address.version != 6:
+        raise InvalidInput(field, value, "only IPv6 addresses go in brackets")
+    return str(address)
 
 
 def portal(value: object, field: str = "target_portal") -> str:
@@ -45,7 +49,7 @@ def portal(value: object, field: str = "target_portal") -> str:
         raise InvalidInput(field, value, "must be host:port")
     head, _, port_text = value.rpartition(":")
     address = host(head, field)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise InvalidInput(field, value, "port must be 1-65535")
     shown = f"[{address}]" if ":" in address else address
     return f"{shown}:{int(port_text)}"
@@ -58,11 +62,14 @@ def iqn(value: object, field: str = "target_iqn") -> str:
 
 
 def lun(value: object, field: str = "target_lun") -> int:
-    try:
-        number = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise InvalidInput(field, value, "must be an integer 0-255") from None
-    if isinstance(value, bool) or not 0 <= number <= 255:
+    """An int, or a string of ASCII digits (XML-RPC callers send either); not a bool."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 3:
+        number = int(value)
+    else:
+        raise InvalidInput(field, value, "must be an integer 0-255")
+    if not 0 <= number <= 255:
         raise InvalidInput(field, value, "must be an integer 0-255")
     return number
 
