@@ -29,7 +29,13 @@ def test_host_rejects_the_rest(value: object) -> None:
 
 def test_portal_is_canonical() -> None:
     assert validation.portal("[fd00::0:1]:03260") == "[fd00::1]:3260"
-    for bad in ["10.0.0.1", "10.0.0.1:0", "10.0.0.1:65536", "10.0.0.1:\uff13\uff12\uff16\uff10", "10.0.0.1:-1"]:
+    for bad in [
+        "10.0.0.1",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:\uff13\uff12\uff16\uff10",
+        "10.0.0.1:-1",
+    ]:
         with pytest.raises(InvalidInput, match="target_portal"):
             validation.portal(bad)
 
