@@ -16,6 +16,7 @@ from collections.abc import Callable
 from virtman.errors import ImageBuildFailed
 from virtman.journal import Journal
 from virtman.layers.base import Device, Driver, Endpoint, Relay
+from virtman.prefetch import Prefetcher, PrefetchOptions
 from virtman.voltlink import VoltLink, parent_endpoints, pending_parents
 from voltclient.client import Volume
 
@@ -44,6 +45,7 @@ class BaseImage:
         journal: Journal,
         host_ip: str,
         parent_wait_timeout: float,
+        prefetch: PrefetchOptions | None = None,
     ) -> None:
         self.name = name
         self.driver = driver
@@ -64,6 +66,8 @@ class BaseImage:
         self.upstream: list[Endpoint] = []
         self.instances: set[str] = set()
         self.following = False  # a tree parent is still pending: heartbeat sooner
+        self.prefetch = prefetch
+        self.prefetcher: Prefetcher | None = None  # reads the boot trace of a new stack
 
     # -- build ------------------------------------------------------------------------------
     def ensure_built(self) -> Device:
@@ -107,6 +111,7 @@ class BaseImage:
                     "local image" if self.local else f"peer {self.peer_id}",
                     ", ".join(e.peer_id or e.portal for e in endpoints),
                 )
+                self._start_prefetch(origin)
                 return origin
             except Exception as exc:
                 LOG.error("%s: build failed: %s; undoing %d step(s)", self.name, exc, len(undo))
@@ -181,6 +186,8 @@ class BaseImage:
                 return True
             if self.status == Status.OK:
                 self.status = Status.DESTROYING
+                if self.prefetcher is not None:
+                    self.prefetcher.request_stop()  # no VM left to prefetch for
                 if self.peer_id and not self.local:
                     self._leave()  # Volt re-parents the children first
             if self.relay is not None:
@@ -188,6 +195,9 @@ class BaseImage:
                 if readers and not force:
                     LOG.info("%s: %d child(ren) still read from the relay", self.name, readers)
                     return False
+            if not self._end_prefetch(force=force):
+                return False
+            if self.relay is not None:
                 self.driver.relay.teardown(self.name, self.iqn)
                 self.relay = None
             self.driver.cache.teardown(self.name)
@@ -199,6 +209,30 @@ class BaseImage:
             self.lock.release()
 
     # -- internals -------------------------------------------------------------------------
+    def _start_prefetch(self, origin: Device) -> None:
+        """Replay the image's boot trace into the new stack's cache (never fails a build)."""
+        if self.prefetch is None or self.local:
+            return
+        try:
+            self.prefetcher = self.prefetch.start(self.name, origin)
+        except Exception as exc:
+            LOG.error("%s: prefetch not started: %s", self.name, exc)
+
+    def _end_prefetch(self, *, force: bool) -> bool:
+        """Stop the prefetch and wait (bounded) for its reads; False while one still runs
+        (the stack stays until then, unless ``force``)."""
+        prefetcher = self.prefetcher
+        if prefetcher is None:
+            return True
+        assert self.prefetch is not None
+        if not prefetcher.stop(self.prefetch.stop_timeout_s) and not force:
+            LOG.warning("%s: a prefetch read is still in flight: teardown waits", self.name)
+            return False
+        if prefetcher.running:
+            LOG.warning("%s: tearing down under a prefetch read still in flight", self.name)
+        self.prefetcher = None
+        return True
+
     def _choose(self, parents: list[Volume]) -> list[Endpoint]:
         self.following = pending_parents(parents)
         return parent_endpoints(parents) or self.connections

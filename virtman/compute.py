@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from brick.wait import pause
-from virtman import conf, validation
+from virtman import conf, prefetch, validation
 from virtman.baseimage import BaseImage, Status
 from virtman.conf import Settings
 from virtman.drivers import load_driver
@@ -187,6 +187,7 @@ class Virtman:
             journal=self.journal,
             host_ip=self.settings.host_ip,
             parent_wait_timeout=self.settings.parent_wait_timeout,
+            prefetch=prefetch.options_from(self.settings),
         )
 
     # -- heartbeat -----------------------------------------------------------------------------

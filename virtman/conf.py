@@ -87,6 +87,27 @@ default_opts = [
         help="Seconds an NBD path waits for its parent before the read moves to another path.",
     ),
     cfg.StrOpt("pid_file", help="Write virtmanserver's PID here while it runs."),
+    cfg.StrOpt(
+        "prefetch_dir",
+        help="Boot-read traces, <image_name>.trace.json (e.g. volume-image1.trace.json). "
+        "When set, a node that builds a new stack for an image with a trace reads the "
+        "trace's clusters from its parents in the background, so that the VM finds them "
+        "cached. Unset: no prefetch.",
+    ),
+    cfg.IntOpt(
+        "prefetch_depth",
+        default=2,
+        min=1,
+        max=4,
+        help="Prefetch reads in flight per image.",
+    ),
+    cfg.IntOpt(
+        "prefetch_pause_ms",
+        default=0,
+        min=0,
+        max=10000,
+        help="Pause of each prefetch reader after every read (leaves bandwidth to the VM).",
+    ),
 ]
 
 
@@ -115,6 +136,9 @@ class Settings:
     chap_password: str | None = None
     parent_wait_timeout: float = 600.0
     nbd_reconnect_delay: int = 3
+    prefetch_dir: Path | None = None
+    prefetch_depth: int = 2
+    prefetch_pause_ms: int = 0
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, host_ip: str) -> Settings:
@@ -136,6 +160,9 @@ class Settings:
             chap_password=conf.chap_password,
             parent_wait_timeout=conf.parent_wait_timeout,
             nbd_reconnect_delay=conf.nbd_reconnect_delay,
+            prefetch_dir=Path(conf.prefetch_dir) if conf.prefetch_dir else None,
+            prefetch_depth=conf.prefetch_depth,
+            prefetch_pause_ms=conf.prefetch_pause_ms,
         )
 
 

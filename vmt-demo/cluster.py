@@ -84,6 +84,7 @@ class LocalCluster:
         chap: bool = True,
         tgt_control_base: int = 3300,
         lab_state_dir: Path | None = None,
+        extra_conf: str = "",
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -91,6 +92,7 @@ class LocalCluster:
         self.heartbeat_interval = heartbeat_interval
         self.node_timeout = node_timeout
         self.executor = executor
+        self.extra_conf = extra_conf  # appended to every virtman.conf ([DEFAULT] lines)
         self.chap = ("vmthunder", secrets.token_hex(8)) if chap else None
         # tgtd's control sockets (/var/run/tgtd/socket.N) are shared by all namespaces:
         # clusters that run at the same time need distinct bases.
@@ -212,7 +214,7 @@ class LocalCluster:
             f"listen_host = {host.address}\napi_token = {self.token}\n"
             f"tgt_control_port = {self.tgt_control_base + index}\n"
             f"parent_wait_timeout = 60\n"
-            f"log_file = {d / 'virtman.log'}\n" + chap
+            f"log_file = {d / 'virtman.log'}\n" + chap + self.extra_conf
         )
         log = d / "virtmanserver.out"
         extra: dict[str, Any] = {"dir": d, "log_offset": log.stat().st_size if log.exists() else 0}
