@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from virtman.errors import ImageBuildFailed
@@ -46,8 +47,17 @@ class BaseImage:
         host_ip: str,
         parent_wait_timeout: float,
         prefetch: PrefetchOptions | None = None,
+        reader_grace_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        # How long a left image waits for children still reading from its relay. Volt
+        # re-parents them as the image leaves, and a live child follows within a heartbeat;
+        # the ones still connected after that are leaving too (they froze their paths when
+        # they left: two such nodes could wait for each other forever) or stuck.
+        self.reader_grace_s = reader_grace_s
+        self.clock = clock
+        self.left_at: float | None = None
         self.driver = driver
         self.volt = volt
         self.journal = journal
@@ -186,19 +196,30 @@ class BaseImage:
                 return True
             if self.status == Status.OK:
                 self.status = Status.DESTROYING
+                self.left_at = self.clock()
                 if self.prefetcher is not None:
                     self.prefetcher.request_stop()  # no VM left to prefetch for
                 if self.peer_id and not self.local:
                     self._leave()  # Volt re-parents the children first
+            readers = 0
             if self.relay is not None:
                 readers = self.driver.relay.readers(self.name, self.iqn)
-                if readers and not force:
+                waited = self.clock() - (self.left_at or self.clock())
+                if readers and not force and waited < self.reader_grace_s:
                     LOG.info("%s: %d child(ren) still read from the relay", self.name, readers)
                     return False
             if not self._end_prefetch(force=force):
                 return False
             if self.relay is not None:
-                self.driver.relay.teardown(self.name, self.iqn)
+                if readers:
+                    LOG.warning(
+                        "%s: %d reader(s) still connected %.0f s after leaving Volt: removing "
+                        "the relay anyway (they fail over to their other parents)",
+                        self.name,
+                        readers,
+                        self.clock() - (self.left_at or self.clock()),
+                    )
+                self.driver.relay.teardown(self.name, self.iqn, force=bool(readers))
                 self.relay = None
             self.driver.cache.teardown(self.name)
             self.driver.upstream.teardown(self.name)
@@ -271,6 +292,7 @@ class BaseImage:
 
     def _forget(self) -> None:
         self.status = Status.EMPTY
+        self.left_at = None
         self.origin = None
         self.relay = None
         self.upstream = []

@@ -116,8 +116,7 @@ class Virtman:
         if running:
             LOG.info("%d instance(s) still use their disks: the stacks stay up", running)
             return
-        grace = 2 * self.settings.heartbeat_interval + self.settings.nbd_reconnect_delay
-        deadline = clock() + min(grace, 60.0)
+        deadline = clock() + self.reader_grace_s
         while images:
             force = clock() >= deadline
             images = [b for b in images if not b.teardown_if_unused(force=force)]
@@ -188,7 +187,14 @@ class Virtman:
             host_ip=self.settings.host_ip,
             parent_wait_timeout=self.settings.parent_wait_timeout,
             prefetch=prefetch.options_from(self.settings),
+            reader_grace_s=self.reader_grace_s,
         )
+
+    @property
+    def reader_grace_s(self) -> float:
+        """How long a left image keeps its relay for children still reading from it: two
+        heartbeats for them to follow Volt's new parents, plus an NBD reconnect."""
+        return min(2 * self.settings.heartbeat_interval + self.settings.nbd_reconnect_delay, 60.0)
 
     # -- heartbeat -----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

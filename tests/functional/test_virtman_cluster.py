@@ -185,3 +185,38 @@ def test_bad_input_over_xmlrpc_gets_a_clear_result_and_creates_nothing(cluster_f
     assert cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"]
     assert cluster.rpc("n1", "destroy", "nope").startswith("1:")
     assert cluster.rpc("n1", "destroy", "a;b").startswith("2:")
+
+
+def test_destroying_every_vm_at_once_tears_every_stack_down(cluster_factory) -> None:
+    """All nodes leave together: Volt re-parents children among nodes that are leaving
+    themselves; no stack may wait for its readers longer than the grace period."""
+    cluster = cluster_factory(6, heartbeat_interval=1)
+    image_file = cluster.workdir / "image1.raw"
+    write_image(image_file, 8)
+    assert cluster.rpc("img", "create_image_target", "image1", str(image_file)).startswith("0:")
+    with ThreadPoolExecutor(6) as pool:
+        created = list(
+            pool.map(
+                lambda n: cluster.rpc(n, "create", f"vm-{n}", "image1", cluster.connection(IMAGE)),
+                cluster.node_names,
+            )
+        )
+    assert all(r.startswith("0:") for r in created), created
+    for disk in (r[2:] for r in created):
+        assert disk_matches(disk, image_file)
+    with ThreadPoolExecutor(6) as pool:
+        destroyed = list(
+            pool.map(lambda n: cluster.rpc(n, "destroy", f"vm-{n}"), cluster.node_names)
+        )
+    assert destroyed == ["0:"] * 6
+    # grace: 2 heartbeats + the NBD reconnect delay (5 s here), then one more round
+    for node in cluster.node_names:
+        cluster.wait_for(
+            lambda node=node: not list((cluster.node_dir(node) / "state" / "cache").iterdir()),
+            f"{node} to remove its cache",
+            timeout_s=20,
+        )
+    assert cluster.volt_tree(IMAGE) == []
+    for node in cluster.node_names:
+        assert cluster.daemons.pop(node).stop() == 0
+        assert cluster.processes(node) == [], f"{node} left processes behind"

@@ -85,8 +85,9 @@ class RelayLayer(Protocol):
         """How many children read from the relay now."""
         ...
 
-    def teardown(self, image: str, iqn: str | None = None) -> None:
-        """Remove the image's relay (found by the image when ``iqn`` is None)."""
+    def teardown(self, image: str, iqn: str | None = None, *, force: bool = False) -> None:
+        """Remove the image's relay (found by the image when ``iqn`` is None); ``force``:
+        even with readers connected (they are cut off)."""
         ...
 
 

@@ -18,6 +18,7 @@ class Layers:
         self.relays: dict[str, str] = {}
         self.snapshots: dict[str, str] = {}
         self.readers_of: dict[str, int] = {}
+        self.forced_relay_teardowns = 0
         self.builds = 0
 
     def check(self, layer: str) -> None:
@@ -104,8 +105,9 @@ class _Relay:
     def readers(self, image: str, iqn: str) -> int:
         return self.s.readers_of.get(image, 0)
 
-    def teardown(self, image: str, iqn: str | None = None) -> None:
+    def teardown(self, image: str, iqn: str | None = None, *, force: bool = False) -> None:
         self.s.relays.pop(image, None)
+        self.s.forced_relay_teardowns += int(force)
 
 
 class _Snapshot:

@@ -201,3 +201,22 @@ def test_shutdown_with_vms_keeps_the_stacks(tmp_path: Path) -> None:
     vm.create("vm1", "img", CONN)
     vm.shutdown()
     assert driver.state.caches and driver.stopped == 0
+
+
+def test_a_left_image_waits_for_its_readers_only_for_the_grace_period(tmp_path: Path) -> None:
+    """Two leaving nodes that read from each other's relays (paths frozen when they left)
+    must not wait for each other forever: after the grace the relay goes, readers or not."""
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    base = vm.images["volume-img"]
+    now = [100.0]
+    base.clock = lambda: now[0]
+    vm.destroy("vm1")
+    driver.state.readers_of["volume-img"] = 2
+    assert base.teardown_if_unused() is False  # leaves Volt, keeps the relay for its readers
+    assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls and driver.state.relays
+    now[0] += vm.reader_grace_s - 0.1
+    assert base.teardown_if_unused() is False and driver.state.relays
+    now[0] += 0.2
+    assert base.teardown_if_unused() is True
+    assert driver.empty() and driver.state.forced_relay_teardowns == 1

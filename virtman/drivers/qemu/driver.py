@@ -265,10 +265,10 @@ class QemuRelay:
             count += established_connections(self.d.settings.nbd_port)
         return count
 
-    def teardown(self, image: str, iqn: str | None = None) -> None:
+    def teardown(self, image: str, iqn: str | None = None, *, force: bool = False) -> None:
         n = self.d.names(image)
         if n.nbd_export in {e.id for e in self.d.qsd.exports()}:
-            self.d.qsd.delete_export(n.nbd_export)
+            self.d.qsd.delete_export(n.nbd_export, force=force)
         for target in self.d.tgt.targets():
             if target.iqn == iqn or any(
                 lun.backing_path == str(n.fuse_file) for lun in target.luns
