@@ -110,6 +110,7 @@ class Bench:
         self.trace: boottrace.BootTrace | None = None
         self.trace_path = Path()
         self.guest: guestimage.GuestImage | None = None
+        self.prefetch_dir = self.workdir / "prefetch"
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -132,6 +133,7 @@ class Bench:
         Lab.cleanup(args.lab, LAB_STATE)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True)
+        self.prefetch_dir.mkdir()
         image_file = self.workdir / f"{IMAGE}.raw"
         subprocess.run(
             ["cp", "--sparse=always", str(self.guest.rootfs), str(image_file)], check=True
@@ -145,6 +147,8 @@ class Bench:
             lab_state_dir=LAB_STATE,
             heartbeat_interval=2,
             node_timeout=30,
+            # every node may prefetch; only the prefetch variant puts a trace there
+            extra_conf=f"prefetch_dir = {self.prefetch_dir}\n",
         )
         cluster.start()
         for host in ["img", *cluster.node_names]:
@@ -321,6 +325,13 @@ class Bench:
                 results.append(self.direct(nodes))
             elif variant in ("btree", "balanced"):
                 results.append(self.vmthunder(variant, variant, nodes))
+            elif variant == "prefetch":
+                trace = self.prefetch_dir / f"{VOLUME}.trace.json"
+                shutil.copyfile(self.trace_path, trace)
+                try:
+                    results.append(self.vmthunder("prefetch", "balanced", nodes))
+                finally:
+                    trace.unlink()
         return results
 
     def teardown(self) -> None:
@@ -376,9 +387,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--guest", choices=["debian", "tiny"], default="debian")
     parser.add_argument(
         "--variants",
-        default="full,direct,btree,balanced",
+        default="full,direct,btree,balanced,prefetch",
         type=lambda text: [v for v in text.split(",") if v],
-        help="comma-separated, from full,direct,btree,balanced (single always runs)",
+        help="comma-separated, from full,direct,btree,balanced,prefetch (single always runs)",
     )
     parser.add_argument("--workdir", default="/var/lib/vmthunder/provision")
     parser.add_argument("--cache-dir", default="/var/cache/vmthunder/guest")
@@ -389,7 +400,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tgt-base", type=int, default=TGT_BASE, help=f"tgtd control ports from ({TGT_BASE})"
     )
     args = parser.parse_args(argv)
-    unknown = set(args.variants) - {"full", "direct", "btree", "balanced"}
+    unknown = set(args.variants) - {"full", "direct", "btree", "balanced", "prefetch"}
     if unknown or not 1 <= args.nodes <= 60:
         parser.error(f"bad --variants {sorted(unknown)} or --nodes (1-60)")
     return args

@@ -76,6 +76,7 @@ class BaseImage:
         self.upstream: list[Endpoint] = []
         self.instances: set[str] = set()
         self.following = False  # a tree parent is still pending: heartbeat sooner
+        self.prefetch_waits = False  # the prefetch starts once no parent is pending
         self.prefetch = prefetch
         self.prefetcher: Prefetcher | None = None  # reads the boot trace of a new stack
 
@@ -155,16 +156,18 @@ class BaseImage:
             if self.status != Status.OK:
                 return
             endpoints = self._choose(parents)
-            if [e.key for e in endpoints] == [e.key for e in self.upstream]:
-                return
-            LOG.info(
-                "%s: parents now %s (were %s)",
-                self.name,
-                [e.peer_id or e.portal for e in endpoints],
-                [e.peer_id or e.portal for e in self.upstream],
-            )
-            self.driver.upstream.ensure(self.name, endpoints)
-            self.upstream = endpoints
+            if [e.key for e in endpoints] != [e.key for e in self.upstream]:
+                LOG.info(
+                    "%s: parents now %s (were %s)",
+                    self.name,
+                    [e.peer_id or e.portal for e in endpoints],
+                    [e.peer_id or e.portal for e in self.upstream],
+                )
+                self.driver.upstream.ensure(self.name, endpoints)
+                self.upstream = endpoints
+            if self.prefetch_waits and not self.following and self.origin is not None:
+                self.prefetch_waits = False
+                self._start_prefetch(self.origin)
         except Exception as exc:
             LOG.error("%s: could not apply new parents: %s", self.name, exc)
         finally:
@@ -234,6 +237,13 @@ class BaseImage:
         """Replay the image's boot trace into the new stack's cache (never fails a build)."""
         if self.prefetch is None or self.local:
             return
+        if self.following:
+            # Placed under parents still building, the node reads from an ancestor or the
+            # image server for now: prefetching from there would load the image server with
+            # the whole boot set of every node of a burst. Start once the parents are ready.
+            LOG.info("%s: the prefetch waits for the tree parents to be ready", self.name)
+            self.prefetch_waits = True
+            return
         try:
             self.prefetcher = self.prefetch.start(self.name, origin)
         except Exception as exc:
@@ -292,6 +302,7 @@ class BaseImage:
 
     def _forget(self) -> None:
         self.status = Status.EMPTY
+        self.prefetch_waits = False
         self.left_at = None
         self.origin = None
         self.relay = None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.virtman.fakes import FakeDriver, FakeVolt
+from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
 from tests.unit.virtman.test_compute import CONN, settings
 from virtman import prefetch
 from virtman.baseimage import BaseImage, Status
@@ -31,6 +31,7 @@ from virtman.prefetch import (
     save_trace,
     trace_path,
 )
+from voltclient.client import Volume
 
 MIB = 1 << 20
 IMAGE = "volume-img"  # what the fakes build (1 MiB images)
@@ -512,3 +513,21 @@ def test_options_from_settings(tmp_path: Path) -> None:
     assert prefetch.options_from(settings(tmp_path)) is None
     s = replace(settings(tmp_path), prefetch_dir=tmp_path, prefetch_pause_ms=250)
     assert prefetch.options_from(s) == PrefetchOptions(tmp_path, depth=2, pause_s=0.25)
+
+
+def test_under_a_pending_parent_the_prefetch_waits_for_it(tmp_path: Path) -> None:
+    """A node placed in a burst under a parent still building reads from the image server
+    meanwhile; its prefetch starts only once the parent is ready (then reads from it)."""
+    recorder = Recorder()
+    base, _ = base_image(tmp_path, Observed(traces(tmp_path), depth=1, observer=recorder))
+    pending = Volume("10.0.0.7", None, None, None, "pending", "10.0.0.7:volume-img", None)
+    base.volt.parents[IMAGE] = [pending]  # type: ignore[attr-defined]
+    base.instances.add("vm1")
+    base.ensure_built()
+    assert base.following and base.prefetcher is None and base.prefetch_waits
+    base.apply_parents([pending])  # still pending: still waiting
+    assert base.prefetcher is None
+    base.apply_parents([ready("10.0.0.7", IMAGE)])
+    assert [e.peer_id for e in base.upstream] == ["10.0.0.7:volume-img"]
+    assert base.prefetcher is not None and base.prefetcher.wait(10)
+    assert recorder.reads == [(i * 2 * CLUSTER, CLUSTER) for i in range(8)]
