@@ -621,6 +621,10 @@ def build_guest(
         with _locked(cache_dir / ".build.lock"):
             guest = _cached(entry, key)  # a concurrent builder may have made it meanwhile
             if guest is None:
+                for stale in cache_dir.glob(".*-*"):  # a killed build's temporary folders
+                    if stale.is_dir() and stale.name.split("-")[0] in (".build", ".rootfs"):
+                        LOG.warning("guestkit: removing %s, left by a killed build", stale)
+                        _remove_tree(stale)
                 LOG.info("guestkit: building guest %s (kernel %s)", key[:16], versions["kernel"])
                 work = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=cache_dir))
                 try:
