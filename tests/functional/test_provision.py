@@ -37,7 +37,7 @@ def test_provision_four_nodes(tmp_path: Path) -> None:
     last = run.stdout.strip().splitlines()[-1]
     assert LAST.fullmatch(last), last
     results = {r["variant"]: r for r in json.loads(out.read_text())}
-    assert sorted(results) == ["balanced", "btree", "direct", "full", "single"]
+    assert sorted(results) == ["balanced", "btree", "direct", "full", "prefetch", "single"]
     for name, r in results.items():
         assert len(r["times"]) == (1 if name == "single" else 4), r
     boot_set = results["single"]["read_bytes"]
@@ -46,5 +46,7 @@ def test_provision_four_nodes(tmp_path: Path) -> None:
     assert vmt["image_server_sent"] < direct["image_server_sent"]
     assert vmt["image_server_sent"] <= 3 * boot_set * 1.5  # (top level 2 + 1), 64 KiB clusters
     assert vmt["peers_sent"] > 0
+    # prefetching from the parents, not from the image server
+    assert results["prefetch"]["image_server_sent"] <= 3 * boot_set * 1.5
     assert results["full"]["image_server_sent"] >= 4 * (64 << 20)  # the whole image, 4 times
     assert not [ns for ns in list_netns() if ns.startswith("vmtq-")]
