@@ -1,0 +1,980 @@
+#!/usr/bin/env python3
+"""Discrete-event simulation of a burst of VM boots over VMThunder's relay tree.
+
+N compute nodes (``--vms-per-node`` VMs each) boot at once from one base image. Every VM
+reads a boot read set (``--boot-read-mib``) as a sequence of chunks, one at a time,
+interleaved with guest CPU time (``--boot-cpu-s``). Variants:
+
+* ``balanced`` — the default Volt executor (``volt.topology.balanced``): every node placed
+  at once; a child of a pending parent reads from the nearest ready ancestor (or the image
+  server) until a heartbeat tells it its parent is ready.
+* ``btree`` — the original executor (``volt.topology.btree``): a node finding no ready node
+  with a free slot retries every ``--btree-retry-s`` (5 s in the original).
+* ``direct`` — every VM reads its boot set straight from the image server (no cache).
+* ``fullcopy`` — every node copies the whole image from the image server, then boots locally.
+
+Modifiers of the tree variants: ``+prefetch`` (each node also reads its boot set in order,
+ahead of its VMs, from its read source; ``--prefetch`` adds them) and ``+wake`` (virtman's
+heartbeat loop is woken right after a build that left a parent pending; today it is not).
+
+The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
+``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
+(``--volt-service-ms`` per request: queries, registrations, heartbeats). Nodes follow
+parent changes as virtman does: on each heartbeat, every ``--heartbeat-s`` (20 s), or every
+``--follow-s`` (1 s) while a parent is pending; the loop's current wait is not cut short by
+a create unless ``--wake-on-create``.
+
+Network: each node has an uplink and a downlink (``--node-mbps``); the image server's
+uplink is ``--server-mbps`` (capped by ``--image-server-throughput-mbps``), a relay's by
+``--relay-throughput-mbps``. A serving uplink is shared by processor sharing between its
+active connections (one per reading node, or per VM for ``direct``): each gets
+min(downlink, uplink / active connections); within a connection requests are served in
+order. Each chunk costs ``ceil(chunk / --request-kib)`` requests, each paying
+``--hop-latency-ms`` (round trip) per hop and ``--service-ms`` of service time at the
+serving node (a latency; what a server serves per second is bounded by its uplink and its
+throughput limit). A relay serves only chunks it holds; it fetches the others from its own
+read source first (read-through); concurrent fetches of one chunk by one node are coalesced.
+When a node's read source changes, what the old source has not sent yet moves to the new one.
+
+Defaults are measured facts (see docs/benchmarks.rst, "Simulation"); ``--calibration FILE``
+(JSON, keys ``hop_latency_ms``, ``relay_throughput_mbps``, ``image_server_throughput_mbps``,
+``boot_read_mib``, ``boot_cpu_s``, ``single_vm_boot_s``; any may be missing) overrides them,
+explicit options override both. The last line printed is::
+
+    simulate: nodes 1000 balanced p99 <t> s (<r>x single), btree p99 <t> s, direct p99 <t> s,
+    image-server egress <b> MB vs <b> MB direct
+
+(one line). MB = 10^6 bytes; bandwidths are Mbit/s (10^6 bit/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import heapq
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from volt.topology import OK, Node, Tree
+from volt.topology.balanced import BalancedExecutor
+from volt.topology.base import Executor
+from volt.topology.btree import BtreeExecutor
+
+MIB = 1 << 20
+GIB = 1 << 30
+MB = 1e6
+VARIANTS = ("balanced", "btree", "direct", "fullcopy")
+TREE_VARIANTS = ("balanced", "btree")
+MODIFIERS = ("wake", "prefetch")
+DEFAULT_SPECS = ("balanced", "btree", "direct", "fullcopy", "balanced+wake")
+PRESET_SPECS = ("btree", "btree+prefetch", "balanced", "balanced+prefetch", "balanced+wake",
+                "balanced+wake+prefetch", "direct", "fullcopy")  # fmt: skip
+DEFAULT_NODES = (100, 1000, 10000)
+CALIBRATION_KEYS = (
+    "hop_latency_ms",
+    "relay_throughput_mbps",
+    "image_server_throughput_mbps",
+    "boot_read_mib",
+    "boot_cpu_s",
+    "single_vm_boot_s",
+)
+EPS_BYTES = 1e-2  # virtual-time tolerance of the processor-sharing uplinks
+# The original's published setting and result (vmthunder/virtman blog, 2014-02-13).
+ORIGINAL = {"nodes": 160, "all_s": 60.0, "mean_s": 20.0, "prefetch_all_s": 18.0,
+            "prefetch_mean_s": 16.0}  # fmt: skip
+TARGET_NODES, TARGET_S, STRETCH_S = 1000, 60.0, 20.0
+
+
+def mbps_to_bytes(mbps: float) -> float:
+    """Mbit/s (10^6 bit/s) to bytes/s."""
+    return mbps * 1e6 / 8
+
+
+@dataclass(frozen=True)
+class Params:
+    """Model parameters (one simulated run). Times in s unless the name says ms."""
+
+    vms_per_node: int = 1
+    cores_per_node: int = 0  # 0: one core per VM (no CPU contention)
+    image_gib: float = 4.0
+    boot_read_mib: float = 200.0
+    chunk_mib: float = 0.0  # 0: automatic (1 MiB up to 1,000 nodes, 4 MiB above)
+    request_kib: float = 64.0  # qcow2 cache cluster: what a cache miss fetches upstream
+    boot_cpu_s: float = 16.0
+    node_mbps: float = 1000.0
+    server_mbps: float = 1000.0
+    image_server_throughput_mbps: float = 5664.0
+    relay_throughput_mbps: float = 3350.0
+    local_read_mbps: float = 3350.0
+    hop_latency_ms: float = 0.43
+    service_ms: float = 0.05
+    stack_build_s: float = 0.2
+    stack_jitter: float = 0.25  # build time uniform in stack_build_s * (1 +- jitter)
+    start_spread_s: float = 0.0  # creates arrive uniformly over this window
+    volt_service_ms: float = 0.53
+    btree_retry_s: float = 5.0
+    heartbeat_s: float = 20.0
+    follow_s: float = 1.0
+    wake_on_create: bool = False
+    fanout: int = 2
+    parents_per_node: int = 2
+    prefetch_depth: int = 1
+    seed: int = 1
+    max_sim_s: float = 1e7
+
+
+@dataclass
+class Result:
+    """Figures of one simulated run."""
+
+    variant: str
+    nodes: int
+    vms: int
+    p50_s: float
+    p99_s: float
+    max_s: float
+    mean_s: float
+    server_bytes: float
+    peer_bytes: float
+    local_bytes: float
+    depth: int
+    server_readers: int  # nodes that read from the image server at some point
+    volt_requests: int
+    volt_max_wait_s: float  # longest wait of a request in Volt's queue
+    mean_from_vm_start_s: float  # mean time from a VM's start (node placed and built) to booted
+    max_from_vm_start_s: float
+    chunk_mib: float
+    events: int
+    wall_s: float
+    boot_times: list[float]
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["boot_times"]
+        return data
+
+
+def chunk_mib_for(params: Params, nodes: int) -> float:
+    """The chunk size used for ``nodes`` (``params.chunk_mib`` unless 0 = automatic)."""
+    if params.chunk_mib > 0:
+        return params.chunk_mib
+    return 1.0 if nodes <= 1000 else 4.0
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+Item = tuple[float, Callable[[Any, Any], None], Any, Any]  # size, fn, a, b
+
+
+class Uplink:
+    """A serving node's uplink: processor sharing between active connections (each gets
+    min(per-connection cap, capacity / active)), FIFO within a connection. Virtual time
+    ``vt`` counts the bytes one continuously active connection has received so far; a
+    connection's head finishes when ``vt`` reaches its tag."""
+
+    __slots__ = (
+        "cancelled", "cap", "conn_cap", "heads", "heap", "last", "n", "queues", "r", "server",
+        "sim", "version", "vt",
+    )  # fmt: skip
+
+    def __init__(self, sim: Sim, server: int, capacity: float, conn_cap: float) -> None:
+        self.sim = sim
+        self.server = server
+        self.cap = capacity
+        self.conn_cap = conn_cap
+        self.vt = 0.0
+        self.last = 0.0
+        self.n = 0
+        self.r = 0.0  # bytes/s of each active connection
+        self.heap: list[tuple[float, int, Any]] = []  # (finish tag, seq, dest) of each head
+        self.heads: dict[Any, tuple[float, int]] = {}  # dest -> its head's (tag, seq)
+        self.queues: dict[Any, deque[Item]] = {}
+        self.cancelled = 0  # cancelled heads still in the heap
+        self.version = 0
+
+    def _count(self, n: int) -> None:
+        self.n = n
+        self.r = min(self.conn_cap, self.cap / n) if n else 0.0
+
+    def add(self, dest: Any, size: float, fn: Callable[[Any, Any], None], a: Any, b: Any) -> None:
+        """Queue ``size`` bytes to ``dest``; ``fn(a, b)`` runs when the last byte is sent."""
+        queue = self.queues.get(dest)
+        if queue is not None:
+            queue.append((size, fn, a, b))
+            return
+        sim = self.sim
+        now = sim.now
+        if self.n:
+            self.vt += self.r * (now - self.last)
+        self.last = now
+        self.queues[dest] = deque(((size, fn, a, b),))
+        self._count(self.n + 1)
+        seq = next(sim.seq)
+        tag = self.vt + size
+        self.heads[dest] = (tag, seq)
+        heapq.heappush(self.heap, (tag, seq, dest))
+        self._reschedule(now)
+
+    def cancel(self, dest: Any) -> list[Item]:
+        """Withdraw everything queued for ``dest``; the head keeps what it already sent
+        (accounted now) and comes back with its remaining size."""
+        queue = self.queues.pop(dest, None)
+        if queue is None:
+            return []
+        now = self.sim.now
+        self.vt += self.r * (now - self.last)
+        self.last = now
+        tag, _ = self.heads.pop(dest)
+        self.cancelled += 1
+        self._count(self.n - 1)
+        size, fn, a, b = queue.popleft()
+        remaining = min(size, max(0.0, tag - self.vt))
+        self.sim.account(self.server, size - remaining)
+        self._reschedule(now)
+        return [(remaining, fn, a, b), *queue]
+
+    def complete(self, version: int, _: Any) -> None:
+        if version != self.version:
+            return  # superseded by a later change of the active set
+        sim = self.sim
+        now = sim.now
+        self.vt += self.r * (now - self.last)
+        self.last = now
+        heap, heads, queues = self.heap, self.heads, self.queues
+        pop, push = heapq.heappop, heapq.heappush
+        first = True
+        while heap and (first or heap[0][0] - self.vt <= EPS_BYTES):
+            _, seq, dest = pop(heap)
+            if self.cancelled and heads.get(dest, (0.0, -1))[1] != seq:
+                self.cancelled -= 1
+                continue
+            first = False
+            queue = queues[dest]
+            size, fn, a, b = queue.popleft()
+            sim.account(self.server, size)
+            if queue:
+                nseq = next(sim.seq)
+                tag = self.vt + queue[0][0]
+                heads[dest] = (tag, nseq)
+                push(heap, (tag, nseq, dest))
+            else:
+                del queues[dest], heads[dest]
+                self._count(self.n - 1)
+            fn(a, b)
+        self._reschedule(now)
+
+    def _reschedule(self, now: float) -> None:
+        self.version += 1
+        heap = self.heap
+        if self.cancelled:
+            heads = self.heads
+            while heap and heads.get(heap[0][2], (0.0, -1))[1] != heap[0][1]:
+                heapq.heappop(heap)  # drop cancelled heads
+                self.cancelled -= 1
+        if heap:
+            wait = (heap[0][0] - self.vt) / self.r
+            sim = self.sim
+            heapq.heappush(
+                sim.q, (now + wait if wait > 0 else now, next(sim.seq), self.complete, self.version,
+                        None)
+            )  # fmt: skip
+
+
+class IndexedBtree(BtreeExecutor):
+    """The real btree executor with its placement search indexed. ``join`` looks for the
+    first ready node with a free slot in breadth-first order, an O(N) walk per call; with
+    no removals (none in a burst) that order is (depth, slot path from the root), so a heap
+    of ready nodes keyed so gives the same node. tests/unit/bench checks both agree."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._paths: dict[int, tuple[int, ...]] = {}
+        self._heap: list[tuple[int, tuple[int, ...], int, Node]] = []
+
+    def registered(self, tree: Tree, node: Node) -> None:
+        parent = node.parent
+        assert parent is not None
+        path = (*self._paths[id(parent)], node.slot)  # the parent registered first
+        self._paths[id(node)] = path
+        heapq.heappush(self._heap, (node.depth, path, node.seq, node))
+
+    def _first_available(self, tree: Tree, start: Node) -> Node | None:
+        if start is not tree.root:
+            return super()._first_available(tree, start)
+        if not self._paths:  # first call: the root is the only ready node
+            self._paths[id(tree.root)] = ()
+            heapq.heappush(self._heap, (0, (), tree.root.seq, tree.root))
+        heap = self._heap
+        while heap and not self._available(heap[0][3]):
+            heapq.heappop(heap)  # full: without removals a node never gets a free slot back
+        return heap[0][3] if heap else None
+
+
+# A fetch of one chunk by one node from its read source: [node, chunk, bytes, source, state].
+NODE, CHUNK, SIZE, SRC, STATE = range(5)
+ASKED, SENDING, SENT, DEAD = range(4)
+
+
+class Sim:
+    """One run: ``nodes`` nodes, one variant. Call ``run()`` once."""
+
+    def __init__(self, params: Params, spec: str, nodes: int) -> None:
+        variant, prefetch, wake = parse_spec(spec)
+        if nodes < 1:
+            raise ValueError("nodes must be >= 1")
+        if wake:
+            params = replace(params, wake_on_create=True)
+        p = self.p = params
+        self.variant = variant
+        self.name = spec_name(variant, prefetch=prefetch, wake=wake)
+        self.nodes = nodes
+        self.prefetch = prefetch
+        self.q: list[tuple[float, int, Callable[[Any, Any], None], Any, Any]] = []
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.events = 0
+        self.root = nodes  # index of the image server
+        # Chunks of the boot read set.
+        boot = p.boot_read_mib * MIB
+        self.chunk_mib = chunk_mib_for(p, nodes)
+        self.nchunks = max(1, round(boot / (self.chunk_mib * MIB)))
+        self.chunk = boot / self.nchunks
+        requests = max(1, math.ceil(self.chunk / (p.request_kib * 1024)))
+        self.lat_half = requests * p.hop_latency_ms / 1e3 / 2
+        self.svc = requests * p.service_ms / 1e3
+        self.ask_t = self.lat_half + self.svc  # from asking to the source starting to answer
+        self.local_t = self.chunk / mbps_to_bytes(p.local_read_mbps)
+        cores = p.cores_per_node or p.vms_per_node
+        self.cpu_slice = p.boot_cpu_s * max(1.0, p.vms_per_node / cores) / self.nchunks
+        # Per-node draws, in node order (the same for every variant of a seed).
+        rng = random.Random(p.seed)
+        self.start = [0.0] * nodes
+        self.build = [0.0] * nodes
+        self.phase = [0.0] * nodes
+        for v in range(nodes):
+            self.start[v] = rng.uniform(0.0, p.start_spread_s) if p.start_spread_s else 0.0
+            jitter = rng.uniform(-p.stack_jitter, p.stack_jitter) if p.stack_jitter else 0.0
+            self.build[v] = p.stack_build_s * (1.0 + jitter)
+            self.phase[v] = rng.uniform(0.0, p.heartbeat_s)
+        # Caches and read sources (index ``root`` = the image server, which holds it all).
+        full = bytearray(b"\x01") * self.nchunks
+        self.have = [bytearray(self.nchunks) for _ in range(nodes)] + [full]
+        self.inflight: list[dict[int, list[tuple[Callable[[Any, Any], None], Any, Any]]]] = [
+            {} for _ in range(nodes + 1)
+        ]
+        self.source = [self.root] * nodes
+        self.read_server = bytearray(nodes)
+        self.uplinks: dict[int, Uplink] = {}
+        self.server_bytes = self.peer_bytes = self.local_bytes = 0.0
+        # VMs.
+        vpn = p.vms_per_node
+        self.vms = nodes * vpn
+        self.vm_next = [0] * self.vms
+        self.boot_times: list[float] = []
+        self.booted = 0
+        self.vm_start = [0.0] * nodes
+        self.since_vm_start = self.max_since_vm_start = 0.0
+        # Tree state (tree variants).
+        self.executor: Executor | None = None
+        self.tree: Tree | None = None
+        if variant == "balanced":
+            self.executor = BalancedExecutor(fanout=p.fanout, parents_per_node=p.parents_per_node)
+        elif variant == "btree":
+            self.executor = IndexedBtree()
+        if self.executor is not None:
+            self.tree = Tree("volume-sim", self.executor.fanout())
+        self.tnode: list[Any] = [None] * nodes
+        self.ready = bytearray(nodes)
+        self.following = bytearray(nodes)
+        self.hb_version = [0] * nodes
+        self.tree_version = 0
+        self.failed_version = -1
+        self.volt_free = 0.0
+        self.volt_requests = 0
+        self.volt_max_wait = 0.0
+        self.volt_s = p.volt_service_ms / 1e3
+        self.pf_next = [0] * nodes
+        self.pf_out = [0] * nodes
+        self.vpn = vpn
+        self.direct = variant == "direct"
+        self.switches = 0
+        self.fetching: list[dict[int, list[Any]]] = [{} for _ in range(nodes + 1)]
+
+    # -- the event queue -----------------------------------------------------------------
+    def at(self, t: float, fn: Callable[[Any, Any], None], a: Any, b: Any) -> None:
+        """Run ``fn(a, b)`` at time ``t`` (ties in the order of scheduling)."""
+        heapq.heappush(self.q, (t, next(self.seq), fn, a, b))
+
+    def run(self) -> Result:
+        wall = time.perf_counter()
+        collecting = gc.isenabled()
+        gc.disable()  # millions of short-lived tuples; the collector would only slow us down
+        try:
+            return self._run(wall)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, wall: float) -> Result:
+        for v in range(self.nodes):
+            self.at(self.start[v], self.create, v, None)
+            if self.tree is not None:
+                self.hb_version[v] += 1
+                self.at(self.phase[v], self.heartbeat, v, self.hb_version[v])
+        q, pop = self.q, heapq.heappop
+        limit = self.p.max_sim_s
+        events = 0
+        while q and self.booted < self.vms:
+            t, _, fn, a, b = pop(q)
+            if t > limit:
+                raise RuntimeError(f"simulated time exceeded {limit} s ({self.variant})")
+            self.now = t
+            fn(a, b)
+            events += 1
+        self.events = events
+        if self.booted < self.vms:
+            raise RuntimeError(f"{self.vms - self.booted} VMs never booted ({self.variant})")
+        ordered = sorted(self.boot_times)
+        depth = self.tree.max_depth() if self.tree is not None else 1
+        return Result(
+            variant=self.name,
+            nodes=self.nodes,
+            vms=self.vms,
+            p50_s=percentile(ordered, 0.50),
+            p99_s=percentile(ordered, 0.99),
+            max_s=ordered[-1],
+            mean_s=sum(ordered) / len(ordered),
+            server_bytes=self.server_bytes,
+            peer_bytes=self.peer_bytes,
+            local_bytes=self.local_bytes,
+            depth=depth,
+            server_readers=sum(self.read_server),
+            volt_requests=self.volt_requests,
+            volt_max_wait_s=self.volt_max_wait,
+            mean_from_vm_start_s=self.since_vm_start / self.vms,
+            max_from_vm_start_s=self.max_since_vm_start,
+            chunk_mib=self.chunk_mib,
+            events=events,
+            wall_s=time.perf_counter() - wall,
+            boot_times=ordered,
+        )
+
+    def account(self, server: int, size: float) -> None:
+        if server == self.root:
+            self.server_bytes += size
+        else:
+            self.peer_bytes += size
+
+    def uplink(self, s: int) -> Uplink:
+        link = self.uplinks.get(s)
+        if link is None:
+            p = self.p
+            if s == self.root:
+                cap = min(p.server_mbps, p.image_server_throughput_mbps)
+            else:
+                cap = min(p.node_mbps, p.relay_throughput_mbps)
+            link = self.uplinks[s] = Uplink(
+                self, s, mbps_to_bytes(cap), mbps_to_bytes(self.p.node_mbps)
+            )
+        return link
+
+    # -- node life cycle -----------------------------------------------------------------
+    def create(self, v: int, _: Any) -> None:
+        """A create request reaches node ``v``."""
+        if self.variant == "direct":
+            self.at(self.now + self.build[v], self.start_vms, v, None)
+        elif self.variant == "fullcopy":
+            self.read_server[v] = 1
+            self.request(self.root, self._copy_arrive, v, None, self.p.hop_latency_ms / 2e3,
+                         self.p.service_ms / 1e3)  # fmt: skip
+        else:
+            self.volt(self.query, v)
+
+    def volt(self, fn: Callable[[Any, Any], None], v: int) -> None:
+        """One request to Volt (FIFO). ``stack_build_s`` already holds one uncontended
+        round trip per request; the queue adds the waiting time."""
+        start = max(self.now, self.volt_free)
+        self.volt_free = start + self.volt_s
+        self.volt_requests += 1
+        self.volt_max_wait = max(self.volt_max_wait, start - self.now)
+        self.at(start, fn, v, None)
+
+    def query(self, v: int, _: Any) -> None:
+        assert self.executor is not None and self.tree is not None
+        node = None
+        if self.failed_version != self.tree_version:  # join() only depends on the tree
+            node = self.executor.join(self.tree, str(v), str(v))
+        if node is None:
+            self.failed_version = self.tree_version
+            self.at(self.now + self.p.btree_retry_s, self._requery, v, None)
+            return
+        self.tree_version += 1
+        self.tnode[v] = node
+        self.choose(v, self.executor.parents(self.tree, node))
+        self.at(self.now + self.build[v], self._register, v, None)
+
+    def _requery(self, v: int, _: Any) -> None:
+        self.volt(self.query, v)
+
+    def _register(self, v: int, _: Any) -> None:
+        self.volt(self.register, v)
+
+    def register(self, v: int, _: Any) -> None:
+        assert self.executor is not None and self.tree is not None
+        node = self.tnode[v]
+        self.tree.set_status(node, OK)
+        self.executor.registered(self.tree, node)
+        self.tree_version += 1
+        self.ready[v] = 1
+        if self.p.wake_on_create and self.following[v]:
+            self.hb_version[v] += 1
+            self.at(self.now, self.heartbeat, v, self.hb_version[v])
+        self.start_vms(v, None)
+
+    def choose(self, v: int, parents: list[Any]) -> None:
+        """virtman's ``_choose``: read from the first ready parent, else the image server;
+        follow (heartbeat every ``follow_s``) while any parent is pending."""
+        self.following[v] = any(not p.ready for p in parents)
+        ready = [p for p in parents if p.ready]
+        old, new = self.source[v], int(ready[0].peer_id) if ready else self.root
+        if new != old:
+            self.source[v] = new
+            self.switch(v, old, new)
+
+    def switch(self, v: int, old: int, new: int) -> None:
+        """New paths take the next requests: what the old source has not sent yet of this
+        node's fetches moves to the new one (real requests are 64 KiB; chunks are coarser,
+        so an unsent chunk must not stay queued behind a slow source)."""
+        self.switches += 1
+        link = self.uplinks.get(old)
+        sending = {id(item[2]): item[0] for item in link.cancel(v)} if link is not None else {}
+        for c, fetch in list(self.fetching[v].items()):
+            if fetch[SRC] != old or fetch[STATE] == SENT:
+                continue
+            size = sending.get(id(fetch), fetch[SIZE])
+            fetch[STATE] = DEAD
+            moved = self.fetching[v][c] = [v, c, size, new, ASKED]
+            if new == self.root:
+                self.read_server[v] = 1
+            self.request(new, self._arrive, new, moved)
+
+    def heartbeat(self, v: int, version: int) -> None:
+        if version == self.hb_version[v]:
+            self.volt(self._heartbeat_answer, v)
+
+    def _heartbeat_answer(self, v: int, _: Any) -> None:
+        assert self.executor is not None and self.tree is not None
+        if self.ready[v]:
+            self.choose(v, self.executor.parents(self.tree, self.tnode[v]))
+        interval = self.p.follow_s if self.following[v] else self.p.heartbeat_s
+        self.at(self.now + interval, self.heartbeat, v, self.hb_version[v])
+
+    def start_vms(self, v: int, _: Any) -> None:
+        self.vm_start[v] = self.now
+        vpn = self.p.vms_per_node
+        for vm in range(v * vpn, (v + 1) * vpn):
+            self.vm_step(vm, None)
+        if self.prefetch:
+            self.prefetch_fill(v, None)
+
+    # -- full copy -------------------------------------------------------------------------
+    def _copy_arrive(self, v: int, _: Any) -> None:
+        self.uplink(self.root).add(v, self.p.image_gib * GIB, self._copy_sent, v, None)
+
+    def _copy_sent(self, v: int, _: Any) -> None:
+        self.at(self.now + self.p.hop_latency_ms / 2e3, self._copied, v, None)
+
+    def _copied(self, v: int, _: Any) -> None:
+        self.have[v][:] = self.have[self.root]
+        self.at(self.now + self.build[v], self.start_vms, v, None)
+
+    # -- VMs ---------------------------------------------------------------------------------
+    def vm_step(self, vm: int, _: Any) -> None:
+        """VM ``vm`` reads its next chunk (after the CPU slice of the previous one)."""
+        i = self.vm_next[vm]
+        v = vm // self.vpn
+        if i == self.nchunks:
+            self.boot_times.append(self.now - self.start[v])
+            since = self.now - self.vm_start[v]
+            self.since_vm_start += since
+            self.max_since_vm_start = max(self.max_since_vm_start, since)
+            self.booted += 1
+        elif self.direct:
+            self.read_server[v] = 1
+            self.request(self.root, self._direct_arrive, vm, i)
+        elif self.have[v][i]:
+            self.local_bytes += self.chunk
+            self.vm_next[vm] = i + 1
+            heapq.heappush(
+                self.q, (self.now + self.local_t + self.cpu_slice, next(self.seq), self.vm_step,
+                         vm, None)
+            )  # fmt: skip
+        else:
+            self.fetch(v, i, self.vm_got, vm, i)
+
+    def vm_got(self, vm: int, i: int) -> None:
+        self.vm_next[vm] = i + 1
+        heapq.heappush(self.q, (self.now + self.cpu_slice, next(self.seq), self.vm_step, vm, None))
+
+    def _direct_arrive(self, vm: int, i: int) -> None:
+        self.uplink(self.root).add(("vm", vm), self.chunk, self._direct_sent, vm, i)
+
+    def _direct_sent(self, vm: int, i: int) -> None:
+        self.at(self.now + self.lat_half, self.vm_got, vm, i)
+
+    # -- caches, relays, uplinks ---------------------------------------------------------
+    def fetch(self, v: int, c: int, fn: Callable[[Any, Any], None], a: Any, b: Any) -> None:
+        """Node ``v`` needs chunk ``c`` (not cached): ``fn(a, b)`` once it holds it."""
+        waiting = self.inflight[v].get(c)
+        if waiting is not None:
+            waiting.append((fn, a, b))
+            return
+        self.inflight[v][c] = [(fn, a, b)]
+        s = self.source[v]
+        if s == self.root:
+            self.read_server[v] = 1
+        fetch = self.fetching[v][c] = [v, c, self.chunk, s, ASKED]
+        heapq.heappush(self.q, (self.now + self.ask_t, next(self.seq), self._arrive, s, fetch))
+
+    def request(
+        self,
+        s: int,
+        fn: Callable[[Any, Any], None],
+        a: Any,
+        b: Any,
+        lat: float | None = None,
+        svc: float | None = None,
+    ) -> None:
+        """Send a request to server ``s``: ``fn(a, b)`` runs when it has crossed the hop and
+        had its service time at ``s`` (a latency: what a server can serve per second is its
+        uplink's capacity, which the throughput limits bound)."""
+        lat = self.lat_half if lat is None else lat
+        self.at(self.now + lat + (self.svc if svc is None else svc), fn, a, b)
+
+    def _arrive(self, s: int, fetch: list[Any]) -> None:
+        """A fetch has reached its source: served from the cache, or read through."""
+        if fetch[STATE] == DEAD:
+            return
+        if self.have[s][fetch[CHUNK]]:
+            self._serve_fetch(s, fetch)
+        else:  # read-through: the relay fetches the chunk from its own source first
+            self.fetch(s, fetch[CHUNK], self._serve_fetch, s, fetch)
+
+    def _fetch_sent(self, fetch: list[Any], _: Any) -> None:
+        fetch[STATE] = SENT
+        heapq.heappush(
+            self.q, (self.now + self.lat_half, next(self.seq), self._deliver, fetch, None)
+        )
+
+    def _deliver(self, fetch: list[Any], _: Any) -> None:
+        v, c = fetch[NODE], fetch[CHUNK]
+        self.have[v][c] = 1
+        del self.fetching[v][c]
+        for fn, a, b in self.inflight[v].pop(c):
+            fn(a, b)
+
+    def _serve_fetch(self, s: int, fetch: list[Any]) -> None:
+        if fetch[STATE] != DEAD:
+            fetch[STATE] = SENDING
+            link = self.uplinks.get(s) or self.uplink(s)
+            link.add(fetch[NODE], fetch[SIZE], self._fetch_sent, fetch, None)
+
+    # -- prefetch ------------------------------------------------------------------------
+    def prefetch_fill(self, v: int, _: Any) -> None:
+        """Keep ``prefetch_depth`` fetches of the boot set, in order, ahead of the VMs."""
+        have, inflight = self.have[v], self.inflight[v]
+        while self.pf_out[v] < self.p.prefetch_depth and self.pf_next[v] < self.nchunks:
+            c = self.pf_next[v]
+            self.pf_next[v] = c + 1
+            if have[c] or c in inflight:
+                continue
+            self.pf_out[v] += 1
+            self.fetch(v, c, self._prefetched, v, c)
+
+    def _prefetched(self, v: int, _: Any) -> None:
+        self.pf_out[v] -= 1
+        self.prefetch_fill(v, None)
+
+
+def parse_spec(spec: str) -> tuple[str, bool, bool]:
+    """``base[+wake][+prefetch]`` -> (base variant, prefetch, wake)."""
+    base, *mods = spec.split("+")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {base!r} (one of {', '.join(VARIANTS)})")
+    unknown = set(mods) - set(MODIFIERS)
+    if unknown:
+        raise ValueError(f"unknown modifier(s) {', '.join(sorted(unknown))} in {spec!r}")
+    if mods and base not in TREE_VARIANTS:
+        raise ValueError(f"{spec!r}: modifiers apply to {' and '.join(TREE_VARIANTS)} only")
+    return base, "prefetch" in mods, "wake" in mods
+
+
+def spec_name(variant: str, *, prefetch: bool, wake: bool) -> str:
+    return variant + ("+wake" if wake else "") + ("+prefetch" if prefetch else "")
+
+
+def simulate(params: Params, spec: str, nodes: int) -> Result:
+    """Run one variant (``base[+wake][+prefetch]``) at one scale."""
+    return Sim(params, spec, nodes).run()
+
+
+def single_vm_s(params: Params, *, prefetch: bool = False) -> float:
+    """One VM booting alone (one node, through the stack, from the image server)."""
+    single = replace(params, vms_per_node=1)
+    return simulate(single, "balanced+prefetch" if prefetch else "balanced", 1).max_s
+
+
+# -- command line ----------------------------------------------------------------------------
+OPTION_HELP = {
+    "vms_per_node": "VMs booted on each node",
+    "cores_per_node": "host cores per node shared by its VMs' CPU time (0: one per VM)",
+    "image_gib": "image size, GiB (what fullcopy copies)",
+    "boot_read_mib": "boot read set per VM, MiB",
+    "chunk_mib": "simulated chunk, MiB (0: 1 MiB up to 1,000 nodes, 4 MiB above)",
+    "request_kib": "request size: each chunk costs ceil(chunk/request) requests",
+    "boot_cpu_s": "guest time of a boot that is not I/O wait",
+    "node_mbps": "node link, Mbit/s, each direction",
+    "server_mbps": "image server uplink, Mbit/s",
+    "image_server_throughput_mbps": "image server software limit, Mbit/s",
+    "relay_throughput_mbps": "relay software limit, Mbit/s",
+    "local_read_mbps": "local cache read, Mbit/s",
+    "hop_latency_ms": "round trip per request per hop, ms",
+    "service_ms": "service time per request at a serving node (a latency), ms",
+    "stack_build_s": "time from placement to a registered relay (stack built)",
+    "stack_jitter": "build time uniform in stack_build_s * (1 +- this)",
+    "start_spread_s": "creates arrive uniformly over this window, s (0: all at once)",
+    "volt_service_ms": "Volt service time per request (FIFO), ms",
+    "btree_retry_s": "btree: retry period of a node that cannot be placed yet",
+    "heartbeat_s": "virtman heartbeat period",
+    "follow_s": "virtman heartbeat period while a parent is pending",
+    "wake_on_create": "virtman heartbeats right after a build that left a parent pending",
+    "fanout": "balanced: children per node",
+    "parents_per_node": "balanced: parents per node (1 carries the reads)",
+    "prefetch_depth": "prefetch: chunks in flight ahead of the VM",
+    "seed": "random seed (start times, build jitter, heartbeat phases)",
+    "max_sim_s": "abort a run past this simulated time",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--nodes", default=",".join(map(str, DEFAULT_NODES)),
+                        help="comma-separated scales")  # fmt: skip
+    parser.add_argument("--variants", default=",".join(DEFAULT_SPECS),
+                        help=f"comma-separated, each one of {', '.join(VARIANTS)}, the tree "
+                        "ones optionally with +wake (virtman heartbeats right after a build "
+                        "that left a parent pending) and/or +prefetch")  # fmt: skip
+    parser.add_argument("--prefetch", action="store_true",
+                        help="also run each tree variant with +prefetch")  # fmt: skip
+    parser.add_argument("--preset", choices=["original"],
+                        help="original: 160 VMs on 160 nodes, 1 GbE, btree (+prefetch) and "
+                        "the others, compared with the published result")  # fmt: skip
+    parser.add_argument("--calibration", type=Path, help="JSON file of measured defaults")
+    parser.add_argument("--json", type=Path, help="write every result to this JSON file")
+    defaults = Params()
+    for f in fields(Params):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=None, help=OPTION_HELP[f.name])
+            continue
+        kind = int if isinstance(getattr(defaults, f.name), int) else float
+        default = getattr(defaults, f.name)
+        parser.add_argument(flag, type=kind, default=None,
+                            help=f"{OPTION_HELP[f.name]} (default {default})")  # fmt: skip
+    parser.add_argument("--single-vm-boot-s", type=float, default=None,
+                        help="measured single-VM boot: derives --boot-cpu-s if that is not "
+                        "given, else is printed beside the simulated one")  # fmt: skip
+    return parser
+
+
+def load_calibration(path: Path | None) -> dict[str, float]:
+    """The known keys of a calibration file (missing keys are simply absent)."""
+    if path is None:
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a JSON object")
+    return {k: float(data[k]) for k in CALIBRATION_KEYS if data.get(k) is not None}
+
+
+def resolve_params(args: argparse.Namespace) -> tuple[Params, dict[str, str], float | None]:
+    """Defaults < calibration file < options; returns the params, where each calibrated
+    value came from, and the measured single-VM boot time if any."""
+    calibration = load_calibration(args.calibration)
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for f in fields(Params):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name], origin[f.name] = given, "option"
+        elif f.name in calibration:
+            values[f.name], origin[f.name] = calibration[f.name], "calibration"
+    if args.preset == "original":
+        values.setdefault("node_mbps", 1000.0)
+        values.setdefault("server_mbps", 1000.0)
+    single = args.single_vm_boot_s
+    if single is None:
+        single = calibration.get("single_vm_boot_s")
+    params = Params(**values)
+    if single is not None and "boot_cpu_s" not in values:
+        io_only = single_vm_s(replace(params, boot_cpu_s=0.0))
+        cpu = max(0.0, single - io_only)
+        params = replace(params, boot_cpu_s=cpu)
+        origin["boot_cpu_s"] = f"derived from single_vm_boot_s {single:g} s"
+    return params, origin, single
+
+
+def format_table(results: list[Result], single: float) -> str:
+    """One row per variant: boot times, ratio to a VM booting alone, bytes by origin."""
+    head = (
+        f"{'variant':<22} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
+        f"{'depth':>5} {'srv rdrs':>8} {'server MB':>10} {'peers MB':>10} {'local MB':>9} "
+        f"{'Volt wait':>9} {'events':>8} {'wall s':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        tree = r.variant.split("+")[0] in TREE_VARIANTS
+        depth = str(r.depth) if tree else "-"
+        volt = f"{r.volt_max_wait_s:8.1f}s" if tree else "-"
+        lines.append(
+            f"{r.variant:<22} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
+            f"{r.p99_s / single:8.2f} {depth:>5} {r.server_readers:8d} "
+            f"{r.server_bytes / MB:10.0f} {r.peer_bytes / MB:10.0f} {r.local_bytes / MB:9.0f} "
+            f"{volt:>9} {r.events:8d} {r.wall_s:6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run_specs(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """The scales and variant specs to run."""
+    if args.preset == "original":
+        return [int(ORIGINAL["nodes"])], list(PRESET_SPECS)
+    scales = [int(x) for x in args.nodes.split(",") if x.strip()]
+    specs = [x.strip() for x in args.variants.split(",") if x.strip()]
+    if args.prefetch:
+        specs += [
+            f"{x}+prefetch"
+            for x in specs
+            if parse_spec(x)[0] in TREE_VARIANTS and "+prefetch" not in x
+        ]
+    for spec in specs:
+        try:
+            parse_spec(spec)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    return scales, specs
+
+
+def describe(params: Params) -> str:
+    server = min(params.server_mbps, params.image_server_throughput_mbps)
+    return (
+        f"model: {params.boot_read_mib:g} MiB boot read set, {params.boot_cpu_s:g} s CPU, "
+        f"{params.image_gib:g} GiB image; links {params.node_mbps:g} Mbit/s (image server "
+        f"{server:g}, relays <= {params.relay_throughput_mbps:g}); hop {params.hop_latency_ms:g} "
+        f"ms + service {params.service_ms:g} ms per {params.request_kib:g} KiB request; stack "
+        f"{params.stack_build_s:g} s; Volt {params.volt_service_ms:g} ms/request; heartbeat "
+        f"{params.heartbeat_s:g} s, {params.follow_s:g} s while following"
+        f"{' (woken on create)' if params.wake_on_create else ''}; fanout {params.fanout}; "
+        f"{params.vms_per_node} VM(s)/node; seed {params.seed}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params, origin, measured_single = resolve_params(args)
+    scales, specs = run_specs(args)
+    wall = time.perf_counter()
+    single = single_vm_s(params)
+    single_pf = single_vm_s(params, prefetch=True)
+    print(describe(params))
+    for name, where in sorted(origin.items()):
+        print(f"  {name} = {getattr(params, name):g} ({where})")
+    line = f"single VM alone: {single:.2f} s ({single_pf:.2f} s with prefetch)"
+    if measured_single is not None:
+        line += f"; measured {measured_single:.2f} s"
+    print(line)
+    results: list[Result] = []
+    for n in scales:
+        print(f"\nnodes {n}, VMs {n * params.vms_per_node}, chunk {chunk_mib_for(params, n):g} "
+              f"MiB, boot set {params.boot_read_mib * MIB / MB:.0f} MB per VM")  # fmt: skip
+        scale = []
+        for spec in specs:
+            scale.append(simulate(params, spec, n))
+            print(format_table(scale[-1:], single).splitlines()[-1] if len(scale) > 1 else
+                  format_table(scale, single), flush=True)  # fmt: skip
+        results += scale
+    print(f"\nwall {time.perf_counter() - wall:.1f} s")
+    if args.preset == "original":
+        print(original_line(results))
+    for r in results:
+        if r.nodes == TARGET_NODES and r.variant.startswith("balanced") and r.vms == r.nodes:
+            met = "met" if r.max_s <= TARGET_S else "NOT met"
+            stretch = "met" if r.max_s <= STRETCH_S else "not met"
+            print(f"target 1000 VMs on 1000 nodes, {r.variant}: all booted in {r.max_s:.1f} s: "
+                  f"<= {TARGET_S:.0f} s {met}, stretch <= {STRETCH_S:.0f} s {stretch}")  # fmt: skip
+    if args.json is not None:
+        data = {"params": asdict(params), "single_vm_s": single, "single_vm_prefetch_s": single_pf,
+                "results": [r.summary() for r in results]}  # fmt: skip
+        args.json.write_text(json.dumps(data, indent=1))
+    print(last_line(results, single))
+    return 0
+
+
+def original_line(results: list[Result]) -> str:
+    """The preset's figures against the published ones."""
+    by = {r.variant: r for r in results}
+    plain, pf = by["btree"], by["btree+prefetch"]
+    return (
+        f"original preset (160 VMs on 160 nodes, 1 GbE, btree): simulated all / mean "
+        f"{plain.max_s:.1f} / {plain.mean_s:.1f} s from the burst's start, "
+        f"{plain.max_from_vm_start_s:.1f} / {plain.mean_from_vm_start_s:.1f} s from each VM's "
+        f"start; with prefetch {pf.max_s:.1f} / {pf.mean_s:.1f} s and "
+        f"{pf.max_from_vm_start_s:.1f} / {pf.mean_from_vm_start_s:.1f} s. Published: all < "
+        f"{ORIGINAL['all_s']:.0f} s, mean {ORIGINAL['mean_s']:.0f} s; with prefetch "
+        f"{ORIGINAL['prefetch_all_s']:.0f} / {ORIGINAL['prefetch_mean_s']:.0f} s"
+    )
+
+
+def last_line(results: list[Result], single: float) -> str:
+    """The summary line, for the 1,000-node scale (else the largest one simulated)."""
+
+    def pick(variant: str) -> Result | None:
+        found = sorted((r for r in results if r.variant == variant), key=lambda r: r.nodes)
+        exact = [r for r in found if r.nodes == TARGET_NODES]
+        return (exact or found or [None])[-1]
+
+    def p99(r: Result | None) -> str:
+        return f"{r.p99_s:.1f}" if r else "n/a"
+
+    bal, bt, di = pick("balanced"), pick("btree"), pick("direct")
+    nodes = next((r.nodes for r in (bal, bt, di) if r), 0)
+    ratio = f"{bal.p99_s / single:.2f}" if bal else "n/a"
+    egress = f"{bal.server_bytes / MB:.0f}" if bal else "n/a"
+    direct = f"{di.server_bytes / MB:.0f}" if di else "n/a"
+    return (
+        f"simulate: nodes {nodes} balanced p99 {p99(bal)} s ({ratio}x single), btree p99 "
+        f"{p99(bt)} s, direct p99 {p99(di)} s, image-server egress {egress} MB vs {direct} MB "
+        f"direct"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Behaviour of the burst simulation (bench/simulate.py) on small, fast settings."""
+
+import json
+import math
+import random
+import re
+from dataclasses import replace
+
+import pytest
+
+from bench import simulate as sim
+from bench.simulate import MIB, Params, simulate, single_vm_s
+from volt.topology import OK, Tree
+from volt.topology.btree import BtreeExecutor
+
+# A short boot keeps every run well under a second; the behaviours do not depend on it.
+FAST = Params(boot_read_mib=16, chunk_mib=1, boot_cpu_s=2.0, image_gib=0.25, heartbeat_s=4.0)
+BOOT = 16 * MIB
+ON_DEMAND = ("balanced", "btree", "direct", "balanced+wake")
+
+
+def bytes_per_s(mbps: float) -> float:
+    return mbps * 1e6 / 8
+
+
+def test_single_vm_time_is_build_plus_reads_plus_cpu():
+    p = FAST
+    chunk = BOOT / 16
+    requests = math.ceil(chunk / (p.request_kib * 1024))
+    per_chunk = requests * (p.hop_latency_ms + p.service_ms) / 1e3 + chunk / bytes_per_s(1000)
+    build = p.stack_build_s * (1 + random.Random(p.seed).uniform(-p.stack_jitter, p.stack_jitter))
+    assert single_vm_s(p) == pytest.approx(build + 16 * per_chunk + p.boot_cpu_s, rel=1e-9)
+
+
+def test_one_node_every_variant_equals_the_single_vm_time():
+    single, single_pf = single_vm_s(FAST), single_vm_s(FAST, prefetch=True)
+    assert single_pf < single  # prefetch overlaps the reads with the guest's CPU time
+    for spec in ON_DEMAND:
+        assert simulate(FAST, spec, 1).max_s == pytest.approx(single, rel=1e-9), spec
+    for spec in ("balanced+prefetch", "btree+prefetch", "balanced+wake+prefetch"):
+        assert simulate(FAST, spec, 1).max_s == pytest.approx(single_pf, rel=1e-9), spec
+
+
+def test_one_node_full_copy_is_the_copy_then_a_local_boot():
+    p = FAST
+    result = simulate(p, "fullcopy", 1)
+    build = p.stack_build_s * (1 + random.Random(p.seed).uniform(-p.stack_jitter, p.stack_jitter))
+    copy = (p.hop_latency_ms + p.service_ms) / 1e3 + p.image_gib * (1 << 30) / bytes_per_s(1000)
+    local = 16 * (BOOT / 16) / bytes_per_s(p.local_read_mbps)
+    assert result.max_s == pytest.approx(copy + build + local + p.boot_cpu_s, rel=1e-9)
+    assert result.local_bytes == pytest.approx(BOOT)
+
+
+@pytest.mark.parametrize("nodes", [1, 7, 40])
+def test_direct_image_server_egress_is_n_boot_sets(nodes):
+    result = simulate(FAST, "direct", nodes)
+    assert result.server_bytes == pytest.approx(nodes * BOOT, rel=1e-9)
+    assert result.peer_bytes == 0
+
+
+def test_every_node_fetches_its_boot_set_once_even_across_switches():
+    for spec in ("balanced", "balanced+wake", "btree", "balanced+wake+prefetch"):
+        result = simulate(FAST, spec, 60)
+        total = result.server_bytes + result.peer_bytes
+        assert total == pytest.approx(60 * BOOT, rel=1e-6), spec
+
+
+def test_tree_image_server_egress_is_bounded_and_flat_as_n_grows():
+    # The real boot set (the bound compares it with what the server sends while followers
+    # switch to their parents), in coarse chunks.
+    p = replace(FAST, boot_read_mib=200, chunk_mib=8, boot_cpu_s=4.0)
+    boot, top = 200 * MIB, p.fanout  # top: nodes directly under the image server
+    scales = (5, 50, 400)
+    for nodes in scales:
+        # btree: only the top-level nodes ever read from the image server.
+        assert simulate(p, "btree", nodes).server_bytes == pytest.approx(top * boot)
+    woken = [simulate(p, "balanced+wake", n).server_bytes for n in scales]
+    assert max(woken) <= (top + 1) * boot
+    assert woken[-1] <= 1.5 * woken[1]
+    # Today's virtman follows a pending parent only from its next heartbeat: the burst reads
+    # from the image server for up to one heartbeat period, whatever N (still flat).
+    window = p.heartbeat_s + 2 * p.follow_s + 1.0
+    plain = [simulate(p, "balanced", n).server_bytes for n in scales]
+    assert max(plain) <= top * boot + bytes_per_s(p.server_mbps) * window
+    assert plain[-1] <= 1.5 * plain[1]
+    assert min(plain) > max(woken)
+
+
+@pytest.mark.parametrize("fanout", [2, 3, 4])
+def test_balanced_tree_depth_is_logarithmic(fanout):
+    tiny = replace(FAST, boot_read_mib=2, boot_cpu_s=0.2, fanout=fanout)
+    for nodes in (1, 2, 5, 30, 200, 1000):
+        depth = simulate(tiny, "balanced", nodes).depth
+        assert depth <= math.ceil(math.log(nodes, fanout) - 1e-9) + 1, (fanout, nodes, depth)
+
+
+def test_btree_is_slower_than_balanced_for_a_burst():
+    btree = simulate(FAST, "btree", 60)
+    for spec in ("balanced", "balanced+wake"):
+        balanced = simulate(FAST, spec, 60)
+        assert btree.p99_s > balanced.p99_s and btree.max_s > balanced.max_s, spec
+    assert btree.depth > 1 and btree.server_readers == FAST.fanout
+
+
+@pytest.mark.parametrize(
+    "spec", ["balanced", "btree", "direct", "fullcopy", "balanced+wake", "btree+prefetch"]
+)
+def test_doubling_bandwidth_does_not_slow_anything(spec):
+    fast = replace(FAST, node_mbps=2000, server_mbps=2000)
+    for nodes in (1, 30):
+        base, doubled = simulate(FAST, spec, nodes), simulate(fast, spec, nodes)
+        for figure in ("p50_s", "p99_s", "max_s", "mean_s"):
+            assert getattr(doubled, figure) <= getattr(base, figure) + 1e-9, (nodes, figure)
+
+
+def test_deterministic_for_a_fixed_seed():
+    first, again = simulate(FAST, "balanced", 50), simulate(FAST, "balanced", 50)
+    assert first.boot_times == again.boot_times
+    assert (first.server_bytes, first.peer_bytes, first.events) == (
+        again.server_bytes,
+        again.peer_bytes,
+        again.events,
+    )
+    other = simulate(replace(FAST, seed=2), "balanced", 50)
+    assert other.boot_times != first.boot_times
+
+
+def test_indexed_btree_places_exactly_like_the_real_executor():
+    rng = random.Random(7)
+    real, fast = BtreeExecutor(), sim.IndexedBtree()
+    trees = Tree("v", 2), Tree("v", 2)
+    pending: list[str] = []
+    for i in range(400):
+        if pending and rng.random() < 0.5:
+            peer = pending.pop(rng.randrange(len(pending)))
+            for executor, tree in zip((real, fast), trees, strict=True):
+                tree.set_status(tree.nodes[peer], OK)
+                executor.registered(tree, tree.nodes[peer])
+        else:
+            pairs = zip((real, fast), trees, strict=True)
+            placed = [ex.join(tree, str(i), str(i)) for ex, tree in pairs]
+            assert (placed[0] is None) == (placed[1] is None)
+            if placed[0] is not None:
+                pending.append(str(i))
+        shapes = [
+            {p: (n.parent.peer_id, n.slot, n.status) for p, n in tree.nodes.items()}
+            for tree in trees
+        ]
+        assert shapes[0] == shapes[1]
+    assert len(trees[0]) > 100
+
+
+def run_uplink(capacity, conn_cap, transfers, cancel_at=None):
+    """Drive one Uplink alone: transfers = [(dest, size)] at t=0; returns finish times."""
+    host = sim.Sim(FAST, "direct", 1)
+    link = sim.Uplink(host, host.root, capacity, conn_cap)  # counted as image-server bytes
+    done = {}
+    for dest, size in transfers:
+        link.add(dest, size, lambda d, _: done.setdefault(d, host.now), dest, None)
+    cancelled = []
+    if cancel_at is not None:
+        host.at(cancel_at[0], lambda d, _: cancelled.extend(link.cancel(d)), cancel_at[1], None)
+    while host.q:
+        t, _, fn, a, b = sim.heapq.heappop(host.q)
+        host.now = t
+        fn(a, b)
+    return done, cancelled, host
+
+
+def test_uplink_shares_fairly_and_caps_each_connection():
+    done, _, _ = run_uplink(100.0, 80.0, [("a", 100.0), ("b", 100.0)])
+    assert done == {"a": pytest.approx(2.0), "b": pytest.approx(2.0)}
+    done, _, _ = run_uplink(100.0, 80.0, [("a", 100.0)])
+    assert done["a"] == pytest.approx(1.25)  # the receiver's downlink caps a lone connection
+    done, _, host = run_uplink(100.0, 100.0, [("a", 100.0), ("a", 100.0), ("b", 300.0)])
+    assert done["b"] == pytest.approx(5.0)  # a's two requests in order, sharing with b
+    assert host.server_bytes == pytest.approx(500.0)
+
+
+def test_uplink_cancel_returns_what_was_not_sent():
+    done, cancelled, host = run_uplink(100.0, 100.0, [("a", 100.0), ("a", 50.0), ("b", 100.0)],
+                                       cancel_at=(1.0, "a"))  # fmt: skip
+    assert [c[0] for c in cancelled] == [pytest.approx(50.0), pytest.approx(50.0)]
+    assert "a" not in done and done["b"] == pytest.approx(1.5)
+    assert host.server_bytes == pytest.approx(150.0)
+
+
+def test_variant_specs():
+    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True)
+    with pytest.raises(ValueError):
+        sim.parse_spec("direct+prefetch")
+    with pytest.raises(ValueError):
+        sim.parse_spec("mesh")
+
+
+def test_command_line_calibration_and_last_line(tmp_path, capsys):
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"hop_latency_ms": 0.5, "single_vm_boot_s": 4.0,
+                                       "boot_read_mib": 16, "unknown": 1}))  # fmt: skip
+    out = tmp_path / "results.json"
+    args = ["--nodes", "3,6", "--calibration", str(calibration), "--chunk-mib", "1",
+            "--heartbeat-s", "4", "--image-gib", "0.25", "--json", str(out)]  # fmt: skip
+    assert sim.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(
+        r"simulate: nodes 6 balanced p99 [\d.]+ s \([\d.]+x single\), btree p99 [\d.]+ s, "
+        r"direct p99 [\d.]+ s, image-server egress \d+ MB vs \d+ MB direct",
+        lines[-1],
+    )
+    text = "\n".join(lines)
+    assert "hop_latency_ms = 0.5 (calibration)" in text
+    assert "boot_cpu_s" in text and "derived from single_vm_boot_s 4" in text
+    assert re.search(r"single VM alone: 4\.00 s .*measured 4\.00 s", text)
+    data = json.loads(out.read_text())
+    assert data["params"]["hop_latency_ms"] == 0.5
+    assert {r["variant"] for r in data["results"]} == set(sim.DEFAULT_SPECS)
