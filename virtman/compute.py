@@ -147,6 +147,11 @@ class Virtman:
         except BaseException:
             self._release(instance, base)
             raise
+        if base.following:
+            # Placed under a parent still building, the image reads from an ancestor or the
+            # image server for now: heartbeat at once (and every second after) rather than
+            # at the end of the current period, to move to the parent as soon as it is ready.
+            self._wake.set()
         self.journal.put("instances", instance, {"image": image, "path": path})
         LOG.info("created %s on %s: %s", instance, image, path)
         return path

@@ -220,3 +220,30 @@ def test_a_left_image_waits_for_its_readers_only_for_the_grace_period(tmp_path: 
     now[0] += 0.2
     assert base.teardown_if_unused() is True
     assert driver.empty() and driver.state.forced_relay_teardowns == 1
+
+
+def test_a_create_under_a_pending_parent_wakes_the_heartbeat(tmp_path: Path) -> None:
+    """Without the wake-up, a node of a burst read from the image server until the end of
+    the current heartbeat period (20 s by default), not until its parent was ready."""
+    from voltclient.client import Volume
+
+    volt = FakeVolt()
+    pending = Volume("10.0.0.7", None, None, None, "pending", "10.0.0.7:volume-img", None)
+    volt.parents["volume-img"] = [pending]
+    driver = FakeDriver()
+    vm = Virtman(settings=settings(tmp_path), driver=driver, volt=volt)  # type: ignore[arg-type]
+    try:
+        deadline = time.monotonic() + 5
+        while volt.calls.count(("heartbeat",)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = volt.calls.count(("heartbeat",))  # the loop's first round, at start
+        time.sleep(0.3)  # let it go to sleep for its period (3600 s here)
+        assert vm.create("vm1", "img", CONN).startswith("0:")
+        volt.parents["volume-img"] = [ready("10.0.0.7", "volume-img")]
+        deadline = time.monotonic() + 5
+        while not driver.state.upstreams["volume-img"][0].peer_id and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert volt.calls.count(("heartbeat",)) > first
+        assert driver.state.upstreams["volume-img"][0].peer_id == "10.0.0.7:volume-img"
+    finally:
+        vm.close()
