@@ -36,7 +36,10 @@ default_opts = [
     cfg.StrOpt(
         "driver",
         default="qemu",
-        choices=[("qemu", "userspace: qemu-storage-daemon, tgtd, qcow2 (any Linux host)")],
+        choices=[
+            ("qemu", "userspace: qemu-storage-daemon, tgtd, qcow2 (any Linux host)"),
+            ("dm", "kernel: open-iscsi, dm-multipath, bcache, LIO, dm-snapshot"),
+        ],
         help="The block stack driver.",
     ),
     cfg.StrOpt("state_dir", default="/var/lib/virtman", help="Journal and default dirs."),
@@ -101,6 +104,49 @@ default_opts = [
         max=4,
         help="Prefetch reads in flight per image.",
     ),
+    cfg.StrOpt(
+        "dm_cache_device",
+        help="dm driver: the node's one local cache device (a block device, e.g. an SSD "
+        "partition), shared by every image: its first 16 MiB hold the images' bcache "
+        "headers, the rest is one bcache cache set. Its content is lost. Unset: a sparse "
+        "file <cache_dir>/dm-cache.img of dm_cache_size_mib on a loop device.",
+    ),
+    cfg.IntOpt(
+        "dm_cache_size_mib",
+        default=10240,
+        min=64,
+        help="dm driver: size of the cache file when dm_cache_device is unset. bcache keeps "
+        "1/1024 of the cache ready for new data: bigger caches drop fewer first reads.",
+    ),
+    cfg.StrOpt(
+        "dm_relay",
+        default="lio",
+        choices=[("lio", "LIO (rtslib-fb), kernel target"), ("tgt", "tgtd, userspace")],
+        help="dm driver: the target that exports the relay.",
+    ),
+    cfg.PortOpt(
+        "dm_image_port",
+        default=0,
+        help="dm driver with dm_relay=lio: port of a tgtd for create_image_target on this "
+        "node (0: none, image targets are refused). With dm_relay=tgt the relay's tgtd "
+        "serves them on iscsi_port.",
+    ),
+    cfg.IntOpt(
+        "dm_no_path_retry",
+        default=30,
+        min=1,
+        max=3600,
+        help="dm driver: seconds a multipath device with no working path queues I/O before "
+        "failing it (multipathd's no_path_retry, in seconds).",
+    ),
+    cfg.IntOpt(
+        "dm_cow_percent",
+        default=110,
+        min=10,
+        max=1000,
+        help="dm driver: size of each VM's copy-on-write file (sparse), in percent of the "
+        "image size.",
+    ),
     cfg.IntOpt(
         "prefetch_pause_ms",
         default=0,
@@ -139,6 +185,12 @@ class Settings:
     prefetch_dir: Path | None = None
     prefetch_depth: int = 2
     prefetch_pause_ms: int = 0
+    dm_cache_device: str | None = None
+    dm_cache_size_mib: int = 10240
+    dm_relay: str = "lio"
+    dm_image_port: int = 0
+    dm_no_path_retry: int = 30
+    dm_cow_percent: int = 110
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, host_ip: str) -> Settings:
@@ -163,6 +215,12 @@ class Settings:
             prefetch_dir=Path(conf.prefetch_dir) if conf.prefetch_dir else None,
             prefetch_depth=conf.prefetch_depth,
             prefetch_pause_ms=conf.prefetch_pause_ms,
+            dm_cache_device=conf.dm_cache_device,
+            dm_cache_size_mib=conf.dm_cache_size_mib,
+            dm_relay=conf.dm_relay,
+            dm_image_port=conf.dm_image_port,
+            dm_no_path_retry=conf.dm_no_path_retry,
+            dm_cow_percent=conf.dm_cow_percent,
         )
 
 

@@ -11,4 +11,8 @@ def load_driver(name: str, settings: Settings) -> Driver:
         from virtman.drivers.qemu.driver import QemuDriver
 
         return QemuDriver(settings)
-    raise ValueError(f"unknown driver {name!r} (known: qemu)")
+    if name == "dm":
+        from virtman.drivers.dm.driver import DmDriver
+
+        return DmDriver(settings)
+    raise ValueError(f"unknown driver {name!r} (known: qemu, dm)")
