@@ -13,7 +13,7 @@ appears and would race the driver.
 
 Layout of ``struct cache_sb_disk`` (include/uapi/linux/bcache.h), little endian, at byte
 4096 (sector 8); the checksum is bcache's crc64 (ECMA-182, MSB first, inverted) of bytes
-8..208 (no journal buckets listed).
+8..208, plus the journal bucket list the kernel adds once the cache set runs.
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def parse_superblock(data: bytes) -> Superblock | None:
         return None
     fields = _HEAD.unpack(data[: _HEAD.size])
     csum, offset, version, magic, uuid, set_uuid, label = fields[:7]
-    if magic != MAGIC or offset != SB_SECTOR or csum != crc64(data[8 : _HEAD.size]):
+    keys = fields[-1]  # the kernel lists its journal buckets after the header
+    end = _HEAD.size + 8 * keys
+    if magic != MAGIC or offset != SB_SECTOR or len(data) < end or csum != crc64(data[8:end]):
         return None
     if version not in (VERSION_CDEV, VERSION_BDEV):
         return None

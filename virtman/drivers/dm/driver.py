@@ -1,0 +1,555 @@
+"""The kernel driver: open-iscsi paths, dm-multipath, bcache, LIO relays, dm snapshots.
+
+Per image (names from the original where it had them)::
+
+    paths        one iSCSI session per parent (ISCSIConnector, CHAP): /dev/sdX
+    multipath    multipath_<image>: read-only, one priority group per path in Volt's order,
+                 so reads go to the first (the tree parent) and the others are standby
+    cache        cachebk_<image> (8 KiB header slot + the multipath device) cached by the
+                 node's one bcache cache set -> /dev/bcacheN -> cached_<image> (linear)
+    origin       origin_<image>: snapshot-origin over cached_<image>
+    relay        relay_<image> (linear over cached_<image>) exported by LIO under the
+                 image's IQN, LUN 1, read-only, CHAP (or by tgtd: dm_relay = tgt)
+    snapshot     snapshot_<instance>: persistent COW (a sparse file on a loop device) over
+                 cached_<image>; the VM's disk is /dev/mapper/snapshot_<instance>
+
+Everything is found again from the kernel (``dmsetup``, bcache's sysfs, LIO's configfs,
+``iscsiadm -m session``, ``losetup``) plus one file per image listing its parents
+(``run_dir/paths``), so a restarted virtman adopts what is there. Every dm device of ours
+carries a ``VMT-`` UUID; nothing without one is touched. All root commands go through the
+injected ``Host`` (tests pass fakes). A thread checks the multipath devices every
+``MONITOR_INTERVAL_S``: it reinstates paths that came back, moves reads back to the first
+path, and bounds queueing with no path to ``dm_no_path_retry`` seconds.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brick import executor
+from brick.devmapper import (
+    DeviceMapper,
+    Executor,
+    Linear,
+    Multipath,
+    MultipathMonitor,
+    Snapshot,
+    Table,
+    device_number,
+    is_block_device,
+    scsi_path_ready,
+)
+from brick.exception import BrickError, CommandFailed, NotFound, PathsUnavailable
+from brick.iscsi import BY_PATH_DIR, ISCSIConnector, validate_lun
+from brick.lio import LioTargets
+from brick.tgt import Chap, TgtAdm, TgtDaemon, validate_iqn, validate_portal
+from virtman.conf import Settings
+from virtman.drivers.dm import bcache
+from virtman.drivers.dm.cache import BcacheLayer, CacheSet
+from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapshot_name, uuid_of
+from virtman.layers.base import Device, Endpoint, Relay
+
+LOG = logging.getLogger(__name__)
+
+MODULES = ("dm-multipath", "dm-queue-length", "dm-snapshot", "bcache", "iscsi_tcp", "loop")
+LIO_MODULES = ("target_core_iblock", "iscsi_target_mod")
+MONITOR_INTERVAL_S = 2.0
+
+
+@dataclass
+class Host:
+    """The driver's seams to the machine: every command, device check and sysfs access."""
+
+    execute: Executor = executor.execute
+    devno: Callable[[str], str] = device_number
+    block_device: Callable[[str], bool] = is_block_device
+    realpath: Callable[[str], str] = os.path.realpath
+    sysfs: Path = Path("/sys")
+    by_path_dir: Path = BY_PATH_DIR
+    rtslib: Any = None  # rtslib_fb, imported on first use
+    io: bcache.DiskIO = field(default_factory=bcache.DiskIO)
+    bcache: bcache.BcacheSysfs | None = None  # default: BcacheSysfs(sysfs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailoverMultipath(Multipath):
+    """dm-multipath with one priority group per path, in order (multipath-tools' "failover"
+    grouping): I/O goes to the first path while it works; the kernel moves to the next group
+    when it fails. ``0 N multipath 1 queue_if_no_path 0 2 1 queue-length 0 1 1 a 1
+    queue-length 0 1 1 b 1``."""
+
+    repeat: int = 1
+
+    def _args(self, paths: Sequence[str], repeat: int, queue: bool) -> list[str]:
+        features = ["1", "queue_if_no_path"] if queue else ["0"]
+        per_path = self._path_args(repeat)
+        args = [*features, "0", str(len(paths)), "1"]
+        for path in paths:
+            args += [self.selector, "0", "1", str(len(per_path)), path, *per_path]
+        return args
+
+
+class Loops:
+    """Loop devices over files (``losetup``)."""
+
+    def __init__(self, execute: Executor) -> None:
+        self._execute = execute
+
+    def find(self, file: str) -> list[str]:
+        """The loop devices attached to ``file`` now."""
+        out = self._execute(
+            ["losetup", "--list", "--noheadings", "--raw", "--output", "NAME,BACK-FILE"]
+        ).stdout
+        found = []
+        for line in out.splitlines():
+            name, _, back = line.strip().partition(" ")
+            if back.strip() == file:
+                found.append(name)
+        return sorted(found)
+
+    def attach(self, file: str) -> str:
+        device = self._execute(["losetup", "--find", "--show", file]).stdout.strip()
+        if not device.startswith("/dev/loop"):
+            raise BrickError(f"losetup gave no loop device for {file}: {device!r}")
+        return device
+
+    def detach(self, device: str) -> None:
+        try:
+            self._execute(["losetup", "--detach", device])
+        except CommandFailed as exc:
+            if "No such device" not in exc.stderr:
+                raise
+
+
+class DmDriver:
+    """The ``dm`` driver (see the module docstring)."""
+
+    name = "dm"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: Host | None = None,
+        timeout_s: float = 30.0,
+        monitor_interval_s: float = MONITOR_INTERVAL_S,
+    ) -> None:
+        if not (settings.chap_user and settings.chap_password):
+            raise ValueError("the dm driver exports relays with CHAP: set chap_user/password")
+        self.settings = settings
+        self.host = host or Host()
+        self.timeout_s = timeout_s
+        self.monitor_interval_s = monitor_interval_s
+        self.chap = Chap(settings.chap_user, settings.chap_password)
+        h = self.host
+        self.dm = DeviceMapper(
+            execute=h.execute, devno=h.devno, block_device=h.block_device, timeout_s=timeout_s
+        )
+        self.iscsi = ISCSIConnector(execute=h.execute, by_path_dir=h.by_path_dir, sysfs=h.sysfs)
+        self.lio = LioTargets(rtslib=h.rtslib)
+        self.bcache = h.bcache or bcache.BcacheSysfs(h.sysfs)
+        self.loops = Loops(h.execute)
+        self.lock = threading.RLock()  # slots, LIO, tgt, multipath tables
+        self.portal = validate_portal(f"{_bracket(settings.host_ip)}:{settings.iscsi_port}")
+        # tgtd: the relay when dm_relay = tgt, or the image service's (create_image_target)
+        tgt_port = settings.iscsi_port if settings.dm_relay == "tgt" else settings.dm_image_port
+        self.tgtd: TgtDaemon | None = None
+        if tgt_port:
+            portal = f"{_bracket(settings.host_ip)}:{tgt_port}"
+            self.tgtd = TgtDaemon(settings.tgt_control_port, [portal], run_dir=settings.run_dir)
+        self.tgt = TgtAdm(settings.tgt_control_port)  # virtmanserver's ImageService uses it
+        self.cacheset = CacheSet(self)
+        self.upstream = DmUpstream(self)
+        self.cache = BcacheLayer(self)
+        self.relay: LioRelay | TgtRelay = (
+            TgtRelay(self) if settings.dm_relay == "tgt" else LioRelay(self)
+        )
+        self.snapshot = DmSnapshot(self)
+        self._monitors: dict[str, MultipathMonitor] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- daemons -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the modules, start or adopt the cache set (and tgtd), start the monitor."""
+        modules = MODULES + (LIO_MODULES if self.settings.dm_relay == "lio" else ())
+        for module in modules:
+            self.host.execute(["modprobe", module])
+        for d in (self.settings.instances_dir, self.settings.run_dir / "paths"):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.tgtd is not None and not self.tgtd.adopt():
+            self.tgtd.start()
+        self.cacheset.start()
+        if self.monitor_interval_s and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._monitor_loop, name="dm-multipath")
+            self._thread.daemon = True
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the monitor; remove the cache set and stop tgtd if nothing uses them."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.cacheset.stop()
+        if self.tgtd is not None and not self.tgt.targets():
+            self.tgtd.stop()
+
+    # -- dm helpers -----------------------------------------------------------------------
+    def kname(self, dm_name: str) -> str:
+        """The kernel's name of a dm device (``dm-<minor>``), as sysfs knows it."""
+        info = self.dm.info(dm_name)
+        if info is None:
+            raise NotFound("device-mapper device", dm_name)
+        return f"dm-{info.minor}"
+
+    def owned(self, kind: str) -> list[str]:
+        """Images (or instances, for ``snapshot``) that have a dm device of ``kind`` of ours."""
+        found = []
+        for info in self.dm.list_info():
+            parsed = parse(info.name, info.uuid)
+            if parsed and parsed[0] == kind:
+                found.append(parsed[1])
+        return sorted(found)
+
+    def is_ours(self, dm_name: str, kind: str, name: str) -> bool:
+        info = self.dm.info(dm_name)
+        if info is None:
+            return False
+        if parse(info.name, info.uuid) != (kind, name):
+            LOG.warning("%s exists with uuid %r: not ours, left alone", dm_name, info.uuid)
+            return False
+        return True
+
+    def remove(self, dm_name: str, kind: str, name: str) -> None:
+        """Remove a dm device of ours (idempotent; a device that is not ours is left)."""
+        if self.is_ours(dm_name, kind, name):
+            self.dm.remove(dm_name, retry_s=5.0)
+
+    # -- what exists ----------------------------------------------------------------------------
+    def images(self) -> set[str]:
+        found = {
+            parsed[1]
+            for info in self.dm.list_info()
+            if (parsed := parse(info.name, info.uuid)) and parsed[0] in KINDS
+        }
+        found |= {p.stem for p in (self.settings.run_dir / "paths").glob("*.json")}
+        found |= set(self.relay.images())
+        return found
+
+    def origin(self, image: str) -> Device | None:
+        n = ImageNames(image)
+        for dm_name, kind in (
+            (n.multipath, "multipath"),
+            (n.backing, "cachebk"),
+            (n.cached, "cached"),
+            (n.origin, "origin"),
+        ):
+            if not self.is_ours(dm_name, kind, image):
+                return None
+        kname = self.kname(n.backing)
+        if not self.bcache.registered(kname) or self.bcache.state(kname) == "no cache":
+            return None
+        path = n.path(n.cached)
+        return Device(n.cached, path, self.dm.size(path) * 512)
+
+    def sweep(self, keep: set[str]) -> None:
+        """Tear down every image of ours not in ``keep`` (relay, cache, paths), and LIO or
+        tgt relays of ours that belong to no image."""
+        for image in sorted(self.images() - keep):
+            LOG.warning("removing the stray stack of %s", image)
+            for what, step in (
+                ("relay", lambda i=image: self.relay.teardown(i, force=True)),
+                ("cache", lambda i=image: self.cache.teardown(i)),
+                ("upstream", lambda i=image: self.upstream.teardown(i)),
+            ):
+                try:
+                    step()
+                except Exception as exc:  # keep sweeping the rest
+                    LOG.error("%s: sweeping the %s failed: %s", image, what, exc)
+        self.relay.sweep(keep)
+
+    # -- multipath monitoring ------------------------------------------------------------------
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.monitor_interval_s):
+            try:
+                self.check_paths()
+            except Exception:
+                LOG.exception("multipath check failed")
+
+    def check_paths(self) -> None:
+        """One round of the monitor over every multipath device of ours."""
+        images = self.owned("multipath")
+        for gone in set(self._monitors) - set(images):
+            del self._monitors[gone]
+        for image in images:
+            name = ImageNames(image).multipath
+            monitor = self._monitors.get(image)
+            if monitor is None:
+                monitor = self._monitors[image] = MultipathMonitor(
+                    self.dm,
+                    name,
+                    no_path_retry_s=float(self.settings.dm_no_path_retry),
+                    path_ready=lambda devno: scsi_path_ready(devno, str(self.host.sysfs)),
+                )
+            with self.lock:
+                try:
+                    status = monitor.check()
+                except NotFound:
+                    continue
+                first = status.groups[0] if status.groups else None
+                if first and first.state != "A" and first.paths and first.paths[0].active:
+                    LOG.info("%s: the first path works again: reads go back to it", name)
+                    self.host.execute(["dmsetup", "message", name, "0", "switch_group", "1"])
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _target(endpoint: Endpoint) -> tuple[str, str, int]:
+    """An endpoint's iSCSI target, validated (NBD addresses are not used by this driver)."""
+    return (
+        validate_portal(endpoint.portal),
+        validate_iqn(endpoint.iqn),
+        validate_lun(endpoint.lun),
+    )
+
+
+class DmUpstream:
+    """Paths (iSCSI sessions) and ``multipath_<image>`` over them."""
+
+    def __init__(self, driver: DmDriver) -> None:
+        self.d = driver
+
+    def _file(self, image: str) -> Path:
+        return self.d.settings.run_dir / "paths" / f"{image}.json"
+
+    def endpoints(self, image: str) -> list[Endpoint]:
+        path = self._file(image)
+        if not path.exists():
+            return []
+        return [Endpoint(**e) for e in json.loads(path.read_text())]
+
+    def _save(self, image: str, endpoints: Sequence[Endpoint]) -> None:
+        path = self._file(image)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([e.__dict__ for e in endpoints]))
+        os.replace(tmp, path)
+
+    def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
+        n = ImageNames(image)
+        d = self.d
+        wanted: list[Endpoint] = []
+        for endpoint in endpoints:  # validate all first; one endpoint per target
+            if _target(endpoint) not in {_target(e) for e in wanted}:
+                wanted.append(endpoint)
+        current = self.endpoints(image)
+        known = {_target(e) for e in current}
+        # record the paths before connecting them: a crash leaves nothing unrecorded
+        self._save(image, [*current, *(e for e in wanted if _target(e) not in known)])
+        usable: list[tuple[Endpoint, str]] = []
+        for endpoint in wanted:
+            portal, iqn, lun = _target(endpoint)
+            try:
+                link = d.iscsi.connect(portal, iqn, lun, d.chap)
+            except BrickError as exc:
+                LOG.warning("%s: path %s unusable: %s", image, endpoint.key, exc)
+                continue
+            usable.append((endpoint, d.host.realpath(link)))
+        try:
+            if not usable:
+                raise PathsUnavailable(image, [e.key for e in wanted])
+            with d.lock:
+                usable, size = self._sized(image, usable)
+                table = Table.of(FailoverMultipath(length=size, paths=tuple(p for _, p in usable)))
+                if d.is_ours(n.multipath, "multipath", image):
+                    if not table.matches(d.dm.table(n.multipath), d.host.devno):
+                        d.dm.reload(n.multipath, table)
+                        LOG.info("%s: paths now %s", image, [e.key for e, _ in usable])
+                else:
+                    d.dm.create(n.multipath, table, uuid=n.uuid("multipath"), readonly=True)
+        except BaseException:
+            self._disconnect(image, [e for e in wanted if _target(e) not in known])
+            self._save(image, current)
+            raise
+        kept = {_target(e) for e, _ in usable}
+        self._save(image, [e for e, _ in usable])
+        self._disconnect(image, [e for e in [*current, *wanted] if _target(e) not in kept])
+        return Device(n.multipath, n.path(n.multipath), size * 512)
+
+    def _sized(
+        self, image: str, usable: list[tuple[Endpoint, str]]
+    ) -> tuple[list[tuple[Endpoint, str]], int]:
+        """Keep the paths as big as the first (a parent exporting something else is
+        dropped); returns them and the size in sectors."""
+        size = self.d.dm.size(usable[0][1])
+        same = [(e, p) for e, p in usable if p == usable[0][1] or self.d.dm.size(p) == size]
+        for endpoint, path in usable:
+            if (endpoint, path) not in same:
+                LOG.warning("%s: path %s has another size: not used", image, endpoint.key)
+        return same, size
+
+    def _disconnect(self, image: str, endpoints: Sequence[Endpoint]) -> None:
+        for endpoint in endpoints:
+            try:
+                self.d.iscsi.disconnect(*_target(endpoint))
+            except BrickError as exc:
+                LOG.warning("%s: could not close path %s: %s", image, endpoint.key, exc)
+
+    def teardown(self, image: str) -> None:
+        n = ImageNames(image)
+        with self.d.lock:
+            self.d.remove(n.multipath, "multipath", image)
+        for endpoint in self.endpoints(image):
+            self.d.iscsi.disconnect(*_target(endpoint))
+        self._file(image).unlink(missing_ok=True)
+
+
+class LioRelay:
+    """``relay_<image>`` (a linear view of the cached device) exported by LIO."""
+
+    def __init__(self, driver: DmDriver) -> None:
+        self.d = driver
+
+    def _view(self, image: str, cached: Device) -> str:
+        n = ImageNames(image)
+        table = Table.of(Linear(length=cached.size // 512, device=cached.path))
+        return self.d.dm.create(n.relay, table, uuid=n.uuid("relay"))
+
+    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
+        view = self._view(image, cached)
+        with self.d.lock:
+            self.d.lio.export(iqn, view, chap=self.d.chap, portals=[self.d.portal], lun=1)
+        return Relay(iqn, self.d.portal, None)
+
+    def readers(self, image: str, iqn: str) -> int:
+        return len(self.d.lio.sessions(iqn))
+
+    def _exports(self, image: str, iqn: str | None) -> list[str]:
+        view = ImageNames(image).relay
+        return [
+            e.iqn for e in self.d.lio.list() if e.iqn == iqn or e.device == f"/dev/mapper/{view}"
+        ]
+
+    def teardown(self, image: str, iqn: str | None = None, *, force: bool = False) -> None:
+        """LIO drops the sessions of a target it removes: ``force`` changes nothing here."""
+        n = ImageNames(image)
+        with self.d.lock:
+            for target in self._exports(image, iqn):
+                self.d.lio.remove(target)
+            self.d.remove(n.relay, "relay", image)
+
+    def images(self) -> builtins.list[str]:
+        prefix = "/dev/mapper/relay_"
+        return [e.device[len(prefix) :] for e in self.d.lio.list() if e.device.startswith(prefix)]
+
+    def sweep(self, keep: set[str]) -> None:
+        views = {f"/dev/mapper/{ImageNames(i).relay}" for i in keep}
+        with self.d.lock:
+            for export in self.d.lio.list():
+                if export.device not in views:
+                    LOG.warning("removing stray LIO target %s", export.iqn)
+                    self.d.lio.remove(export.iqn)
+
+
+class TgtRelay(LioRelay):
+    """The same linear view exported by tgtd (``dm_relay = tgt``)."""
+
+    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
+        view = self._view(image, cached)
+        with self.d.lock:
+            self.d.tgt.create_target(iqn, Path(view), lun=1, readonly=True, chap=self.d.chap)
+        return Relay(iqn, self.d.portal, None)
+
+    def readers(self, image: str, iqn: str) -> int:
+        return len(self.d.tgt.connections(iqn))
+
+    def _exports(self, image: str, iqn: str | None) -> list[str]:
+        view = f"/dev/mapper/{ImageNames(image).relay}"
+        return [
+            t.iqn
+            for t in self.d.tgt.targets()
+            if t.iqn == iqn or any(lun.backing_path == view for lun in t.luns)
+        ]
+
+    def teardown(self, image: str, iqn: str | None = None, *, force: bool = False) -> None:
+        with self.d.lock:
+            for target in self._exports(image, iqn):
+                self.d.tgt.delete_target(target)
+            self.d.remove(ImageNames(image).relay, "relay", image)
+
+    def images(self) -> builtins.list[str]:
+        prefix = "/dev/mapper/relay_"
+        return [
+            lun.backing_path[len(prefix) :]
+            for t in self.d.tgt.targets()
+            for lun in t.luns
+            if lun.backing_path.startswith(prefix)
+        ]
+
+    def sweep(self, keep: set[str]) -> None:
+        views = {f"/dev/mapper/{ImageNames(i).relay}" for i in keep}
+        with self.d.lock:
+            for t in self.d.tgt.targets():
+                relays = [lun.backing_path for lun in t.luns if "/relay_" in lun.backing_path]
+                if relays and not set(relays) & views:
+                    LOG.warning("removing stray tgt relay %s", t.iqn)
+                    self.d.tgt.delete_target(t.iqn)
+
+
+class DmSnapshot:
+    """``snapshot_<instance>``: a persistent dm snapshot of the cached device, its COW a
+    sparse file ``instances_dir/<instance>.cow`` on a loop device."""
+
+    def __init__(self, driver: DmDriver) -> None:
+        self.d = driver
+
+    def _file(self, instance: str) -> Path:
+        return self.d.settings.instances_dir / f"{instance}.cow"
+
+    def ensure(self, instance: str, origin: Device) -> str:
+        d = self.d
+        name = snapshot_name(instance)
+        cow = self._file(instance)
+        if d.is_ours(name, SNAPSHOT, instance):
+            return f"/dev/mapper/{name}"
+        for loop in d.loops.find(str(cow)):  # a create that died half way
+            d.loops.detach(loop)
+        size = origin.size * d.settings.dm_cow_percent // 100 + (8 << 20)
+        cow.parent.mkdir(parents=True, exist_ok=True)
+        with open(cow, "wb") as f:  # a new, all-zero COW: a fresh snapshot store
+            f.truncate(size)
+        loop = None
+        try:
+            loop = d.loops.attach(str(cow))
+            table = Table.of(
+                Snapshot(length=origin.size // 512, origin=origin.path, cow=loop, persistent=True)
+            )
+            return d.dm.create(name, table, uuid=uuid_of(SNAPSHOT, instance))
+        except BaseException:
+            if loop is not None:
+                d.loops.detach(loop)
+            cow.unlink(missing_ok=True)
+            raise
+
+    def teardown(self, instance: str) -> None:
+        d = self.d
+        d.remove(snapshot_name(instance), SNAPSHOT, instance)
+        cow = self._file(instance)
+        for loop in d.loops.find(str(cow)):
+            d.loops.detach(loop)
+        cow.unlink(missing_ok=True)
+
+    def owned(self) -> list[str]:
+        return self.d.owned(SNAPSHOT)
