@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 
 from brick.exception import BrickError, CommandFailed, NotFound
 from brick.executor import execute
+from guestkit import apt
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,9 +93,6 @@ STAGE = "/opt/vmt/build"  # in the image, while the venv is installed; removed a
 PROJECT_DIR = "/ci/project"  # where the payload puts the project's packages
 IMAGE_MIB = 2048
 FORMAT = 1
-FALLBACK_MIRROR = "http://deb.debian.org/debian"
-APT_LISTS = Path("/var/lib/apt/lists")
-APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 KEY_FILES = (
     Path(__file__).resolve(),
@@ -129,69 +127,23 @@ def default_cache_dir() -> Path:
 
 
 # -- apt: mirror, versions ------------------------------------------------------------------
-def apt_mirror() -> str:
-    """The first ``URIs:`` of this machine's deb822 sources that serves ``bookworm``."""
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    with contextlib.suppress(OSError):
-        for stanza in sources.read_text().split("\n\n"):
-            fields = dict(
-                line.split(":", 1) for line in stanza.splitlines() if re.match(r"^\w[\w-]*:", line)
-            )
-            suites = fields.get("Suites", "").split()
-            uris = fields.get("URIs", "").split()
-            if SUITE in suites and uris:
-                return uris[0]
-    return FALLBACK_MIRROR
-
-
-def _apt_stamp() -> str:
-    """A fingerprint of the apt lists and sources: candidate versions stay valid under it."""
-    paths = [p for p in APT_LISTS.glob("*") if p.is_file() and p.name != "lock"]
-    for top in APT_SOURCES:
-        paths += sorted(top.glob("*")) if top.is_dir() else [top]
-    entries = []
-    for path in sorted(paths):
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            entries.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
-def _apt_show(packages: Sequence[str]) -> dict[str, dict[str, str]]:
-    """The candidate stanza of each package (one ``apt-cache show`` call)."""
-    out = execute(["apt-cache", "show", "--no-all-versions", *packages], timeout_s=120).stdout
-    found: dict[str, dict[str, str]] = {}
-    for stanza in out.split("\n\n"):
-        fields = {}
-        for line in stanza.splitlines():
-            if ":" in line and not line.startswith(" "):
-                name, _, value = line.partition(":")
-                fields[name] = value.strip()
-        if "Package" in fields and "Version" in fields:
-            found.setdefault(fields["Package"], fields)
-    for package in packages:
-        if package not in found:
-            raise NotFound("Debian package", package)
-    return found
-
-
 def resolve_versions(cache_dir: Path, packages: Sequence[str]) -> dict[str, str]:
     """``{package: candidate version}`` for ``packages`` and the concrete kernel package, plus
     ``"kernel"``: that package's name. Cached in ``cache_dir/packages.json`` per apt stamp."""
-    stamp, query = _apt_stamp(), sorted(set(packages))
+    stamp, query = apt.lists_stamp(), sorted(set(packages))
     saved_path = cache_dir / "packages.json"
     with contextlib.suppress(OSError, ValueError, KeyError):
         saved = json.loads(saved_path.read_text())
         if saved["stamp"] == stamp and saved["query"] == query:
             return dict(saved["versions"])
-    shown = _apt_show([KERNEL_META, *query])
+    shown = apt.show([KERNEL_META, *query])
     depends = shown[KERNEL_META].get("Depends", "")
     match = re.search(r"\b(linux-image-[0-9][A-Za-z0-9.+-]*-cloud-amd64)\b", depends)
     if not match:
         raise NotFound(f"kernel package in the Depends of {KERNEL_META}", depends)
     kernel = match.group(1)
     versions = {name: shown[name]["Version"] for name in query}
-    versions[kernel] = _apt_show([kernel])[kernel]["Version"]
+    versions[kernel] = apt.show([kernel])[kernel]["Version"]
     versions["kernel"] = kernel
     _write_json(saved_path, {"stamp": stamp, "query": query, "versions": versions})
     return versions
@@ -351,8 +303,7 @@ def _fetch_kernel(work: Path, package: str, version: str) -> tuple[Path, Path]:
     """Download and unpack the kernel package: (vmlinuz, its modules folder)."""
     debs, tree = work / "kernel-deb", work / "kernel"
     debs.mkdir()
-    apt = ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", f"{package}={version}"]
-    execute(["env", "-C", str(debs), *apt], timeout_s=600)
+    apt.download([f"{package}={version}"], debs)
     for deb in sorted(debs.glob("*.deb")):
         execute(["dpkg", "-x", str(deb), str(tree)], timeout_s=300)
     vmlinuz = sorted((tree / "boot").glob("vmlinuz-*"))
@@ -606,7 +557,7 @@ def build_guest(
     """
     cache_dir = Path(cache_dir or default_cache_dir()).absolute()
     requirements = Path(requirements).absolute()
-    mirror = mirror or os.environ.get("GUESTKIT_MIRROR") or apt_mirror()
+    mirror = mirror or os.environ.get("GUESTKIT_MIRROR") or apt.mirror()
     packages = [*PACKAGES, *([MULTIPATH_TOOLS] if multipath_tools else []), *extra_packages]
     packages = sorted(set(packages), key=packages.index)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -37,14 +37,13 @@ import guestimage  # noqa: E402
 
 from brick.exception import NotFound  # noqa: E402
 from brick.executor import execute  # noqa: E402
+from guestkit import apt  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 
 SUITE = "bookworm"
 INCLUDE = "systemd-sysv,udev,kmod,procps,iproute2,ifupdown,util-linux"
 IMAGE_SIZE = "1G"
-SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
-FALLBACK_MIRROR = "http://deb.debian.org/debian"
 
 MARKER_SCRIPT = """#!/bin/sh
 # vmt debian guest: prove the disk was read (id + sha256 of a 1 MiB file), then power off.
@@ -66,18 +65,6 @@ ExecStart=/usr/local/sbin/vmt-marker
 [Install]
 WantedBy=multi-user.target
 """
-
-
-def mirror() -> str:
-    """The first Debian mirror of this machine's apt sources."""
-    try:
-        text = SOURCES.read_text()
-    except OSError:
-        return FALLBACK_MIRROR
-    for line in text.splitlines():
-        if line.startswith("URIs:") and "security" not in line:
-            return line.split()[1]
-    return FALLBACK_MIRROR
 
 
 def cache_key(kernel_package: str) -> str:
@@ -111,10 +98,10 @@ def _build(cache_dir: Path, entry: Path, key: str, tiny: guestimage.GuestImage) 
     work = Path(tempfile.mkdtemp(prefix=".build-debian-", dir=cache_dir))
     try:
         root = work / "root"
-        LOG.info("debootstrap %s from %s (about a minute)", SUITE, mirror())
+        LOG.info("debootstrap %s from %s (about a minute)", SUITE, apt.mirror())
         execute(
             ["debootstrap", "--variant=minbase", f"--include={INCLUDE}", SUITE, str(root),
-             mirror()],
+             apt.mirror()],
             timeout_s=1800,
         )  # fmt: skip
         for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin"):
@@ -165,7 +152,7 @@ def _install_modules(work: Path, root: Path, kernel_package: str) -> None:
     """The kernel's modules into the root (udev coldplug loads them as on a real boot)."""
     debs = work / "debs"
     debs.mkdir()
-    guestimage._download([kernel_package], debs)
+    apt.download([kernel_package], debs)
     tree = work / "kernel"
     for deb in debs.glob("*.deb"):
         execute(["dpkg", "-x", str(deb), str(tree)], timeout_s=300)

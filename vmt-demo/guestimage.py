@@ -45,15 +45,15 @@ import random
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from brick.exception import CommandFailed, NotFound
+from brick.exception import NotFound
 from brick.executor import execute
+from guestkit import apt
 
 LOG = logging.getLogger(__name__)
 
@@ -66,8 +66,6 @@ HOSTNAME = "vmt-guest"
 MARKER = "VMT-BOOTED"
 FAIL_MARKER = "VMT-FAIL"
 CMDLINE = "root=/dev/vda console=ttyS0 ro panic=-1"  # vmt.stay: keep the guest running
-APT_LISTS = Path("/var/lib/apt/lists")
-APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 FORMAT = 1  # of the cache folder
 
 INIT_RAMFS = """#!/bin/busybox sh
@@ -150,55 +148,16 @@ def parse_marker(console: str) -> dict[str, str] | None:
 
 
 # -- commands ----------------------------------------------------------------------------------
-def _download(packages: Sequence[str], dest: Path) -> None:
-    """``apt-get download`` into ``dest`` (it always writes to its working directory)."""
-    argv = ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", *packages]
-    proc = subprocess.run(argv, cwd=dest, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise CommandFailed(argv, proc.returncode, proc.stderr)
-
-
-def _apt_show(*packages: str) -> dict[str, dict[str, str]]:
-    """The candidate version's fields of each package (one ``apt-cache show`` call)."""
-    argv = ["apt-cache", "show", "--no-all-versions", *packages]
-    found: dict[str, dict[str, str]] = {}
-    for stanza in execute(argv, timeout_s=120).stdout.split("\n\n"):
-        fields = {}
-        for line in stanza.splitlines():
-            if ":" in line and not line.startswith(" "):
-                name, _, value = line.partition(":")
-                fields[name] = value.strip()
-        if "Package" in fields and "Version" in fields:
-            found.setdefault(fields["Package"], fields)
-    for package in packages:
-        if package not in found:
-            raise NotFound("Debian package", package)
-    return found
-
-
-def _apt_stamp() -> str:
-    """A fingerprint of the apt lists and sources: versions resolved under it stay valid."""
-    entries = []
-    paths = [p for p in APT_LISTS.glob("*") if p.is_file() and p.name != "lock"]
-    for top in APT_SOURCES:
-        paths += sorted(top.glob("*")) if top.is_dir() else [top]
-    for path in sorted(paths):
-        with contextlib.suppress(OSError):
-            info = path.stat()
-            entries.append(f"{path}:{info.st_size}:{info.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
 def resolve_packages(cache_dir: Path) -> dict[str, str]:
     """``{package: version}`` of the concrete kernel package and busybox-static (candidates),
     plus ``"kernel"``: the kernel package's name. Cached in ``cache_dir/packages.json``."""
-    stamp = _apt_stamp()
+    stamp = apt.lists_stamp()
     cached = cache_dir / "packages.json"
     with contextlib.suppress(OSError, ValueError):
         saved = json.loads(cached.read_text())
         if saved.get("stamp") == stamp:
             return dict(saved["packages"])
-    shown = _apt_show(KERNEL_META, BUSYBOX)
+    shown = apt.show([KERNEL_META, BUSYBOX])
     depends = shown[KERNEL_META].get("Depends", "")
     match = re.search(r"\b(linux-image-[0-9][A-Za-z0-9.+-]*-cloud-amd64)\b", depends)
     if not match:
@@ -206,7 +165,7 @@ def resolve_packages(cache_dir: Path) -> dict[str, str]:
     kernel = match.group(1)
     packages = {
         "kernel": kernel,
-        kernel: _apt_show(kernel)[kernel]["Version"],
+        kernel: apt.show([kernel])[kernel]["Version"],
         BUSYBOX: shown[BUSYBOX]["Version"],
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -394,7 +353,9 @@ def build_guest(cache_dir: Path | str, *, prune: bool = True) -> GuestImage:
         entry.mkdir()
         debs = work / "debs"
         debs.mkdir()
-        _download([f"{kernel_pkg}={packages[kernel_pkg]}", f"{BUSYBOX}={packages[BUSYBOX]}"], debs)
+        apt.download(
+            [f"{kernel_pkg}={packages[kernel_pkg]}", f"{BUSYBOX}={packages[BUSYBOX]}"], debs
+        )
         tree = work / "tree"
         for deb in sorted(debs.glob("*.deb")):
             execute(["dpkg", "-x", str(deb), str(tree)], timeout_s=300)
