@@ -110,6 +110,29 @@ def test_concurrent_creates_of_one_image_build_it_once(tmp_path: Path) -> None:
     assert driver.state.builds == 1
 
 
+def test_creates_of_different_images_build_in_parallel(tmp_path: Path) -> None:
+    vm, driver, _ = make(tmp_path)
+    slow = threading.Event()
+    ensure = driver.upstream.ensure
+
+    def upstream(image, endpoints):  # type: ignore[no-untyped-def]
+        if image == "volume-slow":
+            assert slow.wait(10)
+        return ensure(image, endpoints)
+
+    driver.upstream.ensure = upstream  # type: ignore[method-assign]
+    other = dict(CONN, target_iqn="iqn.2010-10.org.openstack:volume-slow")
+    creator = threading.Thread(target=vm.create, args=("vm1", "slow", other))
+    creator.start()
+    time.sleep(0.2)  # vm1's build now waits, holding its image's lock
+    started = time.monotonic()
+    assert vm.create("vm2", "img", CONN).startswith("0:")
+    assert time.monotonic() - started < 1.0
+    slow.set()
+    creator.join()
+    assert vm.list() == ["vm1:volume-slow", "vm2:volume-img"]
+
+
 def test_heartbeat_never_waits_behind_a_build(tmp_path: Path) -> None:
     gate = threading.Event()
     vm, _, _ = make(tmp_path, FakeDriver(gate=gate))
