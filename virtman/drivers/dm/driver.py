@@ -304,6 +304,8 @@ class DmDriver:
             with self.lock:
                 try:
                     status = monitor.check()
+                    if status.failed_paths:  # some may have been reinstated just now
+                        status = self.dm.multipath_status(name)
                 except NotFound:
                     continue
                 first = status.groups[0] if status.groups else None

@@ -227,8 +227,8 @@ ENGINES: dict[str, Engine] = {
         "mq",
         ("migration_threshold", str(1 << 24), "read_promote_adjustment", "0"),
     ),
-    "bcache writethrough, sequential_cutoff 0, 16 KiB buckets": bcache_engine(32, 48),
-    "bcache writethrough, sequential_cutoff 0, 512 KiB buckets": bcache_engine(1024, 512),
+    "bcache writethrough, sequential_cutoff 0, 1 GiB cache": bcache_engine(1024, 1024),
+    "bcache writethrough, sequential_cutoff 0, 64 GiB cache": bcache_engine(1024, 65536),
     "dm-writecache": writecache_engine,
     "dm-clone (no background hydration)": clone_engine,
 }
