@@ -219,6 +219,16 @@ class LibvirtDaemons:
         self._owned[daemon] = pid
         LOG.info("started %s pid %d", daemon, pid)
 
+    def adopt(self) -> bool:
+        """Take over the daemons a previous process started with our pidfiles (so that
+        ``stop`` ends them); start nothing. True if any was found."""
+        for daemon in DAEMONS:
+            pid = self._pid_from_file(daemon)
+            if pid is not None and self._is_ours(daemon, pid):
+                self._owned[daemon] = pid
+                LOG.info("adopted %s pid %d (%s)", daemon, pid, self.pidfile(daemon))
+        return bool(self._owned)
+
     def start(self) -> None:
         """Make ``uri`` answer: adopt, use or start each daemon, then wait (``start_timeout_s``)
         until libvirtd answers. With ``fix_kvm_device``, fix /dev/kvm's group first. On failure

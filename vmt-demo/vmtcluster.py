@@ -276,7 +276,9 @@ def clean(workdir: Path) -> None:
         vms.destroy(info.instance)
     vms.close()
     Lab.cleanup(LAB, LAB_STATE)
-    LibvirtDaemons(workdir / "libvirt").stop()
+    daemons = LibvirtDaemons(workdir / "libvirt")
+    daemons.adopt()  # the ones the --keep run started (others are left alone)
+    daemons.stop()
     shutil.rmtree(workdir, ignore_errors=True)
 
 
