@@ -530,6 +530,19 @@ def test_bcache_superblocks_are_what_make_bcache_writes() -> None:
     assert bcache.parse_superblock(bytes(corrupt)) is None
 
 
+def test_a_superblock_the_kernel_rewrote_still_parses() -> None:
+    """A running cache set's superblock: version 3, its journal buckets listed after the
+    header and in the checksum (what made a restarted virtman refuse its own cache set)."""
+    sb = bcache.cache_superblock(1 << 21, "b1b70f93-76b3-48ec-a745-028d069a24d3")
+    raw = bytearray(sb.pack())
+    raw[16:24] = (3).to_bytes(8, "little")  # BCACHE_SB_VERSION_CDEV_WITH_UUID
+    raw[206:208] = (2).to_bytes(2, "little")  # keys
+    raw[208:224] = (1).to_bytes(8, "little") + (2).to_bytes(8, "little")
+    raw[0:8] = bcache.crc64(bytes(raw[8:224])).to_bytes(8, "little")
+    again = bcache.parse_superblock(bytes(raw))
+    assert again is not None and not again.backing and again.set_uuid == sb.set_uuid
+
+
 def test_bucket_size_keeps_at_least_1024_buckets() -> None:
     assert bucket_sectors_for(64 << 21) == 1024  # 64 GiB: 512 KiB buckets
     assert bucket_sectors_for(1 << 19) == 512  # 256 MiB
@@ -684,6 +697,15 @@ def test_a_path_that_works_again_is_reinstated_and_reads_go_back_to_it(rig: Rig)
         ("multipath_volume-img", "reinstate_path", "8:0"),
         ("multipath_volume-img", "switch_group", "1"),
     ]
+
+
+def test_no_failback_while_the_first_group_is_in_use(rig: Rig) -> None:
+    driver, _, _ = build(rig)
+    rig.kernel.targets[("10.0.0.2:3260", IQN)] = SIZE
+    driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN), Endpoint("10.0.0.2:3260", IQN)])
+    driver.check_paths()
+    driver.check_paths()
+    assert rig.kernel.messages == []
 
 
 # -- teardown and undo -------------------------------------------------------------------

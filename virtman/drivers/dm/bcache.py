@@ -31,6 +31,10 @@ BDEV_DATA_START = 16  # sectors: the 8 KiB header a backing device starts with
 MAGIC = bytes.fromhex("c68573f64e1a45ca8265f57f48ba6d81")
 VERSION_CDEV = 0
 VERSION_BDEV = 1
+VERSION_CDEV_WITH_UUID = 3  # the kernel rewrites a running cache set's superblock so
+VERSION_BDEV_WITH_OFFSET = 4
+VERSIONS_CDEV = (VERSION_CDEV, VERSION_CDEV_WITH_UUID)
+VERSIONS_BDEV = (VERSION_BDEV, VERSION_BDEV_WITH_OFFSET)
 _POLY = 0x42F0E1EBA9EA3693
 _MASK = (1 << 64) - 1
 _HEAD = struct.Struct("<QQQ16s16s16s32sQQQQQ40sQHHHHIHH")  # up to d[] (208 bytes)
@@ -150,10 +154,10 @@ def parse_superblock(data: bytes) -> Superblock | None:
     end = _HEAD.size + 8 * keys
     if magic != MAGIC or offset != SB_SECTOR or len(data) < end or csum != crc64(data[8:end]):
         return None
-    if version not in (VERSION_CDEV, VERSION_BDEV):
+    if version not in (*VERSIONS_CDEV, *VERSIONS_BDEV):
         return None
     nbuckets, block, bucket, _nr_in_set, _nr_this, _mount, first, _keys = fields[13:]
-    backing = version == VERSION_BDEV
+    backing = version in VERSIONS_BDEV
     return Superblock(
         backing=backing,
         uuid=str(uuidlib.UUID(bytes=uuid)),
@@ -162,7 +166,7 @@ def parse_superblock(data: bytes) -> Superblock | None:
         bucket_sectors=bucket,
         nbuckets=0 if backing else nbuckets,
         first_bucket=0 if backing else first,
-        data_offset=BDEV_DATA_START,
+        data_offset=nbuckets if version == VERSION_BDEV_WITH_OFFSET else BDEV_DATA_START,
         label=label.rstrip(b"\0").decode(errors="replace"),
     )
 
