@@ -605,7 +605,8 @@ def test_a_parent_path_going_down_fails_no_read(report: dict[str, dict[str, Any]
     assert failover["sha_ok"]
     assert failover["failed_paths_seen"]  # the path to A did fail ...
     assert failover["read_mib"] == SIZE_MIB > failover["down_at_mib"]  # ... under the reads
-    assert "F" not in failover["status_after"].split("active=")[0]  # reinstated, failed back
+    after = failover["status_after"]  # the path is reinstated, the first group used again
+    assert "active=False" not in after and after.index("state='A'") < after.index("state='E'")
 
 
 @pytest.mark.timeout(900)
@@ -637,14 +638,15 @@ def test_teardown_leaves_no_table_session_target_or_loop(
 
 @pytest.mark.timeout(900)
 def test_bcache_serves_the_second_read_locally(report: dict[str, dict[str, Any]]) -> None:
-    # first read: the image once; then what bcache drops (see docs/dm-driver.rst)
-    first, second, third = report["A"]["fetched"]
-    print("A fetched upstream per full read:", report["A"]["fetched"])
-    assert SIZE * 0.9 <= first <= SIZE
-    assert second <= SIZE * 0.05
-    assert third <= second
-    for name in "BC":  # their first read was the failover read, or fetched through a relay
-        assert max(report[name]["fetched"]) <= SIZE * 0.05
+    # A and B read the image server: the first read fetches the image once, later reads
+    # what bcache dropped (see docs/dm-driver.rst). C's first read was the failover read.
+    for name in "AB":
+        first, second, third = report[name]["fetched"]
+        print(name, "fetched upstream per full read:", report[name]["fetched"])
+        assert SIZE * 0.9 <= first <= SIZE
+        assert second <= SIZE * 0.05
+        assert third <= second
+    assert max(report["C"]["fetched"]) <= SIZE * 0.05
 
 
 @pytest.mark.timeout(900)
@@ -663,5 +665,6 @@ def test_cache_engine_measurement(run: RunResult) -> None:
     big = fetched[("bcache writethrough, sequential_cutoff 0, 64 GiB cache", seq)]
     writecache = fetched[("dm-writecache", seq)]
     assert smq[0] >= size * 0.9 and smq[1] >= size * 0.5  # smq: not cache on read
-    assert big[0] <= size and big[1] <= size * 0.05 and big[2] <= big[1]
+    # ~0.8 MB stay missing next to what udev's probes cached (one insert per request)
+    assert big[0] <= size and big[1] <= size * 0.1 and big[2] <= big[1]
     assert writecache == [size, size, size]  # a write cache: every read goes upstream
