@@ -556,6 +556,12 @@ def test_the_driver_needs_chap(rig: Rig) -> None:
         rig.driver()
 
 
+def test_an_image_tgtd_cannot_share_the_lio_port(rig: Rig) -> None:
+    rig.settings = Settings(**{**rig.settings.__dict__, "dm_image_port": 3260})
+    with pytest.raises(ValueError, match="dm_image_port"):
+        rig.driver()
+
+
 # -- a build ---------------------------------------------------------------------------------------
 def build(rig: Rig) -> tuple[DmDriver, Virtman, FakeVolt]:
     driver = rig.driver()

@@ -144,6 +144,8 @@ class DmDriver:
     ) -> None:
         if not (settings.chap_user and settings.chap_password):
             raise ValueError("the dm driver exports relays with CHAP: set chap_user/password")
+        if settings.dm_relay == "lio" and settings.dm_image_port == settings.iscsi_port:
+            raise ValueError("dm_image_port must differ from iscsi_port (LIO listens there)")
         self.settings = settings
         self.host = host or Host()
         self.timeout_s = timeout_s
