@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -293,8 +294,6 @@ class Bench:
         return self.burst("direct", nodes, boot)
 
     def chap_env(self) -> dict[str, str]:
-        import os
-
         env = dict(os.environ)
         assert self.cluster is not None
         if self.cluster.chap:
