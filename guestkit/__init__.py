@@ -1,7 +1,7 @@
 """guestkit: QEMU test guests running Debian's own kernel, for the kernel-side (dm) stack.
 
 ``build_guest()`` makes (or finds cached) a Debian bookworm guest with open-iscsi, tgt,
-dmsetup, rtslib-fb, udev and the project's pinned requirements in a venv;
+dmsetup, rtslib-fb, udev, qemu-storage-daemon and the project's pinned requirements in a venv;
 ``run_guests(guest, nodes, payload_dir)`` boots N of them under TCG on private bridges inside
 a network namespace the run creates, each running the payload's ``run.sh`` with the project's
 current code, and brings their results back. See docs/guestkit.rst.

@@ -85,6 +85,12 @@ PACKAGES = (
     "procps",
     "busybox-static",  # the initramfs's busybox; nc for signals between guests
     "libvirt0",  # so that the pinned libvirt-python imports (virtman.vm)
+    # the qemu driver, for runs that mix it with dm nodes: qemu-storage-daemon, its
+    # iSCSI block driver (libiscsi), qemu-img/qemu-io, FUSE exports
+    "qemu-system-common",
+    "qemu-block-extra",
+    "qemu-utils",
+    "fuse3",
 )
 MULTIPATH_TOOLS = "multipath-tools"
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")

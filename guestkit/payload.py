@@ -7,6 +7,8 @@ The payload is a plain tar written to a raw file and attached read-only as ``/de
     ./project/<package>/...  brick volt virtman voltclient virtmanclient, *.py and data files
     ./project/<package>/__pycache__/*.cpython-311.pyc  compiled here (checked-hash pycs)
     ./project/bin/<script>   console scripts of setup.cfg (virtmanserver, volt-api, ...)
+    ./project/<name>-<version>.dist-info/  METADATA and entry_points.txt of setup.cfg, so
+                             ``importlib.metadata`` finds the entry points (Volt's executors)
     ./guestkit/hosts         "10.77.B.IDX NAME" lines, appended to the guest's /etc/hosts
     ./guestkit/nodes         "NAME IDX MEM_MIB ADDR0 [ADDR1 ...]" per node
     ./guestkit/project.sha256  the digest of the project's files (``project_digest``)
@@ -64,17 +66,39 @@ def project_digest(root: Path, packages: Sequence[str] = PROJECT_PACKAGES) -> st
     return digest.hexdigest()
 
 
+def _setup_cfg(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    return parser
+
+
 def console_scripts(setup_cfg: Path) -> dict[str, str]:
     """``{script: "module:function"}`` from ``[options.entry_points] console_scripts``."""
-    parser = configparser.ConfigParser()
-    parser.read(setup_cfg)
-    text = parser.get("options.entry_points", "console_scripts", fallback="")
+    text = _setup_cfg(setup_cfg).get("options.entry_points", "console_scripts", fallback="")
     scripts = {}
     for line in text.splitlines():
         if "=" in line:
             name, _, target = line.partition("=")
             scripts[name.strip()] = target.strip()
     return scripts
+
+
+def dist_info(setup_cfg: Path) -> dict[str, bytes]:
+    """A dist-info of the project (``{relative path: contents}``): the guest has the code
+    on ``sys.path`` but no installed distribution, and entry points need one."""
+    cfg = _setup_cfg(setup_cfg)
+    name = cfg.get("metadata", "name", fallback="project")
+    version = cfg.get("metadata", "version", fallback="0.0.0")
+    groups = cfg["options.entry_points"] if cfg.has_section("options.entry_points") else {}
+    entry_points = "".join(
+        f"[{group}]\n" + "".join(f"{line.strip()}\n" for line in value.splitlines() if line)
+        for group, value in groups.items()
+    )
+    info = f"{name.replace('-', '_')}-{version}.dist-info"
+    return {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/entry_points.txt": entry_points.encode(),
+    }
 
 
 def _wrapper(target: str) -> bytes:
@@ -160,6 +184,9 @@ def write_payload(
             scripts = console_scripts(setup_cfg) if setup_cfg.is_file() else {}
             for name, target in sorted(scripts.items()):
                 _add_bytes(tar, f"./project/bin/{name}", _wrapper(target), 0o755)
+            if setup_cfg.is_file():
+                for name, data in sorted(dist_info(setup_cfg).items()):
+                    _add_bytes(tar, f"./project/{name}", data)
         hosts = "".join(
             f"{addr.split('/')[0]} {name if i == 0 else f'{name}-{i}'}\n"
             for name, _, _, addrs in nodes

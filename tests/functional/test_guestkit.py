@@ -8,6 +8,7 @@ makes these tests fail, never skip.
 """
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -249,7 +250,13 @@ def test_payload_carries_the_project(tmp_path: Path) -> None:
         names = set(tar.getnames())
         assert tar.getmember("./run.sh").mode & 0o111
         wrapper = tar.extractfile("./project/bin/virtmanserver").read().decode()
+        tar.extractall(tmp_path / "ci", filter="data")
     assert "./project/virtman/__init__.py" in names
     assert "./project/virtman/__pycache__/__init__.cpython-311.pyc" in names
     assert "from virtman.cmd.server import main" in wrapper
     assert len(digest) == 64
+    # entry points (Volt's executors) resolve from the payload's copy of the project
+    (dist,) = importlib.metadata.distributions(path=[str(tmp_path / "ci" / "project")])
+    executors = {ep.name: ep.value for ep in dist.entry_points.select(group="volt.executor")}
+    assert (dist.metadata["Name"], dist.version) == ("vmthunder", "0.1.0")
+    assert executors["balanced"] == "volt.topology.balanced:BalancedExecutor"

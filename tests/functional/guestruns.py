@@ -1,0 +1,72 @@
+"""Boot guestkit guests that run a script of tests/functional/guestside/ (see common.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from guestkit import Node, RunResult, build_guest, run_guests
+
+GUESTSIDE = Path(__file__).resolve().parent / "guestside"
+RUN_SH = """#!/bin/sh
+mkdir -p /etc/rtslib-fb-target
+modprobe fuse
+[ "$CI_role" = S ] || iscsid || exit 1
+exec python3 -u /ci/guestside/{script}
+"""
+
+
+def run_guest_script(
+    payload: Path,
+    nodes: list[Node],
+    script: str,
+    *,
+    work_dir: Path,
+    size_mib: int,
+    timeout_s: float,
+) -> RunResult:
+    """Boot ``nodes``, each running ``guestside/<script>`` with role = its name; print the
+    summary, the wall time and the consoles of the guests that failed."""
+    guest = build_guest()
+    (payload / "run.sh").write_text(RUN_SH.format(script=script))
+    (payload / "run.sh").chmod(0o755)
+    shutil.copytree(GUESTSIDE, payload / "guestside", ignore=shutil.ignore_patterns("__py*"))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    started = time.monotonic()
+    result = run_guests(
+        guest,
+        nodes,
+        payload,
+        timeout_s=timeout_s,
+        append=[f"ci.size={size_mib}"],
+        work_dir=work_dir,
+        fail_grace_s=30,
+    )
+    print(result.summary(), f"(wall {time.monotonic() - started:.1f} s)")
+    for node in result.nodes.values():
+        if not node.ok:
+            print(f"--- {node.node.name} console ---\n{node.console_text()[-20000:]}")
+    return result
+
+
+def reports(run: RunResult) -> dict[str, dict[str, Any]]:
+    """Each guest's /ci/out/result.json ({} when it wrote none)."""
+    found = {}
+    for name, node in run.nodes.items():
+        try:
+            found[name] = json.loads(node.result_text("result.json"))
+        except (OSError, ValueError, TypeError):
+            found[name] = {}
+    return found
+
+
+def assert_every_guest_passed(run: RunResult, report: dict[str, dict[str, Any]]) -> None:
+    for name in run.nodes:
+        steps = report[name].get("steps", [])
+        print(name, [(s["step"][:40], s["ok"], s["s"]) for s in steps])
+    assert run.ok, run.summary() + "".join(
+        f"\n{n}: {r.get('error', '')}" for n, r in report.items() if r.get("error")
+    )
