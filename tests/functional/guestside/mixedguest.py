@@ -1,0 +1,253 @@
+"""The guests of tests/functional/test_mixed_guests.py; the role is $CI_role.
+
+S serves two images and volt-api. A and B run virtmanserver with driver = dm, Q with
+driver = qemu. Balanced placement (fan-out 2) puts the first two nodes of an image under
+the image server and the third under the first, with the second as its standby parent:
+
+- volume-img1, created on A, B, then Q: Q (qemu) reads through A's LIO relay (libiscsi);
+- volume-img2, created on Q, B, then A: A (dm) reads through Q's tgtd relay (open-iscsi).
+
+B relays with dm_relay = tgt: it is the standby parent of both children, and A reads
+volume-img2 once straight from its path to B.
+
+Teardown goes children first (Q's img1 VM, then A's img2 VM), then everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    IPS,
+    IQN_PREFIX,
+    MIB,
+    ROLE,
+    Board,
+    ImageServer,
+    Virtman,
+    board_get,
+    board_set,
+    image_connection,
+    kernel_state,
+    log,
+    main,
+    multipath_path_devices,
+    multipath_paths,
+    read_at,
+    result,
+    sh,
+    sha256,
+    step,
+    write_at,
+)
+
+IMG1, IMG2 = "volume-img1", "volume-img2"
+DRIVER_CONF = {
+    "A": "driver = dm\ndm_cache_size_mib = 65536\n",
+    "B": "driver = dm\ndm_cache_size_mib = 65536\ndm_relay = tgt\n",
+    "Q": "driver = qemu\n",
+}
+STATE = Path("/run/vmt-state")
+RUN = Path("/run/virtman")
+
+
+def image_server() -> None:
+    Board().start()
+    server = ImageServer([IMG1, IMG2])
+    shas = server.serve()
+    server.start_volt()
+    board_set("images", shas)
+    for role in "ABQ":
+        board_get(f"{role}-done")
+    server.stop()
+
+
+def create(virtman: Virtman, vm: str, image: str) -> str:
+    """Create ``vm`` on ``image`` through XML-RPC; returns the disk's path."""
+    with step(f"create {vm} on {image} through XML-RPC"):
+        t = time.monotonic()
+        answer = virtman.rpc.create(vm, image, image_connection(image))
+        result.setdefault("create", {})[vm] = answer
+        result.setdefault("create_s", {})[vm] = round(time.monotonic() - t, 1)
+        assert answer.startswith("0:"), answer
+    return answer[2:]
+
+
+# -- dm nodes (A, B) ---------------------------------------------------------------------------
+def check_dm_disk(vm: str, image: str, sha: str) -> dict:
+    """The snapshot reads the image; a private write stays in it."""
+    disk = f"/dev/mapper/snapshot_{vm}"
+    with step(f"{vm}: the image's bytes; a private write stays private"):
+        read = sha256(disk) == sha
+        data = os.urandom(MIB)
+        write_at(disk, MIB, data)
+        return {
+            "sha_ok": read,
+            "readback": read_at(disk, MIB, MIB) == data,
+            "disk_differs": sha256(disk) != sha,
+            "origin": sha256(f"/dev/mapper/origin_{image}") == sha,
+        }
+
+
+def dm_node(shas: dict) -> None:
+    from brick.lio import LioTargets
+
+    virtman = Virtman(DRIVER_CONF[ROLE])
+    with step("virtmanserver starts (dm driver)"):
+        result["start_s"] = virtman.start()
+    me = ROLE.lower()
+    if ROLE == "B":
+        board_get("A-1")
+    create(virtman, f"vm-{me}1", IMG1)
+    result["img1"] = {"paths": multipath_paths(IMG1)}
+    result["img1"].update(check_dm_disk(f"vm-{me}1", IMG1, shas[IMG1]))
+    board_set(f"{ROLE}-1")
+    board_get("Q-2" if ROLE == "B" else "B-2")
+    create(virtman, f"vm-{me}2", IMG2)
+    result["img2"] = {"paths": multipath_paths(IMG2)}
+    result["img2"].update(check_dm_disk(f"vm-{me}2", IMG2, shas[IMG2]))
+    if ROLE == "A":
+        result["img1"]["lio_sessions"] = list(LioTargets().sessions(IQN_PREFIX + IMG1))
+        with step("volume-img2 read straight from the standby path (B's tgtd relay)"):
+            portal, device = multipath_path_devices(IMG2)[1]
+            result["img2"]["standby"] = [portal, sha256(device) == shas[IMG2]]
+    board_set(f"{ROLE}-2")
+    board_get("Q-checked")
+    if ROLE == "B":
+        result["tgt_connections"] = tgt_connections()
+    if ROLE == "A":
+        board_get("Q-destroyed-1")
+        with step("destroy vm-a2 (Q's child on volume-img2)"):
+            result["destroy_child"] = virtman.rpc.destroy("vm-a2")
+        board_set("A-destroyed-2")
+    else:
+        board_get("A-destroyed-2")
+    with step("destroy the rest, stop virtmanserver: nothing left"):
+        vms = [entry.partition(":")[0] for entry in virtman.rpc.list()]
+        result["destroy"] = [virtman.rpc.destroy(vm) for vm in vms]
+        result["stop_rc"] = virtman.stop()
+        result["left"] = {**kernel_state(), "daemons": daemons()}
+        log(f"left: {result['left']}")
+    board_set(f"{ROLE}-done")
+
+
+# -- the qemu node (Q) -------------------------------------------------------------------------
+def disk_sha(path: str) -> str:
+    """sha256 of the qcow2 disk's guest-visible bytes (as a VM would read them)."""
+    raw = Path("/run/disk.raw")
+    sh("qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, str(raw))
+    try:
+        return hashlib.sha256(raw.read_bytes()).hexdigest()
+    finally:
+        raw.unlink()
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_qemu_disk(disk: str, image: str, sha: str) -> dict:
+    origin = RUN / "exports" / f"{image}.raw"
+    with step(f"{Path(disk).name}: the image's bytes; a private write stays private"):
+        read = disk_sha(disk) == sha
+        write = ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 1M", disk]
+        sh(*write)
+        readback = subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 1M 1M", disk],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return {
+            "sha_ok": read,
+            "readback": readback.returncode == 0
+            and "Pattern verification failed" not in (readback.stdout + readback.stderr),
+            "disk_differs": disk_sha(disk) != sha,
+            "origin": file_sha(origin) == sha,
+        }
+
+
+def qemu_paths(image: str) -> list[str]:
+    """The portals of the quorum's paths, in order (the first carries the reads)."""
+    return [e["portal"] for e in json.loads((RUN / "paths" / f"{image}.json").read_text())]
+
+
+def daemons() -> list[str]:
+    """The qemu-storage-daemon and tgtd processes running now."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if os.path.basename(argv0) in (b"qemu-storage-daemon", b"tgtd"):
+            found.append(argv0.decode())
+    return found
+
+
+def tgt_connections() -> dict[str, list[list[str]]]:
+    """Per image, the [initiator, address] of each session on this node's tgtd relay."""
+    from brick.tgt import TgtAdm
+
+    tgt = TgtAdm(3260)
+    return {
+        image: sorted([c.initiator, c.address] for c in tgt.connections(IQN_PREFIX + image))
+        for image in (IMG1, IMG2)
+    }
+
+
+def qemu_state() -> dict:
+    """What a qemu node has now: our daemons, FUSE mounts, cache and instance files."""
+    mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if "fuse" in line]
+    files = sorted(
+        str(p)
+        for top in (STATE / "cache", STATE / "instances", RUN / "exports", RUN / "paths")
+        if top.is_dir()
+        for p in top.iterdir()
+    )
+    return {"daemons": daemons(), "fuse_mounts": mounts, "files": files}
+
+
+def qemu_node(shas: dict) -> None:
+    virtman = Virtman(DRIVER_CONF[ROLE])
+    with step("virtmanserver starts (qemu driver: qemu-storage-daemon, tgtd)"):
+        result["start_s"] = virtman.start()
+    board_get("B-1")
+    disk1 = create(virtman, "vm-q1", IMG1)
+    result["img1"] = {"disk": disk1, "paths": qemu_paths(IMG1)}
+    result["img1"].update(check_qemu_disk(disk1, IMG1, shas[IMG1]))
+    board_set("Q-1")
+    disk2 = create(virtman, "vm-q2", IMG2)
+    result["img2"] = {"disk": disk2, "paths": qemu_paths(IMG2)}
+    result["img2"].update(check_qemu_disk(disk2, IMG2, shas[IMG2]))
+    board_set("Q-2")
+    board_get("A-2")
+    result["tgt_connections"] = tgt_connections()
+    board_set("Q-checked")
+    with step("destroy vm-q1 (A's child on volume-img1)"):
+        result["destroy_child"] = virtman.rpc.destroy("vm-q1")
+    board_set("Q-destroyed-1")
+    board_get("A-destroyed-2")
+    with step("destroy vm-q2, stop virtmanserver: nothing left"):
+        result["destroy"] = [virtman.rpc.destroy("vm-q2")]
+        result["stop_rc"] = virtman.stop()
+        result["left"] = qemu_state()
+        log(f"left: {result['left']}")
+    board_set("Q-done")
+
+
+def compute() -> None:
+    shas = board_get("images")
+    assert isinstance(shas, dict)
+    qemu_node(shas) if ROLE == "Q" else dm_node(shas)
+
+
+if __name__ == "__main__":
+    assert set(IPS) == {"S", "A", "B", "Q"}, IPS
+    sys.exit(main(image_server if ROLE == "S" else compute))
