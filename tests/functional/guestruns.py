@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from guestkit import Node, RunResult, build_guest, run_guests
 
@@ -17,6 +20,15 @@ modprobe fuse
 [ "$CI_role" = S ] || iscsid || exit 1
 exec python3 -u /ci/guestside/{script}
 """
+# guestside.common.kernel_state() on a dm node that destroyed everything and stopped
+NOTHING_LEFT = {
+    "dm": ["No devices found"],
+    "sessions": [],
+    "lio": [],
+    "lio_storage": [],
+    "loops": [],
+    "bcache_sets": [],
+}
 
 
 def run_guest_script(
@@ -70,3 +82,23 @@ def assert_every_guest_passed(run: RunResult, report: dict[str, dict[str, Any]])
     assert run.ok, run.summary() + "".join(
         f"\n{n}: {r.get('error', '')}" for n, r in report.items() if r.get("error")
     )
+
+
+def module_fixtures(
+    nodes: list[Node], script: str, *, work_dir: Path, size_mib: int, timeout_s: float = 720
+) -> tuple[Callable[..., RunResult], Callable[..., dict[str, dict[str, Any]]]]:
+    """The ``run`` and ``report`` fixtures of a guest test module: one boot of ``nodes``
+    for the module, and each node's result.json."""
+
+    @pytest.fixture(scope="module")
+    def run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+        payload = tmp_path_factory.mktemp("payload")
+        return run_guest_script(
+            payload, nodes, script, work_dir=work_dir, size_mib=size_mib, timeout_s=timeout_s
+        )
+
+    @pytest.fixture(scope="module")
+    def report(run: RunResult) -> dict[str, dict[str, Any]]:
+        return reports(run)
+
+    return run, report

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from guestkit import Node, RunResult
-from tests.functional.guestruns import assert_every_guest_passed, reports, run_guest_script
+from tests.functional.guestruns import NOTHING_LEFT, assert_every_guest_passed, module_fixtures
 
 SIZE_MIB = 48
 SIZE = SIZE_MIB << 20
@@ -26,17 +26,7 @@ WORK_DIR = Path(__file__).resolve().parents[2] / ".work" / "dm-guests"  # the la
 NODES = [Node("S", 640, 1), Node("A", 768, 2), Node("B", 768, 3), Node("C", 768, 4)]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-    payload = tmp_path_factory.mktemp("payload")
-    return run_guest_script(
-        payload, NODES, "dmguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB, timeout_s=720
-    )
-
-
-@pytest.fixture(scope="module")
-def report(run: RunResult) -> dict[str, dict[str, Any]]:
-    return reports(run)
+run, report = module_fixtures(NODES, "dmguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB)
 
 
 @pytest.mark.timeout(900)
@@ -99,14 +89,7 @@ def test_teardown_leaves_no_table_session_target_or_loop(
     for name in "ABC":
         r = report[name]
         assert r["destroy"] == "0:" and r["stop_rc"] == 0
-        assert r["left"] == {
-            "dm": ["No devices found"],
-            "sessions": [],
-            "lio": [],
-            "lio_storage": [],
-            "loops": [],
-            "bcache_sets": [],
-        }, name
+        assert r["left"] == NOTHING_LEFT, name
 
 
 @pytest.mark.timeout(900)

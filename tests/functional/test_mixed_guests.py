@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from guestkit import Node, RunResult
-from tests.functional.guestruns import assert_every_guest_passed, reports, run_guest_script
+from tests.functional.guestruns import NOTHING_LEFT, assert_every_guest_passed, module_fixtures
 
 SIZE_MIB = 32
 WORK_DIR = Path(__file__).resolve().parents[2] / ".work" / "mixed-guests"  # the last run's logs
@@ -35,17 +35,7 @@ PRIVATE = {"sha_ok": True, "readback": True, "disk_differs": True, "origin": Tru
 Report = dict[str, dict[str, Any]]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-    payload = tmp_path_factory.mktemp("payload")
-    return run_guest_script(
-        payload, NODES, "mixedguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB, timeout_s=720
-    )
-
-
-@pytest.fixture(scope="module")
-def report(run: RunResult) -> Report:
-    return reports(run)
+run, report = module_fixtures(NODES, "mixedguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB)
 
 
 @pytest.mark.timeout(900)
@@ -102,13 +92,5 @@ def test_teardown_leaves_nothing_on_either_driver(report: Report) -> None:
         assert report[name]["stop_rc"] == 0
         assert set(report[name]["destroy"]) <= {"0:"}
     for name in "AB":
-        assert report[name]["left"] == {
-            "dm": ["No devices found"],
-            "sessions": [],
-            "lio": [],
-            "lio_storage": [],
-            "loops": [],
-            "bcache_sets": [],
-            "daemons": [],
-        }, name
+        assert report[name]["left"] == {**NOTHING_LEFT, "daemons": []}, name
     assert report["Q"]["left"] == {"daemons": [], "fuse_mounts": [], "files": []}
