@@ -91,8 +91,11 @@ sleep 600
 """
 
 DRIVER = """
+import signal
 import sys
 from guestkit import Node, build_guest, run_guests
+# a job started in the background by a non-interactive shell inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 run_guests(build_guest(), [Node("S", 256, 1)], sys.argv[1], timeout_s=300)
 """
 
