@@ -181,10 +181,9 @@ def write_payload(
                 if (project_root / meta).is_file():
                     tar.add(project_root / meta, arcname=f"./project/{meta}", filter=_as_root)
             setup_cfg = project_root / "setup.cfg"
-            scripts = console_scripts(setup_cfg) if setup_cfg.is_file() else {}
-            for name, target in sorted(scripts.items()):
-                _add_bytes(tar, f"./project/bin/{name}", _wrapper(target), 0o755)
             if setup_cfg.is_file():
+                for name, target in sorted(console_scripts(setup_cfg).items()):
+                    _add_bytes(tar, f"./project/bin/{name}", _wrapper(target), 0o755)
                 for name, data in sorted(dist_info(setup_cfg).items()):
                     _add_bytes(tar, f"./project/{name}", data)
         hosts = "".join(

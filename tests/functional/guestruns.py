@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,13 +40,12 @@ def run_guest_script(
     timeout_s: float,
 ) -> RunResult:
     """Boot ``nodes``, each running ``guestside/<script>`` with role = its name; print the
-    summary, the wall time and the consoles of the guests that failed."""
+    summary (with the wall time) and the consoles of the guests that failed."""
     guest = build_guest()
     (payload / "run.sh").write_text(RUN_SH.format(script=script))
     (payload / "run.sh").chmod(0o755)
     shutil.copytree(GUESTSIDE, payload / "guestside", ignore=shutil.ignore_patterns("__py*"))
     shutil.rmtree(work_dir, ignore_errors=True)
-    started = time.monotonic()
     result = run_guests(
         guest,
         nodes,
@@ -57,7 +55,7 @@ def run_guest_script(
         work_dir=work_dir,
         fail_grace_s=30,
     )
-    print(result.summary(), f"(wall {time.monotonic() - started:.1f} s)")
+    print(result.summary())
     for node in result.nodes.values():
         if not node.ok:
             print(f"--- {node.node.name} console ---\n{node.console_text()[-20000:]}")

@@ -7,6 +7,7 @@ its own namespace: nothing here connects to a guest address. A missing QEMU (or 
 makes these tests fail, never skip.
 """
 
+import configparser
 import hashlib
 import importlib.metadata
 import json
@@ -261,5 +262,8 @@ def test_payload_carries_the_project(tmp_path: Path) -> None:
     # entry points (Volt's executors) resolve from the payload's copy of the project
     (dist,) = importlib.metadata.distributions(path=[str(tmp_path / "ci" / "project")])
     executors = {ep.name: ep.value for ep in dist.entry_points.select(group="volt.executor")}
-    assert (dist.metadata["Name"], dist.version) == ("vmthunder", "0.1.0")
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(CHECKOUT / "setup.cfg")
+    assert dist.metadata["Name"] == "vmthunder"
+    assert dist.version == setup_cfg["metadata"]["version"]
     assert executors["balanced"] == "volt.topology.balanced:BalancedExecutor"

@@ -143,7 +143,7 @@ def disk_sha(path: str) -> str:
     raw = Path("/run/disk.raw")
     sh("qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, str(raw))
     try:
-        return hashlib.sha256(raw.read_bytes()).hexdigest()
+        return file_sha(raw)
     finally:
         raw.unlink()
 
@@ -156,8 +156,7 @@ def check_qemu_disk(disk: str, image: str, sha: str) -> dict:
     origin = RUN / "exports" / f"{image}.raw"
     with step(f"{Path(disk).name}: the image's bytes; a private write stays private"):
         read = disk_sha(disk) == sha
-        write = ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 1M", disk]
-        sh(*write)
+        sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 1M", disk)
         readback = subprocess.run(
             ["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 1M 1M", disk],
             capture_output=True,
