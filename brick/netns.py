@@ -393,13 +393,13 @@ class Lab:
         """
         if self._closed:
             return
-        try:
-            if self._objects:
-                _teardown(self.name, self._objects)
-        finally:
-            for host in self.hosts.values():
-                for child in host._children:
-                    child.poll()  # reap what was ended above
+        # Our own children first, by their Popen: one spawned a moment ago may still be
+        # nsenter in the root namespace, invisible to the per-namespace sweep below.
+        for host in self.hosts.values():
+            for child in host._children:
+                _end_child(child)
+        if self._objects:
+            _teardown(self.name, self._objects)
         self._objects = []
         self._switch_ready = False
         self._closed = True
@@ -443,6 +443,19 @@ class Lab:
 def _root_links() -> set[str]:
     out = execute(["ip", "-o", "link", "show"]).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
+
+
+def _end_child(child: subprocess.Popen[bytes], timeout_s: float = _KILL_TIMEOUT_S) -> None:
+    """SIGTERM, then SIGKILL, a process we spawned; reaps it (no PID reuse can be hit)."""
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        LOG.warning("pid %d ignored SIGTERM for %.0f s: SIGKILL", child.pid, timeout_s)
+        child.kill()
+        child.wait(timeout=timeout_s)
 
 
 def _teardown(lab: str, objects: Sequence[Mapping[str, str]]) -> None:
