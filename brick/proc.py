@@ -1,4 +1,4 @@
-"""What /proc tells about a process: its command line, and whether it still runs.
+"""What /proc tells: a process's command line, whether it still runs, TCP connections.
 
 Daemons are recognised by PID *and* command line before anything signals them, so that a
 reused PID is never taken for ours.
@@ -25,3 +25,19 @@ def is_gone(pid: int) -> bool:
     except OSError:
         return True
     return stat_line.rpartition(")")[2].split()[0] in {"Z", "X"}
+
+
+def established_connections(port: int) -> int:
+    """TCP connections established to local ``port`` in this network namespace."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rpartition(":")[2], 16)
+            if local_port == port and fields[3] == "01":
+                count += 1
+    return count

@@ -131,6 +131,13 @@ default_opts = [
         "node (0: none, image targets are refused). With dm_relay=tgt the relay's tgtd "
         "serves them on iscsi_port.",
     ),
+    cfg.BoolOpt(
+        "dm_nbd_relay",
+        default=False,
+        help="dm driver: also export each relay over NBD on nbd_port (a qemu-storage-daemon "
+        "reading the cached device), so that qemu-driver children read it over NBD: their "
+        "NBD paths fail over when this node dies, where an iSCSI path of theirs hangs.",
+    ),
     cfg.IntOpt(
         "dm_no_path_retry",
         default=30,
@@ -189,6 +196,7 @@ class Settings:
     dm_cache_size_mib: int = 10240
     dm_relay: str = "lio"
     dm_image_port: int = 0
+    dm_nbd_relay: bool = False
     dm_no_path_retry: int = 30
     dm_cow_percent: int = 110
 
@@ -219,6 +227,7 @@ class Settings:
             dm_cache_size_mib=conf.dm_cache_size_mib,
             dm_relay=conf.dm_relay,
             dm_image_port=conf.dm_image_port,
+            dm_nbd_relay=conf.dm_nbd_relay,
             dm_no_path_retry=conf.dm_no_path_retry,
             dm_cow_percent=conf.dm_cow_percent,
         )

@@ -517,6 +517,17 @@ class StorageDaemon:
 
     def add_file(self, node: str, path: str | os.PathLike[str], *, read_only: bool = True) -> None:
         """A ``file`` node on an existing file (e.g. the image an upstream exports)."""
+        self._add_posix(node, "file", path, read_only)
+
+    def add_host_device(
+        self, node: str, path: str | os.PathLike[str], *, read_only: bool = True
+    ) -> None:
+        """A ``host_device`` node on a block device (QEMU's ``file`` driver refuses them)."""
+        self._add_posix(node, "host_device", path, read_only)
+
+    def _add_posix(
+        self, node: str, drv: str, path: str | os.PathLike[str], read_only: bool
+    ) -> None:
         node = validate_node_name(node)
         path = validate_abs_path(path, "path")
         if not isinstance(read_only, bool):
@@ -524,9 +535,9 @@ class StorageDaemon:
         with self._lock:
             have = self.node_info(node)
             same = None if have is None else (
-                have["drv"] == "file" and have["file"] == path and have["ro"] == read_only
+                have["drv"] == drv and have["file"] == path and have["ro"] == read_only
             )  # fmt: skip
-            self._add_node(node, "file", same, {"filename": path, "read-only": read_only})
+            self._add_node(node, drv, same, {"filename": path, "read-only": read_only})
 
     def add_nbd(
         self, node: str, host: str, port: int, export: str, *, reconnect_delay: int = 3

@@ -16,6 +16,7 @@ import pytest
 
 from brick.exception import CommandFailed, PathsUnavailable
 from brick.executor import Result
+from brick.qsd.daemon import Export
 from tests.unit.brick.test_lio import fake_rtslib
 from tests.unit.virtman.fakes import FakeVolt, ready
 from virtman.compute import Virtman
@@ -71,6 +72,7 @@ class FakeKernel:
         self.disk = 0
         self.fail_on: list[tuple[str, ...]] = []
         self.messages: list[tuple[str, ...]] = []
+        self.opened: set[str] = set()  # block devices a process (qemu-storage-daemon) holds
 
     # -- seams ---------------------------------------------------------------------------
     def devno(self, device: str) -> str:
@@ -144,7 +146,8 @@ class FakeKernel:
 
     def _held(self, device: str) -> bool:
         devno = self.blk[device][0]
-        return any(devno in " ".join(d.lines).split() for d in self.devs.values())
+        held = any(devno in " ".join(d.lines).split() for d in self.devs.values())
+        return held or device in self.opened
 
     def _table(self, text: str) -> list[str]:
         lines = []
@@ -448,6 +451,7 @@ class Rig:
     rts: Any
     settings: Settings
     tmp: Path
+    qsd: Any = None
 
     def driver(self) -> DmDriver:
         host = Host(
@@ -460,6 +464,7 @@ class Rig:
             rtslib=self.rts,
             io=self.io,  # type: ignore[arg-type]
             bcache=self.bcache,
+            qsd=self.qsd,
         )
         return DmDriver(self.settings, host=host, timeout_s=1.0, monitor_interval_s=0)
 
@@ -821,3 +826,126 @@ def test_devices_without_our_uuid_are_never_touched(rig: Rig) -> None:
     driver.upstream.teardown(IMAGE)
     driver.sweep(set())
     assert "multipath_volume-img" in rig.kernel.devs
+
+
+# -- NBD relay (dm_nbd_relay) --------------------------------------------------------------
+class FakeQsd:
+    """The qemu-storage-daemon calls ``NbdRelay`` makes; its host_device nodes hold their
+    block device open in the fake kernel (``dmsetup remove`` of it says busy)."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+        self.alive = False
+        self.server: str | None = None
+        self.devices: dict[str, str] = {}  # node -> device
+        self.exported: dict[str, tuple[str, str]] = {}  # export id -> node, name
+        self.fail_export = False
+
+    def adopt(self) -> bool:
+        return self.alive
+
+    def start(self) -> None:
+        self.alive = True
+
+    def running(self) -> bool:
+        return self.alive
+
+    def detach(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        assert not self.exported, "stopped with exports"
+        self.alive = False
+        self.server = None
+
+    def start_nbd_server(self, host: str, port: int) -> None:
+        self.server = f"{host}:{port}"
+
+    def nodes(self) -> list[str]:
+        return sorted(self.devices)
+
+    def node_info(self, node: str) -> dict[str, Any] | None:
+        return {"file": self.devices[node]} if node in self.devices else None
+
+    def add_host_device(self, node: str, path: str, *, read_only: bool) -> None:
+        assert read_only and self.alive
+        if node not in self.devices:
+            if path not in self.kernel.blk:
+                raise CommandFailed(["blockdev-add"], 1, f"Could not open '{path}'")
+            self.devices[node] = path
+            self.kernel.opened.add(path)
+
+    def export_nbd(self, export_id: str, node: str, name: str) -> None:
+        if self.fail_export:
+            raise CommandFailed(["block-export-add"], 1, "export failed")
+        assert self.server and node in self.devices
+        self.exported[export_id] = (node, name)
+
+    def exports(self) -> list[Export]:
+        return [Export(e, "nbd", node) for e, (node, _) in self.exported.items()]
+
+    def delete_export(self, export_id: str, *, force: bool = False) -> None:
+        assert force  # its clients fail over; they must not keep the device
+        self.exported.pop(export_id, None)
+
+    def delete_node(self, node: str) -> None:
+        assert node not in {n for n, _ in self.exported.values()}, "node still exported"
+        if node in self.devices:
+            self.kernel.opened.discard(self.devices.pop(node))
+
+
+@pytest.fixture
+def nbd_rig(rig: Rig) -> Rig:
+    rig.settings = Settings(**{**rig.settings.__dict__, "dm_nbd_relay": True})
+    rig.qsd = FakeQsd(rig.kernel)
+    return rig
+
+
+def test_with_nbd_the_relay_also_exports_the_cached_device_over_nbd(nbd_rig: Rig) -> None:
+    _, virtman, volt = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    qsd = nbd_rig.qsd
+    assert qsd.server == "10.0.0.9:10809"
+    assert list(qsd.exported.values()) == [(next(iter(qsd.devices)), IMAGE)]
+    assert list(qsd.devices.values()) == ["/dev/mapper/cached_volume-img"]
+    assert ("register", IMAGE, "10.0.0.9:volume-img", "10.0.0.9:10809") in volt.calls
+    with pytest.raises(CommandFailed, match="busy"):  # the export holds the cached device
+        nbd_rig.kernel(["dmsetup", "remove", "cached_volume-img"])
+    assert virtman.destroy("vm1") == "0:"
+    virtman.shutdown()
+    assert nbd_rig.leftovers() == NOTHING
+    assert qsd.exported == {} and qsd.devices == {} and not qsd.alive
+
+
+def test_a_restart_adopts_the_nbd_export(nbd_rig: Rig) -> None:
+    _, virtman, _ = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    exported = dict(nbd_rig.qsd.exported)
+    virtman.close()  # a kill -9: the daemon and its export stay
+    _, again, volt = build(nbd_rig)
+    assert again.list() == ["vm1:volume-img"]
+    assert nbd_rig.qsd.exported == exported
+    assert ("register", IMAGE, "10.0.0.9:volume-img", "10.0.0.9:10809") in volt.calls
+
+
+def test_stop_leaves_the_nbd_daemon_while_it_exports(nbd_rig: Rig) -> None:
+    driver, virtman, _ = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    driver.stop()  # virtman stopped without destroying: children keep reading
+    assert nbd_rig.qsd.alive and nbd_rig.qsd.exported
+
+
+def test_a_failed_nbd_export_is_undone(nbd_rig: Rig) -> None:
+    _, virtman, _ = build(nbd_rig)
+    nbd_rig.qsd.fail_export = True
+    answer = virtman.create("vm1", "img", CONNECTION)
+    assert answer.startswith("2:") and "export failed" in answer, answer
+    virtman.heartbeat()
+    assert nbd_rig.leftovers() == {**NOTHING, "dm": ["vmt_cacheset"], "bcache": ["dm-1"]}
+    assert nbd_rig.qsd.devices == {} and nbd_rig.qsd.exported == {}
+
+
+def test_the_nbd_relay_needs_nbd_port(nbd_rig: Rig) -> None:
+    nbd_rig.settings = Settings(**{**nbd_rig.settings.__dict__, "nbd_port": 0})
+    with pytest.raises(ValueError, match="nbd_port"):
+        nbd_rig.driver()

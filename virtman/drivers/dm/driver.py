@@ -9,7 +9,8 @@ Per image (names from the original where it had them)::
                  node's one bcache cache set -> /dev/bcacheN -> cached_<image> (linear)
     origin       origin_<image>: snapshot-origin over cached_<image>
     relay        relay_<image> (linear over cached_<image>) exported by LIO under the
-                 image's IQN, LUN 1, read-only, CHAP (or by tgtd: dm_relay = tgt)
+                 image's IQN, LUN 1, read-only, CHAP (or by tgtd: dm_relay = tgt);
+                 with dm_nbd_relay also cached_<image> as NBD export <image> (nbd.py)
     snapshot     snapshot_<instance>: persistent COW (a sparse file on a loop device) over
                  cached_<image>; the VM's disk is /dev/mapper/snapshot_<instance>
 
@@ -50,11 +51,13 @@ from brick.devmapper import (
 from brick.exception import BrickError, CommandFailed, NotFound, PathsUnavailable
 from brick.iscsi import BY_PATH_DIR, ISCSIConnector, validate_lun
 from brick.lio import LioTargets
+from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon, validate_iqn, validate_portal
 from virtman.conf import Settings
 from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import BcacheLayer, CacheSet
 from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapshot_name, uuid_of
+from virtman.drivers.dm.nbd import NbdRelay
 from virtman.layers.base import Device, Endpoint, Relay
 
 LOG = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class Host:
     rtslib: Any = None  # rtslib_fb, imported on first use
     io: bcache.DiskIO = field(default_factory=bcache.DiskIO)
     bcache: bcache.BcacheSysfs | None = None  # default: BcacheSysfs(sysfs)
+    qsd: StorageDaemon | None = None  # dm_nbd_relay's daemon; default: NbdRelay's own
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +179,7 @@ class DmDriver:
             TgtRelay(self) if settings.dm_relay == "tgt" else LioRelay(self)
         )
         self.snapshot = DmSnapshot(self)
+        self.nbd = NbdRelay(settings, h.qsd) if settings.dm_nbd_relay else None
         self._monitors: dict[str, MultipathMonitor] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -190,6 +195,8 @@ class DmDriver:
         if self.tgtd is not None and not self.tgtd.adopt():
             self.tgtd.start()
         self.cacheset.start()
+        if self.nbd is not None:
+            self.nbd.start()
         if self.monitor_interval_s and self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._monitor_loop, name="dm-multipath")
@@ -202,6 +209,8 @@ class DmDriver:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self.nbd is not None:
+            self.nbd.stop()
         self.cacheset.stop()
         if self.tgtd is not None and not self.tgt.targets():
             self.tgtd.stop()
@@ -279,6 +288,8 @@ class DmDriver:
                 except Exception as exc:  # keep sweeping the rest
                     LOG.error("%s: sweeping the %s failed: %s", image, what, exc)
         self.relay.sweep(keep)
+        if self.nbd is not None:
+            self.nbd.sweep(keep)
 
     # -- multipath monitoring ------------------------------------------------------------------
     def _monitor_loop(self) -> None:
@@ -446,10 +457,19 @@ class LioRelay:
     def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
         view = self._view(image, cached)
         with self.d.lock:
-            self.d.lio.export(iqn, view, chap=self.d.chap, portals=[self.d.portal], lun=1)
-        return Relay(iqn, self.d.portal, None)
+            self._export(iqn, view)
+        nbd = self.d.nbd.export(image, cached.path) if self.d.nbd else None
+        return Relay(iqn, self.d.portal, nbd)
+
+    def _export(self, iqn: str, view: str) -> None:
+        self.d.lio.export(iqn, view, chap=self.d.chap, portals=[self.d.portal], lun=1)
 
     def readers(self, image: str, iqn: str) -> int:
+        """Sessions on the image's target, plus NBD clients of this node (if it exports
+        NBD: they cannot be told apart by image, so they count for every image)."""
+        return self._sessions(iqn) + (self.d.nbd.clients() if self.d.nbd else 0)
+
+    def _sessions(self, iqn: str) -> int:
         return len(self.d.lio.sessions(iqn))
 
     def _exports(self, image: str, iqn: str | None) -> list[str]:
@@ -460,11 +480,17 @@ class LioRelay:
 
     def teardown(self, image: str, iqn: str | None = None, *, force: bool = False) -> None:
         """LIO drops the sessions of a target it removes: ``force`` changes nothing here."""
+        self._unexport_nbd(image)
         n = ImageNames(image)
         with self.d.lock:
             for target in self._exports(image, iqn):
                 self.d.lio.remove(target)
             self.d.remove(n.relay, "relay", image)
+
+    def _unexport_nbd(self, image: str) -> None:
+        """First of a teardown: the NBD export holds the cached device open."""
+        if self.d.nbd:
+            self.d.nbd.unexport(image)
 
     def images(self) -> builtins.list[str]:
         prefix = "/dev/mapper/relay_"
@@ -482,13 +508,10 @@ class LioRelay:
 class TgtRelay(LioRelay):
     """The same linear view exported by tgtd (``dm_relay = tgt``)."""
 
-    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
-        view = self._view(image, cached)
-        with self.d.lock:
-            self.d.tgt.create_target(iqn, Path(view), lun=1, readonly=True, chap=self.d.chap)
-        return Relay(iqn, self.d.portal, None)
+    def _export(self, iqn: str, view: str) -> None:
+        self.d.tgt.create_target(iqn, Path(view), lun=1, readonly=True, chap=self.d.chap)
 
-    def readers(self, image: str, iqn: str) -> int:
+    def _sessions(self, iqn: str) -> int:
         return len(self.d.tgt.connections(iqn))
 
     def _exports(self, image: str, iqn: str | None) -> list[str]:
@@ -500,6 +523,7 @@ class TgtRelay(LioRelay):
         ]
 
     def teardown(self, image: str, iqn: str | None = None, *, force: bool = False) -> None:
+        self._unexport_nbd(image)
         with self.d.lock:
             for target in self._exports(image, iqn):
                 self.d.tgt.delete_target(target)

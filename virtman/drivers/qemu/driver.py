@@ -22,6 +22,7 @@ from pathlib import Path
 
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
+from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon
 from virtman.conf import Settings
@@ -302,19 +303,3 @@ class QemuSnapshot:
 
 def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
-
-
-def established_connections(port: int) -> int:
-    """TCP connections established to local ``port`` in this network namespace."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local_port = int(fields[1].rpartition(":")[2], 16)
-            if local_port == port and fields[3] == "01":
-                count += 1
-    return count

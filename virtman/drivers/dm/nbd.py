@@ -1,0 +1,98 @@
+"""NBD exports of a ``dm`` node's relays, for children on the ``qemu`` driver.
+
+A ``qemu`` child reads its parents through qemu-storage-daemon. Over iSCSI (libiscsi) a
+read on a parent that dies hangs, because libiscsi reconnects forever; over NBD the path
+gives up after ``nbd_reconnect_delay`` and the quorum reads the next parent. So with
+``dm_nbd_relay`` a ``dm`` node runs one qemu-storage-daemon (``virtman-dm-nbd``) that
+exports each image's cached device (``/dev/mapper/cached_<image>``, read-only) as NBD
+export ``<image>`` on ``host_ip:nbd_port``, next to the LIO (or tgt) target, and Volt
+hands children both addresses. ``dm`` children keep reading over iSCSI.
+
+The daemon outlives virtman like the kernel's targets do: a restarted virtman adopts it
+(its exports are still there), and it is stopped only once it exports nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from brick.proc import established_connections
+from brick.qsd.daemon import StorageDaemon
+from virtman import validation
+from virtman.conf import Settings
+
+LOG = logging.getLogger(__name__)
+
+DAEMON = "virtman-dm-nbd"
+PREFIX = "vmtdm"  # every node and export of ours; QMP names allow 32 of [A-Za-z0-9_-]
+
+
+def _tag(image: str) -> str:
+    return PREFIX + hashlib.sha256(image.encode()).hexdigest()[:12]
+
+
+class NbdRelay:
+    """The NBD side of the relays (see the module docstring)."""
+
+    def __init__(self, settings: Settings, daemon: StorageDaemon | None = None) -> None:
+        if not settings.nbd_port:
+            raise ValueError("dm_nbd_relay needs nbd_port (0 means no NBD exports)")
+        self.host = settings.host_ip
+        self.port = settings.nbd_port
+        bracketed = f"[{self.host}]" if ":" in self.host else self.host
+        self.address = f"{bracketed}:{self.port}"
+        self.qsd = daemon or StorageDaemon(DAEMON, settings.run_dir)
+
+    def start(self) -> None:
+        if not self.qsd.adopt():
+            self.qsd.start()
+        self.qsd.start_nbd_server(self.host, self.port)
+
+    def stop(self) -> None:
+        """Stop the daemon if it exports nothing; otherwise leave it to its children."""
+        if self.qsd.running() and not self._ours():
+            self.qsd.stop()
+        else:
+            self.qsd.detach()
+
+    def _ours(self) -> list[str]:
+        return [e.id for e in self.qsd.exports() if e.id.startswith(PREFIX)]
+
+    def export(self, image: str, device: str) -> str:
+        """Export ``device`` (the image's cached device) as NBD export ``image``; returns
+        the server's ``host:port``. Idempotent; a failed export leaves no node."""
+        tag = _tag(validation.name(image, "image"))
+        added = self.qsd.node_info(tag) is None
+        self.qsd.add_host_device(tag, device, read_only=True)
+        try:
+            self.qsd.export_nbd(tag + "x", tag, image)
+        except BaseException:
+            if added:
+                self.qsd.delete_node(tag)
+            raise
+        return self.address
+
+    def unexport(self, image: str) -> None:
+        """Drop the export (and its clients: they fail over) and its node; idempotent."""
+        tag = _tag(image)
+        self.qsd.delete_export(tag + "x", force=True)
+        self.qsd.delete_node(tag)
+
+    def clients(self) -> int:
+        """NBD connections to this node; they cannot be told apart by export."""
+        return established_connections(self.port) if self._ours() else 0
+
+    def exported(self, image: str) -> bool:
+        return _tag(image) + "x" in self._ours()
+
+    def sweep(self, keep: set[str]) -> None:
+        """Remove exports and nodes of ours that belong to no image in ``keep``."""
+        tags = {_tag(i) for i in keep}
+        for export in self._ours():
+            if export[:-1] not in tags:
+                LOG.warning("removing stray NBD export %s", export)
+                self.qsd.delete_export(export, force=True)
+        for node in self.qsd.nodes():
+            if node.startswith(PREFIX) and node not in tags:
+                self.qsd.delete_node(node)
