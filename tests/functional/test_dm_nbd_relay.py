@@ -8,6 +8,7 @@ qemu child would read, adoption by a restarted virtman, undo of a failed export,
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from brick.exception import CommandFailed, InvalidArgument, NotFound
 from brick.executor import execute
 from brick.proc import is_gone
 from brick.qsd import QMPError
+from brick.wait import wait_until
 from tests.functional.test_brick_qsd import free_port
 from virtman.conf import Settings
 from virtman.drivers.dm.nbd import NbdRelay
@@ -168,3 +170,22 @@ def test_bad_names_and_paths_are_refused_before_anything_is_made(
 def test_nbd_relay_needs_a_port(settings: Settings) -> None:
     with pytest.raises(ValueError, match="nbd_port"):
         NbdRelay(Settings(**{**settings.__dict__, "nbd_port": 0}))
+
+
+def test_a_killed_daemon_is_started_again_with_its_exports(
+    settings: Settings, relays: list[NbdRelay], device: tuple[str, bytes], tmp_path: Path
+) -> None:
+    path, data = device
+    relay = new_relay(settings, relays)
+    relay.start()
+    address = relay.export(IMAGE, path)
+    assert relay.heal({IMAGE: path}) is False  # alive: nothing to do
+    pid = relay.qsd.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # our own daemon, by the PID we started it with
+    wait_until(lambda: is_gone(pid), timeout_s=10, what="the killed daemon to go")
+    relay.unexport(IMAGE)  # a dead daemon holds nothing: no error
+    assert relay.heal({IMAGE: path}) is True
+    assert relay.qsd.pid not in (None, pid)
+    assert relay.exported(IMAGE)
+    assert read_nbd(address, IMAGE, tmp_path / "a.raw") == data

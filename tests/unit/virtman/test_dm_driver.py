@@ -949,3 +949,29 @@ def test_the_nbd_relay_needs_nbd_port(nbd_rig: Rig) -> None:
     nbd_rig.settings = Settings(**{**nbd_rig.settings.__dict__, "nbd_port": 0})
     with pytest.raises(ValueError, match="nbd_port"):
         nbd_rig.driver()
+
+
+def test_a_dead_nbd_daemon_is_started_again_with_every_export(nbd_rig: Rig) -> None:
+    driver, virtman, _ = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    qsd = nbd_rig.qsd
+    exported = dict(qsd.exported)
+    qsd.alive, qsd.server, qsd.exported, qsd.devices = False, None, {}, {}  # kill -9
+    nbd_rig.kernel.opened.clear()
+    driver.check_nbd()
+    assert qsd.alive and qsd.server == "10.0.0.9:10809"
+    assert qsd.exported == exported
+    assert list(qsd.devices.values()) == ["/dev/mapper/cached_volume-img"]
+    driver.check_nbd()  # alive: nothing to do
+    assert qsd.exported == exported
+
+
+def test_a_teardown_with_a_dead_nbd_daemon_still_removes_everything(nbd_rig: Rig) -> None:
+    _, virtman, _ = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    qsd = nbd_rig.qsd
+    qsd.alive, qsd.exported, qsd.devices = False, {}, {}  # died, and the kernel closed its files
+    nbd_rig.kernel.opened.clear()
+    assert virtman.destroy("vm1") == "0:"
+    virtman.shutdown()
+    assert nbd_rig.leftovers() == NOTHING

@@ -298,6 +298,16 @@ class DmDriver:
                 self.check_paths()
             except Exception:
                 LOG.exception("multipath check failed")
+            try:
+                self.check_nbd()
+            except Exception:
+                LOG.exception("NBD relay check failed")
+
+    def check_nbd(self) -> None:
+        """Start the NBD relay daemon again if it died, with every relay's export."""
+        if self.nbd is not None:
+            images = self.relay.images()
+            self.nbd.heal({i: ImageNames(i).path(ImageNames(i).cached) for i in images})
 
     def check_paths(self) -> None:
         """One round of the monitor over every multipath device of ours."""

@@ -9,13 +9,17 @@ export ``<image>`` on ``host_ip:nbd_port``, next to the LIO (or tgt) target, and
 hands children both addresses. ``dm`` children keep reading over iSCSI.
 
 The daemon outlives virtman like the kernel's targets do: a restarted virtman adopts it
-(its exports are still there), and it is stopped only once it exports nothing.
+(its exports are still there), and it is stopped only once it exports nothing. If it dies,
+the driver's monitor starts it again and exports every relay again (``heal``); meanwhile
+the children read their other parents.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from collections.abc import Mapping
 
 from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
@@ -43,18 +47,38 @@ class NbdRelay:
         bracketed = f"[{self.host}]" if ":" in self.host else self.host
         self.address = f"{bracketed}:{self.port}"
         self.qsd = daemon or StorageDaemon(DAEMON, settings.run_dir)
+        self._lock = threading.RLock()  # heal() against export()/unexport()
 
     def start(self) -> None:
-        if not self.qsd.adopt():
-            self.qsd.start()
-        self.qsd.start_nbd_server(self.host, self.port)
+        with self._lock:
+            if not self.qsd.adopt():
+                self.qsd.start()
+            self.qsd.start_nbd_server(self.host, self.port)
+
+    def heal(self, relays: Mapping[str, str]) -> bool:
+        """If the daemon died, start it again and export ``{image: device}`` again;
+        returns whether it had to."""
+        with self._lock:
+            if self.qsd.running():
+                return False
+            LOG.warning("NBD relay daemon %s is gone: starting it again", DAEMON)
+            self.qsd.detach()
+            self.start()
+            for image, device in sorted(relays.items()):
+                try:
+                    self.export(image, device)
+                except Exception as exc:  # the other images still get theirs
+                    LOG.error("%s: NBD export failed again: %s", image, exc)
+            return True
 
     def stop(self) -> None:
-        """Stop the daemon if it exports nothing; otherwise leave it to its children."""
-        if self.qsd.running() and not self._ours():
-            self.qsd.stop()
-        else:
-            self.qsd.detach()
+        """Stop the daemon if it exports nothing (or is dead: its files go); otherwise
+        leave it to its children."""
+        with self._lock:
+            if not self.qsd.running() or not self._ours():
+                self.qsd.stop()
+            else:
+                self.qsd.detach()
 
     def _ours(self) -> list[str]:
         return [e.id for e in self.qsd.exports() if e.id.startswith(PREFIX)]
@@ -63,21 +87,28 @@ class NbdRelay:
         """Export ``device`` (the image's cached device) as NBD export ``image``; returns
         the server's ``host:port``. Idempotent; a failed export leaves no node."""
         tag = _tag(validation.name(image, "image"))
-        added = self.qsd.node_info(tag) is None
-        self.qsd.add_host_device(tag, device, read_only=True)
-        try:
-            self.qsd.export_nbd(tag + "x", tag, image)
-        except BaseException:
-            if added:
-                self.qsd.delete_node(tag)
-            raise
+        with self._lock:
+            added = self.qsd.node_info(tag) is None
+            self.qsd.add_host_device(tag, device, read_only=True)
+            try:
+                self.qsd.export_nbd(tag + "x", tag, image)
+            except BaseException:
+                if added:
+                    self.qsd.delete_node(tag)
+                raise
+        LOG.info("%s: NBD export of %s on %s", image, device, self.address)
         return self.address
 
     def unexport(self, image: str) -> None:
-        """Drop the export (and its clients: they fail over) and its node; idempotent."""
+        """Drop the export (and its clients: they fail over) and its node; idempotent. A
+        dead daemon holds nothing: then there is nothing to drop."""
         tag = _tag(image)
-        self.qsd.delete_export(tag + "x", force=True)
-        self.qsd.delete_node(tag)
+        with self._lock:
+            if not self.qsd.running():
+                LOG.warning("%s: NBD relay daemon not running: no export to drop", image)
+                return
+            self.qsd.delete_export(tag + "x", force=True)
+            self.qsd.delete_node(tag)
 
     def clients(self) -> int:
         """NBD connections to this node; they cannot be told apart by export."""
