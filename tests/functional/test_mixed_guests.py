@@ -4,7 +4,9 @@ S runs tgtd (two images, CHAP) and volt-api; A and B run OUR virtmanserver with
 driver = dm, Q with driver = qemu. Volt's balanced placement (fan-out 2) makes the third
 node of an image the child of the first, so the creation order decides who relays to whom:
 
-- volume-img1 on A, B, then Q: Q's qemu-storage-daemon reads A's LIO relay over libiscsi;
+- volume-img1 on A, B, then Q: Q's qemu-storage-daemon reads A's NBD relay
+  (``dm_nbd_relay``); A's NBD daemon is killed while Q reads, Q's reads go on from B (over
+  libiscsi), A's virtman starts the daemon again; Q reads A's LIO relay once over libiscsi;
 - volume-img2 on Q, B, then A: A's open-iscsi + dm-multipath read Q's tgtd relay (Q also
   offers NBD, which dm nodes do not use).
 
@@ -28,6 +30,7 @@ SIZE_MIB = 32
 WORK_DIR = Path(__file__).resolve().parents[2] / ".work" / "mixed-guests"  # the last run's logs
 NODES = [Node("S", 640, 1), Node("A", 768, 2), Node("B", 768, 3), Node("Q", 768, 4)]
 A, B, Q = "10.77.0.2:3260", "10.77.0.3:3260", "10.77.0.4:3260"
+A_NBD = "nbd://10.77.0.2:10809"
 SERVER = "10.77.0.1:3260"
 A_INITIATOR = "iqn.2026-12.org.vmthunder.guestkit:a"  # open-iscsi's, set by guestkit
 Q_INITIATOR = "iqn.2010-10.org.vmthunder:10.77.0.4"  # the qemu driver's, for libiscsi
@@ -44,13 +47,24 @@ def test_every_guest_passes(run: RunResult, report: Report) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_a_qemu_node_reads_through_a_dm_nodes_lio_relay(report: Report) -> None:
+def test_a_qemu_node_reads_through_a_dm_nodes_nbd_relay(report: Report) -> None:
     q = report["Q"]["img1"]
-    assert q["paths"] == [A, B]  # A's relay first, B standby
+    assert q["paths"] == [A_NBD, B]  # A's relay first (NBD: A offers it), B standby
     assert {k: q[k] for k in PRIVATE} == PRIVATE
     assert report["Q"]["create"]["vm-q1"] == "0:/run/vmt-state/instances/vm-q1.qcow2"
-    # qemu-storage-daemon's libiscsi session, under the qemu driver's initiator name
-    assert report["A"]["img1"]["lio_sessions"] == [Q_INITIATOR]
+    assert report["A"]["img1"]["lio_sessions"] == []  # Q reads A over NBD only
+    assert q["lio_read"] is True  # and A's LIO relay serves libiscsi (CHAP) too
+
+
+@pytest.mark.timeout(900)
+def test_a_qemu_child_reads_on_when_the_dm_parents_nbd_relay_dies(report: Report) -> None:
+    failover = report["Q"]["img1"]["failover"]
+    assert failover["errors"] == [] and failover["sha_ok"] is True, failover
+    assert failover["max_stall_s"] < 20, failover  # nbd_reconnect_delay (3 s) + TCG
+    nbd = report["A"]["nbd_relay"]
+    assert nbd["clients_before"] >= 1, nbd  # Q was reading over NBD
+    assert nbd["new_pid"] not in (None, nbd["killed_pid"]), nbd  # virtman started it again
+    assert nbd["sha_ok"] is True, nbd  # with the export back
 
 
 @pytest.mark.timeout(900)

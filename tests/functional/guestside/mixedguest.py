@@ -4,11 +4,13 @@ S serves two images and volt-api. A and B run virtmanserver with driver = dm, Q 
 driver = qemu. Balanced placement (fan-out 2) puts the first two nodes of an image under
 the image server and the third under the first, with the second as its standby parent:
 
-- volume-img1, created on A, B, then Q: Q (qemu) reads through A's LIO relay (libiscsi);
+- volume-img1, created on A, B, then Q: Q (qemu) reads through A's NBD relay
+  (dm_nbd_relay); A's NBD daemon is killed while Q reads, and Q's reads move to B;
+  Q also reads A's LIO relay once over libiscsi;
 - volume-img2, created on Q, B, then A: A (dm) reads through Q's tgtd relay (open-iscsi).
 
-B relays with dm_relay = tgt: it is the standby parent of both children, and A reads
-volume-img2 once straight from its path to B.
+B relays with dm_relay = tgt: it is the standby parent of both children (Q reads it over
+libiscsi), and A reads volume-img2 once straight from its path to B.
 
 Teardown goes children first (Q's img1 VM, then A's img2 VM), then everything else.
 """
@@ -18,12 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from common import (
+    CHAP_PASSWORD,
+    CHAP_USER,
     IPS,
     IQN_PREFIX,
     MIB,
@@ -49,10 +54,11 @@ from common import (
 
 IMG1, IMG2 = "volume-img1", "volume-img2"
 DRIVER_CONF = {
-    "A": "driver = dm\ndm_cache_size_mib = 65536\n",
+    "A": "driver = dm\ndm_cache_size_mib = 65536\ndm_nbd_relay = true\n",
     "B": "driver = dm\ndm_cache_size_mib = 65536\ndm_relay = tgt\n",
     "Q": "driver = qemu\n",
 }
+NBD_PIDFILE = Path("/run/virtman/virtman-dm-nbd.pid")
 STATE = Path("/run/vmt-state")
 RUN = Path("/run/virtman")
 
@@ -108,6 +114,8 @@ def dm_node(shas: dict) -> None:
     result["img1"] = {"paths": multipath_paths(IMG1)}
     result["img1"].update(check_dm_disk(f"vm-{me}1", IMG1, shas[IMG1]))
     board_set(f"{ROLE}-1")
+    if ROLE == "A":
+        kill_nbd_relay(virtman, shas[IMG1])
     board_get("Q-2" if ROLE == "B" else "B-2")
     create(virtman, f"vm-{me}2", IMG2)
     result["img2"] = {"paths": multipath_paths(IMG2)}
@@ -135,6 +143,54 @@ def dm_node(shas: dict) -> None:
         result["left"] = {**kernel_state(), "daemons": daemons()}
         log(f"left: {result['left']}")
     board_set(f"{ROLE}-done")
+
+
+def nbd_daemon_pid() -> int | None:
+    try:
+        pid = int(NBD_PIDFILE.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def kill_nbd_relay(virtman: Virtman, sha: str) -> None:
+    """While Q reads volume-img1 through A's NBD relay: kill -9 the NBD daemon, with
+    virtman paused so that it cannot start it again before Q has read the rest from B;
+    then let virtman heal it and read the export back over NBD."""
+    from brick.proc import established_connections
+
+    board_get("Q-reading-1")
+    info: dict = {"clients_before": established_connections(10809)}
+    assert virtman.proc is not None
+    with step("kill -9 the NBD relay daemon while Q reads (virtman paused)"):
+        os.kill(virtman.proc.pid, signal.SIGSTOP)
+        pid = nbd_daemon_pid()
+        assert pid is not None, "no NBD relay daemon"
+        os.kill(pid, signal.SIGKILL)
+        info["killed_pid"] = pid
+        board_set("A-nbd-down")
+    board_get("Q-read-1")
+    with step("virtman resumes and starts the NBD relay again; its export reads back"):
+        t = time.monotonic()
+        os.kill(virtman.proc.pid, signal.SIGCONT)
+        while (new := nbd_daemon_pid()) in (None, pid) and time.monotonic() - t < 60:
+            time.sleep(0.2)
+        out = Path("/run/nbd-back.raw")
+        while time.monotonic() - t < 60:  # the export follows the daemon's start
+            done = subprocess.run(
+                ["qemu-img", "convert", "-O", "raw", f"nbd://{IPS['A']}:10809/{IMG1}", str(out)],
+                capture_output=True,
+                check=False,
+            )
+            if done.returncode == 0:
+                break
+            time.sleep(0.5)
+        info["healed_s"] = round(time.monotonic() - t, 1)
+        info["new_pid"] = new
+        info["sha_ok"] = out.exists() and file_sha(out) == sha
+        out.unlink(missing_ok=True)
+    result["nbd_relay"] = info
+    board_set("A-nbd-back")
 
 
 # -- the qemu node (Q) -------------------------------------------------------------------------
@@ -173,8 +229,63 @@ def check_qemu_disk(disk: str, image: str, sha: str) -> dict:
 
 
 def qemu_paths(image: str) -> list[str]:
-    """The portals of the quorum's paths, in order (the first carries the reads)."""
-    return [e["portal"] for e in json.loads((RUN / "paths" / f"{image}.json").read_text())]
+    """The quorum's paths, in order (the first carries the reads): ``nbd://host:port`` or
+    the iSCSI portal."""
+    entries = json.loads((RUN / "paths" / f"{image}.json").read_text())
+    return [f"nbd://{e['nbd']}" if e.get("nbd") else e["portal"] for e in entries]
+
+
+def read_through_failover(image: str, sha: str) -> dict:
+    """Read Q's origin of ``image`` (its FUSE export; nothing of it is cached yet) in 1 MiB
+    reads: 4 MiB from A, then A's NBD daemon is killed, then the rest."""
+    origin = RUN / "exports" / f"{image}.raw"
+    h = hashlib.sha256()
+    errors: list[str] = []
+    stall = 0.0
+    with step(f"read {image} while A's NBD relay dies: no read error"), open(origin, "rb") as f:
+        offset, signalled = 0, False
+        while True:
+            if offset == 4 * MIB and not signalled:
+                board_set("Q-reading-1")
+                board_get("A-nbd-down")
+                signalled = True
+            t = time.monotonic()
+            try:
+                chunk = os.pread(f.fileno(), MIB, offset)
+            except OSError as exc:
+                errors.append(f"{exc.strerror} at {offset >> 20} MiB")
+                if len(errors) > 5:
+                    break
+                continue
+            stall = max(stall, time.monotonic() - t)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+        if not signalled:  # A must not wait for ever
+            board_set("Q-reading-1")
+        board_set("Q-read-1")
+    return {"errors": errors, "max_stall_s": round(stall, 1), "sha_ok": h.hexdigest() == sha}
+
+
+def read_lio_relay(image: str, sha: str) -> bool:
+    """Read A's LIO relay of ``image`` once over libiscsi (qemu-img, CHAP, the qemu
+    driver's initiator name): LIO and libiscsi talk."""
+    out = Path("/run/lio.raw")
+    target = (
+        f"driver=iscsi,transport=tcp,portal={IPS['A']}:3260,target={IQN_PREFIX}{image},"
+        f"lun=1,user={CHAP_USER},password-secret=chap,"
+        f"initiator-name=iqn.2010-10.org.vmthunder:{IPS['Q']}"
+    )
+    with step(f"read A's LIO relay of {image} over libiscsi"):
+        sh(
+            "qemu-img", "convert", "--object", f"secret,id=chap,data={CHAP_PASSWORD}",
+            "-O", "raw", "--image-opts", target, str(out),
+        )  # fmt: skip
+        try:
+            return file_sha(out) == sha
+        finally:
+            out.unlink()
 
 
 def daemons() -> list[str]:
@@ -220,6 +331,9 @@ def qemu_node(shas: dict) -> None:
     board_get("B-1")
     disk1 = create(virtman, "vm-q1", IMG1)
     result["img1"] = {"disk": disk1, "paths": qemu_paths(IMG1)}
+    result["img1"]["failover"] = read_through_failover(IMG1, shas[IMG1])
+    board_get("A-nbd-back")
+    result["img1"]["lio_read"] = read_lio_relay(IMG1, shas[IMG1])
     result["img1"].update(check_qemu_disk(disk1, IMG1, shas[IMG1]))
     board_set("Q-1")
     disk2 = create(virtman, "vm-q2", IMG2)
