@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from brick.proc import is_gone
 from brick.qsd import QMPError
 from brick.wait import wait_until
 from tests.functional.test_brick_qsd import free_port
+from tests.unit.virtman.test_compute import settings as unit_settings
 from virtman.conf import Settings
 from virtman.drivers.dm.nbd import NbdRelay
 from virtman.errors import InvalidInput
@@ -42,19 +44,8 @@ def device(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    state = tmp_path / "state"
-    return Settings(
-        host_ip="127.0.0.1",
-        master_url="http://127.0.0.1:1",
-        master_token=None,
-        heartbeat_interval=5.0,
-        state_dir=state,
-        cache_dir=state / "cache",
-        instances_dir=state / "instances",
-        run_dir=tmp_path / "run",
-        nbd_port=free_port(),
-        dm_nbd_relay=True,
-    )
+    base = unit_settings(tmp_path / "state", host_ip="127.0.0.1")
+    return replace(base, run_dir=tmp_path / "run", nbd_port=free_port(), dm_nbd_relay=True)
 
 
 @pytest.fixture
@@ -72,18 +63,38 @@ def new_relay(settings: Settings, relays: list[NbdRelay]) -> NbdRelay:
     return relay
 
 
+@pytest.fixture
+def relay(settings: Settings, relays: list[NbdRelay]) -> NbdRelay:
+    """A started relay (daemon and NBD server), nothing exported yet."""
+    started = new_relay(settings, relays)
+    started.start()
+    return started
+
+
+@dataclass
+class Exported:
+    relay: NbdRelay
+    address: str  # the NBD server's host:port
+    path: str  # the exported block device
+    data: bytes  # its bytes
+
+
+@pytest.fixture
+def exported(relay: NbdRelay, device: tuple[str, bytes]) -> Exported:
+    """``device`` exported as ``IMAGE`` by a started relay."""
+    path, data = device
+    return Exported(relay, relay.export(IMAGE, path), path, data)
+
+
 def read_nbd(address: str, name: str, out: Path) -> bytes:
     execute(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd://{address}/{name}", str(out)])
     return out.read_bytes()
 
 
 def test_a_child_reads_the_device_over_nbd_and_a_restart_adopts_the_export(
-    settings: Settings, relays: list[NbdRelay], device: tuple[str, bytes], tmp_path: Path
+    settings: Settings, relays: list[NbdRelay], exported: Exported, tmp_path: Path
 ) -> None:
-    path, data = device
-    relay = new_relay(settings, relays)
-    relay.start()
-    address = relay.export(IMAGE, path)
+    relay, address, path, data = exported.relay, exported.address, exported.path, exported.data
     assert address == f"127.0.0.1:{settings.nbd_port}"
     assert relay.export(IMAGE, path) == address  # idempotent
     assert relay.exported(IMAGE) and not relay.exported("volume-other")
@@ -111,23 +122,17 @@ def test_a_child_reads_the_device_over_nbd_and_a_restart_adopts_the_export(
 
 
 def test_stop_leaves_a_daemon_that_still_exports_to_its_children(
-    settings: Settings, relays: list[NbdRelay], device: tuple[str, bytes], tmp_path: Path
+    exported: Exported, tmp_path: Path
 ) -> None:
-    path, data = device
-    relay = new_relay(settings, relays)
-    relay.start()
-    address = relay.export(IMAGE, path)
-    relay.stop()
-    assert relay.qsd.running()
-    assert read_nbd(address, IMAGE, tmp_path / "a.raw") == data
+    exported.relay.stop()
+    assert exported.relay.qsd.running()
+    assert read_nbd(exported.address, IMAGE, tmp_path / "a.raw") == exported.data
 
 
 def test_sweep_removes_exports_of_images_that_are_gone(
-    settings: Settings, relays: list[NbdRelay], device: tuple[str, bytes]
+    relay: NbdRelay, device: tuple[str, bytes]
 ) -> None:
     path, _ = device
-    relay = new_relay(settings, relays)
-    relay.start()
     relay.export(IMAGE, path)
     relay.export("volume-img2", path)
     relay.sweep({"volume-img2"})
@@ -158,10 +163,8 @@ def test_a_failed_export_leaves_no_node(
     ],
 )
 def test_bad_names_and_paths_are_refused_before_anything_is_made(
-    settings: Settings, relays: list[NbdRelay], image: str, device: str, field: str
+    relay: NbdRelay, image: str, device: str, field: str
 ) -> None:
-    relay = new_relay(settings, relays)
-    relay.start()
     with pytest.raises((InvalidArgument, InvalidInput), match=field):
         relay.export(image, device)
     assert relay.qsd.nodes() == [] and relay.qsd.exports() == []
@@ -173,12 +176,9 @@ def test_nbd_relay_needs_a_port(settings: Settings) -> None:
 
 
 def test_a_killed_daemon_is_started_again_with_its_exports(
-    settings: Settings, relays: list[NbdRelay], device: tuple[str, bytes], tmp_path: Path
+    exported: Exported, tmp_path: Path
 ) -> None:
-    path, data = device
-    relay = new_relay(settings, relays)
-    relay.start()
-    address = relay.export(IMAGE, path)
+    relay, address, path, data = exported.relay, exported.address, exported.path, exported.data
     assert relay.heal({IMAGE: path}) is False  # alive: nothing to do
     pid = relay.qsd.pid
     assert pid is not None
