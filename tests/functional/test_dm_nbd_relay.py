@@ -189,3 +189,20 @@ def test_a_killed_daemon_is_started_again_with_its_exports(
     assert relay.qsd.pid not in (None, pid)
     assert relay.exported(IMAGE)
     assert read_nbd(address, IMAGE, tmp_path / "a.raw") == data
+
+
+def test_a_daemon_left_with_the_option_off_is_drained_then_stopped(
+    settings: Settings, relays: list[NbdRelay], exported: Exported, tmp_path: Path
+) -> None:
+    pid = exported.relay.qsd.pid
+    exported.relay.qsd.detach()  # virtman killed, then restarted with dm_nbd_relay off
+    off = replace(settings, dm_nbd_relay=False, nbd_port=0)
+    left = NbdRelay.leftover(off)
+    assert left is not None
+    relays.append(left)
+    assert left.draining and left.qsd.pid == pid and left.address == exported.address
+    assert left.heal({IMAGE: exported.path}) is False
+    assert read_nbd(exported.address, IMAGE, tmp_path / "a.raw") == exported.data
+    left.unexport(IMAGE)  # its last export: the daemon stops
+    assert pid is not None and is_gone(pid)
+    assert NbdRelay.leftover(off) is None  # nothing left now

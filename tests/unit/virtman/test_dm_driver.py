@@ -861,6 +861,10 @@ class FakeQsd:
     def start_nbd_server(self, host: str, port: int) -> None:
         self.server = f"{host}:{port}"
 
+    @property
+    def nbd_server(self) -> str | None:
+        return self.server
+
     def nodes(self) -> list[str]:
         return sorted(self.devices)
 
@@ -975,3 +979,20 @@ def test_a_teardown_with_a_dead_nbd_daemon_still_removes_everything(nbd_rig: Rig
     assert virtman.destroy("vm1") == "0:"
     virtman.shutdown()
     assert nbd_rig.leftovers() == NOTHING
+
+
+def test_with_nbd_turned_off_the_left_daemon_drains_and_stops(nbd_rig: Rig) -> None:
+    _, virtman, _ = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    virtman.close()  # a kill -9, then dm_nbd_relay turned off
+    nbd_rig.settings = Settings(**{**nbd_rig.settings.__dict__, "dm_nbd_relay": False})
+    driver, again, volt = build(nbd_rig)
+    assert again.list() == ["vm1:volume-img"]
+    assert driver.nbd is not None and driver.nbd.draining
+    assert ("register", IMAGE, "10.0.0.9:volume-img", "") in volt.calls  # no NBD offered
+    assert nbd_rig.qsd.exported  # its child may still read it
+    driver.check_nbd()  # nothing healed while draining
+    assert again.destroy("vm1") == "0:"
+    again.shutdown()
+    assert nbd_rig.leftovers() == NOTHING
+    assert nbd_rig.qsd.exported == {} and not nbd_rig.qsd.alive

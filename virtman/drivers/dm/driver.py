@@ -197,6 +197,8 @@ class DmDriver:
         self.cacheset.start()
         if self.nbd is not None:
             self.nbd.start()
+        else:
+            self.nbd = NbdRelay.leftover(self.settings, self.host.qsd)
         if self.monitor_interval_s and self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._monitor_loop, name="dm-multipath")
@@ -468,7 +470,9 @@ class LioRelay:
         view = self._view(image, cached)
         with self.d.lock:
             self._export(iqn, view)
-        nbd = self.d.nbd.export(image, cached.path) if self.d.nbd else None
+        nbd = None
+        if self.d.nbd is not None and not self.d.nbd.draining:
+            nbd = self.d.nbd.export(image, cached.path)
         return Relay(iqn, self.d.portal, nbd)
 
     def _export(self, iqn: str, view: str) -> None:

@@ -39,15 +39,36 @@ def _tag(image: str) -> str:
 class NbdRelay:
     """The NBD side of the relays (see the module docstring)."""
 
-    def __init__(self, settings: Settings, daemon: StorageDaemon | None = None) -> None:
-        if not settings.nbd_port:
+    def __init__(
+        self, settings: Settings, daemon: StorageDaemon | None = None, *, draining: bool = False
+    ) -> None:
+        if not settings.nbd_port and not draining:
             raise ValueError("dm_nbd_relay needs nbd_port (0 means no NBD exports)")
         self.host = settings.host_ip
         self.port = settings.nbd_port
         bracketed = f"[{self.host}]" if ":" in self.host else self.host
         self.address = f"{bracketed}:{self.port}"
         self.qsd = daemon or StorageDaemon(DAEMON, settings.run_dir)
+        self.draining = draining  # exports nothing new, stops once its exports are gone
         self._lock = threading.RLock()  # heal() against export()/unexport()
+
+    @classmethod
+    def leftover(cls, settings: Settings, daemon: StorageDaemon | None = None) -> NbdRelay | None:
+        """With ``dm_nbd_relay`` off: the daemon an earlier run left, adopted to drain (its
+        exports hold cached devices, and children read them), or None."""
+        qsd = daemon or StorageDaemon(DAEMON, settings.run_dir)
+        if not qsd.adopt():
+            return None
+        LOG.warning(
+            "dm_nbd_relay is off but %s still runs: its exports stay until their relays go",
+            DAEMON,
+        )
+        relay = cls(settings, qsd, draining=True)
+        if qsd.nbd_server:
+            relay.address = qsd.nbd_server
+            relay.port = int(qsd.nbd_server.rpartition(":")[2])
+        relay.stop_if_idle()
+        return relay
 
     def start(self) -> None:
         with self._lock:
@@ -59,7 +80,7 @@ class NbdRelay:
         """If the daemon died, start it again and export ``{image: device}`` again;
         returns whether it had to."""
         with self._lock:
-            if self.qsd.running():
+            if self.draining or self.qsd.running():
                 return False
             LOG.warning("NBD relay daemon %s is gone: starting it again", DAEMON)
             self.qsd.detach()
@@ -109,6 +130,15 @@ class NbdRelay:
                 return
             self.qsd.delete_export(tag + "x", force=True)
             self.qsd.delete_node(tag)
+            if self.draining:
+                self.stop_if_idle()
+
+    def stop_if_idle(self) -> None:
+        """Stop a draining daemon that exports nothing any more."""
+        with self._lock:
+            if self.qsd.running() and not self._ours():
+                LOG.info("NBD relay daemon %s exports nothing: stopping it", DAEMON)
+                self.qsd.stop()
 
     def clients(self) -> int:
         """NBD connections to this node; they cannot be told apart by export."""
