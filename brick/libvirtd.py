@@ -268,7 +268,7 @@ class LibvirtDaemons:
             os.kill(pid, signal.SIGTERM)
         try:
             wait_until(
-                lambda: not self._is_ours(daemon, pid),
+                lambda: proc.ended(pid, lambda p: self._is_ours(daemon, p)),
                 timeout_s=timeout_s,
                 what=f"{daemon} pid {pid} to exit",
             )
@@ -278,7 +278,7 @@ class LibvirtDaemons:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_until(
-            lambda: not self._is_ours(daemon, pid),
+            lambda: proc.ended(pid, lambda p: self._is_ours(daemon, p)),
             timeout_s=5.0,
             what=f"{daemon} pid {pid} to exit after SIGKILL",
         )

@@ -6,6 +6,7 @@ reused PID is never taken for ours.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -25,6 +26,19 @@ def is_gone(pid: int) -> bool:
     except OSError:
         return True
     return stat_line.rpartition(")")[2].split()[0] in {"Z", "X"}
+
+
+def ended(pid: int, is_ours: Callable[[int], bool]) -> bool:
+    """Whether a process of ours has ended: gone or a zombie, or its PID now runs someone
+    else's program. One that is still exiting (its memory, and so its command line, already
+    released) has not ended yet."""
+    if is_gone(pid):
+        return True
+    if is_ours(pid):
+        return False
+    # not ours: another program on a reused PID, or ours exiting (its argv already gone,
+    # possibly while is_ours looked); an argv read now tells them apart
+    return bool(cmdline(pid)) or is_gone(pid)
 
 
 def established_connections(port: int) -> int:

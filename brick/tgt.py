@@ -894,7 +894,7 @@ class TgtDaemon:
         if pid is not None:
             try:
                 wait_until(
-                    lambda: not self._is_ours(pid),
+                    lambda: proc.ended(pid, self._is_ours),
                     timeout_s=timeout_s,
                     what=f"tgtd pid {pid} to exit",
                 )
@@ -904,7 +904,7 @@ class TgtDaemon:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 wait_until(
-                    lambda: not self._is_ours(pid),
+                    lambda: proc.ended(pid, self._is_ours),
                     timeout_s=timeout_s,
                     what=f"tgtd pid {pid} to die after SIGKILL",
                 )

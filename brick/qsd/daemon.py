@@ -336,7 +336,7 @@ class StorageDaemon:
             except QMPDisconnected:
                 # a daemon that was just killed can still be exiting: its socket resets
                 wait_until(
-                    lambda: not self._is_ours(pid),
+                    lambda: proc.ended(pid, self._is_ours),
                     timeout_s=_STOP_KILL_TIMEOUT_S,
                     what=f"qemu-storage-daemon pid {pid}, whose QMP socket resets, to exit",
                 )
@@ -408,7 +408,7 @@ class StorageDaemon:
             os.kill(pid, signal.SIGTERM)
         try:
             wait_until(
-                lambda: not self._is_ours(pid),
+                lambda: proc.ended(pid, self._is_ours),
                 timeout_s=timeout_s,
                 what=f"qemu-storage-daemon pid {pid} to exit",
             )
@@ -421,7 +421,7 @@ class StorageDaemon:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         wait_until(
-            lambda: not self._is_ours(pid),
+            lambda: proc.ended(pid, self._is_ours),
             timeout_s=_STOP_KILL_TIMEOUT_S,
             what=f"qemu-storage-daemon pid {pid} to die after SIGKILL",
         )
