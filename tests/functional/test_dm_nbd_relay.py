@@ -179,13 +179,13 @@ def test_a_killed_daemon_is_started_again_with_its_exports(
     exported: Exported, tmp_path: Path
 ) -> None:
     relay, address, path, data = exported.relay, exported.address, exported.path, exported.data
-    assert relay.heal({IMAGE: path}) is False  # alive: nothing to do
+    assert relay.heal(lambda: {IMAGE: path}) is False  # alive: nothing to do
     pid = relay.qsd.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # our own daemon, by the PID we started it with
     wait_until(lambda: is_gone(pid), timeout_s=10, what="the killed daemon to go")
     relay.unexport(IMAGE)  # a dead daemon holds nothing: no error
-    assert relay.heal({IMAGE: path}) is True
+    assert relay.heal(lambda: {IMAGE: path}) is True
     assert relay.qsd.pid not in (None, pid)
     assert relay.exported(IMAGE)
     assert read_nbd(address, IMAGE, tmp_path / "a.raw") == data
@@ -201,7 +201,7 @@ def test_a_daemon_left_with_the_option_off_is_drained_then_stopped(
     assert left is not None
     relays.append(left)
     assert left.draining and left.qsd.pid == pid and left.address == exported.address
-    assert left.heal({IMAGE: exported.path}) is False
+    assert left.heal(lambda: {IMAGE: exported.path}) is False
     assert read_nbd(exported.address, IMAGE, tmp_path / "a.raw") == exported.data
     left.unexport(IMAGE)  # its last export: the daemon stops
     assert pid is not None and is_gone(pid)

@@ -58,9 +58,9 @@ DRIVER_CONF = {
     "B": "driver = dm\ndm_cache_size_mib = 65536\ndm_relay = tgt\n",
     "Q": "driver = qemu\n",
 }
-NBD_PIDFILE = Path("/run/virtman/virtman-dm-nbd.pid")
 STATE = Path("/run/vmt-state")
 RUN = Path("/run/virtman")
+NBD_PIDFILE = RUN / "virtman-dm-nbd.pid"
 
 
 def image_server() -> None:

@@ -308,8 +308,9 @@ class DmDriver:
     def check_nbd(self) -> None:
         """Start the NBD relay daemon again if it died, with every relay's export."""
         if self.nbd is not None:
-            images = self.relay.images()
-            self.nbd.heal({i: ImageNames(i).path(ImageNames(i).cached) for i in images})
+            self.nbd.heal(
+                lambda: {i: ImageNames(i).path(ImageNames(i).cached) for i in self.relay.images()}
+            )
 
     def check_paths(self) -> None:
         """One round of the monitor over every multipath device of ours."""
@@ -481,7 +482,7 @@ class LioRelay:
     def readers(self, image: str, iqn: str) -> int:
         """Sessions on the image's target, plus NBD clients of this node (if it exports
         NBD: they cannot be told apart by image, so they count for every image)."""
-        return self._sessions(iqn) + (self.d.nbd.clients() if self.d.nbd else 0)
+        return self._sessions(iqn) + (self.d.nbd.clients() if self.d.nbd is not None else 0)
 
     def _sessions(self, iqn: str) -> int:
         return len(self.d.lio.sessions(iqn))
@@ -503,7 +504,7 @@ class LioRelay:
 
     def _unexport_nbd(self, image: str) -> None:
         """First of a teardown: the NBD export holds the cached device open."""
-        if self.d.nbd:
+        if self.d.nbd is not None:
             self.d.nbd.unexport(image)
 
     def images(self) -> builtins.list[str]:

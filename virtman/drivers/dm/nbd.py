@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
@@ -33,7 +33,12 @@ PREFIX = "vmtdm"  # every node and export of ours; QMP names allow 32 of [A-Za-z
 
 
 def _tag(image: str) -> str:
+    """The image's block node (its export is ``_export_id``)."""
     return PREFIX + hashlib.sha256(image.encode()).hexdigest()[:12]
+
+
+def _export_id(image: str) -> str:
+    return _tag(image) + "x"
 
 
 class NbdRelay:
@@ -76,16 +81,16 @@ class NbdRelay:
                 self.qsd.start()
             self.qsd.start_nbd_server(self.host, self.port)
 
-    def heal(self, relays: Mapping[str, str]) -> bool:
-        """If the daemon died, start it again and export ``{image: device}`` again;
-        returns whether it had to."""
+    def heal(self, relays: Callable[[], Mapping[str, str]]) -> bool:
+        """If the daemon died, start it again and export ``relays()`` (``{image: device}``,
+        asked for only then) again; returns whether it had to."""
         with self._lock:
             if self.draining or self.qsd.running():
                 return False
             LOG.warning("NBD relay daemon %s is gone: starting it again", DAEMON)
             self.qsd.detach()
             self.start()
-            for image, device in sorted(relays.items()):
+            for image, device in sorted(relays().items()):
                 try:
                     self.export(image, device)
                 except Exception as exc:  # the other images still get theirs
@@ -112,7 +117,7 @@ class NbdRelay:
             added = self.qsd.node_info(tag) is None
             self.qsd.add_host_device(tag, device, read_only=True)
             try:
-                self.qsd.export_nbd(tag + "x", tag, image)
+                self.qsd.export_nbd(_export_id(image), tag, image)
             except BaseException:
                 if added:
                     self.qsd.delete_node(tag)
@@ -128,7 +133,7 @@ class NbdRelay:
             if not self.qsd.running():
                 LOG.warning("%s: NBD relay daemon not running: no export to drop", image)
                 return
-            self.qsd.delete_export(tag + "x", force=True)
+            self.qsd.delete_export(_export_id(image), force=True)
             self.qsd.delete_node(tag)
             if self.draining:
                 self.stop_if_idle()
@@ -145,15 +150,14 @@ class NbdRelay:
         return established_connections(self.port) if self._ours() else 0
 
     def exported(self, image: str) -> bool:
-        return _tag(image) + "x" in self._ours()
+        return _export_id(image) in self._ours()
 
     def sweep(self, keep: set[str]) -> None:
         """Remove exports and nodes of ours that belong to no image in ``keep``."""
-        tags = {_tag(i) for i in keep}
-        for export in self._ours():
-            if export[:-1] not in tags:
+        with self._lock:
+            for export in set(self._ours()) - {_export_id(i) for i in keep}:
                 LOG.warning("removing stray NBD export %s", export)
                 self.qsd.delete_export(export, force=True)
-        for node in self.qsd.nodes():
-            if node.startswith(PREFIX) and node not in tags:
-                self.qsd.delete_node(node)
+            for node in set(self.qsd.nodes()) - {_tag(i) for i in keep}:
+                if node.startswith(PREFIX):
+                    self.qsd.delete_node(node)
