@@ -23,7 +23,10 @@ from cluster import LocalCluster
 
 IMAGE = "volume-image1"
 # Distinct from the demo's and the benchmarks' defaults, so that they can run meanwhile.
-LAB, SUBNET, TGT_BASE = "vmtf", "10.232.0.0/24", 3400
+# VMT_TEST_LAB / VMT_TEST_TGT_BASE let two checkouts run their cluster tests at once.
+LAB = os.environ.get("VMT_TEST_LAB", "vmtf")
+SUBNET = "10.232.0.0/24"
+TGT_BASE = int(os.environ.get("VMT_TEST_TGT_BASE", "3400"))
 LAB_STATE = Path("/run/vmt-test-labs")  # fixed: a killed run's lab is removed by the next
 
 
