@@ -60,7 +60,7 @@ class ImageService:
         except InvalidInput as err:
             return f"2:{err}"
         except NotAllowed as err:
-            LOG.warning("create_image_target %s refused: %s", image_name, err)
+            LOG.warning("create_image_target %s refused: %.300s", image, err)
             return f"2:ImageService: {err}"
         if path is None:
             return f"2:ImageService: the file {file_path!r} does not exist"
@@ -110,21 +110,21 @@ class ImageService:
         """The real path of ``given`` if the rules allow exporting it (None: no such file);
         ``NotAllowed`` naming the rule otherwise."""
         real = os.path.realpath(given)
-        device = any(real == os.path.realpath(d) for d in self.block_devices)
-        if not device and not any(_inside(real, d) for d in self.image_dirs):
-            dirs = ", ".join(self.image_dirs)
-            raise NotAllowed(f"{given} is outside image_dirs ({dirs})")
         try:
-            info = os.stat(real)
+            info: os.stat_result | None = os.stat(real)
         except FileNotFoundError:
-            return None
+            info = None
         except OSError as exc:
             raise InvalidInput("file_path", given, exc.strerror or str(exc)) from None
-        if stat.S_ISBLK(info.st_mode):
-            if not device:
+        if info is not None and stat.S_ISBLK(info.st_mode):
+            if not any(real == os.path.realpath(d) for d in self.block_devices):
                 raise NotAllowed(f"{given} is a block device not in image_block_devices")
+        elif not any(_inside(real, d) for d in self.image_dirs):
+            raise NotAllowed(f"{given} is outside image_dirs ({', '.join(self.image_dirs)})")
+        elif info is None:
+            return None
         elif not stat.S_ISREG(info.st_mode):
-            raise NotAllowed(f"{given} is not a regular file or a block device")
+            raise NotAllowed(f"{given} is not a regular file")
         elif info.st_size == 0 or info.st_size % 512:
             raise InvalidInput("file_path", given, "size must be a non-zero multiple of 512 bytes")
         if not os.access(real, os.R_OK):
