@@ -147,6 +147,9 @@ class Server:
         self._wake_w.close()
         for _ in self.workers:
             self.jobs.put(None)
+        deadline = time.monotonic() + 2.0  # idle workers end now; one in a long call is left
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     def _select_timeout(self, poll_interval: float) -> float:
         if not self.conns:

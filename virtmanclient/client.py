@@ -252,7 +252,7 @@ class Transport(_TimeoutMixin, xmlrpc.client.Transport):
 
 class SafeTransport(_TimeoutMixin, xmlrpc.client.SafeTransport):
     """HTTPS transport with timeout and optional X-Auth-Token header; the server's
-    certificate is verified against ``ca_file`` (None: the system's CAs)."""
+    certificate is verified with ``context`` (None: against the system's CAs)."""
 
     user_agent = USER_AGENT
 
@@ -260,13 +260,22 @@ class SafeTransport(_TimeoutMixin, xmlrpc.client.SafeTransport):
         self,
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        ca_file: str | None = None,
+        context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(
             headers=[("X-Auth-Token", token)] if token else [],
-            context=ssl.create_default_context(cafile=ca_file),
+            context=context or ssl.create_default_context(),
         )
         self.timeout = timeout
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context that verifies servers against ``ca_file`` (None: the system's CAs);
+    ``ValueError`` if the file cannot be loaded."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the CA file {ca_file!r}: {exc}") from None
 
 
 # -- client ------------------------------------------------------------------------------
@@ -281,18 +290,20 @@ class Client:
         ca_file: str | None = None,
     ) -> None:
         """``ca_file``: PEM CA certificates that sign an ``https://`` server's certificate
-        (None: the system's)."""
+        (None: the system's); ``ValueError`` if it cannot be loaded."""
         self.url = normalise_endpoint(endpoint)
         self.token = token or None
         self.timeout = timeout
         self.ca_file = ca_file or None
+        https = self.url.startswith("https:")
+        self.ssl_context = tls_context(self.ca_file) if https else None
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
 
     def _transport(self) -> xmlrpc.client.Transport:
         if self.url.startswith("https:"):
-            return SafeTransport(self.token, self.timeout, self.ca_file)
+            return SafeTransport(self.token, self.timeout, self.ssl_context)
         return Transport(self.token, self.timeout)
 
     def call(self, method: str, *args: Any) -> Any:

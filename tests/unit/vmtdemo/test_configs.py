@@ -3,6 +3,7 @@ their main() sends (vmtapi stubbed) and vmtapi's argument handling (Client.call 
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -521,3 +522,31 @@ def test_vmtapi_exports_the_tutorial_s_six_calls() -> None:
         "list",
         "list_image_target",
     ]
+
+
+@pytest.fixture
+def ca_file(tmp_path: Path) -> str:
+    """A self-signed certificate, usable as a CA file."""
+    cert = tmp_path / "ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(cert), "-subj", "/CN=unit"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert)
+
+
+def test_vmtapi_a_ca_file_means_https(
+    rpc: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, ca_file: str
+) -> None:
+    vmtapi.list("10.0.0.5")
+    vmtapi.list("10.0.0.5", ca_file=ca_file)
+    monkeypatch.setenv("VMT_CACERT", ca_file)
+    vmtapi.list("10.0.0.5")
+    assert [c["url"] for c in rpc] == [
+        "http://10.0.0.5:7774/RPC2",
+        "https://10.0.0.5:7774/RPC2",
+        "https://10.0.0.5:7774/RPC2",
+    ]
+    with pytest.raises(ValueError, match="cannot load the CA file"):
+        vmtapi.list("10.0.0.5", ca_file="/no/such/ca.pem")
