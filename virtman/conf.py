@@ -52,13 +52,6 @@ default_opts = [
         "instances_dir", help="Per-VM copy-on-write disks (default: <state_dir>/instances)."
     ),
     cfg.StrOpt("run_dir", default="/run/virtman", help="Sockets, pid files, FUSE exports."),
-    cfg.HostAddressOpt("listen_host", default="0.0.0.0", help="XML-RPC address."),  # noqa: S104
-    cfg.PortOpt("listen_port", default=7774, help="XML-RPC port (path /RPC2)."),
-    cfg.StrOpt(
-        "api_token",
-        secret=True,
-        help="If set, XML-RPC callers must send it in the X-Auth-Token header.",
-    ),
     cfg.PortOpt("iscsi_port", default=3260, help="Port of this node's relay target (tgtd)."),
     cfg.PortOpt(
         "nbd_port",
@@ -162,6 +155,90 @@ default_opts = [
         help="Pause of each prefetch reader after every read (leaves bandwidth to the VM).",
     ),
 ]
+
+
+# The XML-RPC control plane (virtmanserver) and what create_image_target may export.
+api_opts = [
+    cfg.HostAddressOpt(
+        "listen_host",
+        help="XML-RPC address. Unset: host_ip (this node's own address). 0.0.0.0 or :: "
+        "(every interface) only when set explicitly.",
+    ),
+    cfg.PortOpt("listen_port", default=7774, help="XML-RPC port (path /RPC2)."),
+    cfg.StrOpt(
+        "auth_strategy",
+        default="token",
+        choices=[
+            ("token", "callers send api_token in the X-Auth-Token header"),
+            (
+                "noauth",
+                "no authentication: anyone who reaches listen_port controls the node "
+                "(closed test networks only; logged as a warning at every start)",
+            ),
+        ],
+        help="How XML-RPC callers are authenticated. With token, virtmanserver refuses to "
+        "start without api_token.",
+    ),
+    cfg.StrOpt(
+        "api_token",
+        secret=True,
+        help="The secret XML-RPC callers send in the X-Auth-Token header "
+        "(auth_strategy = token). Ignored with noauth.",
+    ),
+    cfg.IntOpt(
+        "max_request_bytes",
+        default=1 << 20,
+        min=1024,
+        help="Largest XML-RPC request body, in bytes; a larger Content-Length is answered "
+        "413 without reading the body.",
+    ),
+    cfg.FloatOpt(
+        "request_timeout",
+        default=5.0,
+        min=0.1,
+        max=300,
+        help="Seconds a client has to send a whole request (TLS handshake, headers and body) "
+        "after connecting, and to take the answer; a slower connection is closed.",
+    ),
+    cfg.IntOpt(
+        "rpc_workers",
+        default=16,
+        min=1,
+        max=256,
+        help="Threads that run XML-RPC calls. Requests are read by one I/O thread and only "
+        "complete, authenticated ones reach a worker; when all are busy (e.g. long creates) "
+        "further complete requests wait for one.",
+    ),
+    cfg.IntOpt(
+        "max_connections",
+        default=512,
+        min=4,
+        max=16384,
+        help="Open XML-RPC connections at most (being read, waiting for or in a call); a "
+        "connection beyond it is answered 503 and closed. Keep it below the process's "
+        "open-file limit.",
+    ),
+    cfg.StrOpt(
+        "tls_cert_file",
+        help="PEM certificate (chain) of the XML-RPC server: set with tls_key_file to serve "
+        "https only. Unset (both): plain http.",
+    ),
+    cfg.StrOpt("tls_key_file", help="PEM private key of tls_cert_file."),
+    cfg.ListOpt(
+        "image_dirs",
+        help="Directories whose regular files create_image_target may export (real paths: "
+        "a symlink or '..' leading out is refused). Default: <state_dir>/images.",
+    ),
+    cfg.ListOpt(
+        "image_block_devices",
+        default=[],
+        help="Block devices create_image_target may export, each named explicitly "
+        "(e.g. /dev/vg0/image1). Default: none.",
+    ),
+]
+
+
+default_opts += api_opts  # one list: vmt-initenv.py writes every option of it
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:

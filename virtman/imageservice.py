@@ -3,6 +3,10 @@
 Results keep the original's strings. The original bound each file to a loop device first;
 tgtd serves files directly, so ``loop_dev`` is accepted and ignored, and the result's second
 field is the exported file: ``"0:<tid>:<file>"``.
+
+Only what the operator allows is exported: regular files whose real path (symlinks and ``..``
+resolved) lies inside one of ``image_dirs``, and the block devices listed in
+``image_block_devices``. The real path is what tgtd is given.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from brick.exception import BrickError
@@ -21,11 +26,24 @@ from virtman.errors import InvalidInput
 LOG = logging.getLogger(__name__)
 
 
+class NotAllowed(Exception):
+    """The export rules (image_dirs, image_block_devices) refuse a path."""
+
+
 class ImageService:
-    def __init__(self, tgt: TgtAdm, chap: Chap | None, default_prefix: str) -> None:
+    def __init__(
+        self,
+        tgt: TgtAdm,
+        chap: Chap | None,
+        default_prefix: str,
+        image_dirs: Sequence[Path | str],
+        block_devices: Sequence[Path | str] = (),
+    ) -> None:
         self.tgt = tgt
         self.chap = chap
         self.default_prefix = default_prefix
+        self.image_dirs = [str(d) for d in image_dirs]
+        self.block_devices = [str(d) for d in block_devices]
         self.lock = threading.Lock()
 
     def create_image_target(
@@ -38,9 +56,12 @@ class ImageService:
         try:
             image = validation.image_name(image_name)
             iqn = validation.iqn((iqn_prefix or self.default_prefix) + image, "iqn_prefix")
-            path = _image_file(file_path)
+            path = self._allowed(_absolute(file_path))
         except InvalidInput as err:
             return f"2:{err}"
+        except NotAllowed as err:
+            LOG.warning("create_image_target %s refused: %.300s", image, err)
+            return f"2:ImageService: {err}"
         if path is None:
             return f"2:ImageService: the file {file_path!r} does not exist"
         with self.lock:
@@ -85,19 +106,39 @@ class ImageService:
                 return target
         return None
 
+    def _allowed(self, given: str) -> Path | None:
+        """The real path of ``given`` if the rules allow exporting it (None: no such file);
+        ``NotAllowed`` naming the rule otherwise."""
+        real = os.path.realpath(given)
+        try:
+            info: os.stat_result | None = os.stat(real)
+        except FileNotFoundError:
+            info = None
+        except OSError as exc:
+            raise InvalidInput("file_path", given, exc.strerror or str(exc)) from None
+        if info is not None and stat.S_ISBLK(info.st_mode):
+            if not any(real == os.path.realpath(d) for d in self.block_devices):
+                raise NotAllowed(f"{given} is a block device not in image_block_devices")
+        elif not any(_inside(real, d) for d in self.image_dirs):
+            raise NotAllowed(f"{given} is outside image_dirs ({', '.join(self.image_dirs)})")
+        elif info is None:
+            return None
+        elif not stat.S_ISREG(info.st_mode):
+            raise NotAllowed(f"{given} is not a regular file")
+        elif info.st_size == 0 or info.st_size % 512:
+            raise InvalidInput("file_path", given, "size must be a non-zero multiple of 512 bytes")
+        if not os.access(real, os.R_OK):
+            raise InvalidInput("file_path", given, "is not readable")
+        return Path(real)
 
-def _image_file(value: object) -> Path | None:
+
+def _absolute(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise InvalidInput("file_path", value, "must be an absolute path")
-    path = Path(os.path.normpath(value))
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return None
-    if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
-        raise InvalidInput("file_path", value, "must be a regular file or a block device")
-    if not os.access(path, os.R_OK):
-        raise InvalidInput("file_path", value, "is not readable")
-    if stat.S_ISREG(info.st_mode) and (info.st_size == 0 or info.st_size % 512):
-        raise InvalidInput("file_path", value, "size must be a non-zero multiple of 512 bytes")
-    return path
+    return value
+
+
+def _inside(real: str, directory: str) -> bool:
+    """Whether ``real`` (a resolved path) is strictly inside ``directory`` (resolved now)."""
+    top = os.path.realpath(directory)
+    return real != top and os.path.commonpath([real, top]) == top

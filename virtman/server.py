@@ -1,71 +1,401 @@
 """Virtman's XML-RPC API: the original's six methods on ``/RPC2`` (port 7774).
 
-Threaded (the original served one request at a time, so one slow create blocked every
-other call). When ``api_token`` is set, callers must send it as ``X-Auth-Token``.
+The HTTP front end is ours (not ``SimpleXMLRPCServer``), so that nobody on the network can
+hold the daemon's memory or threads:
+
+* one I/O thread reads every connection (TLS handshake, headers, body) without blocking,
+  each within ``request_timeout`` seconds of its accept; a stalled client costs a socket,
+  not a thread, and is closed at its deadline;
+* the credential, path, method and ``Content-Length`` are checked on the headers alone:
+  a refused request is answered (401/404/405/411/413) before any body byte is read;
+* only complete, authenticated requests reach the ``rpc_workers`` threads that run calls;
+* at most ``max_connections`` connections are open; one more is answered 503.
+
+One request per connection (``Connection: close``), as ``xmlrpc.client`` expects.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
+import http.client
+import io
 import logging
-import socketserver
+import queue
+import selectors
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
-from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from virtman.compute import Virtman
 from virtman.imageservice import ImageService
 
 LOG = logging.getLogger(__name__)
 
+RPC_PATH = "/RPC2"
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers
+DRAIN_S = 2.0  # a refused request's body is read and dropped this long, so the answer arrives
+RECV_BYTES = 64 * 1024
+REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
 
-class RequestHandler(SimpleXMLRPCRequestHandler):
-    rpc_paths = ("/RPC2",)
 
-    def do_POST(self) -> None:
-        token = getattr(self.server, "token", None)
-        given = self.headers.get("X-Auth-Token", "")
-        if token and not hmac.compare_digest(given.encode(), token.encode()):
-            LOG.warning("rejected an XML-RPC call from %s: bad token", self.client_address[0])
-            self.send_response(401)
-            self.send_header("Content-Type", "text/plain")
-            body = b"missing or wrong X-Auth-Token\n"
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            self.close_connection = True  # the request body was not read
+@dataclass(frozen=True)
+class Limits:
+    """What one client may take from the server (see the options of the same names)."""
+
+    token: str | None
+    max_request_bytes: int = 1 << 20
+    request_timeout: float = 5.0
+    rpc_workers: int = 16
+    max_connections: int = 512
+
+
+class _State(enum.Enum):
+    HANDSHAKE = "handshake"
+    HEADERS = "headers"
+    BODY = "body"
+    DRAIN = "drain"
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    peer: str
+    deadline: float
+    state: _State
+    buf: bytearray = field(default_factory=bytearray)
+    body_bytes: int = 0
+
+
+class Server:
+    """The XML-RPC server of a node (``serve_forever``/``shutdown``/``server_close`` as the
+    standard library's servers)."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        dispatcher: SimpleXMLRPCDispatcher,
+        limits: Limits,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.limits = limits
+        self.ssl_context = ssl_context
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.listener = socket.create_server(address, family=family, backlog=128)
+        self.listener.setblocking(False)
+        self.server_address = self.listener.getsockname()[:2]
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.conns: dict[int, _Conn] = {}  # being read or drained (by the I/O thread)
+        self.open_count = 0  # every open connection, in a worker's hands too
+        self.count_lock = threading.Lock()
+        self.jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.workers = [
+            threading.Thread(target=self._work, name=f"rpc-worker-{i}", daemon=True)
+            for i in range(limits.rpc_workers)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    # -- life cycle --------------------------------------------------------------------------
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.stopped.clear()
+        try:
+            while not self.stopping.is_set():
+                for key, _mask in self.selector.select(self._select_timeout(poll_interval)):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        self._wake_r.recv(64)
+                    else:
+                        self._on_ready(key.data)
+                self._expire(time.monotonic())
+        finally:
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop ``serve_forever`` (from another thread) and wait for it to return."""
+        self.stopping.set()
+        self._wake_w.send(b"x")
+        self.stopped.wait()
+
+    def server_close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        self.selector.close()
+        self.listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        for _ in self.workers:
+            self.jobs.put(None)
+        deadline = time.monotonic() + 2.0  # idle workers end now; one in a long call is left
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+
+    def _select_timeout(self, poll_interval: float) -> float:
+        if not self.conns:
+            return poll_interval
+        earliest = min(c.deadline for c in self.conns.values())
+        return max(0.0, min(poll_interval, earliest - time.monotonic()))
+
+    # -- the I/O thread ------------------------------------------------------------------------
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: the backlog keeps the client waiting
+                LOG.warning("XML-RPC: cannot accept a connection: %s", exc)
+                return
+            peer = str(address[0])
+            sock.setblocking(False)
+            with self.count_lock:
+                full = self.open_count >= self.limits.max_connections
+                if not full:
+                    self.open_count += 1
+            if full:
+                LOG.warning(
+                    "XML-RPC: refused a connection from %s: %d connections open (max_connections)",
+                    peer,
+                    self.limits.max_connections,
+                )
+                if self.ssl_context is None:  # a TLS client could not read a plain answer
+                    _send_now(sock, _response(503, b"too many connections\n"))
+                sock.close()
+                continue
+            state = _State.HEADERS
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+                state = _State.HANDSHAKE
+            conn = _Conn(sock, peer, time.monotonic() + self.limits.request_timeout, state)
+            self.conns[sock.fileno()] = conn
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _on_ready(self, conn: _Conn) -> None:
+        if conn.state is _State.HANDSHAKE and not self._handshake(conn):
             return
-        super().do_POST()
+        for _ in range(16):  # then let the other connections have their turn
+            want = RECV_BYTES
+            if conn.state is _State.BODY:
+                want = min(want, conn.body_bytes - len(conn.buf))
+            try:
+                data = conn.sock.recv(want)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError as exc:
+                LOG.debug("XML-RPC: connection from %s failed: %s", conn.peer, exc)
+                self._close(conn)
+                return
+            if not data:
+                if conn.state is not _State.DRAIN:
+                    LOG.debug("XML-RPC: %s closed before a whole request", conn.peer)
+                self._close(conn)
+                return
+            if conn.state is _State.DRAIN:
+                continue
+            conn.buf += data
+            if conn.state is _State.HEADERS and not self._headers(conn):
+                return
+            if conn.state is _State.BODY and len(conn.buf) >= conn.body_bytes:
+                self._dispatch(conn)
+                return
 
-    def log_message(self, format: str, *args: Any) -> None:
-        LOG.debug("%s %s", self.client_address[0], format % args)
+    def _handshake(self, conn: _Conn) -> bool:
+        """Advance a TLS handshake; True once it is done."""
+        sock: ssl.SSLSocket = conn.sock  # type: ignore[assignment]
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.selector.modify(sock, selectors.EVENT_READ, conn)
+            return False
+        except ssl.SSLWantWriteError:
+            self.selector.modify(sock, selectors.EVENT_WRITE, conn)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            LOG.warning("XML-RPC: refused a connection from %s: TLS handshake: %s", conn.peer, exc)
+            self._close(conn)
+            return False
+        self.selector.modify(sock, selectors.EVENT_READ, conn)
+        conn.state = _State.HEADERS
+        return True
+
+    def _headers(self, conn: _Conn) -> bool:
+        """Check a request on its headers alone once they are in; True if its body is next."""
+        end = conn.buf.find(b"\r\n\r\n")
+        if end > MAX_HEADER_BYTES or (end < 0 and len(conn.buf) > MAX_HEADER_BYTES):
+            self._refuse(conn, 431, f"headers larger than {MAX_HEADER_BYTES} bytes")
+            return False
+        if end < 0:
+            return False
+        head, rest = bytes(conn.buf[:end]), bytes(conn.buf[end + 4 :])
+        request_line, _, header_block = head.partition(b"\r\n")
+        parts = request_line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            self._refuse(conn, 400, "not an HTTP/1.x request line")
+            return False
+        method, target = parts[0], parts[1]
+        try:
+            headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
+        except http.client.HTTPException:
+            self._refuse(conn, 431, "too many headers")
+            return False
+        token = self.limits.token
+        given = headers.get("X-Auth-Token", "")
+        if token and not hmac.compare_digest(
+            given.encode("utf-8", "replace"), token.encode("utf-8")
+        ):
+            reason = "wrong X-Auth-Token" if given else "no X-Auth-Token"
+            self._refuse(conn, 401, f"{reason} ({method} {target[:80]!r})")
+            return False
+        if target != RPC_PATH:
+            self._refuse(conn, 404, f"no such path {target[:80]!r} (only {RPC_PATH})")
+            return False
+        if method != "POST":
+            self._refuse(conn, 405, f"method {method[:20]!r} (only POST)")
+            return False
+        lengths = headers.get_all("Content-Length") or []
+        if headers.get("Transfer-Encoding") is not None or not lengths:
+            self._refuse(conn, 411, "no Content-Length (chunked bodies are not accepted)")
+            return False
+        if len(set(lengths)) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
+            self._refuse(conn, 400, f"bad Content-Length {lengths!r:.80}")
+            return False
+        size = int(lengths[0])
+        if size > self.limits.max_request_bytes:
+            self._refuse(
+                conn,
+                413,
+                f"body of {size} bytes (max_request_bytes {self.limits.max_request_bytes})",
+            )
+            return False
+        if headers.get("Expect", "").lower() == "100-continue":
+            _send_now(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.state, conn.body_bytes = _State.BODY, size
+        conn.buf = bytearray(rest[:size])
+        return True
+
+    def _refuse(self, conn: _Conn, status: int, why: str) -> None:
+        """Answer ``status`` now, then drop what the client still sends for a moment (closing
+        with unread bytes would reset the connection before the client reads the answer)."""
+        LOG.warning("XML-RPC: refused a request from %s: %d %s", conn.peer, status, why)
+        body = f"{status} {REASONS[status]}: {why}\n".encode("utf-8", "replace")
+        extra = [("Allow", "POST")] if status == 405 else []
+        _send_now(conn.sock, _response(status, body, extra))
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.state, conn.buf = _State.DRAIN, bytearray()
+        conn.deadline = min(conn.deadline, time.monotonic() + DRAIN_S)
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            if conn.state is not _State.DRAIN:
+                LOG.warning(
+                    "XML-RPC: closed a connection from %s: no whole request within %g s "
+                    "(request_timeout; %s, %d bytes read)",
+                    conn.peer,
+                    self.limits.request_timeout,
+                    conn.state.value,
+                    len(conn.buf),
+                )
+            self._close(conn)
+
+    def _dispatch(self, conn: _Conn) -> None:
+        """Hand a complete request to the workers (they close its connection)."""
+        self.selector.unregister(conn.sock)
+        del self.conns[conn.sock.fileno()]
+        self.jobs.put(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if self.conns.get(fd) is conn:
+            del self.conns[fd]
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+        with self.count_lock:
+            self.open_count -= 1
+
+    # -- the workers -----------------------------------------------------------------------
+    def _work(self) -> None:
+        while (conn := self.jobs.get()) is not None:
+            try:
+                answer = self.dispatcher._marshaled_dispatch(bytes(conn.buf))
+                conn.sock.settimeout(self.limits.request_timeout)  # to take the answer
+                conn.sock.sendall(_response(200, answer, content_type="text/xml"))
+            except OSError as exc:
+                LOG.warning("XML-RPC: could not answer %s: %s", conn.peer, exc)
+            except Exception:  # a bug of ours: the worker must survive it
+                LOG.exception("XML-RPC: a call from %s failed", conn.peer)
+            finally:
+                conn.sock.close()
+                with self.count_lock:
+                    self.open_count -= 1
 
 
-class Server(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def _response(
+    status: int,
+    body: bytes,
+    extra: list[tuple[str, str]] | None = None,
+    content_type: str = "text/plain; charset=utf-8",
+) -> bytes:
+    reason = "OK" if status == 200 else REASONS[status]
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}"]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "Server: virtman"]
+    lines += [f"{name}: {value}" for name, value in extra or []]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
-    def __init__(self, address: tuple[str, int], token: str | None) -> None:
-        super().__init__(address, requestHandler=RequestHandler, allow_none=True, logRequests=False)
-        self.token = token
+
+def _send_now(sock: socket.socket, data: bytes) -> None:
+    """Send a short answer without blocking (it fits a fresh socket's buffer); a client that
+    does not read loses it."""
+    try:
+        sock.send(data)
+    except (OSError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
+        LOG.debug("XML-RPC: could not send an answer: %s", exc)
 
 
 class Methods:
-    """The original's method names and results."""
+    """The original's method names and results (nothing else here is callable remotely:
+    names with a leading underscore are not dispatched)."""
 
     def __init__(self, virtman: Virtman, images: ImageService) -> None:
-        self.virtman = virtman
-        self.images = images
+        self._virtman = virtman
+        self._images = images
 
     def create(
         self, instance_name: str, image_name: str, image_connection: Any, snapshot_dev: Any = None
     ) -> str:
-        return self.virtman.create(instance_name, image_name, image_connection, snapshot_dev)
+        return self._virtman.create(instance_name, image_name, image_connection, snapshot_dev)
 
     def destroy(self, instance_name: str) -> str:
-        return self.virtman.destroy(instance_name)
+        return self._virtman.destroy(instance_name)
 
     def list(self) -> list[str]:
-        return self.virtman.list()
+        return self._virtman.list()
 
     def create_image_target(
         self,
@@ -74,19 +404,23 @@ class Methods:
         loop_dev: str | None = None,
         iqn_prefix: str | None = None,
     ) -> str:
-        return self.images.create_image_target(image_name, file_path, loop_dev, iqn_prefix)
+        return self._images.create_image_target(image_name, file_path, loop_dev, iqn_prefix)
 
     def destroy_image_target(self, image_name: str) -> str:
-        return self.images.destroy_image_target(image_name)
+        return self._images.destroy_image_target(image_name)
 
     def list_image_target(self) -> dict[str, str]:
-        return self.images.list_image_target()
+        return self._images.list_image_target()
 
 
 def build_server(
-    address: tuple[str, int], token: str | None, virtman: Virtman, images: ImageService
+    address: tuple[str, int],
+    limits: Limits,
+    virtman: Virtman,
+    images: ImageService,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Server:
-    server = Server(address, token)
-    server.register_introspection_functions()
-    server.register_instance(Methods(virtman, images))
-    return server
+    dispatcher = SimpleXMLRPCDispatcher(allow_none=True, encoding=None)
+    dispatcher.register_introspection_functions()
+    dispatcher.register_instance(Methods(virtman, images))
+    return Server(address, dispatcher, limits, ssl_context)

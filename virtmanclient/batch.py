@@ -258,7 +258,7 @@ def add_options(
     default_timeout: float,
     env_name: str = "VMT_TOKEN",
 ) -> None:
-    """``--file``, ``--workers``, ``--token``, ``--port``, ``--timeout``."""
+    """``--file``, ``--workers``, ``--token``, ``--ca-file``, ``--port``, ``--timeout``."""
     parser.add_argument(
         "--file",
         default=default_file,
@@ -274,6 +274,12 @@ def add_options(
         "--token",
         default=os.environ.get(env_name) or None,
         help=f"Token sent as X-Auth-Token (env {env_name}).",
+    )
+    parser.add_argument(
+        "--ca-file",
+        default=os.environ.get("VMT_CACERT") or None,
+        help="PEM CA certificate of the nodes' https XML-RPC (tls_cert_file): calls use "
+        "https and verify against it (env VMT_CACERT; default: plain http).",
     )
     parser.add_argument(
         "--port",

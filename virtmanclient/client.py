@@ -3,6 +3,7 @@
 Usage::
 
     client = Client("10.0.0.5", token="secret")          # = http://10.0.0.5:7774/RPC2
+    client = Client("https://10.0.0.5", token="secret", ca_file="/etc/virtman/ca.pem")
     conn = build_connection("10.0.0.9:3260", "image1")   # iqn ...:volume-image1, LUN 1
     client.create("vm1", "image1", conn)                 # "0:/dev/..." or "1:..." or "2:..."
     client.create("vm1", "image1", conn, checked=True)   # Result(0, path) or raises
@@ -19,6 +20,7 @@ The client is thread-safe: each call uses its own connection (``ServerProxy`` is
 from __future__ import annotations
 
 import http.client
+import ssl
 import xmlrpc.client
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -249,13 +251,31 @@ class Transport(_TimeoutMixin, xmlrpc.client.Transport):
 
 
 class SafeTransport(_TimeoutMixin, xmlrpc.client.SafeTransport):
-    """HTTPS transport with timeout and optional X-Auth-Token header."""
+    """HTTPS transport with timeout and optional X-Auth-Token header; the server's
+    certificate is verified with ``context`` (None: against the system's CAs)."""
 
     user_agent = USER_AGENT
 
-    def __init__(self, token: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
-        super().__init__(headers=[("X-Auth-Token", token)] if token else [])
+    def __init__(
+        self,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(
+            headers=[("X-Auth-Token", token)] if token else [],
+            context=context or ssl.create_default_context(),
+        )
         self.timeout = timeout
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context that verifies servers against ``ca_file`` (None: the system's CAs);
+    ``ValueError`` if the file cannot be loaded."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the CA file {ca_file!r}: {exc}") from None
 
 
 # -- client ------------------------------------------------------------------------------
@@ -263,18 +283,27 @@ class Client:
     """Client of one virtman server (one compute node or image server)."""
 
     def __init__(
-        self, endpoint: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        endpoint: str,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        ca_file: str | None = None,
     ) -> None:
+        """``ca_file``: PEM CA certificates that sign an ``https://`` server's certificate
+        (None: the system's); ``ValueError`` if it cannot be loaded."""
         self.url = normalise_endpoint(endpoint)
         self.token = token or None
         self.timeout = timeout
+        self.ca_file = ca_file or None
+        https = self.url.startswith("https:")
+        self.ssl_context = tls_context(self.ca_file) if https else None
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
 
     def _transport(self) -> xmlrpc.client.Transport:
         if self.url.startswith("https:"):
-            return SafeTransport(self.token, self.timeout)
+            return SafeTransport(self.token, self.timeout, self.ssl_context)
         return Transport(self.token, self.timeout)
 
     def call(self, method: str, *args: Any) -> Any:

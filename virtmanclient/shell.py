@@ -4,6 +4,7 @@ Examples::
 
     virtman --url http://10.0.0.5:7774/RPC2 create vm1 image1 --portal 10.0.0.9:3260
     VIRTMAN_URL=10.0.0.5 VIRTMAN_TOKEN=secret virtman list
+    virtman --url https://10.0.0.5 --os-cacert /etc/virtman/ca.pem list
     virtman --url 10.0.0.9 image-create image1 /srv/images/image1.raw
 
 Exit status: 0 success, 1 warning result (already exists / does not exist), 2 failure (a
@@ -119,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "prefer the environment: arguments are visible to other users).",
     )
     parser.add_argument(
+        "--os-cacert",
+        dest="ca_file",
+        default=os.environ.get("VIRTMAN_CACERT") or None,
+        help="PEM CA certificate(s) to verify an https:// server with (env VIRTMAN_CACERT; "
+        "default: the system's CAs).",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
@@ -194,7 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     try:
-        client = Client(normalise_endpoint(args.url), token=args.token, timeout=args.timeout)
+        client = Client(
+            normalise_endpoint(args.url),
+            token=args.token,
+            timeout=args.timeout,
+            ca_file=args.ca_file,
+        )
         lines = args.func(client, args)
     except (VirtmanError, ValueError) as exc:
         code = exit_code(exc)

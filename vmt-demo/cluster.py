@@ -21,14 +21,18 @@ from brick.netns import Host, Lab, netns_inode, pids_in_netns
 from brick.wait import wait_until
 
 PYTHON = sys.executable
-RPC_SNIPPET = (
-    "import json, sys, xmlrpc.client\n"
+RPC_SNIPPET = (  # argv: url token method json-args [ca-file] (https URLs: the CA to trust)
+    "import json, ssl, sys, xmlrpc.client\n"
     "url, token, method, args = sys.argv[1:5]\n"
-    "class T(xmlrpc.client.Transport):\n"
+    "ca = sys.argv[5] if len(sys.argv) > 5 else None\n"
+    "base = xmlrpc.client.SafeTransport if url.startswith('https:') else xmlrpc.client.Transport\n"
+    "class T(base):\n"
     "    def send_headers(self, c, h):\n"
     "        super().send_headers(c, h)\n"
     "        if token: c.putheader('X-Auth-Token', token)\n"
-    "proxy = xmlrpc.client.ServerProxy(url, transport=T(), allow_none=True)\n"
+    "t = T(context=ssl.create_default_context(cafile=ca)) if base is not xmlrpc.client.Transport "
+    "else T()\n"
+    "proxy = xmlrpc.client.ServerProxy(url, transport=t, allow_none=True)\n"
     "print(json.dumps(getattr(proxy, method)(*json.loads(args))))\n"
 )
 VOLT_SNIPPET = (
@@ -85,6 +89,8 @@ class LocalCluster:
         tgt_control_base: int = 3300,
         lab_state_dir: Path | None = None,
         extra_conf: str = "",
+        image_dirs: list[Path] | None = None,
+        rpc_ca_file: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -93,6 +99,12 @@ class LocalCluster:
         self.node_timeout = node_timeout
         self.executor = executor
         self.extra_conf = extra_conf  # appended to every virtman.conf ([DEFAULT] lines)
+        # What the image server may export: by default the work directory's parent, where
+        # the demo, the benchmarks and the tests put their image files.
+        self.image_dirs = image_dirs or [workdir.parent]
+        # Set when extra_conf gives the nodes tls_cert_file/tls_key_file: RPCs then use
+        # https and trust this CA.
+        self.rpc_ca_file = rpc_ca_file
         self.chap = ("vmthunder", secrets.token_hex(8)) if chap else None
         # tgtd's control sockets (/var/run/tgtd/socket.N) are shared by all namespaces:
         # clusters that run at the same time need distinct bases.
@@ -214,6 +226,7 @@ class LocalCluster:
             f"listen_host = {host.address}\napi_token = {self.token}\n"
             f"tgt_control_port = {self.tgt_control_base + index}\n"
             f"parent_wait_timeout = 60\n"
+            f"image_dirs = {','.join(str(p) for p in self.image_dirs)}\n"
             f"log_file = {d / 'virtman.log'}\n" + chap + self.extra_conf
         )
         log = d / "virtmanserver.out"
@@ -246,11 +259,12 @@ class LocalCluster:
 
     # -- RPC (from the control host) -----------------------------------------------------------
     def rpc(self, host_name: str, method: str, *args: Any, timeout_s: float = 300.0) -> Any:
-        url = f"http://{self.hosts[host_name].address}:7774/RPC2"
-        result = self.hosts["ctl"].run(
-            [PYTHON, "-c", RPC_SNIPPET, url, self.token, method, json.dumps(args)],
-            timeout_s=timeout_s,
-        )
+        scheme = "https" if self.rpc_ca_file else "http"
+        url = f"{scheme}://{self.hosts[host_name].address}:7774/RPC2"
+        argv = [PYTHON, "-c", RPC_SNIPPET, url, self.token, method, json.dumps(args)]
+        if self.rpc_ca_file:
+            argv.append(str(self.rpc_ca_file))
+        result = self.hosts["ctl"].run(argv, timeout_s=timeout_s)
         return json.loads(result.stdout)
 
     def volt_tree(self, image: str) -> list[dict[str, Any]]:

@@ -9,8 +9,10 @@ reached raises ``virtmanclient.ConnectionFailed`` (other transport problems: ano
 raises ``ValueError`` before anything is sent.
 
 The server is ``http://<ip>:PORT/RPC2``. The token (sent as X-Auth-Token) is ``TOKEN`` if set,
-else the environment variable ``VMT_TOKEN``. Keyword-only ``port``, ``token`` and ``timeout``
-override the module settings for one call.
+else the environment variable ``VMT_TOKEN``. With a CA file (``CA_FILE``, else the environment
+variable ``VMT_CACERT``) the server is ``https://<ip>:PORT/RPC2`` (virtmanserver with
+``tls_cert_file``) and its certificate must be signed by that CA. Keyword-only ``port``,
+``token``, ``timeout`` and ``ca_file`` override the module settings for one call.
 
     import vmtapi
     vmtapi.create_image_target("10.0.0.9", "image1", "/srv/images/image1.raw")
@@ -32,6 +34,7 @@ from virtmanclient.validation import join_host_port, normalise_image_name
 
 PORT = 7774  # virtman's XML-RPC port
 TOKEN: str | None = None  # None: use the environment variable VMT_TOKEN
+CA_FILE: str | None = None  # None: the environment variable VMT_CACERT; set: https
 TIMEOUT = 600.0
 DEFAULT_IQN_PREFIX = "iqn.2010-10.org.openstack:"
 HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*")
@@ -58,7 +61,11 @@ def _host(value: object, what: str) -> str:
 
 
 def _client(
-    ip: str, port: int | None = None, token: str | None = None, timeout: float | None = None
+    ip: str,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> Client:
     """The client of the virtman server at ``ip`` (an IP address or a host name)."""
     address = _host(ip, "node address")
@@ -66,10 +73,12 @@ def _client(
     chosen = token if token is not None else TOKEN
     if chosen is None:
         chosen = os.environ.get("VMT_TOKEN") or None
+    ca = ca_file or CA_FILE or os.environ.get("VMT_CACERT") or None
     return Client(
-        f"http://{host}:{port or PORT}/RPC2",
+        f"{'https' if ca else 'http'}://{host}:{port or PORT}/RPC2",
         token=chosen,
         timeout=timeout if timeout is not None else TIMEOUT,
+        ca_file=ca,
     )
 
 
@@ -86,6 +95,7 @@ def create(
     port: int | None = None,
     token: str | None = None,
     timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> str:
     """Create VM instance ``instance_name`` on compute node ``node_ip`` from ``image_name``
     exported by ``image_server_ip`` (a list of IPs: one path per image server).
@@ -101,7 +111,7 @@ def create(
         join_host_port(_host(ip, "image server address"), image_server_port) for ip in servers
     ]
     connection: Any = build_connections(portals, image_name, iqn_prefix, target_lun)
-    return _client(node_ip, port, token, timeout).create(
+    return _client(node_ip, port, token, timeout, ca_file).create(
         instance_name, image_name, connection, snapshot_dev
     )
 
@@ -113,9 +123,10 @@ def destroy(
     port: int | None = None,
     token: str | None = None,
     timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> str:
     """Destroy VM instance ``instance_name`` on ``node_ip``: ``"0:"`` or ``"1:<not exists>"``."""
-    return _client(node_ip, port, token, timeout).destroy(instance_name)
+    return _client(node_ip, port, token, timeout, ca_file).destroy(instance_name)
 
 
 def list(
@@ -124,9 +135,10 @@ def list(
     port: int | None = None,
     token: str | None = None,
     timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> builtins.list[str]:
     """The VM instances of ``node_ip``: ``["<instance_name>:<image_name>", ...]``."""
-    return _client(node_ip, port, token, timeout).list()
+    return _client(node_ip, port, token, timeout, ca_file).list()
 
 
 def create_image_target(
@@ -139,10 +151,11 @@ def create_image_target(
     port: int | None = None,
     token: str | None = None,
     timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> str:
     """Export ``file_path`` of ``image_server_ip`` as the iSCSI target of ``image_name``:
     ``"0:<tid>:<loop_dev>"``, ``"1:<exists>"`` or ``"2:<file missing>"``."""
-    return _client(image_server_ip, port, token, timeout).create_image_target(
+    return _client(image_server_ip, port, token, timeout, ca_file).create_image_target(
         image_name, file_path, loop_dev, iqn_prefix
     )
 
@@ -154,9 +167,10 @@ def destroy_image_target(
     port: int | None = None,
     token: str | None = None,
     timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> str:
     """Remove the image target of ``image_name``: ``"0:"`` or ``"1:<not exists>"``."""
-    return _client(image_server_ip, port, token, timeout).destroy_image_target(image_name)
+    return _client(image_server_ip, port, token, timeout, ca_file).destroy_image_target(image_name)
 
 
 def list_image_target(
@@ -165,6 +179,7 @@ def list_image_target(
     port: int | None = None,
     token: str | None = None,
     timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> dict[str, str]:
     """The image targets of ``image_server_ip``: ``{"volume-<name>": "<tid>:<loop_dev>"}``."""
-    return _client(image_server_ip, port, token, timeout).list_image_target()
+    return _client(image_server_ip, port, token, timeout, ca_file).list_image_target()

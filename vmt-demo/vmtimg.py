@@ -84,10 +84,14 @@ def describe(action: ImageAction) -> str:
 
 
 def executor(
-    port: int | None = None, token: str | None = None, timeout: float | None = None
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+    ca_file: str | None = None,
 ) -> Callable[[ImageAction], Any]:
     """A function running one action through vmtapi."""
     options: dict[str, Any] = {"port": port, "token": token, "timeout": timeout}
+    options["ca_file"] = ca_file
 
     def execute(action: ImageAction) -> Any:
         if action.op == "+":
@@ -118,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
-    execute = executor(args.port, args.token, args.timeout)
+    execute = executor(args.port, args.token, args.timeout, args.ca_file)
     return batch.run_file("vmtimg.py", args, parse_image_cfg, execute, describe)
 
 

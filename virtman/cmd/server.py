@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from pathlib import Path
@@ -13,27 +14,84 @@ from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.drivers import load_driver
 from virtman.imageservice import ImageService
-from virtman.server import build_server
+from virtman.server import Limits, build_server
 
 LOG = logging.getLogger(__name__)
 CONF = virtman_conf.CONF
 
 
+def check_auth() -> str | None:
+    """The token callers must send (None: noauth); SystemExit if token auth has none."""
+    if CONF.auth_strategy == "noauth":
+        LOG.warning(
+            "virtmanserver: auth_strategy = noauth: anyone who reaches the XML-RPC port can "
+            "create and destroy VMs and export image files (closed test networks only)"
+        )
+        return None
+    if not CONF.api_token:
+        raise SystemExit(
+            "virtmanserver: auth_strategy = token needs api_token (set api_token in "
+            "virtman.conf, e.g. made by vmt-initenv.py, or set auth_strategy = noauth "
+            "explicitly on a closed test network)"
+        )
+    return str(CONF.api_token)
+
+
+def tls_context() -> ssl.SSLContext | None:
+    """The server's TLS context from tls_cert_file/tls_key_file (both or none)."""
+    cert, key = CONF.tls_cert_file, CONF.tls_key_file
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise SystemExit("virtmanserver: set both tls_cert_file and tls_key_file, or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"virtmanserver: cannot load tls_cert_file/tls_key_file: {exc}") from None
+    return context
+
+
 def main(argv: list[str] | None = None) -> None:
     virtman_conf.load(sys.argv[1:] if argv is None else argv, prog="virtmanserver")
+    token = check_auth()
+    context = tls_context()
     try:
         settings = virtman_conf.settings_from_conf()
     except ValueError as exc:
         raise SystemExit(f"virtmanserver: {exc}") from None
     host_ip = settings.host_ip
+    listen_host = CONF.listen_host or host_ip
+    limits = Limits(
+        token=token,
+        max_request_bytes=CONF.max_request_bytes,
+        request_timeout=CONF.request_timeout,
+        rpc_workers=CONF.rpc_workers,
+        max_connections=CONF.max_connections,
+    )
     pid_file = Path(CONF.pid_file) if CONF.pid_file else None
     if pid_file:
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
     driver = load_driver(CONF.driver, settings)
     virtman = Virtman(settings=settings, driver=driver)
-    images = ImageService(driver.tgt, driver.chap, settings.iqn_prefix)  # type: ignore[attr-defined]
-    server = build_server((CONF.listen_host, CONF.listen_port), CONF.api_token, virtman, images)
+    images = ImageService(
+        driver.tgt,  # type: ignore[attr-defined]
+        driver.chap,  # type: ignore[attr-defined]
+        settings.iqn_prefix,
+        CONF.image_dirs or [settings.state_dir / "images"],
+        CONF.image_block_devices,
+    )
+    try:
+        server = build_server((listen_host, CONF.listen_port), limits, virtman, images, context)
+    except OSError as exc:
+        virtman.shutdown()
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
+        raise SystemExit(
+            f"virtmanserver: cannot listen on {listen_host}:{CONF.listen_port}: {exc}"
+        ) from None
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -44,12 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     LOG.info(
-        "virtmanserver ready on %s:%s (host_ip %s, driver %s, Volt %s)",
-        CONF.listen_host,
-        CONF.listen_port,
+        "virtmanserver ready on %s://%s:%s/RPC2 (auth %s, host_ip %s, driver %s, Volt %s, "
+        "image_dirs %s)",
+        "https" if context else "http",
+        server.server_address[0],
+        server.server_address[1],
+        CONF.auth_strategy,
         host_ip,
         driver.name,
         settings.master_url,
+        ", ".join(images.image_dirs),
     )
     print("Virtman Server Run ...", flush=True)
     try:

@@ -296,6 +296,7 @@ class Virtman:
             f"host_ip = {IPS[ROLE]}\nmaster_ip = {IPS['S']}\nmaster_token = {TOKEN}\n"
             "heartbeat_interval = 2\nstate_dir = /run/vmt-state\n"
             "run_dir = /run/virtman\nlisten_host = 127.0.0.1\nlisten_port = 7774\n"
+            "auth_strategy = noauth\n"  # the guest's own loopback: no other caller
             f"chap_user = {CHAP_USER}\nchap_password = {CHAP_PASSWORD}\n"
             "parent_wait_timeout = 120\n"
             f"log_dir = {OUT}\nlog_file = virtman.log\ndebug = true\n" + driver_conf

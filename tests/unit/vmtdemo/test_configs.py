@@ -3,6 +3,7 @@ their main() sends (vmtapi stubbed) and vmtapi's argument handling (Client.call 
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,7 @@ def test_vmtimg_runs_a_good_file_in_order_with_its_options(
     path.write_text("+ 10.0.0.9 image1 /srv/image1.raw\n+ 10.0.0.9 dup /srv/d.raw\n@ 10.0.0.9\n")
     argv = ["--file", str(path), "--port", "8000", "--token", "t0k", "--timeout", "9"]
     assert vmtimg.main(argv) == 0  # a warning is not a failure
-    options = {"port": 8000, "token": "t0k", "timeout": 9.0}
+    options = {"port": 8000, "token": "t0k", "timeout": 9.0, "ca_file": None}
     assert sent == [
         ("create_image_target", ("10.0.0.9", "image1", "/srv/image1.raw"), options),
         ("create_image_target", ("10.0.0.9", "dup", "/srv/d.raw"), options),
@@ -316,7 +317,7 @@ def test_vmtimg_a_failed_action_is_exit_1(sent: list[Any], tmp_path: Path) -> No
         (
             "destroy_image_target",
             ("10.0.0.9", "image1"),
-            {"port": 7774, "token": None, "timeout": 600.0},
+            {"port": 7774, "token": None, "timeout": 600.0, "ca_file": None},
         )
     ]
 
@@ -331,7 +332,7 @@ def test_vmtrun_runs_every_node_and_keeps_each_node_s_order(
         "- 10.0.0.5 vm1\n@ 10.0.0.5\n"
     )
     assert vmtrun.main(["--file", str(path)]) == 0
-    options = {"port": 7774, "token": None, "timeout": 600.0}
+    options = {"port": 7774, "token": None, "timeout": 600.0, "ca_file": None}
     by_node: dict[str, list[Any]] = {}
     for name, args, kwargs in sent:
         assert kwargs == options
@@ -353,7 +354,13 @@ def test_vmtrun_token_from_the_environment(
     path = tmp_path / "nodelist.cfg"
     path.write_text("@ 10.0.0.5\n")
     assert vmtrun.main(["--file", str(path)]) == 0
-    assert sent == [("list", ("10.0.0.5",), {"port": 7774, "token": "from-env", "timeout": 600.0})]
+    assert sent == [
+        (
+            "list",
+            ("10.0.0.5",),
+            {"port": 7774, "token": "from-env", "timeout": 600.0, "ca_file": None},
+        )
+    ]
 
 
 # -- vmtapi ----------------------------------------------------------------------------------
@@ -521,3 +528,31 @@ def test_vmtapi_exports_the_tutorial_s_six_calls() -> None:
         "list",
         "list_image_target",
     ]
+
+
+@pytest.fixture
+def ca_file(tmp_path: Path) -> str:
+    """A self-signed certificate, usable as a CA file."""
+    cert = tmp_path / "ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(cert), "-subj", "/CN=unit"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert)
+
+
+def test_vmtapi_a_ca_file_means_https(
+    rpc: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, ca_file: str
+) -> None:
+    vmtapi.list("10.0.0.5")
+    vmtapi.list("10.0.0.5", ca_file=ca_file)
+    monkeypatch.setenv("VMT_CACERT", ca_file)
+    vmtapi.list("10.0.0.5")
+    assert [c["url"] for c in rpc] == [
+        "http://10.0.0.5:7774/RPC2",
+        "https://10.0.0.5:7774/RPC2",
+        "https://10.0.0.5:7774/RPC2",
+    ]
+    with pytest.raises(ValueError, match="cannot load the CA file"):
+        vmtapi.list("10.0.0.5", ca_file="/no/such/ca.pem")

@@ -1,0 +1,139 @@
+"""The XML-RPC front end (virtman.server.Server) on 127.0.0.1 with a toy dispatcher: what is
+refused on the headers alone, deadlines, the connection bound, the worker pool."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import xmlrpc.client
+from collections.abc import Iterator
+from xmlrpc.server import SimpleXMLRPCDispatcher
+
+import pytest
+
+from virtman.server import Limits, Server
+
+TOKEN = "unit-token"
+
+
+@pytest.fixture
+def gate() -> threading.Event:
+    return threading.Event()
+
+
+def make_server(gate: threading.Event, **limits: object) -> Server:
+    dispatcher = SimpleXMLRPCDispatcher(allow_none=True, encoding=None)
+    dispatcher.register_function(lambda x: x, "echo")
+    dispatcher.register_function(lambda: gate.wait(10), "wait")
+    return Server(("127.0.0.1", 0), dispatcher, Limits(token=TOKEN, **limits))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def serve(gate: threading.Event) -> Iterator:
+    servers: list[Server] = []
+
+    def start(**limits: object) -> Server:
+        server = make_server(gate, **limits)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    gate.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def exchange(server: Server, data: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(server.server_address, timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def post(body: bytes, token: str | None = TOKEN, path: str = "/RPC2") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+    head += f"X-Auth-Token: {token}\r\n" if token else ""
+    return head.encode() + b"\r\n" + body
+
+
+def status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_a_call_with_the_token_is_answered(serve) -> None:
+    server = serve()
+    answer = exchange(server, post(xmlrpc.client.dumps(("hi",), "echo").encode()))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status(answer) == 200 and b"Connection: close" in head
+    assert xmlrpc.client.loads(body) == (("hi",), None)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "expected"),
+    [
+        (b"POST /RPC2 HTTP/1.1\r\nContent-Length: 5\r\n\r\n", 401),  # no token, body pending
+        (b"GET / HTTP/1.1\r\nX-Auth-Token: nope\r\n\r\n", 401),
+        (f"GET /RPC2 HTTP/1.1\r\nX-Auth-Token: {TOKEN}\r\n\r\n".encode(), 405),
+        (f"POST /x HTTP/1.1\r\nX-Auth-Token: {TOKEN}\r\nContent-Length: 9\r\n\r\n".encode(), 404),
+        (f"POST /RPC2 HTTP/1.1\r\nX-Auth-Token: {TOKEN}\r\n\r\n".encode(), 411),
+        (
+            f"POST /RPC2 HTTP/1.1\r\nX-Auth-Token: {TOKEN}\r\nContent-Length: -1\r\n\r\n".encode(),
+            400,
+        ),
+        (post(b"", TOKEN).replace(b"Length: 0", b"Length: 2000"), 413),
+        (b"HELLO\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 20000, 431),
+    ],
+)
+def test_refused_on_the_headers_alone(serve, request_bytes: bytes, expected: int) -> None:
+    server = serve(max_request_bytes=1024)
+    t0 = time.monotonic()
+    assert status(exchange(server, request_bytes)) == expected
+    assert time.monotonic() - t0 < 1.0  # not waiting for a body or a deadline
+
+
+def test_a_stalled_request_is_closed_at_its_deadline(serve) -> None:
+    server = serve(request_timeout=0.5)
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        sock.sendall(post(b"<partial", TOKEN)[:-3])
+        t0 = time.monotonic()
+        assert sock.recv(100) == b""
+        assert 0.3 < time.monotonic() - t0 < 2.0
+    assert server.open_count == 0
+
+
+def test_connections_beyond_max_connections_get_503(serve) -> None:
+    server = serve(max_connections=4, request_timeout=5)
+    held = [socket.create_connection(server.server_address, timeout=5) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        assert status(exchange(server, b"")) == 503
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_calls_run_on_a_bounded_pool(serve, gate: threading.Event) -> None:
+    server = serve(rpc_workers=2)
+    body = post(xmlrpc.client.dumps((), "wait").encode())
+    results: list[bytes] = []
+    waiting = [
+        threading.Thread(target=lambda: results.append(exchange(server, body, 15)))
+        for _ in range(3)
+    ]
+    before = threading.active_count()
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.3)
+    assert threading.active_count() == before + 3  # only the callers: the server adds none
+    assert len(server.workers) == 2
+    assert results == []
+    gate.set()
+    for thread in waiting:
+        thread.join(15)
+    assert [status(r) for r in results] == [200, 200, 200]
