@@ -12,6 +12,7 @@ from pathlib import Path
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.drivers import load_driver
+from virtman.errors import JournalCorrupt
 from virtman.imageservice import ImageService
 from virtman.server import build_server
 
@@ -31,7 +32,13 @@ def main(argv: list[str] | None = None) -> None:
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
     driver = load_driver(CONF.driver, settings)
-    virtman = Virtman(settings=settings, driver=driver)
+    try:
+        virtman = Virtman(settings=settings, driver=driver)
+    except JournalCorrupt as exc:
+        LOG.error("virtmanserver: %s", exc)
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
+        raise SystemExit(f"virtmanserver: {exc}") from None
     images = ImageService(driver.tgt, driver.chap, settings.iqn_prefix)  # type: ignore[attr-defined]
     server = build_server((CONF.listen_host, CONF.listen_port), CONF.api_token, virtman, images)
     stopping = threading.Event()

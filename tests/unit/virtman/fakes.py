@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from virtman.errors import ParentsUnavailable
 from virtman.layers.base import Device, Endpoint, Relay
 from voltclient.client import Volume
+from voltclient.exceptions import VoltClientError
 
 
 class Layers:
@@ -139,20 +141,32 @@ class FakeVolt:
         self.parents: dict[str, list[Volume]] = {}
         self.calls: list[tuple[str, ...]] = []
         self.known: dict[str, str] = {}  # peer_id -> image
+        self.down = False  # unreachable: every call fails as the real link's do
+
+    def _reach(self, what: str) -> None:
+        if self.down:
+            self.calls.append(("unreachable", what))
+            raise VoltClientError(None, None, f"{what}: connection refused")
 
     def join(self, image: str, *, timeout_s: float) -> tuple[str, list[Volume]]:
+        if self.down:
+            self.calls.append(("unreachable", "join"))
+            raise ParentsUnavailable(image, timeout_s)
         peer_id = f"{self.host_ip}:{image}"
         self.calls.append(("join", image))
         self.known[peer_id] = image
         return peer_id, self.parents.get(image, [])
 
     def register(self, image: str, peer_id: str, relay: Relay) -> None:
+        self._reach("register")
         self.calls.append(("register", image, peer_id, relay.nbd or ""))
 
     def leave(self, image: str, peer_id: str) -> None:
+        self._reach("leave")
         self.calls.append(("leave", image, peer_id))
         self.known.pop(peer_id, None)
 
     def heartbeat(self) -> dict[str, list[Volume]]:
+        self._reach("heartbeat")
         self.calls.append(("heartbeat",))
         return {p: self.parents.get(image, []) for p, image in self.known.items()}

@@ -49,6 +49,7 @@ from brick.devmapper import (
     scsi_path_ready,
 )
 from brick.exception import BrickError, CommandFailed, NotFound, PathsUnavailable
+from brick.fileio import FILE_MODE, atomic_write, private_dir
 from brick.iscsi import BY_PATH_DIR, ISCSIConnector, validate_lun
 from brick.lio import LioTargets
 from brick.qsd.daemon import StorageDaemon
@@ -190,8 +191,12 @@ class DmDriver:
         modules = MODULES + (LIO_MODULES if self.settings.dm_relay == "lio" else ())
         for module in modules:
             self.host.execute(["modprobe", module])
-        for d in (self.settings.instances_dir, self.settings.run_dir / "paths"):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (
+            self.settings.run_dir,
+            self.settings.instances_dir,
+            self.settings.run_dir / "paths",
+        ):
+            private_dir(d)
         if self.tgtd is not None and not self.tgtd.adopt():
             self.tgtd.start()
         self.cacheset.start()
@@ -382,10 +387,8 @@ class DmUpstream:
 
     def _save(self, image: str, endpoints: Sequence[Endpoint]) -> None:
         path = self._file(image)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([e.__dict__ for e in endpoints]))
-        os.replace(tmp, path)
+        private_dir(path.parent)
+        atomic_write(path, json.dumps([e.__dict__ for e in endpoints]))
 
     def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
         n = ImageNames(image)
@@ -584,6 +587,7 @@ class DmSnapshot:
         size = origin.size * d.settings.dm_cow_percent // 100 + (8 << 20)
         cow.parent.mkdir(parents=True, exist_ok=True)
         with open(cow, "wb") as f:  # a new, all-zero COW: a fresh snapshot store
+            os.fchmod(f.fileno(), FILE_MODE)
             f.truncate(size)
         loop = None
         try:
