@@ -118,9 +118,10 @@ class BaseImage:
                 self._forget()
                 raise
 
-    def _build(self) -> Device:
+    def _build(self, *, quiet: bool = False) -> Device:
         """Build every layer; a failure undoes every step done and raises ImageBuildFailed
-        (the status and the journal record are the caller's)."""
+        (the status and the journal record are the caller's). ``quiet``: a retry, whose
+        failure the caller reports."""
         with self.lock:
             undo: list[tuple[str, Callable[[], None]]] = []
             try:
@@ -128,7 +129,7 @@ class BaseImage:
                 endpoints = self.connections
                 if not self.local:
                     self.peer_id, parents = self.volt.join(
-                        self.name, timeout_s=self.parent_wait_timeout
+                        self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
                     )
                     undo.append(("leave Volt", self._leave))
                     endpoints = self._choose(parents)
@@ -156,7 +157,9 @@ class BaseImage:
                 self._start_prefetch(origin)
                 return origin
             except Exception as exc:
-                LOG.error("%s: build failed: %s; undoing %d step(s)", self.name, exc, len(undo))
+                (LOG.debug if quiet else LOG.error)(
+                    "%s: build failed: %s; undoing %d step(s)", self.name, exc, len(undo)
+                )
                 for what, step in reversed(undo):
                     try:
                         step()
@@ -200,11 +203,14 @@ class BaseImage:
                 return True
             try:
                 if self.origin is not None:
-                    self._finish_adoption()
+                    self._finish_adoption(quiet=True)
                 else:
-                    self._build()
+                    self._build(quiet=True)
+            except ImageBuildFailed as exc:
+                self._degrade(f"cannot rebuild the stack: {exc.reason}")
+                return False
             except Exception as exc:
-                self._degrade(exc.reason if isinstance(exc, ImageBuildFailed) else str(exc))
+                self._degrade(f"cannot adopt the running stack: {exc}")
                 return False
             failures = self.retry.failures
             self.status = Status.OK
@@ -232,11 +238,11 @@ class BaseImage:
         threading.Thread(target=run, name=f"heal-{self.name}", daemon=True).start()
         return True
 
-    def _finish_adoption(self) -> None:
+    def _finish_adoption(self, *, quiet: bool = False) -> None:
         if not self.local:
             assert self.origin is not None
             self.relay = self.driver.relay.ensure(self.name, self.iqn, self.origin)
-            self._join_and_register()
+            self._join_and_register(quiet=quiet)
 
     def _degrade(self, reason: str) -> None:
         """Mark degraded (WARNING once per change of state or reason), schedule a retry."""
@@ -245,14 +251,22 @@ class BaseImage:
         self.problem = reason
         wait = self.retry.failed()
         self._record()
-        log = LOG.warning if changed else LOG.debug
-        log(
-            "%s: degraded: %s; its VMs' disks and files are kept, %s; retry in %.0f s",
-            self.name,
-            reason,
-            "the running stack serves them" if self.origin is not None else "no stack serves them",
-            wait,
-        )
+        if changed:
+            LOG.warning(
+                "%s: degraded: %s; its VMs' disks and files are kept, %s; retrying in the "
+                "background (next in %.0f s)",
+                self.name,
+                reason,
+                "the running stack serves them" if self.origin else "no stack serves them",
+                wait,
+            )
+        else:
+            LOG.info(
+                "%s: still degraded (retry %d); next in %.0f s",
+                self.name,
+                self.retry.failures,
+                wait,
+            )
 
     # -- parents ------------------------------------------------------------------------------
     def apply_parents(self, parents: list[Volume]) -> None:
@@ -376,8 +390,10 @@ class BaseImage:
         self.following = pending_parents(parents)
         return parent_endpoints(parents) or self.connections
 
-    def _join_and_register(self) -> None:
-        self.peer_id, parents = self.volt.join(self.name, timeout_s=self.parent_wait_timeout)
+    def _join_and_register(self, *, quiet: bool = False) -> None:
+        self.peer_id, parents = self.volt.join(
+            self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
+        )
         assert self.relay is not None
         self.volt.register(self.name, self.peer_id, self.relay)
         endpoints = self._choose(parents)

@@ -148,7 +148,9 @@ class FakeVolt:
             self.calls.append(("unreachable", what))
             raise VoltClientError(None, None, f"{what}: connection refused")
 
-    def join(self, image: str, *, timeout_s: float) -> tuple[str, list[Volume]]:
+    def join(
+        self, image: str, *, timeout_s: float, quiet: bool = False
+    ) -> tuple[str, list[Volume]]:
         if self.down:
             self.calls.append(("unreachable", "join"))
             raise ParentsUnavailable(image, timeout_s)
