@@ -100,6 +100,7 @@ class BaseImage:
             if self.status == Status.DESTROYING and self.origin is not None:
                 self._join_and_register()  # a new VM arrived while the image was leaving
                 self.status = Status.OK
+                self._record()
                 return self.origin
             if self.status == Status.DEGRADED:
                 if self.origin is not None:
@@ -226,6 +227,7 @@ class BaseImage:
         """Start one ``heal`` in its own thread unless one runs; True if started."""
         if not self._healing.acquire(blocking=False):
             return False
+        self.retry.next_at = None  # not due again before this attempt ends
 
         def run() -> None:
             try:
