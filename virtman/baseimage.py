@@ -259,7 +259,9 @@ class BaseImage:
                 "background (next in %.0f s)",
                 self.name,
                 reason,
-                "the running stack serves them" if self.origin else "no stack serves them",
+                "the running stack serves them"
+                if self.origin is not None
+                else "no stack serves them",
                 wait,
             )
         else:

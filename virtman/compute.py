@@ -148,8 +148,6 @@ class Virtman:
         with self.lock:
             if instance in self.instance_names:
                 raise InstanceExists(instance)
-            if instance in self.driver.snapshot.owned():
-                raise DiskExists(instance)
             self.instance_names[instance] = image  # reserved; released on any failure
             base = self.images.get(image)
             if base is None:
@@ -161,6 +159,9 @@ class Virtman:
             # nothing yet (no caller got its path), so that it may remove it.
             self.journal.put("instances", instance, {"image": image, "creating": True})
             path = self.driver.snapshot.ensure(instance, origin)
+        except DiskExists:
+            self._release(instance, base, keep_disk=True)  # not this create's disk
+            raise
         except BaseException:
             self._release(instance, base)
             raise
@@ -173,9 +174,10 @@ class Virtman:
         LOG.info("created %s on %s: %s", instance, image, path)
         return path
 
-    def _release(self, instance: str, base: BaseImage) -> None:
+    def _release(self, instance: str, base: BaseImage, *, keep_disk: bool = False) -> None:
         try:
-            self.driver.snapshot.teardown(instance)
+            if not keep_disk:
+                self.driver.snapshot.teardown(instance)
             self.journal.drop("instances", instance)
         finally:
             with self.lock:

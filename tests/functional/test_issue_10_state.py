@@ -127,6 +127,10 @@ def test_issue_10_restart_with_volt_away_keeps_every_disk_then_heals(cluster_fac
 
 def test_issue_10_a_corrupt_journal_stops_virtmanserver_and_is_kept(cluster_factory) -> None:
     cluster = cluster_factory(1, heartbeat_interval=1)
+    _image(cluster, 8)
+    disk = Path(_create(cluster, "n1", "vm1"))
+    qemu_io(str(disk), f"write -P {PATTERN:#x} 0 {PATTERN_LEN}")
+    disk_sum = sha256(disk)
     assert cluster.daemons.pop("n1").stop() == 0
     journal = cluster.node_dir("n1") / "state" / "journal.json"
     corrupt = b'{"images": {"volume-image1": {"status": "ok", "conn'  # torn write
@@ -140,10 +144,16 @@ def test_issue_10_a_corrupt_journal_stops_virtmanserver_and_is_kept(cluster_fact
     assert "Traceback" not in out, out
     assert journal.read_bytes() == corrupt
     assert sorted(p.name for p in journal.parent.iterdir() if p.is_file()) == ["journal.json"]
-    # The operator's recovery (docs/virtman.rst): move it aside, start again.
+    assert sha256(disk) == disk_sum
+    # The operator's recovery (docs/virtman.rst): move it aside, start again. The disk
+    # the journal no longer names is kept, unlisted, and its name refused to creates.
     journal.rename(journal.with_name("journal.json.corrupt"))
     cluster.start_virtman("n1")
     assert cluster.rpc("n1", "list") == []
+    result = cluster.rpc("n1", "create", "vm1", "image1", cluster.connection(IMAGE))
+    assert result.startswith("2:") and "already exists on this node" in result, result
+    assert sha256(disk) == disk_sum
+    assert "the disk of vm1 is in no journal record: kept" in _log(cluster, "n1")
 
 
 def test_issue_10_state_files_0600_and_directories_0700(cluster_factory) -> None:

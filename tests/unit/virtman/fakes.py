@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from virtman.errors import ParentsUnavailable
+from virtman.errors import DiskExists, ParentsUnavailable
 from virtman.layers.base import Device, Endpoint, Relay
 from voltclient.client import Volume
 from voltclient.exceptions import VoltClientError
@@ -118,6 +118,8 @@ class _Snapshot:
 
     def ensure(self, instance: str, origin: Device) -> str:
         self.s.check("snapshot")
+        if instance in self.s.snapshots:
+            raise DiskExists(instance)
         self.s.snapshots[instance] = f"/fake/instances/{instance}.qcow2"
         return self.s.snapshots[instance]
 

@@ -59,6 +59,7 @@ from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import BcacheLayer, CacheSet
 from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapshot_name, uuid_of
 from virtman.drivers.dm.nbd import NbdRelay
+from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay
 
 LOG = logging.getLogger(__name__)
@@ -582,6 +583,8 @@ class DmSnapshot:
         cow = self._file(instance)
         if d.is_ours(name, SNAPSHOT, instance):
             return f"/dev/mapper/{name}"
+        if cow.exists():  # an earlier run's disk (e.g. before a reboot): never overwritten
+            raise DiskExists(instance)
         for loop in d.loops.find(str(cow)):  # a create that died half way
             d.loops.detach(loop)
         size = origin.size * d.settings.dm_cow_percent // 100 + (8 << 20)

@@ -28,6 +28,7 @@ from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon
 from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
+from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay
 
 LOG = logging.getLogger(__name__)
@@ -286,6 +287,8 @@ class QemuSnapshot:
 
     def ensure(self, instance: str, origin: Device) -> str:
         path = self._file(instance)
+        if path.exists():  # an earlier run's disk without a record: never overwritten
+            raise DiskExists(instance)
         tmp = path.with_suffix(".part")
         execute(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", origin.path, str(tmp)]
