@@ -11,7 +11,9 @@ LocalCluster: volt-api, an image server and compute nodes in network namespaces)
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import stat
 import time
 from pathlib import Path
@@ -178,3 +180,44 @@ def test_issue_10_state_files_0600_and_directories_0700(cluster_factory) -> None
     assert {str(p): mode(p) for p in files} == {str(p): "0o600" for p in files}
     leftovers = [p.name for d in dirs for p in d.iterdir() if ".tmp" in p.name]
     assert leftovers == []
+
+
+def test_issue_10_a_stack_lost_with_volt_away_is_rebuilt_once_volt_returns(
+    cluster_factory,
+) -> None:
+    """virtman and its qemu-storage-daemon die (SIGKILL) and Volt is away at the restart:
+    nothing can be adopted or rebuilt, yet the disk and its writes stay; the stack is
+    built again in the background once Volt is back."""
+    cluster = cluster_factory(1, heartbeat_interval=1, extra_conf=FAST_RETRIES)
+    image_file = _image(cluster)
+    disk = _create(cluster, "n1", "vm1")
+    qemu_io(disk, f"write -P {PATTERN:#x} {PATTERN_AT} {PATTERN_LEN}")
+    expected = _with_pattern(image_file, cluster.workdir / "expected.raw")
+    overlay_sum = sha256(Path(disk))
+    run = cluster.node_dir("n1") / "run"
+    qsd_pid = int((run / "virtman-qsd.pid").read_text())
+
+    cluster.daemons.pop("volt").stop()
+    cluster.daemons.pop("n1").kill9()
+    os.kill(qsd_pid, signal.SIGKILL)  # the daemon this cluster's n1 started
+    cluster.wait_for(lambda: not Path(f"/proc/{qsd_pid}").exists(), "the qsd to be gone")
+    log_offset = len(_log(cluster, "n1"))
+    cluster.start_virtman("n1")
+
+    assert cluster.rpc("n1", "list") == [f"vm1:{IMAGE}:degraded"]
+    assert sha256(Path(disk)) == overlay_sum
+    log = _log(cluster, "n1")[log_offset:]
+    assert f"{IMAGE}: degraded: cannot rebuild the stack" in log, log
+    assert _journal(cluster, "n1")["instances"]["vm1"]["path"] == disk
+    result = cluster.rpc("n1", "create", "vm2", "image1", cluster.connection(IMAGE))
+    assert result.startswith("2:") and "is degraded" in result, result
+    assert cluster.rpc("n1", "list") == [f"vm1:{IMAGE}:degraded"]
+
+    cluster.start_volt()
+    cluster.wait_for(
+        lambda: cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"], "the image to heal", timeout_s=60
+    )
+    assert sha256(Path(disk)) == overlay_sum
+    assert disk_matches(disk, expected)  # the image's bytes plus the writes, read anew
+    peer = f"{cluster.hosts['n1'].address}:{IMAGE}"
+    assert peer in [n["peer_id"] for n in cluster.volt_tree(IMAGE)]
