@@ -119,10 +119,11 @@ class BaseImage:
                 self._forget()
                 raise
 
-    def _build(self, *, quiet: bool = False) -> Device:
+    def _build(self, *, quiet: bool = False, repair: bool = False) -> Device:
         """Build every layer; a failure undoes every step done and raises ImageBuildFailed
         (the status and the journal record are the caller's). ``quiet``: a retry, whose
-        failure the caller reports."""
+        failure the caller reports; ``repair``: the image has VMs, whose cache file stays
+        for the next attempt to reuse."""
         with self.lock:
             undo: list[tuple[str, Callable[[], None]]] = []
             try:
@@ -139,7 +140,9 @@ class BaseImage:
                 undo.append(("upstream", lambda: self.driver.upstream.teardown(self.name)))
                 upstream = self.driver.upstream.ensure(self.name, endpoints)
                 self.upstream = list(endpoints)
-                undo.append(("cache", lambda: self.driver.cache.teardown(self.name)))
+                undo.append(
+                    ("cache", lambda: self.driver.cache.teardown(self.name, keep_file=repair))
+                )
                 origin = self.driver.cache.ensure(self.name, upstream)
                 if not self.local:
                     undo.append(("relay", lambda: self.driver.relay.teardown(self.name, self.iqn)))
@@ -192,7 +195,7 @@ class BaseImage:
         with self.lock:
             self.status = Status.BUILDING
             try:
-                self._build()
+                self._build(repair=True)
             except ImageBuildFailed as exc:
                 self._degrade(f"cannot rebuild the stack: {exc.reason}")
 
@@ -206,7 +209,7 @@ class BaseImage:
                 if self.origin is not None:
                     self._finish_adoption(quiet=True)
                 else:
-                    self._build(quiet=True)
+                    self._build(quiet=True, repair=True)
             except ImageBuildFailed as exc:
                 self._degrade(f"cannot rebuild the stack: {exc.reason}")
                 return False

@@ -300,7 +300,7 @@ class Virtman:
                 base.adopt(origin, record)  # degraded if Volt or the relay cannot follow
             elif users:
                 LOG.warning("%s: the stack is gone; rebuilding it for its VMs", image)
-                self._remove_stack(image, base.iqn)
+                self._remove_stack(image, base.iqn, keep_cache_file=True)
                 base.rebuild()  # degraded if it cannot be built now
             else:
                 self._remove_stack(image, base.iqn)
@@ -348,10 +348,12 @@ class Virtman:
             f"; degraded: {', '.join(degraded)}" if degraded else "",
         )
 
-    def _remove_stack(self, image: str, iqn: str | None = None) -> None:
+    def _remove_stack(
+        self, image: str, iqn: str | None = None, *, keep_cache_file: bool = False
+    ) -> None:
         for step in (
             lambda: self.driver.relay.teardown(image, iqn),
-            lambda: self.driver.cache.teardown(image),
+            lambda: self.driver.cache.teardown(image, keep_file=keep_cache_file),
             lambda: self.driver.upstream.teardown(image),
         ):
             try:

@@ -196,6 +196,7 @@ def test_issue_10_a_stack_lost_with_volt_away_is_rebuilt_once_volt_returns(
     overlay_sum = sha256(Path(disk))
     run = cluster.node_dir("n1") / "run"
     qsd_pid = int((run / "virtman-qsd.pid").read_text())
+    cache_file = cluster.node_dir("n1") / "state" / "cache" / f"{IMAGE}.qcow2"
 
     cluster.daemons.pop("volt").stop()
     cluster.daemons.pop("n1").kill9()
@@ -208,6 +209,7 @@ def test_issue_10_a_stack_lost_with_volt_away_is_rebuilt_once_volt_returns(
     assert sha256(Path(disk)) == overlay_sum
     log = _log(cluster, "n1")[log_offset:]
     assert f"{IMAGE}: degraded: cannot rebuild the stack" in log, log
+    assert cache_file.exists()  # blocks already fetched: kept for the rebuild
     assert _journal(cluster, "n1")["instances"]["vm1"]["path"] == disk
     result = cluster.rpc("n1", "create", "vm2", "image1", cluster.connection(IMAGE))
     assert result.startswith("2:") and "is degraded" in result, result
@@ -218,6 +220,7 @@ def test_issue_10_a_stack_lost_with_volt_away_is_rebuilt_once_volt_returns(
         lambda: cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"], "the image to heal", timeout_s=60
     )
     assert sha256(Path(disk)) == overlay_sum
+    assert f"reusing cache file {cache_file}" in _log(cluster, "n1")[log_offset:]
     assert disk_matches(disk, expected)  # the image's bytes plus the writes, read anew
     peer = f"{cluster.hosts['n1'].address}:{IMAGE}"
     assert peer in [n["peer_id"] for n in cluster.volt_tree(IMAGE)]

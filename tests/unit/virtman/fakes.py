@@ -17,6 +17,7 @@ class Layers:
         self.gate = gate
         self.upstreams: dict[str, list[Endpoint]] = {}
         self.caches: dict[str, Device] = {}
+        self.cache_files: set[str] = set()  # what a qemu cache keeps on disk
         self.relays: dict[str, str] = {}
         self.snapshots: dict[str, str] = {}
         self.readers_of: dict[str, int] = {}
@@ -89,10 +90,13 @@ class _Cache:
         self.s.check("cache")
         device = Device(f"{image}-cache", f"/fake/{image}.raw", upstream.size)
         self.s.caches[image] = device
+        self.s.cache_files.add(image)
         return device
 
-    def teardown(self, image: str) -> None:
+    def teardown(self, image: str, *, keep_file: bool = False) -> None:
         self.s.caches.pop(image, None)
+        if not keep_file:
+            self.s.cache_files.discard(image)
 
 
 class _Relay:

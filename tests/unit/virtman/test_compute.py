@@ -91,6 +91,7 @@ def test_a_failed_create_leaves_nothing_and_frees_the_name(tmp_path, layer) -> N
     assert result.startswith("2:") and f"{layer} broke" in result
     vm.heartbeat()
     assert driver.empty() and vm.list() == []
+    assert not driver.state.cache_files
     assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls
     driver.state.fail.clear()
     assert vm.create("vm1", "img", CONN).startswith("0:")
@@ -255,6 +256,11 @@ def test_a_stack_that_cannot_be_rebuilt_keeps_its_vms_disks(tmp_path: Path) -> N
     assert again.list() == ["vm1:volume-img:degraded", "vm2:volume-img:degraded"]
     assert sorted(driver.state.snapshots) == ["vm1", "vm2"]
     assert sorted(again.journal.instances()) == ["vm1", "vm2"]
+    assert driver.state.cache_files == {"volume-img"}  # kept for the rebuild to reuse
+    volt.down, driver.state.fail = False, {"relay"}  # a failure after the cache step
+    assert again.images["volume-img"].heal() is False
+    assert driver.state.cache_files == {"volume-img"} and not driver.state.caches
+    volt.down, driver.state.fail = True, set()
     result = again.create("vm3", "img", CONN)
     assert result.startswith("2:") and "degraded" in result, result
     assert again.list() == ["vm1:volume-img:degraded", "vm2:volume-img:degraded"]

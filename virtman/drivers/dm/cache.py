@@ -254,7 +254,7 @@ class BcacheLayer:
         )
         return Device(n.cached, cached, sectors * 512)
 
-    def teardown(self, image: str) -> None:
+    def teardown(self, image: str, *, keep_file: bool = False) -> None:
         n = ImageNames(image)
         d, sysfs = self.d, self.d.bcache
         for name, kind in ((n.origin, "origin"), (n.cached, "cached")):

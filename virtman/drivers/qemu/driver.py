@@ -230,7 +230,7 @@ class QemuCache:
             qsd.export_fuse(n.fuse_export, n.cor, n.fuse_file)
         return Device(n.cor, str(n.fuse_file), upstream.size)
 
-    def teardown(self, image: str) -> None:
+    def teardown(self, image: str, *, keep_file: bool = False) -> None:
         n = self.d.names(image)
         qsd = self.d.qsd
         if n.fuse_export in {e.id for e in qsd.exports()}:
@@ -240,7 +240,8 @@ class QemuCache:
             if node in present:
                 qsd.delete_node(node)
         n.fuse_file.unlink(missing_ok=True)
-        n.cache_file.unlink(missing_ok=True)
+        if not keep_file:
+            n.cache_file.unlink(missing_ok=True)
 
 
 class QemuRelay:
