@@ -4,6 +4,11 @@ State machine (per image, guarded by the image's own lock):
 empty -> building -> ok -> destroying -> (gone) ; a failed build undoes every step and goes
 back to empty. Creates of the same image wait on the lock for one build; the heartbeat
 never waits (it skips an image whose lock is busy and tries again next round).
+
+At start, an image whose VMs' disks exist but whose stack cannot be adopted or rebuilt
+(Volt unreachable, parents gone, a layer failing) goes to ``degraded``: what still runs of
+its stack stays, its VMs' disks and journal records stay, and ``heal`` is retried in the
+background with exponential backoff (``Backoff``) until it reaches ``ok``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from virtman.backoff import Backoff
 from virtman.errors import ImageBuildFailed
 from virtman.journal import Journal
 from virtman.layers.base import Device, Driver, Endpoint, Relay
@@ -29,6 +35,7 @@ class Status(enum.StrEnum):
     BUILDING = "building"
     OK = "ok"
     DESTROYING = "destroying"
+    DEGRADED = "degraded"
 
 
 def portal_host(portal: str) -> str:
@@ -48,6 +55,7 @@ class BaseImage:
         parent_wait_timeout: float,
         prefetch: PrefetchOptions | None = None,
         reader_grace_s: float = 60.0,
+        retry: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
@@ -79,6 +87,9 @@ class BaseImage:
         self.prefetch_waits = False  # the prefetch starts once no parent is pending
         self.prefetch = prefetch
         self.prefetcher: Prefetcher | None = None  # reads the boot trace of a new stack
+        self.retry = retry or Backoff(5.0, 300.0, clock=clock)  # of a degraded image
+        self.problem: str | None = None  # why the image is degraded
+        self._healing = threading.Lock()  # held by the one background heal running
 
     # -- build ------------------------------------------------------------------------------
     def ensure_built(self) -> Device:
@@ -89,15 +100,38 @@ class BaseImage:
             if self.status == Status.DESTROYING and self.origin is not None:
                 self._join_and_register()  # a new VM arrived while the image was leaving
                 self.status = Status.OK
+                self._record()
+                return self.origin
+            if self.status == Status.DEGRADED:
+                if self.origin is not None:
+                    return self.origin  # the stack serves; only Volt's side is missing
+                if not self.heal():
+                    raise ImageBuildFailed(
+                        self.name,
+                        f"the image is degraded ({self.problem}); retried in the background",
+                    )
+                assert self.origin is not None
                 return self.origin
             self.status = Status.BUILDING
+            try:
+                return self._build()
+            except ImageBuildFailed:
+                self._forget()
+                raise
+
+    def _build(self, *, quiet: bool = False, repair: bool = False) -> Device:
+        """Build every layer; a failure undoes every step done and raises ImageBuildFailed
+        (the status and the journal record are the caller's). ``quiet``: a retry, whose
+        failure the caller reports; ``repair``: the image has VMs, whose cache file stays
+        for the next attempt to reuse."""
+        with self.lock:
             undo: list[tuple[str, Callable[[], None]]] = []
             try:
                 self._record()
                 endpoints = self.connections
                 if not self.local:
                     self.peer_id, parents = self.volt.join(
-                        self.name, timeout_s=self.parent_wait_timeout
+                        self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
                     )
                     undo.append(("leave Volt", self._leave))
                     endpoints = self._choose(parents)
@@ -106,7 +140,9 @@ class BaseImage:
                 undo.append(("upstream", lambda: self.driver.upstream.teardown(self.name)))
                 upstream = self.driver.upstream.ensure(self.name, endpoints)
                 self.upstream = list(endpoints)
-                undo.append(("cache", lambda: self.driver.cache.teardown(self.name)))
+                undo.append(
+                    ("cache", lambda: self.driver.cache.teardown(self.name, keep_file=repair))
+                )
                 origin = self.driver.cache.ensure(self.name, upstream)
                 if not self.local:
                     undo.append(("relay", lambda: self.driver.relay.teardown(self.name, self.iqn)))
@@ -125,27 +161,119 @@ class BaseImage:
                 self._start_prefetch(origin)
                 return origin
             except Exception as exc:
-                LOG.error("%s: build failed: %s; undoing %d step(s)", self.name, exc, len(undo))
+                (LOG.debug if quiet else LOG.error)(
+                    "%s: build failed: %s; undoing %d step(s)", self.name, exc, len(undo)
+                )
                 for what, step in reversed(undo):
                     try:
                         step()
                     except Exception as undo_exc:  # keep undoing the rest
                         LOG.error("%s: undo of %s failed: %s", self.name, what, undo_exc)
-                self._forget()
+                self._clear()
                 raise ImageBuildFailed(self.name, str(exc)) from exc
 
     def adopt(self, origin: Device, record: dict[str, object]) -> None:
-        """Take over a stack a previous run built (after a crash of virtman)."""
+        """Take over a stack a previous run built (after a crash or a restart of virtman).
+        What cannot be finished now (the relay, Volt's side) leaves the image degraded,
+        with the stack as it runs: retried by ``heal``."""
         with self.lock:
             self.origin = origin
             self.peer_id = record.get("peer_id")  # type: ignore[assignment]
             self.upstream = self.driver.upstream.endpoints(self.name)
-            if not self.local:
-                self.relay = self.driver.relay.ensure(self.name, self.iqn, origin)
-                self._join_and_register()
+            try:
+                self._finish_adoption()
+            except Exception as exc:
+                self._degrade(f"cannot adopt the running stack: {exc}")
+                return
             self.status = Status.OK
             self._record()
             LOG.info("%s: adopted the stack left by the previous run", self.name)
+
+    def rebuild(self) -> None:
+        """Build again the stack of an image whose VMs' disks exist (at start, the old
+        stack gone); degraded if that fails now."""
+        with self.lock:
+            self.status = Status.BUILDING
+            try:
+                self._build(repair=True)
+            except ImageBuildFailed as exc:
+                self._degrade(f"cannot rebuild the stack: {exc.reason}")
+
+    def heal(self) -> bool:
+        """One repair attempt of a degraded image: finish adopting the stack that runs, or
+        build it again; True when the image is (now) not degraded."""
+        with self.lock:
+            if self.status != Status.DEGRADED:
+                return True
+            try:
+                if self.origin is not None:
+                    self._finish_adoption(quiet=True)
+                else:
+                    self._build(quiet=True, repair=True)
+            except ImageBuildFailed as exc:
+                self._degrade(f"cannot rebuild the stack: {exc.reason}")
+                return False
+            except Exception as exc:
+                self._degrade(f"cannot adopt the running stack: {exc}")
+                return False
+            failures = self.retry.failures
+            self.status = Status.OK
+            self.problem = None
+            self.retry.reset()
+            self._record()
+            LOG.warning(
+                "%s: healed (after %d failed attempt(s)): no longer degraded", self.name, failures
+            )
+            return True
+
+    def heal_in_background(self) -> bool:
+        """Start one ``heal`` in its own thread unless one runs; True if started."""
+        if not self._healing.acquire(blocking=False):
+            return False
+        self.retry.next_at = None  # not due again before this attempt ends
+
+        def run() -> None:
+            try:
+                self.heal()
+            except Exception:
+                LOG.exception("%s: heal failed", self.name)
+            finally:
+                self._healing.release()
+
+        threading.Thread(target=run, name=f"heal-{self.name}", daemon=True).start()
+        return True
+
+    def _finish_adoption(self, *, quiet: bool = False) -> None:
+        if not self.local:
+            assert self.origin is not None
+            self.relay = self.driver.relay.ensure(self.name, self.iqn, self.origin)
+            self._join_and_register(quiet=quiet)
+
+    def _degrade(self, reason: str) -> None:
+        """Mark degraded (WARNING once per change of state or reason), schedule a retry."""
+        changed = self.status != Status.DEGRADED or reason != self.problem
+        self.status = Status.DEGRADED
+        self.problem = reason
+        wait = self.retry.failed()
+        self._record()
+        if changed:
+            LOG.warning(
+                "%s: degraded: %s; its VMs' disks and files are kept, %s; retrying in the "
+                "background (next in %.0f s)",
+                self.name,
+                reason,
+                "the running stack serves them"
+                if self.origin is not None
+                else "no stack serves them",
+                wait,
+            )
+        else:
+            LOG.info(
+                "%s: still degraded (retry %d); next in %.0f s",
+                self.name,
+                self.retry.failures,
+                wait,
+            )
 
     # -- parents ------------------------------------------------------------------------------
     def apply_parents(self, parents: list[Volume]) -> None:
@@ -197,8 +325,9 @@ class BaseImage:
                 return False
             if self.status == Status.EMPTY:
                 return True
-            if self.status == Status.OK:
+            if self.status in (Status.OK, Status.DEGRADED):
                 self.status = Status.DESTROYING
+                self.retry.reset()
                 self.left_at = self.clock()
                 if self.prefetcher is not None:
                     self.prefetcher.request_stop()  # no VM left to prefetch for
@@ -268,8 +397,10 @@ class BaseImage:
         self.following = pending_parents(parents)
         return parent_endpoints(parents) or self.connections
 
-    def _join_and_register(self) -> None:
-        self.peer_id, parents = self.volt.join(self.name, timeout_s=self.parent_wait_timeout)
+    def _join_and_register(self, *, quiet: bool = False) -> None:
+        self.peer_id, parents = self.volt.join(
+            self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
+        )
         assert self.relay is not None
         self.volt.register(self.name, self.peer_id, self.relay)
         endpoints = self._choose(parents)
@@ -301,10 +432,14 @@ class BaseImage:
         )
 
     def _forget(self) -> None:
+        self._clear()
         self.status = Status.EMPTY
+        self.journal.drop("images", self.name)
+
+    def _clear(self) -> None:
+        """Forget the parts of a stack that is gone (the status and record stay)."""
         self.prefetch_waits = False
         self.left_at = None
         self.origin = None
         self.relay = None
         self.upstream = []
-        self.journal.drop("images", self.name)

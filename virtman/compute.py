@@ -3,6 +3,10 @@
 Results keep the original's convention: ``"0:<info>"`` success, ``"1:<info>"`` warning
 (exists / does not exist), ``"2:<info>"`` failure. A failed create leaves nothing behind
 and frees the instance name.
+
+Only ``destroy`` deletes the disk of an instance whose create finished. ``list`` gives the
+original's ``"<instance>:<image>"`` entries, and ``"<instance>:<image>:degraded"`` for an
+instance whose image is degraded (see ``virtman.baseimage``).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from typing import Any
 
 from brick.wait import pause
 from virtman import conf, prefetch, validation
+from virtman.backoff import Backoff
 from virtman.baseimage import BaseImage, Status
 from virtman.conf import Settings
 from virtman.drivers import load_driver
-from virtman.errors import InstanceExists, InstanceNotFound, VirtmanError
+from virtman.errors import DiskExists, InstanceExists, InstanceNotFound, VirtmanError
 from virtman.journal import Journal
 from virtman.layers.base import Driver, Endpoint
 from virtman.voltlink import VoltLink
+from voltclient.exceptions import VoltClientError
 
 LOG = logging.getLogger(__name__)
 FAST_FOLLOW_S = 1.0  # heartbeat period while a tree parent is still pending
@@ -57,6 +63,7 @@ class Virtman:
         self.lock = threading.Lock()  # guards the two dicts only; never held while building
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._volt_down = False  # the last heartbeat could not reach Volt
         driver.start()
         self._reconcile()
         self._thread: threading.Thread | None = None
@@ -96,7 +103,12 @@ class Virtman:
 
     def list(self) -> list[str]:
         with self.lock:
-            return [f"{name}:{image}" for name, image in sorted(self.instance_names.items())]
+            entries = []
+            for name, image in sorted(self.instance_names.items()):
+                base = self.images.get(image)
+                degraded = base is None or base.status == Status.DEGRADED
+                entries.append(f"{name}:{image}:degraded" if degraded else f"{name}:{image}")
+            return entries
 
     def close(self) -> None:
         """Stop the heartbeat; the stacks stay up (a restart adopts them)."""
@@ -143,7 +155,13 @@ class Virtman:
             base.instances.add(instance)
         try:
             origin = base.ensure_built()
+            # Recorded before the disk exists: a crash leaves a disk a restart knows holds
+            # nothing yet (no caller got its path), so that it may remove it.
+            self.journal.put("instances", instance, {"image": image, "creating": True})
             path = self.driver.snapshot.ensure(instance, origin)
+        except DiskExists:
+            self._release(instance, base, keep_disk=True)  # not this create's disk
+            raise
         except BaseException:
             self._release(instance, base)
             raise
@@ -156,9 +174,11 @@ class Virtman:
         LOG.info("created %s on %s: %s", instance, image, path)
         return path
 
-    def _release(self, instance: str, base: BaseImage) -> None:
+    def _release(self, instance: str, base: BaseImage, *, keep_disk: bool = False) -> None:
         try:
-            self.driver.snapshot.teardown(instance)
+            if not keep_disk:
+                self.driver.snapshot.teardown(instance)
+            self.journal.drop("instances", instance)
         finally:
             with self.lock:
                 self.instance_names.pop(instance, None)
@@ -173,12 +193,13 @@ class Virtman:
             image = self.instance_names.get(instance)
             if image is None:
                 raise InstanceNotFound(instance)
-            base = self.images[image]
+            base = self.images.get(image)  # None: kept at start without its image record
         self.driver.snapshot.teardown(instance)
         self.journal.drop("instances", instance)
         with self.lock:
             self.instance_names.pop(instance, None)
-            base.instances.discard(instance)
+            if base is not None:
+                base.instances.discard(instance)
         self._wake.set()
         LOG.info("destroyed %s", instance)
 
@@ -193,6 +214,7 @@ class Virtman:
             parent_wait_timeout=self.settings.parent_wait_timeout,
             prefetch=prefetch.options_from(self.settings),
             reader_grace_s=self.reader_grace_s,
+            retry=Backoff(self.settings.degraded_retry_min, self.settings.degraded_retry_max),
         )
 
     @property
@@ -206,25 +228,52 @@ class Virtman:
         while not self._stop.is_set():
             try:
                 self.heartbeat()
+            except VoltClientError as exc:
+                # Losing Volt changes nothing here: the stacks keep serving their VMs and
+                # children, and the heartbeat goes on. Logged once per change.
+                if not self._volt_down:
+                    LOG.warning("Volt unreachable (%s): the stacks keep serving; retrying", exc)
+                self._volt_down = True
             except Exception:
                 LOG.exception("heartbeat failed")
-            with self.lock:
-                following = any(b.following for b in self.images.values())
-            interval = FAST_FOLLOW_S if following else self.settings.heartbeat_interval
-            self._wake.wait(interval)
+            self._wake.wait(self._next_round_s())
             self._wake.clear()
 
+    def _next_round_s(self) -> float:
+        """The heartbeat period; sooner while a parent is pending or a retry is due."""
+        with self.lock:
+            images = list(self.images.values())
+        wait = self.settings.heartbeat_interval
+        if any(b.following for b in images):
+            wait = FAST_FOLLOW_S
+        for base in images:
+            due = base.retry.remaining() if base.status == Status.DEGRADED else None
+            if due is not None:
+                wait = min(wait, max(due, 0.2))
+        return wait
+
     def heartbeat(self) -> None:
-        """Tear down unused images, refresh liveness, follow parent changes."""
+        """Tear down unused images, retry degraded ones, refresh liveness, follow parent
+        changes."""
         with self.lock:
             images = list(self.images.values())
         for base in images:
-            unused = not base.instances and base.status in (Status.OK, Status.DESTROYING)
+            unused = not base.instances and base.status in (
+                Status.OK,
+                Status.DESTROYING,
+                Status.DEGRADED,
+            )
             if unused and base.teardown_if_unused():
                 with self.lock:
                     if not base.instances and self.images.get(base.name) is base:
                         del self.images[base.name]
+        for base in images:
+            if base.status == Status.DEGRADED and base.retry.remaining() == 0:
+                base.heal_in_background()
         answer = self.volt.heartbeat()
+        if self._volt_down:
+            LOG.warning("Volt reachable again")
+            self._volt_down = False
         for base in images:
             if base.status != Status.OK or base.local or base.peer_id is None:
                 continue
@@ -236,60 +285,75 @@ class Virtman:
 
     # -- restart -------------------------------------------------------------------------------
     def _reconcile(self) -> None:
-        """Adopt what the previous run built and is still intact; remove the rest."""
+        """Adopt what the previous run built. An image with VMs whose stack cannot be
+        adopted or rebuilt now stays, degraded, and is retried in the background; only the
+        stacks no VM uses and the disks of creates that never finished are removed."""
         records = self.journal.images()
         instances = self.journal.instances()
         for image, record in records.items():
             endpoints = validation.connections(record["connections"])
             base = self._new_image(image, endpoints)
-            origin = self.driver.origin(image) if record.get("status") == "ok" else None
+            adoptable = record.get("status") in (Status.OK, Status.DEGRADED)
+            origin = self.driver.origin(image) if adoptable else None
             users = {i for i, r in instances.items() if r["image"] == image}
             if origin is not None:
-                try:
-                    base.adopt(origin, record)
-                except Exception as exc:
-                    LOG.error("%s: cannot adopt (%s); rebuilding", image, exc)
-                    origin = None
-            if origin is None:
+                base.adopt(origin, record)  # degraded if Volt or the relay cannot follow
+            elif users:
+                LOG.warning("%s: the stack is gone; rebuilding it for its VMs", image)
+                self._remove_stack(image, base.iqn, keep_cache_file=True)
+                base.rebuild()  # degraded if it cannot be built now
+            else:
                 self._remove_stack(image, base.iqn)
                 self.journal.drop("images", image)
-                if not users:
-                    continue
-                try:
-                    base.ensure_built()
-                except VirtmanError as exc:
-                    LOG.error("%s: rebuild failed: %s; its VMs are dropped", image, exc)
-                    for instance in users:
-                        self.driver.snapshot.teardown(instance)
-                        self.journal.drop("instances", instance)
-                    continue
+                continue
             self.images[image] = base
+        owned = set(self.driver.snapshot.owned())
         for instance, record in instances.items():
-            base = self.images.get(record["image"])
-            if base is None or instance not in self.driver.snapshot.owned():
-                LOG.warning("dropping instance %s: its disk or image is gone", instance)
+            if record.get("creating"):
+                # No caller got this disk's path: no VM ever wrote to it.
+                LOG.warning("removing the disk of %s: its create did not finish", instance)
                 self.driver.snapshot.teardown(instance)
                 self.journal.drop("instances", instance)
                 continue
-            base.instances.add(instance)
+            if instance not in owned:
+                LOG.warning("forgetting instance %s: its disk is gone (nothing deleted)", instance)
+                self.journal.drop("instances", instance)
+                continue
+            base = self.images.get(record["image"])
+            if base is None:
+                LOG.warning(
+                    "instance %s: its image %s has no record: the disk is kept and listed "
+                    "degraded until destroyed",
+                    instance,
+                    record["image"],
+                )
+            else:
+                base.instances.add(instance)
             self.instance_names[instance] = record["image"]
-        for instance in set(self.driver.snapshot.owned()) - set(self.instance_names):
-            LOG.warning("removing the disk of %s: no create finished for it", instance)
-            self.driver.snapshot.teardown(instance)
+        for instance in owned - set(self.instance_names) - set(instances):
+            LOG.warning(
+                "the disk of %s is in no journal record: kept, not listed (a create of that "
+                "name is refused until it is moved away)",
+                instance,
+            )
         for image in self.driver.images() - set(self.images):
             LOG.warning("removing the half-built stack of %s", image)
             self._remove_stack(image)
         self.driver.sweep(set(self.images))
+        degraded = sorted(b.name for b in self.images.values() if b.status == Status.DEGRADED)
         LOG.info(
-            "reconciled: %d image(s), %d instance(s) adopted",
+            "reconciled: %d image(s), %d instance(s) adopted%s",
             len(self.images),
             len(self.instance_names),
+            f"; degraded: {', '.join(degraded)}" if degraded else "",
         )
 
-    def _remove_stack(self, image: str, iqn: str | None = None) -> None:
+    def _remove_stack(
+        self, image: str, iqn: str | None = None, *, keep_cache_file: bool = False
+    ) -> None:
         for step in (
             lambda: self.driver.relay.teardown(image, iqn),
-            lambda: self.driver.cache.teardown(image),
+            lambda: self.driver.cache.teardown(image, keep_file=keep_cache_file),
             lambda: self.driver.upstream.teardown(image),
         ):
             try:

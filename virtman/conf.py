@@ -76,6 +76,25 @@ default_opts = [
         "'not placeable' until a parent is ready).",
     ),
     cfg.IntOpt(
+        "degraded_retry_min",
+        default=5,
+        min=1,
+        max=3600,
+        help="Seconds before the first retry of an image left degraded at start (its "
+        "stack could not be adopted or rebuilt, e.g. Volt unreachable for longer than "
+        "parent_wait_timeout). The delay doubles after every failed retry, up to "
+        "degraded_retry_max. A degraded image keeps its files, its VMs' disks and what "
+        "still runs of its stack.",
+    ),
+    cfg.IntOpt(
+        "degraded_retry_max",
+        default=300,
+        min=1,
+        max=86400,
+        help="Upper bound, in seconds, of the delay between two retries of a degraded "
+        "image (at least degraded_retry_min).",
+    ),
+    cfg.IntOpt(
         "nbd_reconnect_delay",
         default=3,
         min=1,
@@ -265,6 +284,8 @@ class Settings:
     chap_user: str | None = None
     chap_password: str | None = None
     parent_wait_timeout: float = 600.0
+    degraded_retry_min: float = 5.0
+    degraded_retry_max: float = 300.0
     nbd_reconnect_delay: int = 3
     prefetch_dir: Path | None = None
     prefetch_depth: int = 2
@@ -296,6 +317,8 @@ class Settings:
             chap_user=conf.chap_user,
             chap_password=conf.chap_password,
             parent_wait_timeout=conf.parent_wait_timeout,
+            degraded_retry_min=conf.degraded_retry_min,
+            degraded_retry_max=conf.degraded_retry_max,
             nbd_reconnect_delay=conf.nbd_reconnect_delay,
             prefetch_dir=Path(conf.prefetch_dir) if conf.prefetch_dir else None,
             prefetch_depth=conf.prefetch_depth,
@@ -373,4 +396,6 @@ def settings_from_conf() -> Settings:
     settings = Settings.from_conf(CONF, CONF.host_ip or detect_host_ip())
     if bool(settings.chap_user) != bool(settings.chap_password):
         raise ValueError("set both chap_user and chap_password, or neither")
+    if settings.degraded_retry_max < settings.degraded_retry_min:
+        raise ValueError("degraded_retry_max must be at least degraded_retry_min")
     return settings

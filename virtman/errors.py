@@ -38,3 +38,26 @@ class ImageBuildFailed(VirtmanError):
 class ParentsUnavailable(VirtmanError):
     def __init__(self, image: str, timeout_s: float) -> None:
         super().__init__(f"Volt did not place {image} within {timeout_s:g} s")
+
+
+class JournalCorrupt(VirtmanError):
+    """The journal cannot be read: the daemon must not start (nor overwrite it)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        super().__init__(
+            f"the journal {path} is unreadable: {reason}; it is left untouched and "
+            "virtmanserver does not start (see 'Recovering from a corrupt journal' in "
+            "docs/virtman.rst)"
+        )
+
+
+class DiskExists(VirtmanError):
+    """A disk of that name is on the node without a journal record (kept, never replaced)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"Virtman: a disk for the instance_name '{name}' already exists on this node "
+            "without a record (kept from an earlier run): move it away first"
+        )

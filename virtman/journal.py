@@ -1,27 +1,47 @@
 """What virtman has built, on disk, so that a restart adopts or cleans it.
 
-One JSON document, replaced atomically (write, fsync, rename) on every change.
+One JSON document (mode 0600), replaced atomically and durably on every change
+(``brick.fileio.atomic_write``). A document that cannot be read is never overwritten:
+``Journal`` raises ``JournalCorrupt`` and the daemon does not start (the operator's
+recovery is in docs/virtman.rst).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
+
+from brick.fileio import atomic_write, private_dir
+from virtman.errors import JournalCorrupt
+
+KINDS = ("images", "instances")
 
 
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.data: dict[str, dict[str, Any]] = {"images": {}, "instances": {}}
+        private_dir(path.parent)
+        self.data: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         if path.exists():
-            loaded = json.loads(path.read_text())
-            self.data["images"].update(loaded.get("images", {}))
-            self.data["instances"].update(loaded.get("instances", {}))
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            loaded = json.loads(self.path.read_bytes())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise JournalCorrupt(self.path, f"not JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise JournalCorrupt(self.path, "not a JSON object")
+        for kind in KINDS:
+            section = loaded.get(kind, {})
+            if not isinstance(section, dict) or not all(
+                isinstance(r, dict) for r in section.values()
+            ):
+                raise JournalCorrupt(self.path, f"{kind!r} is not an object of records")
+            self.data[kind].update(section)
 
     def images(self) -> dict[str, dict[str, Any]]:
         with self.lock:
@@ -42,9 +62,4 @@ class Journal:
                 self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True))

@@ -43,12 +43,15 @@ class VoltLink:
         image: str,
         *,
         timeout_s: float,
+        quiet: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> tuple[str, list[Volume]]:
         """Place this node in the image's tree; retries while Volt answers "not placeable"
-        (btree executors) or cannot be reached, until ``timeout_s``."""
+        (btree executors) or cannot be reached, until ``timeout_s``. ``quiet``: failures
+        are debug messages (the caller reports the outcome)."""
         deadline = clock() + timeout_s
         delay = 0.2
+        failures = 0
         while True:
             try:
                 peer_id, parents = self.client.volumes.get(image, host=self.host_ip)
@@ -56,7 +59,10 @@ class VoltLink:
                     return peer_id, parents
                 LOG.info("%s: Volt says not placeable yet, retrying", image)
             except VoltClientError as exc:
-                LOG.warning("%s: Volt query failed: %s", image, exc)
+                failures += 1  # the first failure is a warning; its retries are not news
+                (LOG.warning if failures == 1 and not quiet else LOG.debug)(
+                    "%s: Volt query failed: %s", image, exc
+                )
             if clock() + delay > deadline:
                 raise ParentsUnavailable(image, timeout_s)
             pause(delay)

@@ -108,12 +108,17 @@ def check_result(method: str, raw: object) -> Result:
     raise Failed(method, result.code, result.info)
 
 
+DEGRADED_SUFFIX = ":degraded"
+
+
 @dataclass(frozen=True)
 class Instance:
-    """One entry of ``list()``: a VM instance and the (normalised) image it runs on."""
+    """One entry of ``list()``: a VM instance and the (normalised) image it runs on;
+    ``degraded``: the node keeps the disk but the image's stack is not (fully) up."""
 
     name: str
     image: str
+    degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,8 @@ class ImageTarget:
 
 
 def parse_instance_list(raw: object) -> list[Instance]:
-    """``["<instance>:<image>", ...]`` as :class:`Instance` objects."""
+    """``["<instance>:<image>", ...]`` as :class:`Instance` objects (an entry
+    ``"<instance>:<image>:degraded"`` is an instance of a degraded image)."""
     if not isinstance(raw, list | tuple):
         raise InvalidResponse(f"expected a list of '<instance>:<image>', got {raw!r:.200}")
     instances = []
@@ -134,7 +140,10 @@ def parse_instance_list(raw: object) -> list[Instance]:
         name, sep, image = item.partition(":") if isinstance(item, str) else ("", "", "")
         if not (name and sep and image):
             raise InvalidResponse(f"not an '<instance>:<image>' entry: {item!r:.200}")
-        instances.append(Instance(name, image))
+        degraded = image.endswith(DEGRADED_SUFFIX) and len(image) > len(DEGRADED_SUFFIX)
+        if degraded:
+            image = image[: -len(DEGRADED_SUFFIX)]
+        instances.append(Instance(name, image, degraded))
     return instances
 
 

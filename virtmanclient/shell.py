@@ -67,7 +67,10 @@ def do_destroy(client: Client, args: argparse.Namespace) -> list[str]:
 
 def do_list(client: Client, args: argparse.Namespace) -> list[str]:
     instances = parse_instance_list(client.list())
-    return format_table(("INSTANCE", "IMAGE"), [(i.name, i.image) for i in instances])
+    return format_table(
+        ("INSTANCE", "IMAGE", "STATE"),
+        [(i.name, i.image, "degraded" if i.degraded else "ok") for i in instances],
+    )
 
 
 def do_image_create(client: Client, args: argparse.Namespace) -> list[str]:

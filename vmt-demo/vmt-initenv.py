@@ -21,7 +21,8 @@ What it does, in this order (nothing is written until every check has passed):
 3. refuses to replace an existing ``etc/virtman/virtman.conf`` (or test image) unless
    ``--force`` is given;
 4. creates virtman's directories (state_dir ``/var/lib/virtman`` with ``cache`` and
-   ``instances``, run_dir ``/run/virtman``; mode 0755, existing ones are left alone);
+   ``instances``, run_dir ``/run/virtman``; mode 0700, missing parents 0755, existing ones
+   are left alone);
 5. with ``--test-image NAME:MIB`` (repeatable) writes a file of MIB MiB of random bytes,
    ``/var/lib/virtman/images/NAME.raw``, to export with a line of image.cfg (the original's
    commented-out part made such files under /root/blocks);
@@ -386,15 +387,18 @@ def nearest_existing(path: Path) -> Path:
 
 
 # -- writing -----------------------------------------------------------------------------
-def make_dirs(path: Path) -> list[Path]:
-    """Create ``path`` and its missing parents, mode 0755 whatever the umask; the created."""
+def make_dirs(path: Path, mode: int = 0o755) -> list[Path]:
+    """Create ``path`` with ``mode`` and its missing parents with 0755, whatever the umask;
+    the created."""
     missing = []
+    leaf = path
     while not path.exists():
         missing.append(path)
         path = path.parent
     for directory in reversed(missing):
-        directory.mkdir(mode=0o755)
-        os.chmod(directory, 0o755)  # noqa: S103 (libvirt's qemu user must traverse them)
+        wanted = mode if directory == leaf else 0o755
+        directory.mkdir(mode=wanted)
+        os.chmod(directory, wanted)
     return list(reversed(missing))
 
 
@@ -437,8 +441,8 @@ def run(plan: Plan, out: Any) -> int:
         print(f"{PROG}: nothing was written", file=sys.stderr)
         return 1
     try:
-        for directory in DIRS:
-            report_dirs(make_dirs(plan.under_root(directory)), out)
+        for directory in DIRS:  # virtman's state: its owner's only (docs/security.rst)
+            report_dirs(make_dirs(plan.under_root(directory), 0o700), out)
         for image in plan.images:
             path = plan.under_root(image.path)
             report_dirs(make_dirs(path.parent), out)

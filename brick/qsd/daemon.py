@@ -46,6 +46,7 @@ from typing import Any
 from brick import proc
 from brick.exception import BrickError, Conflict, InvalidArgument, NotFound, Timeout
 from brick.executor import execute
+from brick.fileio import atomic_write
 from brick.qsd.qmp import QMPClient, QMPDisconnected, QMPError
 from brick.wait import wait_until
 
@@ -253,9 +254,7 @@ class StorageDaemon:
         return state
 
     def _save_state(self, state: dict[str, Any]) -> None:
-        tmp = self.statefile.with_name(self.statefile.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        os.replace(tmp, self.statefile)
+        atomic_write(self.statefile, json.dumps(state, indent=1, sort_keys=True))
 
     # -- which process is ours -----------------------------------------------------------
     def _is_ours(self, pid: int) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.drivers import load_driver
+from virtman.errors import JournalCorrupt
 from virtman.imageservice import ImageService
 from virtman.server import Limits, build_server
 
@@ -75,7 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
     driver = load_driver(CONF.driver, settings)
-    virtman = Virtman(settings=settings, driver=driver)
+    try:
+        virtman = Virtman(settings=settings, driver=driver)
+    except JournalCorrupt as exc:
+        LOG.error("virtmanserver: %s", exc)
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
+        raise SystemExit(f"virtmanserver: {exc}") from None
     images = ImageService(
         driver.tgt,  # type: ignore[attr-defined]
         driver.chap,  # type: ignore[attr-defined]

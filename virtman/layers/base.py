@@ -73,7 +73,10 @@ class CacheLayer(Protocol):
         returned device is also the origin that snapshots and the relay read."""
         ...
 
-    def teardown(self, image: str) -> None: ...
+    def teardown(self, image: str, *, keep_file: bool = False) -> None:
+        """Remove the cache; ``keep_file``: leave its file for a rebuild to reuse (a repair
+        of a degraded image; the ``dm`` driver's cache set is shared and has none)."""
+        ...
 
 
 class RelayLayer(Protocol):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from virtman.errors import DiskExists, ParentsUnavailable
 from virtman.layers.base import Device, Endpoint, Relay
 from voltclient.client import Volume
+from voltclient.exceptions import VoltClientError
 
 
 class Layers:
@@ -15,6 +17,7 @@ class Layers:
         self.gate = gate
         self.upstreams: dict[str, list[Endpoint]] = {}
         self.caches: dict[str, Device] = {}
+        self.cache_files: set[str] = set()  # what a qemu cache keeps on disk
         self.relays: dict[str, str] = {}
         self.snapshots: dict[str, str] = {}
         self.readers_of: dict[str, int] = {}
@@ -87,10 +90,13 @@ class _Cache:
         self.s.check("cache")
         device = Device(f"{image}-cache", f"/fake/{image}.raw", upstream.size)
         self.s.caches[image] = device
+        self.s.cache_files.add(image)
         return device
 
-    def teardown(self, image: str) -> None:
+    def teardown(self, image: str, *, keep_file: bool = False) -> None:
         self.s.caches.pop(image, None)
+        if not keep_file:
+            self.s.cache_files.discard(image)
 
 
 class _Relay:
@@ -116,6 +122,8 @@ class _Snapshot:
 
     def ensure(self, instance: str, origin: Device) -> str:
         self.s.check("snapshot")
+        if instance in self.s.snapshots:
+            raise DiskExists(instance)
         self.s.snapshots[instance] = f"/fake/instances/{instance}.qcow2"
         return self.s.snapshots[instance]
 
@@ -139,20 +147,34 @@ class FakeVolt:
         self.parents: dict[str, list[Volume]] = {}
         self.calls: list[tuple[str, ...]] = []
         self.known: dict[str, str] = {}  # peer_id -> image
+        self.down = False  # unreachable: every call fails as the real link's do
 
-    def join(self, image: str, *, timeout_s: float) -> tuple[str, list[Volume]]:
+    def _reach(self, what: str) -> None:
+        if self.down:
+            self.calls.append(("unreachable", what))
+            raise VoltClientError(None, None, f"{what}: connection refused")
+
+    def join(
+        self, image: str, *, timeout_s: float, quiet: bool = False
+    ) -> tuple[str, list[Volume]]:
+        if self.down:
+            self.calls.append(("unreachable", "join"))
+            raise ParentsUnavailable(image, timeout_s)
         peer_id = f"{self.host_ip}:{image}"
         self.calls.append(("join", image))
         self.known[peer_id] = image
         return peer_id, self.parents.get(image, [])
 
     def register(self, image: str, peer_id: str, relay: Relay) -> None:
+        self._reach("register")
         self.calls.append(("register", image, peer_id, relay.nbd or ""))
 
     def leave(self, image: str, peer_id: str) -> None:
+        self._reach("leave")
         self.calls.append(("leave", image, peer_id))
         self.known.pop(peer_id, None)
 
     def heartbeat(self) -> dict[str, list[Volume]]:
+        self._reach("heartbeat")
         self.calls.append(("heartbeat",))
         return {p: self.parents.get(image, []) for p, image in self.known.items()}

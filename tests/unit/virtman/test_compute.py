@@ -11,6 +11,7 @@ import pytest
 from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
 from virtman.compute import Virtman
 from virtman.conf import Settings
+from voltclient.exceptions import VoltClientError
 
 CONN = {
     "target_portal": "10.0.0.1:3260",
@@ -90,6 +91,7 @@ def test_a_failed_create_leaves_nothing_and_frees_the_name(tmp_path, layer) -> N
     assert result.startswith("2:") and f"{layer} broke" in result
     vm.heartbeat()
     assert driver.empty() and vm.list() == []
+    assert not driver.state.cache_files
     assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls
     driver.state.fail.clear()
     assert vm.create("vm1", "img", CONN).startswith("0:")
@@ -187,16 +189,114 @@ def test_restart_adopts_what_is_intact_and_removes_the_rest(tmp_path: Path) -> N
     vm, driver, volt = make(tmp_path)
     vm.create("vm1", "img", CONN)
     vm.create("vm2", "img", CONN)
-    driver.state.snapshots["half"] = "/fake/instances/half.qcow2"  # a create that never ended
+    # a create that never ended: journaled as creating, its disk made, no caller got it
+    vm.journal.put("instances", "half", {"image": "volume-img", "creating": True})
+    driver.state.snapshots["half"] = "/fake/instances/half.qcow2"
     driver.state.upstreams["volume-other"] = []  # a stack whose build was cut short
     vm.close()
     again = Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
     assert again.list() == ["vm1:volume-img", "vm2:volume-img"]
     assert sorted(driver.state.snapshots) == ["vm1", "vm2"]
+    assert "half" not in again.journal.instances()
     assert driver.images() == {"volume-img"}
     assert again.destroy("vm1") == "0:" and again.destroy("vm2") == "0:"
     again.heartbeat()
     assert driver.empty()
+
+
+def test_a_disk_without_a_journal_record_is_kept_and_never_replaced(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    driver.state.snapshots["lost"] = "user data"  # e.g. the journal was restored from a backup
+    vm.close()
+    again = Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    assert again.list() == ["vm1:volume-img"]
+    result = again.create("lost", "img", CONN)
+    assert result.startswith("2:") and "already exists on this node" in result
+    assert driver.state.snapshots["lost"] == "user data"
+    assert again.list() == ["vm1:volume-img"]
+
+
+def test_volt_down_at_restart_keeps_everything_degraded_then_heals(tmp_path: Path) -> None:
+    """issue 10 finding 4: the restart while Volt is away used to drop the VMs' disks."""
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    vm.create("vm2", "img", CONN)
+    vm.close()
+    volt.down = True
+    before = (dict(driver.state.snapshots), dict(driver.state.caches), dict(driver.state.relays))
+    again = Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    assert again.list() == ["vm1:volume-img:degraded", "vm2:volume-img:degraded"]
+    after = (dict(driver.state.snapshots), dict(driver.state.caches), dict(driver.state.relays))
+    assert after == before
+    assert again.journal.images()["volume-img"]["status"] == "degraded"
+    # creates still work on the running stack; the heartbeat (Volt down) tears nothing down
+    assert again.create("vm3", "img", CONN) == "0:/fake/instances/vm3.qcow2"
+    with pytest.raises(VoltClientError):
+        again.heartbeat()
+    assert sorted(driver.state.snapshots) == ["vm1", "vm2", "vm3"]
+    base = again.images["volume-img"]
+    assert base.heal() is False and base.retry.failures == 2
+    volt.down = False
+    assert base.heal() is True
+    assert again.list() == ["vm1:volume-img", "vm2:volume-img", "vm3:volume-img"]
+    assert again.journal.images()["volume-img"]["status"] == "ok"
+    assert ("register", "volume-img", "10.0.0.9:volume-img", "10.0.0.9:10809") in volt.calls[-3:]
+    assert base.retry.remaining() is None
+
+
+def test_a_stack_that_cannot_be_rebuilt_keeps_its_vms_disks(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    vm.create("vm2", "img", CONN)
+    vm.close()
+    driver.state.caches.clear()  # the stack went away while virtman was down ...
+    volt.down = True  # ... and Volt is away
+    again = Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    assert again.list() == ["vm1:volume-img:degraded", "vm2:volume-img:degraded"]
+    assert sorted(driver.state.snapshots) == ["vm1", "vm2"]
+    assert sorted(again.journal.instances()) == ["vm1", "vm2"]
+    assert driver.state.cache_files == {"volume-img"}  # kept for the rebuild to reuse
+    volt.down, driver.state.fail = False, {"relay"}  # a failure after the cache step
+    assert again.images["volume-img"].heal() is False
+    assert driver.state.cache_files == {"volume-img"} and not driver.state.caches
+    volt.down, driver.state.fail = True, set()
+    result = again.create("vm3", "img", CONN)
+    assert result.startswith("2:") and "degraded" in result, result
+    assert again.list() == ["vm1:volume-img:degraded", "vm2:volume-img:degraded"]
+    assert again.destroy("vm2") == "0:"
+    assert sorted(driver.state.snapshots) == ["vm1"]
+    volt.down = False
+    assert again.images["volume-img"].heal() is True
+    assert again.list() == ["vm1:volume-img"]
+    assert "volume-img" in driver.state.caches
+
+
+def test_the_heartbeat_retries_a_degraded_image_in_the_background(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    vm.close()
+    volt.down = True
+    again = Virtman(settings=settings(tmp_path), driver=driver, volt=volt, heartbeat=False)  # type: ignore[arg-type]
+    base = again.images["volume-img"]
+    base.retry.next_at = 0.0  # due now
+    volt.down = False
+    again.heartbeat()
+    deadline = time.monotonic() + 5
+    while base.status != "ok" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert again.list() == ["vm1:volume-img"]
+
+
+def test_losing_volt_at_runtime_tears_nothing_down(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    volt.down = True
+    for _ in range(3):
+        with pytest.raises(VoltClientError):
+            vm.heartbeat()
+    assert vm.list() == ["vm1:volume-img"]
+    assert driver.state.caches and driver.state.relays and driver.state.snapshots
 
 
 def test_a_broken_stack_is_rebuilt_for_its_vms_at_restart(tmp_path: Path) -> None:

@@ -149,6 +149,13 @@ def test_parse_instance_list() -> None:
     assert parse_instance_list([]) == []
 
 
+def test_issue_10_parse_instance_list_reads_the_degraded_state() -> None:
+    assert parse_instance_list(["vm1:volume-a:degraded", "vm2:volume-a"]) == [
+        Instance("vm1", "volume-a", degraded=True),
+        Instance("vm2", "volume-a", degraded=False),
+    ]
+
+
 def test_parse_instance_list_keeps_the_server_s_order_and_splits_at_the_first_colon() -> None:
     assert parse_instance_list(["b:volume-x", "a:volume:odd"]) == [
         Instance("b", "volume-x"),

@@ -118,8 +118,10 @@ def test_writes_the_config_and_the_dirs(tmp_path: Path, capsys: pytest.CaptureFi
         ["etc", "etc/virtman", "etc/virtman/virtman.conf", "var", "var/lib", "run", *DIRS]
     )
     assert mode(config) == 0o600
-    for d in ["etc", "etc/virtman", "var", "var/lib", "run", *DIRS]:
+    for d in ["etc", "etc/virtman", "var", "var/lib", "run"]:
         assert (tmp_path / d).is_dir() and mode(tmp_path / d) == 0o755, d
+    for d in DIRS:  # virtman's state directories (issue 10)
+        assert (tmp_path / d).is_dir() and mode(tmp_path / d) == 0o700, d
     assert config_values(config) == {
         "host_ip": "10.0.0.5",
         "master_ip": "10.0.0.1",
@@ -162,7 +164,7 @@ def test_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
         os.umask(old)
     assert mode(tmp_path / "etc/virtman/virtman.conf") == 0o600
     assert mode(tmp_path / "var/lib/virtman/images/img.raw") == 0o644
-    assert {mode(tmp_path / d) for d in DIRS} == {0o755}
+    assert {mode(tmp_path / d) for d in DIRS} == {0o700}
 
 
 def test_existing_dirs_are_left_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

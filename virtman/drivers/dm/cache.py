@@ -23,12 +23,14 @@ image never sees blocks cached for an old one. Slots in use are read back from t
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from brick.devmapper import Linear, SnapshotOrigin, Table
 from brick.exception import BrickError, CommandFailed, InvalidArgument
+from brick.fileio import FILE_MODE, private_dir
 from brick.wait import wait_until
 from virtman.drivers.dm import bcache
 from virtman.drivers.dm.names import CACHE_SET, ImageNames, uuid_of
@@ -75,9 +77,10 @@ class CacheSet:
         if found:
             return found[0]
         size = self.d.settings.dm_cache_size_mib << 20
-        self.d.settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.d.settings.cache_dir)
         if not self.file.exists() or self.file.stat().st_size != size:
             with open(self.file, "wb") as f:
+                os.fchmod(f.fileno(), FILE_MODE)
                 f.truncate(size)
         return self.d.loops.attach(str(self.file))
 
@@ -251,7 +254,7 @@ class BcacheLayer:
         )
         return Device(n.cached, cached, sectors * 512)
 
-    def teardown(self, image: str) -> None:
+    def teardown(self, image: str, *, keep_file: bool = False) -> None:
         n = ImageNames(image)
         d, sysfs = self.d, self.d.bcache
         for name, kind in ((n.origin, "origin"), (n.cached, "cached")):

@@ -49,6 +49,7 @@ from brick.devmapper import (
     scsi_path_ready,
 )
 from brick.exception import BrickError, CommandFailed, NotFound, PathsUnavailable
+from brick.fileio import FILE_MODE, atomic_write, private_dir
 from brick.iscsi import BY_PATH_DIR, ISCSIConnector, validate_lun
 from brick.lio import LioTargets
 from brick.qsd.daemon import StorageDaemon
@@ -58,6 +59,7 @@ from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import BcacheLayer, CacheSet
 from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapshot_name, uuid_of
 from virtman.drivers.dm.nbd import NbdRelay
+from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay
 
 LOG = logging.getLogger(__name__)
@@ -190,8 +192,12 @@ class DmDriver:
         modules = MODULES + (LIO_MODULES if self.settings.dm_relay == "lio" else ())
         for module in modules:
             self.host.execute(["modprobe", module])
-        for d in (self.settings.instances_dir, self.settings.run_dir / "paths"):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (
+            self.settings.run_dir,
+            self.settings.instances_dir,
+            self.settings.run_dir / "paths",
+        ):
+            private_dir(d)
         if self.tgtd is not None and not self.tgtd.adopt():
             self.tgtd.start()
         self.cacheset.start()
@@ -382,10 +388,8 @@ class DmUpstream:
 
     def _save(self, image: str, endpoints: Sequence[Endpoint]) -> None:
         path = self._file(image)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([e.__dict__ for e in endpoints]))
-        os.replace(tmp, path)
+        private_dir(path.parent)
+        atomic_write(path, json.dumps([e.__dict__ for e in endpoints]))
 
     def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
         n = ImageNames(image)
@@ -579,11 +583,14 @@ class DmSnapshot:
         cow = self._file(instance)
         if d.is_ours(name, SNAPSHOT, instance):
             return f"/dev/mapper/{name}"
+        if cow.exists():  # an earlier run's disk (e.g. before a reboot): never overwritten
+            raise DiskExists(instance)
         for loop in d.loops.find(str(cow)):  # a create that died half way
             d.loops.detach(loop)
         size = origin.size * d.settings.dm_cow_percent // 100 + (8 << 20)
         cow.parent.mkdir(parents=True, exist_ok=True)
         with open(cow, "wb") as f:  # a new, all-zero COW: a fresh snapshot store
+            os.fchmod(f.fileno(), FILE_MODE)
             f.truncate(size)
         loop = None
         try:

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
+from brick.fileio import FILE_MODE, atomic_write, fsync_dir, private_dir
 from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon
 from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
+from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay
 
 LOG = logging.getLogger(__name__)
@@ -44,9 +46,9 @@ class QemuDriver:
         self.settings = settings
         self.host = settings.host_ip
         for d in (settings.cache_dir, settings.instances_dir, settings.run_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
         for sub in ("exports", "paths"):
-            (settings.run_dir / sub).mkdir(exist_ok=True)
+            private_dir(settings.run_dir / sub)
         self.qsd = StorageDaemon("virtman-qsd", settings.run_dir)
         self.tgtd = TgtDaemon(
             settings.tgt_control_port,
@@ -198,9 +200,7 @@ class QemuUpstream:
         return [Endpoint(**e) for e in json.loads(path.read_text())]
 
     def _save(self, n: ImageNames, endpoints: list[Endpoint]) -> None:
-        tmp = n.paths_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([e.__dict__ for e in endpoints]))
-        os.replace(tmp, n.paths_file)
+        atomic_write(n.paths_file, json.dumps([e.__dict__ for e in endpoints]))
 
     def teardown(self, image: str) -> None:
         n = self.d.names(image)
@@ -223,13 +223,14 @@ class QemuCache:
         present = qsd.nodes()
         if n.cache not in present:
             qsd.add_qcow2_cache(n.cache, n.cache_file, upstream.name, upstream.size)
+            os.chmod(n.cache_file, FILE_MODE)  # the image's bytes: not for other users
         if n.cor not in present:
             qsd.add_copy_on_read(n.cor, n.cache)
         if n.fuse_export not in {e.id for e in qsd.exports()}:
             qsd.export_fuse(n.fuse_export, n.cor, n.fuse_file)
         return Device(n.cor, str(n.fuse_file), upstream.size)
 
-    def teardown(self, image: str) -> None:
+    def teardown(self, image: str, *, keep_file: bool = False) -> None:
         n = self.d.names(image)
         qsd = self.d.qsd
         if n.fuse_export in {e.id for e in qsd.exports()}:
@@ -239,7 +240,8 @@ class QemuCache:
             if node in present:
                 qsd.delete_node(node)
         n.fuse_file.unlink(missing_ok=True)
-        n.cache_file.unlink(missing_ok=True)
+        if not keep_file:
+            n.cache_file.unlink(missing_ok=True)
 
 
 class QemuRelay:
@@ -286,11 +288,17 @@ class QemuSnapshot:
 
     def ensure(self, instance: str, origin: Device) -> str:
         path = self._file(instance)
+        if path.exists():  # an earlier run's disk without a record: never overwritten
+            raise DiskExists(instance)
         tmp = path.with_suffix(".part")
         execute(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", origin.path, str(tmp)]
         )
+        os.chmod(tmp, FILE_MODE)  # the VM's writes: its owner's only
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
         return str(path)
 
     def teardown(self, instance: str) -> None:
