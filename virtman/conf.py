@@ -7,6 +7,7 @@ the parsed options into one frozen object handed to it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,11 @@ from pathlib import Path
 
 from oslo_config import cfg
 
+from brick.exception import InvalidArgument
+from brick.psk import read as read_psk
+
 CONF = cfg.CONF
+LOG = logging.getLogger(__name__)
 
 default_opts = [
     cfg.HostAddressOpt(
@@ -73,8 +78,34 @@ default_opts = [
         help="tgtd's control port (tgtadm -C); distinct per tgtd on one machine.",
     ),
     cfg.StrOpt("iqn_prefix", default="iqn.2010-10.org.openstack:", help="IQN of images."),
-    cfg.StrOpt("chap_user", help="CHAP user of every image and relay target (with password)."),
-    cfg.StrOpt("chap_password", secret=True, help="CHAP password (12-64 characters)."),
+    # -- data plane authentication (iSCSI CHAP, NBD TLS-PSK) --------------------------------
+    cfg.StrOpt(
+        "chap_user",
+        help="CHAP user of every image and relay target (with chap_password); readers log "
+        "in with it. Required unless insecure_targets. The same on every node of a cluster.",
+    ),
+    cfg.StrOpt(
+        "chap_password",
+        secret=True,
+        help="CHAP password (12-64 printable characters, no spaces). Required unless "
+        "insecure_targets.",
+    ),
+    cfg.StrOpt(
+        "nbd_psk_file",
+        help="Pre-shared key of the NBD relays, in QEMU's keys.psk format (lines "
+        "identity:hexkey, the first line's identity is presented; mode 0600). NBD exports "
+        "then require TLS with this key and NBD paths to parents present it. The same file "
+        "on every node of a cluster. Required (qemu driver, or dm with dm_nbd_relay) unless "
+        "insecure_targets.",
+    ),
+    cfg.BoolOpt(
+        "insecure_targets",
+        default=False,
+        help="Allow serving iSCSI targets without CHAP and NBD exports without TLS when "
+        "chap_user/chap_password or nbd_psk_file are unset: anyone who reaches the ports "
+        "then reads every exported image. Logged as a WARNING at every start. Credentials "
+        "that are set are always used.",
+    ),
     cfg.IntOpt(
         "parent_wait_timeout",
         default=600,
@@ -187,6 +218,8 @@ class Settings:
     iqn_prefix: str = "iqn.2010-10.org.openstack:"
     chap_user: str | None = None
     chap_password: str | None = None
+    nbd_psk_file: Path | None = None
+    insecure_targets: bool = False
     parent_wait_timeout: float = 600.0
     nbd_reconnect_delay: int = 3
     prefetch_dir: Path | None = None
@@ -218,6 +251,8 @@ class Settings:
             iqn_prefix=conf.iqn_prefix,
             chap_user=conf.chap_user,
             chap_password=conf.chap_password,
+            nbd_psk_file=Path(conf.nbd_psk_file) if conf.nbd_psk_file else None,
+            insecure_targets=conf.insecure_targets,
             parent_wait_timeout=conf.parent_wait_timeout,
             nbd_reconnect_delay=conf.nbd_reconnect_delay,
             prefetch_dir=Path(conf.prefetch_dir) if conf.prefetch_dir else None,
@@ -294,6 +329,35 @@ def detect_host_ip() -> str:
 def settings_from_conf() -> Settings:
     """``Settings`` from the parsed ``CONF``; ``ValueError`` if they do not hold together."""
     settings = Settings.from_conf(CONF, CONF.host_ip or detect_host_ip())
+    check_data_plane(settings, CONF.driver)
+    return settings
+
+
+def check_data_plane(settings: Settings, driver: str) -> None:
+    """Refuse (``ValueError``) a node that would serve unauthenticated targets or NBD
+    exports without ``insecure_targets``; with it, log a WARNING naming what is open."""
     if bool(settings.chap_user) != bool(settings.chap_password):
         raise ValueError("set both chap_user and chap_password, or neither")
-    return settings
+    if settings.nbd_psk_file is not None:
+        try:
+            read_psk(settings.nbd_psk_file)
+        except InvalidArgument as exc:
+            raise ValueError(str(exc)) from None
+    serves_nbd = driver == "qemu" or (driver == "dm" and settings.dm_nbd_relay)
+    missing: list[tuple[str, str]] = []
+    if not settings.chap_user:
+        missing.append(("chap_user/chap_password", "iSCSI targets without CHAP"))
+    if serves_nbd and settings.nbd_psk_file is None:
+        missing.append(("nbd_psk_file", "NBD exports without TLS"))
+    if not missing:
+        return
+    if not settings.insecure_targets:
+        options = " and ".join(option for option, _ in missing)
+        raise ValueError(
+            f"refusing to serve unauthenticated targets: set {options} (vmt-initenv.py "
+            "generates them), or insecure_targets = true to serve them without"
+        )
+    LOG.warning(
+        "insecure_targets = true: serving %s; anyone who reaches this node reads its images",
+        " and ".join(what for _, what in missing),
+    )

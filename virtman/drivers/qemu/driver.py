@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from brick import psk
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
 from brick.proc import established_connections
@@ -30,6 +31,9 @@ from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
 from virtman.layers.base import Device, Endpoint, Relay
 
 LOG = logging.getLogger(__name__)
+
+PSK_SERVER = "vmt-nbd-psk-server"  # the NBD server's tls-creds-psk object
+PSK_CLIENT = "vmt-nbd-psk-client"  # the one NBD paths to parents present
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -59,6 +63,7 @@ class QemuDriver:
             if settings.chap_user and settings.chap_password
             else None
         )
+        self.nbd_tls: str | None = None  # the client credentials NBD paths present
         self.upstream = QemuUpstream(self)
         self.cache = QemuCache(self)
         self.relay = QemuRelay(self)
@@ -73,8 +78,35 @@ class QemuDriver:
             self.qsd.start()
         if not self.tgtd.adopt():
             self.tgtd.start()
-        if self.settings.nbd_port:
-            self.qsd.start_nbd_server(self.host, self.settings.nbd_port)
+        self._start_nbd()
+
+    def _start_nbd(self) -> None:
+        """The NBD credentials (adopted after a restart) and the NBD server, with TLS when
+        ``nbd_psk_file`` is set; what this call added is removed if the server fails."""
+        s = self.settings
+        added: list[str] = []
+        server_creds = None
+        try:
+            if s.nbd_psk_file is not None:
+                directory, identity = psk.install(s.nbd_psk_file, s.run_dir / "nbd-psk")
+                if self.qsd.add_tls_psk(
+                    PSK_CLIENT, directory, endpoint="client", username=identity
+                ):
+                    added.append(PSK_CLIENT)
+                self.nbd_tls = PSK_CLIENT
+                if s.nbd_port:
+                    if self.qsd.add_tls_psk(PSK_SERVER, directory, endpoint="server"):
+                        added.append(PSK_SERVER)
+                    server_creds = PSK_SERVER
+            if s.nbd_port:
+                self.qsd.start_nbd_server(self.host, s.nbd_port, tls_creds=server_creds)
+        except BaseException:
+            for obj in added:
+                try:
+                    self.qsd.delete_object(obj)
+                except BrickError as exc:
+                    LOG.warning("could not remove TLS credentials %s: %s", obj, exc)
+            raise
 
     def stop(self) -> None:
         """Stop qemu-storage-daemon, and tgtd unless it still exports image targets."""
@@ -171,7 +203,12 @@ class QemuUpstream:
         if endpoint.nbd:
             host, port = _split(endpoint.nbd)
             qsd.add_nbd(
-                node, host, port, image, reconnect_delay=self.d.settings.nbd_reconnect_delay
+                node,
+                host,
+                port,
+                image,
+                reconnect_delay=self.d.settings.nbd_reconnect_delay,
+                tls_creds=self.d.nbd_tls,
             )
             return
         chap = self.d.chap
