@@ -39,7 +39,9 @@ def parse(text: str) -> list[str]:
         m = _LINE.fullmatch(line.strip())
         if m is None or len(m.group(2)) % 2:
             raise InvalidArgument(
-                "psk file", f"line {number}", "must be identity:hexkey (32+ hex digits)"
+                "psk file",
+                f"line {number}",
+                f"line {number} must be identity:hexkey (32+ hex digits)",
             )
         identities.append(m.group(1))
     if not identities:
@@ -64,7 +66,10 @@ def read(path: str | os.PathLike[str]) -> tuple[str, str]:
             "nbd_psk_file", str(path), f"is mode {info.st_mode & 0o777:04o}: must be 0600"
         )
     text = path.read_text()
-    return text, parse(text)[0]
+    try:
+        return text, parse(text)[0]
+    except InvalidArgument as exc:
+        raise InvalidArgument("nbd_psk_file", str(path), exc.rule) from None
 
 
 def install(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> tuple[Path, str]:

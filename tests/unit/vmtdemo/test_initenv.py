@@ -195,6 +195,47 @@ def test_existing_dirs_are_left_alone(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"created {state}/cache/\n" in out
 
 
+def test_a_given_nbd_key_is_copied_and_an_existing_one_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = tmp_path / "cluster.psk"
+    given.write_text("cluster:" + "ab" * 32 + "\n")
+    given.chmod(0o600)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert initenv.main(args(root, "--nbd-psk-file", str(given))) == 0
+    key_file = root / "etc/virtman/nbd.psk"
+    assert key_file.read_text() == given.read_text() and mode(key_file) == 0o600
+    out = capsys.readouterr().out
+    assert f"wrote {key_file} (mode 0600) from {given}, identity cluster" in out.splitlines()
+    assert "ab" * 32 not in out
+    # a second run (--force, no key given) keeps the cluster's key: nodes must share it
+    assert initenv.main(args(root, "--force")) == 0
+    assert key_file.read_text() == given.read_text()
+    assert f"kept {key_file}, identity cluster" in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("text", "file_mode", "rule"),
+    [
+        ("k:" + "ab" * 32 + "\n", 0o644, "is mode 0644: must be 0600"),
+        ("k:abc\n", 0o600, "line 1 must be identity:hexkey (32+ hex digits)"),
+    ],
+)
+def test_a_bad_nbd_key_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, file_mode: int, rule: str
+) -> None:
+    given = tmp_path / "bad.psk"
+    given.write_text(text)
+    given.chmod(file_mode)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert initenv.main(args(root, "--nbd-psk-file", str(given))) == 2
+    assert tree(root) == []
+    err = capsys.readouterr().err
+    assert f"{PROG}: error: --nbd-psk-file {str(given)!r}: {rule}" in err.splitlines()
+
+
 def test_api_token_and_chap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = ["--api-token", "rpc-token", "--chap-user", "vmt", "--chap-password", CHAP_PASSWORD]
     assert initenv.main(args(tmp_path, *extra)) == 0
