@@ -97,6 +97,14 @@ def install(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -
     return directory, identity
 
 
+def uninstall(directory: str | os.PathLike[str]) -> None:
+    """Remove what ``install`` made: ``<directory>/keys.psk`` and the directory if empty."""
+    directory = Path(directory)
+    (directory / FILENAME).unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        directory.rmdir()
+
+
 def write_new(path: str | os.PathLike[str], identity: str) -> None:
     """Write a new key file (mode 0600) with one random key for ``identity``; refuses to
     replace an existing file."""

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,11 @@ from brick.qsd.daemon import StorageDaemon
 from brick.qsd.qmp import QMPError
 from brick.tgt import TgtAdm
 from tests.functional.clusterfixtures import IMAGE, TGT_BASE, cluster_factory, write_image
+from tests.functional.test_dm_nbd_relay import device
+from tests.unit.virtman.test_compute import settings as unit_settings
+from virtman.drivers.dm.nbd import NbdRelay
 
-__all__ = ["cluster_factory"]  # the fixture, used by name
+__all__ = ["cluster_factory", "device"]  # fixtures, used by name
 
 REPO = Path(__file__).resolve().parents[2]
 IDENTITY = "vmthunder"
@@ -141,6 +145,45 @@ def test_issue_10_qsd_nbd_paths_present_the_key_and_credentials_are_adopted(
     assert server.adopt()
 
 
+# -- the dm driver's NBD relay (a loop device standing in for cached_<image>) ---------------
+def test_issue_10_the_dm_nbd_relay_serves_only_holders_of_the_key(
+    tmp_path: Path, device: tuple[str, bytes]
+) -> None:
+    key = key_file(tmp_path / "keys")
+    base = unit_settings(tmp_path / "state", host_ip="127.0.0.1")
+    settings = replace(
+        base, run_dir=tmp_path / "run", nbd_port=free_port(), dm_nbd_relay=True, nbd_psk_file=key
+    )
+    path, data = device
+    relay = NbdRelay(settings)
+    try:
+        relay.start()
+        address = relay.export("volume-dm1", path)
+        port = settings.nbd_port
+        assert address == f"127.0.0.1:{port}"
+        plain = run(["nbdinfo", "--list", f"nbd://127.0.0.1:{port}"])
+        assert plain.exit_code != 0 and "volume-dm1" not in plain.stdout, plain
+        wrong = run(["nbdinfo", "--list", nbds(port, key_file(tmp_path / "wrong"))])
+        assert wrong.exit_code != 0 and "volume-dm1" not in wrong.stdout, wrong
+        out = tmp_path / "dm.raw"
+        assert run(["nbdcopy", nbds(port, key, "volume-dm1"), str(out)]).exit_code == 0
+        assert out.read_bytes() == data
+        # a restarted virtman adopts the daemon, its credentials and its TLS server
+        pid = relay.qsd.pid
+        relay.qsd.detach()
+        relay = NbdRelay(settings)
+        relay.start()
+        assert relay.qsd.pid == pid and relay.exported("volume-dm1")
+        again = tmp_path / "again.raw"
+        assert run(["nbdcopy", nbds(port, key, "volume-dm1"), str(again)]).exit_code == 0
+        assert again.read_bytes() == data
+        relay.unexport("volume-dm1")
+        relay.stop()  # exports nothing: the daemon goes, and the copy of the key with it
+        assert sorted(p.name for p in settings.run_dir.iterdir()) == []
+    finally:
+        relay.qsd.stop()
+
+
 # -- a node's relay and the image server, in a LocalCluster -----------------------------------
 def test_issue_10_a_node_serves_iscsi_only_with_chap_and_nbd_only_with_the_key(
     cluster_factory, tmp_path: Path
@@ -174,7 +217,8 @@ def test_issue_10_a_node_serves_iscsi_only_with_chap_and_nbd_only_with_the_key(
             assert "Failed to log in to target. Status: Authentication failure" in info.stderr
             portal = url.rpartition("/")[0].rpartition("/")[0] + "/"
             listed = ctl_run(["iscsi-ls", "-s", portal], env)
-            assert "Lun:" not in listed.stdout, listed.stdout  # no session, no LUN listed
+            assert "Lun:" not in listed.stdout, listed.stdout  # discovery, but no login
+            assert "Status: Authentication failure" in listed.stdout, listed.stdout
         out = tmp_path / f"read-{len(url)}.raw"
         read = ctl_run(["qemu-img", "convert", "-O", "raw", url, str(out)], right)
         assert read.exit_code == 0, read.stderr

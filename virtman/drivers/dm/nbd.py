@@ -126,6 +126,7 @@ class NbdRelay:
         with self._lock:
             if not self.qsd.running() or not self._ours():
                 self.qsd.stop()
+                psk.uninstall(self.psk_dir)
             else:
                 self.qsd.detach()
 
@@ -167,6 +168,7 @@ class NbdRelay:
             if self.qsd.running() and not self._ours():
                 LOG.info("NBD relay daemon %s exports nothing: stopping it", DAEMON)
                 self.qsd.stop()
+                psk.uninstall(self.psk_dir)
 
     def clients(self) -> int:
         """NBD connections to this node; they cannot be told apart by export."""

@@ -64,6 +64,7 @@ class QemuDriver:
             else None
         )
         self.nbd_tls: str | None = None  # the client credentials NBD paths present
+        self.psk_dir = settings.run_dir / "nbd-psk"  # QEMU's copy of nbd_psk_file
         self.upstream = QemuUpstream(self)
         self.cache = QemuCache(self)
         self.relay = QemuRelay(self)
@@ -88,7 +89,7 @@ class QemuDriver:
         server_creds = None
         try:
             if s.nbd_psk_file is not None:
-                directory, identity = psk.install(s.nbd_psk_file, s.run_dir / "nbd-psk")
+                directory, identity = psk.install(s.nbd_psk_file, self.psk_dir)
                 if self.qsd.add_tls_psk(
                     PSK_CLIENT, directory, endpoint="client", username=identity
                 ):
@@ -109,8 +110,10 @@ class QemuDriver:
             raise
 
     def stop(self) -> None:
-        """Stop qemu-storage-daemon, and tgtd unless it still exports image targets."""
+        """Stop qemu-storage-daemon (and drop its copy of the NBD key), and tgtd unless it
+        still exports image targets."""
         self.qsd.stop()
+        psk.uninstall(self.psk_dir)
         if not self.tgt.targets():
             self.tgtd.stop()
 
