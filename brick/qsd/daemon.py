@@ -904,6 +904,27 @@ class StorageDaemon:
         """``host:port`` of the running NBD server, or None."""
         return self._load_state()["nbd_server"]
 
+    def stop_nbd_server_unless_tls(self, tls_creds: str | None) -> bool:
+        """Stop the NBD server if it runs with other TLS credentials than ``tls_creds``
+        (e.g. plain, started before a key was configured), so that ``start_nbd_server``
+        starts it again with them. Its exports go with it (re-export them) and its clients
+        are cut off. Returns whether it stopped one."""
+        if tls_creds is not None:
+            tls_creds = validate_node_name(tls_creds, "tls_creds")
+        with self._lock:
+            state = self._load_state()
+            if state["nbd_server"] is None or state.get("nbd_tls") == tls_creds:
+                return False
+            LOG.warning(
+                "qemu-storage-daemon %s: NBD server on %s runs with %s, not %s: restarting it",
+                self.name,
+                state["nbd_server"],
+                state.get("nbd_tls") or "no TLS",
+                tls_creds or "no TLS",
+            )
+            self.stop_nbd_server()
+            return True
+
     def export_nbd(self, export_id: str, node: str, name: str, *, writable: bool = False) -> None:
         """Export ``node`` as NBD export ``name`` (``start_nbd_server`` first)."""
         export_id = validate_node_name(export_id, "export_id")

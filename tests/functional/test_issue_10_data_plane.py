@@ -27,7 +27,13 @@ from brick.executor import Result, execute
 from brick.qsd.daemon import StorageDaemon
 from brick.qsd.qmp import QMPError
 from brick.tgt import TgtAdm
-from tests.functional.clusterfixtures import IMAGE, TGT_BASE, cluster_factory, write_image
+from tests.functional.clusterfixtures import (
+    IMAGE,
+    TGT_BASE,
+    cluster_factory,
+    disk_matches,
+    write_image,
+)
 from tests.functional.test_dm_nbd_relay import device
 from tests.unit.virtman.test_compute import settings as unit_settings
 from virtman.drivers.dm.nbd import NbdRelay
@@ -141,6 +147,10 @@ def test_issue_10_qsd_nbd_paths_present_the_key_and_credentials_are_adopted(
         again.start_nbd_server("127.0.0.1", port)  # the same address without TLS: refused
     with pytest.raises(Conflict, match="TLS credentials"):
         again.add_tls_psk("psk-srv", wrong.parent, endpoint="server")
+    assert again.stop_nbd_server_unless_tls("psk-srv") is False
+    assert again.nbd_server == f"127.0.0.1:{port}"
+    assert again.stop_nbd_server_unless_tls(None) is True  # wanted plain: stopped
+    assert again.nbd_server is None and again.exports() == []
     again.detach()
     assert server.adopt()
 
@@ -242,6 +252,47 @@ def test_issue_10_a_node_serves_iscsi_only_with_chap_and_nbd_only_with_the_key(
     copy = ctl_run(["qemu-img", "convert", *source, "-O", "raw", str(out)])
     assert copy.exit_code == 0, copy.stderr
     assert out.read_bytes() == image_file.read_bytes()
+
+
+def test_issue_10_a_node_restarted_with_a_key_serves_its_relay_over_tls_only(
+    cluster_factory, tmp_path: Path
+) -> None:
+    """Upgrade: a node ran with plain NBD (insecure_targets); virtmanserver is killed, the
+    cluster's key is configured, and the restarted node (adopting its daemons and its VM)
+    serves the relay over TLS only; the VM's disk still reads the image."""
+    cluster = cluster_factory(1, nbd_tls=False)
+    image_file = cluster.workdir / "image1.raw"
+    write_image(image_file, 8)
+    cluster.rpc("img", "create_image_target", "image1", str(image_file), None, None)
+    created = cluster.rpc("n1", "create", "vm1", "image1", cluster.connection(IMAGE))
+    assert created.startswith("0:"), created
+    ctl = cluster.hosts["ctl"]
+    n1 = cluster.hosts["n1"].address
+    listed = ctl.run(["nbdinfo", "--list", f"nbd://{n1}:10809"], check_exit_code=False)
+    assert f'export="{IMAGE}"' in listed.stdout, listed  # plain NBD: anyone lists it
+
+    cluster.daemons["n1"].kill9()  # qemu-storage-daemon and tgtd stay
+    key = cluster.workdir / "nbd-psk" / psk.FILENAME
+    key.parent.mkdir(mode=0o700)
+    psk.write_new(key, cluster.psk_identity)
+    cluster.psk_file = key
+    cluster.start_virtman("n1")
+    cluster.wait_for(lambda: cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"], "vm1 adopted")
+    plain = ctl.run(["nbdinfo", "--list", f"nbd://{n1}:10809"], check_exit_code=False)
+    assert plain.exit_code != 0 and IMAGE not in plain.stdout, plain
+    cluster.wait_for(
+        lambda: (
+            f'export="{IMAGE}"'
+            in ctl.run(
+                ["nbdinfo", "--list", nbds(10809, key, host=n1)], check_exit_code=False
+            ).stdout
+        ),
+        "the relay's export back, over TLS",
+    )
+    disk = created.partition(":")[2]
+    assert disk_matches(disk, image_file)
+    log = (cluster.node_dir("n1") / "virtman.log").read_text()
+    assert "runs with no TLS, not vmt-nbd-psk-server: restarting it" in log
 
 
 # -- virtmanserver: no CHAP and no key means no start, unless insecure_targets ---------------

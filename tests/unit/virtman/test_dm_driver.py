@@ -871,6 +871,12 @@ class FakeQsd:
         self.server = f"{host}:{port}"
         self.tls = tls_creds
 
+    def stop_nbd_server_unless_tls(self, tls_creds: str | None) -> bool:
+        if self.server is None or self.tls == tls_creds:
+            return False
+        self.server, self.tls, self.exported = None, None, {}
+        return True
+
     def add_tls_psk(self, obj_id: str, psk_dir: Path, *, endpoint: str, username: str = "") -> bool:
         wanted = (str(psk_dir), endpoint, username)
         if obj_id in self.objects:

@@ -95,6 +95,8 @@ class NbdRelay:
                     directory, _ = psk.install(self.psk_file, self.psk_dir)
                     added = self.qsd.add_tls_psk(PSK_SERVER, directory, endpoint="server")
                     creds = PSK_SERVER
+                # exported again as the relays are adopted (DmRelay.ensure)
+                self.qsd.stop_nbd_server_unless_tls(creds)
                 self.qsd.start_nbd_server(self.host, self.port, tls_creds=creds)
             except BaseException:
                 if added:

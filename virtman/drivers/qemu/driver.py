@@ -100,6 +100,9 @@ class QemuDriver:
                         added.append(PSK_SERVER)
                     server_creds = PSK_SERVER
             if s.nbd_port:
+                # a daemon adopted from before the key (or with another) serves its exports
+                # again once their images are adopted (relay.ensure)
+                self.qsd.stop_nbd_server_unless_tls(server_creds)
                 self.qsd.start_nbd_server(self.host, s.nbd_port, tls_creds=server_creds)
         except BaseException:
             for obj in added:
