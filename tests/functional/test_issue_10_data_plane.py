@@ -295,6 +295,41 @@ def test_issue_10_a_node_restarted_with_a_key_serves_its_relay_over_tls_only(
     assert "runs with no TLS, not vmt-nbd-psk-server: restarting it" in log
 
 
+def test_issue_10_a_rotated_key_is_served_next_to_the_old_one(
+    cluster_factory, tmp_path: Path
+) -> None:
+    """Rotation, step by step (docs/security.rst): the new key added as a second line, then
+    moved first; each time the restarted node adopts its daemons and accepts both keys."""
+    cluster = cluster_factory(1)
+    image_file = cluster.workdir / "image1.raw"
+    write_image(image_file, 8)
+    cluster.rpc("img", "create_image_target", "image1", str(image_file), None, None)
+    created = cluster.rpc("n1", "create", "vm1", "image1", cluster.connection(IMAGE))
+    assert created.startswith("0:"), created
+    ctl = cluster.hosts["ctl"]
+    n1 = cluster.hosts["n1"].address
+    old = cluster.psk_file.read_text()
+    new = psk.make_line("vmthunder-2")
+    new_only = tmp_path / "new" / psk.FILENAME
+    new_only.parent.mkdir(mode=0o700)
+    new_only.write_text(new)
+    new_only.chmod(0o600)
+
+    def lists(key: Path, identity: str) -> bool:
+        url = nbds(10809, key, host=n1).replace(f"{IDENTITY}@", f"{identity}@")
+        listed = ctl.run(["nbdinfo", "--list", url], check_exit_code=False)
+        return f'export="{IMAGE}"' in listed.stdout
+
+    assert not lists(new_only, "vmthunder-2")
+    for text in (old + new, new + old):
+        cluster.psk_file.write_text(text)
+        cluster.daemons["n1"].stop()  # with a VM: the stack and its daemons stay up
+        cluster.start_virtman("n1")
+        cluster.wait_for(lambda: cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"], "vm1 adopted")
+        assert lists(cluster.psk_file, IDENTITY) and lists(new_only, "vmthunder-2"), text
+    assert disk_matches(created.partition(":")[2], image_file)
+
+
 # -- virtmanserver: no CHAP and no key means no start, unless insecure_targets ---------------
 def node_config(tmp_path: Path, extra: str) -> Path:
     conf = tmp_path / "virtman.conf"

@@ -14,6 +14,7 @@ is used for image servers (and parents without NBD, e.g. ``dm`` nodes).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,12 @@ from virtman.layers.base import Device, Endpoint, Relay
 LOG = logging.getLogger(__name__)
 
 PSK_SERVER = "vmt-nbd-psk-server"  # the NBD server's tls-creds-psk object
-PSK_CLIENT = "vmt-nbd-psk-client"  # the one NBD paths to parents present
+
+
+def psk_client_id(identity: str) -> str:
+    """The tls-creds-psk object NBD paths present: one per identity, so that a key rotated
+    to a new identity gets a new object while paths made before keep the old one."""
+    return "vmt-nbd-psk-c" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -90,11 +96,10 @@ class QemuDriver:
         try:
             if s.nbd_psk_file is not None:
                 directory, identity = psk.install(s.nbd_psk_file, self.psk_dir)
-                if self.qsd.add_tls_psk(
-                    PSK_CLIENT, directory, endpoint="client", username=identity
-                ):
-                    added.append(PSK_CLIENT)
-                self.nbd_tls = PSK_CLIENT
+                client = psk_client_id(identity)
+                if self.qsd.add_tls_psk(client, directory, endpoint="client", username=identity):
+                    added.append(client)
+                self.nbd_tls = client
                 if s.nbd_port:
                     if self.qsd.add_tls_psk(PSK_SERVER, directory, endpoint="server"):
                         added.append(PSK_SERVER)
