@@ -7,6 +7,7 @@ the parsed options into one frozen object handed to it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Sequence
@@ -333,11 +334,24 @@ def settings_from_conf() -> Settings:
     return settings
 
 
+def _is_unspecified(host: str) -> bool:
+    """0.0.0.0 or ::; a host name is not (whoever connects resolves it)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def check_data_plane(settings: Settings, driver: str) -> None:
     """Refuse (``ValueError``) a node that would serve unauthenticated targets or NBD
     exports without ``insecure_targets``; with it, log a WARNING naming what is open."""
     if bool(settings.chap_user) != bool(settings.chap_password):
         raise ValueError("set both chap_user and chap_password, or neither")
+    if _is_unspecified(settings.host_ip):
+        raise ValueError(
+            f"host_ip {settings.host_ip} is not an address: the targets and the NBD server "
+            "listen on host_ip, set this node's own address"
+        )
     if settings.nbd_psk_file is not None:
         try:
             read_psk(settings.nbd_psk_file)

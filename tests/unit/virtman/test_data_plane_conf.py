@@ -138,3 +138,10 @@ def test_write_new_makes_a_random_256_bit_key_and_never_replaces(tmp_path: Path)
     other = tmp_path / "o.psk"
     psk.write_new(other, "vmthunder")
     assert other.read_text() != text
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_issue_10_targets_never_listen_on_every_address(secure: Settings, host: str) -> None:
+    with pytest.raises(ValueError, match=f"^host_ip {host} is not an address"):
+        check_data_plane(replace(secure, host_ip=host, insecure_targets=True), "qemu")
+    check_data_plane(replace(secure, host_ip="node1.example"), "qemu")  # a name is fine
