@@ -18,7 +18,13 @@ One run, one ``LocalCluster`` (``vmt-demo/cluster.py``) with one compute node ``
        overlay (overlay -> FUSE export -> copy-on-read -> qcow2 cache -> quorum -> iSCSI
        -> image server) with the node's cache empty;
    ``warm``
-       the same reads again: the cache now holds every block read.
+       the same reads again: the cache now holds every block read;
+   ``relay``
+       the node's NBD relay of the image (its warm stack) read from ``ctl`` with
+       ``qemu-img dd`` / ``qemu-io`` on the NBD server, with TLS and the cluster's
+       pre-shared key (``--nbd-tls on``, a node's default: ``tls-creds-psk``) or plain
+       (``--nbd-tls off``: the nodes run with ``insecure_targets``). Compare two runs to
+       see what TLS costs on the NBD hop between nodes.
 
    ``seq`` reads the whole image with ``qemu-img dd bs=--block-kib`` (one synchronous read
    at a time) into a file on tmpfs, whose sha256 must equal the image's. ``rand`` sends
@@ -35,10 +41,10 @@ file from the image server's disk, and ``warm`` reads the node's cache file from
 Figures are MB/s (10^6 bytes per second) over the tool's wall time minus its open cost
 (the fastest of three runs that read 512 bytes, measured after the passes). Each pass also
 records what the image server sent (``tx_bytes`` of ``img``): a cold or direct pass must
-fetch at least 95 % of what it reads from it, a warm pass almost nothing, and a cache file
-must be empty before its cold pass; otherwise the run fails. The last line is::
+fetch at least 95 % of what it reads from it, a warm or relay pass almost nothing, and a
+cache file must be empty before its cold pass; otherwise the run fails. The last line is::
 
-    stack_read: cold <x> warm <y> direct <z> MB/s
+    stack_read: cold <x> warm <y> direct <z> relay <r> MB/s (NBD TLS on|off)
 
 (the sequential figures). The exit status is non-zero on a data mismatch or a failed
 check. Every packet goes between namespaces the run created (``direct`` runs inside
@@ -82,6 +88,7 @@ WARM_MAX_UPSTREAM = 0.05  # a warm pass fetches at most this share (+ WARM_SLACK
 WARM_SLACK = 1 * MiB  # heartbeats and iSCSI keep-alives
 EMPTY_CACHE_MAX = 1 * MiB  # a qcow2 cache file with no data is ~200 KiB of metadata
 OPEN_RUNS = 3
+NBD_PORT = 10809  # a node's nbd_port (the default)
 MARKER = ".stack_read"  # the work directory is emptied only if it holds this file
 SHM, SHM_PREFIX = "/dev/shm", "stack_read-"  # tmpfs: where seq passes write what they read
 
@@ -170,6 +177,8 @@ class Source:
     env: dict[str, str] | None = None
     force_share: bool = False  # -U: the overlay's backing is held by the node's daemons
     direct_io: bool = False  # O_DIRECT on the overlay and its backing (a VM's cache=none)
+    objects: tuple[str, ...] = ()  # --object definitions (TLS credentials)
+    image_opts: bool = False  # target is an --image-opts string (an NBD server with TLS)
 
     def _run(self, argv: Sequence[str], stdin: str | None, timeout_s: float) -> float:
         full = [*self.prefix, *argv]
@@ -194,7 +203,10 @@ class Source:
     def dd(self, out: Path, block: int, timeout_s: float, count: int | None = None) -> float:
         """Seconds ``qemu-img dd`` takes to copy the source (or ``count`` blocks) to ``out``."""
         argv = ["qemu-img", "dd", *(["-U"] if self.force_share else [])]
-        if self.direct_io:  # qemu-img dd has no -t: the cache mode goes in the options
+        argv += [a for obj in self.objects for a in ("--object", obj)]
+        if self.image_opts:
+            argv += ["--image-opts", "-O", "raw", f"bs={block}", f"if={self.target}"]
+        elif self.direct_io:  # qemu-img dd has no -t: the cache mode goes in the options
             opts = f"driver={self.fmt},file.driver=file,file.filename={self.target}"
             argv += ["--image-opts", "-O", "raw", f"bs={block}", f"if={opts},cache.direct=on"]
         else:
@@ -210,7 +222,9 @@ class Source:
 
     def reads(self, offsets: Sequence[int], length: int, timeout_s: float) -> float:
         """Seconds ``qemu-io -r`` takes for one synchronous read per offset, in order."""
-        argv = ["qemu-io", "-r", *(["-U"] if self.force_share else []), "-f", self.fmt]
+        argv = ["qemu-io", "-r", *(["-U"] if self.force_share else [])]
+        argv += [a for obj in self.objects for a in ("--object", obj)]
+        argv += ["--image-opts"] if self.image_opts else ["-f", self.fmt]
         if self.direct_io:
             argv += ["-t", "none"]
         argv.append(self.target)
@@ -221,7 +235,7 @@ class Source:
 @dataclass
 class Pass:
     pattern: str  # seq | rand
-    variant: str  # direct | cold | warm
+    variant: str  # direct | cold | warm | relay
     source: Source
     nbytes: int
     wall_s: float = 0.0
@@ -290,6 +304,25 @@ class Bench:
         prefix = tuple(self.cluster.hosts["ctl"].nsenter_argv())
         return Source(f"direct {image}", "raw", url, prefix, env)
 
+    def relay_source(self, image: str) -> Source:
+        """n1's NBD relay of ``image`` (its warm stack) read from ``ctl``: with TLS and the
+        cluster's key (--nbd-tls on), or plain."""
+        host = self.cluster.hosts["n1"].address
+        export = f"volume-{image}"
+        prefix = tuple(self.cluster.hosts["ctl"].nsenter_argv())
+        psk_file = getattr(self.cluster, "psk_file", None)
+        if psk_file is None:
+            return Source(f"relay {image}", "raw", f"nbd://{host}:{NBD_PORT}/{export}", prefix)
+        creds = (
+            f"tls-creds-psk,id=tls0,endpoint=client,dir={psk_file.parent},"
+            f"username={self.cluster.psk_identity}"
+        )
+        opts = (
+            f"driver=nbd,server.type=inet,server.host={host},server.port={NBD_PORT},"
+            f"export={export},tls-creds=tls0"
+        )
+        return Source(f"relay {image}", "raw", opts, prefix, objects=(creds,), image_opts=True)
+
     def create_vm(self, instance: str, image: str) -> Source:
         conn = self.cluster.connection(f"volume-{image}")
         started = time.monotonic()
@@ -339,9 +372,9 @@ class Bench:
                 f"{pattern} {variant}: the image server sent only {p.upstream / MiB:.1f} MiB "
                 f"for {nbytes / MiB:.1f} MiB read (not cold?)"
             )
-        if variant == "warm" and p.upstream > WARM_MAX_UPSTREAM * nbytes + WARM_SLACK:
+        if variant in ("warm", "relay") and p.upstream > WARM_MAX_UPSTREAM * nbytes + WARM_SLACK:
             p.problems.append(
-                f"{pattern} warm: the image server sent {p.upstream / MiB:.1f} MiB (not warm?)"
+                f"{pattern} {variant}: the image server sent {p.upstream / MiB:.1f} MiB (not warm?)"
             )
         if p.problems and p.check in ("ok", "sha256 ok"):
             p.check += ", CHECK FAILED"
@@ -373,6 +406,7 @@ class Bench:
             ("cold", self.create_vm("vm-seq", IMAGES[0])),
         ]
         sequential.append(("warm", sequential[1][1]))
+        sequential.append(("relay", self.relay_source(IMAGES[0])))
         for variant, source in sequential:
             self.run_pass("seq", variant, source, IMAGES[0])
         randoms = [
@@ -380,6 +414,7 @@ class Bench:
             ("cold", self.create_vm("vm-rand", IMAGES[1])),
         ]
         randoms.append(("warm", randoms[1][1]))
+        randoms.append(("relay", self.relay_source(IMAGES[1])))
         for variant, source in randoms:
             self.run_pass("rand", variant, source, IMAGES[1])
         costs: dict[tuple[str, str], float] = {}
@@ -437,6 +472,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cache mode of the stack reads: writeback (through the page cache, qemu's "
         "default) or none (O_DIRECT on the overlay and the FUSE file, as a VM with "
         "cache=none)",
+    )
+    parser.add_argument(
+        "--nbd-tls",
+        choices=("on", "off"),
+        default="on",
+        help="NBD relays with TLS and the cluster's pre-shared key (the default of a node), "
+        "or plain NBD (nodes with insecure_targets); the relay pass reads n1's NBD relay",
     )
     parser.add_argument(
         "--workdir",
@@ -510,6 +552,10 @@ def make_cluster(args: argparse.Namespace) -> Any:
     from cluster import LocalCluster
 
     kwargs: dict[str, Any] = {"name": LAB_NAME, "subnet": SUBNET}
+    if "nbd_tls" in inspect.signature(LocalCluster).parameters:
+        kwargs["nbd_tls"] = args.nbd_tls == "on"
+    elif args.nbd_tls == "on":
+        raise SystemExit("stack_read: this LocalCluster has no nbd_tls: use --nbd-tls off")
     if "tgt_control_base" in inspect.signature(LocalCluster).parameters:
         kwargs["tgt_control_base"] = args.tgt_control_base
     else:
@@ -540,7 +586,8 @@ def run(args: argparse.Namespace) -> int:
         cluster = make_cluster(args)
         print(
             f"stack_read: {args.size_mib} MiB image, seq {args.block_kib} KiB, "
-            f"rand {args.random_kib} KiB, seed {args.seed}, stack cache {args.stack_cache}; "
+            f"rand {args.random_kib} KiB, seed {args.seed}, stack cache {args.stack_cache}, "
+            f"NBD TLS {args.nbd_tls}; "
             f"kernel {platform.release()}, "
             f"{os.cpu_count()} CPUs, load {loadavg()}"
         )
@@ -577,7 +624,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"stack_read: cold {bench.figure('seq', 'cold'):.1f} "
         f"warm {bench.figure('seq', 'warm'):.1f} "
-        f"direct {bench.figure('seq', 'direct'):.1f} MB/s"
+        f"direct {bench.figure('seq', 'direct'):.1f} "
+        f"relay {bench.figure('seq', 'relay'):.1f} MB/s (NBD TLS {args.nbd_tls})"
     )
     return 1 if problems else 0
 

@@ -7,6 +7,8 @@ the parsed options into one frozen object handed to it.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +16,11 @@ from pathlib import Path
 
 from oslo_config import cfg
 
+from brick.exception import InvalidArgument
+from brick.psk import read as read_psk
+
 CONF = cfg.CONF
+LOG = logging.getLogger(__name__)
 
 default_opts = [
     cfg.HostAddressOpt(
@@ -66,8 +72,34 @@ default_opts = [
         help="tgtd's control port (tgtadm -C); distinct per tgtd on one machine.",
     ),
     cfg.StrOpt("iqn_prefix", default="iqn.2010-10.org.openstack:", help="IQN of images."),
-    cfg.StrOpt("chap_user", help="CHAP user of every image and relay target (with password)."),
-    cfg.StrOpt("chap_password", secret=True, help="CHAP password (12-64 characters)."),
+    # -- data plane authentication (iSCSI CHAP, NBD TLS-PSK) --------------------------------
+    cfg.StrOpt(
+        "chap_user",
+        help="CHAP user of every image and relay target (with chap_password); readers log "
+        "in with it. Required unless insecure_targets. The same on every node of a cluster.",
+    ),
+    cfg.StrOpt(
+        "chap_password",
+        secret=True,
+        help="CHAP password (12-64 printable characters, no spaces). Required unless "
+        "insecure_targets.",
+    ),
+    cfg.StrOpt(
+        "nbd_psk_file",
+        help="Pre-shared key of the NBD relays, in QEMU's keys.psk format (lines "
+        "identity:hexkey, the first line's identity is presented; mode 0600). NBD exports "
+        "then require TLS with this key and NBD paths to parents present it. The same file "
+        "on every node of a cluster. Required (qemu driver, or dm with dm_nbd_relay) unless "
+        "insecure_targets.",
+    ),
+    cfg.BoolOpt(
+        "insecure_targets",
+        default=False,
+        help="Allow serving iSCSI targets without CHAP and NBD exports without TLS when "
+        "chap_user/chap_password or nbd_psk_file are unset: anyone who reaches the ports "
+        "then reads every exported image. Logged as a WARNING at every start. Credentials "
+        "that are set are always used.",
+    ),
     cfg.IntOpt(
         "parent_wait_timeout",
         default=600,
@@ -283,6 +315,8 @@ class Settings:
     iqn_prefix: str = "iqn.2010-10.org.openstack:"
     chap_user: str | None = None
     chap_password: str | None = None
+    nbd_psk_file: Path | None = None
+    insecure_targets: bool = False
     parent_wait_timeout: float = 600.0
     degraded_retry_min: float = 5.0
     degraded_retry_max: float = 300.0
@@ -316,6 +350,8 @@ class Settings:
             iqn_prefix=conf.iqn_prefix,
             chap_user=conf.chap_user,
             chap_password=conf.chap_password,
+            nbd_psk_file=Path(conf.nbd_psk_file) if conf.nbd_psk_file else None,
+            insecure_targets=conf.insecure_targets,
             parent_wait_timeout=conf.parent_wait_timeout,
             degraded_retry_min=conf.degraded_retry_min,
             degraded_retry_max=conf.degraded_retry_max,
@@ -394,8 +430,50 @@ def detect_host_ip() -> str:
 def settings_from_conf() -> Settings:
     """``Settings`` from the parsed ``CONF``; ``ValueError`` if they do not hold together."""
     settings = Settings.from_conf(CONF, CONF.host_ip or detect_host_ip())
-    if bool(settings.chap_user) != bool(settings.chap_password):
-        raise ValueError("set both chap_user and chap_password, or neither")
     if settings.degraded_retry_max < settings.degraded_retry_min:
         raise ValueError("degraded_retry_max must be at least degraded_retry_min")
+    check_data_plane(settings, CONF.driver)
     return settings
+
+
+def _is_unspecified(host: str) -> bool:
+    """0.0.0.0 or ::; a host name is not (whoever connects resolves it)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def check_data_plane(settings: Settings, driver: str) -> None:
+    """Refuse (``ValueError``) a node that would serve unauthenticated targets or NBD
+    exports without ``insecure_targets``; with it, log a WARNING naming what is open."""
+    if bool(settings.chap_user) != bool(settings.chap_password):
+        raise ValueError("set both chap_user and chap_password, or neither")
+    if _is_unspecified(settings.host_ip):
+        raise ValueError(
+            f"host_ip {settings.host_ip} is not an address: the targets and the NBD server "
+            "listen on host_ip, set this node's own address"
+        )
+    if settings.nbd_psk_file is not None:
+        try:
+            read_psk(settings.nbd_psk_file)
+        except InvalidArgument as exc:
+            raise ValueError(str(exc)) from None
+    serves_nbd = driver == "qemu" or (driver == "dm" and settings.dm_nbd_relay)
+    missing: list[tuple[str, str]] = []
+    if not settings.chap_user:
+        missing.append(("chap_user/chap_password", "iSCSI targets without CHAP"))
+    if serves_nbd and settings.nbd_psk_file is None:
+        missing.append(("nbd_psk_file", "NBD exports without TLS"))
+    if not missing:
+        return
+    if not settings.insecure_targets:
+        options = " and ".join(option for option, _ in missing)
+        raise ValueError(
+            f"refusing to serve unauthenticated targets: set {options} (vmt-initenv.py "
+            "generates them), or insecure_targets = true to serve them without"
+        )
+    LOG.warning(
+        "insecure_targets = true: serving %s; anyone who reaches this node reads its images",
+        " and ".join(what for _, what in missing),
+    )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brick import psk
 from brick.netns import Host, Lab, netns_inode, pids_in_netns
 from brick.wait import wait_until
 
@@ -86,6 +87,7 @@ class LocalCluster:
         node_timeout: int = 10,
         executor: str = "balanced",
         chap: bool = True,
+        nbd_tls: bool = True,
         tgt_control_base: int = 3300,
         lab_state_dir: Path | None = None,
         extra_conf: str = "",
@@ -105,7 +107,11 @@ class LocalCluster:
         # Set when extra_conf gives the nodes tls_cert_file/tls_key_file: RPCs then use
         # https and trust this CA.
         self.rpc_ca_file = rpc_ca_file
+        # fresh data plane credentials per cluster, the same on every node (without one
+        # of them the nodes run with insecure_targets)
         self.chap = ("vmthunder", secrets.token_hex(8)) if chap else None
+        self.psk_file = workdir / "nbd-psk" / psk.FILENAME if nbd_tls else None
+        self.psk_identity = "vmthunder"
         # tgtd's control sockets (/var/run/tgtd/socket.N) are shared by all namespaces:
         # clusters that run at the same time need distinct bases.
         self.tgt_control_base = tgt_control_base
@@ -117,6 +123,9 @@ class LocalCluster:
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.psk_file is not None and not self.psk_file.exists():
+            self.psk_file.parent.mkdir(mode=0o700, exist_ok=True)
+            psk.write_new(self.psk_file, self.psk_identity)
         for host in ["volt", "img", "ctl", *self.node_names]:
             self.hosts[host] = self.lab.add_host(host)
         self.start_volt()
@@ -217,6 +226,10 @@ class LocalCluster:
             index = ["img", *self.node_names].index(host_name)
         conf = d / "virtman.conf"
         chap = f"chap_user = {self.chap[0]}\nchap_password = {self.chap[1]}\n" if self.chap else ""
+        if self.psk_file is not None:
+            chap += f"nbd_psk_file = {self.psk_file}\n"
+        if self.chap is None or self.psk_file is None:
+            chap += "insecure_targets = true\n"
         conf.write_text(
             "[DEFAULT]\n"
             f"host_ip = {host.address}\nmaster_ip = {self.hosts['volt'].address}\n"

@@ -11,9 +11,10 @@ What it does, in this order (nothing is written until every check has passed):
 
 1. checks every argument: IP addresses (``ipaddress``; no unspecified, multicast or scoped
    addresses), tokens (1-1024 printable ASCII characters: no whitespace, no newline), the
-   CHAP account (both ``--chap-user`` and ``--chap-password`` or neither; the rules of
-   ``brick.tgt.Chap``: user 1-64 of ``A-Za-z0-9._:-``, password 12-64 printable ASCII
-   characters without spaces), test image names (the image-name rules of image.cfg) and
+   CHAP account (both ``--chap-user`` and ``--chap-password`` or neither, then one is
+   generated; the rules of ``brick.tgt.Chap``: user 1-64 of ``A-Za-z0-9._:-``, password
+   12-64 printable ASCII characters without spaces), ``--nbd-psk-file`` (QEMU's keys.psk
+   format ``identity:hexkey``, mode 0600), test image names (the image-name rules of image.cfg) and
    sizes, and the free space they need;
 2. checks that the tools the driver runs are on PATH, and names the package of a missing
    one (qemu driver: qemu-storage-daemon from qemu-system-common, qemu-img from
@@ -26,10 +27,17 @@ What it does, in this order (nothing is written until every check has passed):
 5. with ``--test-image NAME:MIB`` (repeatable) writes a file of MIB MiB of random bytes,
    ``/var/lib/virtman/images/NAME.raw``, to export with a line of image.cfg (the original's
    commented-out part made such files under /root/blocks);
-6. writes ``/etc/virtman/virtman.conf`` last (mode 0600: it holds the tokens): host_ip,
+6. puts the NBD relays' pre-shared key in ``/etc/virtman/nbd.psk`` (mode 0600): a copy of
+   ``--nbd-psk-file``, else the file already there, else a new random 256-bit key;
+7. writes ``/etc/virtman/virtman.conf`` last (mode 0600: it holds the tokens): host_ip,
    master_ip, master_token (Volt's ``[auth] token``), api_token (the token XML-RPC callers
-   such as vmtimg.py/vmtrun.py must send; the same token unless ``--api-token``), driver and
-   the CHAP account; every other option keeps its default and is listed commented out.
+   such as vmtimg.py/vmtrun.py must send; the same token unless ``--api-token``), driver,
+   the CHAP account and nbd_psk_file; every other option keeps its default and is listed
+   commented out.
+
+Every node of a cluster needs the same CHAP account and key: run it on the first node
+without them, then copy ``chap_user``/``chap_password`` and ``nbd.psk`` (or pass them with
+``--chap-user``/``--chap-password``/``--nbd-psk-file``) to the others.
 
 ``--root DIR`` writes everything under DIR instead of ``/`` (like DESTDIR: the paths inside
 the config stay those of the target system). The network checks (host_ip is an address of
@@ -51,6 +59,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -61,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brick import psk
 from brick.exception import InvalidArgument
 from brick.tgt import Chap
 from virtman import conf as virtman_conf
@@ -68,6 +78,9 @@ from virtmanclient import validation
 
 PROG = "vmt-initenv.py"
 CONFIG = Path("etc/virtman/virtman.conf")  # relative to --root
+PSK_FILE = Path("/etc/virtman/nbd.psk")  # nbd_psk_file on the target system
+GENERATED_CHAP_USER = "vmthunder"
+GENERATED_PSK_IDENTITY = "vmthunder"
 MAX_TOKEN = 1024
 TOKEN = re.compile(rf"[!-~]{{1,{MAX_TOKEN}}}")  # printable ASCII: an HTTP header value
 MAX_TEST_IMAGE_MIB = 65536
@@ -124,6 +137,8 @@ class Plan:
     driver: str
     images: list[ImageFile] = field(default_factory=list)
     force: bool = False
+    chap_generated: bool = False
+    psk_source: Path | None = None  # --nbd-psk-file; None: keep or generate PSK_FILE
 
     def under_root(self, path: Path) -> Path:
         return self.root / path.relative_to("/") if path.is_absolute() else self.root / path
@@ -131,6 +146,10 @@ class Plan:
     @property
     def config(self) -> Path:
         return self.root / CONFIG
+
+    @property
+    def psk(self) -> Path:
+        return self.under_root(PSK_FILE)
 
 
 # -- checks (pure) -----------------------------------------------------------------------
@@ -174,6 +193,15 @@ def check_chap(user: str | None, password: str | None) -> tuple[str, str] | None
             "--chap-password: must be 12-64 printable ASCII characters without spaces"
         ) from None
     return user, password
+
+
+def check_psk_file(value: str) -> Path:
+    """An existing key file in QEMU's keys.psk format (``identity:hexkey``), mode 0600."""
+    try:
+        psk.read(value)
+    except InvalidArgument as exc:
+        raise UsageError(f"--nbd-psk-file {value!r}: {exc.rule}") from None
+    return Path(os.path.abspath(value))
 
 
 def check_test_image(value: str) -> ImageFile:
@@ -299,12 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--driver", default="qemu", choices=sorted(DRIVER_TOOLS), help="Block stack driver."
     )
     parser.add_argument(
-        "--chap-user", metavar="USER", help="CHAP user of every target (with --chap-password)."
+        "--chap-user",
+        metavar="USER",
+        help="CHAP user of every target (with --chap-password). Default: a generated "
+        "account (give every node of a cluster the same one).",
     )
     parser.add_argument(
         "--chap-password",
         metavar="PASSWORD",
         help="CHAP password, 12-64 printable characters (with --chap-user).",
+    )
+    parser.add_argument(
+        "--nbd-psk-file",
+        metavar="FILE",
+        help="The cluster's NBD pre-shared key (keys.psk format, identity:hexkey, mode "
+        "0600), copied to /etc/virtman/nbd.psk. Default: keep an existing "
+        "/etc/virtman/nbd.psk, or generate a new key (then copy that file to every other "
+        "node of the cluster).",
     )
     parser.add_argument(
         "--root",
@@ -351,6 +390,12 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan | None, list[str]]:
         token if args.api_token is None else check(check_token, args.api_token, "--api-token")
     )
     chap = check(check_chap, args.chap_user, args.chap_password)
+    chap_generated = chap is None and args.chap_user is None and args.chap_password is None
+    if chap_generated:
+        chap = (GENERATED_CHAP_USER, secrets.token_hex(16))
+    psk_source = None
+    if args.nbd_psk_file is not None:
+        psk_source = check(check_psk_file, args.nbd_psk_file)
     images: list[ImageFile] = []
     for value in args.test_image:
         image = check(check_test_image, value)
@@ -374,10 +419,11 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan | None, list[str]]:
         "master_token": token,
         "api_token": api_token,
         "driver": args.driver,
+        "nbd_psk_file": str(PSK_FILE),
     }
-    if chap:
-        values["chap_user"], values["chap_password"] = chap
-    return Plan(root, values, args.driver, images, args.force), []
+    values["chap_user"], values["chap_password"] = chap
+    plan = Plan(root, values, args.driver, images, args.force, chap_generated, psk_source)
+    return plan, []
 
 
 def nearest_existing(path: Path) -> Path:
@@ -423,6 +469,21 @@ def write_atomically(path: Path, mode: int, write: Any) -> Any:
     return result
 
 
+def write_psk(plan: Plan) -> str:
+    """Put the NBD key in place (mode 0600): --nbd-psk-file's, else the existing one
+    (checked), else a new one. Returns what was done."""
+    if plan.psk_source is not None:
+        text, identity = psk.read(plan.psk_source)
+        write_atomically(plan.psk, 0o600, lambda f: f.write(text.encode()))
+        return f"wrote {plan.psk} (mode 0600) from {plan.psk_source}, identity {identity}"
+    if plan.psk.exists():
+        _, identity = psk.read(plan.psk)
+        return f"kept {plan.psk}, identity {identity}"
+    line = psk.make_line(GENERATED_PSK_IDENTITY).encode()
+    write_atomically(plan.psk, 0o600, lambda f: f.write(line))
+    return f"generated a new NBD key in {plan.psk} (mode 0600), identity {GENERATED_PSK_IDENTITY}"
+
+
 def write_random(f: Any, mib: int) -> str:
     digest = hashlib.sha256()
     for _ in range(mib):
@@ -449,18 +510,27 @@ def run(plan: Plan, out: Any) -> int:
             digest = write_atomically(path, 0o644, lambda f, m=image.mib: write_random(f, m))
             print(f"wrote test image {path} ({image.mib} MiB, sha256 {digest})", file=out)
         report_dirs(make_dirs(plan.config.parent), out)
+        print(write_psk(plan), file=out)
         text = render_config(plan.values).encode()
         write_atomically(plan.config, 0o600, lambda f: f.write(text))
-    except OSError as exc:
+    except (OSError, InvalidArgument) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     values = plan.values
-    chap = "on" if "chap_user" in values else "off"
+    chap = "generated" if plan.chap_generated else "given"
     print(
         f"wrote {plan.config} (mode 0600): host_ip {values['host_ip']}, Volt "
-        f"{values['master_ip']}:{OPTS['master_port'].default}, driver {plan.driver}, CHAP {chap}",
+        f"{values['master_ip']}:{OPTS['master_port'].default}, driver {plan.driver}, "
+        f"CHAP {chap} (user {values['chap_user']})",
         file=out,
     )
+    if plan.chap_generated:
+        print(
+            "every node of the cluster needs the same CHAP account and NBD key: copy "
+            f"chap_user, chap_password and {PSK_FILE} to the others (or pass --chap-user, "
+            "--chap-password and --nbd-psk-file there)",
+            file=out,
+        )
     if plan.root != Path("/"):
         print(f"(under {plan.root}: the paths inside the config are the target system's)", file=out)
     if plan.images:

@@ -20,6 +20,10 @@ Facts of QEMU 7.2 (qemu-storage-daemon 7.2.22) that shape this module:
   daemon's user; ``chmod``/``chown`` on the mounted file work and last until unmount.
 - ``nbd-server-start`` twice gives ``NBD server already running``; QMP cannot tell the
   address of a running server, hence the state file.
+- An NBD server started with ``tls-creds`` of a ``tls-creds-psk`` object refuses every
+  option before TLS (``nbdinfo --list`` without TLS gets an error, a wrong key fails the
+  handshake); the server reads its ``keys.psk`` at each handshake, a client when its object
+  is made. ``object-del`` of credentials still in use is not refused: delete them last.
 - ``qom-list /objects`` fails with ``DeviceNotFound: Device '/objects' not found`` until the
   first ``object-add``. A ``secret`` passed by ``object-add`` keeps CHAP passwords off every
   command line.
@@ -539,29 +543,41 @@ class StorageDaemon:
             self._add_node(node, drv, same, {"filename": path, "read-only": read_only})
 
     def add_nbd(
-        self, node: str, host: str, port: int, export: str, *, reconnect_delay: int = 3
+        self,
+        node: str,
+        host: str,
+        port: int,
+        export: str,
+        *,
+        reconnect_delay: int = 3,
+        tls_creds: str | None = None,
     ) -> None:
         """A read-only NBD client node of ``nbd://host:port/export``. ``reconnect_delay``
         (s): how long a request waits for a lost server before it fails, which lets a quorum
-        above fail over to its next child."""
+        above fail over to its next child. ``tls_creds``: a ``tls-creds-psk`` client object
+        (``add_tls_psk``) whose key the server must accept."""
         node = validate_node_name(node)
         host = validate_host(host)
         port = validate_port(port)
         if not isinstance(export, str) or not _EXPORT_NAME.fullmatch(export):
             raise InvalidArgument("export", export, "must match [A-Za-z0-9][A-Za-z0-9._:-]*")
         reconnect_delay = _validate_int(reconnect_delay, "reconnect_delay", 0, 3600)
+        if tls_creds is not None:
+            tls_creds = validate_node_name(tls_creds, "tls_creds")
         shown_host = f"[{host}]" if ":" in host else host
         with self._lock:
             have = self.node_info(node)
             same = None if have is None else (
                 have["drv"] == "nbd" and have["file"] == f"nbd://{shown_host}:{port}/{export}"
             )  # fmt: skip
-            options = {
+            options: dict[str, Any] = {
                 "server": {"type": "inet", "host": host, "port": str(port)},
                 "export": export,
                 "read-only": True,
                 "reconnect-delay": reconnect_delay,
             }
+            if tls_creds is not None:
+                options["tls-creds"] = tls_creds
             self._add_node(node, "nbd", same, options)
 
     def add_iscsi(
@@ -771,30 +787,100 @@ class StorageDaemon:
             LOG.info("qemu-storage-daemon %s: deleted node %s", self.name, node)
 
     # -- exports -------------------------------------------------------------------------
-    def start_nbd_server(self, host: str, port: int) -> None:
-        """Start the daemon's NBD server on ``host:port``; no-op if it serves there already,
-        ``Conflict`` if it serves elsewhere."""
+    def add_tls_psk(
+        self, obj_id: str, psk_dir: str | os.PathLike[str], *, endpoint: str, username: str = ""
+    ) -> bool:
+        """A ``tls-creds-psk`` object reading ``<psk_dir>/keys.psk`` (lines ``user:hexkey``).
+
+        ``endpoint="server"`` accepts the identities of the file (an NBD server given it
+        refuses clients without TLS or without one of its keys); ``endpoint="client"``
+        presents ``username``'s key. Returns True if the object was added, False if it
+        exists with these parameters (adopted after a restart); ``Conflict`` otherwise.
+        A client reads its key when the object is made: a new key needs a new object.
+        """
+        obj_id = validate_node_name(obj_id, "obj_id")
+        path = validate_abs_path(psk_dir, "psk_dir")
+        if endpoint not in ("server", "client"):
+            raise InvalidArgument("endpoint", endpoint, "must be server or client")
+        if endpoint == "client" and not (
+            isinstance(username, str) and _CHAP_USER.fullmatch(username)
+        ):
+            raise InvalidArgument("username", username, "must be 1-64 of A-Za-z0-9._:@-")
+        if endpoint == "server" and username:
+            raise InvalidArgument("username", username, "only a client presents a username")
+        wanted = {"dir": path, "endpoint": endpoint, "username": username}
+        with self._lock:
+            if obj_id in self._objects():
+                have = {
+                    k: self.qmp.call("qom-get", {"path": f"/objects/{obj_id}", "property": k})
+                    for k in wanted
+                }
+                if have != wanted:
+                    raise Conflict("TLS credentials", obj_id, f"exist as {have}")
+                return False
+            arguments: dict[str, Any] = {
+                "qom-type": "tls-creds-psk",
+                "id": obj_id,
+                "endpoint": endpoint,
+                "dir": path,
+            }
+            if username:
+                arguments["username"] = username
+            self.qmp.call("object-add", arguments)
+            LOG.info(
+                "qemu-storage-daemon %s: TLS-PSK %s credentials %s", self.name, endpoint, obj_id
+            )
+            return True
+
+    def delete_object(self, obj_id: str) -> None:
+        """``object-del`` (e.g. TLS credentials nothing uses any more); no-op if absent."""
+        obj_id = validate_node_name(obj_id, "obj_id")
+        with self._lock:
+            if obj_id in self._objects():
+                self.qmp.call("object-del", {"id": obj_id})
+
+    def start_nbd_server(self, host: str, port: int, *, tls_creds: str | None = None) -> None:
+        """Start the daemon's NBD server on ``host:port``; no-op if it serves there already
+        (with the same ``tls_creds``), ``Conflict`` if it serves elsewhere or otherwise.
+
+        With ``tls_creds`` (a ``tls-creds-psk`` server object, see ``add_tls_psk``) every
+        client must complete a TLS handshake with one of its keys before it can list or open
+        an export; without, anyone who reaches the port reads every export.
+        """
         host = validate_host(host)
         port = validate_port(port)
+        if tls_creds is not None:
+            tls_creds = validate_node_name(tls_creds, "tls_creds")
         address = f"{host}:{port}"
         with self._lock:
             state = self._load_state()
-            if state["nbd_server"] == address:
+            if state["nbd_server"] == address and state.get("nbd_tls") == tls_creds:
                 return
             if state["nbd_server"] is not None:
-                raise Conflict("NBD server", self.name, f"listens on {state['nbd_server']}")
-            try:
-                self.qmp.call(
-                    "nbd-server-start",
-                    {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}},
+                tls = state.get("nbd_tls") or "no TLS"
+                raise Conflict(
+                    "NBD server", self.name, f"listens on {state['nbd_server']} with {tls}"
                 )
+            arguments: dict[str, Any] = {
+                "addr": {"type": "inet", "data": {"host": host, "port": str(port)}}
+            }
+            if tls_creds is not None:
+                arguments["tls-creds"] = tls_creds
+            try:
+                self.qmp.call("nbd-server-start", arguments)
             except QMPError as exc:
                 if "already running" in exc.desc:
                     raise Conflict("NBD server", self.name, "runs on an unknown address") from exc
                 raise
             state["nbd_server"] = address
+            state["nbd_tls"] = tls_creds
             self._save_state(state)
-            LOG.info("qemu-storage-daemon %s: NBD server on %s", self.name, address)
+            LOG.info(
+                "qemu-storage-daemon %s: NBD server on %s (%s)",
+                self.name,
+                address,
+                f"TLS {tls_creds}" if tls_creds else "no TLS",
+            )
 
     def stop_nbd_server(self) -> None:
         """Stop the NBD server (its exports go with it); no-op if none runs."""
@@ -808,6 +894,7 @@ class StorageDaemon:
                 if "not running" not in exc.desc:
                     raise
             state["nbd_server"] = None
+            state.pop("nbd_tls", None)
             state["exports"] = {k: v for k, v in state["exports"].items() if v["type"] != "nbd"}
             self._save_state(state)
 
@@ -815,6 +902,27 @@ class StorageDaemon:
     def nbd_server(self) -> str | None:
         """``host:port`` of the running NBD server, or None."""
         return self._load_state()["nbd_server"]
+
+    def stop_nbd_server_unless_tls(self, tls_creds: str | None) -> bool:
+        """Stop the NBD server if it runs with other TLS credentials than ``tls_creds``
+        (e.g. plain, started before a key was configured), so that ``start_nbd_server``
+        starts it again with them. Its exports go with it (re-export them) and its clients
+        are cut off. Returns whether it stopped one."""
+        if tls_creds is not None:
+            tls_creds = validate_node_name(tls_creds, "tls_creds")
+        with self._lock:
+            state = self._load_state()
+            if state["nbd_server"] is None or state.get("nbd_tls") == tls_creds:
+                return False
+            LOG.warning(
+                "qemu-storage-daemon %s: NBD server on %s runs with %s, not %s: restarting it",
+                self.name,
+                state["nbd_server"],
+                state.get("nbd_tls") or "no TLS",
+                tls_creds or "no TLS",
+            )
+            self.stop_nbd_server()
+            return True
 
     def export_nbd(self, export_id: str, node: str, name: str, *, writable: bool = False) -> None:
         """Export ``node`` as NBD export ``name`` (``start_nbd_server`` first)."""

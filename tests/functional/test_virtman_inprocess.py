@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from brick.tgt import TgtDaemon
+from brick import psk
+from brick.tgt import Chap, TgtDaemon
 from tests.functional.clusterfixtures import disk_matches, write_image
 from tests.functional.voltproc import VoltProcess, free_port
 
@@ -42,7 +43,10 @@ def test_virtman_openstack_compatible_in_process(volt: VoltProcess, tmp_path: Pa
     server = TgtDaemon(3460, [f"127.0.0.1:{free_port()}"], run_dir=tmp_path / "tgt")
     server.start()
     try:
-        server.adm.create_target(iqn, image)
+        chap = Chap("vmt", "s3cret-pass-123")  # the node logs in with the cluster's account
+        server.adm.create_target(iqn, image, chap=chap)
+        key = tmp_path / "nbd.psk"
+        psk.write_new(key, "vmt")
         conf = tmp_path / "virtman.conf"
         node = tmp_path / "node"
         conf.write_text(
@@ -51,6 +55,7 @@ def test_virtman_openstack_compatible_in_process(volt: VoltProcess, tmp_path: Pa
             f"heartbeat_interval = 1\nstate_dir = {node / 'state'}\nrun_dir = {node / 'run'}\n"
             f"iscsi_port = {free_port()}\nnbd_port = {free_port()}\ntgt_control_port = 3461\n"
             f"log_file = {node / 'virtman.log'}\n"
+            f"chap_user = {chap.user}\nchap_password = {chap.password}\nnbd_psk_file = {key}\n"
         )
         connection = {"target_portal": server.portals[0], "target_iqn": iqn, "target_lun": 1}
         nova = subprocess.Popen(

@@ -38,6 +38,10 @@ IPS = {
 BOARD = (IPS["S"], 9999)
 IQN_PREFIX = "iqn.2010-10.org.openstack:"
 CHAP_USER, CHAP_PASSWORD = "vmt-chap", "s3cret-Chap-pw-42"
+# the guests' cluster-wide NBD pre-shared key (QEMU keys.psk format), a test-only secret
+NBD_PSK_IDENTITY = "vmt-guests"
+NBD_PSK_FILE = Path("/run/vmt-nbd-psk/keys.psk")
+NBD_PSK = f"{NBD_PSK_IDENTITY}:{hashlib.sha256(b'vmt-guests-nbd-key').hexdigest()}\n"
 TOKEN = "volt-token-for-the-guests"
 RPC = "http://127.0.0.1:7774/RPC2"
 T0 = time.monotonic()
@@ -290,6 +294,9 @@ class Virtman:
     """virtmanserver with the given driver settings, started (and killed) by PID."""
 
     def __init__(self, driver_conf: str) -> None:
+        NBD_PSK_FILE.parent.mkdir(mode=0o700, exist_ok=True)
+        NBD_PSK_FILE.write_text(NBD_PSK)
+        NBD_PSK_FILE.chmod(0o600)
         self.conf = Path("/run/virtman.conf")
         self.conf.write_text(
             "[DEFAULT]\n"
@@ -298,6 +305,7 @@ class Virtman:
             "run_dir = /run/virtman\nlisten_host = 127.0.0.1\nlisten_port = 7774\n"
             "auth_strategy = noauth\n"  # the guest's own loopback: no other caller
             f"chap_user = {CHAP_USER}\nchap_password = {CHAP_PASSWORD}\n"
+            f"nbd_psk_file = {NBD_PSK_FILE}\n"
             "parent_wait_timeout = 120\n"
             f"log_dir = {OUT}\nlog_file = virtman.log\ndebug = true\n" + driver_conf
         )

@@ -32,6 +32,8 @@ from common import (
     IPS,
     IQN_PREFIX,
     MIB,
+    NBD_PSK_FILE,
+    NBD_PSK_IDENTITY,
     ROLE,
     Board,
     ImageServer,
@@ -176,9 +178,16 @@ def kill_nbd_relay(virtman: Virtman, sha: str) -> None:
         while (new := nbd_daemon_pid()) in (None, pid) and time.monotonic() - t < 60:
             time.sleep(0.2)
         out = Path("/run/nbd-back.raw")
+        creds = (
+            f"tls-creds-psk,id=t0,endpoint=client,dir={NBD_PSK_FILE.parent},"
+            f"username={NBD_PSK_IDENTITY}"
+        )
+        source = f"driver=nbd,server.type=inet,server.host={IPS['A']},server.port=10809,"
+        source += f"export={IMG1},tls-creds=t0"  # the relay serves TLS with the key only
+        argv = ["qemu-img", "convert", "--object", creds, "--image-opts", source, "-O", "raw"]
         while time.monotonic() - t < 60:  # the export follows the daemon's start
             done = subprocess.run(
-                ["qemu-img", "convert", "-O", "raw", f"nbd://{IPS['A']}:10809/{IMG1}", str(out)],
+                [*argv, str(out)],
                 capture_output=True,
                 check=False,
             )

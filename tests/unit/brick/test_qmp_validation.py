@@ -89,3 +89,29 @@ def test_qmp_error_fields() -> None:
 
 def test_proc_mounts_escapes() -> None:
     assert _unescape_mount_field(r"/tmp/a\040b\011c\134") == "/tmp/a b\tc\\"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (("bad id", "/k"), {"endpoint": "server"}),
+        (("psk0", "k"), {"endpoint": "server"}),
+        (("psk0", "/k,x"), {"endpoint": "server"}),
+        (("psk0", "/k"), {"endpoint": "both"}),
+        (("psk0", "/k"), {"endpoint": "server", "username": "vmt"}),
+        (("psk0", "/k"), {"endpoint": "client"}),
+        (("psk0", "/k"), {"endpoint": "client", "username": "a,b"}),
+    ],
+)
+def test_tls_psk_arguments_are_checked_before_qmp(
+    tmp_path, args: tuple[str, str], kwargs: dict[str, str]
+) -> None:
+    from brick.qsd.daemon import StorageDaemon
+
+    daemon = StorageDaemon("x", tmp_path)  # not started: reaching QMP would raise NotFound
+    with pytest.raises(InvalidArgument):
+        daemon.add_tls_psk(*args, **kwargs)
+    with pytest.raises(InvalidArgument, match="tls_creds"):
+        daemon.add_nbd("n0", "127.0.0.1", 10809, "img", tls_creds="bad,creds")
+    with pytest.raises(InvalidArgument, match="tls_creds"):
+        daemon.start_nbd_server("127.0.0.1", 10809, tls_creds="bad creds")

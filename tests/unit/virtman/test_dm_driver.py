@@ -7,6 +7,7 @@ tables and argv of a build, and that a teardown or an undo leaves nothing."""
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -840,6 +841,9 @@ class FakeQsd:
         self.devices: dict[str, str] = {}  # node -> device
         self.exported: dict[str, tuple[str, str]] = {}  # export id -> node, name
         self.fail_export = False
+        self.fail_server = False
+        self.tls: str | None = None  # the NBD server's credentials
+        self.objects: dict[str, tuple[str, str, str]] = {}  # id -> dir, endpoint, username
 
     def adopt(self) -> bool:
         return self.alive
@@ -857,9 +861,32 @@ class FakeQsd:
         assert not self.exported, "stopped with exports"
         self.alive = False
         self.server = None
+        self.tls = None
+        self.objects = {}
 
-    def start_nbd_server(self, host: str, port: int) -> None:
+    def start_nbd_server(self, host: str, port: int, *, tls_creds: str | None = None) -> None:
+        if self.fail_server:
+            raise CommandFailed(["nbd-server-start"], 1, "Address already in use")
+        assert tls_creds is None or tls_creds in self.objects
         self.server = f"{host}:{port}"
+        self.tls = tls_creds
+
+    def stop_nbd_server_unless_tls(self, tls_creds: str | None) -> bool:
+        if self.server is None or self.tls == tls_creds:
+            return False
+        self.server, self.tls, self.exported = None, None, {}
+        return True
+
+    def add_tls_psk(self, obj_id: str, psk_dir: Path, *, endpoint: str, username: str = "") -> bool:
+        wanted = (str(psk_dir), endpoint, username)
+        if obj_id in self.objects:
+            assert self.objects[obj_id] == wanted
+            return False
+        self.objects[obj_id] = wanted
+        return True
+
+    def delete_object(self, obj_id: str) -> None:
+        self.objects.pop(obj_id, None)
 
     @property
     def nbd_server(self) -> str | None:
@@ -947,6 +974,38 @@ def test_a_failed_nbd_export_is_undone(nbd_rig: Rig) -> None:
     virtman.heartbeat()
     assert nbd_rig.leftovers() == {**NOTHING, "dm": ["vmt_cacheset"], "bcache": ["dm-1"]}
     assert nbd_rig.qsd.devices == {} and nbd_rig.qsd.exported == {}
+
+
+def test_issue_10_with_a_psk_file_the_nbd_relay_requires_tls(nbd_rig: Rig) -> None:
+    key = nbd_rig.tmp / "nbd.psk"
+    key.write_text("vmt:" + "ab" * 32 + "\n")
+    key.chmod(0o600)
+    nbd_rig.settings = Settings(**{**nbd_rig.settings.__dict__, "nbd_psk_file": key})
+    _, virtman, _ = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    qsd = nbd_rig.qsd
+    psk_dir = nbd_rig.settings.run_dir / "nbd-psk"
+    assert qsd.tls == "vmtdm-psk-server"
+    assert qsd.objects == {"vmtdm-psk-server": (str(psk_dir), "server", "")}
+    assert (psk_dir / "keys.psk").read_text() == key.read_text()
+    assert stat.S_IMODE((psk_dir / "keys.psk").stat().st_mode) == 0o600
+    assert stat.S_IMODE(psk_dir.stat().st_mode) == 0o700
+    virtman.close()  # a kill -9: a restart adopts the credentials, no second object
+    _, again, _ = build(nbd_rig)
+    assert again.list() == ["vm1:volume-img"]
+    assert list(qsd.objects) == ["vmtdm-psk-server"] and qsd.tls == "vmtdm-psk-server"
+
+
+def test_issue_10_credentials_are_removed_when_the_nbd_server_fails(nbd_rig: Rig) -> None:
+    key = nbd_rig.tmp / "nbd.psk"
+    key.write_text("vmt:" + "ab" * 32 + "\n")
+    key.chmod(0o600)
+    nbd_rig.settings = Settings(**{**nbd_rig.settings.__dict__, "nbd_psk_file": key})
+    nbd_rig.qsd.fail_server = True
+    driver = nbd_rig.driver()
+    with pytest.raises(CommandFailed, match="Address already in use"):
+        driver.nbd.start()
+    assert nbd_rig.qsd.objects == {} and nbd_rig.qsd.server is None
 
 
 def test_the_nbd_relay_needs_nbd_port(nbd_rig: Rig) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -84,10 +85,14 @@ def config_values(path: Path) -> dict[str, str]:
 
 
 def load_in_subprocess(config: Path) -> dict[str, Any]:
+    """The config as virtman loads it (its nbd_psk_file, a path of the target system, is
+    read under the --root the config was written to)."""
+    root = config.parent.parent.parent
     code = (
         "import json, sys\n"
         "from virtman import conf\n"
         "conf.load(config_files=[sys.argv[1]])\n"
+        "conf.CONF.set_override('nbd_psk_file', sys.argv[2] + conf.CONF.nbd_psk_file)\n"
         "s = conf.settings_from_conf()\n"
         "C = conf.CONF\n"
         "print(json.dumps({'host_ip': s.host_ip, 'master_url': s.master_url,\n"
@@ -96,10 +101,10 @@ def load_in_subprocess(config: Path) -> dict[str, Any]:
         "    'state_dir': str(s.state_dir), 'cache_dir': str(s.cache_dir),\n"
         "    'instances_dir': str(s.instances_dir), 'run_dir': str(s.run_dir),\n"
         "    'heartbeat_interval': s.heartbeat_interval, 'listen_port': C.listen_port,\n"
-        "    'iscsi_port': s.iscsi_port}))\n"
+        "    'iscsi_port': s.iscsi_port, 'insecure_targets': s.insecure_targets}))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(config)],
+        [sys.executable, "-c", code, str(config), str(root)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -114,27 +119,38 @@ def load_in_subprocess(config: Path) -> dict[str, Any]:
 def test_writes_the_config_and_the_dirs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert initenv.main(args(tmp_path)) == 0
     config = tmp_path / "etc/virtman/virtman.conf"
-    assert tree(tmp_path) == sorted(
-        ["etc", "etc/virtman", "etc/virtman/virtman.conf", "var", "var/lib", "run", *DIRS]
-    )
+    key_file = tmp_path / "etc/virtman/nbd.psk"
+    files = ["etc/virtman/virtman.conf", "etc/virtman/nbd.psk"]
+    assert tree(tmp_path) == sorted(["etc", "etc/virtman", *files, "var", "var/lib", "run", *DIRS])
     assert mode(config) == 0o600
+    assert mode(key_file) == 0o600
+    assert re.fullmatch(r"vmthunder:[0-9a-f]{64}\n", key_file.read_text())
     for d in ["etc", "etc/virtman", "var", "var/lib", "run"]:
         assert (tmp_path / d).is_dir() and mode(tmp_path / d) == 0o755, d
     for d in DIRS:  # virtman's state directories (issue 10)
         assert (tmp_path / d).is_dir() and mode(tmp_path / d) == 0o700, d
-    assert config_values(config) == {
+    values = config_values(config)
+    password = values.pop("chap_password")
+    assert re.fullmatch(r"[0-9a-f]{32}", password)  # generated: CHAP is on by default
+    assert values == {
         "host_ip": "10.0.0.5",
         "master_ip": "10.0.0.1",
         "master_token": "volt-token",
         "api_token": "volt-token",
         "driver": "qemu",
+        "chap_user": "vmthunder",
+        "nbd_psk_file": "/etc/virtman/nbd.psk",
     }
     out, err = capsys.readouterr()
     assert err == ""
+    assert password not in out and key_file.read_text().split(":")[1].strip() not in out
     assert f"created {tmp_path}/var/lib/virtman/cache/" in out.splitlines()
     assert (
-        f"wrote {config} (mode 0600): host_ip 10.0.0.5, Volt 10.0.0.1:7447, driver qemu, CHAP off"
-        in out.splitlines()
+        f"wrote {config} (mode 0600): host_ip 10.0.0.5, Volt 10.0.0.1:7447, driver qemu, "
+        "CHAP generated (user vmthunder)" in out.splitlines()
+    )
+    assert (
+        f"generated a new NBD key in {key_file} (mode 0600), identity vmthunder" in out.splitlines()
     )
     assert out.splitlines()[-2:] == [
         "start the node with:",
@@ -147,6 +163,7 @@ def test_every_other_option_is_left_at_its_default_commented_out(tmp_path: Path)
     lines = (tmp_path / "etc/virtman/virtman.conf").read_text().splitlines()
     assert lines.count("[DEFAULT]") == 1
     set_here = {"host_ip", "master_ip", "master_token", "api_token", "driver"}
+    set_here |= {"chap_user", "chap_password", "nbd_psk_file"}
     for opt in virtman_conf.default_opts:
         mine = [line for line in lines if line.lstrip("#").startswith(f"{opt.dest} = ")]
         assert len(mine) == 1, opt.dest
@@ -180,6 +197,47 @@ def test_existing_dirs_are_left_alone(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"created {state}/cache/\n" in out
 
 
+def test_a_given_nbd_key_is_copied_and_an_existing_one_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = tmp_path / "cluster.psk"
+    given.write_text("cluster:" + "ab" * 32 + "\n")
+    given.chmod(0o600)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert initenv.main(args(root, "--nbd-psk-file", str(given))) == 0
+    key_file = root / "etc/virtman/nbd.psk"
+    assert key_file.read_text() == given.read_text() and mode(key_file) == 0o600
+    out = capsys.readouterr().out
+    assert f"wrote {key_file} (mode 0600) from {given}, identity cluster" in out.splitlines()
+    assert "ab" * 32 not in out
+    # a second run (--force, no key given) keeps the cluster's key: nodes must share it
+    assert initenv.main(args(root, "--force")) == 0
+    assert key_file.read_text() == given.read_text()
+    assert f"kept {key_file}, identity cluster" in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("text", "file_mode", "rule"),
+    [
+        ("k:" + "ab" * 32 + "\n", 0o644, "is mode 0644: must be 0600"),
+        ("k:abc\n", 0o600, "line 1 must be identity:hexkey (32+ hex digits)"),
+    ],
+)
+def test_a_bad_nbd_key_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, file_mode: int, rule: str
+) -> None:
+    given = tmp_path / "bad.psk"
+    given.write_text(text)
+    given.chmod(file_mode)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert initenv.main(args(root, "--nbd-psk-file", str(given))) == 2
+    assert tree(root) == []
+    err = capsys.readouterr().err
+    assert f"{PROG}: error: --nbd-psk-file {str(given)!r}: {rule}" in err.splitlines()
+
+
 def test_api_token_and_chap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = ["--api-token", "rpc-token", "--chap-user", "vmt", "--chap-password", CHAP_PASSWORD]
     assert initenv.main(args(tmp_path, *extra)) == 0
@@ -187,7 +245,7 @@ def test_api_token_and_chap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert (values["master_token"], values["api_token"]) == ("volt-token", "rpc-token")
     assert (values["chap_user"], values["chap_password"]) == ("vmt", CHAP_PASSWORD)
     out, _ = capsys.readouterr()
-    assert "CHAP on" in out
+    assert "CHAP given (user vmt)" in out
     for secret in ("volt-token", "rpc-token", CHAP_PASSWORD):
         assert secret not in out
 
@@ -327,7 +385,8 @@ def test_an_existing_config_is_kept_without_force(
     assert config_values(config)["master_ip"] == "10.0.0.2"
     assert config_values(config)["master_token"] == "new"
     assert mode(config) == 0o600
-    assert [p.name for p in config.parent.iterdir()] == ["virtman.conf"]  # no temporary left
+    # no temporary left; the key stays (the cluster's other nodes have it)
+    assert sorted(p.name for p in config.parent.iterdir()) == ["nbd.psk", "virtman.conf"]
 
 
 def test_an_existing_test_image_is_kept_without_force(
@@ -631,8 +690,8 @@ def test_the_written_config_loads_in_virtman(tmp_path: Path) -> None:
         "master_token": "volt-token",
         "api_token": "volt-token",
         "driver": "qemu",
-        "chap_user": None,
-        "chap_password": None,
+        "chap_user": "vmthunder",
+        "chap_password": loaded["chap_password"],
         "state_dir": "/var/lib/virtman",
         "cache_dir": "/var/lib/virtman/cache",
         "instances_dir": "/var/lib/virtman/instances",
@@ -640,7 +699,9 @@ def test_the_written_config_loads_in_virtman(tmp_path: Path) -> None:
         "heartbeat_interval": 20,
         "listen_port": 7774,
         "iscsi_port": 3260,
+        "insecure_targets": False,
     }
+    assert len(loaded["chap_password"]) == 32
 
 
 def test_tokens_and_passwords_with_ini_syntax_load_back_unchanged(tmp_path: Path) -> None:

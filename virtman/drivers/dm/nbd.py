@@ -5,8 +5,9 @@ read on a parent that dies hangs, because libiscsi reconnects forever; over NBD 
 gives up after ``nbd_reconnect_delay`` and the quorum reads the next parent. So with
 ``dm_nbd_relay`` a ``dm`` node runs one qemu-storage-daemon (``virtman-dm-nbd``) that
 exports each image's cached device (``/dev/mapper/cached_<image>``, read-only) as NBD
-export ``<image>`` on ``host_ip:nbd_port``, next to the LIO (or tgt) target, and Volt
-hands children both addresses. ``dm`` children keep reading over iSCSI.
+export ``<image>`` on ``host_ip:nbd_port`` (TLS with the ``nbd_psk_file`` key), next to
+the LIO (or tgt) target, and Volt hands children both addresses. ``dm`` children keep
+reading over iSCSI.
 
 The daemon outlives virtman like the kernel's targets do: a restarted virtman adopts it
 (its exports are still there), and it is stopped only once it exports nothing. If it dies,
@@ -21,6 +22,8 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
+from brick import psk
+from brick.exception import BrickError
 from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
 from virtman import validation
@@ -30,6 +33,7 @@ LOG = logging.getLogger(__name__)
 
 DAEMON = "virtman-dm-nbd"
 PREFIX = "vmtdm"  # every node and export of ours; QMP names allow 32 of [A-Za-z0-9_-]
+PSK_SERVER = "vmtdm-psk-server"  # tls-creds-psk of the NBD server (with nbd_psk_file)
 
 
 def _tag(image: str) -> str:
@@ -55,6 +59,8 @@ class NbdRelay:
         self.address = f"{bracketed}:{self.port}"
         self.qsd = daemon or StorageDaemon(DAEMON, settings.run_dir)
         self.draining = draining  # exports nothing new, stops once its exports are gone
+        self.psk_file = settings.nbd_psk_file
+        self.psk_dir = settings.run_dir / "nbd-psk"
         self._lock = threading.RLock()  # heal() against export()/unexport()
 
     @classmethod
@@ -76,10 +82,29 @@ class NbdRelay:
         return relay
 
     def start(self) -> None:
+        """Start or adopt the daemon and its NBD server: with ``nbd_psk_file``, clients
+        must complete TLS with its key (the credentials are adopted after a restart and
+        removed again if the server fails to start)."""
         with self._lock:
             if not self.qsd.adopt():
                 self.qsd.start()
-            self.qsd.start_nbd_server(self.host, self.port)
+            creds = None
+            added = False
+            try:
+                if self.psk_file is not None:
+                    directory, _ = psk.install(self.psk_file, self.psk_dir)
+                    added = self.qsd.add_tls_psk(PSK_SERVER, directory, endpoint="server")
+                    creds = PSK_SERVER
+                # exported again as the relays are adopted (DmRelay.ensure)
+                self.qsd.stop_nbd_server_unless_tls(creds)
+                self.qsd.start_nbd_server(self.host, self.port, tls_creds=creds)
+            except BaseException:
+                if added:
+                    try:
+                        self.qsd.delete_object(PSK_SERVER)
+                    except BrickError as exc:
+                        LOG.warning("could not remove TLS credentials %s: %s", PSK_SERVER, exc)
+                raise
 
     def heal(self, relays: Callable[[], Mapping[str, str]]) -> bool:
         """If the daemon died, start it again and export ``relays()`` (``{image: device}``,
@@ -103,6 +128,7 @@ class NbdRelay:
         with self._lock:
             if not self.qsd.running() or not self._ours():
                 self.qsd.stop()
+                psk.uninstall(self.psk_dir)
             else:
                 self.qsd.detach()
 
@@ -144,6 +170,7 @@ class NbdRelay:
             if self.qsd.running() and not self._ours():
                 LOG.info("NBD relay daemon %s exports nothing: stopping it", DAEMON)
                 self.qsd.stop()
+                psk.uninstall(self.psk_dir)
 
     def clients(self) -> int:
         """NBD connections to this node; they cannot be told apart by export."""

@@ -14,12 +14,14 @@ is used for image servers (and parents without NBD, e.g. ``dm`` nodes).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from brick import psk
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
 from brick.fileio import FILE_MODE, atomic_write, fsync_dir, private_dir
@@ -32,6 +34,14 @@ from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay
 
 LOG = logging.getLogger(__name__)
+
+PSK_SERVER = "vmt-nbd-psk-server"  # the NBD server's tls-creds-psk object
+
+
+def psk_client_id(identity: str) -> str:
+    """The tls-creds-psk object NBD paths present: one per identity, so that a key rotated
+    to a new identity gets a new object while paths made before keep the old one."""
+    return "vmt-nbd-psk-c" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -61,6 +71,8 @@ class QemuDriver:
             if settings.chap_user and settings.chap_password
             else None
         )
+        self.nbd_tls: str | None = None  # the client credentials NBD paths present
+        self.psk_dir = settings.run_dir / "nbd-psk"  # QEMU's copy of nbd_psk_file
         self.upstream = QemuUpstream(self)
         self.cache = QemuCache(self)
         self.relay = QemuRelay(self)
@@ -75,12 +87,43 @@ class QemuDriver:
             self.qsd.start()
         if not self.tgtd.adopt():
             self.tgtd.start()
-        if self.settings.nbd_port:
-            self.qsd.start_nbd_server(self.host, self.settings.nbd_port)
+        self._start_nbd()
+
+    def _start_nbd(self) -> None:
+        """The NBD credentials (adopted after a restart) and the NBD server, with TLS when
+        ``nbd_psk_file`` is set; what this call added is removed if the server fails."""
+        s = self.settings
+        added: list[str] = []
+        server_creds = None
+        try:
+            if s.nbd_psk_file is not None:
+                directory, identity = psk.install(s.nbd_psk_file, self.psk_dir)
+                client = psk_client_id(identity)
+                if self.qsd.add_tls_psk(client, directory, endpoint="client", username=identity):
+                    added.append(client)
+                self.nbd_tls = client
+                if s.nbd_port:
+                    if self.qsd.add_tls_psk(PSK_SERVER, directory, endpoint="server"):
+                        added.append(PSK_SERVER)
+                    server_creds = PSK_SERVER
+            if s.nbd_port:
+                # a daemon adopted from before the key (or with another) serves its exports
+                # again once their images are adopted (relay.ensure)
+                self.qsd.stop_nbd_server_unless_tls(server_creds)
+                self.qsd.start_nbd_server(self.host, s.nbd_port, tls_creds=server_creds)
+        except BaseException:
+            for obj in added:
+                try:
+                    self.qsd.delete_object(obj)
+                except BrickError as exc:
+                    LOG.warning("could not remove TLS credentials %s: %s", obj, exc)
+            raise
 
     def stop(self) -> None:
-        """Stop qemu-storage-daemon, and tgtd unless it still exports image targets."""
+        """Stop qemu-storage-daemon (and drop its copy of the NBD key), and tgtd unless it
+        still exports image targets."""
         self.qsd.stop()
+        psk.uninstall(self.psk_dir)
         if not self.tgt.targets():
             self.tgtd.stop()
 
@@ -173,7 +216,12 @@ class QemuUpstream:
         if endpoint.nbd:
             host, port = _split(endpoint.nbd)
             qsd.add_nbd(
-                node, host, port, image, reconnect_delay=self.d.settings.nbd_reconnect_delay
+                node,
+                host,
+                port,
+                image,
+                reconnect_delay=self.d.settings.nbd_reconnect_delay,
+                tls_creds=self.d.nbd_tls,
             )
             return
         chap = self.d.chap
