@@ -2,7 +2,7 @@
 
 Usage::
 
-    client = Client("http://volt-master:7447", token="secret")
+    client = Client("https://volt-master:7447", token="secret", ca_file="/etc/volt/ca.pem")
     peer_id, parents = client.volumes.get("volume-img1", host="10.0.0.5")
     client.volumes.login("volume-img1", peer_id, "10.0.0.5", 3260, "iqn.2010-10.org:x", 1)
     for entry in client.members.heartbeat(host="10.0.0.5"):
@@ -86,12 +86,20 @@ def _volume_list(body: Any) -> list[Volume]:
 class HTTPClient:
     """One requests Session to volt-api; JSON in, JSON out, errors as exceptions."""
 
-    def __init__(self, endpoint: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca_file: str | None = None,
+    ) -> None:
         if "://" not in endpoint:
             endpoint = "http://" + endpoint
         self.endpoint = endpoint.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if ca_file:  # https:// endpoints: trust this CA bundle (default: the system's)
+            self.session.verify = ca_file
         self.session.headers["Accept"] = "application/json"
         if token:
             self.session.headers["X-Auth-Token"] = token
@@ -262,10 +270,20 @@ def _unexpected(method: str, path: str, answer: Any) -> exceptions.InvalidRespon
 
 
 class Client:
-    """Client of volt-api: ``client.volumes`` and ``client.members``."""
+    """Client of volt-api: ``client.volumes`` and ``client.members``.
 
-    def __init__(self, endpoint: str, token: str | None = None, timeout: float = 30.0) -> None:
-        self.http_client = HTTPClient(endpoint, token, timeout)
+    ``endpoint``: ``http://`` or ``https://`` URL; ``ca_file``: PEM CA bundle that signs an
+    https volt-api's certificate. ``token``: the admin token or a node token.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca_file: str | None = None,
+    ) -> None:
+        self.http_client = HTTPClient(endpoint, token, timeout, ca_file)
         self.volumes = VolumeManager(self.http_client)
         self.members = MemberManager(self.http_client)
 

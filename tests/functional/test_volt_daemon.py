@@ -102,7 +102,8 @@ def test_metrics(volt: VoltProcess):
     volt.request("DELETE", "/v1/volumes/volume-m/10.8.0.3:volume-m")
     import urllib.request
 
-    with urllib.request.urlopen(volt.url + "/metrics", timeout=10) as resp:
+    request = urllib.request.Request(volt.url + "/metrics", headers={"X-Auth-Token": volt.token})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
     lines = set(text.splitlines())

@@ -1,11 +1,12 @@
 """The WSGI application: routing, authentication, errors as JSON, request metrics.
 
 The route table is the single place that lists the API; /openapi.json documents it.
+Order of work on every request: route (404/405), authenticate (401), authorise (403), and
+only then read the body, on the operations that take one, with a deadline (408).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -17,8 +18,10 @@ from typing import Any
 from prometheus_client import exposition
 
 from volt.api.handlers import Handlers
-from volt.api.request import Request, Response, read_json_body
-from volt.errors import MethodNotAllowed, RouteNotFound, Unauthenticated, VoltError
+from volt.api.request import BodyReader, Request, Response, has_body
+from volt.auth import ADMIN, Authenticator, Credential
+from volt.errors import MethodNotAllowed, RouteNotFound, VoltError
+from volt.liveness import LoadMonitor
 from volt.metrics import Metrics
 from volt.service import VoltService
 
@@ -32,8 +35,10 @@ REASONS = {
     300: "Multiple Choices",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Payload Too Large",
     500: "Internal Server Error",
@@ -57,6 +62,27 @@ def route_table(h: Handlers, app: VoltApp) -> list[tuple[str, dict[str, Handler]
         ("/v1/members", {"GET": h.list_members}),
         ("/v1/members/heartbeat", {"PUT": h.heartbeat}),
     ]
+
+
+# Readable without a credential; they never read a body.
+OPEN_PATHS = frozenset({"/", "/openapi.json"})
+# (method, template) of the operations only the admin credential may call.
+ADMIN_ONLY = frozenset(
+    {
+        ("GET", "/v1/volumes/{volume_id}"),
+        ("HEAD", "/v1/volumes/{volume_id}"),
+        ("DELETE", "/v1/volumes/{volume_id}"),
+        ("GET", "/v1/members"),
+    }
+)
+# The only operations whose body is read; every other one ignores a body it is sent.
+TAKES_BODY = frozenset(
+    {
+        ("GET", "/v1/volumes/query/{volume_id}"),
+        ("POST", "/v1/volumes/{volume_id}/{peer_id}"),
+        ("PUT", "/v1/members/heartbeat"),
+    }
+)
 
 
 def _match(want: list[str], path: str) -> dict[str, str] | None:
@@ -95,10 +121,17 @@ class VoltApp:
         service: VoltService,
         *,
         auth_token: str | None,
+        node_secret: str | None = None,
         metrics: Metrics | None = None,
+        metrics_public: bool = False,
+        body_timeout: float = 5.0,
+        monitor: LoadMonitor | None = None,
     ) -> None:
         self.service = service
-        self.auth_token = auth_token
+        self.auth = Authenticator(auth_token, node_secret)
+        self.metrics_public = metrics_public
+        self.bodies = BodyReader(body_timeout)
+        self.monitor = monitor or LoadMonitor(threads=1 << 30)
         self.metrics_ = metrics or service.metrics
         self.routes = [
             (template, template.split("/"), methods)
@@ -109,23 +142,38 @@ class VoltApp:
 
     # -- WSGI ------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        self.monitor.enter()
+        try:
+            return self._serve(environ, start_response)
+        finally:
+            self.monitor.exit()
+
+    def _serve(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
         request_id = "req-" + os.urandom(16).hex()
         method = environ.get("REQUEST_METHOD", "GET").upper()
         path = environ.get("PATH_INFO") or "/"
         route = "unmatched"
+        body_read = False
         try:
             route, handler, params = self._route(method, path)
-            if route.startswith("/v1/"):
-                self._authenticate(environ)
+            credential = self._authenticate(route, environ)
+            if (method, route) in ADMIN_ONLY:
+                credential.require_admin(f"{method} {route}")
+            body = None
+            if (method, route) in TAKES_BODY:
+                caller = credential.host or environ.get("REMOTE_ADDR", "")
+                body = self.bodies.read_json(environ, caller)
+                body_read = True
             req = Request(
                 method=method,
                 path=path,
                 params=params,
                 remote_addr=environ.get("REMOTE_ADDR", ""),
                 headers={},
-                body=read_json_body(environ),
+                body=body,
                 request_id=request_id,
+                credential=credential,
             )
             response = handler(req)
         except VoltError as err:
@@ -145,6 +193,10 @@ class VoltApp:
             ("X-Request-Id", request_id),
             *response.headers,
         ]
+        if not body_read and has_body(environ):
+            # A body nobody reads (perhaps one that never comes) must not keep the
+            # connection: close it once the answer is out.
+            headers.append(("Connection", "close"))
         start_response(f"{response.status} {REASONS.get(response.status, '')}", headers)
         counter, histogram = self._observer(method, route, response.status)
         counter.inc()
@@ -181,12 +233,10 @@ class VoltApp:
             raise MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
         raise RouteNotFound(f"no such resource: {path}")
 
-    def _authenticate(self, environ: dict[str, Any]) -> None:
-        if self.auth_token is None:
-            return
-        given = environ.get("HTTP_X_AUTH_TOKEN", "")
-        if not given or not hmac.compare_digest(given.encode(), self.auth_token.encode()):
-            raise Unauthenticated("missing or wrong X-Auth-Token")
+    def _authenticate(self, route: str, environ: dict[str, Any]) -> Credential:
+        if route in OPEN_PATHS or (route == "/metrics" and self.metrics_public):
+            return ADMIN
+        return self.auth.authenticate(environ.get("HTTP_X_AUTH_TOKEN", ""))
 
     @staticmethod
     def _encode(response: Response) -> bytes:
