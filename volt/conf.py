@@ -45,10 +45,10 @@ default_opts = [
         default=5.0,
         min=0.5,
         max=60.0,
-        help="Seconds a client has to send the whole request body once its headers are in. "
-        "A client that is slower gets 408 and its connection is closed, so a stalled body "
-        "holds a worker thread (of api_threads) for at most this long. Bodies are only read "
-        "after authentication, on the three operations that take one.",
+        help="Seconds a client has to send the whole request body once its headers are in; "
+        "a slower one gets 408 and its connection is closed. Bodies are read by the event "
+        "loop, never by one of the api_threads, only after authentication, and only on the "
+        "three operations that take one (query, register, heartbeat).",
     ),
     cfg.IntOpt(
         "node_timeout",
@@ -64,7 +64,8 @@ default_opts = [
         default=4,
         min=1,
         max=256,
-        help="Worker threads that run API requests (the HTTP layer itself is Granian's). "
+        help="Worker threads that run API handlers (Granian's event loop reads the requests "
+        "and their bodies). "
         "Requests are serialised on the trees' lock, so more threads mostly add GIL "
         "contention: 4 measured best on 2 cores (bench/volt_load.py).",
     ),

@@ -1,9 +1,9 @@
 """The eviction loop: hosts silent for ``node_timeout`` leave all their trees.
 
-A silent host is only evicted for silence volt-api itself did not cause: while every worker
-thread is busy for longer than ``SATURATION_GRACE`` (stalled clients, a burst), heartbeats
-wait in Granian's queue, so that time is credited to every host and the scan that sees the
-pool still saturated evicts nobody.
+A host is only evicted for silence volt-api itself did not cause. While every worker thread
+is busy (a slow store, a burst, GIL starvation), heartbeats wait in the pool's queue: each
+scan credits every host the time the pool was saturated, and when it was saturated for at
+least half of the scan interval, the whole interval is credited and nobody is evicted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from volt.service import VoltService
 
 LOG = logging.getLogger(__name__)
-SATURATION_GRACE = 0.5  # seconds: a healthy busy pool is saturated for milliseconds
+SATURATED_SHARE = 0.5  # of a scan interval: above it, the interval counts as not served
 
 
 def scan_interval(node_timeout: float) -> float:
@@ -32,7 +32,8 @@ class LoadMonitor:
         self.clock = clock
         self.in_flight = 0
         self._saturated_since: float | None = None
-        self._blocked = 0.0  # seconds beyond the grace, of episodes not yet taken
+        self._saturated = 0.0  # seconds of finished saturation not yet taken
+        self._window_start = clock()
         self._lock = threading.Lock()
 
     def enter(self) -> None:
@@ -45,23 +46,19 @@ class LoadMonitor:
         with self._lock:
             self.in_flight -= 1
             if self.in_flight < self.threads and self._saturated_since is not None:
-                self._blocked += max(0.0, self.clock() - self._saturated_since - SATURATION_GRACE)
+                self._saturated += self.clock() - self._saturated_since
                 self._saturated_since = None
 
-    def take_blocked(self) -> tuple[float, bool]:
-        """(seconds the pool could not serve since the last call, saturated now past the
-        grace). An episode still running is counted up to now and continues from there."""
+    def take(self) -> tuple[float, float]:
+        """(seconds every worker was busy, seconds elapsed) since the last call."""
         with self._lock:
-            blocked, self._blocked = self._blocked, 0.0
-            since = self._saturated_since
-            if since is None:
-                return blocked, False
             now = self.clock()
-            ongoing = now - since - SATURATION_GRACE
-            if ongoing <= 0:
-                return blocked, False
-            self._saturated_since = now - SATURATION_GRACE  # the rest counts next time
-            return blocked + ongoing, True
+            saturated, self._saturated = self._saturated, 0.0
+            if self._saturated_since is not None:
+                saturated += now - self._saturated_since
+                self._saturated_since = now
+            window, self._window_start = now - self._window_start, now
+            return saturated, window
 
 
 class Evictor(threading.Thread):
@@ -83,18 +80,20 @@ class Evictor(threading.Thread):
     def scan(self) -> list[str]:
         """One eviction pass; returns the evicted hosts."""
         if self.monitor is not None:
-            blocked, saturated = self.monitor.take_blocked()
-            if blocked > 0:
-                self.service.credit(blocked)
+            saturated, window = self.monitor.take()
+            if saturated >= SATURATED_SHARE * window > 0:
+                self.service.credit(window)
                 LOG.warning(
-                    "volt-api could not serve for %.1f s (all %d worker threads busy): "
-                    "every host is credited that time%s",
-                    blocked,
+                    "volt-api could not serve: all %d worker threads were busy for %.1f of the "
+                    "last %.1f s; eviction suspended, every host credited %.1f s",
                     self.monitor.threads,
-                    "; eviction suspended while it lasts" if saturated else "",
+                    saturated,
+                    window,
+                    window,
                 )
-            if saturated:
                 return []
+            if saturated > 0:
+                self.service.credit(saturated)
         return self.service.evict_expired()
 
     def stop(self) -> None:

@@ -97,9 +97,10 @@ class HTTPClient:
             endpoint = "http://" + endpoint
         self.endpoint = endpoint.rstrip("/")
         self.timeout = timeout
+        # https:// endpoints: trust this CA bundle (default: the system's). Passed with each
+        # request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+        self.ca_file = ca_file
         self.session = requests.Session()
-        if ca_file:  # https:// endpoints: trust this CA bundle (default: the system's)
-            self.session.verify = ca_file
         self.session.headers["Accept"] = "application/json"
         if token:
             self.session.headers["X-Auth-Token"] = token
@@ -111,6 +112,8 @@ class HTTPClient:
         """
         url, path = self.endpoint + path, unquote(path)
         kwargs: dict[str, Any] = {"timeout": self.timeout}
+        if self.ca_file:
+            kwargs["verify"] = self.ca_file
         if body is not None:
             kwargs["json"] = body
         try:

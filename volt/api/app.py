@@ -1,26 +1,41 @@
-"""The WSGI application: routing, authentication, errors as JSON, request metrics.
+"""The RSGI application: routing, authentication, errors as JSON, request metrics.
 
 The route table is the single place that lists the API; /openapi.json documents it.
 Order of work on every request: route (404/405), authenticate (401), authorise (403), and
 only then read the body, on the operations that take one, with a deadline (408).
+
+Granian's RSGI interface, not WSGI: a WSGI ``wsgi.input.read`` blocks a worker thread with
+no deadline (Granian 2.8 bounds only the header read), and a read abandoned in another
+thread hangs the whole server. Here the event loop reads bodies (``asyncio.wait_for``: a
+stalled body occupies no thread, and its connection is closed with the 408), then the
+handler runs in a pool of ``api_threads`` threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from concurrent import futures
 from importlib import resources
 from typing import Any
 
 from prometheus_client import exposition
 
 from volt.api.handlers import Handlers
-from volt.api.request import BodyReader, Request, Response, has_body
+from volt.api.request import MAX_BODY_BYTES, Request, Response, parse_json
 from volt.auth import ADMIN, Authenticator, Credential
-from volt.errors import MethodNotAllowed, RouteNotFound, VoltError
+from volt.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    MalformedBody,
+    MethodNotAllowed,
+    RouteNotFound,
+    VoltError,
+)
 from volt.liveness import LoadMonitor
 from volt.metrics import Metrics
 from volt.service import VoltService
@@ -29,7 +44,6 @@ LOG = logging.getLogger(__name__)
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 Handler = Callable[[Request], Response]
-StartResponse = Callable[..., Any]
 REASONS = {
     200: "OK",
     300: "Multiple Choices",
@@ -101,6 +115,28 @@ def _match(want: list[str], path: str) -> dict[str, str] | None:
     return params
 
 
+def _announces_body(headers: Any) -> bool:
+    length = headers.get("content-length") or ""
+    chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+    return length not in ("", "0") or chunked
+
+
+def _client_address(client: str) -> str:
+    """The address part of RSGI's ``"host:port"`` (``"[v6]:port"`` or ``"v6:port"``)."""
+    host = client.rpartition(":")[0] if ":" in client else client
+    return host.strip("[]")
+
+
+async def _collect(protocol: Any) -> bytes:
+    chunks, size = [], 0
+    async for chunk in protocol:
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _error_body(err: VoltError, request_id: str) -> dict[str, Any]:
     return {
         "errors": [
@@ -125,13 +161,15 @@ class VoltApp:
         metrics: Metrics | None = None,
         metrics_public: bool = False,
         body_timeout: float = 5.0,
+        threads: int = 4,
         monitor: LoadMonitor | None = None,
     ) -> None:
         self.service = service
         self.auth = Authenticator(auth_token, node_secret)
         self.metrics_public = metrics_public
-        self.bodies = BodyReader(body_timeout)
-        self.monitor = monitor or LoadMonitor(threads=1 << 30)
+        self.body_timeout = body_timeout
+        self.pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="volt-api")
+        self.monitor = monitor or LoadMonitor(threads)
         self.metrics_ = metrics or service.metrics
         self.routes = [
             (template, template.split("/"), methods)
@@ -140,68 +178,96 @@ class VoltApp:
         self._observers: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._openapi = resources.files("volt.api").joinpath("openapi.json").read_bytes()
 
-    # -- WSGI ------------------------------------------------------------------------------
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        self.monitor.enter()
-        try:
-            return self._serve(environ, start_response)
-        finally:
-            self.monitor.exit()
-
-    def _serve(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    # -- RSGI ------------------------------------------------------------------------------
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         started = time.perf_counter()
         request_id = "req-" + os.urandom(16).hex()
-        method = environ.get("REQUEST_METHOD", "GET").upper()
-        path = environ.get("PATH_INFO") or "/"
+        method = scope.method.upper()
+        path = scope.path or "/"  # Granian percent-decodes it
+        headers = scope.headers
+        announced = _announces_body(headers)
         route = "unmatched"
         body_read = False
         try:
             route, handler, params = self._route(method, path)
-            credential = self._authenticate(route, environ)
+            credential = self._authenticate(route, headers.get("x-auth-token") or "")
             if (method, route) in ADMIN_ONLY:
                 credential.require_admin(f"{method} {route}")
             body = None
-            if (method, route) in TAKES_BODY:
-                caller = credential.host or environ.get("REMOTE_ADDR", "")
-                body = self.bodies.read_json(environ, caller)
+            if (method, route) in TAKES_BODY and announced:
+                body = await self._read_body(protocol, headers)
                 body_read = True
             req = Request(
                 method=method,
                 path=path,
                 params=params,
-                remote_addr=environ.get("REMOTE_ADDR", ""),
+                remote_addr=_client_address(scope.client),
                 headers={},
                 body=body,
                 request_id=request_id,
                 credential=credential,
             )
-            response = handler(req)
+            loop = asyncio.get_running_loop()
+            response = await loop.run_in_executor(self.pool, self._run, handler, req)
         except VoltError as err:
-            response = Response(err.status, _error_body(err, request_id))
-            if isinstance(err, MethodNotAllowed):
-                response.headers.append(("Allow", ", ".join(err.allowed)))
-            level = logging.WARNING if err.status >= 500 else logging.INFO
-            LOG.log(level, "%s %s -> %d %s [%s]", method, path, err.status, err.detail, request_id)
+            response = self._error(err, method, path, request_id)
         except Exception:
             LOG.exception("%s %s failed [%s]", method, path, request_id)
             err = VoltError("internal error; see the volt-api log for " + request_id)
             response = Response(500, _error_body(err, request_id))
         payload = self._encode(response)
-        headers = [
+        out = [
             ("Content-Type", response.content_type),
             ("Content-Length", str(len(payload))),
             ("X-Request-Id", request_id),
             *response.headers,
         ]
-        if not body_read and has_body(environ):
+        if announced and not body_read:
             # A body nobody reads (perhaps one that never comes) must not keep the
-            # connection: close it once the answer is out.
-            headers.append(("Connection", "close"))
-        start_response(f"{response.status} {REASONS.get(response.status, '')}", headers)
+            # connection: it is closed once the answer is out.
+            out.append(("Connection", "close"))
+        if method == "HEAD":
+            protocol.response_empty(response.status, out)
+        else:
+            protocol.response_bytes(response.status, out, payload)
         counter, histogram = self._observer(method, route, response.status)
         counter.inc()
         histogram.observe(time.perf_counter() - started)
-        return [] if method == "HEAD" else [payload]
+
+    def _run(self, handler: Handler, req: Request) -> Response:
+        """In a worker thread; VoltError propagates to the event loop."""
+        self.monitor.enter()
+        try:
+            return handler(req)
+        finally:
+            self.monitor.exit()
+
+    @staticmethod
+    def _error(err: VoltError, method: str, path: str, request_id: str) -> Response:
+        response = Response(err.status, _error_body(err, request_id))
+        if isinstance(err, MethodNotAllowed):
+            response.headers.append(("Allow", ", ".join(err.allowed)))
+        level = logging.WARNING if err.status >= 500 else logging.INFO
+        LOG.log(level, "%s %s -> %d %s [%s]", method, path, err.status, err.detail, request_id)
+        return response
+
+    async def _read_body(self, protocol: Any, headers: Any) -> Any:
+        """The JSON body, read within ``body_timeout`` and at most MAX_BODY_BYTES."""
+        length_header = headers.get("content-length") or ""
+        if length_header:
+            try:
+                length = int(length_header)
+            except ValueError:
+                raise MalformedBody("Content-Length is not a number") from None
+            if length > MAX_BODY_BYTES:
+                raise BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        try:
+            raw = await asyncio.wait_for(_collect(protocol), self.body_timeout)
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {self.body_timeout:g} s"
+            ) from None
+        return parse_json(raw)
 
     def _observer(self, method: str, route: str, status: int) -> tuple[Any, Any]:
         """The metric children of one (method, route, status), looked up once: labels() is
@@ -233,10 +299,10 @@ class VoltApp:
             raise MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
         raise RouteNotFound(f"no such resource: {path}")
 
-    def _authenticate(self, route: str, environ: dict[str, Any]) -> Credential:
+    def _authenticate(self, route: str, token: str) -> Credential:
         if route in OPEN_PATHS or (route == "/metrics" and self.metrics_public):
             return ADMIN
-        return self.auth.authenticate(environ.get("HTTP_X_AUTH_TOKEN", ""))
+        return self.auth.authenticate(token)
 
     @staticmethod
     def _encode(response: Response) -> bytes:

@@ -1,10 +1,9 @@
 """``volt-api``: the Volt master daemon.
 
-The HTTP layer is Granian (one worker process running the WSGI application in a pool of
-``api_threads`` threads). Granian reads request headers in its Rust event loop (bounded by
-its http1 ``header_read_timeout``, 30 s) before a thread is involved, but streams bodies:
-``wsgi.input.read`` blocks a worker thread with no deadline, hence
-volt.api.request.BodyReader. The worker dies with the master process (PR_SET_PDEATHSIG), so
+The HTTP layer is Granian: one worker process serving the RSGI application (volt.api.app),
+whose event loop reads headers (Granian's http1 ``header_read_timeout``, 30 s) and bodies
+(``request_body_timeout``) and runs handlers in a pool of ``api_threads`` threads. The
+worker dies with the master process (PR_SET_PDEATHSIG), so
 even a ``kill -9`` leaves no orphan holding the port. SIGTERM/SIGINT stop it gracefully.
 """
 
@@ -114,11 +113,12 @@ def build_app() -> VoltApp:
         metrics=metrics,
         metrics_public=CONF.metrics_public,
         body_timeout=CONF.request_body_timeout,
+        threads=CONF.api_threads,
         monitor=monitor,
     )
 
 
-def wsgi_factory() -> VoltApp:
+def app_factory() -> VoltApp:
     """Entry point of the Granian worker process."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -154,12 +154,11 @@ def _serve() -> None:
     if CONF.ssl.cert_file:
         ssl = {"ssl_cert": Path(CONF.ssl.cert_file), "ssl_key": Path(CONF.ssl.key_file)}
     server = Server(
-        "volt.cmd.api:wsgi_factory",
+        "volt.cmd.api:app_factory",
         address=CONF.bind_host,
         port=CONF.bind_port,
-        interface=Interfaces.WSGI,
+        interface=Interfaces.RSGI,
         workers=1,
-        blocking_threads=CONF.api_threads,
         backlog=4096,
         factory=True,
         log_dictconfig=log_config,
