@@ -64,10 +64,10 @@ default_opts = [
         default=4,
         min=1,
         max=256,
-        help="Worker threads that run API handlers (Granian's event loop reads the requests "
-        "and their bodies). "
-        "Requests are serialised on the trees' lock, so more threads mostly add GIL "
-        "contention: 4 measured best on 2 cores (bench/volt_load.py).",
+        deprecated_for_removal=True,
+        deprecated_reason="volt-api runs its handlers on Granian's event loop (RSGI): they "
+        "are serialised on the trees' lock, and a thread pool only cost throughput.",
+        help="Ignored.",
     ),
     cfg.StrOpt(
         "pid_file",

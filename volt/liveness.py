@@ -1,13 +1,15 @@
 """The eviction loop: hosts silent for ``node_timeout`` leave all their trees.
 
-A host is only evicted for silence volt-api itself did not cause. While every worker thread
-is busy (a slow store, a burst, GIL starvation), heartbeats wait in the pool's queue: each
-scan credits every host the time the pool was saturated, and when it was saturated for at
-least half of the scan interval, the whole interval is credited and nobody is evicted.
+A host is only evicted for silence volt-api itself did not cause. The handlers run on
+Granian's event loop; while it is blocked (a slow store, GC, a burst), heartbeats wait. A
+probe on the loop measures how late it runs: each scan credits every host the time the loop
+was blocked, and when it was blocked for at least half of the scan interval (or is blocked
+now), the whole interval is credited and nobody is evicted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -16,7 +18,9 @@ from collections.abc import Callable
 from volt.service import VoltService
 
 LOG = logging.getLogger(__name__)
-SATURATED_SHARE = 0.5  # of a scan interval: above it, the interval counts as not served
+BLOCKED_SHARE = 0.5  # of a scan interval: above it, the interval counts as not served
+PROBE_INTERVAL = 0.1  # seconds between two probes on the event loop
+LAG_GRACE = 0.25  # seconds: a probe later than this means the loop was blocked
 
 
 def scan_interval(node_timeout: float) -> float:
@@ -25,40 +29,45 @@ def scan_interval(node_timeout: float) -> float:
 
 
 class LoadMonitor:
-    """Counts requests in flight against the worker threads, and the time all were busy."""
+    """How long volt-api's event loop could not run (its probe fired late), per window."""
 
-    def __init__(self, threads: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.threads = threads
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.in_flight = 0
-        self._saturated_since: float | None = None
-        self._saturated = 0.0  # seconds of finished saturation not yet taken
+        self._beat: float | None = None  # last probe; None until the loop runs one
+        self._blocked = 0.0  # seconds of finished blocks not yet taken
+        self._counted = 0.0  # seconds of the block under way already taken
         self._window_start = clock()
         self._lock = threading.Lock()
 
-    def enter(self) -> None:
-        with self._lock:
-            self.in_flight += 1
-            if self.in_flight >= self.threads and self._saturated_since is None:
-                self._saturated_since = self.clock()
-
-    def exit(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            if self.in_flight < self.threads and self._saturated_since is not None:
-                self._saturated += self.clock() - self._saturated_since
-                self._saturated_since = None
-
-    def take(self) -> tuple[float, float]:
-        """(seconds every worker was busy, seconds elapsed) since the last call."""
+    def tick(self) -> None:
+        """One probe, on the event loop."""
         with self._lock:
             now = self.clock()
-            saturated, self._saturated = self._saturated, 0.0
-            if self._saturated_since is not None:
-                saturated += now - self._saturated_since
-                self._saturated_since = now
+            if self._beat is not None:
+                late = now - self._beat - PROBE_INTERVAL
+                if late > LAG_GRACE:
+                    self._blocked += max(0.0, late - self._counted)
+            self._beat, self._counted = now, 0.0
+
+    async def probe(self) -> None:
+        while True:
+            self.tick()
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    def take(self) -> tuple[float, float, bool]:
+        """(seconds the loop was blocked, seconds elapsed, whether it is blocked now) since
+        the last call. A block under way counts up to now, and the rest next time."""
+        with self._lock:
+            now = self.clock()
+            blocked, self._blocked = self._blocked, 0.0
+            blocked_now = False
+            if self._beat is not None:
+                late = now - self._beat - PROBE_INTERVAL
+                if late > LAG_GRACE:
+                    blocked += late - self._counted
+                    self._counted, blocked_now = late, True
             window, self._window_start = now - self._window_start, now
-            return saturated, window
+            return blocked, window, blocked_now
 
 
 class Evictor(threading.Thread):
@@ -80,20 +89,20 @@ class Evictor(threading.Thread):
     def scan(self) -> list[str]:
         """One eviction pass; returns the evicted hosts."""
         if self.monitor is not None:
-            saturated, window = self.monitor.take()
-            if saturated >= SATURATED_SHARE * window > 0:
+            blocked, window, blocked_now = self.monitor.take()
+            if blocked_now or blocked >= BLOCKED_SHARE * window > 0:
                 self.service.credit(window)
                 LOG.warning(
-                    "volt-api could not serve: all %d worker threads were busy for %.1f of the "
-                    "last %.1f s; eviction suspended, every host credited %.1f s",
-                    self.monitor.threads,
-                    saturated,
+                    "volt-api could not serve for %.1f of the last %.1f s%s: eviction "
+                    "suspended, every host credited %.1f s",
+                    blocked,
                     window,
+                    " (still blocked)" if blocked_now else "",
                     window,
                 )
                 return []
-            if saturated > 0:
-                self.service.credit(saturated)
+            if blocked > 0:
+                self.service.credit(blocked)
         return self.service.evict_expired()
 
     def stop(self) -> None:

@@ -49,7 +49,6 @@ class VoltProcess:
         default = {
             "bind_host": "127.0.0.1",
             "bind_port": str(self.port),
-            "api_threads": "4",
             "auth_strategy": "token" if token else "noauth",
             "pid_file": str(self.pid_file),
         }

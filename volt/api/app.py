@@ -7,8 +7,9 @@ only then read the body, on the operations that take one, with a deadline (408).
 Granian's RSGI interface, not WSGI: a WSGI ``wsgi.input.read`` blocks a worker thread with
 no deadline (Granian 2.8 bounds only the header read), and a read abandoned in another
 thread hangs the whole server. Here the event loop reads bodies (``asyncio.wait_for``: a
-stalled body occupies no thread, and its connection is closed with the 408), then the
-handler runs in a pool of ``api_threads`` threads.
+stalled body occupies no thread, and its connection is closed with the 408), then runs the
+handler itself: handlers are serialised on the service's lock anyway, and a hop to a thread
+pool cost 40% of the throughput (bench/volt_load.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent import futures
 from importlib import resources
 from typing import Any
 
@@ -161,15 +161,14 @@ class VoltApp:
         metrics: Metrics | None = None,
         metrics_public: bool = False,
         body_timeout: float = 5.0,
-        threads: int = 4,
         monitor: LoadMonitor | None = None,
     ) -> None:
         self.service = service
         self.auth = Authenticator(auth_token, node_secret)
         self.metrics_public = metrics_public
         self.body_timeout = body_timeout
-        self.pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="volt-api")
-        self.monitor = monitor or LoadMonitor(threads)
+        self.monitor = monitor or LoadMonitor()
+        self._probe: asyncio.Task[None] | None = None
         self.metrics_ = metrics or service.metrics
         self.routes = [
             (template, template.split("/"), methods)
@@ -179,6 +178,10 @@ class VoltApp:
         self._openapi = resources.files("volt.api").joinpath("openapi.json").read_bytes()
 
     # -- RSGI ------------------------------------------------------------------------------
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At worker start: the probe that tells the evictor when the loop is blocked."""
+        self._probe = loop.create_task(self.monitor.probe())
+
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         started = time.perf_counter()
         request_id = "req-" + os.urandom(16).hex()
@@ -207,8 +210,7 @@ class VoltApp:
                 request_id=request_id,
                 credential=credential,
             )
-            loop = asyncio.get_running_loop()
-            response = await loop.run_in_executor(self.pool, self._run, handler, req)
+            response = handler(req)
         except VoltError as err:
             response = self._error(err, method, path, request_id)
         except Exception:
@@ -233,14 +235,6 @@ class VoltApp:
         counter, histogram = self._observer(method, route, response.status)
         counter.inc()
         histogram.observe(time.perf_counter() - started)
-
-    def _run(self, handler: Handler, req: Request) -> Response:
-        """In a worker thread; VoltError propagates to the event loop."""
-        self.monitor.enter()
-        try:
-            return handler(req)
-        finally:
-            self.monitor.exit()
 
     @staticmethod
     def _error(err: VoltError, method: str, path: str, request_id: str) -> Response:

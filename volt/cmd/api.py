@@ -2,7 +2,7 @@
 
 The HTTP layer is Granian: one worker process serving the RSGI application (volt.api.app),
 whose event loop reads headers (Granian's http1 ``header_read_timeout``, 30 s) and bodies
-(``request_body_timeout``) and runs handlers in a pool of ``api_threads`` threads. The
+(``request_body_timeout``) and runs the handlers. The
 worker dies with the master process (PR_SET_PDEATHSIG), so
 even a ``kill -9`` leaves no orphan holding the port. SIGTERM/SIGINT stop it gracefully.
 """
@@ -95,7 +95,7 @@ def build_app() -> VoltApp:
     metrics = Metrics()
     store = Store(CONF.database.connection)
     service = VoltService(store, executor, node_timeout=CONF.node_timeout, metrics=metrics)
-    monitor = LoadMonitor(CONF.api_threads)
+    monitor = LoadMonitor()
     Evictor(service, monitor).start()
     if CONF.auth_strategy == "noauth":
         LOG.warning("volt-api runs with auth_strategy = noauth: anyone can change every tree")
@@ -113,7 +113,6 @@ def build_app() -> VoltApp:
         metrics=metrics,
         metrics_public=CONF.metrics_public,
         body_timeout=CONF.request_body_timeout,
-        threads=CONF.api_threads,
         monitor=monitor,
     )
 
