@@ -9,7 +9,9 @@ bodies are read only after authentication with a deadline, and saturation suspen
 from __future__ import annotations
 
 import http.client
+import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -328,6 +330,39 @@ def test_issue_10_saturated_workers_do_not_cause_evictions(volt_factory) -> None
     assert evictions(volt) == 0
     assert len(volt.request("GET", "/v1/members")[1]) == 100
     assert not nodes.failures, nodes.failures[:10]
+
+
+def _worker_pid(volt: VoltProcess) -> int:
+    """The Granian worker process (the child of the volt-api process this test started)."""
+    assert volt.proc is not None
+    pid = volt.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_issue_10_a_frozen_volt_api_evicts_nobody_when_it_resumes(volt_factory) -> None:
+    """volt-api itself cannot serve (its worker stopped for twice node_timeout): when it
+    resumes, the evictor sees that the event loop was blocked and evicts none of the hosts
+    whose heartbeats were waiting."""
+    volt = volt_factory(auth__node_secret=SECRET, node_timeout=4)
+    nodes = Heartbeats(volt, 20, timeout=30.0)
+    nodes.join_all()
+    nodes.start()
+    worker = _worker_pid(volt)
+    try:
+        time.sleep(1.5)
+        os.kill(worker, signal.SIGSTOP)
+        time.sleep(9.0)
+        os.kill(worker, signal.SIGCONT)
+        time.sleep(3.0)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        nodes.stop.set()
+        nodes.join()
+    assert evictions(volt) == 0
+    assert len(volt.request("GET", "/v1/members")[1]) == 20
+    assert re.search(r"could not serve for \S+ of the last", volt.log()), volt.log()[-2000:]
 
 
 # -- TLS ---------------------------------------------------------------------------------------
