@@ -26,7 +26,7 @@ import pytest
 from tests.functional.voltproc import VoltProcess
 from virtman.voltlink import VoltLink
 from volt.auth import node_token
-from voltclient import Client
+from voltclient import Client, shell
 from voltclient import exceptions as exc
 
 SECRET = "cluster-node-secret"
@@ -392,6 +392,9 @@ def test_issue_10_tls_with_the_ca_and_plain_http_refused(volt_factory, certifica
     with Client(volt.url, token=tok(A), ca_file=str(cert), timeout=10) as client:
         peer_id, parents = client.volumes.get(VOLUME)
         assert (peer_id, parents) == (f"{A}:{VOLUME}", [])
+    cli = ["--endpoint", volt.url, "--token", str(volt.token), "--os-cacert", str(cert)]
+    assert shell.main([*cli, "node-list"]) == 0
+    assert shell.main([*cli[:4], "node-list"]) == 1  # without the CA: refused
     link = VoltLink(volt.url, tok(B), B, ca_file=str(cert))
     assert link.join(VOLUME, timeout_s=5)[0] == f"{B}:{VOLUME}"
     assert set(link.heartbeat()) == {f"{B}:{VOLUME}"}
