@@ -47,8 +47,8 @@ default_opts = [
         max=60.0,
         help="Seconds a client has to send the whole request body once its headers are in; "
         "a slower one gets 408 and its connection is closed. Bodies are read by the event "
-        "loop, never by one of the api_threads, only after authentication, and only on the "
-        "three operations that take one (query, register, heartbeat).",
+        "loop (no thread waits for them), only after authentication, and only on the three "
+        "operations that take one (query, register, heartbeat).",
     ),
     cfg.IntOpt(
         "node_timeout",

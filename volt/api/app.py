@@ -44,20 +44,6 @@ LOG = logging.getLogger(__name__)
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 Handler = Callable[[Request], Response]
-REASONS = {
-    200: "OK",
-    300: "Multiple Choices",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    409: "Conflict",
-    413: "Payload Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 
 
 def route_table(h: Handlers, app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
