@@ -56,7 +56,12 @@ class Virtman:
         self.settings = settings
         self.driver = driver
         self.openstack_compatible = openstack_compatible
-        self.volt = volt or VoltLink(settings.master_url, settings.master_token, settings.host_ip)
+        self.volt = volt or VoltLink(
+            settings.master_url,
+            settings.master_token,
+            settings.host_ip,
+            ca_file=settings.master_ca_file,
+        )
         self.journal = Journal(settings.state_dir / "journal.json")
         self.images: dict[str, BaseImage] = {}
         self.instance_names: dict[str, str] = {}  # instance -> image

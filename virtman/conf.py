@@ -30,7 +30,24 @@ default_opts = [
     ),
     cfg.HostAddressOpt("master_ip", default="127.0.0.1", help="Volt's address."),
     cfg.PortOpt("master_port", default=7447, help="Volt's port."),
-    cfg.StrOpt("master_token", secret=True, help="Volt's [auth] token (X-Auth-Token)."),
+    cfg.URIOpt(
+        "master_url",
+        schemes=["http", "https"],
+        help="Volt's URL, e.g. https://volt.example:7447 when volt-api serves TLS. When set "
+        "it replaces master_ip and master_port.",
+    ),
+    cfg.StrOpt(
+        "master_ca_file",
+        help="PEM CA bundle that signs volt-api's certificate (https master_url). Unset: "
+        "the system's CAs.",
+    ),
+    cfg.StrOpt(
+        "master_token",
+        secret=True,
+        help="This node's Volt credential (X-Auth-Token): its node token (`volt-manage "
+        "node-token <host_ip>` on the master), which only acts for this host_ip; Volt's "
+        "admin [auth] token works too but is not bound to the node.",
+    ),
     cfg.IntOpt(
         "heartbeat_interval",
         default=20,
@@ -331,14 +348,16 @@ class Settings:
     dm_nbd_relay: bool = False
     dm_no_path_retry: int = 30
     dm_cow_percent: int = 110
+    master_ca_file: str | None = None
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, host_ip: str) -> Settings:
         state = Path(conf.state_dir)
         return cls(
             host_ip=host_ip,
-            master_url=f"http://{_url_host(conf.master_ip)}:{conf.master_port}",
+            master_url=conf.master_url or f"http://{_url_host(conf.master_ip)}:{conf.master_port}",
             master_token=conf.master_token,
+            master_ca_file=conf.master_ca_file,
             heartbeat_interval=conf.heartbeat_interval,
             state_dir=state,
             cache_dir=Path(conf.cache_dir) if conf.cache_dir else state / "cache",

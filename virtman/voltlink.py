@@ -34,8 +34,16 @@ def pending_parents(parents: list[Volume]) -> bool:
 
 
 class VoltLink:
-    def __init__(self, url: str, token: str | None, host_ip: str, *, timeout: float = 10.0):
-        self.client = Client(url, token=token, timeout=timeout)
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        host_ip: str,
+        *,
+        timeout: float = 10.0,
+        ca_file: str | None = None,
+    ):
+        self.client = Client(url, token=token, timeout=timeout, ca_file=ca_file)
         self.host_ip = host_ip
 
     def join(

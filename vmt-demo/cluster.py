@@ -20,6 +20,7 @@ from typing import Any
 from brick import psk
 from brick.netns import Host, Lab, netns_inode, pids_in_netns
 from brick.wait import wait_until
+from volt.auth import node_token
 
 PYTHON = sys.executable
 RPC_SNIPPET = (  # argv: url token method json-args [ca-file] (https URLs: the CA to trust)
@@ -97,6 +98,9 @@ class LocalCluster:
         self.workdir = workdir
         self.node_count = nodes
         self.token = token or secrets.token_hex(16)  # a fresh secret per cluster
+        # Volt's admin token is self.token (the control host's volt_tree uses it); each
+        # virtmanserver gets the node token of its own host_ip, derived from this secret.
+        self.node_secret = secrets.token_hex(16)
         self.heartbeat_interval = heartbeat_interval
         self.node_timeout = node_timeout
         self.executor = executor
@@ -195,7 +199,7 @@ class LocalCluster:
             f"bind_host = {host.address}\nbind_port = 7447\n"
             f"default_executor = {self.executor}\nnode_timeout = {self.node_timeout}\n"
             f"pid_file = {d / 'volt-api.pid'}\n"
-            f"[auth]\ntoken = {self.token}\n"
+            f"[auth]\ntoken = {self.token}\nnode_secret = {self.node_secret}\n"
             f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n"
         )
         log = d / "volt-api.log"
@@ -233,7 +237,7 @@ class LocalCluster:
         conf.write_text(
             "[DEFAULT]\n"
             f"host_ip = {host.address}\nmaster_ip = {self.hosts['volt'].address}\n"
-            f"master_port = 7447\nmaster_token = {self.token}\n"
+            f"master_port = 7447\nmaster_token = {node_token(self.node_secret, host.address)}\n"
             f"heartbeat_interval = {self.heartbeat_interval}\n"
             f"state_dir = {d / 'state'}\nrun_dir = {d / 'run'}\n"
             f"listen_host = {host.address}\napi_token = {self.token}\n"

@@ -30,10 +30,11 @@ What it does, in this order (nothing is written until every check has passed):
 6. puts the NBD relays' pre-shared key in ``/etc/virtman/nbd.psk`` (mode 0600): a copy of
    ``--nbd-psk-file``, else the file already there, else a new random 256-bit key;
 7. writes ``/etc/virtman/virtman.conf`` last (mode 0600: it holds the tokens): host_ip,
-   master_ip, master_token (Volt's ``[auth] token``), api_token (the token XML-RPC callers
-   such as vmtimg.py/vmtrun.py must send; the same token unless ``--api-token``), driver,
-   the CHAP account and nbd_psk_file; every other option keeps its default and is listed
-   commented out.
+   master_ip, master_token (``--token``, or with ``--node-secret`` this host's node token:
+   see ``volt-manage node-token``), api_token (the token XML-RPC callers such as
+   vmtimg.py/vmtrun.py must send; the same token unless ``--api-token``), driver, the CHAP
+   account and nbd_psk_file; every other option keeps its default and is listed commented
+   out.
 
 Every node of a cluster needs the same CHAP account and key: run it on the first node
 without them, then copy ``chap_user``/``chap_password`` and ``nbd.psk`` (or pass them with
@@ -75,6 +76,7 @@ from brick.exception import InvalidArgument
 from brick.tgt import Chap
 from virtman import conf as virtman_conf
 from virtmanclient import validation
+from volt.auth import node_token
 
 PROG = "vmt-initenv.py"
 CONFIG = Path("etc/virtman/virtman.conf")  # relative to --root
@@ -316,7 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         required=True,
-        help="Volt's [auth] token (master_token); also the api_token unless --api-token.",
+        help="master_token: this node's Volt credential, best its node token (`volt-manage "
+        "node-token <host_ip>` on the master); also the api_token unless --api-token.",
+    )
+    parser.add_argument(
+        "--node-secret",
+        metavar="SECRET",
+        help="Volt's [auth] node_secret: master_token becomes this host_ip's node token "
+        "(computed here) instead of --token.",
     )
     parser.add_argument(
         "--api-token",
@@ -389,6 +398,10 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan | None, list[str]]:
     api_token = (
         token if args.api_token is None else check(check_token, args.api_token, "--api-token")
     )
+    master_token = token
+    if args.node_secret is not None and host_ip is not None:
+        secret = check(check_token, args.node_secret, "--node-secret")
+        master_token = node_token(secret, host_ip) if secret else None
     chap = check(check_chap, args.chap_user, args.chap_password)
     chap_generated = chap is None and args.chap_user is None and args.chap_password is None
     if chap_generated:
@@ -416,7 +429,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan | None, list[str]]:
     values = {
         "host_ip": host_ip,
         "master_ip": master_ip,
-        "master_token": token,
+        "master_token": master_token,
         "api_token": api_token,
         "driver": args.driver,
         "nbd_psk_file": str(PSK_FILE),

@@ -29,7 +29,26 @@ default_opts = [
             ("token", "clients send [auth] token in the X-Auth-Token header"),
             ("noauth", "no authentication (only for closed test networks)"),
         ],
-        help="How requests to /v1 are authenticated.",
+        help="How requests to /v1 (and /metrics) are authenticated. 'token': the admin "
+        "token of [auth] token, or a node token derived from [auth] node_secret; 'noauth': "
+        "anyone may do anything, and a node's host is whatever the body or the source "
+        "address says (the original protocol).",
+    ),
+    cfg.BoolOpt(
+        "metrics_public",
+        default=False,
+        help="Serve GET /metrics without a credential. By default it needs the admin or a "
+        "node token (auth_strategy = token), since it names every image.",
+    ),
+    cfg.FloatOpt(
+        "request_body_timeout",
+        default=5.0,
+        min=0.5,
+        max=60.0,
+        help="Seconds a client has to send the whole request body once its headers are in; "
+        "a slower one gets 408 and its connection is closed. Bodies are read by the event "
+        "loop (no thread waits for them), only after authentication, and only on the three "
+        "operations that take one (query, register, heartbeat).",
     ),
     cfg.IntOpt(
         "node_timeout",
@@ -45,9 +64,10 @@ default_opts = [
         default=4,
         min=1,
         max=256,
-        help="Worker threads that run API requests (the HTTP layer itself is Granian's). "
-        "Requests are serialised on the trees' lock, so more threads mostly add GIL "
-        "contention: 4 measured best on 2 cores (bench/volt_load.py).",
+        deprecated_for_removal=True,
+        deprecated_reason="volt-api runs its handlers on Granian's event loop (RSGI): they "
+        "are serialised on the trees' lock, and a thread pool only cost throughput.",
+        help="Ignored.",
     ),
     cfg.StrOpt(
         "pid_file",
@@ -79,9 +99,28 @@ auth_opts = [
     cfg.StrOpt(
         "token",
         secret=True,
-        help="Shared secret clients send in X-Auth-Token (auth_strategy = token). Required "
-        "with that strategy: volt-api refuses to start without it.",
+        help="The admin credential, sent in X-Auth-Token (auth_strategy = token): every "
+        "operation, including the admin-only ones (deleting a tree, listing a tree's or all "
+        "members). Required with that strategy: volt-api refuses to start without it.",
     ),
+    cfg.StrOpt(
+        "node_secret",
+        secret=True,
+        help="Cluster secret from which each node's own token is derived: "
+        "node:<host>:<hex HMAC-SHA256(node_secret, host)> (issue one with `volt-manage "
+        "node-token <host>`). A node token may only query, register, leave and heartbeat "
+        "for peer ids of its own host. Unset: only the admin token is accepted. Must differ "
+        "from token; changing it invalidates every node token.",
+    ),
+]
+
+ssl_opts = [
+    cfg.StrOpt(
+        "cert_file",
+        help="PEM certificate (chain) volt-api serves HTTPS with. Set together with "
+        "key_file; unset: plain HTTP. Clients then need https:// URLs and the CA.",
+    ),
+    cfg.StrOpt("key_file", help="PEM private key of cert_file (unencrypted)."),
 ]
 
 database_opts = [
@@ -100,6 +139,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(default_opts)
     conf.register_opts(balanced_opts, group="balanced")
     conf.register_opts(auth_opts, group="auth")
+    conf.register_opts(ssl_opts, group="ssl")
     conf.register_opts(database_opts, group="database")
 
 
@@ -109,6 +149,7 @@ def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
         ("DEFAULT", default_opts),
         ("balanced", balanced_opts),
         ("auth", auth_opts),
+        ("ssl", ssl_opts),
         ("database", database_opts),
     ]
 

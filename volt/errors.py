@@ -36,6 +36,15 @@ class Unauthenticated(VoltError):
     title = "Unauthorized"
 
 
+class Forbidden(VoltError):
+    """Authenticated, but this credential may not do that (a node token acting for another
+    host, or an admin-only operation)."""
+
+    status = 403
+    code = "volt.auth.forbidden"
+    title = "Forbidden"
+
+
 class VolumeNotFound(VoltError):
     status = 404
     code = "volt.volume.not_found"
@@ -81,6 +90,14 @@ class BodyTooLarge(VoltError):
     status = 413
     code = "volt.body_too_large"
     title = "Payload Too Large"
+
+
+class BodyTimeout(VoltError):
+    """The client did not send its announced body within ``request_body_timeout``."""
+
+    status = 408
+    code = "volt.body_timeout"
+    title = "Request Timeout"
 
 
 class StoreUnavailable(VoltError):

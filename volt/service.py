@@ -169,6 +169,14 @@ class VoltService:
                 self._evict(member)
             return expired
 
+    def credit(self, seconds: float) -> None:
+        """Move every host's last heartbeat ``seconds`` later (never past now): volt-api
+        could not serve for that long, so nobody's silence during it counts."""
+        with self.lock:
+            now = self.clock()
+            for member, seen in self.last_seen.items():
+                self.last_seen[member] = min(now, seen + seconds)
+
     # -- views -----------------------------------------------------------------------------
     def volume_counts(self) -> list[tuple[str, int]]:
         with self.lock:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    client = Client("http://volt-master:7447", token="secret")
+    client = Client("https://volt-master:7447", token="secret", ca_file="/etc/volt/ca.pem")
     peer_id, parents = client.volumes.get("volume-img1", host="10.0.0.5")
     client.volumes.login("volume-img1", peer_id, "10.0.0.5", 3260, "iqn.2010-10.org:x", 1)
     for entry in client.members.heartbeat(host="10.0.0.5"):
@@ -86,11 +86,20 @@ def _volume_list(body: Any) -> list[Volume]:
 class HTTPClient:
     """One requests Session to volt-api; JSON in, JSON out, errors as exceptions."""
 
-    def __init__(self, endpoint: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca_file: str | None = None,
+    ) -> None:
         if "://" not in endpoint:
             endpoint = "http://" + endpoint
         self.endpoint = endpoint.rstrip("/")
         self.timeout = timeout
+        # https:// endpoints: trust this CA bundle (default: the system's). Passed with each
+        # request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+        self.ca_file = ca_file
         self.session = requests.Session()
         self.session.headers["Accept"] = "application/json"
         if token:
@@ -103,6 +112,8 @@ class HTTPClient:
         """
         url, path = self.endpoint + path, unquote(path)
         kwargs: dict[str, Any] = {"timeout": self.timeout}
+        if self.ca_file:
+            kwargs["verify"] = self.ca_file
         if body is not None:
             kwargs["json"] = body
         try:
@@ -262,10 +273,20 @@ def _unexpected(method: str, path: str, answer: Any) -> exceptions.InvalidRespon
 
 
 class Client:
-    """Client of volt-api: ``client.volumes`` and ``client.members``."""
+    """Client of volt-api: ``client.volumes`` and ``client.members``.
 
-    def __init__(self, endpoint: str, token: str | None = None, timeout: float = 30.0) -> None:
-        self.http_client = HTTPClient(endpoint, token, timeout)
+    ``endpoint``: ``http://`` or ``https://`` URL; ``ca_file``: PEM CA bundle that signs an
+    https volt-api's certificate. ``token``: the admin token or a node token.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca_file: str | None = None,
+    ) -> None:
+        self.http_client = HTTPClient(endpoint, token, timeout, ca_file)
         self.volumes = VolumeManager(self.http_client)
         self.members = MemberManager(self.http_client)
 

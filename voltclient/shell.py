@@ -4,6 +4,7 @@ Examples::
 
     volt volume-list
     volt --endpoint http://master:7447 --token SECRET volume-show volume-img1
+    volt --endpoint https://master:7447 --os-cacert ca.pem --token SECRET node-list
     volt node-list
 """
 
@@ -138,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=os.environ.get("VOLT_TOKEN") or None,
-        help="Token sent in X-Auth-Token, the [auth] token of volt-api (env VOLT_TOKEN).",
+        help="Token sent in X-Auth-Token: volt-api's admin [auth] token (needed by "
+        "volume-show, volume-delete and node-list) or a node token (env VOLT_TOKEN).",
+    )
+    parser.add_argument(
+        "--os-cacert",
+        "--cacert",
+        dest="cacert",
+        default=os.environ.get("VOLT_CACERT") or None,
+        help="PEM CA bundle that signs an https volt-api's certificate (env VOLT_CACERT).",
     )
     parser.add_argument(
         "--timeout",
@@ -195,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        with Client(args.endpoint, token=args.token, timeout=args.timeout) as client:
+        with Client(
+            args.endpoint, token=args.token, timeout=args.timeout, ca_file=args.cacert
+        ) as client:
             lines = args.func(client, args)
     except (VoltClientError, ValueError) as exc:
         message = " ".join(str(exc).split())

@@ -9,6 +9,11 @@ the documented headers; and no answer may be a 5xx. Hand-written probes add what
 generators do not send: no token or a wrong one on every operation, every undeclared method on
 every path (405 and ``Allow``), bodies that are too large, not JSON, or nested too deep.
 
+The same generators then run twice more with credentials that may change nothing: a node
+token of a host that is in no tree, whose every request names another host (403), and no
+credential at all (401 on /v1 and /metrics). Both must leave every tree and member exactly
+as they found them.
+
 Generation is seeded (``VOLT_FUZZ_SEED``) so that a failure reproduces; run with other seeds
 and more examples (``VOLT_FUZZ_POSITIVE``, ``VOLT_FUZZ_NEGATIVE`` per operation) to
 explore further.
@@ -33,6 +38,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core import NotSet
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -46,9 +52,15 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.functional.voltproc import VoltProcess
-from volt.api.app import route_table
+from volt.api.app import TAKES_BODY, route_table
+from volt.auth import node_token
 
-MIN_REQUESTS = 1000
+# Fuzzing and probe requests of the three runs (admin, wrong-host node token, none); the
+# seeding requests and the schema fetches do not count: 5,461 with the default seed, in
+# 55-70 s on 2 shared cores.
+MIN_REQUESTS = 5000
+NODE_SECRET = "fuzz-node-secret"
+WRONG_HOST = "10.99.0.1"  # the restricted runs' node token: a host in no tree
 SEED = int(os.environ.get("VOLT_FUZZ_SEED", "20240601"))
 # Hypothesis examples per operation with path parameters or a body, per generation mode.
 EXAMPLES = {
@@ -58,6 +70,8 @@ EXAMPLES = {
 # Positive examples aimed at the seeded tree, so that register, leave, show and delete
 # answer their 200s too (random ids rarely name an existing tree or node).
 SEEDED_EXAMPLES = 25
+# Examples per operation and mode in the wrong-host and no-credential runs.
+RESTRICTED_EXAMPLES = int(os.environ.get("VOLT_FUZZ_RESTRICTED", "125"))
 
 CONFORMANCE = [
     not_a_server_error,
@@ -130,10 +144,10 @@ def _align_peer(case: Case, align: bool) -> Case:
 class Fuzzer:
     """Sends the requests, counts them, and collects every failed check."""
 
-    def __init__(self, volt: VoltProcess, schema: Any) -> None:
+    def __init__(self, volt: VoltProcess, schema: Any, token: str | None = None) -> None:
         self.volt = volt
         self.schema = schema
-        self.token = str(volt.token)
+        self.token = token if token is not None else str(volt.token)
         self.session = requests.Session()
         self.routes = _routes()
         self.sent: Counter[str] = Counter()
@@ -146,7 +160,10 @@ class Fuzzer:
         the header (the "missing header" scenarios) is sent without."""
         self.sent[tag] += 1
         if real_token and case.headers and "X-Auth-Token" in case.headers:
-            case.headers["X-Auth-Token"] = self.token
+            if self.token:
+                case.headers["X-Auth-Token"] = self.token
+            else:
+                del case.headers["X-Auth-Token"]
         response = case.call(base_url=self.volt.url, session=self.session, timeout=10)
         self.statuses[(case.operation.label, response.status_code)] += 1
         return response
@@ -286,22 +303,92 @@ class Fuzzer:
         run()
 
 
-def test_fuzz_volt_api_from_its_openapi_document(volt: VoltProcess) -> None:
+def _schema(served: dict[str, Any], volt: VoltProcess, token: str | None) -> Any:
+    schema = schemathesis.openapi.from_dict(served, config=schemathesis.Config())
+    schema.config.update(base_url=volt.url, headers={"X-Auth-Token": token} if token else {})
+    return schema
+
+
+def _state(volt: VoltProcess) -> Any:
+    """Every tree with its nodes, and the members without their clocks (read as admin)."""
+    status, volumes = volt.request("GET", "/v1/volumes")
+    assert status == 200, volumes
+    trees = {v["id"]: volt.request("GET", f"/v1/volumes/{v['id']}")[1] for v in volumes}
+    status, members = volt.request("GET", "/v1/members")
+    assert status == 200, members
+    return trees, [{k: v for k, v in m.items() if k != "seconds_since_heartbeat"} for m in members]
+
+
+def test_fuzz_volt_api_from_its_openapi_document(volt_factory: Any) -> None:
+    volt = volt_factory(auth__node_secret=NODE_SECRET)
     started = time.monotonic()
     # The document as volt-api serves it (from_url would leave out GET /openapi.json).
     status, served = volt.request("GET", "/openapi.json", token="")
     assert status == 200
     packaged = json.loads((Path(__file__).parents[2] / "volt/api/openapi.json").read_text())
     assert served == packaged, "volt-api does not serve volt/api/openapi.json"
-    schema = schemathesis.openapi.from_dict(served, config=schemathesis.Config())
-    schema.config.update(base_url=volt.url, headers={"X-Auth-Token": str(volt.token)})
-    fuzzer = Fuzzer(volt, schema)
+    fuzzer = Fuzzer(volt, _schema(served, volt, str(volt.token)))
     fuzzer.sent["schema"] += 1
+    _admin_run(fuzzer)
 
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # Credentials that may change nothing: the state before and after must be equal.
+    fuzzer.seed_tree()
+    before = _state(volt)
+    wrong_host = node_token(NODE_SECRET, WRONG_HOST)
+    restricted = [
+        Fuzzer(volt, _schema(served, volt, wrong_host), token=wrong_host),
+        Fuzzer(volt, _schema(served, volt, None), token=""),
+    ]
+    for other in restricted:
+        _restricted_run(other)
+        after = _state(volt)
+        changed = {v for v in {*before[0], *after[0]} if before[0].get(v) != after[0].get(v)}
+        assert after == before, (other.token[:20], changed)
+
+    runs = [fuzzer, *restricted]
+    failures = [f for run in runs for f in run.failures]
+    sent = sum((run.sent for run in runs), Counter())
+    total = sum(sent.values())
+    print(f"\nvolt-api fuzz: {total} requests in {time.monotonic() - started:.1f}s", sent)
+    assert not failures, f"{len(failures)} failures:\n\n" + "\n\n".join(failures[:30])
+    assert total - sent["seed"] - sent["schema"] >= MIN_REQUESTS, sent
+    # The generators got past validation: trees were created, read, changed and deleted.
+    # (The seeded streams of operations without a body are a single request each.)
+    for label in (
+        "GET /v1/volumes/query/{volume_id}",
+        "GET /v1/volumes/{volume_id}",
+        "HEAD /v1/volumes/{volume_id}",
+        "DELETE /v1/volumes/{volume_id}",
+        "POST /v1/volumes/{volume_id}/{peer_id}",
+        "DELETE /v1/volumes/{volume_id}/{peer_id}",
+        "PUT /v1/members/heartbeat",
+    ):
+        assert fuzzer.statuses[(label, 200)] > 0, (label, fuzzer.statuses)
+    # The restricted runs were refused: 403 for the node token, 401 without a credential.
+    assert sum(n for (_, code), n in restricted[0].statuses.items() if code == 403) > 100
+    assert sum(n for (_, code), n in restricted[1].statuses.items() if code == 401) > 100
+
+    # volt-api survived it all and still answers.
+    assert volt.proc is not None and volt.proc.poll() is None, volt.log()[-3000:]
+    fuzzer.seed_tree()
+    status, volumes = volt.request("GET", "/v1/volumes")
+    assert status == 200 and {"id": SEED_VOLUME, "count": len(SEED_HOSTS)} in volumes
+    assert volt.request("GET", "/")[0] == 300
+    log = volt.log()
+    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:5000]
+
+
+def _operations(fuzzer: Fuzzer) -> list[Any]:
+    operations = [result.ok() for result in fuzzer.schema.get_all_operations()]
     assert len(operations) == sum(len(methods) for _, methods in fuzzer.routes)
     # Deleting the seeded tree early would leave nothing for the others to find.
     operations.sort(key=lambda op: op.method.upper() == "DELETE")
+    return operations
+
+
+def _admin_run(fuzzer: Fuzzer) -> None:
+    """Everything, with the admin token: coverage, generated cases, hand-written probes."""
+    operations = _operations(fuzzer)
     for operation in operations:
         fuzzer.seed_tree()
         fuzzer.coverage(operation)
@@ -321,55 +408,82 @@ def test_fuzz_volt_api_from_its_openapi_document(volt: VoltProcess) -> None:
                 before=fuzzer.seed_tree if operation.method == "delete" else None,
                 path_parameters={k: v for k, v in fixed.items() if k in names},
             )
-
     fuzzer.seed_tree()
     _probe_auth(fuzzer, operations)
     _probe_methods(fuzzer)
     _probe_bodies(fuzzer, operations)
 
-    total = sum(fuzzer.sent.values())
-    print(f"\nvolt-api fuzz: {total} requests in {time.monotonic() - started:.1f}s", fuzzer.sent)
-    assert not fuzzer.failures, f"{len(fuzzer.failures)} failures:\n\n" + "\n\n".join(
-        fuzzer.failures[:30]
-    )
-    # Fuzzing and probe requests only: the seeding requests and the schema fetch do not count.
-    assert total - fuzzer.sent["seed"] - fuzzer.sent["schema"] >= MIN_REQUESTS, fuzzer.sent
-    # The generators got past validation: trees were created, read, changed and deleted.
-    # (The seeded streams of operations without a body are a single request each.)
-    for label in (
-        "GET /v1/volumes/query/{volume_id}",
-        "GET /v1/volumes/{volume_id}",
-        "HEAD /v1/volumes/{volume_id}",
-        "DELETE /v1/volumes/{volume_id}",
-        "POST /v1/volumes/{volume_id}/{peer_id}",
-        "DELETE /v1/volumes/{volume_id}/{peer_id}",
-        "PUT /v1/members/heartbeat",
-    ):
-        assert fuzzer.statuses[(label, 200)] > 0, (label, fuzzer.statuses)
 
-    # volt-api survived it all and still answers.
-    assert volt.proc is not None and volt.proc.poll() is None, volt.log()[-3000:]
-    fuzzer.seed_tree()
-    status, volumes = volt.request("GET", "/v1/volumes")
-    assert status == 200 and {"id": SEED_VOLUME, "count": len(SEED_HOSTS)} in volumes
-    assert volt.request("GET", "/")[0] == 300
-    log = volt.log()
-    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:5000]
+def _name_another_host(case: Case) -> Case:
+    """In the wrong-host run a query without a host would act for the token's own host
+    (and place it): name another one, so that every request is one the token may not make."""
+    if case.operation.path != QUERY_PATH:
+        return case
+    body = case.body
+    empty = isinstance(body, bytes | str) and not body.strip()  # JSON whitespace: no body
+    if body is None or isinstance(body, NotSet) or empty:
+        case.body = {"host": SEED_HOSTS[0]}
+    elif isinstance(body, dict) and not body.get("host") and not body.get("peer_id"):
+        case.body = {**body, "host": SEED_HOSTS[0]}
+    return case
+
+
+def _restricted_run(fuzzer: Fuzzer) -> None:
+    """Generated cases (both modes) on every operation, with a credential that may change
+    nothing. Answers must conform to the document; no 2xx on /v1 without a credential."""
+    node = bool(fuzzer.token)
+    tag = "wrong host" if node else "no credential"
+    for operation in _operations(fuzzer):
+        guarded = operation.path.startswith("/v1/") or operation.path == "/metrics"
+        generated = bool(_path_names(operation) or operation.body)  # else one case only
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if generated else ():
+            strategy = operation.as_strategy(generation_mode=mode)
+            if node:
+                strategy = strategy.map(_name_another_host)
+
+            @hypothesis.seed(SEED)
+            @settings(HYPOTHESIS_SETTINGS, max_examples=RESTRICTED_EXAMPLES)
+            @given(case=strategy)
+            def run(case: Case) -> None:
+                response = fuzzer.call(case, tag)
+                fuzzer.check(case, response, CONFORMANCE)
+                if not node and guarded and response.status_code < 300:  # noqa: B023
+                    fuzzer.fail(case, f"answered {response.status_code} without a credential")
+
+            run()
+        if node and generated:
+            continue
+        forged = {"X-Auth-Token": "node:" + WRONG_HOST}
+        for headers in [{"X-Auth-Token": fuzzer.token}] if node else [{}, forged]:
+            params = {"volume_id": SEED_VOLUME, "peer_id": SEED_PEER}
+            names = _path_names(operation)
+            case = operation.Case(
+                path_parameters={k: v for k, v in params.items() if k in names}, headers=headers
+            )
+            response = fuzzer.call(case, tag, real_token=False)
+            fuzzer.check(case, response, CONFORMANCE)
 
 
 def _probe_auth(fuzzer: Fuzzer, operations: list[Any]) -> None:
-    """No token, an empty one or a wrong one: 401 on every /v1 operation, before anything
-    else is looked at; the open operations do not care."""
+    """No token, an empty one, a wrong one or a forged node token: 401 on every /v1
+    operation and /metrics, before anything else is looked at; the open operations do not
+    care."""
     ids = {"volume_id": SEED_VOLUME, "peer_id": SEED_PEER}
+    forged = node_token("not-the-secret", SEED_HOSTS[0])
     for operation in operations:
         params = {k: v for k, v in ids.items() if k in _path_names(operation)}
-        for headers in ({}, {"X-Auth-Token": ""}, {"X-Auth-Token": "wrong-" + fuzzer.token}):
+        for headers in (
+            {},
+            {"X-Auth-Token": ""},
+            {"X-Auth-Token": "wrong-" + fuzzer.token},
+            {"X-Auth-Token": forged},
+        ):
             case = operation.Case(path_parameters=params, headers=headers)
             if operation.method == "post":
                 case.body = {"host": "10.9.9.9", **SEED_TARGET}
             response = fuzzer.call(case, "auth", real_token=False)
             fuzzer.check(case, response, CONFORMANCE)
-            if not operation.path.startswith("/v1/"):
+            if operation.path in ("/", "/openapi.json"):
                 if response.status_code >= 400:
                     fuzzer.fail(case, f"open operation answered {response.status_code}")
             elif response.status_code != 401:
@@ -404,7 +518,8 @@ def _probe_methods(fuzzer: Fuzzer) -> None:
 
 def _probe_bodies(fuzzer: Fuzzer, operations: list[Any]) -> None:
     """Bodies the generators never send: too large, not JSON, not UTF-8, nested too deep.
-    Volt reads a body on every request, so every operation must refuse them."""
+    Query, register and heartbeat must refuse them; every other operation never reads a
+    body: it answers as if there were none, and closes the connection."""
     bodies = {
         413: [b'{"host": "' + b"a" * (64 * 1024) + b'"}', b" " * (64 * 1024 + 1)],
         400: [
@@ -422,6 +537,7 @@ def _probe_bodies(fuzzer: Fuzzer, operations: list[Any]) -> None:
         case = operation.Case(path_parameters=params)
         path = operation.path.format(**params)
         method = operation.method.upper()
+        reads = (method, operation.path) in TAKES_BODY
         for status, payloads in bodies.items():
             for payload in payloads:
                 if status == 413:
@@ -430,6 +546,13 @@ def _probe_bodies(fuzzer: Fuzzer, operations: list[Any]) -> None:
                     headers = {"Content-Type": "application/json"}
                     response = fuzzer.raw("bodies", method, path, data=payload, headers=headers)
                 fuzzer.statuses[(operation.label, response.status_code)] += 1
+                if not reads:
+                    if response.status_code in (400, 413) or response.status_code >= 500:
+                        got = f"{response.status_code} from an operation that takes no body"
+                        fuzzer.fail(case, f"{len(payload)}-byte body {payload[:20]!r}: {got}")
+                    elif response.headers.get("Connection", "").lower() != "close":
+                        fuzzer.fail(case, "an unread body left the connection open")
+                    continue
                 if response.status_code != status:
                     got = f"{response.status_code}, want {status}"
                     fuzzer.fail(case, f"{len(payload)}-byte body {payload[:20]!r}: {got}")

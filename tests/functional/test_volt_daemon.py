@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.functional.voltproc import VoltProcess
 
 
@@ -63,6 +65,26 @@ def test_token_strategy_without_token_refuses_to_start(tmp_path):
     assert "auth_strategy = token needs [auth] token" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ("[auth]\ntoken = same\nnode_secret = same\n", "node_secret must differ from"),
+        ("[auth]\ntoken = t\n[ssl]\ncert_file = /etc/hostname\n", "go together"),
+        (
+            "[auth]\ntoken = t\n[ssl]\ncert_file = /nonexistent.pem\nkey_file = /etc/hostname\n",
+            "cert_file /nonexistent.pem is not a readable file",
+        ),
+    ],
+)
+def test_unsafe_auth_or_tls_settings_refuse_to_start(tmp_path, conf, message):
+    db = tmp_path / "v.sqlite"
+    result = run_api(
+        tmp_path, f"[DEFAULT]\nbind_port = 1\n[database]\nconnection = sqlite:///{db}\n{conf}"
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 def test_unknown_executor_refuses_to_start(tmp_path):
     result = run_api(
         tmp_path,
@@ -102,7 +124,8 @@ def test_metrics(volt: VoltProcess):
     volt.request("DELETE", "/v1/volumes/volume-m/10.8.0.3:volume-m")
     import urllib.request
 
-    with urllib.request.urlopen(volt.url + "/metrics", timeout=10) as resp:
+    request = urllib.request.Request(volt.url + "/metrics", headers={"X-Auth-Token": volt.token})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
     lines = set(text.splitlines())

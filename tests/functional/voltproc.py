@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,18 +27,28 @@ def free_port() -> int:
 class VoltProcess:
     """A volt-api on 127.0.0.1 with its own config, SQLite file and log."""
 
-    def __init__(self, workdir: Path, *, token: str | None = "test-token", **options: Any):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        token: str | None = "test-token",
+        ca_file: Path | None = None,
+        **options: Any,
+    ):
+        """``options``: volt.conf values, ``group__name=value``; with ``ssl__cert_file`` the
+        URL is https and requests trust ``ca_file``."""
         self.workdir = workdir
         self.token = token
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "ssl__cert_file" in options else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.ssl_context = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self.log_path = workdir / "volt-api.log"
         self.pid_file = workdir / "volt-api.pid"
         self.config_path = workdir / "volt.conf"
         default = {
             "bind_host": "127.0.0.1",
             "bind_port": str(self.port),
-            "api_threads": "4",
             "auth_strategy": "token" if token else "noauth",
             "pid_file": str(self.pid_file),
         }
@@ -100,7 +111,7 @@ class VoltProcess:
             return _request_from(source, self.port, method, path, data, headers)
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10, context=self.ssl_context) as resp:
                 return resp.status, _parse(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, _parse(err.read())

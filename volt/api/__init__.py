@@ -1,1 +1,1 @@
-"""Volt's REST API (v1, wire-compatible with the original) as a WSGI application."""
+"""Volt's REST API (v1, wire-compatible with the original) as an RSGI application (Granian)."""

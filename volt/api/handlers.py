@@ -19,9 +19,10 @@ def _identities(nodes: list[Node]) -> list[dict[str, Any]]:
 
 
 def _caller(req: Request, body: dict[str, Any]) -> str:
-    """The node's host: the body's ``host`` if given, else the request's source address."""
-    host: str = body.get("host") or validation.host(req.remote_addr, "remote address")
-    return host
+    """The node's host: a node token's own host (a body ``host`` must be the same); with
+    the admin credential or noauth, the body's ``host`` if given, else the source address."""
+    host = req.credential.own_host(body.get("host"))
+    return host or validation.host(req.remote_addr, "remote address")
 
 
 def _volume_id(req: Request) -> str:
@@ -29,9 +30,11 @@ def _volume_id(req: Request) -> str:
 
 
 def _peer_id(req: Request, volume_id: str) -> str:
+    """The path's peer id; a node token may only name a peer of its own host."""
     host, peer_volume = validation.split_peer_id(req.params["peer_id"])
     if peer_volume != volume_id:
         raise InvalidInput("peer_id", f"names volume {peer_volume!r}, not {volume_id!r}")
+    req.credential.own_host(host, "peer_id host")
     return validation.make_peer_id(host, peer_volume)
 
 
@@ -42,6 +45,8 @@ class Handlers:
     def query(self, req: Request) -> Response:
         volume_id = _volume_id(req)
         body = schemas.extract(req.body, schemas.QUERY)
+        if "peer_id" in body:
+            req.credential.own_host(body["peer_id"][0], "peer_id host")
         host = _caller(req, body)
         if "peer_id" in body and body["peer_id"] != (host, volume_id):
             raise InvalidInput(
@@ -58,10 +63,13 @@ class Handlers:
         volume_id = _volume_id(req)
         peer_id = _peer_id(req, volume_id)
         body = schemas.extract(req.body, schemas.REGISTER, schemas.REGISTER_REQUIRED)
+        host = req.credential.own_host(body.get("host"))
+        if host is None:
+            raise InvalidInput("host", "is required")
         node = self.service.register(
             volume_id,
             peer_id,
-            body["host"],
+            host,
             body["port"],
             body["iqn"],
             body["lun"],

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from volt.auth import ADMIN, Credential
 from volt.errors import BodyTooLarge, MalformedBody
 
 MAX_BODY_BYTES = 64 * 1024
@@ -20,6 +21,7 @@ class Request:
     headers: dict[str, str]
     body: Any = None  # parsed JSON, or None when there was no body
     request_id: str = ""
+    credential: Credential = ADMIN
 
 
 @dataclass
@@ -31,25 +33,11 @@ class Response:
     content_type: str = "application/json"
 
 
-def read_json_body(environ: dict[str, Any]) -> Any:
-    """The JSON body (on any method, as the original did), or None if there is none."""
-    length_header = environ.get("CONTENT_LENGTH") or ""
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    if not length_header and not chunked:
-        return None
-    try:
-        length = int(length_header) if length_header else -1
-    except ValueError:
-        raise MalformedBody("Content-Length is not a number") from None
-    if length == 0:
-        return None
-    if length > MAX_BODY_BYTES:
-        raise BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
-    stream = environ["wsgi.input"]
-    raw = stream.read(length) if length > 0 else stream.read(MAX_BODY_BYTES + 1)
+def parse_json(raw: bytes) -> Any:
+    """Parse a body already read; only JSON whitespace is the same as no body."""
     if len(raw) > MAX_BODY_BYTES:
         raise BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
-    if not raw.strip(b" \t\r\n"):  # only JSON whitespace: the same as no body
+    if not raw.strip(b" \t\r\n"):
         return None
     try:
         return json.loads(raw)

@@ -24,7 +24,8 @@ REGISTER = {
     "lun": validation.lun,
     "nbd_port": validation.port,
 }
-REGISTER_REQUIRED = ("host", "port", "iqn", "lun")
+# ``host`` too, except with a node token: its own host is the default (handlers.register).
+REGISTER_REQUIRED = ("port", "iqn", "lun")
 HEARTBEAT = {"host": validation.host}
 
 

@@ -1,8 +1,10 @@
 """``volt-api``: the Volt master daemon.
 
-The HTTP layer is Granian (one worker process running the WSGI application in a pool of
-``api_threads`` threads). The worker dies with the master process (PR_SET_PDEATHSIG), so even
-a ``kill -9`` leaves no orphan holding the port. SIGTERM/SIGINT stop it gracefully.
+The HTTP layer is Granian: one worker process serving the RSGI application (volt.api.app),
+whose event loop reads headers (Granian's http1 ``header_read_timeout``, 30 s) and bodies
+(``request_body_timeout``) and runs the handlers. The
+worker dies with the master process (PR_SET_PDEATHSIG), so
+even a ``kill -9`` leaves no orphan holding the port. SIGTERM/SIGINT stop it gracefully.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from oslo_config import cfg
@@ -22,7 +25,7 @@ from oslo_log import log as oslo_logging
 from volt import conf as volt_conf
 from volt.api.app import VoltApp
 from volt.errors import VoltError
-from volt.liveness import Evictor
+from volt.liveness import Evictor, LoadMonitor
 from volt.metrics import Metrics
 from volt.service import VoltService
 from volt.store import Store
@@ -32,7 +35,8 @@ LOG = logging.getLogger(__name__)
 CONF = volt_conf.CONF
 ARGV_ENV = "VOLT_API_ARGV"
 PR_SET_PDEATHSIG = 1
-GC_THRESHOLDS = (50_000, 50, 100)  # CPython default: (700, 10, 10)
+GC_THRESHOLDS = (50_000, 50, 100)
+HEADER_READ_TIMEOUT_MS = 5_000  # Granian's default is 30 s  # CPython default: (700, 10, 10)
 
 
 def _parse_config(argv: list[str]) -> None:
@@ -52,6 +56,12 @@ def _auth_token() -> str | None:
     return str(CONF.auth.token)
 
 
+def _node_secret() -> str | None:
+    if CONF.auth_strategy == "noauth" or not CONF.auth.node_secret:
+        return None
+    return str(CONF.auth.node_secret)
+
+
 def check_config() -> None:
     """Refuse configurations that cannot work, with a message that says what to change."""
     if CONF.auth_strategy == "token" and not CONF.auth.token:
@@ -59,6 +69,14 @@ def check_config() -> None:
             "volt-api: auth_strategy = token needs [auth] token (or set auth_strategy = noauth "
             "explicitly on a closed test network)"
         )
+    if CONF.auth_strategy == "token" and CONF.auth.node_secret == CONF.auth.token:
+        raise SystemExit("volt-api: [auth] node_secret must differ from [auth] token")
+    if bool(CONF.ssl.cert_file) != bool(CONF.ssl.key_file):
+        raise SystemExit("volt-api: [ssl] cert_file and key_file go together")
+    for name in ("cert_file", "key_file"):
+        path = getattr(CONF.ssl, name)
+        if path and not os.access(path, os.R_OK):
+            raise SystemExit(f"volt-api: [ssl] {name} {path} is not a readable file")
     try:
         load_executor(CONF.default_executor)
     except Exception as exc:  # stevedore raises several kinds
@@ -77,17 +95,29 @@ def build_app() -> VoltApp:
     metrics = Metrics()
     store = Store(CONF.database.connection)
     service = VoltService(store, executor, node_timeout=CONF.node_timeout, metrics=metrics)
-    Evictor(service).start()
+    monitor = LoadMonitor()
+    Evictor(service, monitor).start()
+    if CONF.auth_strategy == "noauth":
+        LOG.warning("volt-api runs with auth_strategy = noauth: anyone can change every tree")
     LOG.info(
-        "volt-api ready: executor %s, node_timeout %ss, auth %s",
+        "volt-api ready: executor %s, node_timeout %ss, auth %s%s",
         executor.name,
         CONF.node_timeout,
         CONF.auth_strategy,
+        " (admin and node tokens)" if _node_secret() else "",
     )
-    return VoltApp(service, auth_token=_auth_token(), metrics=metrics)
+    return VoltApp(
+        service,
+        auth_token=_auth_token(),
+        node_secret=_node_secret(),
+        metrics=metrics,
+        metrics_public=CONF.metrics_public,
+        body_timeout=CONF.request_body_timeout,
+        monitor=monitor,
+    )
 
 
-def wsgi_factory() -> VoltApp:
+def app_factory() -> VoltApp:
     """Entry point of the Granian worker process."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -119,17 +149,20 @@ def _serve() -> None:
             "granian.access": {"level": "WARNING", "propagate": True},
         },
     }
+    ssl: dict[str, Any] = {}
+    if CONF.ssl.cert_file:
+        ssl = {"ssl_cert": Path(CONF.ssl.cert_file), "ssl_key": Path(CONF.ssl.key_file)}
     server = Server(
-        "volt.cmd.api:wsgi_factory",
+        "volt.cmd.api:app_factory",
         address=CONF.bind_host,
         port=CONF.bind_port,
-        interface=Interfaces.WSGI,
+        interface=Interfaces.RSGI,
         workers=1,
-        blocking_threads=CONF.api_threads,
         backlog=4096,
         factory=True,
         log_dictconfig=log_config,
         workers_kill_timeout=10,
+        **ssl,
     )
     server.serve()
 
@@ -148,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     if pid_file:
         with open(pid_file, "w", encoding="ascii") as f:
             f.write(f"{os.getpid()}\n")
-    LOG.info("volt-api listening on %s:%d", CONF.bind_host, CONF.bind_port)
+    scheme = "https" if CONF.ssl.cert_file else "http"
+    LOG.info("volt-api listening on %s://%s:%d", scheme, CONF.bind_host, CONF.bind_port)
     try:
         _serve()
     finally:

@@ -250,6 +250,15 @@ def test_api_token_and_chap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert secret not in out
 
 
+def test_node_secret_makes_master_token_the_node_token(tmp_path: Path) -> None:
+    from volt.auth import node_token
+
+    assert initenv.main(args(tmp_path, "--node-secret", "cluster-secret")) == 0
+    values = config_values(tmp_path / "etc/virtman/virtman.conf")
+    assert values["master_token"] == node_token("cluster-secret", "10.0.0.5")
+    assert values["api_token"] == "volt-token"
+
+
 def test_detects_the_host_ip_when_not_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
