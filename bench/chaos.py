@@ -10,6 +10,9 @@ file. A worker thread per disk reads and writes that file with O_DIRECT, 64 KiB 
 random offsets: a write puts a block derived from (instance, block, generation) and
 fdatasyncs it; a read checks the block against the image's bytes (never written: those
 come through the node's cache and its paths from its parents) or against the last write.
+Half of the reads scan the disk from a random start, so that a node keeps fetching blocks
+it has not cached from its parents while the faults happen (the image is large enough,
+``--image-mib``, for the scans not to finish during the run).
 
 Each round picks (seeded) one fault and a host: SIGKILL of ``virtmanserver``, ``qsd`` (the
 node's qemu-storage-daemon), ``tgtd`` (a compute node's relay target or the image server's
@@ -36,11 +39,10 @@ What a reader may expect (the semantics this run checks):
   the kill and that restart are counted apart as outage errors, not in E. The overlay is
   a local file of the VM's own process: every write acknowledged before the crash must
   still be there.
-- A node whose link is down cannot read blocks it has not cached: once the NBD reconnect
-  delay (``nbd_reconnect_delay``) has passed, its uncached reads fail. Those errors of its
-  own disks are outage errors as well; its disks are not restarted (the stack lives).
 - Everything else must be invisible to every reader: a killed virtmanserver, tgtd or
-  volt-api, and any fault on a parent (children fail over to another path or reconnect).
+  volt-api, any fault on a parent (children fail over to another path or reconnect), and
+  a cut link, the node's own included (a read of a block it has not cached waits for the
+  link: TCP sees no reset, so neither NBD nor libiscsi gives up within ``--hold-s``).
   Each error there counts in E, and so does an I/O that hangs longer than
   ``--io-timeout-s`` (counted once when the timeout passes).
 
@@ -86,7 +88,7 @@ IMAGE = "volume-image1"
 BLOCK = 64 << 10
 MARKER = ".vmt-chaos"
 FAULTS = ("virtmanserver", "qsd", "tgtd", "volt-api", "link")
-OUTAGE_FAULTS = ("qsd", "link")  # the faulted node's own disks may fail (see above)
+OUTAGE_FAULTS = ("qsd",)  # the faulted node's own disks may fail (see above)
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -119,9 +121,11 @@ class Counters:
     reads: int = 0
     writes: int = 0
     errors: int = 0  # E
-    outage_errors: int = 0  # on a node whose own stack or link was down
+    outage_errors: int = 0  # on a node whose own storage daemon was killed
     wrong_bytes: int = 0  # L
     hangs: int = 0
+    first_reads: int = 0  # of blocks never read before on this disk
+    faulted_reads: int = 0  # completed while a fault was on (or not yet healed)
 
 
 @dataclass
@@ -140,6 +144,8 @@ class Disk:
     # block -> generations its content may be (a failed write may or may not have landed)
     expect: dict[int, tuple[int, ...]] = field(default_factory=dict)
     outage: bool = False
+    faulted: threading.Event = field(default_factory=threading.Event)  # shared by all disks
+    seen: set[int] = field(default_factory=set)
     op_started: float | None = None
     hang_counted: bool = False
     last_read: float = 0.0  # when a read last succeeded
@@ -204,13 +210,21 @@ class Disk:
         self.thread.start()
 
     def _loop(self) -> None:
+        cursor = self.rng.randrange(self.blocks)
         while not self.stop_event.is_set():
             with self.io_lock:
-                block = self.rng.randrange(self.blocks)
-                if self.rng.random() < self.write_share:
-                    self._write(block)
+                draw = self.rng.random()
+                if draw < self.write_share:
+                    self._write(self.rng.randrange(self.blocks))
+                elif draw < (1 + self.write_share) / 2:
+                    # Half the reads scan the disk from a random start: blocks this node
+                    # has not cached yet, fetched from its parents while the faults happen.
+                    if cursor not in self.seen:
+                        self.c.first_reads += 1
+                    self.check(cursor)
+                    cursor = (cursor + 1) % self.blocks
                 else:
-                    self.check(block)
+                    self.check(self.rng.randrange(self.blocks))
             self.stop_event.wait(self.pace_s)
 
     def _io(self, what: str, block: int, fn: Any) -> Any:
@@ -267,6 +281,9 @@ class Disk:
         if n is None:
             return False
         self.c.reads += 1
+        self.seen.add(block)
+        if self.faulted.is_set():
+            self.c.faulted_reads += 1
         self.last_read = time.monotonic()
         data = bytes(buf[:n])
         allowed = self.expect.get(block, (0,))
@@ -319,6 +336,7 @@ class Chaos:
         self.image_file = self.workdir / "image.raw"
         self.image = b""
         self.disks: list[Disk] = []
+        self.faulted = threading.Event()  # from a fault until the cluster is healthy again
         self.rounds = 0
         self.kills = 0
         self.unhealthy: list[str] = []
@@ -348,6 +366,7 @@ class Chaos:
                     random.Random(f"{self.args.seed}:{name}"),
                     self.args.write_share,
                     self.args.pace_ms / 1000,
+                    faulted=self.faulted,
                 )
                 disk.open()
                 self.disks.append(disk)
@@ -403,7 +422,8 @@ class Chaos:
             if named and named != members[peer]["parents"][: len(named)]:
                 return f"{node} reads from {named}, Volt says {members[peer]['parents']}"
         for disk in self.disks:
-            if disk.last_read < since and disk.thread is not None:
+            # (a disk on a crashed stack reads again only once restarted: checked then)
+            if disk.last_read < since and disk.thread is not None and not disk.outage:
                 return f"{disk.name} has completed no read since the restore"
         return None
 
@@ -448,6 +468,7 @@ class Chaos:
         if fault in OUTAGE_FAULTS:
             for disk in local:
                 disk.outage = True
+        self.faulted.set()
         if fault == "link":
             self.cluster.set_link(host, False)
             what = f"cut {host}'s link"
@@ -462,9 +483,7 @@ class Chaos:
             for disk in local:
                 disk.reopen()
             took += self.wait_healthy(f"round {number}: {host}'s VMs restarted")
-        elif fault == "link":
-            for disk in local:
-                disk.outage = False
+        self.faulted.clear()
         self.rounds += 1
         outage = sum(d.c.outage_errors for d in local)
         print(
@@ -505,9 +524,12 @@ class Chaos:
         writes = sum(d.c.writes for d in self.disks)
         outage = sum(d.c.outage_errors for d in self.disks)
         hangs = sum(d.c.hangs for d in self.disks)
+        first = sum(d.c.first_reads for d in self.disks)
+        faulted = sum(d.c.faulted_reads for d in self.disks)
         print(
-            f"I/O: {reads} block reads, {writes} block writes verified ({BLOCK >> 10} KiB), "
-            f"{hangs} hangs, {outage} outage errors on nodes whose own stack or link was down",
+            f"I/O: {reads} block reads ({first} first reads of a block, {faulted} during a "
+            f"fault), {writes} block writes, of {BLOCK >> 10} KiB; {hangs} hangs, {outage} "
+            "outage errors on nodes whose own qemu-storage-daemon was killed",
             flush=True,
         )
 
@@ -597,7 +619,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=4, help="compute nodes (at least 4)")
     p.add_argument("--seed", type=int, default=1, help="seed of every random choice")
     p.add_argument("--vms-per-node", type=int, default=1, help="instances per node")
-    p.add_argument("--image-mib", type=int, default=32, help="image size, MiB")
+    p.add_argument("--image-mib", type=int, default=256, help="image size, MiB")
     p.add_argument("--write-share", type=float, default=0.25, help="share of writes")
     p.add_argument("--pace-ms", type=float, default=20, help="pause after each I/O per disk")
     p.add_argument(
@@ -685,7 +707,10 @@ def main(argv: list[str] | None = None) -> int:
         except BlockingIOError:
             raise SystemExit(f"chaos: another run holds {lock_path}") from None
         signal.signal(signal.SIGTERM, _sigterm)
-        return run(args)
+        try:
+            return run(args)
+        finally:
+            lock_path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
