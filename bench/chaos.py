@@ -64,6 +64,7 @@ import argparse
 import errno
 import fcntl
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -197,12 +198,17 @@ class Disk:
         self.mount.unlink(missing_ok=True)
         self.mount.with_suffix(".log").unlink(missing_ok=True)
 
-    def reopen(self) -> None:
+    def reopen(self, timeout_s: float) -> None:
         """The VM's restart after its node's storage crashed (see the module docstring)."""
-        with self.io_lock:
+        if not self.io_lock.acquire(timeout=timeout_s):
+            self.error("an I/O hangs: the disk cannot be restarted")
+            return
+        try:
             self.close()
             self.open()
             self.outage = False
+        finally:
+            self.io_lock.release()
 
     # I/O
     def start_load(self) -> None:
@@ -233,7 +239,7 @@ class Disk:
         try:
             result = fn()
         except OSError as exc:
-            self._error(f"{what} block {block}: {exc}")
+            self.error(f"{what} block {block}: {exc}")
             return None
         finally:
             self.op_started = None
@@ -241,7 +247,7 @@ class Disk:
         self.c.ops += 1
         return result
 
-    def _error(self, what: str) -> None:
+    def error(self, what: str) -> None:
         kind = "outage error" if self.outage else "I/O ERROR"
         if self.outage:
             self.c.outage_errors += 1
@@ -302,7 +308,7 @@ class Disk:
         if started is not None and not self.hang_counted and time.monotonic() - started > timeout_s:
             self.hang_counted = True
             self.c.hangs += 1
-            self._error(f"an I/O hangs for more than {timeout_s:g} s")
+            self.error(f"an I/O hangs for more than {timeout_s:g} s")
 
     def stop_load(self, timeout_s: float) -> bool:
         self.stop_event.set()
@@ -311,10 +317,15 @@ class Disk:
             return not self.thread.is_alive()
         return True
 
-    def verify_all(self) -> None:
-        with self.io_lock:
+    def verify_all(self, timeout_s: float) -> None:
+        if not self.io_lock.acquire(timeout=timeout_s):
+            self.error("an I/O hangs: the disk cannot be verified")
+            return
+        try:
             for block in range(self.blocks):
                 self.check(block)
+        finally:
+            self.io_lock.release()
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -465,6 +476,7 @@ class Chaos:
         hold = self.rng.uniform(*self.args.hold_s)
         t0 = time.monotonic()
         local = [d for d in self.disks if d.node == host]
+        children = self.children_of(host)
         if fault in OUTAGE_FAULTS:
             for disk in local:
                 disk.outage = True
@@ -476,12 +488,14 @@ class Chaos:
             pid = self.cluster.kill_component(host, fault)
             self.kills += 1
             what = f"SIGKILL {fault} pid {pid} on {host}"
+        if children:
+            what += f" (parent of {', '.join(children)})"
         self.sleep(hold)
         self.restore(fault, host)
         took = self.wait_healthy(f"round {number}: {what}")
         if fault == "qsd":
             for disk in local:
-                disk.reopen()
+                disk.reopen(self.args.io_timeout_s)
             took += self.wait_healthy(f"round {number}: {host}'s VMs restarted")
         self.faulted.clear()
         self.rounds += 1
@@ -493,6 +507,17 @@ class Chaos:
             + ")",
             flush=True,
         )
+
+    def children_of(self, host: str) -> list[str]:
+        """The nodes that read from ``host`` now (its children; for the image server: the
+        nodes with a path to it)."""
+        c = self.cluster
+        if host == "img":
+            return [n for n in c.node_names if any(not p.get("peer_id") for p in c.paths(n, IMAGE))]
+        if host not in c.node_names:
+            return []
+        peer = f"{c.hosts[host].address}:{IMAGE}"
+        return [n for n in c.node_names if peer in [p.get("peer_id") for p in c.paths(n, IMAGE)]]
 
     def restore(self, fault: str, host: str) -> None:
         c = self.cluster
@@ -515,11 +540,19 @@ class Chaos:
 
     # end
     def finish(self) -> None:
+        timeout = self.args.io_timeout_s
         for disk in self.disks:
-            if not disk.stop_load(self.args.io_timeout_s):
-                disk._error("the worker did not stop")
-        for disk in self.disks:
-            disk.verify_all()
+            if not disk.stop_load(timeout):
+                disk.error("the worker did not stop")
+        # Every disk read whole, in parallel; one whose read hangs is counted and left.
+        checks = [
+            (disk, threading.Thread(target=disk.verify_all, args=(timeout,), daemon=True))
+            for disk in self.disks
+        ]
+        for _, thread in checks:
+            thread.start()
+        while any(t.is_alive() and not d.hang_counted for d, t in checks):
+            self.sleep(0.5)
         reads = sum(d.c.reads for d in self.disks)
         writes = sum(d.c.writes for d in self.disks)
         outage = sum(d.c.outage_errors for d in self.disks)
@@ -571,6 +604,11 @@ class Chaos:
             for sub in ("run/exports", "run/paths", "state/instances", "state/cache"):
                 if (d / sub).exists() and any((d / sub).iterdir()):
                     self.problems.append(f"files left in {d / sub}: {os.listdir(d / sub)}")
+            journal = d / "state" / "journal.json"
+            if journal.exists():
+                records = json.loads(journal.read_text())
+                if any(records.get(kind) for kind in ("images", "instances")):
+                    self.problems.append(f"{journal} still records {records}")
             stale = [p.name for p in (d / "run").glob("*") if p.suffix in (".pid", ".qmp")]
             if stale:
                 self.problems.append(f"files left in {d / 'run'}: {stale}")
@@ -632,7 +670,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/vmt-chaos"))
     p.add_argument("--lab", default="vmtch", help="namespace prefix")
     p.add_argument("--subnet", default="10.234.0.0/24")
-    p.add_argument("--tgt-base", type=int, default=3850, help="first tgtd control port")
+    p.add_argument("--tgt-base", type=int, default=4200, help="first tgtd control port")
     args = p.parse_args(argv)
     if args.nodes < 4:
         p.error("--nodes must be at least 4")
