@@ -20,9 +20,10 @@ target), ``volt-api``, or ``link`` (``ip link set eth0 down`` in the host's name
 PIDs come from the cluster's records and the nodes' pidfiles, checked against the host's
 namespace. After ``--hold-s`` seconds under load the fault is undone the way an operator
 would: virtmanserver (and volt-api) started again; a killed qsd or tgtd by restarting the
-node's virtmanserver (it adopts what still runs and rebuilds the rest); a killed image
-server's tgtd by restarting its virtmanserver and exporting the image again (tgtd holds
-the image targets, nothing else records them); the link set up again. The round ends
+node's virtmanserver (it adopts what still runs and rebuilds the rest: a running
+virtmanserver does not notice that its qsd or tgtd died); a killed image server's tgtd by
+restarting its virtmanserver and exporting the image again (tgtd holds the image targets,
+nothing else records them); the link set up again. The round ends
 when the cluster is healthy: every node's ``list()`` answers with its instances, Volt's
 tree holds every node and every non-top node has parents in the tree, every node's paths
 file names existing peers (or the image server) and is non-empty, and every disk has
@@ -61,7 +62,6 @@ Exit status 0 only if E == 0, L == 0, every round became healthy and nothing lea
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import hashlib
 import json
@@ -379,8 +379,8 @@ class Chaos:
                     self.args.pace_ms / 1000,
                     faulted=self.faulted,
                 )
+                self.disks.append(disk)  # before open: close() stops what open started
                 disk.open()
-                self.disks.append(disk)
         print(
             f"cluster up in {time.monotonic() - t0:.1f} s: {self.args.nodes} nodes, "
             f"{len(self.disks)} disks of {self.args.image_mib} MiB (lab {self.args.lab})",
@@ -757,7 +757,3 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("chaos: interrupted (cluster torn down)", file=sys.stderr)
         sys.exit(130)
-    except OSError as exc:
-        if exc.errno == errno.EPERM:
-            raise SystemExit(f"chaos: {exc}") from exc
-        raise
