@@ -26,8 +26,9 @@ restarting its virtmanserver and exporting the image again (tgtd holds the image
 nothing else records them); the link set up again. The round ends
 when the cluster is healthy: every node's ``list()`` answers with its instances, Volt's
 tree holds every node and every non-top node has parents in the tree, every node's paths
-file names existing peers (or the image server) and is non-empty, and every disk has
-completed an I/O since the restore.
+file is non-empty and names peers of the tree (in Volt's order) or the image server, the
+nodes do not read from each other in a cycle, and every disk has completed a read since
+the restore.
 
 What a reader may expect (the semantics this run checks):
 
@@ -423,15 +424,18 @@ class Chaos:
                 return f"{entry['peer_id']} has no parents at depth {entry['depth']}"
             if set(entry["parents"]) - set(members):
                 return f"{entry['peer_id']} has parents outside the tree: {entry['parents']}"
+        reads_from: dict[str, list[str]] = {}
         for peer, node in peers.items():
             paths = c.paths(node, IMAGE)
             if not paths:
                 return f"{node} has no paths"
-            named = [p["peer_id"] for p in paths if p.get("peer_id")]
+            named = reads_from[peer] = [p["peer_id"] for p in paths if p.get("peer_id")]
             if set(named) - set(members) or peer in named:
                 return f"{node} reads from {named}"
             if named and named != members[peer]["parents"][: len(named)]:
                 return f"{node} reads from {named}, Volt says {members[peer]['parents']}"
+        if cycle := _cycle(reads_from):
+            return f"the nodes read from each other in a cycle: {cycle}"
         for disk in self.disks:
             # (a disk on a crashed stack reads again only once restarted: checked then)
             if disk.last_read < since and disk.thread is not None and not disk.outage:
@@ -615,6 +619,27 @@ class Chaos:
         left = [p.name for p in (self.workdir / "vms").glob("*")]
         if left:
             self.problems.append(f"files left in {self.workdir / 'vms'}: {left}")
+
+
+def _cycle(graph: dict[str, list[str]]) -> list[str]:
+    """A cycle of ``graph`` (node -> the nodes it reads from), or []."""
+    done: set[str] = set()
+
+    def visit(node: str, trail: list[str]) -> list[str]:
+        if node in trail:
+            return trail[trail.index(node) :]
+        if node in done:
+            return []
+        for parent in graph.get(node, []):
+            if found := visit(parent, [*trail, node]):
+                return found
+        done.add(node)
+        return []
+
+    for node in graph:
+        if found := visit(node, []):
+            return found
+    return []
 
 
 def _all_pids() -> list[int]:

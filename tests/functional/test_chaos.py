@@ -28,7 +28,8 @@ def test_chaos_short_run(tmp_path: Path) -> None:
     lab = f"{LAB}x"  # the cluster fixtures' lab may be in use by another test of this run
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--rounds", "6", "--nodes", "4", "--seed", "97",
-         "--image-mib", "64", "--workdir", str(workdir), "--lab", lab, "--tgt-base", str(TGT_BASE + 50)],
+         "--image-mib", "64", "--workdir", str(workdir), "--lab", lab,
+         "--tgt-base", str(TGT_BASE + 50)],
         capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
     out = run.stdout + run.stderr
