@@ -8,6 +8,7 @@ checked through their logs and every RPC runs inside the control namespace.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -314,3 +315,64 @@ class LocalCluster:
         """The node's upstream paths now, in read order (the qemu driver's record)."""
         f = self.node_dir(host_name) / "run" / "paths" / f"{image}.json"
         return json.loads(f.read_text()) if f.exists() else []
+
+    # -- faults (bench/chaos.py) -------------------------------------------------------------
+    def component_pid(self, host_name: str, component: str) -> int | None:
+        """PID of one of the host's daemons: ``virtmanserver`` and ``volt-api`` from this
+        cluster's records, ``qsd`` and ``tgtd`` from the node's pidfiles (only if that PID
+        lives in the host's namespace and runs that program: never a reused PID)."""
+        if component in ("virtmanserver", "volt-api"):
+            daemon = self.daemons.get("volt" if component == "volt-api" else host_name)
+            return daemon.proc.pid if daemon and daemon.proc.poll() is None else None
+        run = self.node_dir(host_name) / "run"
+        files = {"qsd": (run / "virtman-qsd.pid", "qemu-storage-daemon")}
+        index = ["img", *self.node_names].index(host_name)
+        files["tgtd"] = (run / f"tgtd-{self.tgt_control_base + index}.pid", "tgtd")
+        pidfile, program = files[component]
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        if pid not in self.processes(host_name):
+            return None
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            return None
+        return pid if Path(argv0.decode()).name == program else None
+
+    def kill_component(self, host_name: str, component: str) -> int:
+        """SIGKILL one daemon of the host (see ``component_pid``); returns its PID."""
+        pid = self.component_pid(host_name, component)
+        if pid is None:
+            raise RuntimeError(f"{host_name} runs no {component} of this cluster")
+        if component in ("virtmanserver", "volt-api"):
+            self.daemons.pop("volt" if component == "volt-api" else host_name).kill9()
+            return pid
+        os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda: pid not in self.processes(host_name) or _zombie(pid),
+            timeout_s=30,
+            what=f"{component} pid {pid} to die",
+        )
+        return pid
+
+    def restart_virtman_hard(self, host_name: str) -> Daemon:
+        """SIGKILL the host's virtmanserver if it runs, then start it again (it adopts or
+        rebuilds what it finds, as after a crash)."""
+        daemon = self.daemons.pop(host_name, None)
+        if daemon is not None and daemon.proc.poll() is None:
+            daemon.kill9()
+        return self.start_virtman(host_name)
+
+    def set_link(self, host_name: str, up: bool) -> None:
+        """Take the host's link (its eth0, inside its namespace) down or up."""
+        self.hosts[host_name].run(["ip", "link", "set", "eth0", "up" if up else "down"])
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
