@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from brick import psk
 from brick.tgt import TgtAdm
 from tests.functional.voltproc import free_port
 from virtmanclient import Client
@@ -75,6 +76,14 @@ class VirtmanProcess:
         }
         if token:
             values["api_token"] = token
+        # the data plane's credentials, which a node needs to start (issue 10)
+        key_file = workdir / "nbd-psk" / psk.FILENAME
+        key_file.parent.mkdir(mode=0o700, exist_ok=True)
+        if not key_file.exists():
+            psk.write_new(key_file, "vmthunder")
+        values.update(
+            chap_user="vmthunder", chap_password="test-chap-secret", nbd_psk_file=key_file
+        )
         values.update(options)
         lines = [f"{k} = {v}" for k, v in values.items() if v is not None]
         self.config_path.write_text("[DEFAULT]\n" + "\n".join(lines) + "\n")
