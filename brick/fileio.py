@@ -12,12 +12,15 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 LOG = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+T = TypeVar("T")
 
 
 def fsync_dir(directory: Path | str) -> None:
@@ -32,13 +35,19 @@ def fsync_dir(directory: Path | str) -> None:
 def atomic_write(path: Path | str, data: bytes | str, mode: int = FILE_MODE) -> None:
     """Replace ``path`` with ``data`` (str: UTF-8) atomically and durably, with ``mode``
     whatever the umask. On failure the old file is left as it was and nothing else stays."""
-    path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
+    atomic_replace(path, lambda f: f.write(raw), mode)
+
+
+def atomic_replace(path: Path | str, write: Callable[[BinaryIO], T], mode: int = FILE_MODE) -> T:
+    """``atomic_write`` for content streamed by ``write(file)`` (e.g. a large file made
+    chunk by chunk); returns what ``write`` returns."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
-            f.write(raw)
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,6 +55,7 @@ def atomic_write(path: Path | str, data: bytes | str, mode: int = FILE_MODE) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return result
 
 
 def private_dir(path: Path | str) -> Path:

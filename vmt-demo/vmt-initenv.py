@@ -64,7 +64,6 @@ import secrets
 import shutil
 import socket
 import sys
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +72,7 @@ from typing import Any
 
 from brick import psk
 from brick.exception import InvalidArgument
+from brick.fileio import atomic_replace
 from brick.tgt import Chap
 from virtman import conf as virtman_conf
 from virtmanclient import validation
@@ -466,34 +466,18 @@ def report_dirs(created: list[Path], out: Any) -> None:
         print(f"created {directory}/", file=out)
 
 
-def write_atomically(path: Path, mode: int, write: Any) -> Any:
-    """``write(file)`` into a temporary file next to ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return result
-
-
 def write_psk(plan: Plan) -> str:
     """Put the NBD key in place (mode 0600): --nbd-psk-file's, else the existing one
     (checked), else a new one. Returns what was done."""
     if plan.psk_source is not None:
         text, identity = psk.read(plan.psk_source)
-        write_atomically(plan.psk, 0o600, lambda f: f.write(text.encode()))
+        atomic_replace(plan.psk, lambda f: f.write(text.encode()), 0o600)
         return f"wrote {plan.psk} (mode 0600) from {plan.psk_source}, identity {identity}"
     if plan.psk.exists():
         _, identity = psk.read(plan.psk)
         return f"kept {plan.psk}, identity {identity}"
     line = psk.make_line(GENERATED_PSK_IDENTITY).encode()
-    write_atomically(plan.psk, 0o600, lambda f: f.write(line))
+    atomic_replace(plan.psk, lambda f: f.write(line), 0o600)
     return f"generated a new NBD key in {plan.psk} (mode 0600), identity {GENERATED_PSK_IDENTITY}"
 
 
@@ -520,12 +504,12 @@ def run(plan: Plan, out: Any) -> int:
         for image in plan.images:
             path = plan.under_root(image.path)
             report_dirs(make_dirs(path.parent), out)
-            digest = write_atomically(path, 0o644, lambda f, m=image.mib: write_random(f, m))
+            digest = atomic_replace(path, lambda f, m=image.mib: write_random(f, m), 0o644)
             print(f"wrote test image {path} ({image.mib} MiB, sha256 {digest})", file=out)
         report_dirs(make_dirs(plan.config.parent), out)
         print(write_psk(plan), file=out)
         text = render_config(plan.values).encode()
-        write_atomically(plan.config, 0o600, lambda f: f.write(text))
+        atomic_replace(plan.config, lambda f: f.write(text), 0o600)
     except (OSError, InvalidArgument) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -10,8 +10,10 @@ CONF = cfg.CONF
 default_opts = [
     cfg.HostAddressOpt(
         "bind_host",
-        default="0.0.0.0",  # noqa: S104 - a master serves the whole cluster
-        help="Address volt-api listens on.",
+        default="127.0.0.1",
+        help="Address volt-api listens on. The default serves this machine only: set the "
+        "master's own address on the cluster network (0.0.0.0 or :: listen on every "
+        "interface, only when written explicitly).",
     ),
     cfg.PortOpt("bind_port", default=7447, help="TCP port volt-api listens on."),
     cfg.StrOpt(
