@@ -41,6 +41,22 @@ def write_image(path: Path, size_mib: int) -> str:
     return digest.hexdigest()
 
 
+def export_image(cluster: LocalCluster, size_mib: int, name: str = "image1") -> Path:
+    """Write a random image file of ``size_mib`` MiB and export it from the image server."""
+    image_file = cluster.workdir / f"{name}.raw"
+    write_image(image_file, size_mib)
+    result = cluster.rpc("img", "create_image_target", name, str(image_file))
+    assert result.startswith("0:"), result
+    return image_file
+
+
+def create_vm(cluster: LocalCluster, node: str, vm: str, image: str = "image1") -> str:
+    """Create instance ``vm`` of ``image`` on ``node``; its disk's path."""
+    result = cluster.rpc(node, "create", vm, image, cluster.connection(f"volume-{image}"))
+    assert result.startswith("0:"), result
+    return str(result[2:])
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

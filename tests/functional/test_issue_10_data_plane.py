@@ -31,8 +31,9 @@ from tests.functional.clusterfixtures import (
     IMAGE,
     TGT_BASE,
     cluster_factory,
+    create_vm,
     disk_matches,
-    write_image,
+    export_image,
 )
 from tests.functional.test_dm_nbd_relay import device
 from tests.unit.virtman.test_compute import settings as unit_settings
@@ -199,13 +200,8 @@ def test_issue_10_a_node_serves_iscsi_only_with_chap_and_nbd_only_with_the_key(
     cluster_factory, tmp_path: Path
 ) -> None:
     cluster = cluster_factory(1)
-    image_file = cluster.workdir / "image1.raw"
-    write_image(image_file, 8)
-    assert cluster.rpc("img", "create_image_target", "image1", str(image_file), None, None)[0] == (
-        "0"
-    )
-    created = cluster.rpc("n1", "create", "vm1", "image1", cluster.connection(IMAGE))
-    assert created.startswith("0:"), created
+    image_file = export_image(cluster, 8)
+    create_vm(cluster, "n1", "vm1")
     ctl = cluster.hosts["ctl"]
     n1 = cluster.hosts["n1"].address
     user, password = cluster.chap
@@ -261,11 +257,8 @@ def test_issue_10_a_node_restarted_with_a_key_serves_its_relay_over_tls_only(
     cluster's key is configured, and the restarted node (adopting its daemons and its VM)
     serves the relay over TLS only; the VM's disk still reads the image."""
     cluster = cluster_factory(1, nbd_tls=False)
-    image_file = cluster.workdir / "image1.raw"
-    write_image(image_file, 8)
-    cluster.rpc("img", "create_image_target", "image1", str(image_file), None, None)
-    created = cluster.rpc("n1", "create", "vm1", "image1", cluster.connection(IMAGE))
-    assert created.startswith("0:"), created
+    image_file = export_image(cluster, 8)
+    disk = create_vm(cluster, "n1", "vm1")
     ctl = cluster.hosts["ctl"]
     n1 = cluster.hosts["n1"].address
     listed = ctl.run(["nbdinfo", "--list", f"nbd://{n1}:10809"], check_exit_code=False)
@@ -289,7 +282,6 @@ def test_issue_10_a_node_restarted_with_a_key_serves_its_relay_over_tls_only(
         ),
         "the relay's export back, over TLS",
     )
-    disk = created.partition(":")[2]
     assert disk_matches(disk, image_file)
     log = (cluster.node_dir("n1") / "virtman.log").read_text()
     assert "runs with no TLS, not vmt-nbd-psk-server: restarting it" in log
@@ -301,11 +293,8 @@ def test_issue_10_a_rotated_key_is_served_next_to_the_old_one(
     """Rotation, step by step (docs/security.rst): the new key added as a second line, then
     moved first; each time the restarted node adopts its daemons and accepts both keys."""
     cluster = cluster_factory(1)
-    image_file = cluster.workdir / "image1.raw"
-    write_image(image_file, 8)
-    cluster.rpc("img", "create_image_target", "image1", str(image_file), None, None)
-    created = cluster.rpc("n1", "create", "vm1", "image1", cluster.connection(IMAGE))
-    assert created.startswith("0:"), created
+    image_file = export_image(cluster, 8)
+    disk = create_vm(cluster, "n1", "vm1")
     ctl = cluster.hosts["ctl"]
     n1 = cluster.hosts["n1"].address
     old = cluster.psk_file.read_text()
@@ -327,7 +316,7 @@ def test_issue_10_a_rotated_key_is_served_next_to_the_old_one(
         cluster.start_virtman("n1")
         cluster.wait_for(lambda: cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"], "vm1 adopted")
         assert lists(cluster.psk_file, IDENTITY) and lists(new_only, "vmthunder-2"), text
-    assert disk_matches(created.partition(":")[2], image_file)
+    assert disk_matches(disk, image_file)
 
 
 # -- virtmanserver: no CHAP and no key means no start, unless insecure_targets ---------------

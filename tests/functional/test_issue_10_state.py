@@ -20,25 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.clusterfixtures import IMAGE, disk_matches, qemu_io, sha256, write_image
+from tests.functional.clusterfixtures import (
+    IMAGE,
+    create_vm,
+    disk_matches,
+    export_image,
+    qemu_io,
+    sha256,
+)
 
 pytestmark = pytest.mark.functional
 
 PATTERN_AT, PATTERN_LEN, PATTERN = 1 << 20, 4 << 20, 0x5A
 FAST_RETRIES = "parent_wait_timeout = 2\ndegraded_retry_min = 1\ndegraded_retry_max = 2\n"
-
-
-def _image(cluster, size_mib: int = 32) -> Path:
-    image_file = cluster.workdir / "image1.raw"
-    write_image(image_file, size_mib)
-    assert cluster.rpc("img", "create_image_target", "image1", str(image_file)).startswith("0:")
-    return image_file
-
-
-def _create(cluster, node: str, vm: str) -> str:
-    result = cluster.rpc(node, "create", vm, "image1", cluster.connection(IMAGE))
-    assert result.startswith("0:"), result
-    return result[2:]
 
 
 def _with_pattern(image_file: Path, out: Path) -> Path:
@@ -60,8 +54,8 @@ def _journal(cluster, node: str) -> dict:
 
 def test_issue_10_restart_with_volt_away_keeps_every_disk_then_heals(cluster_factory) -> None:
     cluster = cluster_factory(1, heartbeat_interval=1, extra_conf=FAST_RETRIES)
-    image_file = _image(cluster)
-    disk = _create(cluster, "n1", "vm1")
+    image_file = export_image(cluster, 32)
+    disk = create_vm(cluster, "n1", "vm1")
     qemu_io(disk, f"write -P {PATTERN:#x} {PATTERN_AT} {PATTERN_LEN}")
     expected = _with_pattern(image_file, cluster.workdir / "expected.raw")
     assert disk_matches(disk, expected)
@@ -89,7 +83,7 @@ def test_issue_10_restart_with_volt_away_keeps_every_disk_then_heals(cluster_fac
     assert _journal(cluster, "n1")["images"][IMAGE]["status"] == "degraded"
     assert _journal(cluster, "n1")["instances"]["vm1"]["path"] == disk
     # A create on the degraded image works (the stack serves), and so does a destroy.
-    disk2 = _create(cluster, "n1", "vm2")
+    disk2 = create_vm(cluster, "n1", "vm2")
     assert disk_matches(disk2, image_file)
     assert cluster.rpc("n1", "list") == [f"vm1:{IMAGE}:degraded", f"vm2:{IMAGE}:degraded"]
     assert cluster.rpc("n1", "destroy", "vm2") == "0:"
@@ -129,8 +123,8 @@ def test_issue_10_restart_with_volt_away_keeps_every_disk_then_heals(cluster_fac
 
 def test_issue_10_a_corrupt_journal_stops_virtmanserver_and_is_kept(cluster_factory) -> None:
     cluster = cluster_factory(1, heartbeat_interval=1)
-    _image(cluster, 8)
-    disk = Path(_create(cluster, "n1", "vm1"))
+    export_image(cluster, 8)
+    disk = Path(create_vm(cluster, "n1", "vm1"))
     qemu_io(str(disk), f"write -P {PATTERN:#x} 0 {PATTERN_LEN}")
     disk_sum = sha256(disk)
     assert cluster.daemons.pop("n1").stop() == 0
@@ -160,8 +154,8 @@ def test_issue_10_a_corrupt_journal_stops_virtmanserver_and_is_kept(cluster_fact
 
 def test_issue_10_state_files_0600_and_directories_0700(cluster_factory) -> None:
     cluster = cluster_factory(1, heartbeat_interval=1)
-    _image(cluster, 8)
-    disk = Path(_create(cluster, "n1", "vm1"))
+    export_image(cluster, 8)
+    disk = Path(create_vm(cluster, "n1", "vm1"))
     node = cluster.node_dir("n1")
     state, run = node / "state", node / "run"
 
@@ -189,8 +183,8 @@ def test_issue_10_a_stack_lost_with_volt_away_is_rebuilt_once_volt_returns(
     nothing can be adopted or rebuilt, yet the disk and its writes stay; the stack is
     built again in the background once Volt is back."""
     cluster = cluster_factory(1, heartbeat_interval=1, extra_conf=FAST_RETRIES)
-    image_file = _image(cluster)
-    disk = _create(cluster, "n1", "vm1")
+    image_file = export_image(cluster, 32)
+    disk = create_vm(cluster, "n1", "vm1")
     qemu_io(disk, f"write -P {PATTERN:#x} {PATTERN_AT} {PATTERN_LEN}")
     expected = _with_pattern(image_file, cluster.workdir / "expected.raw")
     overlay_sum = sha256(Path(disk))

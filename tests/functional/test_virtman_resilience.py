@@ -10,7 +10,12 @@ import pytest
 
 from brick.executor import execute
 from brick.netns import kill_netns_processes
-from tests.functional.clusterfixtures import IMAGE, disk_matches, write_image
+from tests.functional.clusterfixtures import (
+    IMAGE,
+    create_vm,
+    disk_matches,
+    export_image,
+)
 from tests.functional.vmfixtures import (
     guest_image,
     libvirt_daemons,
@@ -22,19 +27,6 @@ from tests.functional.vmfixtures import (
 __all__ = ["guest_image", "libvirt_daemons", "vm_factory"]  # fixtures used here
 
 pytestmark = pytest.mark.functional
-
-
-def _build(cluster, size_mib: int) -> Path:
-    image_file = cluster.workdir / "image1.raw"
-    write_image(image_file, size_mib)
-    assert cluster.rpc("img", "create_image_target", "image1", str(image_file)).startswith("0:")
-    return image_file
-
-
-def _create(cluster, node: str, vm: str) -> str:
-    result = cluster.rpc(node, "create", vm, "image1", cluster.connection(IMAGE))
-    assert result.startswith("0:"), result
-    return result[2:]
 
 
 def _node_of(cluster, peer_id: str) -> str:
@@ -49,9 +41,9 @@ def _cache_bytes(cluster, node: str) -> int:
 
 def test_killing_the_parent_of_a_reading_node_loses_no_read(cluster_factory) -> None:
     cluster = cluster_factory(3, node_timeout=6, heartbeat_interval=1)
-    image_file = _build(cluster, 96)
+    image_file = export_image(cluster, 96)
     for node in cluster.node_names:  # one at a time: the third node's parents are ready
-        _create(cluster, node, f"vm-{node}")
+        create_vm(cluster, node, f"vm-{node}")
     tree = cluster.volt_tree(IMAGE)
     child = next(n for n in tree if n["depth"] == 2)
     leaf = _node_of(cluster, child["peer_id"])
@@ -113,8 +105,8 @@ def test_kill_9_of_virtman_under_a_running_vm_then_restart_adopts_everything(
     image_file = cluster.workdir / "guest.raw"
     shutil.copyfile(vm_factory.guest.rootfs, image_file)
     assert cluster.rpc("img", "create_image_target", "image1", str(image_file)).startswith("0:")
-    disks = [_create(cluster, "n1", vm) for vm in ("vm1", "vm2")]
-    _create(cluster, "n2", "vm3")
+    disks = [create_vm(cluster, "n1", vm) for vm in ("vm1", "vm2")]
+    create_vm(cluster, "n2", "vm3")
     # A real VM runs on vm1's disk (and stays up) while virtman dies.
     console = cluster.workdir / "vm1.console"
     instance = unique_instance("vm1")
@@ -138,7 +130,7 @@ def test_kill_9_of_virtman_under_a_running_vm_then_restart_adopts_everything(
     assert "reconciled: 1 image(s), 2 instance(s) adopted" in log
 
     # A create and a destroy after the restart work as before.
-    disks.append(_create(cluster, "n1", "vm4"))
+    disks.append(create_vm(cluster, "n1", "vm4"))
     vm_factory.vms.destroy(instance)
     for vm in ("vm1", "vm2", "vm4"):
         assert cluster.rpc("n1", "destroy", vm) == "0:"
