@@ -19,12 +19,12 @@ node's qemu-storage-daemon), ``tgtd`` (a compute node's relay target or the imag
 target), ``volt-api``, or ``link`` (``ip link set eth0 down`` in the host's namespace).
 PIDs come from the cluster's records and the nodes' pidfiles, checked against the host's
 namespace. After ``--hold-s`` seconds under load the fault is undone the way an operator
-would: virtmanserver (and volt-api) started again; a killed qsd or tgtd by restarting the
-node's virtmanserver (it adopts what still runs and rebuilds the rest: a running
-virtmanserver does not notice that its qsd or tgtd died); a killed image server's tgtd by
-restarting its virtmanserver and exporting the image again (tgtd holds the image targets,
-nothing else records them); the link set up again. The round ends
-when the cluster is healthy: every node's ``list()`` answers with its instances, Volt's
+would: virtmanserver (and volt-api) started again; the link set up again. A killed qsd or
+tgtd is not touched: the node's virtmanserver notices (``daemon_check_interval``), starts
+it again and rebuilds what lived in it (the stacks from their cache files, the relays, the
+image server's targets from its journal). The round ends
+when the cluster is healthy: every host runs its qsd and tgtd, the image server exports the
+image, every node's ``list()`` answers with its instances, Volt's
 tree holds every node and every non-top node has parents in the tree, every node's paths
 file is non-empty and names peers of the tree (in Volt's order) or the image server, the
 nodes do not read from each other in a cycle, and every disk has completed a read since
@@ -412,6 +412,16 @@ class Chaos:
                 return f"{node}: list() failed: {str(exc).splitlines()[0][:120]}"
             if got != want:
                 return f"{node}: list() = {got}"
+        for host in ("img", *c.node_names):
+            for component in ("qsd", "tgtd"):
+                if c.component_pid(host, component) is None:
+                    return f"{host} runs no {component}"
+        try:
+            exported = c.rpc("img", "list_image_target", timeout_s=15)
+        except Exception as exc:
+            return f"img: list_image_target() failed: {str(exc).splitlines()[0][:120]}"
+        if IMAGE not in exported:
+            return f"the image server exports {sorted(exported)}"
         try:
             tree = c.volt_tree(IMAGE)
         except Exception as exc:
@@ -531,10 +541,7 @@ class Chaos:
             c.start_volt()
         elif fault == "virtmanserver":
             c.start_virtman(host)
-        else:  # qsd, tgtd: the node's virtmanserver adopts what lives and rebuilds the rest
-            c.restart_virtman_hard(host)
-            if host == "img":
-                self.export_image()
+        # qsd, tgtd: the node's virtmanserver starts them again by itself
 
     def errors(self) -> int:
         return sum(d.c.errors for d in self.disks)

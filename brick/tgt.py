@@ -748,7 +748,12 @@ class TgtDaemon:
 
     def running(self) -> bool:
         """Whether our tgtd process is alive and answers on its control port."""
-        return self._known_pid() is not None and self.adm.answers()
+        return self.alive() and self.adm.answers()
+
+    def alive(self) -> bool:
+        """Whether our tgtd process exists (no call on the control port: cheap enough to
+        poll every second)."""
+        return self._known_pid() is not None
 
     def adopt(self, *, timeout_s: float = 5.0) -> bool:
         """Take over a tgtd left running (by an earlier process) from the pidfile.

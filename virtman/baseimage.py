@@ -226,6 +226,43 @@ class BaseImage:
             )
             return True
 
+    def restack(self) -> None:
+        """The daemon that held this image's stack died and runs again: build the stack
+        again in place (same names, the same cache file, the same place in Volt's tree:
+        the relay's address does not change). Degraded if that fails (``heal`` retries)."""
+        with self.lock:
+            if self.status not in (Status.OK, Status.DEGRADED) or self.origin is None:
+                return  # a degraded image without a stack is rebuilt by heal anyway
+            if self.prefetcher is not None:
+                self.prefetcher.request_stop()  # it read the dead origin
+                self._end_prefetch(force=True)
+            try:
+                if not self.local:
+                    self.driver.relay.teardown(self.name, self.iqn, force=True)
+                self.driver.cache.teardown(self.name, keep_file=True)
+                upstream = self.driver.upstream.ensure(self.name, self.upstream or self.connections)
+                origin = self.driver.cache.ensure(self.name, upstream)
+                if not self.local:
+                    self.relay = self.driver.relay.ensure(self.name, self.iqn, origin)
+            except Exception as exc:
+                self._clear()
+                self._degrade(f"its stack died with its daemon and cannot be rebuilt: {exc}")
+                return
+            self.origin = origin
+            LOG.warning("%s: stack rebuilt after its daemon died", self.name)
+
+    def reexport(self) -> None:
+        """tgtd died and runs again: export the relay again (degraded if that fails)."""
+        with self.lock:
+            if self.local or self.relay is None or self.origin is None:
+                return
+            try:
+                self.relay = self.driver.relay.ensure(self.name, self.iqn, self.origin)
+            except Exception as exc:
+                self._degrade(f"cannot export the relay again after tgtd died: {exc}")
+                return
+            LOG.warning("%s: relay exported again after tgtd died", self.name)
+
     def heal_in_background(self) -> bool:
         """Start one ``heal`` in its own thread unless one runs; True if started."""
         if not self._healing.acquire(blocking=False):

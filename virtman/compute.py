@@ -25,7 +25,8 @@ from virtman.conf import Settings
 from virtman.drivers import load_driver
 from virtman.errors import DiskExists, InstanceExists, InstanceNotFound, VirtmanError
 from virtman.journal import Journal
-from virtman.layers.base import Driver, Endpoint
+from virtman.layers.base import Driver, Endpoint, Revived
+from virtman.supervisor import Supervisor
 from virtman.voltlink import VoltLink
 from voltclient.exceptions import VoltClientError
 
@@ -71,8 +72,12 @@ class Virtman:
         self._volt_down = False  # the last heartbeat could not reach Volt
         driver.start()
         self._reconcile()
+        # Background threads (the supervisor and the heartbeat) only with ``heartbeat``.
+        self.supervisor = Supervisor(driver, settings.daemon_check_interval)
+        self.supervisor.listeners.append(self._rebuild_lost)
         self._thread: threading.Thread | None = None
         if heartbeat:
+            self.supervisor.start()
             self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat")
             self._thread.daemon = True
             self._thread.start()
@@ -116,7 +121,9 @@ class Virtman:
             return entries
 
     def close(self) -> None:
-        """Stop the heartbeat; the stacks stay up (a restart adopts them)."""
+        """Stop the heartbeat and the supervisor; the stacks stay up (a restart adopts
+        them)."""
+        self.supervisor.stop()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -287,6 +294,18 @@ class Virtman:
                 base.rejoin()
             else:
                 base.apply_parents(parents)
+
+    # -- daemons -------------------------------------------------------------------------------
+    def _rebuild_lost(self, revived: Revived) -> None:
+        """A node daemon died and runs again: rebuild every image's part that lived in it."""
+        with self.lock:
+            images = list(self.images.values())
+        for base in images:
+            if revived.stacks:
+                base.restack()
+            elif revived.targets:
+                base.reexport()
+        self._wake.set()  # tell Volt soon that this node lives (and follow its answer)
 
     # -- restart -------------------------------------------------------------------------------
     def _reconcile(self) -> None:

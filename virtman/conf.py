@@ -143,6 +143,17 @@ default_opts = [
         help="Upper bound, in seconds, of the delay between two retries of a degraded "
         "image (at least degraded_retry_min).",
     ),
+    cfg.FloatOpt(
+        "daemon_check_interval",
+        default=2.0,
+        min=0.0,
+        max=60.0,
+        help="Seconds between two checks that this node's daemons (qemu-storage-daemon, "
+        "tgtd) still run. One that died is started again at once and what lived in it is "
+        "rebuilt: the image stacks with their cache files, the relays, the image targets "
+        "of create_image_target. 0 turns the checks off (a restart of virtmanserver then "
+        "does the same).",
+    ),
     cfg.IntOpt(
         "nbd_reconnect_delay",
         default=3,
@@ -337,6 +348,7 @@ class Settings:
     parent_wait_timeout: float = 600.0
     degraded_retry_min: float = 5.0
     degraded_retry_max: float = 300.0
+    daemon_check_interval: float = 2.0
     nbd_reconnect_delay: int = 3
     prefetch_dir: Path | None = None
     prefetch_depth: int = 2
@@ -374,6 +386,7 @@ class Settings:
             parent_wait_timeout=conf.parent_wait_timeout,
             degraded_retry_min=conf.degraded_retry_min,
             degraded_retry_max=conf.degraded_retry_max,
+            daemon_check_interval=conf.daemon_check_interval,
             nbd_reconnect_delay=conf.nbd_reconnect_delay,
             prefetch_dir=Path(conf.prefetch_dir) if conf.prefetch_dir else None,
             prefetch_depth=conf.prefetch_depth,

@@ -7,6 +7,10 @@ field is the exported file: ``"0:<tid>:<file>"``.
 Only what the operator allows is exported: regular files whose real path (symlinks and ``..``
 resolved) lies inside one of ``image_dirs``, and the block devices listed in
 ``image_block_devices``. The real path is what tgtd is given.
+
+Every image target is recorded in the node's journal (``exports``): targets live only in
+tgtd, so when tgtd dies (or the host restarts) ``restore`` exports them again, with the
+same IQN and file (the tid may change).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from brick.exception import BrickError
-from brick.tgt import Chap, TgtAdm
+from brick.tgt import Chap, Target, TgtAdm
 from virtman import validation
 from virtman.errors import InvalidInput
+from virtman.journal import Journal
+from virtman.layers.base import Revived
 
 LOG = logging.getLogger(__name__)
 
@@ -38,12 +44,14 @@ class ImageService:
         default_prefix: str,
         image_dirs: Sequence[Path | str],
         block_devices: Sequence[Path | str] = (),
+        journal: Journal | None = None,
     ) -> None:
         self.tgt = tgt
         self.chap = chap
         self.default_prefix = default_prefix
         self.image_dirs = [str(d) for d in image_dirs]
         self.block_devices = [str(d) for d in block_devices]
+        self.journal = journal
         self.lock = threading.Lock()
 
     def create_image_target(
@@ -72,6 +80,8 @@ class ImageService:
             except BrickError as exc:
                 LOG.error("exporting %s failed: %s", image, exc)
                 return f"2:ImageService: cannot export {image}: {exc}"
+            if self.journal is not None:
+                self.journal.put("exports", image, {"iqn": iqn, "path": str(path)})
         LOG.info("exported %s as %s (tid %s)", path, iqn, tid)
         return f"0:{tid}:{path}"
 
@@ -83,13 +93,66 @@ class ImageService:
         with self.lock:
             target = self._find(image)
             if target is None:
+                self._forget(image)  # a record restore could not export: the caller's call
                 return f"1:ImageService: the image target '{image}' does not exist!"
             try:
                 self.tgt.delete_target(target.iqn)
             except BrickError as exc:
                 return f"2:ImageService: cannot remove {image}: {exc}"
+            self._forget(image)
         LOG.info("removed the target of %s", image)
         return "0:"
+
+    def restore(self, revived: Revived | None = None) -> int:
+        """Export again every recorded image target tgtd does not have (at start, or after
+        tgtd died: ``revived.targets``); returns how many. A file that went away or that the
+        rules no longer allow is logged and not exported (its record stays until
+        ``destroy_image_target``)."""
+        if self.journal is None or (revived is not None and not revived.targets):
+            return 0
+        restored = 0
+        with self.lock:
+            targets = self.tgt.targets()
+            if revived is None:
+                self._record_unrecorded(targets)
+            present = {t.iqn for t in targets}
+            for image, record in sorted(self.journal.exports().items()):
+                iqn = record.get("iqn")
+                if iqn in present:
+                    continue
+                try:
+                    path = self._allowed(str(record.get("path")))
+                    if path is None:
+                        raise InvalidInput("file_path", record.get("path"), "does not exist")
+                    self.tgt.create_target(iqn, path, lun=1, readonly=True, chap=self.chap)
+                except (InvalidInput, NotAllowed, BrickError) as exc:
+                    LOG.error("image target of %s not exported again: %s", image, exc)
+                    continue
+                restored += 1
+                LOG.warning("exported %s again as %s (tgtd had lost it)", path, iqn)
+        return restored
+
+    def _record_unrecorded(self, targets: list[Target]) -> None:
+        """Record the image targets an earlier version exported without a record (a
+        target whose file the export rules allow; relays export FUSE files, never that)."""
+        assert self.journal is not None
+        recorded = {r.get("iqn") for r in self.journal.exports().values()}
+        for target in targets:
+            image = target.iqn.rpartition(":")[2]
+            if target.iqn in recorded or not target.luns or not image.startswith("volume-"):
+                continue
+            try:
+                image = validation.image_name(image)
+                path = self._allowed(target.luns[0].backing_path)
+            except (InvalidInput, NotAllowed):
+                continue
+            if path is not None:
+                self.journal.put("exports", image, {"iqn": target.iqn, "path": str(path)})
+                LOG.info("recorded the image target of %s (exported before records)", image)
+
+    def _forget(self, image: str) -> None:
+        if self.journal is not None:
+            self.journal.drop("exports", image)
 
     def list_image_target(self) -> dict[str, str]:
         """``{"volume-<name>": "<tid>:<file>"}`` for every image target of this server."""

@@ -16,7 +16,7 @@ from typing import Any
 from brick.fileio import atomic_write, private_dir
 from virtman.errors import JournalCorrupt
 
-KINDS = ("images", "instances")
+KINDS = ("images", "instances", "exports")  # exports: the image targets of ImageService
 
 
 class Journal:
@@ -50,6 +50,10 @@ class Journal:
     def instances(self) -> dict[str, dict[str, Any]]:
         with self.lock:
             return json.loads(json.dumps(self.data["instances"]))
+
+    def exports(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return json.loads(json.dumps(self.data["exports"]))
 
     def put(self, kind: str, name: str, record: dict[str, Any]) -> None:
         with self.lock:

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         settings.iqn_prefix,
         CONF.image_dirs or [settings.state_dir / "images"],
         CONF.image_block_devices,
+        journal=virtman.journal,
     )
+    images.restore()  # what a tgtd that died with the host (or alone) held
+    virtman.supervisor.listeners.append(images.restore)
     try:
         server = build_server((listen_host, CONF.listen_port), limits, virtman, images, context)
     except OSError as exc:

@@ -53,6 +53,17 @@ class Relay:
     nbd: str | None  # host:port, or None when the node exports no NBD
 
 
+@dataclass(frozen=True)
+class Revived:
+    """What a node daemon that died and was started again took with it."""
+
+    stacks: bool = False  # every image's stack (paths, cache, origin, relay) is gone
+    targets: bool = False  # every iSCSI target (relays and image targets) is gone
+
+    def __bool__(self) -> bool:
+        return self.stacks or self.targets
+
+
 class UpstreamLayer(Protocol):
     def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
         """Paths to ``endpoints`` (reads go to the first that works, the others are standby)
@@ -121,6 +132,11 @@ class Driver(Protocol):
 
     def stop(self) -> None:
         """Stop the daemons (call only once every image is torn down)."""
+        ...
+
+    def revive(self) -> Revived:
+        """Start again every node daemon that died (logged as an error), and say what
+        was lost with it; the caller rebuilds that. Nothing died: ``Revived()``."""
         ...
 
     def images(self) -> set[str]:

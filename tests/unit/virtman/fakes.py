@@ -6,7 +6,7 @@ import threading
 from collections.abc import Sequence
 
 from virtman.errors import DiskExists, ParentsUnavailable
-from virtman.layers.base import Device, Endpoint, Relay
+from virtman.layers.base import Device, Endpoint, Relay, Revived
 from voltclient.client import Volume
 from voltclient.exceptions import VoltClientError
 
@@ -39,9 +39,24 @@ class FakeDriver:
         self.relay = _Relay(self.state)
         self.snapshot = _Snapshot(self.state)
         self.started = self.stopped = 0
+        self.lost = Revived()  # what the next revive() reports
 
     def start(self) -> None:
         self.started += 1
+
+    def revive(self) -> Revived:
+        lost, self.lost = self.lost, Revived()
+        return lost
+
+    def crash_daemon(self, *, stacks: bool = False, targets: bool = False) -> None:
+        """What a SIGKILLed node daemon takes with it, reported by the next revive()."""
+        if stacks:
+            self.state.upstreams.clear()
+            self.state.caches.clear()
+            self.state.relays.clear()
+        elif targets:
+            self.state.relays.clear()
+        self.lost = Revived(stacks=stacks, targets=targets)
 
     def stop(self) -> None:
         self.stopped += 1

@@ -370,3 +370,59 @@ def test_a_create_under_a_pending_parent_wakes_the_heartbeat(tmp_path: Path) -> 
         assert driver.state.upstreams["volume-img"][0].peer_id == "10.0.0.7:volume-img"
     finally:
         vm.close()
+
+
+def test_a_dead_storage_daemon_s_stacks_are_rebuilt_in_place(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    volt.parents["volume-img"] = [ready("10.0.0.2", "volume-img")]
+    vm.create("vm1", "img", CONN)
+    calls = len(volt.calls)
+    driver.crash_daemon(stacks=True)
+    assert vm.supervisor.check().stacks
+    assert driver.state.caches["volume-img"].name == "volume-img-cache"
+    assert driver.state.relays == {"volume-img": CONN["target_iqn"]}
+    # the same paths as before, read from the parent, the cache file reused
+    assert [e.peer_id for e in driver.state.upstreams["volume-img"]] == ["10.0.0.2:volume-img"]
+    assert driver.state.cache_files == {"volume-img"}
+    assert volt.calls[calls:] == []  # same place in the tree: Volt is not asked again
+    assert vm.list() == ["vm1:volume-img"]
+    assert vm.supervisor.check().stacks is False  # reported once
+
+
+def test_a_stack_that_cannot_be_rebuilt_after_a_daemon_died_is_degraded(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    driver.crash_daemon(stacks=True)
+    driver.state.fail = {"cache"}
+    vm.supervisor.check()
+    base = vm.images["volume-img"]
+    assert vm.list() == ["vm1:volume-img:degraded"]
+    assert base.origin is None and "cannot be rebuilt: cache broke" in (base.problem or "")
+    assert driver.state.snapshots == {"vm1": "/fake/instances/vm1.qcow2"}  # the disk stays
+    driver.state.fail = set()
+    assert base.heal() is True
+    assert vm.list() == ["vm1:volume-img"] and "volume-img" in driver.state.relays
+
+
+def test_a_dead_tgtd_s_relays_are_exported_again(tmp_path: Path) -> None:
+    vm, driver, _ = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    cache = driver.state.caches["volume-img"]
+    driver.crash_daemon(targets=True)
+    assert vm.supervisor.check().targets
+    assert driver.state.relays == {"volume-img": CONN["target_iqn"]}
+    assert driver.state.caches["volume-img"] is cache  # the stack was not touched
+
+
+def test_one_failing_listener_does_not_stop_the_others(tmp_path: Path) -> None:
+    vm, driver, _ = make(tmp_path)
+    seen: list[object] = []
+
+    def broken(_revived: object) -> None:
+        raise RuntimeError("boom")
+
+    vm.supervisor.listeners[:0] = [broken]
+    vm.supervisor.listeners.append(seen.append)
+    driver.crash_daemon(targets=True)
+    revived = vm.supervisor.check()
+    assert seen == [revived]

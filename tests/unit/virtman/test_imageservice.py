@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from virtman.imageservice import ImageService
+from virtman.journal import Journal
+from virtman.layers.base import Revived
 
 
 class FakeTgt:
@@ -25,6 +27,9 @@ class FakeTgt:
     def create_target(self, iqn: str, path: Path, **_: Any) -> int:
         self.created.append((iqn, path))
         return len(self.created)
+
+    def delete_target(self, iqn: str) -> None:
+        self.created = [(i, p) for i, p in self.created if i != iqn]
 
 
 @pytest.fixture
@@ -98,3 +103,55 @@ def test_block_devices_only_when_listed(dirs: SimpleNamespace) -> None:
     assert tgt.created == []
     listed, tgt = service(dirs, block_devices=[block])
     assert listed.create_image_target("dev", block) == f"0:1:{os.path.realpath(block)}"
+
+
+def test_image_targets_are_recorded_and_exported_again_when_tgtd_lost_them(
+    dirs: SimpleNamespace, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "state" / "journal.json")
+    images, tgt = service(dirs, journal=journal)
+    good = dirs.images / "good.raw"
+    assert images.create_image_target("a", str(good)) == f"0:1:{good}"
+    iqn = "iqn.2010-10.org.openstack:volume-a"
+    assert Journal(journal.path).exports() == {"volume-a": {"iqn": iqn, "path": str(good)}}
+    assert images.restore(Revived(stacks=True)) == 0  # tgtd did not die
+    tgt.created.clear()  # tgtd died with the target
+    assert images.restore(Revived(targets=True)) == 1
+    assert tgt.created == [(iqn, good)]
+    assert images.restore() == 0  # present: nothing twice
+    assert images.destroy_image_target("a") == "0:"
+    assert journal.exports() == {} and tgt.created == []
+
+
+def test_a_record_whose_file_went_away_is_not_exported_until_destroyed(
+    dirs: SimpleNamespace, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "journal.json")
+    images, tgt = service(dirs, journal=journal)
+    spare = dirs.images / "spare.raw"
+    spare.write_bytes(bytes(4096))
+    images.create_image_target("a", str(spare))
+    tgt.created.clear()
+    spare.unlink()
+    assert images.restore(Revived(targets=True)) == 0 and tgt.created == []
+    assert list(journal.exports()) == ["volume-a"]  # kept: the file may come back
+    answer = images.destroy_image_target("a")
+    assert answer == "1:ImageService: the image target 'volume-a' does not exist!"
+    assert journal.exports() == {}
+
+
+def test_targets_exported_before_records_are_recorded_at_start(
+    dirs: SimpleNamespace, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "journal.json")
+    images, tgt = service(dirs, journal=journal)
+    good = dirs.images / "good.raw"
+    tgt.created = [
+        ("iqn.2010-10.org.openstack:volume-old", good),
+        ("iqn.2010-10.org.openstack:volume-relay", Path("/run/virtman/exports/x.raw")),
+        ("iqn.2010-10.org.openstack:volume-secret", dirs.outside / "secret.raw"),
+    ]
+    assert images.restore() == 0
+    assert journal.exports() == {
+        "volume-old": {"iqn": "iqn.2010-10.org.openstack:volume-old", "path": str(good)}
+    }

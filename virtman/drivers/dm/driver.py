@@ -60,7 +60,7 @@ from virtman.drivers.dm.cache import BcacheLayer, CacheSet
 from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapshot_name, uuid_of
 from virtman.drivers.dm.nbd import NbdRelay
 from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay
+from virtman.layers.base import Device, Endpoint, Relay, Revived
 
 LOG = logging.getLogger(__name__)
 
@@ -210,6 +210,18 @@ class DmDriver:
             self._thread = threading.Thread(target=self._monitor_loop, name="dm-multipath")
             self._thread.daemon = True
             self._thread.start()
+
+    def revive(self) -> Revived:
+        """The kernel holds the stacks; only tgtd (a relay with ``dm_relay = tgt``, the
+        image targets) can die. (The NBD relay's daemon is revived by the monitor.)"""
+        if self.tgtd is None or self.tgtd.alive():
+            return Revived()
+        LOG.error(
+            "tgtd (control port %d) died: starting it again; its targets are exported again",
+            self.tgtd.control_port,
+        )
+        self.tgtd.start()
+        return Revived(targets=True)
 
     def stop(self) -> None:
         """Stop the monitor; remove the cache set and stop tgtd if nothing uses them."""

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from brick.tgt import Chap, TgtAdm, TgtDaemon
 from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
 from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay
+from virtman.layers.base import Device, Endpoint, Relay, Revived
 
 LOG = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class QemuDriver:
             run_dir=settings.run_dir,
         )
         self.tgt = TgtAdm(settings.tgt_control_port)
+        self._daemons = threading.Lock()  # start, revive and stop of the two daemons
+        self._lost = Revived()  # what died with a daemon whose restart has not succeeded
         self.chap = (
             Chap(settings.chap_user, settings.chap_password)
             if settings.chap_user and settings.chap_password
@@ -83,11 +86,43 @@ class QemuDriver:
 
     # -- daemons ---------------------------------------------------------------------------
     def start(self) -> None:
-        if not self.qsd.adopt():
-            self.qsd.start()
-        if not self.tgtd.adopt():
-            self.tgtd.start()
-        self._start_nbd()
+        with self._daemons:
+            if not self.qsd.adopt():
+                self.qsd.start()
+            if not self.tgtd.adopt():
+                self.tgtd.start()
+            self._start_nbd()
+
+    def revive(self) -> Revived:
+        """qemu-storage-daemon holds every stack (its FUSE origins are what the relays
+        export and the VMs' overlays are backed by); tgtd holds every target. What a daemon
+        took with it is reported once that daemon serves again (a failed start is retried
+        at the next call, and reported then)."""
+        with self._daemons:
+            if not self.qsd.running():
+                if not self._lost.stacks:
+                    LOG.error(
+                        "qemu-storage-daemon %s died: starting it again; every image stack "
+                        "is rebuilt from its cache file (VMs with the old origin open see "
+                        "I/O errors until they are restarted)",
+                        self.qsd.name,
+                    )
+                self._lost = Revived(stacks=True, targets=self._lost.targets)
+            if self._lost.stacks:
+                self.qsd.start()  # unmounts the dead FUSE origins first
+                self._start_nbd()
+            if not self.tgtd.alive():
+                if not self._lost.targets:
+                    LOG.error(
+                        "tgtd (control port %d) died: starting it again; every target is "
+                        "exported again",
+                        self.tgtd.control_port,
+                    )
+                self._lost = Revived(stacks=self._lost.stacks, targets=True)
+            if self._lost.targets:
+                self.tgtd.start()
+            lost, self._lost = self._lost, Revived()
+            return lost
 
     def _start_nbd(self) -> None:
         """The NBD credentials (adopted after a restart) and the NBD server, with TLS when
@@ -122,10 +157,11 @@ class QemuDriver:
     def stop(self) -> None:
         """Stop qemu-storage-daemon (and drop its copy of the NBD key), and tgtd unless it
         still exports image targets."""
-        self.qsd.stop()
-        psk.uninstall(self.psk_dir)
-        if not self.tgt.targets():
-            self.tgtd.stop()
+        with self._daemons:
+            self.qsd.stop()
+            psk.uninstall(self.psk_dir)
+            if not self.tgt.targets():
+                self.tgtd.stop()
 
     # -- what exists -----------------------------------------------------------------------
     def images(self) -> set[str]:
