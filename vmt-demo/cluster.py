@@ -357,14 +357,6 @@ class LocalCluster:
         )
         return pid
 
-    def restart_virtman_hard(self, host_name: str) -> Daemon:
-        """SIGKILL the host's virtmanserver if it runs, then start it again (it adopts or
-        rebuilds what it finds, as after a crash)."""
-        daemon = self.daemons.pop(host_name, None)
-        if daemon is not None and daemon.proc.poll() is None:
-            daemon.kill9()
-        return self.start_virtman(host_name)
-
     def set_link(self, host_name: str, up: bool) -> None:
         """Take the host's link (its eth0, inside its namespace) down or up."""
         self.hosts[host_name].run(["ip", "link", "set", "eth0", "up" if up else "down"])

@@ -51,8 +51,10 @@ def test_a_killed_storage_daemon_is_restarted_and_its_stack_rebuilt(cluster_fact
     reader.start()
     old = cluster.kill_component(parent, "qsd")
     cluster.wait_for(
-        lambda: _restarted(cluster, parent, "qsd", old)
-        and "stack rebuilt after its daemon died" in _log(cluster, parent),
+        lambda: (
+            _restarted(cluster, parent, "qsd", old)
+            and "stack rebuilt after its daemon died" in _log(cluster, parent)
+        ),
         f"{parent}'s virtmanserver to restart its qemu-storage-daemon",
         timeout_s=30,
     )
@@ -81,9 +83,11 @@ def test_killed_tgtds_come_back_with_their_targets(cluster_factory) -> None:
     old = {h: cluster.kill_component(h, "tgtd") for h in tgt}
 
     def back() -> bool:
-        return all(_restarted(cluster, h, "tgtd", old[h]) for h in tgt) and {
-            h: sorted((t.iqn, t.accounts) for t in adm.targets()) for h, adm in tgt.items()
-        } == before
+        return (
+            all(_restarted(cluster, h, "tgtd", old[h]) for h in tgt)
+            and {h: sorted((t.iqn, t.accounts) for t in adm.targets()) for h, adm in tgt.items()}
+            == before
+        )
 
     cluster.wait_for(back, "both tgtds to be back with their targets", timeout_s=30)
     assert list(cluster.rpc("img", "list_image_target")) == list(exported)

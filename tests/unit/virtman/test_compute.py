@@ -390,7 +390,7 @@ def test_a_dead_storage_daemon_s_stacks_are_rebuilt_in_place(tmp_path: Path) -> 
 
 
 def test_a_stack_that_cannot_be_rebuilt_after_a_daemon_died_is_degraded(tmp_path: Path) -> None:
-    vm, driver, volt = make(tmp_path)
+    vm, driver, _ = make(tmp_path)
     vm.create("vm1", "img", CONN)
     driver.crash_daemon(stacks=True)
     driver.state.fail = {"cache"}
