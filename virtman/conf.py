@@ -297,6 +297,14 @@ api_opts = [
         "connection beyond it is answered 503 and closed. Keep it below the process's "
         "open-file limit.",
     ),
+    cfg.IntOpt(
+        "max_connections_per_peer",
+        default=64,
+        min=1,
+        max=16384,
+        help="Open XML-RPC connections at most from one client address, so that one host "
+        "cannot take all of max_connections; one more is answered 503 and closed.",
+    ),
     cfg.StrOpt(
         "tls_cert_file",
         help="PEM certificate (chain) of the XML-RPC server: set with tls_key_file to serve "

@@ -9,7 +9,8 @@ hold the daemon's memory or threads:
 * the credential, path, method and ``Content-Length`` are checked on the headers alone:
   a refused request is answered (401/404/405/411/413) before any body byte is read;
 * only complete, authenticated requests reach the ``rpc_workers`` threads that run calls;
-* at most ``max_connections`` connections are open; one more is answered 503.
+* at most ``max_connections`` connections are open, ``max_connections_per_peer`` of them
+  from one address; one more is answered 503.
 
 One request per connection (``Connection: close``), as ``xmlrpc.client`` expects.
 """
@@ -27,6 +28,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher
@@ -61,6 +63,7 @@ class Limits:
     request_timeout: float = 5.0
     rpc_workers: int = 16
     max_connections: int = 512
+    max_connections_per_peer: int = 64
 
 
 class _State(enum.Enum):
@@ -105,6 +108,7 @@ class Server:
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self.conns: dict[int, _Conn] = {}  # being read or drained (by the I/O thread)
         self.open_count = 0  # every open connection, in a worker's hands too
+        self.open_by_peer: Counter[str] = Counter()  # the same, per client address
         self.count_lock = threading.Lock()
         self.jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
         self.stopping = threading.Event()
@@ -170,15 +174,16 @@ class Server:
             peer = str(address[0])
             sock.setblocking(False)
             with self.count_lock:
-                full = self.open_count >= self.limits.max_connections
-                if not full:
+                if self.open_count >= self.limits.max_connections:
+                    full = f"{self.open_count} connections open (max_connections)"
+                elif self.open_by_peer[peer] >= self.limits.max_connections_per_peer:
+                    full = f"{self.open_by_peer[peer]} from it open (max_connections_per_peer)"
+                else:
+                    full = ""
                     self.open_count += 1
+                    self.open_by_peer[peer] += 1
             if full:
-                LOG.warning(
-                    "XML-RPC: refused a connection from %s: %d connections open (max_connections)",
-                    peer,
-                    self.limits.max_connections,
-                )
+                LOG.warning("XML-RPC: refused a connection from %s: %s", peer, full)
                 if self.ssl_context is None:  # a TLS client could not read a plain answer
                     _send_now(sock, _response(503, b"too many connections\n"))
                 sock.close()
@@ -336,8 +341,14 @@ class Server:
             del self.conns[fd]
             self.selector.unregister(conn.sock)
         conn.sock.close()
+        self._closed(conn.peer)
+
+    def _closed(self, peer: str) -> None:
         with self.count_lock:
             self.open_count -= 1
+            self.open_by_peer[peer] -= 1
+            if not self.open_by_peer[peer]:
+                del self.open_by_peer[peer]
 
     # -- the workers -----------------------------------------------------------------------
     def _work(self) -> None:
@@ -352,8 +363,7 @@ class Server:
                 LOG.exception("XML-RPC: a call from %s failed", conn.peer)
             finally:
                 conn.sock.close()
-                with self.count_lock:
-                    self.open_count -= 1
+                self._closed(conn.peer)
 
 
 def _response(

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         request_timeout=CONF.request_timeout,
         rpc_workers=CONF.rpc_workers,
         max_connections=CONF.max_connections,
+        max_connections_per_peer=CONF.max_connections_per_peer,
     )
     pid_file = Path(CONF.pid_file) if CONF.pid_file else None
     if pid_file:

@@ -12,6 +12,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 
 import pytest
 
+from brick.wait import wait_until
 from virtman.server import Limits, Server
 
 TOKEN = "unit-token"
@@ -116,6 +117,26 @@ def test_connections_beyond_max_connections_get_503(serve) -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_one_address_cannot_take_every_connection(serve) -> None:
+    server = serve(max_connections=16, max_connections_per_peer=3, request_timeout=5)
+    held = [socket.create_connection(server.server_address, timeout=5) for _ in range(3)]
+    try:
+        wait_until(lambda: server.open_count == 3, timeout_s=5, what="3 connections")
+        assert status(exchange(server, b"")) == 503  # a fourth from 127.0.0.1
+        other = socket.create_connection(
+            server.server_address, timeout=5, source_address=("127.0.0.2", 0)
+        )
+        with other:
+            other.sendall(post(xmlrpc.client.dumps(("hi",), "echo").encode()))
+            assert status(other.recv(65536)) == 200
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(
+        lambda: server.open_count == 0 and not server.open_by_peer, timeout_s=5, what="closes"
+    )
 
 
 def test_calls_run_on_a_bounded_pool(serve, gate: threading.Event) -> None:
