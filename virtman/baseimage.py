@@ -28,6 +28,7 @@ from virtman.voltlink import VoltLink, parent_endpoints, pending_parents
 from voltclient.client import Volume
 
 LOG = logging.getLogger(__name__)
+BUSY_WAIT_S = 5.0  # how long the supervisor waits for an image's lock before going on
 
 
 class Status(enum.StrEnum):
@@ -181,7 +182,7 @@ class BaseImage:
             self.peer_id = record.get("peer_id")  # type: ignore[assignment]
             self.upstream = self.driver.upstream.endpoints(self.name)
             try:
-                self._finish_adoption()
+                self._finish_adoption(quiet=True)  # Volt away: degraded now, not in 600 s
             except Exception as exc:
                 self._degrade(f"cannot adopt the running stack: {exc}")
                 return
@@ -195,7 +196,7 @@ class BaseImage:
         with self.lock:
             self.status = Status.BUILDING
             try:
-                self._build(repair=True)
+                self._build(quiet=True, repair=True)
             except ImageBuildFailed as exc:
                 self._degrade(f"cannot rebuild the stack: {exc.reason}")
 
@@ -225,6 +226,19 @@ class BaseImage:
                 "%s: healed (after %d failed attempt(s)): no longer degraded", self.name, failures
             )
             return True
+
+    def when_free(self, step: Callable[[], None], what: str) -> None:
+        """Run ``step`` (which takes the image's lock) now if the lock comes within a few
+        seconds, else in its own thread once whoever holds it (a build waiting for Volt)
+        is done: the caller (the supervisor) must not wait behind a build."""
+        if self.lock.acquire(timeout=BUSY_WAIT_S):
+            try:
+                step()
+            finally:
+                self.lock.release()
+            return
+        LOG.info("%s: busy; %s once that ends", self.name, what)
+        threading.Thread(target=step, name=f"busy-{self.name}", daemon=True).start()
 
     def restack(self) -> None:
         """The daemon that held this image's stack died and runs again: build the stack

@@ -302,9 +302,9 @@ class Virtman:
             images = list(self.images.values())
         for base in images:
             if revived.stacks:
-                base.restack()
+                base.when_free(base.restack, "the stack is rebuilt")
             elif revived.targets:
-                base.reexport()
+                base.when_free(base.reexport, "the relay is exported again")
         self._wake.set()  # tell Volt soon that this node lives (and follow its answer)
 
     # -- restart -------------------------------------------------------------------------------

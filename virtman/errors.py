@@ -36,8 +36,12 @@ class ImageBuildFailed(VirtmanError):
 
 
 class ParentsUnavailable(VirtmanError):
-    def __init__(self, image: str, timeout_s: float) -> None:
-        super().__init__(f"Volt did not place {image} within {timeout_s:g} s")
+    def __init__(self, image: str, timeout_s: float, why: str | None = None) -> None:
+        super().__init__(
+            f"Volt did not place {image}: {why}"
+            if why
+            else f"Volt did not place {image} within {timeout_s:g} s"
+        )
 
 
 class JournalCorrupt(VirtmanError):

@@ -55,8 +55,10 @@ class VoltLink:
         clock: Callable[[], float] = time.monotonic,
     ) -> tuple[str, list[Volume]]:
         """Place this node in the image's tree; retries while Volt answers "not placeable"
-        (btree executors) or cannot be reached, until ``timeout_s``. ``quiet``: failures
-        are debug messages (the caller reports the outcome)."""
+        (btree executors) or cannot be reached, until ``timeout_s``. ``quiet`` (a retry in
+        the background, which has its own backoff): failures are debug messages, and an
+        unreachable Volt ends the attempt at once (``ParentsUnavailable``) instead of
+        holding the image for ``timeout_s``."""
         deadline = clock() + timeout_s
         delay = 0.2
         failures = 0
@@ -67,8 +69,11 @@ class VoltLink:
                     return peer_id, parents
                 LOG.info("%s: Volt says not placeable yet, retrying", image)
             except VoltClientError as exc:
+                if quiet:
+                    LOG.debug("%s: Volt query failed: %s", image, exc)
+                    raise ParentsUnavailable(image, 0, f"Volt unreachable ({exc})") from exc
                 failures += 1  # the first failure is a warning; its retries are not news
-                (LOG.warning if failures == 1 and not quiet else LOG.debug)(
+                (LOG.warning if failures == 1 else LOG.debug)(
                     "%s: Volt query failed: %s", image, exc
                 )
             if clock() + delay > deadline:

@@ -71,8 +71,10 @@ def test_issue_10_restart_with_volt_away_keeps_every_disk_then_heals(cluster_fac
     assert cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"]
     assert cluster.daemons.pop("n1").stop() == 0
     log_offset = len(_log(cluster, "n1"))
-    cluster.start_virtman("n1")  # Volt stays away for longer than parent_wait_timeout (2 s)
-    assert f"Volt did not place {IMAGE} within 2 s" in _log(cluster, "n1")[log_offset:]
+    t0 = time.monotonic()
+    cluster.start_virtman("n1")  # Volt stays away: the start does not wait for it
+    assert time.monotonic() - t0 < 30
+    assert f"Volt did not place {IMAGE}: Volt unreachable" in _log(cluster, "n1")[log_offset:]
 
     # Nothing deleted: the disk and its writes, the cache file, the running stack.
     assert cluster.rpc("n1", "list") == [f"vm1:{IMAGE}:degraded"]

@@ -11,6 +11,8 @@ import pytest
 from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
 from virtman.compute import Virtman
 from virtman.conf import Settings
+from virtman.errors import ParentsUnavailable
+from virtman.voltlink import VoltLink
 from voltclient.exceptions import VoltClientError
 
 CONN = {
@@ -426,3 +428,39 @@ def test_one_failing_listener_does_not_stop_the_others(tmp_path: Path) -> None:
     driver.crash_daemon(targets=True)
     revived = vm.supervisor.check()
     assert seen == [revived]
+
+
+def test_the_supervisor_does_not_wait_behind_a_busy_image(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("virtman.baseimage.BUSY_WAIT_S", 0.1)
+    vm, driver, _ = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    base = vm.images["volume-img"]
+    held, release = threading.Event(), threading.Event()
+
+    def build_waiting_for_volt() -> None:
+        with base.lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=build_waiting_for_volt)
+    holder.start()
+    held.wait(5)
+    driver.crash_daemon(stacks=True)
+    t0 = time.monotonic()
+    vm.supervisor.check()
+    assert time.monotonic() - t0 < 2.0
+    assert "volume-img" not in driver.state.caches  # not yet: the image is busy
+    release.set()
+    holder.join()
+    deadline = time.monotonic() + 5
+    while "volume-img" not in driver.state.caches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "volume-img" in driver.state.caches and vm.list() == ["vm1:volume-img"]
+
+
+def test_a_background_join_gives_up_at_once_when_volt_is_unreachable() -> None:
+    link = VoltLink("http://127.0.0.1:9", None, "10.0.0.9", timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(ParentsUnavailable, match="Volt did not place volume-img: Volt unreachable"):
+        link.join("volume-img", timeout_s=60, quiet=True)
+    assert time.monotonic() - t0 < 5
