@@ -112,7 +112,12 @@ class ImageService:
             return 0
         restored = 0
         with self.lock:
-            targets = self.tgt.targets()
+            try:
+                targets = self.tgt.targets()
+            except BrickError as exc:  # e.g. a dm node whose relays are LIO: no tgtd
+                if self.journal.exports():
+                    LOG.error("image targets not exported again: tgtd: %s", exc)
+                return 0
             if revived is None:
                 self._record_unrecorded(targets)
             present = {t.iqn for t in targets}
