@@ -43,17 +43,20 @@ class Journal:
                 raise JournalCorrupt(self.path, f"{kind!r} is not an object of records")
             self.data[kind].update(section)
 
-    def images(self) -> dict[str, dict[str, Any]]:
+    def records(self, kind: str) -> dict[str, dict[str, Any]]:
+        """A copy of one section (``KINDS``)."""
         with self.lock:
-            return json.loads(json.dumps(self.data["images"]))
+            copy: dict[str, dict[str, Any]] = json.loads(json.dumps(self.data[kind]))
+            return copy
+
+    def images(self) -> dict[str, dict[str, Any]]:
+        return self.records("images")
 
     def instances(self) -> dict[str, dict[str, Any]]:
-        with self.lock:
-            return json.loads(json.dumps(self.data["instances"]))
+        return self.records("instances")
 
     def exports(self) -> dict[str, dict[str, Any]]:
-        with self.lock:
-            return json.loads(json.dumps(self.data["exports"]))
+        return self.records("exports")
 
     def put(self, kind: str, name: str, record: dict[str, Any]) -> None:
         with self.lock:

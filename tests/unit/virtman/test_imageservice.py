@@ -105,11 +105,16 @@ def test_block_devices_only_when_listed(dirs: SimpleNamespace) -> None:
     assert listed.create_image_target("dev", block) == f"0:1:{os.path.realpath(block)}"
 
 
+def journaled(dirs: SimpleNamespace, tmp_path: Path) -> tuple[ImageService, FakeTgt, Journal]:
+    journal = Journal(tmp_path / "state" / "journal.json")
+    images, tgt = service(dirs, journal=journal)
+    return images, tgt, journal
+
+
 def test_image_targets_are_recorded_and_exported_again_when_tgtd_lost_them(
     dirs: SimpleNamespace, tmp_path: Path
 ) -> None:
-    journal = Journal(tmp_path / "state" / "journal.json")
-    images, tgt = service(dirs, journal=journal)
+    images, tgt, journal = journaled(dirs, tmp_path)
     good = dirs.images / "good.raw"
     assert images.create_image_target("a", str(good)) == f"0:1:{good}"
     iqn = "iqn.2010-10.org.openstack:volume-a"
@@ -126,8 +131,7 @@ def test_image_targets_are_recorded_and_exported_again_when_tgtd_lost_them(
 def test_a_record_whose_file_went_away_is_not_exported_until_destroyed(
     dirs: SimpleNamespace, tmp_path: Path
 ) -> None:
-    journal = Journal(tmp_path / "journal.json")
-    images, tgt = service(dirs, journal=journal)
+    images, tgt, journal = journaled(dirs, tmp_path)
     spare = dirs.images / "spare.raw"
     spare.write_bytes(bytes(4096))
     images.create_image_target("a", str(spare))
@@ -143,8 +147,7 @@ def test_a_record_whose_file_went_away_is_not_exported_until_destroyed(
 def test_targets_exported_before_records_are_recorded_at_start(
     dirs: SimpleNamespace, tmp_path: Path
 ) -> None:
-    journal = Journal(tmp_path / "journal.json")
-    images, tgt = service(dirs, journal=journal)
+    images, tgt, journal = journaled(dirs, tmp_path)
     good = dirs.images / "good.raw"
     tgt.created = [
         ("iqn.2010-10.org.openstack:volume-old", good),
