@@ -179,7 +179,8 @@ class BaseImage:
         with the stack as it runs: retried by ``heal``."""
         with self.lock:
             self.origin = origin
-            self.peer_id = record.get("peer_id")  # type: ignore[assignment]
+            peer_id = record.get("peer_id")
+            self.peer_id = peer_id if isinstance(peer_id, str) else None
             self.upstream = self.driver.upstream.endpoints(self.name)
             try:
                 self._finish_adoption(quiet=True)  # Volt away: degraded now, not in 600 s

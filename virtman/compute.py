@@ -31,6 +31,7 @@ from virtman.voltlink import VoltLink
 from voltclient.exceptions import VoltClientError
 
 LOG = logging.getLogger(__name__)
+_Endpoints = list[Endpoint]  # spelled here: ``list`` is a method of Virtman
 FAST_FOLLOW_S = 1.0  # heartbeat period while a tree parent is still pending
 
 
@@ -215,7 +216,7 @@ class Virtman:
         self._wake.set()
         LOG.info("destroyed %s", instance)
 
-    def _new_image(self, image: str, endpoints: list[Endpoint]) -> BaseImage:
+    def _new_image(self, image: str, endpoints: _Endpoints) -> BaseImage:
         return BaseImage(
             image,
             endpoints,
@@ -343,8 +344,8 @@ class Virtman:
                 LOG.warning("forgetting instance %s: its disk is gone (nothing deleted)", instance)
                 self.journal.drop("instances", instance)
                 continue
-            base = self.images.get(record["image"])
-            if base is None:
+            owner = self.images.get(record["image"])
+            if owner is None:
                 LOG.warning(
                     "instance %s: its image %s has no record: the disk is kept and listed "
                     "degraded until destroyed",
@@ -352,7 +353,7 @@ class Virtman:
                     record["image"],
                 )
             else:
-                base.instances.add(instance)
+                owner.instances.add(instance)
             self.instance_names[instance] = record["image"]
         for instance in owned - set(self.instance_names) - set(instances):
             LOG.warning(

@@ -126,6 +126,8 @@ class ImageService:
                 if iqn in present:
                     continue
                 try:
+                    if not isinstance(iqn, str):
+                        raise InvalidInput("iqn", iqn, "missing from the record")
                     path = self._allowed(str(record.get("path")))
                     if path is None:
                         raise InvalidInput("file_path", record.get("path"), "does not exist")
@@ -168,7 +170,7 @@ class ImageService:
                 result[image] = f"{target.tid}:{target.luns[0].backing_path}"
         return result
 
-    def _find(self, image: str):  # type: ignore[no-untyped-def]
+    def _find(self, image: str) -> Target | None:
         for target in self.tgt.targets():
             if target.iqn.rpartition(":")[2] == image:
                 return target

@@ -229,7 +229,8 @@ class Server:
 
     def _handshake(self, conn: _Conn) -> bool:
         """Advance a TLS handshake; True once it is done."""
-        sock: ssl.SSLSocket = conn.sock  # type: ignore[assignment]
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)  # only TLS connections have a handshake
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -355,8 +356,10 @@ class Server:
         while (conn := self.jobs.get()) is not None:
             try:
                 answer = self.dispatcher._marshaled_dispatch(bytes(conn.buf))
+                # CPython returns the encoded answer (bytes); typeshed says str.
+                body = answer.encode() if isinstance(answer, str) else answer
                 conn.sock.settimeout(self.limits.request_timeout)  # to take the answer
-                conn.sock.sendall(_response(200, answer, content_type="text/xml"))
+                conn.sock.sendall(_response(200, body, content_type="text/xml"))
             except OSError as exc:
                 LOG.warning("XML-RPC: could not answer %s: %s", conn.peer, exc)
             except Exception:  # a bug of ours: the worker must survive it

@@ -16,7 +16,7 @@ from virtman.layers.base import Driver, Revived
 
 LOG = logging.getLogger(__name__)
 
-Listener = Callable[[Revived], None]
+Listener = Callable[[Revived], object]  # what it returns is not used
 
 
 class Supervisor:

@@ -24,7 +24,7 @@ import ssl
 import xmlrpc.client
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
@@ -40,6 +40,11 @@ from virtmanclient.exceptions import (
     Unauthorized,
 )
 from virtmanclient.validation import DEFAULT_IQN_PREFIX, normalise_image_name
+
+if TYPE_CHECKING:
+    from _typeshed import SizedBuffer
+
+_Conn = TypeVar("_Conn", bound=http.client.HTTPConnection)
 
 DEFAULT_PORT = 7774
 RPC_PATH = "/RPC2"
@@ -234,22 +239,23 @@ def normalise_endpoint(endpoint: str) -> str:
 
 
 # -- transport ---------------------------------------------------------------------------
-class _TimeoutMixin:
+class _TimeoutMixin(xmlrpc.client.Transport):
     """A transport with a socket timeout that sends each request once (no silent resend of a
     non-idempotent create after a reset connection)."""
 
     timeout: float
 
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        conn = super().make_connection(host)  # type: ignore[misc]
+    def _timed(self, conn: _Conn) -> _Conn:
         conn.timeout = self.timeout
         return conn
 
-    def request(self, host: Any, handler: str, request_body: bytes, verbose: bool = False) -> Any:
-        return self.single_request(host, handler, request_body, verbose)  # type: ignore[attr-defined]
+    def request(
+        self, host: Any, handler: str, request_body: SizedBuffer, verbose: bool = False
+    ) -> tuple[Any, ...]:
+        return self.single_request(host, handler, request_body, verbose)
 
 
-class Transport(_TimeoutMixin, xmlrpc.client.Transport):
+class Transport(_TimeoutMixin):
     """HTTP transport with timeout and optional X-Auth-Token header."""
 
     user_agent = USER_AGENT
@@ -257,6 +263,9 @@ class Transport(_TimeoutMixin, xmlrpc.client.Transport):
     def __init__(self, token: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(headers=[("X-Auth-Token", token)] if token else [])
         self.timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        return self._timed(super().make_connection(host))
 
 
 class SafeTransport(_TimeoutMixin, xmlrpc.client.SafeTransport):
@@ -276,6 +285,9 @@ class SafeTransport(_TimeoutMixin, xmlrpc.client.SafeTransport):
             context=context or ssl.create_default_context(),
         )
         self.timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
+        return self._timed(super().make_connection(host))
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -393,7 +405,7 @@ class Client:
 
     def list(self) -> StrList:
         """``["<instance>:<image>", ...]``."""
-        return self.call("list")  # type: ignore[no-any-return]
+        return self.call("list")
 
     @overload
     def create_image_target(
@@ -444,7 +456,7 @@ class Client:
 
     def list_image_target(self) -> StrDict:
         """``{"volume-<name>": "<tid>:<loop_dev>", ...}``."""
-        return self.call("list_image_target")  # type: ignore[no-any-return]
+        return self.call("list_image_target")
 
     # Typed helpers -----------------------------------------------------------------------
     def instances(self) -> InstanceList:

@@ -7,7 +7,7 @@ from oslo_config import cfg
 
 CONF = cfg.CONF
 
-default_opts = [
+default_opts: list[cfg.Opt] = [
     cfg.HostAddressOpt(
         "bind_host",
         default="127.0.0.1",
@@ -77,7 +77,7 @@ default_opts = [
     ),
 ]
 
-balanced_opts = [
+balanced_opts: list[cfg.Opt] = [
     cfg.IntOpt(
         "fanout",
         default=2,
@@ -97,7 +97,7 @@ balanced_opts = [
     ),
 ]
 
-auth_opts = [
+auth_opts: list[cfg.Opt] = [
     cfg.StrOpt(
         "token",
         secret=True,
@@ -116,7 +116,7 @@ auth_opts = [
     ),
 ]
 
-ssl_opts = [
+ssl_opts: list[cfg.Opt] = [
     cfg.StrOpt(
         "cert_file",
         help="PEM certificate (chain) volt-api serves HTTPS with. Set together with "
@@ -125,7 +125,7 @@ ssl_opts = [
     cfg.StrOpt("key_file", help="PEM private key of cert_file (unencrypted)."),
 ]
 
-database_opts = [
+database_opts: list[cfg.Opt] = [
     cfg.StrOpt(
         "connection",
         default="sqlite:////var/lib/volt/volt.sqlite",

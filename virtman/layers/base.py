@@ -1,4 +1,4 @@
-"""The layer interface every block-stack driver implements (``qemu`` now, ``dm`` later).
+"""The layer interface every block-stack driver implements (``qemu`` and ``dm``).
 
 Per image, bottom to top: upstream (paths to parents or image servers + multipath), cache
 on read, relay target (+ origin), and per VM a copy-on-write snapshot. Each layer's
@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from brick.tgt import Chap, TgtAdm
 
 
 @dataclass(frozen=True)
@@ -121,10 +124,29 @@ class Driver(Protocol):
     """One backend's layers, plus the daemons they share on this node."""
 
     name: str
-    upstream: UpstreamLayer
-    cache: CacheLayer
-    relay: RelayLayer
-    snapshot: SnapshotLayer
+
+    # Read-only members (properties), so a driver may hold a narrower layer type.
+    @property
+    def upstream(self) -> UpstreamLayer: ...
+
+    @property
+    def cache(self) -> CacheLayer: ...
+
+    @property
+    def relay(self) -> RelayLayer: ...
+
+    @property
+    def snapshot(self) -> SnapshotLayer: ...
+
+    @property
+    def tgt(self) -> TgtAdm:
+        """tgtd's admin client; the image service (``create_image_target``) uses it."""
+        ...
+
+    @property
+    def chap(self) -> Chap | None:
+        """The CHAP credentials targets are exported with (None: none)."""
+        ...
 
     def start(self) -> None:
         """Start the node's daemons, or adopt those a previous run left running."""

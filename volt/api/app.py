@@ -201,8 +201,8 @@ class VoltApp:
             response = self._error(err, method, path, request_id)
         except Exception:
             LOG.exception("%s %s failed [%s]", method, path, request_id)
-            err = VoltError("internal error; see the volt-api log for " + request_id)
-            response = Response(500, _error_body(err, request_id))
+            internal = VoltError("internal error; see the volt-api log for " + request_id)
+            response = Response(500, _error_body(internal, request_id))
         payload = self._encode(response)
         out = [
             ("Content-Type", response.content_type),

@@ -47,6 +47,10 @@ class Executor(abc.ABC):
 
 def load_executor(name: str, **options: Any) -> Executor:
     """Instantiate the executor registered under ``name`` in ``volt.executor``."""
-    manager = driver.DriverManager(NAMESPACE, name, invoke_on_load=True, invoke_kwds=options)
-    executor: Executor = manager.driver
+    manager: driver.DriverManager[Executor] = driver.DriverManager(
+        NAMESPACE, name, invoke_on_load=True, invoke_kwds=options
+    )
+    executor = manager.driver
+    if not isinstance(executor, Executor):
+        raise TypeError(f"executor plugin {name!r} is not an Executor: {executor!r}")
     return executor

@@ -178,12 +178,12 @@ class Tree:
         self.detach(parent)
         self.attach(node, grand, upper_slot)
         self.attach(parent, node, lower_slot)
-        for slot, child in enumerate(siblings):
-            if child is not None:
-                self.attach(child, node, slot)
-        for slot, child in enumerate(lower_children):
-            if child is not None:
-                self.attach(child, parent, slot)
+        for slot, sibling in enumerate(siblings):
+            if sibling is not None:
+                self.attach(sibling, node, slot)
+        for slot, lower in enumerate(lower_children):
+            if lower is not None:
+                self.attach(lower, parent, slot)
 
     def set_status(self, node: Node, status: str) -> None:
         if node.status != status:

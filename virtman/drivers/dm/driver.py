@@ -597,8 +597,8 @@ class DmSnapshot:
             return f"/dev/mapper/{name}"
         if cow.exists():  # an earlier run's disk (e.g. before a reboot): never overwritten
             raise DiskExists(instance)
-        for loop in d.loops.find(str(cow)):  # a create that died half way
-            d.loops.detach(loop)
+        for stale in d.loops.find(str(cow)):  # a create that died half way
+            d.loops.detach(stale)
         size = origin.size * d.settings.dm_cow_percent // 100 + (8 << 20)
         cow.parent.mkdir(parents=True, exist_ok=True)
         with open(cow, "wb") as f:  # a new, all-zero COW: a fresh snapshot store
