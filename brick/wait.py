@@ -12,7 +12,7 @@ T = TypeVar("T")
 
 
 def wait_until(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     *,
     timeout_s: float,
     what: str,
@@ -20,12 +20,13 @@ def wait_until(
     backoff: float = 1.5,
     max_interval_s: float = 0.5,
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
 ) -> T:
     """Call ``predicate`` until it returns something true, and return that.
 
     Raises ``Timeout(what, timeout_s)`` once ``timeout_s`` has passed. The predicate is
-    always called at least once, and once more at the deadline.
+    always called at least once, and once more at the deadline. ``sleep`` may be a
+    ``threading.Event.wait``, so that a stop wakes the wait (the predicate then raises).
     """
     deadline = clock() + timeout_s
     interval = interval_s

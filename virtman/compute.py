@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from brick.wait import pause
+from brick.exception import Timeout
+from brick.wait import wait_until
 from virtman import conf, prefetch, validation
 from virtman.backoff import Backoff
 from virtman.baseimage import BaseImage, Status
@@ -32,6 +33,9 @@ from voltclient.exceptions import VoltClientError
 
 LOG = logging.getLogger(__name__)
 _Endpoints = list[Endpoint]  # spelled here: ``list`` is a method of Virtman
+# After the readers' grace period: how long a shutdown waits for a stack still busy (an
+# image building, a lock held by a heal) before it leaves the stacks up and stops.
+FORCED_TEARDOWN_S = 120.0
 FAST_FOLLOW_S = 1.0  # heartbeat period while a tree parent is still pending
 
 
@@ -58,17 +62,18 @@ class Virtman:
         self.settings = settings
         self.driver = driver
         self.openstack_compatible = openstack_compatible
+        self._stop = threading.Event()  # set by close: ends the heartbeat and Volt waits
         self.volt = volt or VoltLink(
             settings.master_url,
             settings.master_token,
             settings.host_ip,
             ca_file=settings.master_ca_file,
+            stop=self._stop,
         )
         self.journal = Journal(settings.state_dir / "journal.json")
         self.images: dict[str, BaseImage] = {}
         self.instance_names: dict[str, str] = {}  # instance -> image
         self.lock = threading.Lock()  # guards the two dicts only; never held while building
-        self._stop = threading.Event()
         self._wake = threading.Event()
         self._volt_down = False  # the last heartbeat could not reach Volt
         driver.start()
@@ -141,12 +146,33 @@ class Virtman:
         if running:
             LOG.info("%d instance(s) still use their disks: the stacks stay up", running)
             return
-        deadline = clock() + self.reader_grace_s
-        while images:
-            force = clock() >= deadline
+
+        def gone(force: bool) -> bool:
+            nonlocal images
             images = [b for b in images if not b.teardown_if_unused(force=force)]
-            if images:
-                pause(0.5)
+            return not images
+
+        def every(what: str, timeout_s: float, force: bool) -> None:
+            wait_until(
+                lambda: gone(force),
+                timeout_s=timeout_s,
+                what=what,
+                interval_s=0.5,
+                backoff=1.0,
+                clock=clock,
+            )
+
+        try:
+            every("children leaving the relays", self.reader_grace_s, force=False)
+        except Timeout:
+            try:  # readers left after the grace period are cut off
+                every("the forced teardown of the stacks", FORCED_TEARDOWN_S, force=True)
+            except Timeout:
+                LOG.error(
+                    "shutdown: the stacks of %s are still busy: left up for the next start",
+                    ", ".join(b.name for b in images),
+                )
+                return
         self.driver.stop()
 
     # -- create / destroy --------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
-from brick.wait import pause
+from brick.exception import Timeout
+from brick.wait import wait_until
 from virtman.errors import ParentsUnavailable
 from virtman.layers.base import Endpoint, Relay
 from voltclient import Client
@@ -42,9 +44,11 @@ class VoltLink:
         *,
         timeout: float = 10.0,
         ca_file: str | None = None,
+        stop: threading.Event | None = None,
     ):
         self.client = Client(url, token=token, timeout=timeout, ca_file=ca_file)
         self.host_ip = host_ip
+        self.stop = stop or threading.Event()  # set: every join waiting for Volt ends now
 
     def join(
         self,
@@ -59,10 +63,12 @@ class VoltLink:
         the background, which has its own backoff): failures are debug messages, and an
         unreachable Volt ends the attempt at once (``ParentsUnavailable``) instead of
         holding the image for ``timeout_s``."""
-        deadline = clock() + timeout_s
-        delay = 0.2
         failures = 0
-        while True:
+
+        def placed() -> tuple[str, list[Volume]] | None:
+            nonlocal failures
+            if self.stop.is_set():
+                raise ParentsUnavailable(image, 0, "virtman is stopping")
             try:
                 peer_id, parents = self.client.volumes.get(image, host=self.host_ip)
                 if peer_id is not None:
@@ -76,10 +82,21 @@ class VoltLink:
                 (LOG.warning if failures == 1 else LOG.debug)(
                     "%s: Volt query failed: %s", image, exc
                 )
-            if clock() + delay > deadline:
-                raise ParentsUnavailable(image, timeout_s)
-            pause(delay)
-            delay = min(delay * 1.5, 5.0)
+            return None
+
+        try:  # retries after 0.2 s, then 1.5 times longer each time, up to 5 s
+            return wait_until(
+                placed,
+                timeout_s=timeout_s,
+                what=f"Volt's placement of {image}",
+                interval_s=0.2,
+                backoff=1.5,
+                max_interval_s=5.0,
+                clock=clock,
+                sleep=self.stop.wait,  # a stop wakes the wait; ``placed`` then ends it
+            )
+        except Timeout:
+            raise ParentsUnavailable(image, timeout_s) from None
 
     def register(self, image: str, peer_id: str, relay: Relay) -> None:
         host, _, port = relay.portal.rpartition(":")

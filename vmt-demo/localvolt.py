@@ -8,9 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from brick.wait import wait_until
 from voltclient import Client
 from voltclient.exceptions import VoltClientError
 
@@ -56,18 +56,20 @@ class LocalVolt:
             stderr=subprocess.PIPE,
         )
         client = self.client()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"volt-api exited {self.proc.returncode}: {err}")
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"volt-api exited {proc.returncode}: {err}")
             try:
                 client.volumes.list()
-                return self
             except VoltClientError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(answers, timeout_s=timeout_s, what="volt-api's answer", interval_s=0.05)
+        return self
 
     def stop(self) -> int:
         """SIGTERM to the process we started (by PID), then wait for it."""

@@ -14,6 +14,7 @@ volt-api on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import sys
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from localvolt import LocalVolt
 
+from brick.exception import Timeout
+from brick.wait import pause, wait_until
 from voltclient import shell
 
 IMAGE = "volume-demo"
@@ -42,6 +45,7 @@ class SimulatedNode(threading.Thread):
         self.alive = threading.Event()
         self.alive.set()
         self.first_answer: tuple[str | None, list] | None = None
+        self.registered = threading.Event()
         self.parents: list[str] = []
 
     def run(self) -> None:
@@ -50,8 +54,9 @@ class SimulatedNode(threading.Thread):
         self.first_answer = (peer_id, parents)
         if peer_id is None:
             return
-        time.sleep(self.build_s)  # connect paths, cache, relay target: simulated
+        pause(self.build_s)  # connect paths, cache, relay target: simulated
         self.client.volumes.login(IMAGE, peer_id, self.host, 3260, IQN, 1)
+        self.registered.set()
         while not stopping.wait(1.0) and self.alive.is_set():
             for entry in self.client.members.heartbeat(host=self.host):
                 self.parents = [p.peer_id for p in entry["parents"]]
@@ -87,7 +92,11 @@ def main() -> int:
         started = time.monotonic()
         for node in nodes:
             node.start()
-        time.sleep(0.4)
+        wait_until(
+            lambda: all(n.first_answer is not None for n in nodes),
+            timeout_s=30,
+            what="every node's first answer",
+        )
         placed = sum(1 for n in nodes if n.first_answer and n.first_answer[0] is not None)
         print(
             f"\n{placed} of {args.nodes} nodes placed on their first query "
@@ -96,7 +105,11 @@ def main() -> int:
         if placed != args.nodes:
             failures.append(f"only {placed} nodes placed at once")
         show(volt, "the burst, right after the queries (pending = still building)")
-        time.sleep(3.0)
+        wait_until(
+            lambda: all(n.registered.is_set() or not n.is_alive() for n in nodes),
+            timeout_s=30,
+            what="every node's registration",
+        )
         show(volt, "every node built its stack and registered its relay")
 
         client = volt.client()
@@ -114,14 +127,15 @@ def main() -> int:
         print(f"\n== {', '.join(sorted(victims))} crash (no more heartbeats)")
         crashed = time.monotonic()
         by_peer = {f"{n.host}:{IMAGE}": n for n in nodes}
-        while time.monotonic() - crashed < 15:
+
+        def healed() -> bool:
             current = {n["peer_id"] for n in client.volumes.list(IMAGE)}
-            healed = all(
+            return not victims & current and all(
                 not victims & set(by_peer[o].parents) and by_peer[o].parents for o in orphans
             )
-            if not victims & current and healed:
-                break
-            time.sleep(0.2)
+
+        with contextlib.suppress(Timeout):  # checked (and reported) below
+            wait_until(healed, timeout_s=15, what="the healed tree", interval_s=0.2, backoff=1.0)
         healed_s = time.monotonic() - crashed
         show(volt, f"healed {healed_s:.1f} s after the crash (node_timeout 3 s + heartbeat)")
         final = client.volumes.list(IMAGE)

@@ -105,7 +105,8 @@ def test_a_stalled_request_is_closed_at_its_deadline(serve) -> None:
         t0 = time.monotonic()
         assert sock.recv(100) == b""
         assert 0.3 < time.monotonic() - t0 < 2.0
-    assert server.open_count == 0
+    # the count drops just after the socket is closed: the client may see EOF first
+    wait_until(lambda: server.open_count == 0, timeout_s=5, what="the count to drop")
 
 
 def test_connections_beyond_max_connections_get_503(serve) -> None:

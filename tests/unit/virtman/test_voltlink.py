@@ -1,0 +1,99 @@
+"""VoltLink.join: retries "not placeable" and an unreachable Volt with backoff until its
+deadline, and a stop (virtman shutting down) ends a waiting join at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from virtman.errors import ParentsUnavailable
+from virtman.voltlink import VoltLink
+from voltclient.client import Volume
+from voltclient.exceptions import ConnectionFailed
+
+pytestmark = pytest.mark.unit
+
+PARENT = Volume(host="10.0.0.2", port="3260", iqn="iqn.x:volume-img", lun="1", peer_id="p")
+
+
+class FakeVolumes:
+    """Answers ``get`` from a script: a tuple is returned, an exception raised."""
+
+    def __init__(self, answers: list[Any], default: Any = (None, [])) -> None:
+        self.answers = answers
+        self.default = default
+        self.calls = 0
+        self.called = threading.Event()
+
+    def get(self, image: str, host: str) -> tuple[str | None, list[Volume]]:
+        self.calls += 1
+        self.called.set()
+        answer = self.answers.pop(0) if self.answers else self.default
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class FakeClient:
+    def __init__(self, volumes: FakeVolumes) -> None:
+        self.volumes = volumes
+
+
+def link(volumes: FakeVolumes, stop: threading.Event | None = None) -> VoltLink:
+    volt = VoltLink("http://127.0.0.1:9", None, "10.0.0.5", stop=stop)
+    volt.client = FakeClient(volumes)
+    return volt
+
+
+def test_join_retries_until_placed() -> None:
+    volumes = FakeVolumes([(None, []), ConnectionFailed("down"), ("peer-1", [PARENT])])
+    assert link(volumes).join("volume-img", timeout_s=30) == ("peer-1", [PARENT])
+    assert volumes.calls == 3
+
+
+def test_join_gives_up_at_its_deadline() -> None:
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0  # every look at the clock: one second later
+        return now[0]
+
+    volumes = FakeVolumes([])
+    with pytest.raises(ParentsUnavailable, match="within 5 s"):
+        link(volumes).join("volume-img", timeout_s=5, clock=clock)
+    assert volumes.calls >= 2
+
+
+def test_a_quiet_join_ends_at_once_when_volt_is_unreachable() -> None:
+    volumes = FakeVolumes([], default=ConnectionFailed("down"))
+    with pytest.raises(ParentsUnavailable, match="Volt unreachable"):
+        link(volumes).join("volume-img", timeout_s=600, quiet=True)
+    assert volumes.calls == 1
+
+
+def test_a_stop_wakes_a_waiting_join() -> None:
+    stop = threading.Event()
+    volumes = FakeVolumes([])  # never placeable: the join waits up to 600 s
+    errors: list[BaseException] = []
+
+    def run(join: Callable[[], object]) -> None:
+        try:
+            join()
+        except BaseException as exc:
+            errors.append(exc)
+
+    volt = link(volumes, stop)
+    thread = threading.Thread(target=run, args=(lambda: volt.join("volume-img", timeout_s=600),))
+    started = time.monotonic()
+    thread.start()
+    assert volumes.called.wait(10)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 5
+    assert len(errors) == 1 and isinstance(errors[0], ParentsUnavailable)
+    assert "virtman is stopping" in str(errors[0])
