@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brick import proc
+from brick import proc, values
 from brick.exception import (
     BrickError,
     CommandFailed,
@@ -63,25 +63,14 @@ _TARGET_GONE = "can't find the target"
 _ACCOUNT_GONE = "can't find the account"
 _ALREADY_EXISTS = "already exists"
 
-_IQN = re.compile(
-    r"iqn\.[0-9]{4}-(0[1-9]|1[0-2])"
-    r"\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"(:[A-Za-z0-9._:-]+)?"
-)
 _CHAP_USER = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _CHAP_PASSWORD = re.compile(r"[!-~]{12,64}")  # printable ASCII, no space
-_NETNS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_MAX_IQN = 223
 
 
 # -- validation ------------------------------------------------------------------------------
 def validate_iqn(value: object, field: str = "iqn") -> str:
     """An iSCSI qualified name ``iqn.YYYY-MM.reverse.domain[:suffix]`` of at most 223 chars."""
-    if not isinstance(value, str) or len(value) > _MAX_IQN or not _IQN.fullmatch(value):
-        raise InvalidArgument(
-            field, value, "must be iqn.YYYY-MM.reverse.domain[:A-Za-z0-9._:-], <= 223 chars"
-        )
-    return value
+    return values.iqn(value, field)
 
 
 def validate_backing_path(value: object, field: str = "backing_path") -> str:
@@ -106,9 +95,7 @@ def validate_backing_path(value: object, field: str = "backing_path") -> str:
 
 
 def validate_port(value: object, field: str, low: int = 1, high: int = 65535) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgument(field, value, f"must be an integer {low}-{high}")
-    return value
+    return values.port(value, field, low, high)
 
 
 def validate_control_port(value: object) -> int:
@@ -135,8 +122,7 @@ def validate_portal(value: object, field: str = "portal") -> str:
         raise InvalidArgument(field, value, "an IPv6 address needs brackets: [ipv6]:port")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise InvalidArgument(field, value, "port must be 1-65535")
-    shown = f"[{address}]" if address.version == 6 else str(address)
-    return f"{shown}:{int(port_text)}"
+    return values.join_host_port(str(address), int(port_text))
 
 
 def validate_initiator(value: object, field: str = "initiators") -> str:
@@ -153,10 +139,7 @@ def validate_initiator(value: object, field: str = "initiators") -> str:
     raise InvalidArgument(field, value, "must be ALL, an IP address or an IP network")
 
 
-def validate_netns(value: object) -> str:
-    if not isinstance(value, str) or not _NETNS.fullmatch(value) or value in {".", ".."}:
-        raise InvalidArgument("netns", value, "must be a network namespace name [A-Za-z0-9._-]")
-    return value
+validate_netns = values.netns
 
 
 # -- the objects tgtd reports ----------------------------------------------------------------
@@ -654,8 +637,7 @@ def _listening(pid: int) -> set[str]:
                 continue
             raw = b"".join(bytes.fromhex(hex_ip[i : i + 8])[::-1] for i in range(0, width, 8))
             address = ipaddress.ip_address(raw)
-            shown = f"[{address}]" if address.version == 6 else str(address)
-            found.add(f"{shown}:{int(hex_port, 16)}")
+            found.add(values.join_host_port(str(address), int(hex_port, 16)))
     return found
 
 
