@@ -120,7 +120,7 @@ def no_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(argv: object, **_: object) -> None:
         raise AssertionError(f"a command ran before validation finished: {argv}")
 
-    monkeypatch.setattr(tgt, "execute", refuse)
+    monkeypatch.setattr(tgt.adm, "execute", refuse)
 
 
 @pytest.fixture
@@ -247,7 +247,7 @@ def test_chap_validation_and_masking() -> None:
     assert "s3cret" not in repr(chap) and "s3cret" not in str(chap)
     assert repr(chap) == "Chap(user='vmt.relay', password='***')"
     argv = ["tgtadm", "--op", "new", "--user", "vmt.relay", "--password", chap.password]
-    assert tgt._masked(argv) == [*argv[:-1], "***"]  # what a CommandFailed keeps
+    assert tgt.adm._masked(argv) == [*argv[:-1], "***"]  # what a CommandFailed keeps
     for user in ("", "a b", "x" * 65, "ü"):
         with pytest.raises(InvalidArgument, match=r"chap\.user"):
             Chap(user, "s3cret-pass-123")
