@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 
@@ -149,7 +150,8 @@ def test_multipath_default_queues_with_no_path() -> None:
         "0 2048 multipath 1 queue_if_no_path 0 1 1 queue-length 0 2 1 "
         f"{paths[0]} 128 {paths[1]} 128"
     )
-    assert Multipath(length=8, paths=["/dev/sda"]).paths == ("/dev/sda",)  # a list is accepted
+    listed: Any = ["/dev/sda"]
+    assert Multipath(length=8, paths=listed).paths == ("/dev/sda",)  # a list is accepted
 
 
 def test_multipath_other_selectors() -> None:
@@ -194,6 +196,13 @@ def test_snapshot_origin_and_snapshot() -> None:
 
 
 # -- what the kernel prints back -------------------------------------------------------------
+def multipath(statuses: Sequence[object]) -> MultipathStatus:
+    """The one multipath status of a device."""
+    (status,) = statuses
+    assert isinstance(status, MultipathStatus)
+    return status
+
+
 def live(name: str) -> list[TableLine]:
     return dm.parse_table_all(TABLE_ALL)[name]
 
@@ -327,17 +336,24 @@ def test_parse_status_of_every_kind() -> None:
             next_group=1,
         )
     ]
-    assert statuses["mpq"][0].paths == (PathStatus("8:0", True, 0), PathStatus("8:16", True, 1))
-    assert statuses["mps"][0].active_paths == statuses["mps"][0].paths
+    mpq, mps = multipath(statuses["mpq"]), multipath(statuses["mps"])
+    assert mpq.paths == (PathStatus("8:0", True, 0), PathStatus("8:16", True, 1))
+    assert mps.active_paths == mps.paths
     # a target without a typed status (dm-cache here) comes back as its raw line
-    assert statuses["cached_volume-cap"][0].type == "cache"
+    (cached,) = statuses["cached_volume-cap"]
+    assert isinstance(cached, TableLine) and cached.type == "cache"
+    assert cached.args[:2] == ("8", "7/2048")
     assert statuses["snapshot_vm1"] == [SnapshotStatus("ok", 2072, 32768, 24)]
     assert statuses["origin_volume-cap"] == [TableLine(0, 32768, "snapshot-origin")]
-    assert [s.type for s in statuses["lin2"]] == ["linear", "error", "linear"]
+    assert [s.type for s in statuses["lin2"] if isinstance(s, TableLine)] == [
+        "linear",
+        "error",
+        "linear",
+    ]
 
 
 def test_parse_multipath_status_with_a_failed_path() -> None:
-    (status,) = dm.parse_status(MPQ_STATUS_FAILED)
+    status = multipath(dm.parse_status(MPQ_STATUS_FAILED))
     assert status.active_paths == (PathStatus("8:0", True, 0),)
     assert status.failed_paths == (PathStatus("8:16", False, 1),)
 
@@ -469,7 +485,7 @@ def test_invalid_devices(device: str) -> None:
         (lambda: Linear(length=True, device="/dev/sda"), "invalid length True"),
         (lambda: Linear(length=8, device="/dev/sda x"), "invalid linear device '/dev/sda x'"),
         (lambda: Multipath(length=8, paths=()), "invalid paths (): must be a non-empty tuple"),
-        (lambda: Multipath(length=8, paths="/dev/sda"), "invalid paths '/dev/sda'"),
+        (lambda: Multipath(length=8, paths=cast(Any, "/dev/sda")), "invalid paths '/dev/sda'"),
         (
             lambda: Multipath(length=8, paths=("/dev/sda", "/dev/sda")),
             "must not repeat a device",
@@ -808,10 +824,10 @@ def test_multipath_messages() -> None:
 
 def test_next_group_is_parsed() -> None:
     two_groups = "0 8 multipath 2 0 0 0 2 2 E 0 1 0 8:0 F 1 A 0 1 0 8:16 A 0\n"
-    (status,) = dm.parse_status(two_groups)
+    status = multipath(dm.parse_status(two_groups))
     assert status.next_group == 2
     assert [g.state for g in status.groups] == ["E", "A"]
-    (before_io,) = dm.parse_status("0 8 multipath 2 0 0 0 1 0 E 0 1 0 8:0 A 0\n")
+    before_io = multipath(dm.parse_status("0 8 multipath 2 0 0 0 1 0 E 0 1 0 8:0 A 0\n"))
     assert before_io.next_group == 0
 
 

@@ -222,6 +222,7 @@ def test_invalid_portals(portal: object) -> None:
 
 def test_lun_control_port_initiator_and_netns_validation() -> None:
     assert tgt.validate_lun(1) == 1 and tgt.validate_lun(255) == 255
+    bad: object
     for bad in (0, 256, -1, True, "1", 1.0):
         with pytest.raises(InvalidArgument, match="lun"):
             tgt.validate_lun(bad)
