@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from brick import executor
-from brick.devmapper import Executor
+from brick import executor, values
+from brick.dm import Executor
 from brick.exception import BrickError, CommandFailed, InvalidArgument, Timeout
 from brick.executor import Result
 from brick.tgt import Chap, validate_iqn, validate_portal
@@ -88,7 +88,7 @@ def validate_lun(value: object) -> int:
 
 def _portal_parts(portal: str) -> tuple[str, int]:
     head, _, port = portal.rpartition(":")
-    return head.strip("[]"), int(port)
+    return values.unbracket(head), int(port)
 
 
 def by_path(portal: str, iqn: str, lun: int) -> str:

@@ -43,17 +43,16 @@ import grp
 import logging
 import os
 import pwd
-import signal
 import socket
 import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import libvirt
 
-from brick import proc
-from brick.exception import InvalidArgument, NotFound, Timeout
-from brick.executor import execute
+from brick.daemon import Supervisor
+from brick.exception import InvalidArgument
 from brick.wait import wait_until
 
 LOG = logging.getLogger(__name__)
@@ -153,6 +152,10 @@ class LibvirtDaemons:
         self.start_timeout_s = start_timeout_s
         self.fix_kvm_device = fix_kvm_device
         self._owned: dict[str, int] = {}  # daemon -> PID we started or adopted
+        self._supervisors = {
+            daemon: Supervisor(daemon, self.pidfile(daemon), self._matcher(daemon))
+            for daemon in DAEMONS
+        }
 
     def __repr__(self) -> str:
         return f"LibvirtDaemons({str(self.run_dir)!r}, owned={self._owned})"
@@ -180,21 +183,22 @@ class LibvirtDaemons:
         """The daemons we own (started or adopted) that still run: name -> PID."""
         return {d: pid for d, pid in self._owned.items() if self._is_ours(d, pid)}
 
+    def _matcher(self, daemon: str) -> Callable[[Sequence[str]], bool]:
+        pidfile = str(self.pidfile(daemon))
+
+        def matches(argv: Sequence[str]) -> bool:
+            """``daemon`` started with our pidfile."""
+            return os.path.basename(argv[0]) == daemon and pidfile in argv
+
+        return matches
+
     def _is_ours(self, daemon: str, pid: int) -> bool:
         """Whether ``pid`` is a live ``daemon`` started with our pidfile (not a reused PID)."""
-        if proc.is_gone(pid):
-            return False
-        argv = proc.cmdline(pid)
-        return (
-            bool(argv) and os.path.basename(argv[0]) == daemon and str(self.pidfile(daemon)) in argv
-        )
+        return self._supervisors[daemon].is_ours(pid)
 
     def _pid_from_file(self, daemon: str) -> int | None:
-        try:
-            text = self.pidfile(daemon).read_text().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
+        found = self._supervisors[daemon].pidfile.read()
+        return None if found is None else found[0]
 
     def _answers(self, daemon: str) -> bool:
         return _virtlogd_answers() if daemon == "virtlogd" else libvirt_answers(self.uri)
@@ -210,12 +214,9 @@ class LibvirtDaemons:
         if self._answers(daemon):
             LOG.info("%s already runs and is not ours: using it, never stopping it", daemon)
             return
-        self.pidfile(daemon).unlink(missing_ok=True)  # stale: its process is gone
         env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{self.logfile(daemon)}")
-        execute([daemon, "-d", "-p", str(self.pidfile(daemon))], timeout_s=30.0, env=env)
-        pid = self._pid_from_file(daemon)
-        if pid is None or not self._is_ours(daemon, pid):
-            raise NotFound(f"{daemon} process", f"pidfile {self.pidfile(daemon)} ({pid})")
+        argv = [daemon, "-d", "-p", str(self.pidfile(daemon))]
+        pid = self._supervisors[daemon].daemonize(argv, env=env)  # a stale pidfile goes first
         self._owned[daemon] = pid
         LOG.info("started %s pid %d", daemon, pid)
 
@@ -259,26 +260,7 @@ class LibvirtDaemons:
             pid = self._owned.pop(daemon, None)
             if pid is None or not self._is_ours(daemon, pid):
                 continue
-            self._kill(daemon, pid, timeout_s)
-            self.pidfile(daemon).unlink(missing_ok=True)
+            supervisor = self._supervisors[daemon]
+            supervisor.pid = pid
+            supervisor.stop(timeout_s=timeout_s)  # SIGTERM, SIGKILL after timeout_s
             LOG.info("stopped %s pid %d", daemon, pid)
-
-    def _kill(self, daemon: str, pid: int, timeout_s: float) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        try:
-            wait_until(
-                lambda: proc.ended(pid, lambda p: self._is_ours(daemon, p)),
-                timeout_s=timeout_s,
-                what=f"{daemon} pid {pid} to exit",
-            )
-            return
-        except Timeout:
-            LOG.warning("%s pid %d ignored SIGTERM for %g s: SIGKILL", daemon, pid, timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_until(
-            lambda: proc.ended(pid, lambda p: self._is_ours(daemon, p)),
-            timeout_s=5.0,
-            what=f"{daemon} pid {pid} to exit after SIGKILL",
-        )

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from brick import values
 from brick.exception import BrickError, CommandFailed, Conflict, InvalidArgument, Timeout
 from brick.executor import Result, execute
 from brick.wait import wait_until
@@ -188,6 +189,49 @@ def kill_netns_processes(netns: str, timeout_s: float = _KILL_TIMEOUT_S) -> list
     return victims
 
 
+# -- namespaces, bridges and taps (shared with guestkit) -----------------------------------
+def add_netns(netns: str, *, lo_up: bool = False) -> None:
+    """``ip netns add``; ``Conflict`` if it exists (someone else's: never ours to remove)."""
+    if netns_inode(values.netns(netns)) is not None:
+        raise Conflict("netns", netns, "already exists (another lab, or a leftover)")
+    try:
+        execute(["ip", "netns", "add", netns])
+    except CommandFailed as exc:
+        if "File exists" in exc.stderr:  # created meanwhile by someone else
+            raise Conflict("netns", netns, "already exists") from exc
+        raise
+    if lo_up:
+        execute(["ip", "-n", netns, "link", "set", "lo", "up"])
+
+
+def delete_netns(netns: str) -> None:
+    execute(["ip", "netns", "del", values.netns(netns)])
+
+
+def add_bridge(netns: str, bridge: str) -> None:
+    """A bridge, up, inside ``netns``."""
+    execute(["ip", "-n", netns, "link", "add", bridge, "type", "bridge"])
+    execute(["ip", "-n", netns, "link", "set", bridge, "up"])
+
+
+def add_tap(netns: str, tap: str, bridge: str) -> None:
+    """A tap device inside ``netns``, up, on ``bridge``."""
+    execute(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"])
+    execute(["ip", "-n", netns, "link", "set", tap, "master", bridge, "up"])
+
+
+def delete_link(netns: str | None, link: str) -> None:
+    """``ip link del`` in ``netns`` (None: the root namespace); a missing link is no error."""
+    ip = ["ip"] if netns is None else ["ip", "-n", netns]
+    execute([*ip, "link", "del", link], check_exit_code=(0, 1))
+
+
+def root_links() -> set[str]:
+    """The names of the links of the root network namespace."""
+    out = execute(["ip", "-o", "link", "show"]).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
+
+
 # -- objects -------------------------------------------------------------------------------
 @dataclass(eq=False)
 class Host:
@@ -307,11 +351,9 @@ class Lab:
         obj = {"kind": "netns", "name": netns}
         self._record(obj)
         try:
-            execute(["ip", "netns", "add", netns])
-        except CommandFailed as exc:
-            if "File exists" in exc.stderr:  # someone else's: never remove it later
-                self._forget(obj)
-                raise Conflict("netns", netns, "already exists") from exc
+            add_netns(netns)
+        except Conflict:  # someone else's: never remove it later
+            self._forget(obj)
             raise
 
     def _ensure_switch(self) -> None:
@@ -319,8 +361,7 @@ class Lab:
             return
         self._check_usable()
         self._add_netns(self.switch_netns)
-        execute(["ip", "-n", self.switch_netns, "link", "add", BRIDGE, "type", "bridge"])
-        execute(["ip", "-n", self.switch_netns, "link", "set", BRIDGE, "up"])
+        add_bridge(self.switch_netns, BRIDGE)
         self._switch_ready = True
         LOG.info("lab %s: switch %s ready (%s)", self.name, self.switch_netns, self.subnet)
 
@@ -440,11 +481,6 @@ class Lab:
         return True
 
 
-def _root_links() -> set[str]:
-    out = execute(["ip", "-o", "link", "show"]).stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
-
-
 def _end_child(child: subprocess.Popen[bytes], timeout_s: float = _KILL_TIMEOUT_S) -> None:
     """SIGTERM, then SIGKILL, a process we spawned; reaps it (no PID reuse can be hit)."""
     if child.poll() is not None:
@@ -470,21 +506,20 @@ def _teardown(lab: str, objects: Sequence[Mapping[str, str]]) -> None:
             errors.append(exc)
     # A veth lives inside our namespaces and dies with them; delete it explicitly anyway, and
     # if one ever ended up in the root namespace (it should not), remove it there too.
-    root = _root_links() if veths else set()
+    root = root_links() if veths else set()
     for veth in veths:
         where = [veth["netns"]] if netns_inode(veth["netns"]) is not None else []
         where += ["root"] if veth["name"] in root else []
         for ns in where:
-            ip = ["ip"] if ns == "root" else ["ip", "-n", ns]
             try:
-                execute([*ip, "link", "del", veth["name"]], check_exit_code=(0, 1))
+                delete_link(None if ns == "root" else ns, veth["name"])
             except BrickError as exc:
                 errors.append(exc)
     for netns in reversed(namespaces):
         if netns_inode(netns) is None:
             continue
         try:
-            execute(["ip", "netns", "del", netns])
+            delete_netns(netns)
         except BrickError as exc:
             errors.append(exc)
     if errors:

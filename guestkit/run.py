@@ -31,7 +31,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
@@ -40,9 +39,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brick.exception import BrickError, CommandFailed, InvalidArgument, NotFound, Timeout
-from brick.executor import execute
-from brick.netns import kill_netns_processes, netns_inode, nsenter_argv
+from brick import proc as proc_info
+from brick.daemon import start_time, terminate
+from brick.exception import BrickError, Conflict, InvalidArgument, NotFound, Timeout
+from brick.netns import (
+    add_bridge,
+    add_netns,
+    add_tap,
+    delete_link,
+    delete_netns,
+    kill_netns_processes,
+    netns_inode,
+    nsenter_argv,
+    root_links,
+)
 from brick.wait import wait_until
 from guestkit.build import Guest, default_cache_dir
 from guestkit.payload import CHECKOUT, PROJECT_PACKAGES, write_payload
@@ -151,51 +161,28 @@ class RunResult:
 
 
 # -- processes --------------------------------------------------------------------------------
-def process_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of ``pid``; None if no such process or a zombie."""
-    if pid <= 0:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
 def _is_ours(entry: Mapping[str, Any]) -> bool:
     """Whether the recorded QEMU still runs: same PID, start time and ``-name``."""
     pid = int(entry["pid"])
-    return process_start_time(pid) == entry["start"] and entry["name"] in _cmdline(pid)
+    return start_time(pid) == entry["start"] and entry["name"] in proc_info.cmdline(pid)
 
 
 def _stop_qemu(entry: Mapping[str, Any], proc: subprocess.Popen[bytes] | None = None) -> None:
-    """SIGTERM, then SIGKILL, one recorded QEMU, by PID (only if it is still ours)."""
-    pid = int(entry["pid"])
+    """SIGTERM, then SIGKILL, one recorded QEMU, by PID (only if it is still ours);
+    ``Timeout`` if it outlives SIGKILL."""
+    child = proc
 
-    def gone() -> bool:
-        if proc is not None:
-            return proc.poll() is not None
-        return not _is_ours(entry)
+    def ended() -> bool:
+        return child.poll() is not None if child is not None else not _is_ours(entry)
 
-    if gone():
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        try:
-            wait_until(gone, timeout_s=_STOP_TIMEOUT_S, what=f"QEMU {pid} to exit on {sig.name}")
-            return
-        except Timeout:
-            LOG.warning("guestkit: QEMU %d ignored %s", pid, sig.name)
-    raise BrickError(f"QEMU {pid} does not exit")
+    terminate(
+        int(entry["pid"]),
+        lambda _pid: _is_ours(entry),
+        what="QEMU",
+        timeout_s=_STOP_TIMEOUT_S,
+        kill_timeout_s=_STOP_TIMEOUT_S,
+        ended=ended,
+    )
 
 
 # -- state file and teardown ----------------------------------------------------------------
@@ -208,11 +195,6 @@ def _save_state(path: Path, state: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, path)
-
-
-def _root_links() -> set[str]:
-    out = execute(["ip", "-o", "link", "show"]).stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
 
 
 def _teardown(
@@ -234,18 +216,18 @@ def _teardown(
             errors.append(exc)
         for link in reversed(links):  # taps first, then the bridges
             try:
-                execute(["ip", "-n", netns, "link", "del", link], check_exit_code=(0, 1))
+                delete_link(netns, link)
             except BrickError as exc:
                 errors.append(exc)
         try:
-            execute(["ip", "netns", "del", netns])
+            delete_netns(netns)
         except BrickError as exc:
             errors.append(exc)
-    stray = _root_links() & set(links) if links else set()
+    stray = root_links() & set(links) if links else set()
     for link in sorted(stray):  # never created there; removed if it ever appears
         LOG.warning("guestkit: link %s found in the root namespace; deleting it", link)
         try:
-            execute(["ip", "link", "del", link], check_exit_code=(0, 1))
+            delete_link(None, link)
         except BrickError as exc:
             errors.append(exc)
     if errors:
@@ -267,7 +249,7 @@ def cleanup_stale(cache_dir: Path | str | None = None) -> list[str]:
             LOG.warning("guestkit: unreadable state file %s left alone", path)
             continue
         owner = state.get("owner", {})
-        if process_start_time(int(owner.get("pid", 0))) == owner.get("start"):
+        if start_time(int(owner.get("pid", 0))) == owner.get("start"):
             continue  # a run in progress
         LOG.info("guestkit: cleaning up after killed run %s", state.get("run"))
         _teardown(state)
@@ -427,7 +409,7 @@ def run_guests(
         packages=packages,
         extra_files=extra_files,
     )
-    owner = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
+    owner = {"pid": os.getpid(), "start": start_time(os.getpid())}
     state: dict[str, Any] = {
         "version": _STATE_VERSION,
         "run": run_id,
@@ -445,18 +427,15 @@ def run_guests(
     try:
         _save_state(state_file, state)
         try:
-            execute(["ip", "netns", "add", netns])
-        except CommandFailed as exc:
-            if "File exists" in exc.stderr:  # someone else's, created meanwhile: not ours
-                state["netns"] = ""
+            add_netns(netns, lo_up=True)
+        except Conflict:  # someone else's, created meanwhile: not ours
+            state["netns"] = ""
             raise
-        execute(["ip", "-n", netns, "link", "set", "lo", "up"])
         bridge_names = [f"gkbr{b}" for b in range(bridges)]
         for br in bridge_names:
             state["links"].append(br)
             _save_state(state_file, state)
-            execute(["ip", "-n", netns, "link", "add", br, "type", "bridge"])
-            execute(["ip", "-n", netns, "link", "set", br, "up"])
+            add_bridge(netns, br)
         for node in nodes:
             node_dir = work_dir / node.name
             shutil.rmtree(node_dir, ignore_errors=True)
@@ -467,8 +446,7 @@ def run_guests(
             for tap, br in zip(taps, bridge_names, strict=True):
                 state["links"].append(tap)
                 _save_state(state_file, state)
-                execute(["ip", "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"])
-                execute(["ip", "-n", netns, "link", "set", tap, "master", br, "up"])
+                add_tap(netns, tap, br)
             argv = _qemu_argv(
                 qemu_bin,
                 guest,
@@ -496,7 +474,7 @@ def run_guests(
             state["qemu"].append(
                 {
                     "pid": proc.pid,
-                    "start": process_start_time(proc.pid),
+                    "start": start_time(proc.pid),
                     "name": f"gk-{run_id}-{node.name}",
                 }
             )

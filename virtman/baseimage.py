@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from brick import values
 from virtman.backoff import Backoff
 from virtman.errors import ImageBuildFailed
 from virtman.journal import Journal
@@ -40,7 +41,7 @@ class Status(enum.StrEnum):
 
 
 def portal_host(portal: str) -> str:
-    return portal.rpartition(":")[0].strip("[]")
+    return values.unbracket(portal.rpartition(":")[0])
 
 
 class BaseImage:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from oslo_config import cfg
 
+from brick import values
 from brick.exception import InvalidArgument
 from brick.psk import read as read_psk
 
@@ -410,7 +411,7 @@ class Settings:
 
 
 def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+    return values.bracket(host)
 
 
 def default_config_files(openstack_compatible: bool) -> list[str]:

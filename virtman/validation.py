@@ -7,11 +7,11 @@ import ipaddress
 import re
 from typing import Any
 
+from brick import values
 from virtman.errors import InvalidInput
 from virtman.layers.base import Endpoint
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9._:-]+)?")
 HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*")
 
 
@@ -31,9 +31,9 @@ def image_name(value: object) -> str:
 def host(value: object, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidInput(field, value, "must be an IP address or a host name")
-    bracketed = value.startswith("[") and value.endswith("]")
+    bracketed = values.unbracket(value) != value
     try:
-        address = ipaddress.ip_address(value[1:-1] if bracketed else value)
+        address = ipaddress.ip_address(values.unbracket(value))
     except ValueError:
         if HOSTNAME.fullmatch(value):
             return value.lower()
@@ -51,13 +51,13 @@ def portal(value: object, field: str = "target_portal") -> str:
     address = host(head, field)
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise InvalidInput(field, value, "port must be 1-65535")
-    shown = f"[{address}]" if ":" in address else address
-    return f"{shown}:{int(port_text)}"
+    return values.join_host_port(address, int(port_text))
 
 
 def iqn(value: object, field: str = "target_iqn") -> str:
-    if not isinstance(value, str) or len(value) > 223 or not IQN.fullmatch(value):
+    if not values.IQN.is_valid(value, forms=("iqn",)):
         raise InvalidInput(field, value, "must be an iSCSI qualified name iqn.YYYY-MM.domain:…")
+    assert isinstance(value, str)
     return value
 
 

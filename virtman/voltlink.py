@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from brick import values
 from brick.exception import Timeout
 from brick.wait import wait_until
 from virtman.errors import ParentsUnavailable
@@ -25,7 +26,7 @@ def parent_endpoints(parents: list[Volume]) -> list[Endpoint]:
     for p in parents:
         if not p.ready or not (p.host and p.port and p.iqn and p.lun):
             continue
-        host = f"[{p.host}]" if ":" in p.host else p.host
+        host = values.bracket(p.host)
         nbd = f"{host}:{p.nbd_port}" if p.nbd_port else None
         endpoints.append(Endpoint(f"{host}:{p.port}", p.iqn, int(p.lun), nbd, p.peer_id))
     return endpoints
@@ -101,7 +102,9 @@ class VoltLink:
     def register(self, image: str, peer_id: str, relay: Relay) -> None:
         host, _, port = relay.portal.rpartition(":")
         nbd_port = relay.nbd.rpartition(":")[2] if relay.nbd else None
-        self.client.volumes.login(image, peer_id, host.strip("[]"), port, relay.iqn, 1, nbd_port)
+        self.client.volumes.login(
+            image, peer_id, values.unbracket(host), port, relay.iqn, 1, nbd_port
+        )
 
     def leave(self, image: str, peer_id: str) -> None:
         self.client.volumes.logout(image, peer_id)

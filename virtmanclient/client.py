@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
+from brick import values
 from virtmanclient.exceptions import (
     AlreadyExists,
     ConnectionFailed,
@@ -221,7 +222,7 @@ def normalise_endpoint(endpoint: str) -> str:
         raise ValueError(f"invalid virtman endpoint {endpoint!r}: whitespace or control characters")
     if "://" not in text:
         if text.count(":") > 1 and not text.startswith("["):
-            text = f"[{text}]"  # a bare IPv6 address
+            text = values.bracket(text)  # a bare IPv6 address
         text = "http://" + text
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:

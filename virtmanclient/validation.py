@@ -6,21 +6,21 @@ form ``invalid <what> '<value>': <rule>``.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import TypeGuard
+
+from brick import values
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = "use 1-64 of A-Z a-z 0-9 _ . - (not starting with _ . -)"
 IMAGE_PREFIX = "volume-"
 DEFAULT_IQN_PREFIX = "iqn.2010-10.org.openstack:"
 ISCSI_PORT = 3260
-IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9._:-]+)?")
 
 
 def _decimal(text: str | None) -> TypeGuard[str]:
     """ASCII digits only (``str.isdigit`` also accepts other scripts' digits and "²")."""
-    return isinstance(text, str) and text.isascii() and text.isdigit()
+    return values.is_ascii_decimal(text)
 
 
 def _invalid(what: str, value: object, rule: str) -> ValueError:
@@ -66,9 +66,8 @@ def ip(value: object, what: str = "IP address") -> str:
     """An IPv4 or IPv6 address (no host names); returns its canonical text."""
     if not isinstance(value, str):
         raise _invalid(what, value, "not an IP address")
-    bracketed = value.startswith("[") and value.endswith("]")
     try:
-        return str(ipaddress.ip_address(value[1:-1] if bracketed else value))
+        return values.ip(value)
     except ValueError:
         raise _invalid(what, value, "not an IP address") from None
 
@@ -83,7 +82,7 @@ def port(value: object, what: str = "port") -> int:
 
 def join_host_port(host: str, port_number: int) -> str:
     """``host:port``, or ``[v6]:port`` for an IPv6 address."""
-    return f"[{host}]:{port_number}" if ":" in host else f"{host}:{port_number}"
+    return values.join_host_port(host, port_number)
 
 
 def portal(value: object, default_port: int = ISCSI_PORT, what: str = "portal") -> str:
@@ -117,9 +116,9 @@ def portal(value: object, default_port: int = ISCSI_PORT, what: str = "portal") 
 
 def iqn(value: object, what: str = "IQN") -> str:
     """An iSCSI qualified name ``iqn.YYYY-MM.domain[:suffix]``."""
-    if not isinstance(value, str) or len(value) > 223 or not IQN.fullmatch(value):
+    if not values.IQN.is_valid(value, forms=("iqn",)):
         raise _invalid(what, value, "must be an iSCSI qualified name iqn.YYYY-MM.domain:...")
-    return value
+    return str(value)
 
 
 def lun(value: object, what: str = "LUN") -> int:

@@ -13,18 +13,13 @@ IPv6 hosts are stored in their compressed form, so ``::0:1`` and ``::1`` are one
 import ipaddress
 import re
 
+from brick import values
 from volt.errors import InvalidInput
 
 VOLUME_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-IQN_RE = re.compile(
-    r"iqn\.[0-9]{4}-(?:0[1-9]|1[0-2])\.[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?"
-    r"(?::[A-Za-z0-9._:-]+)?"
-)
-EUI_RE = re.compile(r"eui\.[0-9A-Fa-f]{16}")
-NAA_RE = re.compile(r"naa\.(?:[0-9A-Fa-f]{16}|[0-9A-Fa-f]{32})")
-MAX_IQN = 223
+MAX_IQN = values.MAX_IQN
 MAX_LUN = 16383
 
 
@@ -42,7 +37,7 @@ def host(value: object, field: str = "host") -> str:
     """An IPv4/IPv6 address or a DNS name; addresses come back in canonical form."""
     if not isinstance(value, str) or not value:
         raise InvalidInput(field, f"must be an IP address or a DNS name, got {value!r}")
-    candidate = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    candidate = values.unbracket(value)
     try:
         if "%" in candidate:  # an IPv6 zone ("fe80::1%eth0") means nothing to other hosts
             raise ValueError(candidate)
@@ -80,20 +75,16 @@ def lun(value: object, field: str = "lun") -> str:
 
 
 def iqn(value: object, field: str = "iqn") -> str:
-    if (
-        not isinstance(value, str)
-        or len(value) > MAX_IQN
-        or not (IQN_RE.fullmatch(value) or EUI_RE.fullmatch(value) or NAA_RE.fullmatch(value))
-    ):
+    if not values.IQN.is_valid(value, forms=values.IQN.FORMS):
         raise InvalidInput(
             field, f"must be an iSCSI name (iqn.YYYY-MM.domain[:id], eui., naa.), got {value!r}"
         )
-    return value
+    return str(value)
 
 
 def make_peer_id(host_: str, volume_id_: str) -> str:
     """Peer id of a validated host and volume id."""
-    return f"[{host_}]:{volume_id_}" if ":" in host_ else f"{host_}:{volume_id_}"
+    return values.join_host_port(host_, volume_id_)
 
 
 def split_peer_id(value: object, field: str = "peer_id") -> tuple[str, str]:

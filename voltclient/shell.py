@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from brick import values
 from voltclient.client import Client
 from voltclient.exceptions import VoltClientError
 
@@ -52,7 +53,7 @@ def format_address(host: str | None, port: str | int | None) -> str | None:
     """``host:port`` (``[v6]:port`` for IPv6), or None when the node has no port yet."""
     if not host or port in (None, ""):
         return None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return values.join_host_port(host, port)
 
 
 def describe_node(node: dict[str, Any]) -> str:

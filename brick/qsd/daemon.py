@@ -40,15 +40,15 @@ import json
 import logging
 import os
 import re
-import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from brick import proc
-from brick.exception import BrickError, Conflict, InvalidArgument, NotFound, Timeout
+from brick import proc, values
+from brick.daemon import Pidfile, netns_identity, terminate
+from brick.exception import BrickError, Conflict, InvalidArgument, NotFound
 from brick.executor import execute
 from brick.fileio import atomic_write
 from brick.qsd.qmp import QMPClient, QMPDisconnected, QMPError
@@ -62,13 +62,8 @@ QMP_CHARDEV = "qmp0"
 
 _NODE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")  # QEMU: letter first, < 32 characters
 _DAEMON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_NETNS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
-_IQN = re.compile(
-    r"(iqn\.[0-9]{4}-(0[1-9]|1[0-2])\.[A-Za-z0-9][A-Za-z0-9.-]*(:[A-Za-z0-9._:-]+)?"
-    r"|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?)"
-)
 _CHAP_USER = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the NUL
@@ -89,10 +84,7 @@ def validate_daemon_name(value: object) -> str:
     return value
 
 
-def validate_netns(value: object) -> str:
-    if not isinstance(value, str) or not _NETNS.fullmatch(value) or value in {".", ".."}:
-        raise InvalidArgument("netns", value, "must be a network namespace name [A-Za-z0-9._-]")
-    return value
+validate_netns = values.netns
 
 
 def validate_abs_path(value: object, field: str) -> str:
@@ -134,7 +126,7 @@ def validate_portal(value: object, field: str = "portal") -> str:
     port = validate_port(int(port_text), field)
     if head.startswith("[") and head.endswith("]"):
         try:
-            return f"[{ipaddress.IPv6Address(head[1:-1])}]:{port}"
+            return values.join_host_port(str(ipaddress.IPv6Address(head[1:-1])), port)
         except ValueError:
             raise InvalidArgument(field, value, "bad IPv6 address in brackets") from None
     if ":" in head:
@@ -143,9 +135,9 @@ def validate_portal(value: object, field: str = "portal") -> str:
 
 
 def validate_iqn(value: object, field: str = "iqn") -> str:
-    if not isinstance(value, str) or len(value) > 223 or not _IQN.fullmatch(value):
+    if not values.IQN.is_valid(value, forms=values.IQN.FORMS):
         raise InvalidArgument(field, value, "must be iqn.YYYY-MM.domain[:suffix], eui. or naa.")
-    return value
+    return str(value)
 
 
 def _validate_int(value: object, field: str, low: int, high: int) -> int:
@@ -270,11 +262,8 @@ class StorageDaemon:
         return bool(argv) and os.path.basename(argv[0]) == BINARY and self._chardev_arg() in argv
 
     def _pid_from_file(self) -> int | None:
-        try:
-            text = self.pidfile.read_text().strip()
-        except (FileNotFoundError, PermissionError):
-            return None
-        return int(text) if text.isdigit() else None
+        found = Pidfile(self.pidfile).read()
+        return None if found is None else found[0]
 
     def _known_pid(self) -> int | None:
         for pid in (self._pid, self._pid_from_file()):
@@ -283,9 +272,7 @@ class StorageDaemon:
         return None
 
     def _netns_inode(self) -> tuple[int, int]:
-        path = NETNS_DIR / self.netns if self.netns else Path("/proc/self/ns/net")
-        info = os.stat(path)
-        return info.st_dev, info.st_ino
+        return netns_identity(self.netns)
 
     @property
     def pid(self) -> int | None:
@@ -407,26 +394,12 @@ class StorageDaemon:
                 LOG.info("stopped qemu-storage-daemon %s pid %d", self.name, pid)
 
     def _kill(self, pid: int, *, timeout_s: float = 10.0) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        try:
-            wait_until(
-                lambda: proc.ended(pid, self._is_ours),
-                timeout_s=timeout_s,
-                what=f"qemu-storage-daemon pid {pid} to exit",
-            )
-            return
-        except Timeout:
-            LOG.warning(
-                "qemu-storage-daemon pid %d ignored SIGTERM for %g s: SIGKILL", pid, timeout_s
-            )
-        if self._is_ours(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        wait_until(
-            lambda: proc.ended(pid, self._is_ours),
-            timeout_s=_STOP_KILL_TIMEOUT_S,
-            what=f"qemu-storage-daemon pid {pid} to die after SIGKILL",
+        terminate(
+            pid,
+            self._is_ours,
+            what="qemu-storage-daemon",
+            timeout_s=timeout_s,
+            kill_timeout_s=_STOP_KILL_TIMEOUT_S,
         )
 
     def _clean_leftovers(self) -> None:
@@ -564,7 +537,7 @@ class StorageDaemon:
         reconnect_delay = _validate_int(reconnect_delay, "reconnect_delay", 0, 3600)
         if tls_creds is not None:
             tls_creds = validate_node_name(tls_creds, "tls_creds")
-        shown_host = f"[{host}]" if ":" in host else host
+        shown_host = values.bracket(host)
         with self._lock:
             have = self.node_info(node)
             same = None if have is None else (

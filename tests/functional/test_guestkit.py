@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from brick.daemon import start_time as process_start_time
 from brick.exception import NotFound
 from brick.netns import list_netns
 from brick.wait import wait_until
 from guestkit import Guest, Node, RunResult, build_guest, cleanup_stale, run_guests
 from guestkit.build import default_cache_dir
 from guestkit.payload import write_payload
-from guestkit.run import process_start_time
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 IQN = "iqn.2026-12.org.vmthunder.guestkit:disk1"

@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import exposition
 
+from brick import values
 from volt.api.handlers import Handlers
 from volt.api.request import MAX_BODY_BYTES, Request, Response, parse_json
 from volt.auth import ADMIN, Authenticator, Credential
@@ -110,7 +111,7 @@ def _announces_body(headers: Any) -> bool:
 def _client_address(client: str) -> str:
     """The address part of RSGI's ``"host:port"`` (``"[v6]:port"`` or ``"v6:port"``)."""
     host = client.rpartition(":")[0] if ":" in client else client
-    return host.strip("[]")
+    return values.unbracket(host)
 
 
 async def _collect(protocol: Any) -> bytes:

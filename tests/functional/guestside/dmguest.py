@@ -65,7 +65,7 @@ def image_server() -> None:
 def failover(disk: str, mp: str, image: dict) -> None:
     """Read C's disk while the route to A (the first path) is black-holed, then restore it
     and wait for the driver to reinstate the path and fail back."""
-    from brick.devmapper import DeviceMapper
+    from brick.dm import DeviceMapper
 
     a = IPS["A"]
     reader = Reader(disk, pause_s=0.1)

@@ -120,7 +120,7 @@ def no_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(argv: object, **_: object) -> None:
         raise AssertionError(f"a command ran before validation finished: {argv}")
 
-    monkeypatch.setattr(tgt, "execute", refuse)
+    monkeypatch.setattr(tgt.adm, "execute", refuse)
 
 
 @pytest.fixture
@@ -222,6 +222,7 @@ def test_invalid_portals(portal: object) -> None:
 
 def test_lun_control_port_initiator_and_netns_validation() -> None:
     assert tgt.validate_lun(1) == 1 and tgt.validate_lun(255) == 255
+    bad: object
     for bad in (0, 256, -1, True, "1", 1.0):
         with pytest.raises(InvalidArgument, match="lun"):
             tgt.validate_lun(bad)
@@ -247,7 +248,7 @@ def test_chap_validation_and_masking() -> None:
     assert "s3cret" not in repr(chap) and "s3cret" not in str(chap)
     assert repr(chap) == "Chap(user='vmt.relay', password='***')"
     argv = ["tgtadm", "--op", "new", "--user", "vmt.relay", "--password", chap.password]
-    assert tgt._masked(argv) == [*argv[:-1], "***"]  # what a CommandFailed keeps
+    assert tgt.adm._masked(argv) == [*argv[:-1], "***"]  # what a CommandFailed keeps
     for user in ("", "a b", "x" * 65, "ü"):
         with pytest.raises(InvalidArgument, match=r"chap\.user"):
             Chap(user, "s3cret-pass-123")

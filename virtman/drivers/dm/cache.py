@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from brick.devmapper import Linear, SnapshotOrigin, Table
+from brick.dm import Linear, SnapshotOrigin, Table
 from brick.exception import BrickError, CommandFailed, InvalidArgument
 from brick.fileio import FILE_MODE, private_dir
 from brick.wait import wait_until

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brick import executor
-from brick.devmapper import (
+from brick import executor, values
+from brick.dm import (
     DeviceMapper,
     Executor,
     Linear,
@@ -353,25 +353,13 @@ class DmDriver:
                 except NotFound:
                     continue
                 first = status.groups[0] if status.groups else None
-                if first and first.paths and first.paths[0].active and self._next_group(name) != 1:
+                if first and first.paths and first.paths[0].active and status.next_group != 1:
                     LOG.info("%s: the first path works again: reads go back to it", name)
-                    self.host.execute(["dmsetup", "message", name, "0", "switch_group", "1"])
-
-    def _next_group(self, name: str) -> int:
-        """The priority group the multipath device uses now, or next (after a
-        ``switch_group`` it is chosen at the next I/O): the field after the group count."""
-        line = self.host.execute(["dmsetup", "status", name]).stdout.split()
-        args = line[3:]
-        try:
-            rest = args[int(args[0]) + 1 :]  # features
-            rest = rest[int(rest[0]) + 1 :]  # hardware handler
-            return int(rest[1])
-        except (IndexError, ValueError):
-            return 0
+                    self.dm.switch_group(name, 1)
 
 
 def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+    return values.bracket(host)
 
 
 def _target(endpoint: Endpoint) -> tuple[str, str, int]:

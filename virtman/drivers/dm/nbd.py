@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
-from brick import psk
+from brick import psk, values
 from brick.exception import BrickError
 from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
@@ -55,8 +55,7 @@ class NbdRelay:
             raise ValueError("dm_nbd_relay needs nbd_port (0 means no NBD exports)")
         self.host = settings.host_ip
         self.port = settings.nbd_port
-        bracketed = f"[{self.host}]" if ":" in self.host else self.host
-        self.address = f"{bracketed}:{self.port}"
+        self.address = values.join_host_port(self.host, self.port)
         self.qsd = daemon or StorageDaemon(DAEMON, settings.run_dir)
         self.draining = draining  # exports nothing new, stops once its exports are gone
         self.psk_file = settings.nbd_psk_file

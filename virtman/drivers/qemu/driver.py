@@ -22,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from brick import psk
+from brick import psk, values
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
 from brick.fileio import FILE_MODE, atomic_write, fsync_dir, private_dir
@@ -47,7 +47,7 @@ def psk_client_id(identity: str) -> str:
 
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+    return values.unbracket(host), int(port)
 
 
 class QemuDriver:
@@ -394,4 +394,4 @@ class QemuSnapshot:
 
 
 def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
+    return values.bracket(address)
