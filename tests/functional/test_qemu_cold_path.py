@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +32,7 @@ pytestmark = pytest.mark.functional
 MIB = 1 << 20
 KIB = 1 << 10
 IMAGE_MIB = 16
+MakeDriver = Callable[..., QemuDriver]
 IQN_PREFIX = "iqn.2010-10.org.openstack:"
 # tgtd control ports: below virtmanproc's (base + 90...), above the clusters' (base + n)
 SERVER_TGT_PORT = TGT_BASE + 80
@@ -69,7 +70,7 @@ def settings(tmp_path: Path, **overrides: int) -> Settings:
 
 
 @pytest.fixture
-def make_driver(tmp_path: Path) -> Iterator[object]:
+def make_driver(tmp_path: Path) -> Iterator[MakeDriver]:
     made: list[QemuDriver] = []
 
     def make(**overrides: int) -> QemuDriver:
@@ -79,7 +80,7 @@ def make_driver(tmp_path: Path) -> Iterator[object]:
         return driver
 
     yield make
-    errors = []
+    errors: list[Exception] = []
     for driver in made:
         try:
             driver.qsd.stop(timeout_s=5)
@@ -119,12 +120,12 @@ def read_cold(path: Path, offsets: list[int], length: int) -> bytes:
 
 
 def test_cold_reads_come_back_right_and_fill_the_cache(
-    make_driver: object, image_server: TgtDaemon, tmp_path: Path
+    make_driver: MakeDriver, image_server: TgtDaemon, tmp_path: Path
 ) -> None:
     seq_image, rand_image = tmp_path / "seq.raw", tmp_path / "rand.raw"
     write_image(seq_image, IMAGE_MIB)
     write_image(rand_image, IMAGE_MIB)
-    driver: QemuDriver = make_driver()  # type: ignore[operator]
+    driver = make_driver()
     assert driver.settings.qemu_fuse_readahead_kib == 4096
     assert driver.settings.qemu_malloc_mmap_threshold_kib == 32768
 
@@ -160,13 +161,11 @@ def test_cold_reads_come_back_right_and_fill_the_cache(
 
 
 def test_zero_leaves_the_kernel_and_glibc_defaults(
-    make_driver: object, image_server: TgtDaemon, tmp_path: Path
+    make_driver: MakeDriver, image_server: TgtDaemon, tmp_path: Path
 ) -> None:
     image = tmp_path / "img.raw"
     write_image(image, 4)
-    driver: QemuDriver = make_driver(  # type: ignore[operator]
-        qemu_fuse_readahead_kib=0, qemu_malloc_mmap_threshold_kib=0
-    )
+    driver = make_driver(qemu_fuse_readahead_kib=0, qemu_malloc_mmap_threshold_kib=0)
     assert driver.qsd.pid is not None
     assert "MALLOC_MMAP_THRESHOLD_" not in environ(driver.qsd.pid)
     upstream = driver.upstream.ensure("volume-img", [export(image_server, "img", image)])
