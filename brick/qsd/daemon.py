@@ -27,11 +27,11 @@ Facts of QEMU 7.2 (qemu-storage-daemon 7.2.22) that shape this module:
 - ``qom-list /objects`` fails with ``DeviceNotFound: Device '/objects' not found`` until the
   first ``object-add``. A ``secret`` passed by ``object-add`` keeps CHAP passwords off every
   command line.
-- A FUSE export's mount gets the kernel's default readahead window (the ``read_ahead_kb``
-  of its backing device, /sys/class/bdi/<major>:<minor>, whose numbers /proc/self/mountinfo
-  gives), capped at mount time by what libfuse negotiates; writing ``read_ahead_kb`` after
-  the mount widens it (until unmount): a sequential reader then keeps several requests of
-  up to 128 KiB in flight instead of one small one at a time.
+- A FUSE export's mount gets the kernel's default readahead window, 128 KiB (the
+  ``read_ahead_kb`` of its backing device, /sys/class/bdi/<major>:<minor>, whose numbers
+  /proc/self/mountinfo gives); writing ``read_ahead_kb`` after the mount widens it (until
+  unmount), so that a sequential reader has the next part of the file requested while it
+  works on the last (the daemon still serves one FUSE request at a time).
 - glibc's malloc raises its mmap threshold dynamically; until it has, every request buffer
   of 128 KiB or more is an mmap + munmap (and page faults). ``MALLOC_MMAP_THRESHOLD_`` in the
   daemon's environment fixes the threshold (and turns the dynamic adjustment off).
