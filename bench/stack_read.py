@@ -494,9 +494,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "namespaces: keep it apart from other clusters' ports)",
     )
     parser.add_argument(
+        "--lab",
+        default=LAB_NAME,
+        help="lab name: namespaces <lab>-img, <lab>-n1, ... (distinct per concurrent run)",
+    )
+    parser.add_argument("--subnet", default=SUBNET, help="the lab's subnet")
+    parser.add_argument(
+        "--node-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra [DEFAULT] option of the node's virtman.conf (repeatable), e.g. "
+        "qemu_fuse_readahead_kib=128 to measure a setting against its default",
+    )
+    parser.add_argument(
         "--keep-workdir", action="store_true", help="keep the work directory after success"
     )
     args = parser.parse_args(argv)
+    for line in args.node_conf:
+        if "=" not in line or "\n" in line:
+            parser.error(f"--node-conf {line!r}: must be KEY=VALUE on one line")
     for name in ("size_mib", "block_kib", "random_kib"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
@@ -529,14 +546,14 @@ def preflight(args: argparse.Namespace) -> None:
         raise SystemExit(f"stack_read: {args.workdir.parent} has no room for 2 images + caches")
 
 
-def clean_workdir(workdir: Path) -> None:
+def clean_workdir(workdir: Path, lab: str) -> None:
     """Remove what a previous (killed) run left: its lab, stale FUSE mounts, its files."""
     from brick.netns import Lab
 
     marker = workdir / MARKER
     if workdir.exists() and any(workdir.iterdir()) and not marker.exists():
         raise SystemExit(f"stack_read: {workdir} is not empty and not a stack_read work dir")
-    if Lab.cleanup(LAB_NAME, workdir / "lab"):
+    if Lab.cleanup(lab, workdir / "lab"):
         print(f"removed the namespaces a previous run left ({workdir / 'lab'})")
     for point in reversed(mounts_under(workdir)):
         print(f"unmounting stale mount {point}")
@@ -551,7 +568,11 @@ def clean_workdir(workdir: Path) -> None:
 def make_cluster(args: argparse.Namespace) -> Any:
     from cluster import LocalCluster
 
-    kwargs: dict[str, Any] = {"name": LAB_NAME, "subnet": SUBNET}
+    kwargs: dict[str, Any] = {"name": args.lab, "subnet": args.subnet}
+    if args.node_conf:
+        kwargs["extra_conf"] = "".join(
+            f"{line.replace('=', ' = ', 1)}\n" for line in args.node_conf
+        )
     if "nbd_tls" in inspect.signature(LocalCluster).parameters:
         kwargs["nbd_tls"] = args.nbd_tls == "on"
     elif args.nbd_tls == "on":
@@ -579,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    clean_workdir(args.workdir)
+    clean_workdir(args.workdir, args.lab)
     shm = Path(tempfile.mkdtemp(prefix=SHM_PREFIX, dir=SHM))
     problems: list[str] = []
     try:
@@ -594,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             t0 = time.monotonic()
             cluster.start()
-            print(f"cluster up in {time.monotonic() - t0:.1f} s (lab {LAB_NAME}, {SUBNET})")
+            print(f"cluster up in {time.monotonic() - t0:.1f} s (lab {args.lab}, {args.subnet})")
             bench = Bench(args, cluster, args.workdir, shm)
             print(f"random: {len(bench.offsets)} reads of {args.random_kib} KiB")
             bench.run()

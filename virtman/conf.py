@@ -162,6 +162,26 @@ default_opts = [
         max=60,
         help="Seconds an NBD path waits for its parent before the read moves to another path.",
     ),
+    cfg.IntOpt(
+        "qemu_fuse_readahead_kib",
+        default=4096,
+        min=0,
+        max=1 << 20,
+        help="qemu driver: the kernel readahead window (read_ahead_kb of the mount's "
+        "backing device) of every image's FUSE export. The kernel's default for a FUSE "
+        "mount is small, so a cold sequential read reaches the upstream in small pieces, "
+        "one at a time. 0 leaves the kernel's default.",
+    ),
+    cfg.IntOpt(
+        "qemu_malloc_mmap_threshold_kib",
+        default=32768,
+        min=0,
+        max=1 << 22,
+        help="qemu driver: glibc's MALLOC_MMAP_THRESHOLD_ for qemu-storage-daemon. A "
+        "fixed threshold above the daemon's request buffers keeps them on the heap instead "
+        "of an mmap/munmap (and page faults) per large request. 0 leaves glibc's dynamic "
+        "threshold.",
+    ),
     cfg.StrOpt("pid_file", help="Write virtmanserver's PID here while it runs."),
     cfg.StrOpt(
         "prefetch_dir",
@@ -359,6 +379,8 @@ class Settings:
     degraded_retry_max: float = 300.0
     daemon_check_interval: float = 2.0
     nbd_reconnect_delay: int = 3
+    qemu_fuse_readahead_kib: int = 4096
+    qemu_malloc_mmap_threshold_kib: int = 32768
     prefetch_dir: Path | None = None
     prefetch_depth: int = 2
     prefetch_pause_ms: int = 0
@@ -397,6 +419,8 @@ class Settings:
             degraded_retry_max=conf.degraded_retry_max,
             daemon_check_interval=conf.daemon_check_interval,
             nbd_reconnect_delay=conf.nbd_reconnect_delay,
+            qemu_fuse_readahead_kib=conf.qemu_fuse_readahead_kib,
+            qemu_malloc_mmap_threshold_kib=conf.qemu_malloc_mmap_threshold_kib,
             prefetch_dir=Path(conf.prefetch_dir) if conf.prefetch_dir else None,
             prefetch_depth=conf.prefetch_depth,
             prefetch_pause_ms=conf.prefetch_pause_ms,

@@ -27,6 +27,14 @@ Facts of QEMU 7.2 (qemu-storage-daemon 7.2.22) that shape this module:
 - ``qom-list /objects`` fails with ``DeviceNotFound: Device '/objects' not found`` until the
   first ``object-add``. A ``secret`` passed by ``object-add`` keeps CHAP passwords off every
   command line.
+- A FUSE export's mount gets the kernel's default readahead window, 128 KiB (the
+  ``read_ahead_kb`` of its backing device, /sys/class/bdi/<major>:<minor>, whose numbers
+  /proc/self/mountinfo gives); writing ``read_ahead_kb`` after the mount widens it (until
+  unmount), so that a sequential reader has the next part of the file requested while it
+  works on the last (the daemon still serves one FUSE request at a time).
+- glibc's malloc raises its mmap threshold dynamically; until it has, every request buffer
+  of 128 KiB or more is an mmap + munmap (and page faults). ``MALLOC_MMAP_THRESHOLD_`` in the
+  daemon's environment fixes the threshold (and turns the dynamic adjustment off).
 - SIGTERM ends the daemon and unmounts its FUSE exports, unless a request is stuck (a dead
   iSCSI path, see shared/reference/env-userspace-stack.md E(4)): then only SIGKILL helps and
   the FUSE mount stays behind (``Transport endpoint is not connected``) until unmounted.
@@ -68,6 +76,9 @@ _CHAP_USER = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the NUL
 _STOP_KILL_TIMEOUT_S = 5.0
+_BDI_DIR = Path("/sys/class/bdi")
+MAX_READAHEAD_KIB = 1 << 20
+MAX_MMAP_THRESHOLD_KIB = 1 << 22
 
 
 # -- validation (pure) -----------------------------------------------------------------------
@@ -152,6 +163,21 @@ def _unescape_mount_field(text: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
+def mount_device(path: str) -> str | None:
+    """``major:minor`` of the file system mounted at ``path`` (from /proc/self/mountinfo;
+    the last mount there wins), or None if nothing is mounted there."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and _unescape_mount_field(fields[4]) == path:
+            found = fields[2]
+    return found
+
+
 def mounted_paths() -> set[str]:
     """Every mount point listed in /proc/mounts (of this mount namespace)."""
     try:
@@ -191,8 +217,19 @@ class StorageDaemon:
         *,
         netns: str | None = None,
         qmp_timeout_s: float = 30.0,
+        malloc_mmap_threshold_kib: int | None = None,
     ) -> None:
         self.name = validate_daemon_name(name)
+        self.malloc_mmap_threshold_kib = (
+            None
+            if malloc_mmap_threshold_kib is None
+            else _validate_int(
+                malloc_mmap_threshold_kib,
+                "malloc_mmap_threshold_kib",
+                1,
+                MAX_MMAP_THRESHOLD_KIB,
+            )
+        )
         self.run_dir = Path(validate_abs_path(run_dir, "run_dir"))
         self.netns = None if netns is None else validate_netns(netns)
         self.qmp_timeout_s = qmp_timeout_s
@@ -236,6 +273,14 @@ class StorageDaemon:
         if self.netns is None:
             return base
         return ["nsenter", f"--net={NETNS_DIR / self.netns}", *base]
+
+    def environment(self) -> dict[str, str] | None:
+        """The environment ``start`` runs the daemon with (None: ours, unchanged)."""
+        if self.malloc_mmap_threshold_kib is None:
+            return None
+        env = dict(os.environ)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(self.malloc_mmap_threshold_kib * 1024)
+        return env
 
     def _load_state(self) -> dict[str, Any]:
         try:
@@ -354,7 +399,7 @@ class StorageDaemon:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # --daemonize: the parent exits once the daemon is ready (socket bound, pidfile
             # written) and the daemon points its stdio at /dev/null, so execute() returns.
-            execute(self.argv(), timeout_s=timeout_s)
+            execute(self.argv(), timeout_s=timeout_s, env=self.environment())
             pid = self._pid_from_file()
             if pid is None or not self._is_ours(pid):
                 raise NotFound("qemu-storage-daemon process", f"{self.name} (pidfile {pid})")
@@ -954,12 +999,15 @@ class StorageDaemon:
         mountpoint: str | os.PathLike[str],
         *,
         mode: int | None = None,
+        readahead_kib: int | None = None,
     ) -> None:
         """Export ``node`` read-only as the regular file ``mountpoint`` (created if needed).
 
         QEMU mounts it ``allow_other`` with mode 0400 owned by the daemon's user; ``mode``
         (e.g. 0o444 for a libvirt guest running as another user) is applied with chmod after
-        the mount and lasts until unmount.
+        the mount and lasts until unmount. ``readahead_kib`` sets the mount's kernel
+        readahead window (``set_readahead``); None leaves the kernel's default. An export
+        that exists already gets the window too.
         """
         export_id = validate_node_name(export_id, "export_id")
         node = validate_node_name(node)
@@ -973,10 +1021,14 @@ class StorageDaemon:
                 raise InvalidArgument(
                     "mode", oct(mode), "must not grant write: the export is read-only"
                 )
+        if readahead_kib is not None:
+            readahead_kib = _validate_int(readahead_kib, "readahead_kib", 0, MAX_READAHEAD_KIB)
         wanted = {"type": "fuse", "node": node, "mountpoint": path}
         with self._lock:
             state = self._load_state()
             if self._check_export(export_id, wanted, state):
+                if readahead_kib is not None:
+                    self.set_readahead(path, readahead_kib)
                 return
             if path in mounted_paths():
                 raise Conflict("mountpoint", path, "something is mounted there already")
@@ -1000,6 +1052,8 @@ class StorageDaemon:
                 )
                 if mode is not None:
                     os.chmod(path, mode)
+                if readahead_kib is not None:
+                    self.set_readahead(path, readahead_kib)
             except BaseException:
                 with contextlib.suppress(BrickError):
                     if self._export(export_id) is not None:
@@ -1010,6 +1064,31 @@ class StorageDaemon:
                     _remove_empty_file(path)
                 raise
             LOG.info("qemu-storage-daemon %s: exported %s at %s", self.name, node, path)
+
+    @staticmethod
+    def readahead_path(mountpoint: str | os.PathLike[str]) -> Path:
+        """The ``read_ahead_kb`` file of the mount at ``mountpoint``; ``NotFound`` if
+        nothing is mounted there."""
+        path = validate_abs_path(mountpoint, "mountpoint")
+        device = mount_device(path)
+        if device is None:
+            raise NotFound("mount", path)
+        return _BDI_DIR / device / "read_ahead_kb"
+
+    def readahead(self, mountpoint: str | os.PathLike[str]) -> int:
+        """The kernel readahead window (KiB) of the FUSE mount at ``mountpoint``."""
+        return int(self.readahead_path(mountpoint).read_text().strip())
+
+    def set_readahead(self, mountpoint: str | os.PathLike[str], kib: int) -> None:
+        """Set the kernel readahead window of the (FUSE) mount at ``mountpoint`` to ``kib``
+        KiB; it lasts until unmount. ``NotFound`` if nothing is mounted there."""
+        kib = _validate_int(kib, "readahead_kib", 0, MAX_READAHEAD_KIB)
+        target = self.readahead_path(mountpoint)
+        try:
+            target.write_text(f"{kib}\n")
+        except OSError as exc:
+            raise BrickError(f"cannot set the readahead of {mountpoint}: {exc}") from exc
+        LOG.info("qemu-storage-daemon %s: readahead of %s is %d KiB", self.name, mountpoint, kib)
 
     def delete_export(
         self, export_id: str, *, force: bool = False, timeout_s: float = 10.0
@@ -1054,6 +1133,7 @@ __all__ = [
     "Export",
     "QMPDisconnected",
     "StorageDaemon",
+    "mount_device",
     "mounted_paths",
     "validate_abs_path",
     "validate_host",

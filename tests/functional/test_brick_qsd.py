@@ -597,3 +597,55 @@ def test_add_iscsi_with_chap_keeps_the_password_off_command_lines(
         node.stop()
     finally:
         tgtd.stop()
+
+
+# -- read-path tunables ----------------------------------------------------------------------
+def daemon_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    pairs = (item.decode(errors="replace").partition("=") for item in raw if b"=" in item)
+    return {key: value for key, _, value in pairs}
+
+
+def test_fuse_readahead_and_malloc_threshold_reach_the_daemon(
+    daemons: MakeDaemon, image: Image, tmp_path: Path
+) -> None:
+    path, data = image
+    _, port = serve_image(daemons, "up", path)
+    plain = daemons("plain")
+    assert "MALLOC_MMAP_THRESHOLD_" not in daemon_environ(plain.pid or 0)
+    node = daemons("node", malloc_mmap_threshold_kib=32768)
+    assert node.pid is not None
+    assert daemon_environ(node.pid)["MALLOC_MMAP_THRESHOLD_"] == str(32768 << 10)
+
+    cache, fuse = tmp_path / "cache.qcow2", tmp_path / "image.fuse"
+    node.add_nbd("path0", "127.0.0.1", port, "image1")
+    node.add_quorum("mp0", ["path0"])
+    node.add_qcow2_cache("cache0", cache, "mp0", IMAGE_SIZE)
+    node.add_copy_on_read("cor0", "cache0")
+    node.export_fuse("fuse0", "cor0", fuse, readahead_kib=4096)
+    # the window is the mount's backing device's read_ahead_kb
+    bdi = node.readahead_path(fuse)
+    assert bdi.parent.parent == Path("/sys/class/bdi")
+    assert bdi.read_text().strip() == "4096"
+    assert node.readahead(fuse) == 4096
+    assert sha256(read_uncached(fuse)) == sha256(data)
+
+    # the same export again with another window: no new export, the window changes
+    node.export_fuse("fuse0", "cor0", fuse, readahead_kib=512)
+    assert node.readahead(fuse) == 512
+    assert [e.id for e in node.exports()] == ["fuse0"]
+
+    # an export without the option keeps the kernel's (smaller) default
+    other = tmp_path / "other.fuse"
+    node.export_fuse("fuse1", "mp0", other)
+    assert node.readahead(other) not in (512, 4096)
+    assert node.readahead_path(other) != bdi
+
+    with pytest.raises(InvalidArgument):
+        node.export_fuse("fuse2", "mp0", tmp_path / "x.fuse", readahead_kib=-1)
+    with pytest.raises(InvalidArgument):
+        node.set_readahead(fuse, 1 << 30)
+    with pytest.raises(NotFound):
+        node.set_readahead(tmp_path / "not-mounted", 128)
+    with pytest.raises(InvalidArgument):
+        StorageDaemon("bad", tmp_path, malloc_mmap_threshold_kib=0)

@@ -60,7 +60,11 @@ class QemuDriver:
             private_dir(d)
         for sub in ("exports", "paths"):
             private_dir(settings.run_dir / sub)
-        self.qsd = StorageDaemon("virtman-qsd", settings.run_dir)
+        self.qsd = StorageDaemon(
+            "virtman-qsd",
+            settings.run_dir,
+            malloc_mmap_threshold_kib=settings.qemu_malloc_mmap_threshold_kib or None,
+        )
         self.tgtd = TgtDaemon(
             settings.tgt_control_port,
             [f"{self.host}:{settings.iscsi_port}"],
@@ -311,7 +315,12 @@ class QemuCache:
         if n.cor not in present:
             qsd.add_copy_on_read(n.cor, n.cache)
         if n.fuse_export not in {e.id for e in qsd.exports()}:
-            qsd.export_fuse(n.fuse_export, n.cor, n.fuse_file)
+            qsd.export_fuse(
+                n.fuse_export,
+                n.cor,
+                n.fuse_file,
+                readahead_kib=self.d.settings.qemu_fuse_readahead_kib or None,
+            )
         return Device(n.cor, str(n.fuse_file), upstream.size)
 
     def teardown(self, image: str, *, keep_file: bool = False) -> None:
