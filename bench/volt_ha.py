@@ -23,6 +23,7 @@ Traffic never leaves 127.0.0.0/8.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import socket
 import statistics
@@ -133,6 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--masters", type=int, default=3, help="volt-api processes (>= 2)")
     parser.add_argument("--rounds", type=int, default=5, help="kill -9 rounds")
     parser.add_argument("--clients", type=int, default=8, help="client threads")
+    parser.add_argument("--verbose", action="store_true", help="log the clients' failovers")
     parser.add_argument("--bound", type=float, default=3.0, help="seconds a takeover may take")
     args = parser.parse_args(argv)
     if args.masters < 2 or args.rounds < 1 or args.clients < 1:
@@ -142,6 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The clients' failover warnings would drown the rounds (add --verbose if needed).
+    logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR)
     cluster = None
     database = args.database
     if database is None:
