@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -300,7 +301,12 @@ class VoltService:
         changed, removed = tree.take_changes()
         if not (changed or removed or create):
             return
-        version = self.versions.get(tree.volume_id, 0) + 1 if self.shared else None
+        version = None
+        if self.shared:
+            # A new tree starts from a random version: a process that cached an earlier
+            # tree of the same volume (since deleted) never mistakes it for this one.
+            base = secrets.randbits(62) if create else self.versions.get(tree.volume_id, 0)
+            version = base + 1
         try:
             self.store.save(
                 tree.volume_id,
@@ -439,14 +445,23 @@ class VoltService:
                     yield
                 finally:
                     self._conn = None
+        except (VolumeNotFound, PeerNotFound):
+            raise  # found before anything changed
         except sa.exc.SQLAlchemyError as exc:
-            # The transaction did not commit: forget what this process believed of the tree.
             LOG.error("store transaction on %s failed: %s", volume_id, exc)
-            cached = self.trees.get(volume_id)
-            if cached is not None:
-                self._forget_tree(cached)
-            self.versions.pop(volume_id, None)
+            self._drop_cached(volume_id)
             raise StoreUnavailable(f"store transaction failed: {exc.__class__.__name__}") from exc
+        except BaseException:
+            # The transaction did not commit: the cached tree may hold what it rolled back.
+            self._drop_cached(volume_id)
+            raise
+
+    def _drop_cached(self, volume_id: str) -> None:
+        """Forget this process's copy of a tree: the next change reloads it."""
+        cached = self.trees.get(volume_id)
+        if cached is not None:
+            self._forget_tree(cached)
+        self.versions.pop(volume_id, None)
 
     def _sync(self, volume_id: str, version: int | None, conn: Connection) -> None:
         """Make the cached tree of ``volume_id`` the store's (``version``: the store's)."""

@@ -25,7 +25,7 @@ from tests.functional.pgserver import PostgresCluster
 from tests.functional.voltproc import VoltProcess
 from tests.unit.volt.invariants import check_tree
 from volt.service import VoltService
-from volt.store import Store
+from volt.store import EvictorLease, Store
 from volt.topology import load_executor
 from voltclient import Client
 from voltclient.exceptions import NotFound, VoltClientError
@@ -238,3 +238,61 @@ def test_kill_9_of_the_evictor_mid_burst(masters, burst, database):
     assert burst.failures == [], burst.failures[:5]
     check_store(database, burst)
     print(f"evictor takeover after kill -9: {takeover[0]:.2f}s")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_two_services_on_one_store(database):
+    """In-process: changes made through one service are seen by the other (version reload,
+    including a tree deleted and created again), heartbeats are written at most every
+    liveness_write_interval, and the evictor lease is exclusive."""
+    executor = load_executor("balanced", fanout=2, parents_per_node=2)
+    clock = FakeClock()
+    a = VoltService(Store(database), executor, node_timeout=60, clock=clock)
+    b = VoltService(Store(database), executor, node_timeout=60)
+    try:
+        for i in range(10):
+            service = (a, b)[i % 2]
+            placed = service.query("volume-x", f"10.8.0.{i}")
+            assert placed.node is not None
+            service.register("volume-x", placed.node.peer_id, f"10.8.0.{i}", "3260", "iqn.x", "1")
+        b.leave("volume-x", "10.8.0.4:volume-x")
+
+        def shape(s: VoltService) -> list[tuple[str | None, str | None, list[str | None]]]:
+            return [
+                (n.peer_id, n.parent.peer_id if n.parent else None, [p.peer_id for p in ps])
+                for n, ps in s.volume_nodes("volume-x")
+            ]
+
+        assert shape(a) == shape(b) and len(shape(a)) == 9
+        check_tree(a.trees["volume-x"], executor, depth_bound=True)
+        assert b.delete_volume("volume-x") == 9
+        b.query("volume-x", "10.8.0.99")
+        assert [p for p, _, _ in shape(a)] == ["10.8.0.99:volume-x"]
+
+        def age(member: str) -> float:
+            return a.store.member_ages()[member]
+
+        a.query("volume-y", "10.8.1.1")  # a placement writes the host's liveness at once
+        time.sleep(0.3)
+        clock.now += 1.0
+        a.heartbeat("10.8.1.1")  # within liveness_write_interval: not written
+        assert age("10.8.1.1") >= 0.3
+        clock.now += a.liveness_write_interval
+        a.heartbeat("10.8.1.1")
+        assert age("10.8.1.1") < 0.3
+
+        first, second = EvictorLease(a.store), EvictorLease(b.store)
+        assert first.hold() and not second.hold() and first.hold()
+        first.release()
+        assert second.hold()
+        second.release()
+    finally:
+        a.store.dispose()
+        b.store.dispose()
