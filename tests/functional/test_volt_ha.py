@@ -260,7 +260,7 @@ def test_two_services_on_one_store(database):
         for i in range(10):
             service = (a, b)[i % 2]
             placed = service.query("volume-x", f"10.8.0.{i}")
-            assert placed.node is not None
+            assert placed.node is not None and placed.node.peer_id is not None
             service.register("volume-x", placed.node.peer_id, f"10.8.0.{i}", "3260", "iqn.x", "1")
         b.leave("volume-x", "10.8.0.4:volume-x")
 
