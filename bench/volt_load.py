@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Load benchmark of volt-api: thousands of simulated compute nodes against one real daemon.
 
-The script starts ONE volt-api on 127.0.0.1 (free port, temporary directory, SQLite, token
-auth, its own pid file), then simulates ``--nodes`` compute nodes, each from its own source
+The script starts ONE volt-api on 127.0.0.1 (free port, temporary directory, SQLite or the
+``--database`` given, e.g. an empty PostgreSQL database, token auth, its own pid file), then
+simulates ``--nodes`` compute nodes, each from its own source
 address in 127.0.0.0/8 (127.1.x.y, ...). A node opens one HTTP/1.1 keep-alive connection and
 sends, on it:
 
@@ -74,9 +75,12 @@ def free_port() -> int:
 
 
 class VoltServer:
-    """One volt-api with its own configuration, SQLite file, pid file and log in ``workdir``."""
+    """One volt-api with its own configuration, SQLite file (unless ``database``: that
+    SQLAlchemy URL), pid file and log in ``workdir``."""
 
-    def __init__(self, workdir: Path, *, executor: str, api_threads: int) -> None:
+    def __init__(
+        self, workdir: Path, *, executor: str, api_threads: int, database: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.config_path = workdir / "volt.conf"
@@ -96,7 +100,7 @@ class VoltServer:
             "[auth]\n"
             f"token = {TOKEN}\n"
             "[database]\n"
-            f"connection = sqlite:///{workdir / 'volt.sqlite'}\n",
+            f"connection = {database or 'sqlite:///' + str(workdir / 'volt.sqlite')}\n",
             encoding="utf-8",
         )
 
@@ -577,6 +581,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout", type=float, default=30.0, help="seconds before a request counts as failed"
     )
     parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="SQLAlchemy URL of volt-api's store instead of a fresh SQLite file, e.g. "
+        "postgresql+psycopg://volt@127.0.0.1:5432/voltload. It must hold no tree (the end "
+        "check counts every node)",
+    )
+    parser.add_argument(
         "--keep-dir",
         action="store_true",
         help="keep the temporary directory (config, SQLite file, volt-api log) and print it",
@@ -614,7 +625,9 @@ def split(total: int, parts: int, k: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="volt-load-"))
-    server = VoltServer(workdir, executor=args.executor, api_threads=args.api_threads)
+    server = VoltServer(
+        workdir, executor=args.executor, api_threads=args.api_threads, database=args.database
+    )
     failed = False
     try:
         try:
@@ -627,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"directory {workdir} (kept)")
         print(
             f"volt-api pid {server.pid} (worker {worker}) on {SERVER_HOST}:{server.port}, "
-            f"executor {args.executor}, api_threads {args.api_threads}, {os.cpu_count()} CPU(s)"
+            f"executor {args.executor}, api_threads {args.api_threads}, {os.cpu_count()} CPU(s), "
+            f"store {(args.database or 'sqlite').split(':')[0]}"
         )
         print(
             f"load: {args.nodes} nodes x (query + register + {args.heartbeats} heartbeats) "

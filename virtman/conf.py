@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
 from brick import values
 from brick.exception import InvalidArgument
@@ -31,11 +31,13 @@ default_opts = [
     ),
     cfg.HostAddressOpt("master_ip", default="127.0.0.1", help="Volt's address."),
     cfg.PortOpt("master_port", default=7447, help="Volt's port."),
-    cfg.URIOpt(
+    cfg.ListOpt(
         "master_url",
-        schemes=["http", "https"],
-        help="Volt's URL, e.g. https://volt.example:7447 when volt-api serves TLS. When set "
-        "it replaces master_ip and master_port.",
+        item_type=types.URI(schemes=["http", "https"]),
+        help="Volt's URL, e.g. https://volt.example:7447 when volt-api serves TLS, or several "
+        "comma-separated (volt-api processes sharing one PostgreSQL store, docs/ha.rst): "
+        "requests go to the one that answered last and fail over to the next on connection "
+        "errors and 5xx answers. When set it replaces master_ip and master_port.",
     ),
     cfg.StrOpt(
         "master_ca_file",
@@ -398,7 +400,8 @@ class Settings:
         state = Path(conf.state_dir)
         return cls(
             host_ip=host_ip,
-            master_url=conf.master_url or f"http://{_url_host(conf.master_ip)}:{conf.master_port}",
+            master_url=",".join(conf.master_url or [])
+            or f"http://{_url_host(conf.master_ip)}:{conf.master_port}",
             master_token=conf.master_token,
             master_ca_file=conf.master_ca_file,
             heartbeat_interval=conf.heartbeat_interval,

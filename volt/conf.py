@@ -132,7 +132,19 @@ database_opts: list[cfg.Opt] = [
         secret=True,
         help="SQLAlchemy URL of the store that keeps all trees, e.g. "
         "sqlite:////var/lib/volt/volt.sqlite, postgresql+psycopg://volt:PW@db/volt, "
-        "mysql+pymysql://volt:PW@db/volt.",
+        "mysql+pymysql://volt:PW@db/volt. Several volt-api processes may share one "
+        "PostgreSQL store for high availability (docs/ha.rst); SQLite and MySQL stores "
+        "serve one volt-api only.",
+    ),
+    cfg.FloatOpt(
+        "liveness_write_interval",
+        default=5.0,
+        min=0.1,
+        max=60.0,
+        help="PostgreSQL store only: write a host's last heartbeat to the store at most this "
+        "often (seconds; at most a quarter of node_timeout), so that heartbeats do not load "
+        "the database. A host is evicted when the store has not heard of it for "
+        "node_timeout.",
     ),
 ]
 

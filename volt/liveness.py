@@ -5,6 +5,11 @@ Granian's event loop; while it is blocked (a slow store, GC, a burst), heartbeat
 probe on the loop measures how late it runs: each scan credits every host the time the loop
 was blocked, and when it was blocked for at least half of the scan interval (or is blocked
 now), the whole interval is credited and nobody is evicted.
+
+On a shared store (several volt-api processes, docs/ha.rst) only the holder of the evictor
+lease scans; the others try to take it every ``LEASE_INTERVAL``. A new holder first credits
+every host so that nobody is evicted in the next ``takeover_grace`` seconds: their heartbeats
+may have gone to the master that died, and they need time to fail over.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import time
 from collections.abc import Callable
 
 from volt.service import VoltService
+from volt.store import EvictorLease
 
 LOG = logging.getLogger(__name__)
 BLOCKED_SHARE = 0.5  # of a scan interval: above it, the interval counts as not served
 PROBE_INTERVAL = 0.1  # seconds between two probes on the event loop
 LAG_GRACE = 0.25  # seconds: a probe later than this means the loop was blocked
+LEASE_INTERVAL = 0.25  # seconds between two attempts to take the evictor lease
 
 
 def scan_interval(node_timeout: float) -> float:
@@ -77,14 +84,46 @@ class Evictor(threading.Thread):
         self.monitor = monitor
         self.interval = scan_interval(service.node_timeout)
         self._stop_event = threading.Event()
+        self.lease = EvictorLease(service.store) if service.store.shared else None
+        # Shared store: seconds a new evictor waits before evicting anyone.
+        self.takeover_grace = service.liveness_write_interval + 2 * self.interval
+        self.leader_since: float | None = None  # monotonic time this process took the lease
 
     def run(self) -> None:
+        if self.lease is not None:
+            self._run_shared(self.lease)
+            return
         while not self._stop_event.wait(self.interval):
             try:
                 self.service.retry_unloaded()
                 self.scan()
             except Exception:
                 LOG.exception("eviction scan failed; retrying in %.1f s", self.interval)
+
+    def _run_shared(self, lease: EvictorLease) -> None:
+        next_scan = time.monotonic() + self.interval
+        while not self._stop_event.wait(LEASE_INTERVAL):
+            try:
+                held = lease.hold()
+                if held and self.leader_since is None:
+                    self.leader_since = time.monotonic()
+                    self.service.credit_takeover(self.takeover_grace)
+                    if self.monitor is not None:
+                        self.monitor.take()  # blocks before the takeover are not ours
+                    LOG.warning(
+                        "this volt-api is now the evictor (no eviction in the next %.1f s)",
+                        self.takeover_grace,
+                    )
+                    next_scan = time.monotonic() + self.interval
+                elif not held and self.leader_since is not None:
+                    LOG.warning("this volt-api is no longer the evictor")
+                    self.leader_since = None
+                if held and time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + self.interval
+                    self.scan()
+            except Exception:
+                LOG.exception("eviction scan failed; retrying in %.1f s", self.interval)
+        lease.release()
 
     def scan(self) -> list[str]:
         """One eviction pass; returns the evicted hosts."""

@@ -2,17 +2,28 @@
 
 All methods are thread-safe (one lock; tree operations are microseconds and the store write
 happens inside it so that the store always matches memory).
+
+On a shared store (PostgreSQL), several volt-api processes serve the same trees (docs/ha.rst):
+each tree change runs in one database transaction holding the tree's advisory lock, and the
+cached tree is reloaded first when its version in the store is not the one this process last
+saw. Hosts' last heartbeats are kept in the store (written at most every
+``liveness_write_interval`` per host), and only the process holding the evictor lease evicts.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from volt.errors import PeerNotFound, StoreUnavailable, VolumeNotFound
 from volt.metrics import Metrics
@@ -21,6 +32,7 @@ from volt.topology import OK, Executor, Node, Tree
 from volt.validation import make_peer_id
 
 LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -45,8 +57,16 @@ class VoltService:
         node_timeout: float,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        liveness_write_interval: float = 5.0,
     ) -> None:
         self.store = store
+        self.shared = store.shared
+        # Shared store: the version of each cached tree, the transaction of the change under
+        # way, and when each host's heartbeat was last written to the store.
+        self.versions: dict[str, int] = {}
+        self._conn: Connection | None = None
+        self.written: dict[str, float] = {}
+        self.liveness_write_interval = min(liveness_write_interval, node_timeout / 4.0)
         self.executor = executor
         self.node_timeout = node_timeout
         self.metrics = metrics or Metrics()
@@ -64,15 +84,14 @@ class VoltService:
     def query(self, volume_id: str, member: str) -> Placement:
         """Place ``member`` in the tree of ``volume_id`` (idempotent) and return its parents."""
         peer_id = make_peer_id(member, volume_id)
-        with self.lock:
-            self._ensure_loaded(volume_id)
+        with self.lock, self._tree_change(volume_id):
             tree = self.trees.get(volume_id)
             created = tree is None
             if tree is None:
                 tree = Tree(volume_id, self.executor.fanout())
             node = tree.nodes.get(peer_id)
             if node is not None:
-                self.last_seen[member] = self.clock()
+                self._seen(member)
                 self._count_placement("existing")
                 return Placement(node, self.executor.parents(tree, node))
             node = self.executor.join(tree, peer_id, member)
@@ -82,7 +101,7 @@ class VoltService:
             self.trees[volume_id] = tree
             self._commit(tree, create=created)
             self.members.setdefault(member, set()).add((volume_id, peer_id))
-            self.last_seen[member] = self.clock()
+            self._seen(member, force=True)
             self._count_placement("placed")
             LOG.info(
                 "placed %s in %s at depth %d under %s",
@@ -105,7 +124,7 @@ class VoltService:
         nbd_port: str | None = None,
     ) -> Node:
         """The node's relay target is ready: it becomes a parent candidate (status OK)."""
-        with self.lock:
+        with self.lock, self._tree_change(volume_id):
             tree, node = self._find(volume_id, peer_id)
             wanted = (host, port, iqn, lun, nbd_port, OK)
             changed = (node.host, node.port, node.iqn, node.lun, node.nbd_port, node.status)
@@ -124,7 +143,7 @@ class VoltService:
             return node
 
     def leave(self, volume_id: str, peer_id: str) -> None:
-        with self.lock:
+        with self.lock, self._tree_change(volume_id):
             tree, node = self._find(volume_id, peer_id)
             self._remove(tree, node, reason="leave")
             self._commit(tree)
@@ -132,22 +151,24 @@ class VoltService:
 
     def delete_volume(self, volume_id: str) -> int:
         """Forget a whole tree; returns how many nodes it had."""
-        with self.lock:
-            self._ensure_loaded(volume_id)
+        with self.lock, self._tree_change(volume_id):
             tree = self.trees.get(volume_id)
             if tree is None:
                 raise VolumeNotFound(volume_id)
             try:
-                self.store.delete_volume(volume_id)
+                self.store.delete_volume(volume_id, self._conn)
             except sa.exc.SQLAlchemyError as exc:
                 raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
             self._forget_tree(tree)
+            self.versions.pop(volume_id, None)
             self.metrics.removals.labels("volume_deleted").inc(len(tree))
             LOG.info("deleted the tree of %s (%d nodes)", volume_id, len(tree))
             return len(tree)
 
     def heartbeat(self, member: str) -> list[tuple[Node, list[Node]]]:
         """Refresh ``member``'s clock; return the parents of each of its nodes."""
+        if self.shared:
+            return self._shared_heartbeat(member)
         with self.lock:
             entries = self.members.get(member)
             if not entries:
@@ -161,7 +182,10 @@ class VoltService:
             return answer
 
     def evict_expired(self) -> list[str]:
-        """Remove every node of each host silent for ``node_timeout``; returns those hosts."""
+        """Remove every node of each host silent for ``node_timeout``; returns those hosts.
+        On a shared store only the holder of the evictor lease may call this."""
+        if self.shared:
+            return self._shared_evict_expired()
         with self.lock:
             deadline = self.clock() - self.node_timeout
             expired = [m for m, seen in self.last_seen.items() if seen < deadline]
@@ -172,20 +196,29 @@ class VoltService:
     def credit(self, seconds: float) -> None:
         """Move every host's last heartbeat ``seconds`` later (never past now): volt-api
         could not serve for that long, so nobody's silence during it counts."""
+        if self.shared:
+            self._store_call(self.store.credit_members, seconds)
+            return
         with self.lock:
             now = self.clock()
             for member, seen in self.last_seen.items():
                 self.last_seen[member] = min(now, seen + seconds)
 
     # -- views -----------------------------------------------------------------------------
+    def credit_takeover(self, grace: float) -> None:
+        """This process just became the evictor (shared store): no host is evicted in the
+        next ``grace`` seconds, whose heartbeats may have gone to a master that died."""
+        self._store_call(self.store.credit_members, 0.0, floor=max(0.0, self.node_timeout - grace))
+
     def volume_counts(self) -> list[tuple[str, int]]:
+        if self.shared:
+            return self._store_call(self.store.volume_counts)
         with self.lock:
             return [(vid, len(tree)) for vid, tree in sorted(self.trees.items())]
 
     def volume_nodes(self, volume_id: str) -> list[tuple[Node, list[Node]]]:
         """Breadth-first: each node with the parents it would be sent now."""
-        with self.lock:
-            self._ensure_loaded(volume_id)
+        with self.lock, self._tree_change(volume_id):
             tree = self.trees.get(volume_id)
             if tree is None:
                 raise VolumeNotFound(volume_id)
@@ -194,6 +227,13 @@ class VoltService:
             ]
 
     def member_list(self) -> list[MemberInfo]:
+        if self.shared:
+            nodes = self._store_call(self.store.all_member_nodes)
+            ages = self._store_call(self.store.member_ages)
+            return [
+                MemberInfo(host, ages.get(host, 0.0), peer_ids)
+                for host, peer_ids in sorted(nodes.items())
+            ]
         with self.lock:
             now = self.clock()
             return [
@@ -261,14 +301,33 @@ class VoltService:
         changed, removed = tree.take_changes()
         if not (changed or removed or create):
             return
+        version = None
+        if self.shared:
+            # A new tree starts from a random version: a process that cached an earlier
+            # tree of the same volume (since deleted) never mistakes it for this one.
+            base = secrets.randbits(62) if create else self.versions.get(tree.volume_id, 0)
+            version = base + 1
         try:
-            self.store.save(tree.volume_id, tree.fanout, changed, removed, create=create)
+            self.store.save(
+                tree.volume_id,
+                tree.fanout,
+                changed,
+                removed,
+                create=create,
+                version=version,
+                conn=self._conn,
+            )
         except sa.exc.SQLAlchemyError as exc:
             LOG.error("store write for %s failed: %s", tree.volume_id, exc)
             self._forget_tree(tree)
+            if self.shared:  # the next change reloads the tree under its lock
+                self.versions.pop(tree.volume_id, None)
+                raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
             self.unloaded.add(tree.volume_id)
             self._retry_unloaded()
             raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
+        if version is not None:
+            self.versions[tree.volume_id] = version
 
     def _forget_tree(self, tree: Tree) -> None:
         self.trees.pop(tree.volume_id, None)
@@ -280,11 +339,14 @@ class VoltService:
         if tree.nodes or self.trees.get(tree.volume_id) is not tree:
             return
         try:
-            self.store.delete_volume(tree.volume_id)
+            self.store.delete_volume(tree.volume_id, self._conn)
         except sa.exc.SQLAlchemyError as exc:
             LOG.warning("could not drop the empty tree of %s: %s", tree.volume_id, exc)
+            if self.shared:
+                raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
             return
         del self.trees[tree.volume_id]
+        self.versions.pop(tree.volume_id, None)
         LOG.info("the tree of %s is empty and was dropped", tree.volume_id)
 
     def _ensure_loaded(self, volume_id: str) -> None:
@@ -313,6 +375,8 @@ class VoltService:
     def _load(self) -> None:
         now = self.clock()
         for rows in self.store.load():
+            if self.shared:
+                self.versions[rows.volume_id] = rows.version or 0
             self._adopt(self._build_tree(rows), now, keep_clocks=False)
         total = sum(len(t) for t in self.trees.values())
         LOG.info("loaded %d tree(s) with %d node(s) from the store", len(self.trees), total)
@@ -361,3 +425,122 @@ class VoltService:
         if orphans:
             self._commit(tree)
         return tree
+
+    # -- shared store ----------------------------------------------------------------------
+    @contextmanager
+    def _tree_change(self, volume_id: str) -> Iterator[None]:
+        """Around every use of one tree (the caller holds ``self.lock``). Shared store: one
+        transaction holding the tree's advisory lock, the cached tree reloaded first if
+        another process changed it; every write of the block commits with it."""
+        if not self.shared:
+            self._ensure_loaded(volume_id)
+            yield
+            return
+        try:
+            with self.store.engine.begin() as conn:
+                self._conn = conn
+                try:
+                    version = self.store.lock_volume(conn, volume_id)
+                    self._sync(volume_id, version, conn)
+                    yield
+                finally:
+                    self._conn = None
+        except (VolumeNotFound, PeerNotFound):
+            raise  # found before anything changed
+        except sa.exc.SQLAlchemyError as exc:
+            LOG.error("store transaction on %s failed: %s", volume_id, exc)
+            self._drop_cached(volume_id)
+            raise StoreUnavailable(f"store transaction failed: {exc.__class__.__name__}") from exc
+        except BaseException:
+            # The transaction did not commit: the cached tree may hold what it rolled back.
+            self._drop_cached(volume_id)
+            raise
+
+    def _drop_cached(self, volume_id: str) -> None:
+        """Forget this process's copy of a tree: the next change reloads it."""
+        cached = self.trees.get(volume_id)
+        if cached is not None:
+            self._forget_tree(cached)
+        self.versions.pop(volume_id, None)
+
+    def _sync(self, volume_id: str, version: int | None, conn: Connection) -> None:
+        """Make the cached tree of ``volume_id`` the store's (``version``: the store's)."""
+        cached = self.trees.get(volume_id)
+        if cached is not None and version is not None and self.versions.get(volume_id) == version:
+            return
+        if cached is not None:
+            self._forget_tree(cached)
+        self.versions.pop(volume_id, None)
+        if version is None:
+            return
+        for rows in self.store.load([volume_id], conn):
+            self.versions[volume_id] = rows.version or 0
+            self._adopt(self._build_tree(rows), self.clock(), keep_clocks=True)
+
+    def _seen(self, member: str, *, force: bool = False) -> None:
+        """``member`` was heard from. Shared store: written there (in the change's
+        transaction if one is under way) when ``force`` or not in the last
+        ``liveness_write_interval``."""
+        now = self.clock()
+        self.last_seen[member] = now
+        if not self.shared:
+            return
+        if not force and now - self.written.get(member, -math.inf) < self.liveness_write_interval:
+            return
+        try:
+            self.store.touch_members([member], self._conn)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
+        self.written[member] = now
+
+    def _store_call(self, call: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        try:
+            return call(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"store unavailable: {exc.__class__.__name__}") from exc
+
+    def _shared_heartbeat(self, member: str) -> list[tuple[Node, list[Node]]]:
+        entries = self._store_call(self.store.member_volumes, member)
+        if not entries:
+            return []
+        with self.lock:
+            self._seen(member)
+            for volume_id in sorted({vid for vid, _, version in entries}):
+                known = self.versions.get(volume_id)
+                stale = {v for vid, _, v in entries if vid == volume_id} != {known}
+                if stale or volume_id not in self.trees:
+                    with self._tree_change(volume_id):
+                        pass
+            answer = []
+            for volume_id, peer_id, _ in sorted(entries):
+                tree = self.trees.get(volume_id)
+                node = tree.nodes.get(peer_id) if tree is not None else None
+                if tree is None or node is None:
+                    continue  # left or evicted since the store was read
+                answer.append((node, self.executor.parents(tree, node)))
+            return answer
+
+    def _shared_evict_expired(self) -> list[str]:
+        expired = self._store_call(self.store.expired_members, float(self.node_timeout))
+        for member in expired:
+            entries = self._store_call(self.store.member_volumes, member)
+            LOG.warning(
+                "evicting host %s: no heartbeat for %ss; its %d node(s) leave their trees",
+                member,
+                self.node_timeout,
+                len(entries),
+            )
+            for volume_id, peer_id, _ in sorted(entries):
+                with self.lock, self._tree_change(volume_id):
+                    tree = self.trees.get(volume_id)
+                    node = tree.nodes.get(peer_id) if tree is not None else None
+                    if tree is None or node is None:
+                        continue
+                    self._remove(tree, node, reason="evicted")
+                    self._commit(tree)
+                    self._drop_if_empty(tree)
+            self._store_call(self.store.forget_member, member)
+            with self.lock:
+                self.written.pop(member, None)
+            self.metrics.evictions.inc()
+        return expired

@@ -2,20 +2,23 @@
 
 The in-memory trees are a write-through cache of these tables: every change is committed
 before the API answers, so a restart (even after ``kill -9``) serves the same trees.
-Heartbeat times are deliberately not stored: after a restart every host starts a fresh
-``node_timeout`` instead of being evicted for the time volt-api was down.
+Heartbeat times are not stored by a lone volt-api: after a restart every host starts a fresh
+``node_timeout`` instead of being evicted for the time volt-api was down. On PostgreSQL
+(several volt-api processes may share it, see docs/ha.rst) they are, in ``volt_members``,
+together with a version counter per tree and advisory locks that serialise tree changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from volt.errors import StoreUnavailable
 from volt.topology.tree import Node
@@ -32,6 +35,18 @@ volumes = sa.Table(
     metadata,
     sa.Column("id", sa.String(255), primary_key=True),
     sa.Column("fanout", sa.Integer, nullable=False),
+    # Bumped by every change of the tree on a shared (PostgreSQL) store: a volt-api reloads
+    # its cached copy when the number differs from the one it last wrote or read.
+    sa.Column("version", sa.BigInteger),
+)
+
+# Last heartbeat (or query) of each host, on a shared store only: written at most every
+# liveness_write_interval per host, read by the one evictor.
+members = sa.Table(
+    "volt_members",
+    metadata,
+    sa.Column("member", sa.String(255), primary_key=True),
+    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
 )
 
 nodes = sa.Table(
@@ -77,6 +92,15 @@ class VolumeRows:
     volume_id: str
     fanout: int
     nodes: list[NodeRow]
+    version: int | None = field(default=None)
+
+
+EVICTOR_LOCK = (0x566F6C74, 1)  # ("Volt", 1): the session lock only the evictor holds
+
+
+def volume_lock_key(volume_id: str) -> int:
+    """The advisory lock key (a signed 64-bit integer) of one tree."""
+    return int.from_bytes(hashlib.sha256(volume_id.encode()).digest()[:8], "big", signed=True)
 
 
 def _node_values(volume_id: str, node: Node) -> dict[str, object]:
@@ -102,6 +126,8 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = self._make_engine(url)
+        # Several volt-api processes may share a PostgreSQL store (docs/ha.rst).
+        self.shared = self.engine.dialect.name == "postgresql"
         try:
             metadata.create_all(self.engine)
             self._add_missing_columns()
@@ -111,7 +137,7 @@ class Store:
 
     def _add_missing_columns(self) -> None:
         """Columns added after a store was created (nullable ones only) are added in place."""
-        for table in (volumes, nodes):
+        for table in (volumes, nodes, members):
             present = {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}
             for column in table.columns:
                 if column.name in present:
@@ -127,6 +153,20 @@ class Store:
     @staticmethod
     def _make_engine(url: str) -> Engine:
         parsed = sa.engine.make_url(url)
+        if parsed.get_backend_name() == "postgresql":
+            # A dead volt-api host is noticed by the server within ~20 s (its advisory locks,
+            # the evictor's included, are freed); a dead server by the client likewise.
+            keepalive = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2}
+            keepalive["keepalives_count"] = 3
+            return sa.create_engine(
+                url,
+                pool_pre_ping=True,
+                connect_args={
+                    **keepalive,
+                    "options": "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
+                    "-c tcp_keepalives_count=3",
+                },
+            )
         if parsed.get_backend_name() != "sqlite":
             return sa.create_engine(url, pool_pre_ping=True)
         if parsed.database and parsed.database != ":memory:":
@@ -148,33 +188,42 @@ class Store:
     def dispose(self) -> None:
         self.engine.dispose()
 
-    def load(self, volume_ids: list[str] | None = None) -> list[VolumeRows]:
-        """All trees, or those of ``volume_ids`` (missing ones are simply absent)."""
+    def load(
+        self, volume_ids: list[str] | None = None, conn: Connection | None = None
+    ) -> list[VolumeRows]:
+        """All trees, or those of ``volume_ids`` (missing ones are simply absent); with
+        ``conn``, inside that connection's transaction."""
+        if conn is None:
+            with self.engine.connect() as own:
+                return self.load(volume_ids, own)
         volume_query = sa.select(volumes)
         query = sa.select(nodes).order_by(nodes.c.volume_id, nodes.c.seq)
         if volume_ids is not None:
             volume_query = volume_query.where(volumes.c.id.in_(volume_ids))
             query = query.where(nodes.c.volume_id.in_(volume_ids))
-        with self.engine.connect() as conn:
-            fanouts = {row.id: row.fanout for row in conn.execute(volume_query)}
-            by_volume: dict[str, list[NodeRow]] = {vid: [] for vid in fanouts}
-            for row in conn.execute(query):
-                by_volume[row.volume_id].append(
-                    NodeRow(
-                        peer_id=row.peer_id,
-                        member=row.member,
-                        host=row.host,
-                        port=row.port,
-                        iqn=row.iqn,
-                        lun=row.lun,
-                        nbd_port=row.nbd_port,
-                        status=row.status,
-                        parent_peer_id=row.parent_peer_id,
-                        slot=row.slot,
-                        seq=row.seq,
-                    )
+        heads = {row.id: (row.fanout, row.version) for row in conn.execute(volume_query)}
+        by_volume: dict[str, list[NodeRow]] = {vid: [] for vid in heads}
+        for row in conn.execute(query):
+            if row.volume_id not in by_volume:
+                continue  # written after the volume rows were read
+            by_volume[row.volume_id].append(
+                NodeRow(
+                    peer_id=row.peer_id,
+                    member=row.member,
+                    host=row.host,
+                    port=row.port,
+                    iqn=row.iqn,
+                    lun=row.lun,
+                    nbd_port=row.nbd_port,
+                    status=row.status,
+                    parent_peer_id=row.parent_peer_id,
+                    slot=row.slot,
+                    seq=row.seq,
                 )
-        return [VolumeRows(vid, fanouts[vid], rows) for vid, rows in by_volume.items()]
+            )
+        return [
+            VolumeRows(vid, heads[vid][0], rows, heads[vid][1]) for vid, rows in by_volume.items()
+        ]
 
     def save(
         self,
@@ -184,29 +233,161 @@ class Store:
         removed: Iterable[str],
         *,
         create: bool = False,
+        version: int | None = None,
+        conn: Connection | None = None,
     ) -> None:
-        """Write one tree's changes in one transaction (``create``: the volume row too)."""
+        """Write one tree's changes in one transaction (``create``: the volume row too);
+        ``version``: the tree's new version; ``conn``: inside that connection's transaction."""
+        if conn is None:
+            with self.engine.begin() as own:
+                self.save(volume_id, fanout, changed, removed, create=create, conn=own)
+            return
         rows = [_node_values(volume_id, node) for node in changed]
         removed = list(removed)
-        with self.engine.begin() as conn:
-            if create:
-                conn.execute(self._upsert_volume, [{"id": volume_id, "fanout": fanout}])
-            if removed:
-                conn.execute(
-                    self._delete_node, [{"volume_id": volume_id, "peer_id": p} for p in removed]
-                )
-            if rows:
-                conn.execute(self._upsert_node, rows)
+        if create:
+            conn.execute(
+                self._upsert_volume, [{"id": volume_id, "fanout": fanout, "version": version}]
+            )
+        elif version is not None:
+            conn.execute(volumes.update().where(volumes.c.id == volume_id).values(version=version))
+        if removed:
+            conn.execute(
+                self._delete_node, [{"volume_id": volume_id, "peer_id": p} for p in removed]
+            )
+        if rows:
+            conn.execute(self._upsert_node, rows)
 
-    def delete_volume(self, volume_id: str) -> None:
+    def delete_volume(self, volume_id: str, conn: Connection | None = None) -> None:
+        if conn is None:
+            with self.engine.begin() as own:
+                self.delete_volume(volume_id, own)
+            return
+        conn.execute(nodes.delete().where(nodes.c.volume_id == volume_id))
+        conn.execute(volumes.delete().where(volumes.c.id == volume_id))
+
+    # -- shared store (PostgreSQL) -----------------------------------------------------------
+    def lock_volume(self, conn: Connection, volume_id: str) -> int | None:
+        """Take the tree's advisory lock until ``conn``'s transaction ends; return the
+        tree's version (None: no such tree in the store)."""
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": volume_lock_key(volume_id)}
+        )
+        row = conn.execute(
+            sa.select(volumes.c.version).where(volumes.c.id == volume_id)
+        ).one_or_none()
+        if row is None:
+            return None
+        return int(row.version or 0)
+
+    def member_volumes(self, member: str) -> list[tuple[str, str, int]]:
+        """(volume_id, peer_id, tree version) of each node of ``member``."""
+        query = (
+            sa.select(nodes.c.volume_id, nodes.c.peer_id, volumes.c.version)
+            .join(volumes, volumes.c.id == nodes.c.volume_id)
+            .where(nodes.c.member == member)
+        )
+        with self.engine.connect() as conn:
+            return [(r.volume_id, r.peer_id, int(r.version or 0)) for r in conn.execute(query)]
+
+    def touch_members(self, names: Iterable[str], conn: Connection | None = None) -> None:
+        """Record a heartbeat of each host now (the database's clock)."""
+        rows = [{"member": name} for name in names]
+        if not rows:
+            return
+        if conn is not None:
+            conn.execute(self._touch_member, rows)
+            return
+        with self.engine.begin() as own:
+            own.execute(self._touch_member, rows)
+
+    def volume_counts(self) -> list[tuple[str, int]]:
+        """(volume_id, node count) of every tree, sorted."""
+        query = (
+            sa.select(volumes.c.id, sa.func.count(nodes.c.peer_id))
+            .select_from(volumes.outerjoin(nodes, nodes.c.volume_id == volumes.c.id))
+            .group_by(volumes.c.id)
+            .order_by(volumes.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [(str(r[0]), int(r[1])) for r in conn.execute(query)]
+
+    def expired_members(self, node_timeout: float) -> list[str]:
+        """Hosts with nodes whose last heartbeat is older than ``node_timeout`` seconds.
+        Hosts with nodes but no heartbeat row (placed before an upgrade, or whose row was
+        removed) get one now: their timeout starts now."""
         with self.engine.begin() as conn:
-            conn.execute(nodes.delete().where(nodes.c.volume_id == volume_id))
-            conn.execute(volumes.delete().where(volumes.c.id == volume_id))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO volt_members (member, last_seen) "
+                    "SELECT DISTINCT member, now() FROM volt_nodes "
+                    "ON CONFLICT (member) DO NOTHING"
+                )
+            )
+            rows = conn.execute(
+                sa.text(
+                    "SELECT m.member FROM volt_members m WHERE m.last_seen < "
+                    "now() - make_interval(secs => :timeout) ORDER BY m.member"
+                ),
+                {"timeout": node_timeout},
+            )
+            return [r.member for r in rows]
+
+    def forget_member(self, member: str) -> None:
+        """Drop the heartbeat row of a host that has no node left."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "DELETE FROM volt_members WHERE member = :m AND NOT EXISTS "
+                    "(SELECT 1 FROM volt_nodes WHERE member = :m)"
+                ),
+                {"m": member},
+            )
+
+    def credit_members(self, seconds: float, *, floor: float | None = None) -> None:
+        """Move every host's last heartbeat ``seconds`` later (never past now); with
+        ``floor``: also at least to ``floor`` seconds ago."""
+        query = (
+            "UPDATE volt_members SET last_seen = LEAST(now(), "
+            "last_seen + make_interval(secs => :seconds))"
+        )
+        params: dict[str, float] = {"seconds": seconds}
+        if floor is not None:
+            query = (
+                "UPDATE volt_members SET last_seen = LEAST(now(), GREATEST("
+                "last_seen + make_interval(secs => :seconds), "
+                "now() - make_interval(secs => :floor)))"
+            )
+            params["floor"] = floor
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(query), params)
+
+    def member_ages(self) -> dict[str, float]:
+        """Seconds since each host's last recorded heartbeat."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT member, EXTRACT(EPOCH FROM now() - last_seen) AS age FROM volt_members"
+                )
+            )
+            return {r.member: max(0.0, float(r.age)) for r in rows}
+
+    def all_member_nodes(self) -> dict[str, list[str]]:
+        """Each host's peer ids, sorted."""
+        query = sa.select(nodes.c.member, nodes.c.peer_id).order_by(nodes.c.peer_id)
+        found: dict[str, list[str]] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                found.setdefault(row.member, []).append(row.peer_id)
+        return found
 
     def _prepare_statements(self) -> None:
         """Build the write statements once; rows come as execute() parameters."""
         self._upsert_volume = self._upsert(volumes, ["id"])
         self._upsert_node = self._upsert(nodes, ["volume_id", "peer_id"])
+        self._touch_member = sa.text(
+            "INSERT INTO volt_members (member, last_seen) VALUES (:member, now()) "
+            "ON CONFLICT (member) DO UPDATE SET last_seen = excluded.last_seen"
+        )
         self._delete_node = nodes.delete().where(
             nodes.c.volume_id == sa.bindparam("volume_id"),
             nodes.c.peer_id == sa.bindparam("peer_id"),
@@ -226,3 +407,46 @@ class Store:
             return sa.text(f"{insert} ON DUPLICATE KEY UPDATE {updates}")
         updates = ", ".join(f"{c} = excluded.{c}" for c in others)
         return sa.text(f"{insert} ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}")
+
+
+class EvictorLease:
+    """The right to run the evictor on a shared store: a session advisory lock held on a
+    connection of its own. It is freed when that connection ends, so when a volt-api dies
+    (or its host: TCP keepalives) another one's next ``hold()`` gets it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.conn: Connection | None = None
+        self.held = False
+
+    def hold(self) -> bool:
+        """Whether this process holds the lease now (taking it if it is free)."""
+        try:
+            if self.conn is None:
+                self.conn = self.store.engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT"
+                )
+            if self.held:
+                self.conn.execute(sa.text("SELECT 1"))  # the session (and the lock) lives
+                return True
+            got = self.conn.execute(
+                sa.text("SELECT pg_try_advisory_lock(:a, :b)"),
+                {"a": EVICTOR_LOCK[0], "b": EVICTOR_LOCK[1]},
+            ).scalar()
+            self.held = bool(got)
+            return self.held
+        except sa.exc.SQLAlchemyError as exc:
+            if self.held:
+                LOG.warning("lost the evictor lease (store connection failed: %s)", exc)
+            self.release()
+            return False
+
+    def release(self) -> None:
+        self.held = False
+        if self.conn is not None:
+            try:
+                self.conn.invalidate()  # the session ends: the lock is freed
+                self.conn.close()
+            except sa.exc.SQLAlchemyError:
+                pass
+            self.conn = None

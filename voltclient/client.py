@@ -7,21 +7,29 @@ Usage::
     client.volumes.login("volume-img1", peer_id, "10.0.0.5", 3260, "iqn.2010-10.org:x", 1)
     for entry in client.members.heartbeat(host="10.0.0.5"):
         print(entry["peer_id"], [p.peer_id for p in entry["parents"]])
+
+The endpoint may be a comma-separated list of volt-api URLs (several volt-api processes on
+one PostgreSQL, docs/ha.rst): requests go to the one that answered last; on a connection
+error, a timeout or a 5xx answer the next is tried (a 4xx answer is final).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import requests
 
 from voltclient import exceptions
 
+LOG = logging.getLogger(__name__)
 QUERY_FIELDS = ("host", "port", "iqn", "lun", "peer_id")
+FAILOVER_CONNECT_TIMEOUT = 3.0  # seconds to connect to one of several endpoints
 # Aliases: the managers' ``list`` methods shadow the builtin inside their classes.
 Records = list[dict[str, Any]]
 
@@ -83,8 +91,40 @@ def _volume_list(body: Any) -> list[Volume]:
     return [Volume.from_dict(item) for item in body]
 
 
+def parse_endpoints(endpoints: str) -> list[str]:
+    """The volt-api URLs of a comma-separated list, each checked: http or https (the
+    default when no scheme is given: http), a host, a valid port, no query or fragment.
+    Raises ValueError naming the bad one."""
+    found: list[str] = []
+    for item in endpoints.split(","):
+        text = item.strip()
+        if not text:
+            raise ValueError(f"empty volt-api URL in {endpoints!r}")
+        if "://" not in text:
+            text = "http://" + text
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"invalid volt-api URL {item.strip()!r}: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"volt-api URL {item.strip()!r}: scheme must be http or https")
+        if not parts.hostname:
+            raise ValueError(f"volt-api URL {item.strip()!r} has no host")
+        if parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError(f"volt-api URL {item.strip()!r}: only scheme://host:port[/path]")
+        if port == 0:
+            raise ValueError(f"volt-api URL {item.strip()!r}: port 0")
+        text = text.rstrip("/")
+        if text not in found:
+            found.append(text)
+    return found
+
+
 class HTTPClient:
-    """One requests Session to volt-api; JSON in, JSON out, errors as exceptions."""
+    """One requests Session to volt-api; JSON in, JSON out, errors as exceptions.
+
+    ``endpoint``: one URL or a comma-separated list of them (tried in order, see above)."""
 
     def __init__(
         self,
@@ -93,9 +133,9 @@ class HTTPClient:
         timeout: float = 30.0,
         ca_file: str | None = None,
     ) -> None:
-        if "://" not in endpoint:
-            endpoint = "http://" + endpoint
-        self.endpoint = endpoint.rstrip("/")
+        self.endpoints = parse_endpoints(endpoint)
+        self._current = 0  # index of the endpoint that answered last
+        self._lock = threading.Lock()
         self.timeout = timeout
         # https:// endpoints: trust this CA bundle (default: the system's). Passed with each
         # request: requests lets REQUESTS_CA_BUNDLE override a session's verify.
@@ -105,13 +145,52 @@ class HTTPClient:
         if token:
             self.session.headers["X-Auth-Token"] = token
 
+    @property
+    def endpoint(self) -> str:
+        """The endpoint requests go to first (the one that answered last)."""
+        return self.endpoints[self._current]
+
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """Send one request; return the parsed JSON answer (None for an empty body).
 
-        ``path`` is already URL-quoted; errors show it unquoted, as volt-api logs it.
+        ``path`` is already URL-quoted; errors show it unquoted, as volt-api logs it. With
+        several endpoints, a connection error, timeout or 5xx answer moves on to the next
+        one; the last one's error is raised when none answers.
         """
-        url, path = self.endpoint + path, unquote(path)
-        kwargs: dict[str, Any] = {"timeout": self.timeout}
+        with self._lock:
+            first = self._current
+        count = len(self.endpoints)
+        for step in range(count):
+            index = (first + step) % count
+            endpoint = self.endpoints[index]
+            try:
+                answer = self._request_one(endpoint, method, path, body)
+            except exceptions.VoltClientError as exc:
+                final = exc.status is not None and exc.status < 500
+                if final or step == count - 1:
+                    if not final and count > 1:
+                        LOG.error("no volt-api of %s answered: %s", ", ".join(self.endpoints), exc)
+                    raise
+                LOG.warning(
+                    "volt-api %s failed (%s); failing over to %s",
+                    endpoint,
+                    exc,
+                    self.endpoints[(index + 1) % count],
+                )
+                continue
+            if index != first:
+                with self._lock:
+                    self._current = index
+                LOG.warning("volt-api %s answered: using it from now on", endpoint)
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _request_one(self, endpoint: str, method: str, path: str, body: Any) -> Any:
+        url, path = endpoint + path, unquote(path)
+        timeout: float | tuple[float, float] = self.timeout
+        if len(self.endpoints) > 1:  # a dead host should not hold the others back
+            timeout = (min(self.timeout, FAILOVER_CONNECT_TIMEOUT), self.timeout)
+        kwargs: dict[str, Any] = {"timeout": timeout}
         if self.ca_file:
             kwargs["verify"] = self.ca_file
         if body is not None:
@@ -120,13 +199,13 @@ class HTTPClient:
             resp = self.session.request(method, url, **kwargs)
         except requests.Timeout:
             raise exceptions.ConnectionFailed(
-                f"no answer from {self.endpoint} within {self.timeout:g}s",
+                f"no answer from {endpoint} within {self.timeout:g}s",
                 method=method,
                 path=path,
             ) from None
         except requests.RequestException as exc:
             raise exceptions.ConnectionFailed(
-                f"cannot reach {self.endpoint}: {_reason(exc)}", method=method, path=path
+                f"cannot reach {endpoint}: {_reason(exc)}", method=method, path=path
             ) from exc
         request_id = resp.headers.get("X-Request-Id")
         if resp.status_code >= 400:
@@ -275,8 +354,9 @@ def _unexpected(method: str, path: str, answer: Any) -> exceptions.InvalidRespon
 class Client:
     """Client of volt-api: ``client.volumes`` and ``client.members``.
 
-    ``endpoint``: ``http://`` or ``https://`` URL; ``ca_file``: PEM CA bundle that signs an
-    https volt-api's certificate. ``token``: the admin token or a node token.
+    ``endpoint``: ``http://`` or ``https://`` URL, or several comma-separated (volt-api
+    processes sharing one PostgreSQL store: failover, see above); ``ca_file``: PEM CA
+    bundle that signs an https volt-api's certificate. ``token``: the admin token or a node token.
     """
 
     def __init__(

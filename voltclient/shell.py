@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--endpoint",
         default=os.environ.get("VOLT_URL") or DEFAULT_ENDPOINT,
-        help=f"URL of volt-api (env VOLT_URL; default {DEFAULT_ENDPOINT}).",
+        help="URL of volt-api, or several comma-separated (tried in order, failing over on "
+        f"connection errors and 5xx answers; env VOLT_URL; default {DEFAULT_ENDPOINT}).",
     )
     parser.add_argument(
         "--token",

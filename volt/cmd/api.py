@@ -94,7 +94,13 @@ def build_app() -> VoltApp:
     )
     metrics = Metrics()
     store = Store(CONF.database.connection)
-    service = VoltService(store, executor, node_timeout=CONF.node_timeout, metrics=metrics)
+    service = VoltService(
+        store,
+        executor,
+        node_timeout=CONF.node_timeout,
+        metrics=metrics,
+        liveness_write_interval=CONF.database.liveness_write_interval,
+    )
     monitor = LoadMonitor()
     Evictor(service, monitor).start()
     if CONF.auth_strategy == "noauth":

@@ -30,3 +30,17 @@ def test_master_url_and_ca_file(tmp_path: Path) -> None:
     link = VoltLink(tls.master_url, "t", tls.host_ip, ca_file=tls.master_ca_file)
     assert link.client.http_client.endpoint == "https://volt.example:7447"
     assert link.client.http_client.ca_file == "/etc/volt/ca.pem"
+
+
+def test_master_url_list(tmp_path: Path) -> None:
+    several = settings(tmp_path, "master_url = http://10.0.0.1:7447, https://10.0.0.2:7447\n")
+    assert several.master_url == "http://10.0.0.1:7447,https://10.0.0.2:7447"
+    link = VoltLink(several.master_url, "t", several.host_ip)
+    assert link.client.http_client.endpoints == ["http://10.0.0.1:7447", "https://10.0.0.2:7447"]
+
+
+def test_master_url_list_refuses_a_bad_url(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError):
+        settings(tmp_path, "master_url = http://10.0.0.1:7447, ftp://10.0.0.2:21\n")
