@@ -399,9 +399,10 @@ def config_conflicts(plan: Plan) -> list[str]:
 
 
 def unit_sources() -> list[Path]:
-    """Where the units are: the venv's share/ (wheel), else this clone's etc/systemd."""
+    """Where the units are: this clone's etc/systemd when run from a clone, else the
+    venv's share/ (the wheel's copy; an editable install's may be stale)."""
     here = Path(__file__).resolve().parent
-    return [Path(sys.prefix) / "share/vmthunder/systemd", here.parent / "etc/systemd"]
+    return [here.parent / "etc/systemd", Path(sys.prefix) / "share/vmthunder/systemd"]
 
 
 def unit_text(unit: str, venv: Path) -> str:
