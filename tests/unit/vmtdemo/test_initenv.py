@@ -44,6 +44,8 @@ PROG = "vmt-initenv.py"
 TOOLS = ["qemu-storage-daemon", "qemu-img", "tgtd", "tgtadm", "fusermount3"]
 DIRS = ["var/lib/virtman", "var/lib/virtman/cache", "var/lib/virtman/instances", "run/virtman"]
 CHAP_PASSWORD = "s3cret-Pass!word"
+WANTS = "etc/systemd/system/multi-user.target.wants"
+UNIT_FILES = ["etc/systemd/system/virtmanserver.service", f"{WANTS}/virtmanserver.service"]
 
 
 @pytest.fixture(autouse=True)
@@ -120,8 +122,9 @@ def test_writes_the_config_and_the_dirs(tmp_path: Path, capsys: pytest.CaptureFi
     assert initenv.main(args(tmp_path)) == 0
     config = tmp_path / "etc/virtman/virtman.conf"
     key_file = tmp_path / "etc/virtman/nbd.psk"
-    files = ["etc/virtman/virtman.conf", "etc/virtman/nbd.psk"]
-    assert tree(tmp_path) == sorted(["etc", "etc/virtman", *files, "var", "var/lib", "run", *DIRS])
+    files = ["etc/virtman/virtman.conf", "etc/virtman/nbd.psk", *UNIT_FILES]
+    dirs = ["etc", "etc/virtman", "etc/systemd", "etc/systemd/system", WANTS]
+    assert tree(tmp_path) == sorted([*dirs, *files, "var", "var/lib", "run", *DIRS])
     assert mode(config) == 0o600
     assert mode(key_file) == 0o600
     assert re.fullmatch(r"vmthunder:[0-9a-f]{64}\n", key_file.read_text())
@@ -152,9 +155,10 @@ def test_writes_the_config_and_the_dirs(tmp_path: Path, capsys: pytest.CaptureFi
     assert (
         f"generated a new NBD key in {key_file} (mode 0600), identity vmthunder" in out.splitlines()
     )
-    assert out.splitlines()[-2:] == [
+    assert out.splitlines()[-3:] == [
         "start the node with:",
-        f"    virtmanserver --config-file {config}",
+        "    systemctl start virtmanserver.service",
+        f"    (without systemd: virtmanserver --config-file {config})",
     ]
 
 
