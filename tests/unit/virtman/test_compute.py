@@ -8,31 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
+from tests.unit.fakes.driver import FakeDriver
+from tests.unit.fakes.settings import CONN, settings
+from tests.unit.fakes.volt import FakeVolt, ready
 from virtman.compute import Virtman
-from virtman.conf import Settings
 from virtman.errors import ParentsUnavailable
 from virtman.voltlink import VoltLink
 from voltclient.exceptions import VoltClientError
-
-CONN = {
-    "target_portal": "10.0.0.1:3260",
-    "target_iqn": "iqn.2010-10.org.openstack:volume-img",
-    "target_lun": 1,
-}
-
-
-def settings(tmp_path: Path, host_ip: str = "10.0.0.9") -> Settings:
-    return Settings(
-        host_ip=host_ip,
-        master_url="http://127.0.0.1:1",
-        master_token=None,
-        heartbeat_interval=3600,
-        state_dir=tmp_path,
-        cache_dir=tmp_path / "cache",
-        instances_dir=tmp_path / "instances",
-        run_dir=tmp_path / "run",
-    )
 
 
 def make(tmp_path: Path, driver: FakeDriver | None = None, volt: FakeVolt | None = None):

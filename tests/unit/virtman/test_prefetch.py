@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
-from tests.unit.virtman.test_compute import CONN, settings
+from tests.unit.fakes.driver import FakeDriver
+from tests.unit.fakes.settings import CONN, settings
+from tests.unit.fakes.volt import FakeVolt, ready
 from virtman import prefetch
 from virtman.baseimage import BaseImage, Status
 from virtman.compute import Virtman
