@@ -13,6 +13,7 @@ class Layers:
     def __init__(self, fail: set[str], gate: threading.Event | None) -> None:
         self.fail = fail
         self.gate = gate
+        self.at_gate = threading.Event()  # set once a build waits on ``gate``
         self.upstreams: dict[str, list[Endpoint]] = {}
         self.caches: dict[str, Device] = {}
         self.cache_files: set[str] = set()  # what a qemu cache keeps on disk
@@ -82,6 +83,7 @@ class _Upstream:
 
     def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
         if self.s.gate is not None:
+            self.s.at_gate.set()
             self.s.gate.wait(10)
         self.s.check("upstream")
         self.s.builds += image not in self.s.upstreams
