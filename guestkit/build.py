@@ -84,7 +84,7 @@ PACKAGES = (
     "iproute2",
     "procps",
     "busybox-static",  # the initramfs's busybox; nc for signals between guests
-    "libvirt0",  # so that the pinned libvirt-python imports (virtman.vm)
+    "libvirt0",  # so that the pinned libvirt-python imports (virtman.guest.domains)
     # the qemu driver, for runs that mix it with dm nodes: qemu-storage-daemon, its
     # iSCSI block driver (libiscsi), qemu-img/qemu-io, FUSE exports
     "qemu-system-common",

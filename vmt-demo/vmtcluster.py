@@ -34,7 +34,7 @@ from cluster import PYTHON, LocalCluster  # noqa: E402
 from brick.libvirtd import LibvirtDaemons  # noqa: E402
 from brick.netns import Lab  # noqa: E402
 from brick.wait import wait_until  # noqa: E402
-from virtman.vm import VirtualMachines  # noqa: E402
+from virtman.guest.domains import VirtualMachines  # noqa: E402
 
 IMAGE = "image1"
 LAB, SUBNET, TGT_BASE = "vmtc", "10.233.0.0/24", 3500

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,17 @@ def run_guest_script(
     work_dir: Path,
     size_mib: int,
     timeout_s: float,
+    files: Sequence[Path] = (),
 ) -> RunResult:
     """Boot ``nodes``, each running ``guestside/<script>`` with role = its name; print the
-    summary (with the wall time) and the consoles of the guests that failed."""
+    summary (with the wall time) and the consoles of the guests that failed. ``files`` are
+    copied to ``/ci/<name>`` in the guests (a benchmark of ``bench/``, say)."""
     guest = build_guest()
     (payload / "run.sh").write_text(RUN_SH.format(script=script))
     (payload / "run.sh").chmod(0o755)
     shutil.copytree(GUESTSIDE, payload / "guestside", ignore=shutil.ignore_patterns("__py*"))
+    for path in files:
+        shutil.copy(path, payload / path.name)
     shutil.rmtree(work_dir, ignore_errors=True)
     result = run_guests(
         guest,
@@ -83,7 +87,13 @@ def assert_every_guest_passed(run: RunResult, report: dict[str, dict[str, Any]])
 
 
 def module_fixtures(
-    nodes: list[Node], script: str, *, work_dir: Path, size_mib: int, timeout_s: float = 720
+    nodes: list[Node],
+    script: str,
+    *,
+    work_dir: Path,
+    size_mib: int,
+    timeout_s: float = 720,
+    files: Sequence[Path] = (),
 ) -> tuple[Callable[..., RunResult], Callable[..., dict[str, dict[str, Any]]]]:
     """The ``run`` and ``report`` fixtures of a guest test module: one boot of ``nodes``
     for the module, and each node's result.json."""
@@ -92,7 +102,13 @@ def module_fixtures(
     def run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
         payload = tmp_path_factory.mktemp("payload")
         return run_guest_script(
-            payload, nodes, script, work_dir=work_dir, size_mib=size_mib, timeout_s=timeout_s
+            payload,
+            nodes,
+            script,
+            work_dir=work_dir,
+            size_mib=size_mib,
+            timeout_s=timeout_s,
+            files=files,
         )
 
     @pytest.fixture(scope="module")

@@ -26,7 +26,10 @@ WORK_DIR = Path(__file__).resolve().parents[2] / ".work" / "dm-guests"  # the la
 NODES = [Node("S", 640, 1), Node("A", 768, 2), Node("B", 768, 3), Node("C", 768, 4)]
 
 
-run, report = module_fixtures(NODES, "dmguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB)
+CACHE_ENGINES = Path(__file__).resolve().parents[2] / "bench" / "cache_engines.py"
+run, report = module_fixtures(
+    NODES, "dmguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB, files=[CACHE_ENGINES]
+)
 
 
 @pytest.mark.timeout(900)

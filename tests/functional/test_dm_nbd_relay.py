@@ -22,7 +22,7 @@ from brick.proc import is_gone
 from brick.qsd import QMPError
 from brick.wait import wait_until
 from tests.functional.test_brick_qsd import free_port
-from tests.unit.virtman.test_compute import settings as unit_settings
+from tests.unit.fakes.settings import settings as unit_settings
 from virtman.conf import Settings
 from virtman.drivers.dm.nbd import NbdRelay
 from virtman.errors import InvalidInput

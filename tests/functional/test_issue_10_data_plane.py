@@ -36,7 +36,7 @@ from tests.functional.clusterfixtures import (
     export_image,
 )
 from tests.functional.test_dm_nbd_relay import device
-from tests.unit.virtman.test_compute import settings as unit_settings
+from tests.unit.fakes.settings import settings as unit_settings
 from virtman.drivers.dm.nbd import NbdRelay
 
 __all__ = ["cluster_factory", "device"]  # fixtures, used by name

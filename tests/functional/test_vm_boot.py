@@ -1,4 +1,4 @@
-"""virtman.vm against real libvirt (QEMU TCG): the tiny Debian-kernel guest boots from a
+"""virtman.guest.domains against real libvirt (QEMU TCG): the tiny Debian-kernel guest boots from a
 qcow2 overlay over a root-owned 0400 raw file (what a FUSE export of qemu-storage-daemon
 looks like), proves on its console that it read its disk, and leaves nothing behind.
 
@@ -26,7 +26,7 @@ from tests.functional.vmfixtures import (
     wait_until_off,
 )
 from virtman.errors import InstanceNotFound
-from virtman.vm import InvalidVMInput, VirtualMachines
+from virtman.guest.domains import InvalidVMInput, VirtualMachines
 
 pytestmark = pytest.mark.functional
 libvirt_daemons = vmfixtures.libvirt_daemons

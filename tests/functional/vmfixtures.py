@@ -10,8 +10,8 @@ Import the fixtures into a test module (``from tests.functional.vmfixtures impor
 - ``guest_image`` (session): ``vmt-demo/guestimage.py``'s guest, cached in ``.work/guest-cache``
   of the checkout (or ``$VMT_GUEST_CACHE``): ~5 s cold, milliseconds after.
 - ``vm_factory``: ``vm_factory.boot(instance, disk, console_log, cmdline_extra="")`` boots the
-  guest on ``disk`` through ``virtman.vm.VirtualMachines`` (``vm_factory.vms``); every domain it
-  booted is destroyed at the end, with libvirt's log of it.
+  guest on ``disk`` through ``virtman.guest.domains.VirtualMachines`` (``vm_factory.vms``);
+  every domain it booted is destroyed at the end, with libvirt's log of it.
 
 ``make_overlay`` and ``wait_for_marker`` are the helpers the tests use with them. libvirt
 missing is an error, never a skip: ``import libvirt`` fails the collection.
@@ -34,7 +34,7 @@ from brick.exception import Timeout
 from brick.executor import execute
 from brick.libvirtd import LibvirtDaemons
 from brick.wait import wait_until
-from virtman.vm import VirtualMachines, VMInfo
+from virtman.guest.domains import VirtualMachines, VMInfo
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "vmt-demo"))

@@ -20,7 +20,7 @@ from brick.iscsi import (
     parse_node_record,
     parse_sessions,
 )
-from tests.unit.brick.test_dm import FakeExecute
+from tests.unit.fakes.execute import FakeExecute
 
 IQN = "iqn.2010-10.org.openstack:volume-cap"
 P0, P1, P6 = "10.99.0.2:3260", "10.99.1.2:3260", "[fd00:99::2]:3260"

@@ -8,31 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
+from brick.wait import wait_until
+from tests.unit.fakes.driver import FakeDriver
+from tests.unit.fakes.settings import CONN, settings
+from tests.unit.fakes.volt import FakeVolt, ready
 from virtman.compute import Virtman
-from virtman.conf import Settings
 from virtman.errors import ParentsUnavailable
 from virtman.voltlink import VoltLink
+from voltclient.client import Volume
 from voltclient.exceptions import VoltClientError
-
-CONN = {
-    "target_portal": "10.0.0.1:3260",
-    "target_iqn": "iqn.2010-10.org.openstack:volume-img",
-    "target_lun": 1,
-}
-
-
-def settings(tmp_path: Path, host_ip: str = "10.0.0.9") -> Settings:
-    return Settings(
-        host_ip=host_ip,
-        master_url="http://127.0.0.1:1",
-        master_token=None,
-        heartbeat_interval=3600,
-        state_dir=tmp_path,
-        cache_dir=tmp_path / "cache",
-        instances_dir=tmp_path / "instances",
-        run_dir=tmp_path / "run",
-    )
 
 
 def make(tmp_path: Path, driver: FakeDriver | None = None, volt: FakeVolt | None = None):
@@ -116,11 +100,12 @@ def test_concurrent_creates_of_one_image_build_it_once(tmp_path: Path) -> None:
 
 def test_creates_of_different_images_build_in_parallel(tmp_path: Path) -> None:
     vm, driver, _ = make(tmp_path)
-    slow = threading.Event()
+    slow, building = threading.Event(), threading.Event()
     ensure = driver.upstream.ensure
 
     def upstream(image, endpoints):  # type: ignore[no-untyped-def]
         if image == "volume-slow":
+            building.set()
             assert slow.wait(10)
         return ensure(image, endpoints)
 
@@ -128,10 +113,9 @@ def test_creates_of_different_images_build_in_parallel(tmp_path: Path) -> None:
     other = dict(CONN, target_iqn="iqn.2010-10.org.openstack:volume-slow")
     creator = threading.Thread(target=vm.create, args=("vm1", "slow", other))
     creator.start()
-    time.sleep(0.2)  # vm1's build now waits, holding its image's lock
-    started = time.monotonic()
+    assert building.wait(10)  # vm1's build now waits, holding its image's lock
     assert vm.create("vm2", "img", CONN).startswith("0:")
-    assert time.monotonic() - started < 1.0
+    assert creator.is_alive()  # vm2 was built while vm1's build still waited
     slow.set()
     creator.join()
     assert vm.list() == ["vm1:volume-slow", "vm2:volume-img"]
@@ -139,13 +123,12 @@ def test_creates_of_different_images_build_in_parallel(tmp_path: Path) -> None:
 
 def test_heartbeat_never_waits_behind_a_build(tmp_path: Path) -> None:
     gate = threading.Event()
-    vm, _, _ = make(tmp_path, FakeDriver(gate=gate))
+    vm, driver, _ = make(tmp_path, FakeDriver(gate=gate))
     creator = threading.Thread(target=vm.create, args=("vm1", "img", CONN))
     creator.start()
-    time.sleep(0.2)  # the build now waits on the gate, holding the image's lock
-    started = time.monotonic()
+    assert driver.state.at_gate.wait(10)  # the build waits on the gate, holding the lock
     vm.heartbeat()
-    assert time.monotonic() - started < 1.0
+    assert creator.is_alive()  # the heartbeat ended while the build still waited
     gate.set()
     creator.join()
     assert vm.list() == ["vm1:volume-img"]
@@ -284,9 +267,7 @@ def test_the_heartbeat_retries_a_degraded_image_in_the_background(tmp_path: Path
     base.retry.next_at = 0.0  # due now
     volt.down = False
     again.heartbeat()
-    deadline = time.monotonic() + 5
-    while base.status != "ok" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: base.status == "ok", timeout_s=5, what="the background heal")
     assert again.list() == ["vm1:volume-img"]
 
 
@@ -347,28 +328,55 @@ def test_a_left_image_waits_for_its_readers_only_for_the_grace_period(tmp_path: 
     assert driver.empty() and driver.state.forced_relay_teardowns == 1
 
 
+class WatchedEvent(threading.Event):
+    """An Event that tells when someone waits on it, and for how long they mean to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+class GatedVolt(FakeVolt):
+    """A FakeVolt whose first heartbeat waits for ``first`` to open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = threading.Event()
+
+    def heartbeat(self) -> dict[str, list[Volume]]:
+        assert self.first.wait(10)
+        return super().heartbeat()
+
+
 def test_a_create_under_a_pending_parent_wakes_the_heartbeat(tmp_path: Path) -> None:
     """Without the wake-up, a node of a burst read from the image server until the end of
     the current heartbeat period (20 s by default), not until its parent was ready."""
-    from voltclient.client import Volume
-
-    volt = FakeVolt()
+    volt = GatedVolt()
     pending = Volume("10.0.0.7", None, None, None, "pending", "10.0.0.7:volume-img", None)
     volt.parents["volume-img"] = [pending]
     driver = FakeDriver()
     vm = Virtman(settings=settings(tmp_path), driver=driver, volt=volt)  # type: ignore[arg-type]
     try:
-        deadline = time.monotonic() + 5
-        while volt.calls.count(("heartbeat",)) < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        first = volt.calls.count(("heartbeat",))  # the loop's first round, at start
-        time.sleep(0.3)  # let it go to sleep for its period (3600 s here)
+        # The loop's first round is held in Volt's heartbeat while its wake-up event is
+        # swapped for one that reports the wait: the loop then goes to sleep on it.
+        wake = vm._wake = WatchedEvent()
+        volt.first.set()
+        assert wake.waiting.wait(10)
+        assert wake.timeouts == [3600] and volt.calls == [("heartbeat",)]
         assert vm.create("vm1", "img", CONN).startswith("0:")
         volt.parents["volume-img"] = [ready("10.0.0.7", "volume-img")]
-        deadline = time.monotonic() + 5
-        while not driver.state.upstreams["volume-img"][0].peer_id and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert volt.calls.count(("heartbeat",)) > first
+        wait_until(
+            lambda: driver.state.upstreams["volume-img"][0].peer_id,
+            timeout_s=5,
+            what="the parent followed",
+        )
+        assert volt.calls.count(("heartbeat",)) > 1
         assert driver.state.upstreams["volume-img"][0].peer_id == "10.0.0.7:volume-img"
     finally:
         vm.close()
@@ -452,9 +460,7 @@ def test_the_supervisor_does_not_wait_behind_a_busy_image(tmp_path: Path, monkey
     assert "volume-img" not in driver.state.caches  # not yet: the image is busy
     release.set()
     holder.join()
-    deadline = time.monotonic() + 5
-    while "volume-img" not in driver.state.caches and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: "volume-img" in driver.state.caches, timeout_s=5, what="the rebuild")
     assert "volume-img" in driver.state.caches and vm.list() == ["vm1:volume-img"]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from brick import psk
 from brick.exception import InvalidArgument
-from tests.unit.virtman.test_compute import settings as unit_settings
+from tests.unit.fakes.settings import settings as unit_settings
 from virtman.conf import Settings, check_data_plane
 
 KEY = "vmt:" + "0123456789abcdef" * 4 + "\n"

@@ -18,8 +18,8 @@ import pytest
 from brick.exception import CommandFailed, PathsUnavailable
 from brick.executor import Result
 from brick.qsd.daemon import Export
-from tests.unit.brick.test_lio import fake_rtslib
-from tests.unit.virtman.fakes import FakeVolt, ready
+from tests.unit.fakes.rtslib import fake_rtslib
+from tests.unit.fakes.volt import FakeVolt, ready
 from virtman.compute import Virtman
 from virtman.conf import Settings
 from virtman.drivers.dm import bcache

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.virtman.fakes import FakeDriver, FakeVolt, ready
-from tests.unit.virtman.test_compute import CONN, settings
+from brick.wait import wait_until
+from tests.unit.fakes.driver import FakeDriver
+from tests.unit.fakes.settings import CONN, settings
+from tests.unit.fakes.volt import FakeVolt, ready
 from virtman import prefetch
 from virtman.baseimage import BaseImage, Status
 from virtman.compute import Virtman
@@ -44,10 +46,7 @@ def write_file(path: Path, size: int) -> bytes:
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    wait_until(predicate, timeout_s=timeout_s, what="the condition")
 
 
 # -- the trace file ----------------------------------------------------------------------------
@@ -271,7 +270,11 @@ def test_at_most_depth_reads_are_in_flight(tmp_path: Path, depth: int) -> None:
         "img", str(origin), make_trace(tmp_path, extents), depth=depth, observer=recorder
     ).start()
     assert recorder.held.wait(10)
-    time.sleep(0.2)  # more readers, had there been any, would have arrived
+    # Every reader is a thread of its own, all started before the first read; once
+    # ``depth`` of them are held inside a read, no other reader exists to make one.
+    wait_for(lambda: recorder.active == depth)
+    readers = [t for t in threading.enumerate() if t.name.startswith("prefetch-img")]
+    assert len(readers) == depth
     assert recorder.most_active == depth
     recorder.release.set()
     assert p.wait(10) and p.state == "finished"
@@ -463,8 +466,17 @@ def test_teardown_waits_for_the_read_in_flight(tmp_path: Path) -> None:
     seen_at_release: list[bool] = []
     result: list[bool] = []
     teardown = threading.Thread(target=lambda: result.append(base.teardown_if_unused()))
+    prefetcher = base.prefetcher
+    assert prefetcher is not None
+    waiting, wait = threading.Event(), prefetcher.wait
+
+    def watched_wait(timeout: float | None = None) -> bool:
+        waiting.set()
+        return wait(timeout)
+
+    prefetcher.wait = watched_wait  # type: ignore[method-assign]
     teardown.start()
-    time.sleep(0.3)
+    assert waiting.wait(10)  # the teardown waits for the held read: nothing is torn down yet
     assert teardown.is_alive() and IMAGE in driver.state.caches and IMAGE in driver.state.relays
     seen_at_release.append(IMAGE in driver.state.caches)
     recorder.release.set()

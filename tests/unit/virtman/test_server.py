@@ -18,20 +18,37 @@ from virtman.server import Limits, Server
 TOKEN = "unit-token"
 
 
+class Gate:
+    """What the toy ``wait`` call blocks on; counts the calls inside it."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.lock = threading.Lock()
+        self.inside = 0
+
+    def set(self) -> None:
+        self.open.set()
+
+    def wait(self) -> bool:
+        with self.lock:
+            self.inside += 1
+        return self.open.wait(10)
+
+
 @pytest.fixture
-def gate() -> threading.Event:
-    return threading.Event()
+def gate() -> Gate:
+    return Gate()
 
 
-def make_server(gate: threading.Event, **limits: object) -> Server:
+def make_server(gate: Gate, **limits: object) -> Server:
     dispatcher = SimpleXMLRPCDispatcher(allow_none=True, encoding=None)
     dispatcher.register_function(lambda x: x, "echo")
-    dispatcher.register_function(lambda: gate.wait(10), "wait")
+    dispatcher.register_function(gate.wait, "wait")
     return Server(("127.0.0.1", 0), dispatcher, Limits(token=TOKEN, **limits))  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def serve(gate: threading.Event) -> Iterator:
+def serve(gate: Gate) -> Iterator:
     servers: list[Server] = []
 
     def start(**limits: object) -> Server:
@@ -113,7 +130,7 @@ def test_connections_beyond_max_connections_get_503(serve) -> None:
     server = serve(max_connections=4, request_timeout=5)
     held = [socket.create_connection(server.server_address, timeout=5) for _ in range(4)]
     try:
-        time.sleep(0.2)
+        wait_until(lambda: server.open_count == 4, timeout_s=5, what="4 connections")
         assert status(exchange(server, b"")) == 503
     finally:
         for sock in held:
@@ -140,7 +157,7 @@ def test_one_address_cannot_take_every_connection(serve) -> None:
     )
 
 
-def test_calls_run_on_a_bounded_pool(serve, gate: threading.Event) -> None:
+def test_calls_run_on_a_bounded_pool(serve, gate: Gate) -> None:
     server = serve(rpc_workers=2)
     body = post(xmlrpc.client.dumps((), "wait").encode())
     results: list[bytes] = []
@@ -151,8 +168,15 @@ def test_calls_run_on_a_bounded_pool(serve, gate: threading.Event) -> None:
     before = threading.active_count()
     for thread in waiting:
         thread.start()
-    time.sleep(0.3)
+    # Both workers are inside the call and the third request waits in the queue: a server
+    # that ran it on a thread of its own would never queue it.
+    wait_until(
+        lambda: gate.inside == 2 and server.jobs.qsize() == 1,
+        timeout_s=10,
+        what="2 calls, 1 queued",
+    )
     assert threading.active_count() == before + 3  # only the callers: the server adds none
+    assert gate.inside == 2
     assert len(server.workers) == 2
     assert results == []
     gate.set()

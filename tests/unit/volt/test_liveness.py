@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.unit.volt.test_service import Clock, make
+from tests.unit.fakes.clock import Clock
+from tests.unit.volt.rig import make
 from volt.liveness import PROBE_INTERVAL, Evictor, LoadMonitor
 
 

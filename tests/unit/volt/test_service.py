@@ -10,31 +10,14 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.fakes.clock import Clock
 from tests.unit.volt.invariants import check_tree
+from tests.unit.volt.rig import make
 from volt.errors import PeerNotFound, StoreUnavailable, VolumeNotFound
 from volt.service import VoltService
-from volt.store import Store
-from volt.topology import load_executor
 from volt.validation import make_peer_id
 
 IQN = "iqn.2010-10.org.openstack:"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(path: Path, executor: str = "balanced", clock: Clock | None = None) -> VoltService:
-    return VoltService(
-        Store(f"sqlite:///{path / 'volt.sqlite'}"),
-        load_executor(executor),
-        node_timeout=60,
-        clock=clock or Clock(),
-    )
 
 
 def snapshot(service: VoltService) -> dict:

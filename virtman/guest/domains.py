@@ -49,7 +49,7 @@ from virtman.errors import InstanceExists, InstanceNotFound, InvalidInput, Virtm
 LOG = logging.getLogger(__name__)
 
 METADATA_NS = "http://vmthunder.org/xmlns/virtman/vm/1.0"
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "etc/virtman/domain.xml.template"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "etc/virtman/domain.xml.template"
 DEFAULT_PREFIX = "vmt-"
 DISK_FORMATS = frozenset({"qcow2", "raw"})
 KVM_DEVICE = "/dev/kvm"

@@ -1,6 +1,6 @@
 """Measure what a kernel cache engine fetches upstream on a first and a later read.
 
-``python -m virtman.drivers.dm.measure --size-mib 32 --json out.json`` (root, a Linux
+``python bench/cache_engines.py --size-mib 32 --json out.json`` (root, a Linux
 kernel with device-mapper and bcache): for each engine, a fresh cache over a counting
 upstream, then the same reads several times; the upstream's read counter
 (``/sys/block/dm-N/stat``, sectors read) gives the bytes each pass fetched. The upstream is
@@ -11,7 +11,8 @@ Engines: dm-cache ``smq`` (default and tuned), dm-cache ``mq`` with its old prom
 arguments (an alias of smq since Linux 4.x), bcache (writethrough, ``sequential_cutoff`` 0,
 congestion bypass off), dm-writecache (a write cache: reads are expected to go upstream),
 dm-clone (if the kernel has it). The figures chose the ``dm`` driver's engine
-(docs/dm-driver.rst); ``tests/functional/test_dm_guests.py`` runs this in a guest.
+(docs/dm-driver.rst); ``tests/functional/test_dm_guests.py`` runs this in a guest (the file
+is copied into the guest's payload; the project's packages are on the guest's path).
 """
 
 from __future__ import annotations

@@ -1,20 +1,19 @@
-"""In-memory stand-ins for the block-stack driver and Volt (pure logic tests only)."""
+"""An in-memory block-stack driver (the four layers as dicts; failures and a gate injectable)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
 
-from virtman.errors import DiskExists, ParentsUnavailable
+from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay, Revived
-from voltclient.client import Volume
-from voltclient.exceptions import VoltClientError
 
 
 class Layers:
     def __init__(self, fail: set[str], gate: threading.Event | None) -> None:
         self.fail = fail
         self.gate = gate
+        self.at_gate = threading.Event()  # set once a build waits on ``gate``
         self.upstreams: dict[str, list[Endpoint]] = {}
         self.caches: dict[str, Device] = {}
         self.cache_files: set[str] = set()  # what a qemu cache keeps on disk
@@ -84,6 +83,7 @@ class _Upstream:
 
     def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
         if self.s.gate is not None:
+            self.s.at_gate.set()
             self.s.gate.wait(10)
         self.s.check("upstream")
         self.s.builds += image not in self.s.upstreams
@@ -147,49 +147,3 @@ class _Snapshot:
 
     def owned(self) -> list[str]:
         return sorted(self.s.snapshots)
-
-
-def ready(host: str, image: str, nbd: str | None = "10809") -> Volume:
-    iqn = f"iqn.2010-10.org.openstack:{image}"
-    return Volume(host, "3260", iqn, "1", "OK", f"{host}:{image}", nbd)
-
-
-class FakeVolt:
-    """Volt as the node sees it: joins answer with ``parents``; calls are recorded."""
-
-    def __init__(self, host_ip: str = "10.0.0.9") -> None:
-        self.host_ip = host_ip
-        self.parents: dict[str, list[Volume]] = {}
-        self.calls: list[tuple[str, ...]] = []
-        self.known: dict[str, str] = {}  # peer_id -> image
-        self.down = False  # unreachable: every call fails as the real link's do
-
-    def _reach(self, what: str) -> None:
-        if self.down:
-            self.calls.append(("unreachable", what))
-            raise VoltClientError(None, None, f"{what}: connection refused")
-
-    def join(
-        self, image: str, *, timeout_s: float, quiet: bool = False
-    ) -> tuple[str, list[Volume]]:
-        if self.down:
-            self.calls.append(("unreachable", "join"))
-            raise ParentsUnavailable(image, timeout_s)
-        peer_id = f"{self.host_ip}:{image}"
-        self.calls.append(("join", image))
-        self.known[peer_id] = image
-        return peer_id, self.parents.get(image, [])
-
-    def register(self, image: str, peer_id: str, relay: Relay) -> None:
-        self._reach("register")
-        self.calls.append(("register", image, peer_id, relay.nbd or ""))
-
-    def leave(self, image: str, peer_id: str) -> None:
-        self._reach("leave")
-        self.calls.append(("leave", image, peer_id))
-        self.known.pop(peer_id, None)
-
-    def heartbeat(self) -> dict[str, list[Volume]]:
-        self._reach("heartbeat")
-        self.calls.append(("heartbeat",))
-        return {p: self.parents.get(image, []) for p, image in self.known.items()}

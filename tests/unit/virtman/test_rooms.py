@@ -1,0 +1,39 @@
+"""Which code lives where: libvirt only in the guest room, benchmarks only in bench/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def imported(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_guest_room_of_virtman_imports_libvirt() -> None:
+    guest = ROOT / "virtman" / "guest"
+    users = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "virtman").rglob("*.py")
+        if "libvirt" in imported(path) and guest not in path.parents
+    }
+    assert users == set()
+    assert "libvirt" in imported(guest / "domains.py")
+
+
+def test_the_daemon_never_imports_the_guest_room_or_a_benchmark() -> None:
+    users = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "virtman").rglob("*.py")
+        if (ROOT / "virtman" / "guest") not in path.parents
+        and any(n.startswith(("virtman.guest", "bench")) for n in imported(path))
+    }
+    assert users == set()
