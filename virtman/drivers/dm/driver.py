@@ -54,6 +54,7 @@ from brick.iscsi import BY_PATH_DIR, ISCSIConnector, validate_lun
 from brick.lio import LioTargets
 from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon, validate_iqn, validate_portal
+from virtman import stack
 from virtman.conf import Settings
 from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import BcacheLayer, CacheSet
@@ -296,17 +297,7 @@ class DmDriver:
     def sweep(self, keep: set[str]) -> None:
         """Tear down every image of ours not in ``keep`` (relay, cache, paths), and LIO or
         tgt relays of ours that belong to no image."""
-        for image in sorted(self.images() - keep):
-            LOG.warning("removing the stray stack of %s", image)
-            for what, step in (
-                ("relay", lambda i=image: self.relay.teardown(i, force=True)),
-                ("cache", lambda i=image: self.cache.teardown(i)),
-                ("upstream", lambda i=image: self.upstream.teardown(i)),
-            ):
-                try:
-                    step()
-                except Exception as exc:  # keep sweeping the rest
-                    LOG.error("%s: sweeping the %s failed: %s", image, what, exc)
+        stack.sweep(self, self.images() - keep)
         self.relay.sweep(keep)
         if self.nbd is not None:
             self.nbd.sweep(keep)
