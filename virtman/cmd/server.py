@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             pid_file.unlink(missing_ok=True)
         raise SystemExit(f"virtmanserver: {exc}") from None
     images = ImageService(
-        driver.tgt,  # type: ignore[attr-defined]
-        driver.chap,  # type: ignore[attr-defined]
+        driver.tgt,
+        driver.chap,
         settings.iqn_prefix,
         CONF.image_dirs or [settings.state_dir / "images"],
         CONF.image_block_devices,

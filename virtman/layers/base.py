@@ -1,4 +1,4 @@
-"""The layer interface every block-stack driver implements (``qemu`` now, ``dm`` later).
+"""The layer interface every block-stack driver implements (``qemu`` and ``dm``).
 
 Per image, bottom to top: upstream (paths to parents or image servers + multipath), cache
 on read, relay target (+ origin), and per VM a copy-on-write snapshot. Each layer's
@@ -13,6 +13,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from brick.tgt import Chap, TgtAdm
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,31 @@ class SnapshotLayer(Protocol):
 class Driver(Protocol):
     """One backend's layers, plus the daemons they share on this node."""
 
-    name: str
-    upstream: UpstreamLayer
-    cache: CacheLayer
-    relay: RelayLayer
-    snapshot: SnapshotLayer
+    # Read-only: a driver may keep narrower types (e.g. ``chap`` always set).
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def upstream(self) -> UpstreamLayer: ...
+
+    @property
+    def cache(self) -> CacheLayer: ...
+
+    @property
+    def relay(self) -> RelayLayer: ...
+
+    @property
+    def snapshot(self) -> SnapshotLayer: ...
+
+    @property
+    def tgt(self) -> TgtAdm:
+        """The node's tgtd, which also serves the image service's targets."""
+        ...
+
+    @property
+    def chap(self) -> Chap | None:
+        """The CHAP credentials targets of this node require (None: none)."""
+        ...
 
     def start(self) -> None:
         """Start the node's daemons, or adopt those a previous run left running."""
