@@ -25,6 +25,7 @@ from virtman.errors import ImageBuildFailed
 from virtman.journal import Journal
 from virtman.layers.base import Device, Driver, Endpoint, Relay
 from virtman.prefetch import Prefetcher, PrefetchOptions
+from virtman.stack import Built, ImageStack, Layer
 from virtman.voltlink import VoltLink, parent_endpoints, pending_parents
 from voltclient.client import Volume
 
@@ -127,7 +128,7 @@ class BaseImage:
         failure the caller reports; ``repair``: the image has VMs, whose cache file stays
         for the next attempt to reuse."""
         with self.lock:
-            undo: list[tuple[str, Callable[[], None]]] = []
+            joined = False
             try:
                 self._record()
                 endpoints = self.connections
@@ -135,44 +136,43 @@ class BaseImage:
                     self.peer_id, parents = self.volt.join(
                         self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
                     )
-                    undo.append(("leave Volt", self._leave))
+                    joined = True
                     endpoints = self._choose(parents)
-                # Each undo is armed before its step: a step that fails half way leaves
-                # parts behind, and every teardown is idempotent.
-                undo.append(("upstream", lambda: self.driver.upstream.teardown(self.name)))
-                upstream = self.driver.upstream.ensure(self.name, endpoints)
-                self.upstream = list(endpoints)
-                undo.append(
-                    ("cache", lambda: self.driver.cache.teardown(self.name, keep_file=repair))
+                built = self.stack().build(
+                    endpoints,
+                    keep_cache_file=repair,
+                    then=lambda built: self._built(built, endpoints),
                 )
-                origin = self.driver.cache.ensure(self.name, upstream)
-                if not self.local:
-                    undo.append(("relay", lambda: self.driver.relay.teardown(self.name, self.iqn)))
-                    self.relay = self.driver.relay.ensure(self.name, self.iqn, origin)
-                    assert self.peer_id is not None
-                    self.volt.register(self.name, self.peer_id, self.relay)
-                self.origin = origin
-                self.status = Status.OK
-                self._record()
                 LOG.info(
                     "%s: built (%s, reading from %s)",
                     self.name,
                     "local image" if self.local else f"peer {self.peer_id}",
                     ", ".join(e.peer_id or e.portal for e in endpoints),
                 )
-                self._start_prefetch(origin)
-                return origin
+                self._start_prefetch(built.origin)
+                return built.origin
             except Exception as exc:
-                (LOG.debug if quiet else LOG.error)(
-                    "%s: build failed: %s; undoing %d step(s)", self.name, exc, len(undo)
-                )
-                for what, step in reversed(undo):
-                    try:
-                        step()
-                    except Exception as undo_exc:  # keep undoing the rest
-                        LOG.error("%s: undo of %s failed: %s", self.name, what, undo_exc)
+                # the stack undid its own layers (top first); Volt's side goes last
+                (LOG.debug if quiet else LOG.error)("%s: build failed: %s", self.name, exc)
+                if joined:
+                    self._leave()
                 self._clear()
                 raise ImageBuildFailed(self.name, str(exc)) from exc
+
+    def stack(self) -> ImageStack:
+        """This image's block stack (no relay for an image this node serves itself)."""
+        return ImageStack(self.driver, self.name, iqn=self.iqn, export=not self.local)
+
+    def _built(self, built: Built, endpoints: list[Endpoint]) -> None:
+        """The last step of a build, after the layers (a failure here undoes them too)."""
+        self.upstream = list(endpoints)
+        if built.relay is not None:
+            self.relay = built.relay
+            assert self.peer_id is not None
+            self.volt.register(self.name, self.peer_id, built.relay)
+        self.origin = built.origin
+        self.status = Status.OK
+        self._record()
 
     def adopt(self, origin: Device, record: dict[str, object]) -> None:
         """Take over a stack a previous run built (after a crash or a restart of virtman).
@@ -252,19 +252,17 @@ class BaseImage:
             if self.prefetcher is not None:
                 self.prefetcher.request_stop()  # it read the dead origin
                 self._end_prefetch(force=True)
+            stack = self.stack()
             try:
-                if not self.local:
-                    self.driver.relay.teardown(self.name, self.iqn, force=True)
-                self.driver.cache.teardown(self.name, keep_file=True)
-                upstream = self.driver.upstream.ensure(self.name, self.upstream or self.connections)
-                origin = self.driver.cache.ensure(self.name, upstream)
-                if not self.local:
-                    self.relay = self.driver.relay.ensure(self.name, self.iqn, origin)
+                stack.teardown(above=Layer.UPSTREAM, keep_cache_file=True, force=True)
+                built = stack.build(self.upstream or self.connections, undo=False)
             except Exception as exc:
                 self._clear()
                 self._degrade(f"its stack died with its daemon and cannot be rebuilt: {exc}")
                 return
-            self.origin = origin
+            if built.relay is not None:
+                self.relay = built.relay
+            self.origin = built.origin
             LOG.warning("%s: stack rebuilt after its daemon died", self.name)
 
     def reexport(self) -> None:
@@ -395,19 +393,15 @@ class BaseImage:
                     return False
             if not self._end_prefetch(force=force):
                 return False
-            if self.relay is not None:
-                if readers:
-                    LOG.warning(
-                        "%s: %d reader(s) still connected %.0f s after leaving Volt: removing "
-                        "the relay anyway (they fail over to their other parents)",
-                        self.name,
-                        readers,
-                        self.clock() - (self.left_at or self.clock()),
-                    )
-                self.driver.relay.teardown(self.name, self.iqn, force=bool(readers))
-                self.relay = None
-            self.driver.cache.teardown(self.name)
-            self.driver.upstream.teardown(self.name)
+            if readers:
+                LOG.warning(
+                    "%s: %d reader(s) still connected %.0f s after leaving Volt: removing "
+                    "the relay anyway (they fail over to their other parents)",
+                    self.name,
+                    readers,
+                    self.clock() - (self.left_at or self.clock()),
+                )
+            self.stack().teardown(force=bool(readers))
             self._forget()
             LOG.info("%s: torn down", self.name)
             return True

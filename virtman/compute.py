@@ -19,7 +19,7 @@ from typing import Any
 
 from brick.exception import Timeout
 from brick.wait import wait_until
-from virtman import conf, prefetch, validation
+from virtman import conf, prefetch, stack, validation
 from virtman.backoff import Backoff
 from virtman.baseimage import BaseImage, Status
 from virtman.conf import Settings
@@ -197,7 +197,7 @@ class Virtman:
             # Recorded before the disk exists: a crash leaves a disk a restart knows holds
             # nothing yet (no caller got its path), so that it may remove it.
             self.journal.put("instances", instance, {"image": image, "creating": True})
-            path = self.driver.snapshot.ensure(instance, origin)
+            path = stack.create_disk(self.driver, instance, origin)
         except DiskExists:
             self._release(instance, base, keep_disk=True)  # not this create's disk
             raise
@@ -216,7 +216,7 @@ class Virtman:
     def _release(self, instance: str, base: BaseImage, *, keep_disk: bool = False) -> None:
         try:
             if not keep_disk:
-                self.driver.snapshot.teardown(instance)
+                stack.remove_disk(self.driver, instance)
             self.journal.drop("instances", instance)
         finally:
             with self.lock:
@@ -233,7 +233,7 @@ class Virtman:
             if image is None:
                 raise InstanceNotFound(instance)
             base = self.images.get(image)  # None: kept at start without its image record
-        self.driver.snapshot.teardown(instance)
+        stack.remove_disk(self.driver, instance)
         self.journal.drop("instances", instance)
         with self.lock:
             self.instance_names.pop(instance, None)
@@ -351,10 +351,10 @@ class Virtman:
                 base.adopt(origin, record)  # degraded if Volt or the relay cannot follow
             elif users:
                 LOG.warning("%s: the stack is gone; rebuilding it for its VMs", image)
-                self._remove_stack(image, base.iqn, keep_cache_file=True)
+                base.stack().teardown(keep_cache_file=True, check=False)
                 base.rebuild()  # degraded if it cannot be built now
             else:
-                self._remove_stack(image, base.iqn)
+                base.stack().teardown(check=False)
                 self.journal.drop("images", image)
                 continue
             self.images[image] = base
@@ -363,7 +363,7 @@ class Virtman:
             if record.get("creating"):
                 # No caller got this disk's path: no VM ever wrote to it.
                 LOG.warning("removing the disk of %s: its create did not finish", instance)
-                self.driver.snapshot.teardown(instance)
+                stack.remove_disk(self.driver, instance)
                 self.journal.drop("instances", instance)
                 continue
             if instance not in owned:
@@ -387,9 +387,7 @@ class Virtman:
                 "name is refused until it is moved away)",
                 instance,
             )
-        for image in self.driver.images() - set(self.images):
-            LOG.warning("removing the half-built stack of %s", image)
-            self._remove_stack(image)
+        stack.sweep(self.driver, self.driver.images() - set(self.images))
         self.driver.sweep(set(self.images))
         degraded = sorted(b.name for b in self.images.values() if b.status == Status.DEGRADED)
         LOG.info(
@@ -398,16 +396,3 @@ class Virtman:
             len(self.instance_names),
             f"; degraded: {', '.join(degraded)}" if degraded else "",
         )
-
-    def _remove_stack(
-        self, image: str, iqn: str | None = None, *, keep_cache_file: bool = False
-    ) -> None:
-        for step in (
-            lambda: self.driver.relay.teardown(image, iqn),
-            lambda: self.driver.cache.teardown(image, keep_file=keep_cache_file),
-            lambda: self.driver.upstream.teardown(image),
-        ):
-            try:
-                step()
-            except Exception as exc:
-                LOG.error("%s: cleanup step failed: %s", image, exc)

@@ -123,9 +123,10 @@ class SnapshotLayer(Protocol):
 class Driver(Protocol):
     """One backend's layers, plus the daemons they share on this node."""
 
-    name: str
+    # Read-only: a driver may keep narrower types (e.g. ``chap`` always set).
+    @property
+    def name(self) -> str: ...
 
-    # Read-only members (properties), so a driver may hold a narrower layer type.
     @property
     def upstream(self) -> UpstreamLayer: ...
 

@@ -26,7 +26,6 @@ path, and bounds queueing with no path to ``dm_no_path_retry`` seconds.
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import os
 import threading
@@ -49,11 +48,12 @@ from brick.dm import (
     scsi_path_ready,
 )
 from brick.exception import BrickError, CommandFailed, NotFound, PathsUnavailable
-from brick.fileio import FILE_MODE, atomic_write, private_dir
+from brick.fileio import FILE_MODE, private_dir
 from brick.iscsi import BY_PATH_DIR, ISCSIConnector, validate_lun
 from brick.lio import LioTargets
 from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon, validate_iqn, validate_portal
+from virtman import stack
 from virtman.conf import Settings
 from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import BcacheLayer, CacheSet
@@ -61,6 +61,7 @@ from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapsho
 from virtman.drivers.dm.nbd import NbdRelay
 from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.layers.pathsfile import PathsFiles
 
 LOG = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ class DmDriver:
         self.lio = LioTargets(rtslib=h.rtslib)
         self.bcache = h.bcache or bcache.BcacheSysfs(h.sysfs)
         self.loops = Loops(h.execute)
+        self.paths = PathsFiles(settings.run_dir)
         self.lock = threading.RLock()  # slots, LIO, tgt, multipath tables
         self.portal = validate_portal(f"{_bracket(settings.host_ip)}:{settings.iscsi_port}")
         # tgtd: the relay when dm_relay = tgt, or the image service's (create_image_target)
@@ -273,7 +275,7 @@ class DmDriver:
             for info in self.dm.list_info()
             if (parsed := parse(info.name, info.uuid)) and parsed[0] in KINDS
         }
-        found |= {p.stem for p in (self.settings.run_dir / "paths").glob("*.json")}
+        found |= self.paths.images()
         found |= set(self.relay.images())
         return found
 
@@ -296,17 +298,7 @@ class DmDriver:
     def sweep(self, keep: set[str]) -> None:
         """Tear down every image of ours not in ``keep`` (relay, cache, paths), and LIO or
         tgt relays of ours that belong to no image."""
-        for image in sorted(self.images() - keep):
-            LOG.warning("removing the stray stack of %s", image)
-            for what, step in (
-                ("relay", lambda i=image: self.relay.teardown(i, force=True)),
-                ("cache", lambda i=image: self.cache.teardown(i)),
-                ("upstream", lambda i=image: self.upstream.teardown(i)),
-            ):
-                try:
-                    step()
-                except Exception as exc:  # keep sweeping the rest
-                    LOG.error("%s: sweeping the %s failed: %s", image, what, exc)
+        stack.sweep(self, self.images() - keep)
         self.relay.sweep(keep)
         if self.nbd is not None:
             self.nbd.sweep(keep)
@@ -377,19 +369,11 @@ class DmUpstream:
     def __init__(self, driver: DmDriver) -> None:
         self.d = driver
 
-    def _file(self, image: str) -> Path:
-        return self.d.settings.run_dir / "paths" / f"{image}.json"
-
     def endpoints(self, image: str) -> list[Endpoint]:
-        path = self._file(image)
-        if not path.exists():
-            return []
-        return [Endpoint(**e) for e in json.loads(path.read_text())]
+        return self.d.paths.load(image)
 
     def _save(self, image: str, endpoints: Sequence[Endpoint]) -> None:
-        path = self._file(image)
-        private_dir(path.parent)
-        atomic_write(path, json.dumps([e.__dict__ for e in endpoints]))
+        self.d.paths.save(image, endpoints)
 
     def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
         n = ImageNames(image)
@@ -457,7 +441,7 @@ class DmUpstream:
             self.d.remove(n.multipath, "multipath", image)
         for endpoint in self.endpoints(image):
             self.d.iscsi.disconnect(*_target(endpoint))
-        self._file(image).unlink(missing_ok=True)
+        self.d.paths.remove(image)
 
 
 class LioRelay:

@@ -15,7 +15,6 @@ is used for image servers (and parents without NBD, e.g. ``dm`` nodes).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 from brick import psk, values
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
-from brick.fileio import FILE_MODE, atomic_write, fsync_dir, private_dir
+from brick.fileio import FILE_MODE, fsync_dir, private_dir
 from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon
@@ -33,6 +32,7 @@ from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
 from virtman.errors import DiskExists
 from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.layers.pathsfile import PathsFiles
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class QemuDriver:
         )
         self.nbd_tls: str | None = None  # the client credentials NBD paths present
         self.psk_dir = settings.run_dir / "nbd-psk"  # QEMU's copy of nbd_psk_file
+        self.paths = PathsFiles(settings.run_dir)
         self.upstream = QemuUpstream(self)
         self.cache = QemuCache(self)
         self.relay = QemuRelay(self)
@@ -170,8 +171,7 @@ class QemuDriver:
     # -- what exists -----------------------------------------------------------------------
     def images(self) -> set[str]:
         found = {p.stem for p in self.settings.cache_dir.glob("*.qcow2")}
-        found |= {p.stem for p in (self.settings.run_dir / "paths").glob("*.json")}
-        return found
+        return found | self.paths.images()
 
     def origin(self, image: str) -> Device | None:
         n = self.names(image)
@@ -226,7 +226,7 @@ class QemuUpstream:
             qsd.add_quorum(n.quorum, [n.path(e) for e in wanted])
         else:
             self._reorder(n, current, wanted)
-        self._save(n, wanted)
+        self.d.paths.save(image, wanted)
         for endpoint in current:
             if endpoint.key not in {e.key for e in wanted}:
                 self._disconnect(n.path(endpoint))
@@ -282,13 +282,7 @@ class QemuUpstream:
             LOG.warning("could not remove path node %s: %s", node, exc)
 
     def endpoints(self, image: str) -> list[Endpoint]:
-        path = self.d.names(image).paths_file
-        if not path.exists():
-            return []
-        return [Endpoint(**e) for e in json.loads(path.read_text())]
-
-    def _save(self, n: ImageNames, endpoints: list[Endpoint]) -> None:
-        atomic_write(n.paths_file, json.dumps([e.__dict__ for e in endpoints]))
+        return self.d.paths.load(image)
 
     def teardown(self, image: str) -> None:
         n = self.d.names(image)
@@ -298,7 +292,7 @@ class QemuUpstream:
         for node in present:
             if node.startswith(n.quorum[:-1] + "p"):
                 self.d.qsd.delete_node(node)
-        n.paths_file.unlink(missing_ok=True)
+        self.d.paths.remove(image)
 
 
 class QemuCache:

@@ -32,7 +32,6 @@ class ImageNames:
         self.nbd_export = tag + "nbd"
         self.cache_file = cache_dir / f"{image}.qcow2"
         self.fuse_file = run_dir / "exports" / f"{image}.raw"
-        self.paths_file = run_dir / "paths" / f"{image}.json"
 
     def path(self, endpoint: Endpoint) -> str:
         return self.quorum[:-1] + "p" + endpoint.short_id
