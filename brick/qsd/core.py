@@ -2,7 +2,10 @@
 
 ``DaemonCore`` is the base of ``brick.qsd.daemon.StorageDaemon``: it starts, adopts and
 stops the daemon and reads its block nodes, exports and objects; ``brick.qsd.graph`` and
-``brick.qsd.exports`` build on it.
+``brick.qsd.exports`` build on it. The process itself (pidfile, is-it-ours by command line
+and start time, network namespace, SIGTERM then SIGKILL) is left to the one supervisor,
+``brick.daemon.Supervisor``; the daemon forks itself (``--daemonize``) and writes its own
+pidfile (``<pid>``), so ``Supervisor.daemonize`` starts it.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from brick import proc
-from brick.daemon import Pidfile, netns_identity, terminate
+from brick.daemon import Supervisor
 from brick.exception import BrickError, Conflict, InvalidArgument, NotFound
 from brick.executor import execute
 from brick.fileio import atomic_write
@@ -91,13 +95,17 @@ class DaemonCore:
             raise InvalidArgument(
                 "run_dir", str(run_dir), f"the QMP socket path exceeds {_MAX_SOCKET_PATH} bytes"
             )
-        self._pid: int | None = None
+        # the process: pidfile, is-it-ours (argv, start time), netns, SIGTERM -> SIGKILL
+        self._supervisor = Supervisor(
+            f"{BINARY} {self.name}", self.pidfile, self._matches, netns=self.netns
+        )
         self._qmp: QMPClient | None = None
         self._lock = threading.RLock()  # check-then-act sequences of this object
 
     def __repr__(self) -> str:
         netns = f", netns={self.netns!r}" if self.netns else ""
-        return f"StorageDaemon({self.name!r}, {str(self.run_dir)!r}{netns}, pid={self._pid})"
+        pid = self._supervisor.pid
+        return f"StorageDaemon({self.name!r}, {str(self.run_dir)!r}{netns}, pid={pid})"
 
     # -- files ---------------------------------------------------------------------------
     @property
@@ -152,26 +160,17 @@ class DaemonCore:
         atomic_write(self.statefile, json.dumps(state, indent=1, sort_keys=True))
 
     # -- which process is ours -----------------------------------------------------------
+    def _matches(self, argv: Sequence[str]) -> bool:
+        """Whether a command line is a qemu-storage-daemon with our QMP socket."""
+        return os.path.basename(argv[0]) == BINARY and self._chardev_arg() in argv
+
     def _is_ours(self, pid: int) -> bool:
         """Whether ``pid`` is a live qemu-storage-daemon with our QMP socket (not a reused
-        PID)."""
-        if proc.is_gone(pid):
-            return False
-        argv = proc.cmdline(pid)
-        return bool(argv) and os.path.basename(argv[0]) == BINARY and self._chardev_arg() in argv
-
-    def _pid_from_file(self) -> int | None:
-        found = Pidfile(self.pidfile).read()
-        return None if found is None else found[0]
+        PID: the start time is checked too once we started or adopted it)."""
+        return self._supervisor.is_ours(pid)
 
     def _known_pid(self) -> int | None:
-        for pid in (self._pid, self._pid_from_file()):
-            if pid is not None and self._is_ours(pid):
-                return pid
-        return None
-
-    def _netns_inode(self) -> tuple[int, int]:
-        return netns_identity(self.netns)
+        return self._supervisor.find()
 
     @property
     def pid(self) -> int | None:
@@ -206,17 +205,19 @@ class DaemonCore:
         serves one client at a time (``Timeout`` otherwise).
         """
         with self._lock:
-            pid = self._known_pid()
+            known = self._supervisor.pid
+            if known is not None and self._is_ours(known):
+                pid: int | None = known
+            else:
+                pid = self._supervisor.adopt()  # from the pidfile; Conflict: in another netns
             if pid is None:
                 if self.pidfile.exists() or self.qmp_path.exists() or self.statefile.exists():
                     LOG.info("qemu-storage-daemon %s is not running: cleaning up", self.name)
                     self._clean_leftovers()
                 return False
-            try:
-                theirs = os.stat(f"/proc/{pid}/ns/net")
-            except FileNotFoundError:
-                return False
-            if (theirs.st_dev, theirs.st_ino) != self._netns_inode():
+            if not self._supervisor.in_netns(pid):
+                if proc.ended(pid, self._is_ours):
+                    return False
                 raise Conflict(
                     "qemu-storage-daemon", self.name, f"pid {pid} is not in netns {self.netns}"
                 )
@@ -230,10 +231,10 @@ class DaemonCore:
                     what=f"qemu-storage-daemon pid {pid}, whose QMP socket resets, to exit",
                 )
                 self.detach()
+                self._supervisor.pid = self._supervisor.started = None
                 LOG.info("qemu-storage-daemon %s died as we adopted it: cleaning up", self.name)
                 self._clean_leftovers()
                 return False
-            self._pid = pid
             LOG.info("adopted qemu-storage-daemon %s pid %d", self.name, pid)
             return True
 
@@ -244,24 +245,22 @@ class DaemonCore:
         daemon does not start, ``Timeout`` if QMP does not answer in ``timeout_s``.
         """
         with self._lock:
-            if self.netns is not None and not (NETNS_DIR / self.netns).exists():
-                raise NotFound("network namespace", self.netns)
+            self._supervisor.check_netns()  # NotFound
             if self._qmp is not None and self._qmp.connected and self.running():
                 return
             if self.adopt(timeout_s=timeout_s):
                 return
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # --daemonize: the parent exits once the daemon is ready (socket bound, pidfile
-            # written) and the daemon points its stdio at /dev/null, so execute() returns.
-            execute(self.argv(), timeout_s=timeout_s, env=self.environment())
-            pid = self._pid_from_file()
-            if pid is None or not self._is_ours(pid):
-                raise NotFound("qemu-storage-daemon process", f"{self.name} (pidfile {pid})")
-            self._pid = pid
+            # written) and the daemon points its stdio at /dev/null, so the command returns;
+            # NotFound if the pidfile it wrote names no daemon of ours
+            pid = self._supervisor.daemonize(
+                self.argv(), env=self.environment(), timeout_s=timeout_s
+            )
             try:
                 self._connect(timeout_s)
             except BaseException:
-                self._kill(pid)
+                self._kill()
                 self._clean_leftovers()
                 raise
             LOG.info(
@@ -284,22 +283,14 @@ class DaemonCore:
         state file. Idempotent; ``Timeout`` only if the process outlives SIGKILL."""
         with self._lock:
             self.detach()
-            pid = self._known_pid()
-            if pid is not None:
-                self._kill(pid, timeout_s=timeout_s)
+            pid = self._kill(timeout_s=timeout_s)
             self._clean_leftovers()
-            self._pid = None
             if pid is not None:
                 LOG.info("stopped qemu-storage-daemon %s pid %d", self.name, pid)
 
-    def _kill(self, pid: int, *, timeout_s: float = 10.0) -> None:
-        terminate(
-            pid,
-            self._is_ours,
-            what="qemu-storage-daemon",
-            timeout_s=timeout_s,
-            kill_timeout_s=_STOP_KILL_TIMEOUT_S,
-        )
+    def _kill(self, *, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM our daemon, SIGKILL after ``timeout_s``; the PID that ended (or None)."""
+        return self._supervisor.stop(timeout_s=timeout_s, kill_timeout_s=_STOP_KILL_TIMEOUT_S)
 
     def _clean_leftovers(self) -> None:
         """With the daemon gone: unmount our FUSE exports, drop the files we made."""
