@@ -1,4 +1,5 @@
-"""One supervisor for every daemon we run (tgtd, virtlogd/libvirtd, guest QEMUs, ...).
+"""One supervisor for every daemon we run (tgtd, virtlogd/libvirtd, qemu-storage-daemon,
+guest QEMUs, ...).
 
 A daemon is known by a **pidfile** and recognised as **ours** only if the PID still runs
 (a zombie does not), its command line passes the daemon's own check (``matches``), and, when
@@ -11,8 +12,8 @@ way for all of them:
   memory, so a restarted owner checks the command line only), and wait until
   ``ready`` says so; an exit before that raises ``CommandFailed`` with the tail of its log,
   and a start that times out is stopped again.
-- ``daemonize``: run a command that forks and writes the pidfile itself (``libvirtd -d -p``),
-  then check the PID it wrote.
+- ``daemonize``: run a command that forks and writes the pidfile itself (``libvirtd -d -p``,
+  ``qemu-storage-daemon --daemonize --pidfile``), then check the PID it wrote.
 - ``adopt``: take over the process a pidfile names (a stale pidfile is removed); with a
   network namespace given, ``Conflict`` if the process runs in another one.
 - ``stop``: an optional graceful request (tgtd ignores SIGTERM and exits through
@@ -274,11 +275,18 @@ class Supervisor:
             raise
         return self.pid
 
-    def daemonize(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
-        """Run a command that forks the daemon and writes our pidfile itself; return the PID
-        it wrote, checked. ``NotFound`` if the pidfile names no process of ours."""
+    def daemonize(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+    ) -> int:
+        """Run a command that forks the daemon and writes our pidfile itself (in
+        ``timeout_s``); return the PID it wrote, checked. ``NotFound`` if the pidfile names no
+        process of ours."""
         self.pidfile.remove()  # stale: whatever it named is not ours
-        execute(list(argv), timeout_s=30.0, env=None if env is None else dict(env))
+        execute(list(argv), timeout_s=timeout_s, env=None if env is None else dict(env))
         found = self.pidfile.read()
         if found is None or not self.is_ours(found[0]):
             raise NotFound(f"{self.name} process", f"pidfile {self.pidfile.path} ({found})")

@@ -4,13 +4,13 @@ import pytest
 
 from brick.exception import InvalidArgument
 from brick.qsd.daemon import (
-    _unescape_mount_field,
     validate_abs_path,
     validate_host,
     validate_iqn,
     validate_node_name,
     validate_portal,
 )
+from brick.qsd.mounts import _unescape_mount_field
 from brick.qsd.qmp import QMPError, masked
 
 
