@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import brick.privileged.sysfs
 from brick import proc, values
 from brick.daemon import Pidfile, netns_identity, terminate
 from brick.exception import BrickError, Conflict, InvalidArgument, NotFound
@@ -1085,7 +1086,7 @@ class StorageDaemon:
         kib = _validate_int(kib, "readahead_kib", 0, MAX_READAHEAD_KIB)
         target = self.readahead_path(mountpoint)
         try:
-            target.write_text(f"{kib}\n")
+            brick.privileged.sysfs.write_knob(str(target), str(kib))
         except OSError as exc:
             raise BrickError(f"cannot set the readahead of {mountpoint}: {exc}") from exc
         LOG.info("qemu-storage-daemon %s: readahead of %s is %d KiB", self.name, mountpoint, kib)
