@@ -50,3 +50,18 @@ class PathsUnavailable(BrickError):
     def __init__(self, image: str, tried: Sequence[str]) -> None:
         self.image, self.tried = image, list(tried)
         super().__init__(f"no path to {image} works (tried {', '.join(tried) or 'none'})")
+
+
+class NotPermitted(BrickError):
+    """A privileged entry point refused a request outside its allow-list.
+
+    Its ``args`` are the constructor's, so the privsep channel (which re-raises an error from
+    its class path and ``args``) rebuilds it unchanged in the caller."""
+
+    def __init__(self, entrypoint: str, value: str, rule: str) -> None:
+        self.entrypoint, self.value, self.rule = entrypoint, value, rule
+        self.message = f"{entrypoint} refused {value!r}: {rule}"
+        super().__init__(entrypoint, value, rule)
+
+    def __str__(self) -> str:
+        return self.message

@@ -113,6 +113,14 @@ default_opts = [
         "insecure_targets.",
     ),
     cfg.BoolOpt(
+        "privsep",
+        default=False,
+        help="Run root-only operations (the commands of brick.privileged.process.ROOT_COMMANDS "
+        "and kernel knob writes) in an oslo.privsep daemon holding only the capabilities "
+        "listed in brick/privileged/__init__.py (docs/privsep.rst). Off: they run in "
+        "virtmanserver itself, which must then be root.",
+    ),
+    cfg.BoolOpt(
         "insecure_targets",
         default=False,
         help="Allow serving iSCSI targets without CHAP and NBD exports without TLS when "

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import brick.privileged.sysfs
 from brick.exception import BrickError, Conflict, InvalidArgument, NotFound
 from brick.qsd.core import DaemonCore
 from brick.qsd.mounts import mount_device, mounted_paths, remove_empty_file
@@ -313,7 +314,7 @@ class ExportOps(DaemonCore):
         kib = _validate_int(kib, "readahead_kib", 0, MAX_READAHEAD_KIB)
         target = self.readahead_path(mountpoint)
         try:
-            target.write_text(f"{kib}\n")
+            brick.privileged.sysfs.write_knob(str(target), str(kib))
         except OSError as exc:
             raise BrickError(f"cannot set the readahead of {mountpoint}: {exc}") from exc
         LOG.info("qemu-storage-daemon %s: readahead of %s is %d KiB", self.name, mountpoint, kib)

@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+import brick.privileged
+import brick.privileged.process
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.drivers import load_driver
@@ -57,6 +59,9 @@ def tls_context() -> ssl.SSLContext | None:
 def main(argv: list[str] | None = None) -> None:
     virtman_conf.load(sys.argv[1:] if argv is None else argv, prog="virtmanserver")
     token = check_auth()
+    if CONF.privsep:
+        brick.privileged.start()
+        LOG.info("virtmanserver: privsep daemon %s", brick.privileged.process.whoami())
     context = tls_context()
     try:
         settings = virtman_conf.settings_from_conf()
