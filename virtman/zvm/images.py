@@ -137,8 +137,8 @@ class Catalogue:
         return str(self._record(name)["size"] // BLOCK)
 
     def export(self, name: str, dest_url: str) -> dict[str, Any]:
-        record = self._record(name)
         dest = file_url(dest_url, "dest_url")
+        record = self._record(name)
         parent = os.path.realpath(os.path.dirname(dest))
         final = os.path.join(parent, os.path.basename(dest))
         if not os.path.basename(dest) or not any(
