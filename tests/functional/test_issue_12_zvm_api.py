@@ -131,7 +131,7 @@ def test_issue_12_zvm_api_host_images_token_and_bad_input(
     ok(call("image_delete", "img1"))
     assert not any(iqn == IQN + "img1" for iqn, _ in node.tgt_targets())
     assert ok(call("image_query")) == [] and image.exists()
-    assert codes(call("image_get_root_disk_size", "img1")) == (300, 300, 20, 40)
+    assert codes(call("image_get_root_disk_size", "img1")) == (404, 404, 1, 40)
     # the bodies zvmconnector sent are valid for the connector's own schemas
     checked = 0
     for method, url, body in sent:

@@ -95,7 +95,7 @@ def _error_of(exc: Exception) -> ApiError | None:
     if isinstance(exc, GuestStateError):
         return ApiError(409, 409, 409, 1, MOD_GUEST, str(exc))
     if isinstance(exc, ImageNotFound):
-        return ApiError(404, 300, 300, 20, MOD_IMAGE, str(exc))
+        return ApiError(404, 404, 404, 1, MOD_IMAGE, str(exc))
     if isinstance(exc, ImageExists):
         return ApiError(409, 300, 300, 13, MOD_IMAGE, str(exc))
     if isinstance(exc, ImageInUse):
@@ -251,7 +251,12 @@ class ZvmApi:
             )
         if length == 0:
             return None
-        raw = environ["wsgi.input"].read(length)
+        try:
+            raw = environ["wsgi.input"].read(length)
+        except OSError as exc:  # e.g. the client stalled past request_timeout
+            raise request_error(400, f"body not received: {exc}") from None
+        if len(raw) != length:
+            raise request_error(400, f"body of {len(raw)} bytes, Content-Length {length}")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -344,6 +349,18 @@ def guest_create(api: ZvmApi, req: Request) -> Any:
             raise InvalidInput(key, value, "must be a string of at most 255 characters")
     if guest.get("max_cpu") is not None:
         v.integer(guest["max_cpu"], "max_cpu", vcpus, 64)
+    v.optional(guest, "max_mem", v.text, "max_mem", v.MAX_MEM)
+    for key in ("cschedule", "cshare", "rdomain", "pcif"):
+        v.optional(guest, key, v.text, key, v.WORD)
+    comments = guest.get("comments")
+    if comments is not None and (
+        not isinstance(comments, list)
+        or len(comments) > 16
+        or not all(isinstance(c, str) and len(c) <= 255 for c in comments)
+    ):
+        raise InvalidInput("comments", comments, "must be at most 16 strings of 255")
+    if guest.get("loaddev") is not None:
+        raise not_supported("guest_create with loaddev (SCSI IPL)", MOD_GUEST)
     if guest.get("dedicate_vdevs"):
         raise not_supported("guest_create with dedicate_vdevs", MOD_GUEST)
     disks = guest.get("disk_list") or []

@@ -33,7 +33,7 @@ BLOCK = 512  # disk_size_units are 512-byte blocks ("<n>:BLK", as an FBA image)
 class ImageNotFound(VirtmanError):
     def __init__(self, name: str) -> None:
         self.name = name
-        super().__init__(f"The image record of {name} does not exist")
+        super().__init__(f"Image with name: {name} does not exist.")
 
 
 class ImageExists(VirtmanError):
@@ -130,7 +130,9 @@ class Catalogue:
         records = self.store.all("images")
         if name is not None:
             name = image_name(name)
-            records = {name: records[name]} if name in records else {}
+            if name not in records:
+                raise ImageNotFound(name)  # as the connector: Nova imports on this 404
+            records = {name: records[name]}
         return [_public(n, r) for n, r in sorted(records.items())]
 
     def root_disk_size(self, name: str) -> str:

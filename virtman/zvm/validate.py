@@ -15,7 +15,9 @@ from virtman.errors import InvalidInput
 USERID = re.compile(r"[A-Za-z0-9]{1,8}")
 VDEV = re.compile(r"[0-9A-Fa-f]{1,4}")
 MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
-DISK_SIZE = re.compile(r"([0-9]{1,7})([mMgG])")
+DISK_SIZE = re.compile(r"([0-9]{1,12})([mMgG]?)")
+MAX_MEM = re.compile(r"[1-9][0-9]{0,3}[mMgG]")
+WORD = re.compile(r"\w{1,64}")
 OS_VERSION = re.compile(r"[A-Za-z][A-Za-z0-9.]{0,31}")
 HOSTNAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 POOL = re.compile(r"\w{1,64}:\w{1,64}")
@@ -76,12 +78,14 @@ def boolean(value: object, field: str) -> bool:
 
 
 def disk_gb(value: object, field: str = "size") -> int:
-    """A disk size ``<n>m`` or ``<n>g`` in whole GiB (rounded up)."""
+    """A disk size in whole GiB (rounded up): ``<n>g``, ``<n>m``, or a bare ``<n>`` of 512-byte
+    blocks (what ``image_get_root_disk_size`` answers; Nova sends it for root_gb = 0)."""
     match = DISK_SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise InvalidInput(field, value, "must be <n>m or <n>g (e.g. 10g)")
+        raise InvalidInput(field, value, "must be <n>g, <n>m or <n> 512-byte blocks (e.g. 10g)")
     number, unit = int(match.group(1)), match.group(2).lower()
-    gib = number if unit == "g" else -(-number // 1024)
+    per_gib = {"g": 1, "m": 1024, "": 1 << 21}[unit]
+    gib = -(-number // per_gib)
     if not 1 <= gib <= 65536:
         raise InvalidInput(field, value, "must be 1 MiB to 64 TiB")
     return gib
