@@ -176,3 +176,21 @@ def test_issue_12_zvm_api_tls(tmp_path: Path, certificate: tuple[Path, Path]) ->
         assert "TLS handshake" in node.logs()
     finally:
         node.stop()
+
+
+def test_issue_12_imported_images_survive_a_kill_9(node: VirtmanProcess, tmp_path: Path) -> None:
+    image = node.image_dir / "keep.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    call = client_of(node, tmp_path).call
+    ok(call("image_import", "keep", f"file://{image}", {"os_version": "rhel8"}))
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait()
+    node.start()
+    call = client_of(node, tmp_path).call
+    [record] = ok(call("image_query", imagename="keep"))
+    assert record["image_size_in_bytes"] == str(1 << 20)
+    assert (IQN + "keep", [str(image)]) in node.tgt_targets()
+    ok(call("image_delete", "keep"))
+    assert ok(call("image_query")) == []
+    assert not any(iqn == IQN + "keep" for iqn, _ in node.tgt_targets())
