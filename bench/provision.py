@@ -562,7 +562,7 @@ def plot(
     axes[0][0].set_ylabel("p99 boot time, s (burst start to booted)")
     axes[0][0].set_ylim(bottom=0)
     axes[0][-1].legend(fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
@@ -726,7 +726,7 @@ def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
         points,
         sim_rows,
         args.variants,
-        f"bench/provision.py, guest {args.guest}: boot set {trace.read_bytes / MB:.1f} MB, "
+        f"bench/provision.py, guest {args.guest}, boot read set {trace.read_bytes / MB:.1f} MB\n"
         "measured (solid) and bench/simulate.py (dashed)",
     )
     say(f"run took {time.monotonic() - started:.0f} s")
