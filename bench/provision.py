@@ -456,6 +456,9 @@ def last_line(results: list[Result]) -> str:
     )
 
 
+VARIANTS = ("full", "direct", "btree", "balanced", "prefetch")
+
+
 # -- the simulation beside the measurement ---------------------------------------------------
 # bench/simulate.py's spec for each variant here (virtman wakes its heartbeat after a build
 # that left a parent pending, so the tree variants are the "+wake" ones).
@@ -525,7 +528,9 @@ def plot(
     title: str,
 ) -> None:
     """p99 boot time against N, one panel per image-server link: measured (solid, dots) and
-    simulated (dashed) for every variant, and one VM alone (grey)."""
+    simulated (dashed) for every variant, and one VM alone (grey). Both axes are logarithmic
+    when the times span more than 10x (full copy beside the rest): a line growing in
+    proportion to N then has slope 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -533,17 +538,17 @@ def plot(
 
     servers = sorted({p.server_mbit for p in points})
     fig, axes = plt.subplots(
-        1, len(servers), figsize=(6.4 * len(servers), 4.8), squeeze=False, sharey=True
+        1, len(servers), figsize=(4.8 * len(servers) + 2.4, 4.8), squeeze=False, sharey=True
     )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for ax, server in zip(axes[0], servers, strict=True):
         mine = sorted((p for p in points if p.server_mbit == server), key=lambda p: p.nodes)
         ns = [p.nodes for p in mine]
         single = next(r for r in mine[0].results if r.variant == "single").p99
         ax.axhline(single, color="grey", linewidth=1, label=f"single (measured) {single:.1f} s")
         ax.axhline(1.3 * single, color="grey", linewidth=1, linestyle=":", label="1.3x single")
-        for i, variant in enumerate(variants):
-            color = colors[i % len(colors)]
+        for variant in variants:
+            color = colors.get(variant, "black")
             measured = [next(r for r in p.results if r.variant == variant).p99 for p in mine]
             ax.plot(ns, measured, marker="o", color=color, label=f"{variant} (measured)")
             predicted = [
@@ -560,8 +565,12 @@ def plot(
         ax.set_title(f"image server {server:g} Mbit/s, nodes {mine[0].node_mbit:g} Mbit/s")
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("p99 boot time, s (burst start to booted)")
-    axes[0][0].set_ylim(bottom=0)
-    axes[0][-1].legend(fontsize="small")
+    times = [r.p99 for p in points for r in p.results] + [row["p99"] for row in sim_rows]
+    if max(times) > 10 * min(times):
+        axes[0][0].set_yscale("log")
+    else:
+        axes[0][0].set_ylim(bottom=0)
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
@@ -595,6 +604,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--plot", type=Path, default=Path("provision-sweep.png"), help="sweep: the PNG plot"
     )
+    parser.add_argument(
+        "--replot", action="store_true", help="only draw --plot again from a sweep's --json"
+    )
     parser.add_argument("--guest", choices=["debian", "tiny"], default="debian")
     parser.add_argument(
         "--variants",
@@ -616,7 +628,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tgt-base", type=int, default=TGT_BASE, help=f"tgtd control ports from ({TGT_BASE})"
     )
     args = parser.parse_args(argv)
-    unknown = set(args.variants) - {"full", "direct", "btree", "balanced", "prefetch"}
+    unknown = set(args.variants) - set(VARIANTS)
     if unknown or not 1 <= args.nodes <= 60:
         parser.error(f"bad --variants {sorted(unknown)} or --nodes (1-60)")
     args.server_mbit = args.rate_mbit if args.server_mbit is None else args.server_mbit
@@ -624,6 +636,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.rate_mbit, args.server_mbit, args.node_mbit) <= 0:
         parser.error("link rates must be > 0")
     args.sweep = bool(args.sweep_nodes or args.sweep_server_mbit)
+    if args.replot and args.json is None:
+        parser.error("--replot needs --json (a sweep's results)")
     if args.sweep:
         args.sweep_nodes = args.sweep_nodes or [args.nodes]
         args.sweep_server_mbit = args.sweep_server_mbit or [args.server_mbit]
@@ -653,6 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
+    if args.replot:
+        replot(args.json, args.plot)
+        say(f"plot {args.plot}")
+        return 0
     if args.sweep:
         return run_sweep(args, bench, started)
     try:
@@ -686,6 +704,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def replot(json_path: Path, png: Path) -> None:
+    """Draw a sweep's plot again from its JSON."""
+    data = json.loads(json_path.read_text())
+    points = []
+    for p in data["points"]:
+        results = []
+        for r in p["results"]:
+            r = {k: v for k, v in r.items() if k not in ("p50", "p99")}
+            results.append(Result(**r))
+        point = Point(p["nodes"], p["server_mbit"], p["node_mbit"], results, p["link_s"])
+        points.append(point)
+    plot(png, points, data["simulated"], data["variants"][1:], data["title"])
+
+
 def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
     try:
         points = bench.sweep()
@@ -706,9 +738,14 @@ def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
             f"simulated {row['variant']:<9} nodes {row['nodes']:>3} server "
             f"{row['server_mbit']:g} Mbit/s p99 {row['p99']:6.1f} s"
         )
+    title = (
+        f"bench/provision.py, guest {args.guest}, boot read set {trace.read_bytes / MB:.1f} MB\n"
+        "measured (solid) and bench/simulate.py (dashed)"
+    )
     args.json.write_text(
         json.dumps(
             {
+                "title": title,
                 "guest": args.guest,
                 "node_mbit": args.node_mbit,
                 "variants": ["single", *args.variants],
@@ -721,14 +758,7 @@ def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
             indent=1,
         )
     )
-    plot(
-        args.plot,
-        points,
-        sim_rows,
-        args.variants,
-        f"bench/provision.py, guest {args.guest}, boot read set {trace.read_bytes / MB:.1f} MB\n"
-        "measured (solid) and bench/simulate.py (dashed)",
-    )
+    plot(args.plot, points, sim_rows, args.variants, title)
     say(f"run took {time.monotonic() - started:.0f} s")
     print(
         f"provision: sweep {len(points)} points, nodes {','.join(map(str, args.sweep_nodes))}, "

@@ -1,6 +1,7 @@
 """The provisioning benchmark's options, its sweep's simulation rows and plot
 (bench/provision.py), without a cluster."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,20 @@ def test_plot_writes_a_png(tmp_path: Path):
     provision.plot(path, points, rows, ["direct"], "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def test_replot_draws_a_sweep_again_from_its_json(tmp_path: Path):
+    single = result("single", 1, 5.0)
+    points = [provision.Point(n, 8, 1000, [single, result("full", n, 60.0 * n)]) for n in (1, 2)]
+    rows = provision.simulated(TRACE, points, ["full"])
+    data = {
+        "title": "again",
+        "variants": ["single", "full"],
+        "points": [p.as_json() for p in points],
+        "simulated": rows,
+    }
+    (tmp_path / "sweep.json").write_text(json.dumps(data))
+    png = tmp_path / "again.png"
+    argv = ["--replot", "--json", str(tmp_path / "sweep.json"), "--plot", str(png)]
+    assert provision.main(argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
