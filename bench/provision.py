@@ -558,7 +558,10 @@ def plot(
                 if row["variant"] == variant and row["nodes"] == n and row["server_mbit"] == server
             ]
             if len(predicted) == len(ns):
-                ax.plot(ns, predicted, linestyle="--", color=color, label=f"{variant} (simulated)")
+                ax.plot(
+                    ns, predicted, linestyle="--", marker="x", color=color,
+                    label=f"{variant} (simulated)",
+                )  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("nodes (one VM each)")
