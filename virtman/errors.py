@@ -65,3 +65,30 @@ class DiskExists(VirtmanError):
             f"Virtman: a disk for the instance_name '{name}' already exists on this node "
             "without a record (kept from an earlier run): move it away first"
         )
+
+
+# -- guests (virtman.guest.manager; the z/VM-shaped API maps these to its codes) ---------------
+class GuestNotFound(InstanceNotFound):
+    """No guest of that userid is recorded on this node."""
+
+    def __init__(self, userid: str) -> None:
+        super().__init__(userid)
+        self.userid = userid
+        self.args = (f"Virtman: the guest '{userid}' does not exist",)
+
+
+class GuestExists(InstanceExists):
+    """A guest of that userid is recorded already."""
+
+    def __init__(self, userid: str) -> None:
+        super().__init__(userid)
+        self.userid = userid
+        self.args = (f"Virtman: the guest '{userid}' already exists",)
+
+
+class GuestStateError(VirtmanError):
+    """The guest cannot do that now (no disk deployed yet, not running, ...)."""
+
+    def __init__(self, userid: str, reason: str) -> None:
+        self.userid, self.reason = userid, reason
+        super().__init__(f"Virtman: guest '{userid}': {reason}")
