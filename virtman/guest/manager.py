@@ -215,7 +215,7 @@ class Guests:
 
     def _xml(self, uid: str, record: dict[str, Any]) -> str:
         disk = Path(record["disk"])
-        is_block = disk.exists() and stat.S_ISBLOCK(disk.stat().st_mode)
+        is_block = disk.exists() and stat.S_ISBLK(disk.stat().st_mode)
         with self._vms_lock:
             xml = self.vms.render(  # a block disk's source is set below (render wants a file)
                 self.instance_name(uid),
