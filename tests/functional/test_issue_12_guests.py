@@ -67,9 +67,7 @@ def domain_ids(uri: str, instances: list[str]) -> dict[str, int]:
 
 
 def qemu_pids(instances: list[str]) -> dict[str, int]:
-    return {
-        i: int(Path(f"/run/libvirt/qemu/vmt-{i}.pid").read_text().strip()) for i in instances
-    }
+    return {i: int(Path(f"/run/libvirt/qemu/vmt-{i}.pid").read_text().strip()) for i in instances}
 
 
 def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
