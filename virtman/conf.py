@@ -357,7 +357,7 @@ api_opts = [
 
 
 # The guests virtmanserver owns (virtman/guest/manager.py): how their domains boot.
-guest_opts = [
+guest_opts: list[cfg.Opt] = [
     cfg.StrOpt(
         "guest_libvirt_uri",
         default="qemu:///system",

@@ -17,6 +17,7 @@ One request per connection (``Connection: close``), as ``xmlrpc.client`` expects
 
 from __future__ import annotations
 
+import builtins
 import enum
 import hmac
 import http.client
@@ -433,7 +434,7 @@ class Methods:
             raise VirtmanError("this node serves no guests")
         return self._guests
 
-    def guest_list(self) -> list[str]:
+    def guest_list(self) -> builtins.list[str]:
         return list(self._guest_manager().list())
 
     def guest_create(self, userid: str, vcpus: int, memory_mb: int, disk_gb: int = 0) -> bool:
@@ -473,7 +474,7 @@ class Methods:
         self._guest_manager().delete(userid)
         return True
 
-    def guest_orphans(self) -> list[str]:
+    def guest_orphans(self) -> builtins.list[str]:
         return list(self._guest_manager().orphans())
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -64,6 +65,9 @@ HOST_INFO_KEYS = (
     "hypervisor_hostname", "hypervisor_type", "hypervisor_version", "vcpus", "vcpus_used",
     "memory_mb", "memory_mb_used", "disk_total", "disk_used", "disk_available", "cpu_info",
     "ipl_time",
+)  # fmt: skip
+NIC_COUNTERS = (  # libvirt's interfaceStats, in its order
+    "rx_bytes", "rx_packets", "rx_errs", "rx_drop", "tx_bytes", "tx_packets", "tx_errs", "tx_drop",
 )  # fmt: skip
 Connections = Callable[[str], Any]  # image name -> the connection dict(s) of Virtman.create
 
@@ -371,14 +375,12 @@ class Guests:
             if target is None or not target.get("dev"):
                 continue
             dev = str(target.get("dev"))
-            counters = self._call(uid, "stats", lambda d=dev: dom.interfaceStats(d))
-            names = ("rx_bytes", "rx_packets", "rx_errs", "rx_drop")
-            names += ("tx_bytes", "tx_packets", "tx_errs", "tx_drop")
+            counters = self._call(uid, "stats", functools.partial(dom.interfaceStats, dev))
             nics.append(
                 {
                     "vdev": target.get("dev"),
                     "mac": None if mac is None else mac.get("address"),
-                    **dict(zip(names, counters, strict=True)),
+                    **dict(zip(NIC_COUNTERS, counters, strict=True)),
                 }
             )
         return {"cpu": dict(cpu[0]) if cpu else {}, "mem": dict(mem), "nics": nics}

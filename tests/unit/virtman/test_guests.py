@@ -117,6 +117,10 @@ class FakeDomain:
         self._need_active()
         return [{"cpu_time": 5_000_000_000, "user_time": 1, "system_time": 2}]
 
+    def interfaceStats(self, dev: str) -> tuple[int, ...]:
+        self.calls.append(f"interfaceStats {dev}")
+        return (1, 2, 3, 4, 5, 6, 7, 8)
+
     def memoryStats(self) -> dict[str, int]:
         return {"actual": 131072, "rss": 90000}
 
@@ -349,6 +353,21 @@ def test_power_verbs_reach_the_domain_and_the_journal(rig) -> None:
     assert guests.stats("VM1") == {"cpu": {}, "mem": {}, "nics": []}
     assert dom.calls == ["create", "suspend", "resume", "reboot", "reset", "destroy"]
     assert rig["journal"].records("guests")["VM1"]["state"] == "off"
+
+
+def test_stats_reads_each_nic_of_the_definition(rig) -> None:
+    guests = deployed(rig, "VM1")
+    guests.start("VM1")
+    dom = rig["conn"].domains["vmt-guest-VM1"]
+    dom.xml = dom.xml.replace(
+        "<devices>",
+        "<devices><interface type='bridge'><mac address='52:54:00:00:00:01'/>"
+        "<target dev='vnet7'/></interface>",
+    )
+    assert guests.stats("VM1")["nics"] == [
+        {"vdev": "vnet7", "mac": "52:54:00:00:00:01", "rx_bytes": 1, "rx_packets": 2,
+         "rx_errs": 3, "rx_drop": 4, "tx_bytes": 5, "tx_packets": 6, "tx_errs": 7, "tx_drop": 8}
+    ]  # fmt: skip
 
 
 def test_softstop_waits_for_acpi_then_forces_off(rig) -> None:
