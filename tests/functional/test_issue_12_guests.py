@@ -70,6 +70,20 @@ def qemu_pids(instances: list[str]) -> dict[str, int]:
     return {i: int(Path(f"/run/libvirt/qemu/vmt-{i}.pid").read_text().strip()) for i in instances}
 
 
+def leftover_processes(workdir: Path, tgt_control_port: int) -> list[str]:
+    """Command lines of running processes that name ``workdir`` or the node's tgtd control
+    port (the node's daemons)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(workdir) in args or f"tgtd -f -C {tgt_control_port} " in args:
+            found.append(args)
+    return found
+
+
 def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
     libvirt_daemons, guest_image, workdir: Path
 ) -> None:
@@ -81,6 +95,7 @@ def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
         guest_initrd=guest.initrd,
         guest_cmdline=f"{guest.cmdline} vmt.stay",
         guest_name_prefix=PREFIX,
+        heartbeat_interval=1,  # a short readers' grace period at the final stop
     )
     image = node.image_dir / "tiny.raw"
     shutil.copy(guest.rootfs, image)
@@ -170,6 +185,8 @@ def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
         assert all(domain_gone(libvirt_daemons.uri, f"vmt-{i}") for i in instances)
         assert list((node.state_dir / "instances").glob("*.qcow2")) == []
         assert list((node.state_dir / "guests").iterdir()) == []
+        assert node.stop() == 0  # and its tgtd and qemu-storage-daemon with it
+        assert leftover_processes(workdir, node.tgt_control_port) == []
         print(
             f"\n2 guests deployed + booted in {boot_s:.1f} s; power verbs {verbs_s:.1f} s; "
             f"whole test {time.monotonic() - started:.1f} s"
@@ -181,5 +198,5 @@ def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
             except Exception as exc:
                 print(f"cleanup {instance}: {exc}")
         vms.close()
-        if node.proc is not None:
+        if node.proc is not None and node.proc.poll() is None:
             node.stop()
