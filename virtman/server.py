@@ -467,6 +467,15 @@ class Methods:
     def guest_info(self, userid: str) -> dict[str, Any]:
         return _xmlrpc_safe(self._guest_manager().info(userid))
 
+    def guest_definition(self, userid: str) -> str:
+        return str(self._guest_manager().definition(userid))
+
+    def guest_stats(self, userid: str) -> dict[str, Any]:
+        return _xmlrpc_safe(self._guest_manager().stats(userid))
+
+    def guest_host_info(self) -> dict[str, Any]:
+        return _xmlrpc_safe(self._guest_manager().host_info())
+
     def guest_console_output(self, userid: str) -> str:
         return str(self._guest_manager().console_output(userid))
 
@@ -484,7 +493,9 @@ GUEST_ACTIONS = frozenset({"start", "stop", "softstop", "pause", "unpause", "reb
 def _xmlrpc_safe(value: Any) -> Any:
     """XML-RPC integers are 32-bit: larger ones (CPU time in us) travel as strings."""
     if isinstance(value, dict):
-        return {k: _xmlrpc_safe(v) for k, v in value.items()}
+        return {str(k): _xmlrpc_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_xmlrpc_safe(v) for v in value]
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 31:
         return str(value)
     return value

@@ -128,6 +128,13 @@ def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
         info = client.call("guest_info", "G1")
         assert (info["power_state"], info["num_cpu"], info["max_mem_kb"]) == ("on", 1, 131072)
 
+        assert "<name>vmt-" + instances[0] + "</name>" in client.call("guest_definition", "G1")
+        stats = client.call("guest_stats", "G1")
+        assert int(stats["cpu"]["cpu_time"]) > 0 and stats["nics"] == []
+        host = client.call("guest_host_info")
+        assert len(host) == 12 and host["vcpus_used"] >= 2 and host["memory_mb"] > 0
+        assert host["ipl_time"].startswith("IPL at ")
+
         # power verbs, G1
         client.call("guest_action", "G1", "pause")
         assert client.call("guest_power_state", "G1") == "paused"
