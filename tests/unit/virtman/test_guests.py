@@ -475,3 +475,24 @@ def test_host_info_has_the_12_keys_of_host_get_info(rig) -> None:
 )
 def test_power_state_of_libvirt_states(state: int, power: str) -> None:
     assert power_state_of(state) == power
+
+
+def test_xmlrpc_methods_validate_actions_and_carry_large_integers(rig) -> None:
+    from virtman.server import Methods
+
+    guests = deployed(rig, "VM1")
+    methods = Methods(None, None, guests)  # type: ignore[arg-type]
+    assert methods.guest_list() == ["VM1"]
+    assert methods.guest_action("VM1", "start") is True
+    assert methods.guest_power_state("VM1") == "on"
+    for action, options in [("explode", None), ("softstop", {"timeout": 1}), ("softstop", 3)]:
+        with pytest.raises(InvalidInput):
+            methods.guest_action("VM1", action, options)
+    assert methods.guest_action("VM1", "softstop", {"timeout_s": 1, "poll_interval_s": 0.01})
+    assert methods.guest_power_state("VM1") == "off"
+    methods.guest_action("VM1", "start")
+    assert methods.guest_info("VM1")["cpu_time_us"] == 5_000_000  # fits: stays an int
+    assert methods.guest_stats("VM1")["cpu"]["cpu_time"] == "5000000000"  # > 2**31: a string
+    assert methods.guest_delete("VM1") is True
+    with pytest.raises(VirtmanError, match="serves no guests"):
+        Methods(None, None).guest_list()  # type: ignore[arg-type]
