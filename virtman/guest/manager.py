@@ -159,9 +159,15 @@ class Guests:
 
     def _deployed(self, uid: str) -> tuple[dict[str, Any], libvirt.virDomain]:
         record = self._record(uid)
-        dom = self._domain(uid) if record.get("disk") else None
-        if dom is None:
+        if not record.get("disk"):
             raise GuestStateError(uid, "no disk deployed yet (deploy an image first)")
+        dom = self._domain(uid)
+        if dom is None:  # undefined behind our back: defined again from the record
+            LOG.warning("guest %s: its domain is gone: defined again (%s)", uid, record["disk"])
+            self._define(uid, record)
+            dom = self._domain(uid)
+            if dom is None:
+                raise GuestStateError(uid, "its domain cannot be defined again")
         return record, dom
 
     def _console(self, uid: str) -> Path:

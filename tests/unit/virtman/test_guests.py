@@ -370,6 +370,15 @@ def test_stats_reads_each_nic_of_the_definition(rig) -> None:
     ]  # fmt: skip
 
 
+def test_a_domain_undefined_behind_our_back_is_defined_again_at_the_next_verb(rig) -> None:
+    guests = deployed(rig, "VM1")
+    del rig["conn"].domains["vmt-guest-VM1"]
+    assert guests.power_state("VM1") == "off"
+    guests.start("VM1")
+    assert guests.power_state("VM1") == "on"
+    assert rig["conn"].domains["vmt-guest-VM1"].calls == ["create"]
+
+
 def test_softstop_waits_for_acpi_then_forces_off(rig) -> None:
     guests = deployed(rig, "VM1", "VM2")
     doms = rig["conn"].domains
