@@ -128,7 +128,10 @@ def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
         info = client.call("guest_info", "G1")
         assert (info["power_state"], info["num_cpu"], info["max_mem_kb"]) == ("on", 1, 131072)
 
-        assert "<name>vmt-" + instances[0] + "</name>" in client.call("guest_definition", "G1")
+        definition = client.call("guest_definition", "G1")
+        assert "<name>vmt-" + instances[0] + "</name>" in definition
+        snapshot = node.state_dir / "instances" / f"{instances[0]}.qcow2"  # Virtman.create's
+        assert f"<source file='{snapshot}'" in definition, definition
         stats = client.call("guest_stats", "G1")
         assert int(stats["cpu"]["cpu_time"]) > 0 and stats["nics"] == []
         host = client.call("guest_host_info")
@@ -194,6 +197,7 @@ def test_issue_12_guests_boot_obey_power_verbs_and_survive_kill_9(
         assert list((node.state_dir / "guests").iterdir()) == []
         assert node.stop() == 0  # and its tgtd and qemu-storage-daemon with it
         assert leftover_processes(workdir, node.tgt_control_port) == []
+        assert str(workdir) not in Path("/proc/mounts").read_text()  # no FUSE export left
         print(
             f"\n2 guests deployed + booted in {boot_s:.1f} s; power verbs {verbs_s:.1f} s; "
             f"whole test {time.monotonic() - started:.1f} s"
