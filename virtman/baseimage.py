@@ -42,7 +42,7 @@ class Status(enum.StrEnum):
 
 
 def portal_host(portal: str) -> str:
-    return values.unbracket(portal.rpartition(":")[0])
+    return values.Portal.parse(portal, names=True).host
 
 
 class BaseImage:

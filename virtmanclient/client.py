@@ -220,13 +220,20 @@ def normalise_endpoint(endpoint: str) -> str:
         raise ValueError("empty virtman endpoint")
     if any(ch.isspace() or not ch.isprintable() for ch in text):
         raise ValueError(f"invalid virtman endpoint {endpoint!r}: whitespace or control characters")
+    shape = f"invalid virtman endpoint {endpoint!r}: use host[:port] or an http URL"
     if "://" not in text:
-        if text.count(":") > 1 and not text.startswith("["):
-            text = values.bracket(text)  # a bare IPv6 address
-        text = "http://" + text
+        # A bare IPv6 address is refused: is ``fd00::1:7774`` a port or the last group?
+        try:
+            host, port_text = values.Portal.split(text, DEFAULT_PORT)
+        except ValueError as err:
+            rule = str(err) if "brackets" in str(err) else "use host[:port] or an http URL"
+            raise ValueError(f"invalid virtman endpoint {endpoint!r}: {rule}") from None
+        text = "http://" + values.join_host_port(
+            host, DEFAULT_PORT if port_text is None else port_text
+        )
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid virtman endpoint {endpoint!r}: use host[:port] or an http URL")
+        raise ValueError(shape)
     try:
         port = parts.port
     except ValueError:

@@ -46,8 +46,8 @@ def psk_client_id(identity: str) -> str:
 
 
 def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return values.unbracket(host), int(port)
+    where = values.Portal.parse(address, names=True)
+    return where.host, where.port
 
 
 class QemuDriver:
