@@ -187,26 +187,27 @@ def build_connection(
     lun: int = 1,
 ) -> Connection:
     """The original's connection dict for an image exported at ``portal`` (``ip:port``)."""
-    return {
-        "target_portal": portal,
-        "target_iqn": iqn_prefix + normalise_image_name(image_name),
-        "target_lun": lun,
-    }
+    return _connection(portal, iqn_prefix + normalise_image_name(image_name), lun)
+
+
+def _connection(portal: str, iqn: str, lun: int) -> Connection:
+    return {"target_portal": portal, "target_iqn": iqn, "target_lun": lun}
 
 
 def build_connections(
-    portals: Sequence[str],
+    portals: Sequence[str] | str,
     image_name: str,
     iqn_prefix: str = DEFAULT_IQN_PREFIX,
     lun: int = 1,
 ) -> Connections:
     """One dict for one portal (a string is one portal), a list of dicts (one path each)
-    for several."""
+    for several; the image name is normalised once for all of them."""
     if isinstance(portals, str):
         portals = [portals] if portals else []
     if not portals:
         raise ValueError("at least one portal is needed")
-    conns = [build_connection(p, image_name, iqn_prefix, lun) for p in portals]
+    iqn = iqn_prefix + normalise_image_name(image_name)
+    conns = [_connection(p, iqn, lun) for p in portals]
     return conns[0] if len(conns) == 1 else conns
 
 

@@ -1,22 +1,15 @@
 """QemuDriver against a fake QMP (tests/unit/fakes/qmp.py): which commands it sends, in
 which order, to create an image's stack, to adopt it again, to tear it down, and what a
-failure half-way undoes. qemu-img and tgtadm go to a FakeExecute; qemu-storage-daemon is a
-stand-in process whose QMP socket is the fake's. (The real daemon: the functional tests.)"""
+failure half-way undoes (the fixtures: conftest.py). (The real daemon: the functional
+tests.)"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-import brick.qsd.graph
 from brick.exception import PathsUnavailable
 from brick.qsd.qmp import QMPError
-from tests.unit.fakes.execute import FakeExecute
-from tests.unit.fakes.qmp import FakeQMP, stand_in
-from tests.unit.fakes.settings import settings as make_settings
+from tests.unit.fakes.qmp import FakeQMP
 from virtman.drivers.qemu.driver import QemuDriver
 from virtman.layers.base import Endpoint
 from virtman.stack import ImageStack
@@ -30,71 +23,8 @@ NBD = Endpoint("10.0.0.2:3260", IQN, 1, nbd="10.0.0.2:10809", peer_id="10.0.0.2:
 
 
 @pytest.fixture
-def qmp(tmp_path: Path) -> Iterator[FakeQMP]:
-    server = FakeQMP(tmp_path / "fake.qmp")
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def tools(monkeypatch: pytest.MonkeyPatch) -> FakeExecute:
-    """qemu-img: makes the cache file it is asked for."""
-    fake = FakeExecute()
-
-    def run(argv: list[str], **kw: object) -> object:
-        if argv[:2] == ["qemu-img", "create"]:
-            Path(argv[-2]).touch()
-        return fake(argv, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(brick.qsd.graph, "execute", run)
-    return fake
-
-
-@dataclasses.dataclass
-class Lun:
-    backing_path: str
-
-
-@dataclasses.dataclass
-class Target:
-    iqn: str
-    luns: list[Lun]
-
-
-class FakeTgt:
-    """tgtd's targets, by IQN (the relay's iSCSI side; the NBD side goes through QMP)."""
-
-    def __init__(self) -> None:
-        self.made: dict[str, Target] = {}
-
-    def create_target(self, iqn: str, path: Path, **kw: object) -> int:
-        self.made.setdefault(iqn, Target(iqn, [Lun(str(path))]))
-        return 1
-
-    def targets(self) -> list[Target]:
-        return list(self.made.values())
-
-    def delete_target(self, iqn: str) -> None:
-        self.made.pop(iqn, None)
-
-    def connections(self, iqn: str) -> list[object]:
-        return []
-
-
-@pytest.fixture
-def driver(
-    tmp_path: Path, qmp: FakeQMP, tools: FakeExecute, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[QemuDriver]:
-    for key, value in stand_in(tmp_path / "bin", qmp.path).items():
-        monkeypatch.setenv(key, value)
-    conf = dataclasses.replace(make_settings(tmp_path / "node"), qemu_fuse_readahead_kib=0)
-    made = QemuDriver(conf)
-    made.tgt = FakeTgt()  # type: ignore[assignment]
-    made.qsd.start(timeout_s=10)  # the stand-in: its QMP socket is the fake's
-    made.qsd.start_nbd_server(made.host, conf.nbd_port)
-    qmp.clear()
-    yield made
-    made.qsd.stop()  # ends the stand-in by its PID
+def driver(qemu_driver: QemuDriver) -> QemuDriver:
+    return qemu_driver
 
 
 def names(driver: QemuDriver) -> tuple[str, str, str, str, str, str, str]:
