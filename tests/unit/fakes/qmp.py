@@ -9,9 +9,9 @@ model is left unchanged by a failed command, as QEMU leaves it.
 
 ``stand_in(bin_dir, socket)``: a ``qemu-storage-daemon`` script for PATH. Started by
 ``brick.qsd`` with ``--daemonize``, it links the ``--chardev`` socket path to this server's
-socket and leaves behind a sleeping process named ``qemu-storage-daemon`` with that command
-line whose PID it writes to ``--pidfile``, so that ``StorageDaemon.start`` (and ``stop``,
-which ends the process by its PID) run as with the real daemon.
+socket (given one) and leaves behind a sleeping process named ``qemu-storage-daemon`` with
+that command line whose PID it writes to ``--pidfile``, so that ``StorageDaemon.start`` (and
+``stop``, which ends the process by its PID) run as with the real daemon.
 """
 
 from __future__ import annotations
@@ -321,10 +321,13 @@ for a in "$@"; do
   if [ "$prev" = --chardev ]; then sock=${a#*path=}; sock=${sock%%,*}; fi
   prev=$a
 done
-ln -sf "$FAKE_QMP_SOCKET" "$sock"
+# the environment it was started with, for the test to read
+echo "${MALLOC_MMAP_THRESHOLD_:-unset}" > "$(dirname "$pidfile")/env.txt"
+[ -n "$FAKE_QMP_SOCKET" ] && ln -sf "$FAKE_QMP_SOCKET" "$sock"
 export PIDFILE=$pidfile
 (exec -a qemu-storage-daemon "$FAKE_QMP_PYTHON" -c "$FAKE_QMP_DAEMON" "$@" \\
   </dev/null >/dev/null 2>&1) &
+# like --daemonize: return once the daemon has written its pidfile
 for _ in $(seq 500); do [ -s "$pidfile" ] && exit 0; sleep 0.01; done
 exit 1
 """
@@ -338,16 +341,19 @@ signal.pause()
 """
 
 
-def stand_in(bin_dir: Path, qmp_socket: Path) -> dict[str, str]:
+def stand_in(bin_dir: Path, qmp_socket: Path | None) -> dict[str, str]:
     """Write the stand-in ``qemu-storage-daemon`` into ``bin_dir``; returns the environment
-    it needs (``PATH`` with ``bin_dir`` first, and its own variables)."""
+    it needs (``PATH`` with ``bin_dir`` first, and its own variables). Without
+    ``qmp_socket`` it serves no QMP (a connect times out). It writes the
+    ``MALLOC_MMAP_THRESHOLD_`` it was started with (or ``unset``) to ``env.txt`` beside
+    its pidfile."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     script = bin_dir / "qemu-storage-daemon"
     script.write_text(_STAND_IN)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "FAKE_QMP_SOCKET": str(qmp_socket),
+        "FAKE_QMP_SOCKET": "" if qmp_socket is None else str(qmp_socket),
         "FAKE_QMP_PYTHON": sys.executable,
         "FAKE_QMP_DAEMON": _DAEMON,
     }
