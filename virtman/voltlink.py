@@ -26,9 +26,9 @@ def parent_endpoints(parents: list[Volume]) -> list[Endpoint]:
     for p in parents:
         if not p.ready or not (p.host and p.port and p.iqn and p.lun):
             continue
-        host = values.bracket(p.host)
-        nbd = f"{host}:{p.nbd_port}" if p.nbd_port else None
-        endpoints.append(Endpoint(f"{host}:{p.port}", p.iqn, int(p.lun), nbd, p.peer_id))
+        nbd = values.join_host_port(p.host, p.nbd_port) if p.nbd_port else None
+        portal = values.join_host_port(p.host, p.port)
+        endpoints.append(Endpoint(portal, p.iqn, int(p.lun), nbd, p.peer_id))
     return endpoints
 
 

@@ -5,13 +5,18 @@ tests.)"""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from brick.exception import PathsUnavailable
 from brick.qsd.qmp import QMPError
-from tests.unit.fakes.qmp import FakeQMP
+from tests.unit.fakes.qmp import FakeQMP, stand_in
+from tests.unit.fakes.settings import settings as make_settings
+from tests.unit.fakes.tgt import FakeTgt
 from virtman.drivers.qemu.driver import QemuDriver
-from virtman.layers.base import Endpoint
+from virtman.layers.base import Device, Endpoint
 from virtman.stack import ImageStack
 
 pytestmark = pytest.mark.unit
@@ -129,3 +134,26 @@ def test_an_unusable_path_is_skipped_and_all_unusable_is_an_error(
     with pytest.raises(PathsUnavailable):
         driver.upstream.ensure(IMAGE, [ISCSI])
     assert quorum not in qmp.nodes
+
+
+def test_an_ipv6_host_is_bracketed_in_its_portals(
+    tmp_path: Path, qmp: FakeQMP, qemu_img: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in stand_in(tmp_path / "bin", qmp.path).items():
+        monkeypatch.setenv(key, value)
+    conf = dataclasses.replace(make_settings(tmp_path / "v6", "fd00::9"), qemu_fuse_readahead_kib=0)
+    driver = QemuDriver(conf)
+    assert driver.tgtd.portals == ["[fd00::9]:3260"]
+    driver.qsd.start(timeout_s=10)
+    try:
+        driver.qsd.start_nbd_server(driver.host, conf.nbd_port)
+        assert driver.qsd.nbd_server == "[fd00::9]:10809"
+        relay = driver.relay.ensure(IMAGE, IQN, driver.cache.ensure(IMAGE, _upstream(driver)))
+        assert (relay.portal, relay.nbd) == ("[fd00::9]:3260", "[fd00::9]:10809")
+    finally:
+        driver.qsd.stop()
+
+
+def _upstream(driver: QemuDriver) -> Device:
+    driver.tgt = FakeTgt()  # type: ignore[assignment]
+    return driver.upstream.ensure(IMAGE, [ISCSI])

@@ -67,7 +67,7 @@ class QemuDriver:
         )
         self.tgtd = TgtDaemon(
             settings.tgt_control_port,
-            [f"{self.host}:{settings.iscsi_port}"],
+            [values.join_host_port(self.host, settings.iscsi_port)],
             run_dir=settings.run_dir,
         )
         self.tgt = TgtAdm(settings.tgt_control_port)
