@@ -99,12 +99,15 @@ class VoltLink:
         except Timeout:
             raise ParentsUnavailable(image, timeout_s) from None
 
-    def register(self, image: str, peer_id: str, relay: Relay) -> None:
+    def register(self, image: str, peer_id: str, relay: Relay) -> list[Volume] | None:
+        """Register the relay; returns the node's parents now (None from a Volt that does
+        not answer them): registering can lift the node above pending ancestors."""
         host, _, port = relay.portal.rpartition(":")
         nbd_port = relay.nbd.rpartition(":")[2] if relay.nbd else None
-        self.client.volumes.login(
+        _, parents = self.client.volumes.login_with_parents(
             image, peer_id, values.unbracket(host), port, relay.iqn, 1, nbd_port
         )
+        return parents
 
     def leave(self, image: str, peer_id: str) -> None:
         self.client.volumes.logout(image, peer_id)
