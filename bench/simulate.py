@@ -21,9 +21,10 @@ since this simulation found the delay; without it, the behaviour before).
 The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
 ``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
 (``--volt-service-ms`` per request: queries, registrations, heartbeats). Nodes follow
-parent changes as virtman does: on each heartbeat, every ``--heartbeat-s`` (20 s), or every
-``--follow-s`` (1 s) while a parent is pending; the loop's current wait is not cut short by
-a create unless ``--wake-on-create``.
+parent changes as virtman does: at their registration (the register answer carries the
+node's parents; ``--register-without-parents``: the behaviour before), and on each
+heartbeat, every ``--heartbeat-s`` (20 s), or every ``--follow-s`` (1 s) while a parent is
+pending; the loop's current wait is not cut short by a create unless ``--wake-on-create``.
 
 Network: each node has an uplink and a downlink (``--node-mbps``); the image server's
 uplink is ``--server-mbps`` (capped by ``--image-server-throughput-mbps``), a relay's by
@@ -126,6 +127,7 @@ class Params:
     heartbeat_s: float = 20.0
     follow_s: float = 1.0
     wake_on_create: bool = False
+    register_without_parents: bool = False  # before issue 15: register answered no parents
     fanout: int = 2
     parents_per_node: int = 2
     prefetch_depth: int = 1
@@ -542,6 +544,11 @@ class Sim:
         self.executor.registered(self.tree, node)
         self.tree_version += 1
         self.ready[v] = 1
+        if not self.p.register_without_parents:
+            # the register answer carries the node's parents (volt-api since issue 15) and
+            # virtman follows them at once: the executor has just lifted the node above its
+            # pending ancestors, so it reads from a ready tree parent and stops following
+            self.choose(v, self.executor.parents(self.tree, node))
         if self.p.wake_on_create and self.following[v]:
             self.hb_version[v] += 1
             self.at(self.now, self.heartbeat, v, self.hb_version[v])
@@ -764,6 +771,8 @@ OPTION_HELP = {
     "heartbeat_s": "virtman heartbeat period",
     "follow_s": "virtman heartbeat period while a parent is pending",
     "wake_on_create": "virtman heartbeats right after a build that left a parent pending",
+    "register_without_parents": "the behaviour before issue 15: the register answer carries "
+    "no parents, a node reaches its tree parent at a heartbeat",
     "fanout": "balanced: children per node",
     "parents_per_node": "balanced: parents per node (1 carries the reads)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",

@@ -174,7 +174,9 @@ class BaseImage:
         if built.relay is not None:
             self.relay = built.relay
             assert self.peer_id is not None
-            self.volt.register(self.name, self.peer_id, built.relay)
+            parents = self.volt.register(self.name, self.peer_id, built.relay)
+            if parents is not None:
+                self._follow_registered(parents)
         self.origin = built.origin
         self.status = Status.OK
         self._record()
@@ -449,13 +451,35 @@ class BaseImage:
         self.following = pending_parents(parents)
         return parent_endpoints(parents) or self.connections
 
+    def _follow_registered(self, parents: list[Volume]) -> None:
+        """Follow the parents of the register answer at once: registering can lift this node
+        above its pending ancestors, and in a burst waiting for the next heartbeat meant
+        reading from the image server meanwhile (issue 15). A failure to switch is logged
+        and left to the heartbeat, which follows the same parents."""
+        endpoints = self._choose(parents)
+        if [e.key for e in endpoints] == [e.key for e in self.upstream]:
+            return
+        try:
+            self.driver.upstream.ensure(self.name, endpoints)
+        except Exception as exc:
+            LOG.warning("%s: could not follow the parents of the register answer: %s",
+                        self.name, exc)  # fmt: skip
+            self.following = True  # heartbeat soon: the heartbeat retries the switch
+            return
+        LOG.info(
+            "%s: parents now %s (register answer)",
+            self.name,
+            [e.peer_id or e.portal for e in endpoints],
+        )
+        self.upstream = endpoints
+
     def _join_and_register(self, *, quiet: bool = False) -> None:
         self.peer_id, parents = self.volt.join(
             self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
         )
         assert self.relay is not None
-        self.volt.register(self.name, self.peer_id, self.relay)
-        endpoints = self._choose(parents)
+        registered = self.volt.register(self.name, self.peer_id, self.relay)
+        endpoints = self._choose(parents if registered is None else registered)
         if [e.key for e in endpoints] != [e.key for e in self.upstream]:
             self.driver.upstream.ensure(self.name, endpoints)
             self.upstream = endpoints

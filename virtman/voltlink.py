@@ -99,10 +99,15 @@ class VoltLink:
         except Timeout:
             raise ParentsUnavailable(image, timeout_s) from None
 
-    def register(self, image: str, peer_id: str, relay: Relay) -> None:
+    def register(self, image: str, peer_id: str, relay: Relay) -> list[Volume] | None:
+        """Register the relay; returns the node's parents now (None from a Volt that does
+        not answer them): registering can lift the node above pending ancestors."""
         where = values.Portal.parse(relay.portal, names=True)
         nbd_port = values.Portal.parse(relay.nbd, names=True).port if relay.nbd else None
-        self.client.volumes.login(image, peer_id, where.host, where.port, relay.iqn, 1, nbd_port)
+        _, parents = self.client.volumes.login_with_parents(
+            image, peer_id, where.host, where.port, relay.iqn, 1, nbd_port
+        )
+        return parents
 
     def leave(self, image: str, peer_id: str) -> None:
         self.client.volumes.logout(image, peer_id)

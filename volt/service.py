@@ -122,8 +122,11 @@ class VoltService:
         lun: str,
         *,
         nbd_port: str | None = None,
-    ) -> Node:
-        """The node's relay target is ready: it becomes a parent candidate (status OK)."""
+    ) -> Placement:
+        """The node's relay target is ready: it becomes a parent candidate (status OK).
+        Returns the node and its parents now: registering can change them (the balanced
+        executor lifts a registered node above its pending ancestors), and a node that reads
+        them from this answer needs no heartbeat round trip to follow its tree parent."""
         with self.lock, self._tree_change(volume_id):
             tree, node = self._find(volume_id, peer_id)
             wanted = (host, port, iqn, lun, nbd_port, OK)
@@ -140,7 +143,7 @@ class VoltService:
                 LOG.info(
                     "registered %s in %s: %s:%s %s lun %s", peer_id, volume_id, host, port, iqn, lun
                 )
-            return node
+            return Placement(node, self.executor.parents(tree, node))
 
     def leave(self, volume_id: str, peer_id: str) -> None:
         with self.lock, self._tree_change(volume_id):

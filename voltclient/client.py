@@ -286,6 +286,20 @@ class VolumeManager:
     ) -> Volume:
         """Register the node's relay target; it becomes a parent for others (status OK).
         ``nbd_port``: the relay is also exported over NBD there (an extension)."""
+        return self.login_with_parents(session_name, peer_id, host, port, iqn, lun, nbd_port)[0]
+
+    def login_with_parents(
+        self,
+        session_name: str,
+        peer_id: str,
+        host: str,
+        port: int | str,
+        iqn: str,
+        lun: int | str,
+        nbd_port: int | str | None = None,
+    ) -> tuple[Volume, Parents | None]:
+        """:meth:`login`, and the node's parents now (ordered as :meth:`get` answers them),
+        or None from a volt-api that does not answer them (the original's)."""
         path = _peer_path(session_name, peer_id)
         body: dict[str, Any] = {"host": host, "port": port, "iqn": iqn, "lun": lun}
         if nbd_port is not None:
@@ -293,7 +307,11 @@ class VolumeManager:
         answer = self.api.request("POST", path, body)
         if not isinstance(answer, dict):
             raise _unexpected("POST", path, answer)
-        return Volume.from_dict(answer)
+        parents = answer.get("parents")
+        try:
+            return Volume.from_dict(answer), None if parents is None else _volume_list(parents)
+        except (TypeError, KeyError) as exc:
+            raise _unexpected("POST", path, answer) from exc
 
     def logout(self, session_name: str, peer_id: str) -> None:
         """Take the node out of the tree (its children get new parents)."""

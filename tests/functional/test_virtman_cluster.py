@@ -73,8 +73,9 @@ def test_three_nodes_two_vms_each_read_the_image_through_the_tree(cluster_factor
         if entry["depth"] == 1:
             assert [p["peer_id"] for p in cluster.paths(node, IMAGE)] == [None]
         else:
-            # Placed in the burst under parents still building, it read from the image
-            # server first; its next heartbeats (fast while a parent is pending) move it.
+            # Placed in the burst under parents still building, it built its stack on the
+            # image server; the parents of its register answer (or, if a parent registers
+            # later, its next heartbeats, fast while a parent is pending) move it.
             cluster.wait_for(
                 lambda node=node, entry=entry: (
                     [p["peer_id"] for p in cluster.paths(node, IMAGE)] == entry["parents"]

@@ -71,7 +71,8 @@ def test_query_register_heartbeat_delete(volt_factory):
     }
 
     status, _, body = register(volt, a)
-    assert (status, body) == (200, identity(a))
+    # the original's identity, plus the node's parents now (issue 15; a top-level node: none)
+    assert (status, body) == (200, {**identity(a), "parents": []})
     assert raw(volt, "GET", "/v1/volumes/query/volume-image1", c)[2] == {
         "peer_id": f"{c}:volume-image1",
         "parents": [identity(a)],
@@ -225,7 +226,7 @@ def test_nbd_port_extension_reaches_children_and_survives_a_restart(volt):
         volt, "POST", f"/v1/volumes/volume-image1/{a}:volume-image1", a, body
     )
     assert status == 200
-    assert registered == {**identity(a), "nbd_port": "10809"}
+    assert registered == {**identity(a), "nbd_port": "10809", "parents": []}
     _, _, placed = raw(volt, "GET", "/v1/volumes/query/volume-image1", b)
     assert placed["parents"][0] == {**identity(a), "nbd_port": "10809"}
     volt.kill9()

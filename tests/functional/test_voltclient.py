@@ -144,6 +144,28 @@ def test_login_returns_the_identity_and_is_idempotent(client: Client) -> None:
     }
 
 
+def test_login_answers_the_parents_after_a_burst(client: Client) -> None:
+    """Issue 15: every node of a burst is placed (pending parents) before any registers.
+    The register answer names the node's parents now: the balanced executor lifted the
+    registered node above its pending ancestors, so its first parent is ready, or there is
+    none (the image server); a heartbeat answers the same."""
+    hosts = [f"10.0.1.{i}" for i in range(1, 8)]
+    for host in hosts:
+        client.volumes.get("img1", host=host)
+    for host in reversed(hosts):  # the deepest registers first
+        peer_id = f"{host}:img1"
+        node, parents = client.volumes.login_with_parents("img1", peer_id, host, 3260, IQN, 1)
+        assert node == ok(peer_id, host)
+        assert parents is not None and all(p.ready for p in parents)
+        [beat] = client.members.heartbeat(host)
+        assert beat["parents"] == parents
+    # the first to register was lifted to the top: it reads from the image server
+    assert (
+        client.volumes.login_with_parents("img1", "10.0.1.7:img1", "10.0.1.7", 3260, IQN, 1)[1]
+        == []
+    )
+
+
 def test_login_of_an_unknown_peer_is_not_found(client: Client) -> None:
     client.volumes.get("img1", host="10.0.0.1")
     with pytest.raises(exc.NotFound) as info:

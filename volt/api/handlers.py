@@ -66,7 +66,7 @@ class Handlers:
         host = req.credential.own_host(body.get("host"))
         if host is None:
             raise InvalidInput("host", "is required")
-        node = self.service.register(
+        placement = self.service.register(
             volume_id,
             peer_id,
             host,
@@ -75,7 +75,12 @@ class Handlers:
             body["lun"],
             nbd_port=body.get("nbd_port"),
         )
-        return Response(200, node.identity())
+        assert placement.node is not None
+        # the original's identity dict, plus the node's parents now (clients that do not
+        # know the key ignore it): the registered node follows them without a heartbeat
+        answer: dict[str, Any] = dict(placement.node.identity())
+        answer["parents"] = _identities(placement.parents)
+        return Response(200, answer)
 
     def leave(self, req: Request) -> Response:
         volume_id = _volume_id(req)

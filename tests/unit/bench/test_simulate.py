@@ -74,10 +74,16 @@ def test_tree_image_server_egress_is_bounded_and_flat_as_n_grows():
     for nodes in scales:
         # btree: only the top-level nodes ever read from the image server.
         assert simulate(p, "btree", nodes).server_bytes == pytest.approx(top * boot)
+        # balanced: the register answer moves every node to its (ready) tree parent before
+        # its VM reads anything, so again only the top-level nodes read from the server.
+        for spec in ("balanced", "balanced+wake"):
+            assert simulate(p, spec, nodes).server_bytes == pytest.approx(top * boot), spec
+    # Before issue 15 (the register answer carried no parents):
+    p = replace(p, register_without_parents=True)
     woken = [simulate(p, "balanced+wake", n).server_bytes for n in scales]
     assert max(woken) <= (top + 1) * boot
     assert woken[-1] <= 1.5 * woken[1]
-    # Today's virtman follows a pending parent only from its next heartbeat: the burst reads
+    # virtman followed a pending parent only from its next heartbeat: the burst read
     # from the image server for up to one heartbeat period, whatever N (still flat).
     window = p.heartbeat_s + 2 * p.follow_s + 1.0
     plain = [simulate(p, "balanced", n).server_bytes for n in scales]

@@ -22,6 +22,8 @@ class FakeVolt:
         self.parents: dict[str, list[Volume]] = {}
         self.calls: list[tuple[str, ...]] = []
         self.known: dict[str, str] = {}  # peer_id -> image
+        # what a register answers as the node's parents (absent: None, as the original's)
+        self.registered_parents: dict[str, list[Volume]] = {}
         self.down = False  # unreachable: every call fails as the real link's do
 
     def _reach(self, what: str) -> None:
@@ -40,9 +42,10 @@ class FakeVolt:
         self.known[peer_id] = image
         return peer_id, self.parents.get(image, [])
 
-    def register(self, image: str, peer_id: str, relay: Relay) -> None:
+    def register(self, image: str, peer_id: str, relay: Relay) -> list[Volume] | None:
         self._reach("register")
         self.calls.append(("register", image, peer_id, relay.nbd or ""))
+        return self.registered_parents.get(image)
 
     def leave(self, image: str, peer_id: str) -> None:
         self._reach("leave")

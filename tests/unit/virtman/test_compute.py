@@ -470,3 +470,28 @@ def test_a_background_join_gives_up_at_once_when_volt_is_unreachable() -> None:
     with pytest.raises(ParentsUnavailable, match="Volt did not place volume-img: Volt unreachable"):
         link.join("volume-img", timeout_s=60, quiet=True)
     assert time.monotonic() - t0 < 5
+
+
+def test_the_register_answer_s_parents_are_followed_at_once(tmp_path: Path) -> None:
+    """Issue 15: placed under a pending parent, the node builds its stack on the image
+    server; registering lifts it above that parent and Volt answers the ready one: the node
+    switches at once, without following (no fast heartbeats) and without a heartbeat."""
+    vm, driver, volt = make(tmp_path)
+    pending = Volume("10.0.0.7", None, None, None, "pending", "10.0.0.7:volume-img", None)
+    volt.parents["volume-img"] = [pending]
+    volt.registered_parents["volume-img"] = [ready("10.0.0.3", "volume-img")]
+    assert vm.create("vm1", "img", CONN).startswith("0:")
+    assert [e.peer_id for e in driver.state.upstreams["volume-img"]] == ["10.0.0.3:volume-img"]
+    assert vm.images["volume-img"].following is False
+    assert ("heartbeat",) not in volt.calls
+
+
+def test_a_register_answer_without_parents_keeps_the_built_paths(tmp_path: Path) -> None:
+    """An original volt-api answers no parents: the node keeps what it built from the
+    query's answer and follows by heartbeat, as before."""
+    vm, driver, volt = make(tmp_path)
+    pending = Volume("10.0.0.7", None, None, None, "pending", "10.0.0.7:volume-img", None)
+    volt.parents["volume-img"] = [pending]
+    assert vm.create("vm1", "img", CONN).startswith("0:")
+    assert [e.portal for e in driver.state.upstreams["volume-img"]] == [CONN["target_portal"]]
+    assert vm.images["volume-img"].following is True

@@ -15,6 +15,8 @@ from tests.unit.volt.invariants import check_tree
 from tests.unit.volt.rig import make
 from volt.errors import PeerNotFound, StoreUnavailable, VolumeNotFound
 from volt.service import VoltService
+from volt.store import Store
+from volt.topology import load_executor
 from volt.validation import make_peer_id
 
 IQN = "iqn.2010-10.org.openstack:"
@@ -207,3 +209,34 @@ def test_a_tree_is_dropped_when_its_last_node_leaves(tmp_path):
     service.leave("volume-a", "10.0.0.1:volume-a")
     assert service.volume_counts() == []
     assert make(tmp_path).volume_counts() == []
+
+
+@pytest.mark.parametrize("fanout", [2, 3])
+def test_register_answers_ready_parents_in_a_burst(tmp_path, fanout):
+    """Issue 15: in a burst every node is placed before any registers, so its query
+    answered only pending parents. The register answer gives the parents after the node was
+    lifted above its pending ancestors: its tree parent (ready) first, never a pending one,
+    and the same list a heartbeat would answer."""
+    service = VoltService(
+        Store(f"sqlite:///{tmp_path / 'volt.sqlite'}"),
+        load_executor("balanced", fanout=fanout),
+        node_timeout=60,
+        clock=Clock(),
+    )
+    hosts = [f"10.1.{i // 250}.{1 + i % 250}" for i in range(60)]
+    for host in hosts:
+        service.query("volume-a", host)
+    order = hosts[::-1][:30] + hosts[:30]  # registrations in another order than placement
+    for host in order:
+        peer_id = make_peer_id(host, "volume-a")
+        placement = service.register("volume-a", peer_id, host, "3260", IQN + "volume-a", "1")
+        node = placement.node
+        assert node is not None and node.peer_id == peer_id and node.ready
+        assert all(p.ready for p in placement.parents)
+        if node.parent.is_root:
+            assert placement.parents == []
+        else:
+            assert placement.parents[0] is node.parent
+        [(same, beat)] = service.heartbeat(host)
+        assert same is node and beat == placement.parents
+        check_tree(service.trees["volume-a"], service.executor, depth_bound=True)
