@@ -121,7 +121,11 @@ class RabbitMQ:
     def _env(self) -> dict[str, str]:
         w = self.workdir
         ip = self.address.strip("[]")
-        erl_ip = "{" + ",".join(ip.split(".")) + "}" if "." in ip else None
+        # Erlang distribution (rabbitmqctl ↔ broker) on ``address`` only, on loopback; in a
+        # namespace of its own it also needs loopback (rabbitmqctl reaches node@localhost),
+        # and the namespace is the boundary.
+        erl_ip = "{" + ",".join(ip.split(".")) + "}" if ip == "127.0.0.1" else None
+        epmd_ip = ip if ip == "127.0.0.1" else f"127.0.0.1,{ip}"
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "HOME": str(w),  # the Erlang cookie: $HOME/.erlang.cookie
@@ -133,7 +137,7 @@ class RabbitMQ:
             "RABBITMQ_CTL_DIST_PORT_MIN": str(self.dist_port + 1),
             "RABBITMQ_CTL_DIST_PORT_MAX": str(self.dist_port + 10),
             "ERL_EPMD_PORT": str(self.epmd_port),
-            "ERL_EPMD_ADDRESS": ip,
+            "ERL_EPMD_ADDRESS": epmd_ip,
             "RABBITMQ_MNESIA_BASE": str(w / "mnesia"),
             "RABBITMQ_LOG_BASE": str(w / "log"),
             "RABBITMQ_LOGS": str(w / "log" / "rabbit.log"),
@@ -185,7 +189,9 @@ class RabbitMQ:
         ip = env["RABBITMQ_NODE_IP_ADDRESS"]
         if self.epmd.adopt() is None:
             self.epmd.spawn(
-                self._argv(["epmd", "-port", str(self.epmd_port), "-address", ip]),
+                self._argv(
+                    ["epmd", "-port", str(self.epmd_port), "-address", env["ERL_EPMD_ADDRESS"]]
+                ),
                 log=self.workdir / "log" / "epmd.out",
                 ready=lambda: self._answers(self.epmd_port),
                 timeout_s=10.0,
