@@ -91,6 +91,49 @@ def safe_url(url: str) -> str:
     return f"{scheme}://{user}:***@{where}"
 
 
+# oslo.messaging's rabbit driver logs an ERROR for every reconnection attempt while the
+# broker is down (every 1-2 s, per connection). ``quiet_reconnects`` keeps the first of an
+# outage and the reconnection, and drops the repeats: the outage is logged once.
+_DRIVER_LOGGERS = ("oslo.messaging._drivers.impl_rabbit", "oslo_messaging._drivers.impl_rabbit")
+_OUTAGE_MARKS = ("is unreachable", "Unable to connect", "Failed to publish", "Connection failed")
+_RECOVERY_MARKS = ("Reconnected to AMQP", "Connected to AMQP")
+
+
+class _OutageFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_outage = False
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        with self._lock:
+            if any(mark in message for mark in _RECOVERY_MARKS):
+                was, self.in_outage = self.in_outage, False
+                if was and self.dropped:
+                    record.msg = f"{record.msg} (after {self.dropped} failed attempts not logged)"
+                self.dropped = 0
+                return True
+            if any(mark in message for mark in _OUTAGE_MARKS):
+                if self.in_outage:
+                    self.dropped += 1
+                    return False
+                self.in_outage = True
+        return True
+
+
+_filter = _OutageFilter()
+
+
+def quiet_reconnects() -> None:
+    """Install the outage filter on the rabbit driver's loggers (idempotent)."""
+    for name in _DRIVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _filter not in logger.filters:
+            logger.addFilter(_filter)
+
+
 class Health:
     """Whether the bus worked last time; a change is logged once (WARNING down, INFO up)."""
 

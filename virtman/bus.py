@@ -70,6 +70,7 @@ class NodeBus:
         import oslo_messaging
 
         conf = conf or cfg.CONF
+        bus.quiet_reconnects()
         rpc, notifications = transports or (
             bus.rpc_transport(conf, url),
             bus.notification_transport(conf, url),

@@ -27,7 +27,7 @@ class ParentPusher:
         import oslo_messaging
 
         target = oslo_messaging.Target(topic=bus.NODE_TOPIC, version=bus.API_VERSION)
-        self.client = oslo_messaging.RPCClient(transport, target, retry=bus.SEND_RETRY)
+        self.client = oslo_messaging.get_rpc_client(transport, target, retry=bus.SEND_RETRY)
         self.health = bus.Health("volt-api parent push")
         self.sender = bus.Sender("volt-bus-push", self._cast, self.health)
         self.pushed: Counter[str] = Counter()  # host -> casts sent
@@ -93,6 +93,7 @@ class VoltBus:
         import oslo_messaging
 
         conf = conf or cfg.CONF
+        bus.quiet_reconnects()
         self.url = url
         rpc, notifications = transports or (
             bus.rpc_transport(conf, url),

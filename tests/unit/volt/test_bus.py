@@ -257,3 +257,19 @@ def test_a_push_for_another_host_is_ignored(transports):
     mine.received("10.0.0.3", "garbage")
     assert got == [] and mine.rejected == 2
     mine.sender.stop()
+
+
+def test_the_drivers_reconnect_errors_are_logged_once_per_outage(caplog):
+    bus.quiet_reconnects()
+    bus.quiet_reconnects()  # idempotent
+    log = logging.getLogger("oslo.messaging._drivers.impl_rabbit")
+    caplog.set_level(logging.INFO, logger="oslo.messaging._drivers.impl_rabbit")
+    for _ in range(5):
+        log.error("AMQP server on 127.0.0.1:5672 is unreachable: refused. Trying again")
+    log.info("Reconnected to AMQP server on 127.0.0.1:5672")
+    log.error("AMQP server on 127.0.0.1:5672 is unreachable: again")
+    log.info("Reconnected to AMQP server on 127.0.0.1:5672")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in messages) == 2
+    assert "after 4 failed attempts not logged" in messages[1]
+    assert len(messages) == 4
