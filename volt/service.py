@@ -133,7 +133,10 @@ class VoltService:
             wanted = (host, port, iqn, lun, nbd_port, OK)
             changed = (node.host, node.port, node.iqn, node.lun, node.nbd_port, node.status)
             if changed != wanted:
-                before = self._parents_view(tree, _register_scope(node))
+                # balanced: only a subtree can change; the btree executors' parents
+                # (leftmost chains, uncles) may change anywhere: the whole tree.
+                scope = _register_scope(node) if self.executor.name == "balanced" else None
+                before = self._parents_view(tree, scope)
                 node.host, node.port, node.iqn, node.lun = host, port, iqn, lun
                 node.nbd_port = nbd_port
                 became_ready = not node.ready

@@ -129,6 +129,7 @@ def test_pushes_go_to_exactly_the_changed_nodes(tmp_path):
             for n in tree.nodes.values()
         }
 
+    total = 0
     for victim in (peers[1], peers[6], peers[0]):
         pushed.calls.clear()
         before = view()
@@ -137,11 +138,13 @@ def test_pushes_go_to_exactly_the_changed_nodes(tmp_path):
         changed = {p for p in after if before.get(p) != after[p]}
         got = {e["peer_id"] for call in pushed.calls for es in call.values() for e in es}
         assert got == changed
+        total += len(got)
         for call in pushed.calls:
             for host, entries in call.items():
                 for e in entries:
                     assert tree.nodes[e["peer_id"]].member == host
                     assert e["parents"] == after[e["peer_id"]]
+    assert total > 0
 
 
 def test_no_bus_no_work(tmp_path):
@@ -273,3 +276,30 @@ def test_the_drivers_reconnect_errors_are_logged_once_per_outage(caplog):
     assert sum("unreachable" in m for m in messages) == 2
     assert "after 4 failed attempts not logged" in messages[1]
     assert len(messages) == 4
+
+
+@pytest.mark.parametrize("executor", ["btree", "btreewithuncle"])
+def test_the_btree_executors_push_exactly_the_changed_nodes(tmp_path, executor):
+    service = make(tmp_path, executor)
+    peers = [node(service, f"10.0.2.{i}") for i in range(1, 12)]  # each registers first
+    pushed = Recorder()
+    service.on_parents_changed = pushed
+    tree = service.trees[IMAGE]
+
+    def view() -> dict[str, list[dict]]:
+        return {
+            n.peer_id: [p.identity() for p in service.executor.parents(tree, n)]
+            for n in tree.nodes.values()
+        }
+
+    total = 0
+    for victim in (peers[1], peers[4], peers[0]):
+        pushed.calls.clear()
+        before = view()
+        service.leave(IMAGE, victim)
+        after = view()
+        changed = {p for p in after if before.get(p) != after[p]}
+        got = {e["peer_id"] for call in pushed.calls for es in call.values() for e in es}
+        assert got == changed
+        total += len(got)
+    assert total > 0
