@@ -14,7 +14,7 @@ SYSTEM_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-block-extra fuse3 tgt libiscsi-bin libnbd-bin
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
     busybox-static cpio e2fsprogs iproute2 postgresql util-linux python3-venv debootstrap
-    systemd
+    systemd rabbitmq-server
 )
 packages=()
 for p in "${SYSTEM_PACKAGES[@]}"; do

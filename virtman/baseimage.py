@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from brick import values
+from brick import bus, values
 from virtman.backoff import Backoff
 from virtman.errors import ImageBuildFailed
 from virtman.journal import Journal
@@ -60,8 +60,11 @@ class BaseImage:
         reader_grace_s: float = 60.0,
         retry: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events: Callable[[str, dict[str, object], bool], None] | None = None,
     ) -> None:
         self.name = name
+        # (event type, payload, is an error): the control bus's notifications (virtman.bus)
+        self.events = events
         # How long a left image waits for children still reading from its relay. Volt
         # re-parents them as the image leaves, and a live child follows within a heartbeat;
         # the ones still connected after that are leaving too (they froze their paths when
@@ -154,11 +157,14 @@ class BaseImage:
                     "local image" if self.local else f"peer {self.peer_id}",
                     ", ".join(e.peer_id or e.portal for e in endpoints),
                 )
+                sources = [e.peer_id or e.portal for e in endpoints]
+                self._event(bus.EVENT_STACK_BUILT, {"peer_id": self.peer_id, "parents": sources})
                 self._start_prefetch(built.origin)
                 return built.origin
             except Exception as exc:
                 # the stack undid its own layers (top first); Volt's side goes last
                 (LOG.debug if quiet else LOG.error)("%s: build failed: %s", self.name, exc)
+                self._event(bus.EVENT_STACK_FAILED, {"error": str(exc)}, error=True)
                 if joined:
                     self._leave()
                 self._clear()
@@ -315,6 +321,7 @@ class BaseImage:
         wait = self.retry.failed()
         self._record()
         if changed:
+            self._event(bus.EVENT_STACK_DEGRADED, {"reason": reason}, error=True)
             LOG.warning(
                 "%s: degraded: %s; its VMs' disks and files are kept, %s; retrying in the "
                 "background (next in %.0f s)",
@@ -334,13 +341,14 @@ class BaseImage:
             )
 
     # -- parents ------------------------------------------------------------------------------
-    def apply_parents(self, parents: list[Volume]) -> None:
-        """Follow Volt's parent list (called by the heartbeat; never waits for a build)."""
+    def apply_parents(self, parents: list[Volume]) -> bool:
+        """Follow Volt's parent list (called by the heartbeat and by a bus push; never
+        waits for a build). False if the image was busy and nothing was looked at."""
         if not self.lock.acquire(blocking=False):
-            return
+            return False
         try:
             if self.status != Status.OK:
-                return
+                return True
             endpoints = self._choose(parents)
             if [e.key for e in endpoints] != [e.key for e in self.upstream]:
                 LOG.info(
@@ -358,6 +366,11 @@ class BaseImage:
             LOG.error("%s: could not apply new parents: %s", self.name, exc)
         finally:
             self.lock.release()
+        return True
+
+    def _event(self, event_type: str, payload: dict[str, object], *, error: bool = False) -> None:
+        if self.events is not None:
+            self.events(event_type, {"image": self.name, **payload}, error)
 
     def rejoin(self) -> None:
         """Volt no longer knows this node (evicted, or its store was lost): join again."""

@@ -11,6 +11,7 @@ instance whose image is degraded (see ``virtman.baseimage``).
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from brick.wait import wait_until
 from virtman import conf, prefetch, stack, validation
 from virtman.backoff import Backoff
 from virtman.baseimage import BaseImage, Status
+from virtman.bus import NodeBus
 from virtman.conf import Settings
 from virtman.drivers import load_driver
 from virtman.errors import DiskExists, InstanceExists, InstanceNotFound, VirtmanError
@@ -29,6 +31,7 @@ from virtman.journal import Journal
 from virtman.layers.base import Driver, Endpoint, Revived
 from virtman.supervisor import Supervisor
 from virtman.voltlink import VoltLink
+from voltclient.client import Volume
 from voltclient.exceptions import VoltClientError
 
 LOG = logging.getLogger(__name__)
@@ -76,12 +79,18 @@ class Virtman:
         self.lock = threading.Lock()  # guards the two dicts only; never held while building
         self._wake = threading.Event()
         self._volt_down = False  # the last heartbeat could not reach Volt
+        # The control bus (docs/bus.rst): Volt's pushes of new parents, our stack events;
+        # made with the background threads below, when a transport_url is set.
+        self.bus: NodeBus | None = None
         driver.start()
         self._reconcile()
         # Background threads (the supervisor and the heartbeat) only with ``heartbeat``.
         self.supervisor = Supervisor(driver, settings.daemon_check_interval)
         self.supervisor.listeners.append(self._rebuild_lost)
         self._thread: threading.Thread | None = None
+        if heartbeat and settings.transport_url:
+            self.bus = NodeBus(settings.transport_url, settings.host_ip, self.apply_pushed)
+            self.bus.start()
         if heartbeat:
             self.supervisor.start()
             self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat")
@@ -134,6 +143,8 @@ class Virtman:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.bus is not None:
+            self.bus.stop()
 
     def shutdown(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         """Stop. With VMs still on their disks the stacks stay up for the next start to
@@ -254,7 +265,12 @@ class Virtman:
             prefetch=prefetch.options_from(self.settings),
             reader_grace_s=self.reader_grace_s,
             retry=Backoff(self.settings.degraded_retry_min, self.settings.degraded_retry_max),
+            events=self._bus_event,
         )
+
+    def _bus_event(self, event_type: str, payload: dict[str, object], error: bool) -> None:
+        if self.bus is not None:
+            self.bus.event(event_type, payload, error=error)
 
     @property
     def reader_grace_s(self) -> float:
@@ -321,6 +337,21 @@ class Virtman:
                 base.rejoin()
             else:
                 base.apply_parents(parents)
+
+    def apply_pushed(self, pushed: dict[str, builtins.list[Volume]]) -> None:
+        """Volt pushed new parents over the bus: follow them at once, as a heartbeat answer
+        (an image busy now is left to the next heartbeat, which comes at once)."""
+        with self.lock:
+            images = list(self.images.values())
+        busy = False
+        for base in images:
+            parents = pushed.get(base.peer_id) if base.peer_id is not None else None
+            if parents is None or base.status != Status.OK or base.local:
+                continue
+            if not base.apply_parents(parents):
+                busy = True
+        if busy:
+            self._wake.set()
 
     # -- daemons -------------------------------------------------------------------------------
     def _rebuild_lost(self, revived: Revived) -> None:

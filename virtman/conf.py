@@ -16,7 +16,7 @@ from pathlib import Path
 
 from oslo_config import cfg, types
 
-from brick import values
+from brick import bus, values
 from brick.exception import InvalidArgument
 from brick.psk import read as read_psk
 
@@ -433,10 +433,13 @@ default_opts += api_opts + guest_opts + zvm_opts
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
-    return [("DEFAULT", default_opts)]
+    return [("DEFAULT", [*default_opts, bus.transport_url_sample_opt()])]
 
 
 CONF.register_opts(default_opts)
+# [DEFAULT] transport_url (oslo.messaging's own option): the control bus, docs/bus.rst.
+# Unset: no bus, parent changes arrive with the heartbeats only.
+bus.register_transport_url(CONF)
 
 
 @dataclass(frozen=True)
@@ -475,6 +478,7 @@ class Settings:
     dm_no_path_retry: int = 30
     dm_cow_percent: int = 110
     master_ca_file: str | None = None
+    transport_url: str | None = None
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, host_ip: str) -> Settings:
@@ -485,6 +489,7 @@ class Settings:
             or f"http://{_url_host(conf.master_ip)}:{conf.master_port}",
             master_token=conf.master_token,
             master_ca_file=conf.master_ca_file,
+            transport_url=conf.transport_url or None,
             heartbeat_interval=conf.heartbeat_interval,
             state_dir=state,
             cache_dir=Path(conf.cache_dir) if conf.cache_dir else state / "cache",

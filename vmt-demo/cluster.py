@@ -20,6 +20,7 @@ from typing import Any
 
 from brick import psk
 from brick.netns import Host, Lab, netns_inode, pids_in_netns
+from brick.rabbitmq import RabbitMQ
 from brick.wait import wait_until
 from volt.auth import node_token
 
@@ -95,6 +96,7 @@ class LocalCluster:
         extra_conf: str = "",
         image_dirs: list[Path] | None = None,
         rpc_ca_file: Path | None = None,
+        bus: bool = False,
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -124,6 +126,10 @@ class LocalCluster:
         self.lab = Lab(name, subnet, state_dir=lab_state_dir or workdir / "lab")
         self.hosts: dict[str, Host] = {}
         self.daemons: dict[str, Daemon] = {}
+        # With ``bus``: a private RabbitMQ on the volt host (inside its namespace), and
+        # every daemon's transport_url pointing at it (docs/bus.rst).
+        self.bus = bus
+        self.rabbitmq: RabbitMQ | None = None
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -133,6 +139,8 @@ class LocalCluster:
             psk.write_new(self.psk_file, self.psk_identity)
         for host in ["volt", "img", "ctl", *self.node_names]:
             self.hosts[host] = self.lab.add_host(host)
+        if self.bus:
+            self.start_rabbitmq()
         self.start_volt()
         for i, host in enumerate(["img", *self.node_names]):
             self.start_virtman(host, index=i)
@@ -156,6 +164,11 @@ class LocalCluster:
         volt = self.daemons.pop("volt", None)
         if volt is not None:
             volt.stop()
+        if self.rabbitmq is not None:
+            try:
+                self.rabbitmq.stop()
+            except Exception as exc:  # the namespace goes anyway, and the broker with it
+                print(f"cluster: could not stop rabbitmq-server: {exc}", file=sys.stderr)
         self.lab.close()
 
     def destroy_all(self) -> None:
@@ -190,6 +203,33 @@ class LocalCluster:
         return pids_in_netns(inode) if inode is not None else []
 
     # -- daemons -------------------------------------------------------------------------------
+    def start_rabbitmq(self) -> RabbitMQ:
+        """Start (or start again) the bus's broker on the volt host."""
+        if self.rabbitmq is None:
+            host = self.hosts["volt"]
+            self.rabbitmq = RabbitMQ(
+                self.workdir / "rabbitmq",
+                address=host.address,
+                netns=host.netns,
+                name=self.lab.name,
+            )
+        return self.rabbitmq.start()
+
+    def _bus_conf(self) -> str:
+        """[DEFAULT] transport_url and quick reconnects (a test restarts the broker)."""
+        if self.rabbitmq is None:
+            return ""
+        return f"transport_url = {self.rabbitmq.transport_url}\n"
+
+    @staticmethod
+    def _bus_sections(bus: bool) -> str:
+        if not bus:
+            return ""
+        return (
+            "[oslo_messaging_rabbit]\nrabbit_retry_interval = 1\nrabbit_retry_backoff = 1\n"
+            "rabbit_interval_max = 2\nkombu_reconnect_delay = 0.5\n"
+        )
+
     def start_volt(self) -> Daemon:
         host = self.hosts["volt"]
         d = self.workdir / "volt"
@@ -200,7 +240,9 @@ class LocalCluster:
             f"bind_host = {host.address}\nbind_port = 7447\n"
             f"default_executor = {self.executor}\nnode_timeout = {self.node_timeout}\n"
             f"pid_file = {d / 'volt-api.pid'}\n"
-            f"[auth]\ntoken = {self.token}\nnode_secret = {self.node_secret}\n"
+            + self._bus_conf()
+            + self._bus_sections(self.bus)
+            + f"[auth]\ntoken = {self.token}\nnode_secret = {self.node_secret}\n"
             f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n"
         )
         log = d / "volt-api.log"
@@ -245,7 +287,11 @@ class LocalCluster:
             f"tgt_control_port = {self.tgt_control_base + index}\n"
             f"parent_wait_timeout = 60\n"
             f"image_dirs = {','.join(str(p) for p in self.image_dirs)}\n"
-            f"log_file = {d / 'virtman.log'}\n" + chap + self.extra_conf
+            f"log_file = {d / 'virtman.log'}\n"
+            + chap
+            + self._bus_conf()
+            + self.extra_conf
+            + self._bus_sections(self.bus)
         )
         log = d / "virtmanserver.out"
         extra: dict[str, Any] = {"dir": d, "log_offset": log.stat().st_size if log.exists() else 0}

@@ -94,6 +94,7 @@ class Demo:
             tgt_control_base=TGT_BASE,
             lab_state_dir=LAB_STATE,
             executor=args.executor,
+            bus=args.bus,
         )
         cluster.start()
         say(f"Volt, an image server and {args.nodes} compute nodes are up")
@@ -293,6 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vms-per-node", type=int, default=1, help="VMs per node (default 1).")
     parser.add_argument(
         "--executor", default="balanced", help="Volt's placement: balanced, btree, ..."
+    )
+    parser.add_argument(
+        "--bus",
+        action="store_true",
+        help="Run the control bus: a private RabbitMQ in Volt's namespace (docs/bus.rst).",
     )
     parser.add_argument("--keep", action="store_true", help="Leave everything running.")
     parser.add_argument("--clean", action="store_true", help="Remove what --keep left, exit.")

@@ -5,6 +5,8 @@ Option names kept from the original Volt: ``bind_host``, ``bind_port``, ``defaul
 
 from oslo_config import cfg
 
+from brick import bus
+
 CONF = cfg.CONF
 
 default_opts: list[cfg.Opt] = [
@@ -151,6 +153,9 @@ database_opts: list[cfg.Opt] = [
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(default_opts)
+    # [DEFAULT] transport_url (oslo.messaging's own option): the control bus, docs/bus.rst.
+    # Unset: no bus, parent changes reach the nodes with their heartbeats only.
+    bus.register_transport_url(conf)
     conf.register_opts(balanced_opts, group="balanced")
     conf.register_opts(auth_opts, group="auth")
     conf.register_opts(ssl_opts, group="ssl")
@@ -160,7 +165,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
     """Options for oslo-config-generator (entry point ``oslo.config.opts``)."""
     return [
-        ("DEFAULT", default_opts),
+        ("DEFAULT", [*default_opts, bus.transport_url_sample_opt()]),
         ("balanced", balanced_opts),
         ("auth", auth_opts),
         ("ssl", ssl_opts),

@@ -38,6 +38,12 @@ class Metrics:
         self.evictions = Counter(
             "volt_evicted_hosts", "Hosts evicted for missing heartbeats", registry=self.registry
         )
+        self.node_events = Counter(
+            "volt_node_events",
+            "Notifications received from the nodes on the control bus, by event type",
+            ["event_type"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "volt_requests",
             "API requests by route and status",

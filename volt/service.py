@@ -75,6 +75,10 @@ class VoltService:
         self.members: dict[str, set[tuple[str, str]]] = {}  # host -> {(volume_id, peer_id)}
         self.last_seen: dict[str, float] = {}
         self.unloaded: set[str] = set()  # trees to reload once the store answers again
+        # The control bus (volt.bus): called with {host: [{"peer_id", "parents"}, ...]} for
+        # the nodes whose parents a leave, an eviction or a registration changed. None: no
+        # bus, parent changes reach nodes with their heartbeats only.
+        self.on_parents_changed: Callable[[dict[str, list[dict[str, object]]]], None] | None = None
         self.lock = threading.Lock()
         with self.lock:
             self._load()
@@ -132,6 +136,10 @@ class VoltService:
             wanted = (host, port, iqn, lun, nbd_port, OK)
             changed = (node.host, node.port, node.iqn, node.lun, node.nbd_port, node.status)
             if changed != wanted:
+                # balanced: only a subtree can change; the btree executors' parents
+                # (leftmost chains, uncles) may change anywhere: the whole tree.
+                scope = _register_scope(node) if self.executor.name == "balanced" else None
+                before = self._parents_view(tree, scope)
                 node.host, node.port, node.iqn, node.lun = host, port, iqn, lun
                 node.nbd_port = nbd_port
                 became_ready = not node.ready
@@ -140,6 +148,7 @@ class VoltService:
                 if became_ready:
                     self.executor.registered(tree, node)
                 self._commit(tree)
+                self._push_changes(tree, before)
                 LOG.info(
                     "registered %s in %s: %s:%s %s lun %s", peer_id, volume_id, host, port, iqn, lun
                 )
@@ -148,8 +157,10 @@ class VoltService:
     def leave(self, volume_id: str, peer_id: str) -> None:
         with self.lock, self._tree_change(volume_id):
             tree, node = self._find(volume_id, peer_id)
+            before = self._parents_view(tree)
             self._remove(tree, node, reason="leave")
             self._commit(tree)
+            self._push_changes(tree, before)
             self._drop_if_empty(tree)
 
     def delete_volume(self, volume_id: str) -> int:
@@ -280,8 +291,11 @@ class VoltService:
             len(entries),
         )
         touched: dict[str, Tree] = {}
+        views: dict[str, dict[str, tuple[str | None, list[dict[str, str | None]]]]] = {}
         for volume_id, peer_id in entries:
             tree = self.trees[volume_id]
+            if volume_id not in views:
+                views[volume_id] = self._parents_view(tree)
             self._remove(tree, tree.nodes[peer_id], reason="evicted")
             touched[volume_id] = tree
         self.members.pop(member, None)
@@ -292,7 +306,44 @@ class VoltService:
                 self._commit(tree)
             except StoreUnavailable:
                 continue  # the tree is reloaded from the store once it answers again
+            self._push_changes(tree, views[tree.volume_id])
             self._drop_if_empty(tree)
+
+    # -- parent changes for the bus ------------------------------------------------------------
+    def _parents_view(
+        self, tree: Tree, start: Node | None = None
+    ) -> dict[str, tuple[str | None, list[dict[str, str | None]]]]:
+        """{peer_id: (member, parents' identities)} of the nodes under ``start`` (whole
+        tree: None); empty without a bus (nothing to compare)."""
+        if self.on_parents_changed is None:
+            return {}
+        return {
+            node.peer_id: (node.member, [p.identity() for p in self.executor.parents(tree, node)])
+            for node in tree.bfs(start)
+            if node.peer_id is not None
+        }
+
+    def _push_changes(
+        self, tree: Tree, before: dict[str, tuple[str | None, list[dict[str, str | None]]]]
+    ) -> None:
+        """Hand the bus the nodes of ``before`` still in the tree whose parents differ now,
+        grouped by host. Never raises: the bus is an optimisation of the heartbeat."""
+        push = self.on_parents_changed
+        if push is None or not before:
+            return
+        changes: dict[str, list[dict[str, object]]] = {}
+        try:
+            for peer_id, (member, parents) in before.items():
+                node = tree.nodes.get(peer_id)
+                if node is None or node.member is None:
+                    continue
+                now = [p.identity() for p in self.executor.parents(tree, node)]
+                if now != parents or node.member != member:
+                    changes.setdefault(node.member, []).append({"peer_id": peer_id, "parents": now})
+            if changes:
+                push(changes)
+        except Exception:
+            LOG.exception("could not hand parent changes of %s to the bus", tree.volume_id)
 
     def _count_placement(self, result: str) -> None:
         self.metrics.placements.labels(self.executor.name, result).inc()
@@ -539,11 +590,27 @@ class VoltService:
                     node = tree.nodes.get(peer_id) if tree is not None else None
                     if tree is None or node is None:
                         continue
+                    before = self._parents_view(tree)
                     self._remove(tree, node, reason="evicted")
                     self._commit(tree)
+                    self._push_changes(tree, before)
                     self._drop_if_empty(tree)
             self._store_call(self.store.forget_member, member)
             with self.lock:
                 self.written.pop(member, None)
             self.metrics.evictions.inc()
         return expired
+
+
+def _register_scope(node: Node) -> Node | None:
+    """The top of the part of the tree whose parents a registration of ``node`` may change
+    (None: the whole tree). A ready node moves up past its pending ancestors (balanced) and
+    becomes a standby parent of its siblings' subtrees: the subtree of the grandparent of
+    the highest place it can reach covers them."""
+    top = node
+    while top.parent is not None and not top.parent.is_root and not top.parent.ready:
+        top = top.parent
+    scope = top.parent
+    if scope is not None and scope.parent is not None:
+        scope = scope.parent
+    return None if scope is None or scope.is_root else scope

@@ -24,6 +24,7 @@ from oslo_log import log as oslo_logging
 
 from volt import conf as volt_conf
 from volt.api.app import VoltApp
+from volt.bus import VoltBus
 from volt.errors import VoltError
 from volt.liveness import Evictor, LoadMonitor
 from volt.metrics import Metrics
@@ -101,6 +102,10 @@ def build_app() -> VoltApp:
         metrics=metrics,
         liveness_write_interval=CONF.database.liveness_write_interval,
     )
+    if CONF.transport_url:
+        # A broker down now is no reason not to start: pushes fail fast and are logged
+        # once; the listener reconnects by itself.
+        service.on_parents_changed = VoltBus(CONF.transport_url, metrics=metrics).start().push
     monitor = LoadMonitor()
     Evictor(service, monitor).start()
     if CONF.auth_strategy == "noauth":

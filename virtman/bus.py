@@ -1,0 +1,149 @@
+"""Virtman's side of the control bus (docs/bus.rst): listen on ``vmthunder-node.<host_ip>``
+for Volt's parent pushes, and send the node's stack events as notifications.
+
+A push is applied through the same path as a heartbeat answer (``on_parents``); a push for
+another host, or that does not parse, is logged and ignored. Nothing here blocks a create,
+a destroy or the heartbeat: the listener runs in oslo.messaging's threads (started in the
+background: a broker down at start only delays it), notifications go through a
+``brick.bus.Sender``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from oslo_config import cfg
+
+from brick import bus
+from voltclient.client import Volume
+
+LOG = logging.getLogger(__name__)
+
+Pushed = dict[str, list[Volume]]  # peer_id -> parents, as VoltLink.heartbeat answers
+
+
+def parse_push(host_ip: str, host: Any, nodes: Any) -> Pushed:
+    """The parents of a ``parents_changed`` message for this host; ValueError if it is not
+    one (wrong host, or not the heartbeat's shape)."""
+    if host != host_ip:
+        raise ValueError(f"addressed to host {host!r}, not {host_ip!r}")
+    if not isinstance(nodes, list):
+        raise ValueError("nodes is not a list")
+    pushed: Pushed = {}
+    for entry in nodes:
+        if not isinstance(entry, dict) or not isinstance(entry.get("peer_id"), str):
+            raise ValueError(f"bad node entry {entry!r}")
+        parents = entry.get("parents")
+        if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
+            raise ValueError(f"bad parents of {entry['peer_id']!r}")
+        pushed[entry["peer_id"]] = [Volume.from_dict(p) for p in parents]
+    return pushed
+
+
+class _Endpoint:
+    def __init__(self, node: NodeBus) -> None:
+        import oslo_messaging
+
+        self.target = oslo_messaging.Target(version=bus.API_VERSION)
+        self.node = node
+
+    def parents_changed(self, ctxt: Any, host: Any = None, nodes: Any = None) -> None:
+        self.node.received(host, nodes)
+
+
+class NodeBus:
+    """:param on_parents: applies pushed parents (``{peer_id: [Volume]}``), as a heartbeat
+    answer is applied."""
+
+    def __init__(
+        self,
+        url: str,
+        host_ip: str,
+        on_parents: Callable[[Pushed], None],
+        *,
+        conf: cfg.ConfigOpts | None = None,
+        transports: tuple[Any, Any] | None = None,
+    ) -> None:
+        import oslo_messaging
+
+        conf = conf or cfg.CONF
+        bus.quiet_reconnects()
+        rpc, notifications = transports or (
+            bus.rpc_transport(conf, url),
+            bus.notification_transport(conf, url),
+        )
+        self.url = url
+        self.host_ip = host_ip
+        self.on_parents = on_parents
+        self.pushes = 0  # pushes applied
+        self.rejected = 0
+        target = oslo_messaging.Target(topic=bus.NODE_TOPIC, server=host_ip)
+        self._server = oslo_messaging.get_rpc_server(
+            rpc,
+            target,
+            [_Endpoint(self)],
+            executor="threading",
+            access_policy=oslo_messaging.DefaultRPCAccessPolicy,
+        )
+        self._notifier = oslo_messaging.Notifier(
+            notifications,
+            publisher_id=f"virtman.{host_ip}",
+            driver="messagingv2",
+            topics=[bus.EVENTS_TOPIC],
+            retry=bus.SEND_RETRY,
+        )
+        self.health = bus.Health("virtman notifications")
+        self.sender = bus.Sender("virtman-bus-notify", self._notify, self.health)
+        self._started = threading.Event()
+        self._starter: threading.Thread | None = None
+
+    def start(self) -> NodeBus:
+        self._starter = threading.Thread(target=self._start, name="virtman-bus", daemon=True)
+        self._starter.start()
+        return self
+
+    def _start(self) -> None:
+        try:
+            self._server.start()  # connects (and retries) before it returns
+        except Exception:
+            LOG.exception("control bus listener could not start; heartbeats only")
+            return
+        self._started.set()
+        LOG.info(
+            "control bus on %s: listening on %s.%s",
+            bus.safe_url(self.url),
+            bus.NODE_TOPIC,
+            self.host_ip,
+        )
+
+    def wait_started(self, timeout_s: float) -> bool:
+        return self._started.wait(timeout_s)
+
+    def received(self, host: Any, nodes: Any) -> None:
+        try:
+            pushed = parse_push(self.host_ip, host, nodes)
+        except ValueError as exc:
+            self.rejected += 1
+            LOG.warning("ignoring a parents_changed message: %s", exc)
+            return
+        LOG.info("Volt pushed new parents of %s", ", ".join(sorted(pushed)))
+        self.on_parents(pushed)
+        self.pushes += 1
+
+    # -- notifications -------------------------------------------------------------------
+    def event(self, event_type: str, payload: dict[str, Any], *, error: bool = False) -> None:
+        """Queue a notification (never blocks)."""
+        self.sender.put((event_type, dict(payload, host=self.host_ip), error))
+
+    def _notify(self, item: tuple[str, dict[str, Any], bool]) -> None:
+        event_type, payload, error = item
+        (self._notifier.error if error else self._notifier.info)({}, event_type, payload)
+
+    def stop(self) -> None:
+        self.sender.stop()
+        if self._started.is_set():
+            self._server.stop()
+            self._server.wait()

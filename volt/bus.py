@@ -1,0 +1,135 @@
+"""Volt's side of the control bus (docs/bus.rst): push parent changes to exactly the
+affected node hosts, and count the nodes' notifications.
+
+``VoltService`` computes the changes (``on_parents_changed``: ``{host: [entry, ...]}``, each
+entry the heartbeat's ``{"peer_id", "parents"}``); ``ParentPusher`` casts them in its own
+thread, so that neither the API nor the eviction loop ever waits on the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any
+
+from oslo_config import cfg
+
+from brick import bus
+
+LOG = logging.getLogger(__name__)
+
+
+class ParentPusher:
+    """Casts ``parents_changed`` to ``vmthunder-node.<host>`` for each host with changes."""
+
+    def __init__(self, transport: Any) -> None:
+        import oslo_messaging
+
+        target = oslo_messaging.Target(topic=bus.NODE_TOPIC, version=bus.API_VERSION)
+        self.client = oslo_messaging.get_rpc_client(transport, target, retry=bus.SEND_RETRY)
+        self.health = bus.Health("volt-api parent push")
+        self.sender = bus.Sender("volt-bus-push", self._cast, self.health)
+        self.pushed: Counter[str] = Counter()  # host -> casts sent
+
+    def push(self, changes: dict[str, list[dict[str, Any]]]) -> None:
+        """Queue one cast per host (never blocks)."""
+        for host, nodes in sorted(changes.items()):
+            if nodes:
+                self.sender.put((host, nodes))
+
+    def _cast(self, item: tuple[str, list[dict[str, Any]]]) -> None:
+        host, nodes = item
+        self.client.prepare(server=host).cast({}, bus.PARENTS_CHANGED, host=host, nodes=nodes)
+        self.pushed[host] += 1
+        LOG.info(
+            "pushed new parents of %s to %s", ", ".join(str(n["peer_id"]) for n in nodes), host
+        )
+
+    def stop(self) -> None:
+        self.sender.stop()
+
+
+class EventsEndpoint:
+    """Notifications from the nodes: logged and counted (``volt_node_events``)."""
+
+    def __init__(self, metrics: Any | None = None) -> None:
+        self.metrics = metrics
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _record(self, level: int, publisher_id: str, event_type: str, payload: Any) -> None:
+        if event_type not in bus.EVENTS:
+            LOG.debug("ignoring bus event %s from %s", event_type, publisher_id)
+            return
+        with self._lock:
+            self.counts[event_type] += 1
+        if self.metrics is not None:
+            self.metrics.node_events.labels(event_type).inc()
+        LOG.log(level, "%s from %s: %s", event_type, publisher_id, payload)
+
+    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any, md: Any) -> None:
+        self._record(logging.INFO, publisher_id, event_type, payload)
+
+    def error(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any, md: Any) -> None:
+        self._record(logging.WARNING, publisher_id, event_type, payload)
+
+    warn = error
+
+
+class VoltBus:
+    """Both directions, on one ``transport_url``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        metrics: Any | None = None,
+        conf: cfg.ConfigOpts | None = None,
+        transports: tuple[Any, Any] | None = None,
+    ) -> None:
+        """``transports``: (RPC, notification) transports to use instead of ``url``'s (the
+        unit tests share ``fake:/`` ones between both ends)."""
+        import oslo_messaging
+
+        conf = conf or cfg.CONF
+        bus.quiet_reconnects()
+        self.url = url
+        rpc, notifications = transports or (
+            bus.rpc_transport(conf, url),
+            bus.notification_transport(conf, url),
+        )
+        self.pusher = ParentPusher(rpc)
+        self.events = EventsEndpoint(metrics)
+        self._listening = threading.Event()
+        self._listener = oslo_messaging.get_notification_listener(
+            notifications,
+            [oslo_messaging.Target(topic=bus.EVENTS_TOPIC)],
+            [self.events],
+            executor="threading",
+            allow_requeue=False,
+        )
+
+    def start(self) -> VoltBus:
+        # The listener connects (retrying while the broker is down) before its start
+        # returns: in a thread of its own, so that volt-api never waits for the broker.
+        threading.Thread(target=self._start_listener, name="volt-bus-events", daemon=True).start()
+        LOG.info("control bus on %s: pushing parent changes", bus.safe_url(self.url))
+        return self
+
+    def _start_listener(self) -> None:
+        try:
+            self._listener.start()
+        except Exception:
+            LOG.exception("control bus: the events listener could not start")
+            return
+        self._listening.set()
+
+    def push(self, changes: dict[str, list[dict[str, Any]]]) -> None:
+        self.pusher.push(changes)
+
+    def stop(self) -> None:
+        self.pusher.stop()
+        if self._listening.is_set():
+            self._listener.stop()
+            self._listener.wait()
