@@ -398,6 +398,8 @@ class Methods:
     def __init__(self, virtman: Virtman, images: ImageService) -> None:
         self._virtman = virtman
         self._images = images
+        if virtman.image_service is None:
+            virtman.image_service = images  # where this node's captures are exported
 
     def create(
         self, instance_name: str, image_name: str, image_connection: Any, snapshot_dev: Any = None
@@ -409,6 +411,10 @@ class Methods:
 
     def list(self) -> list[str]:
         return self._virtman.list()
+
+    def capture(self, instance_name: str, image_name: str) -> str:
+        """A new image from an instance's disk (quiesced by the caller), exported here."""
+        return self._virtman.capture(instance_name, image_name)
 
     def create_image_target(
         self,
