@@ -140,7 +140,7 @@ class Catalogue:
             if self.store.get("images", name) is not None:
                 raise ImageExists(name)
             made = capture(userid, name)
-            source = next(
+            source: dict[str, Any] = next(
                 (
                     r
                     for r in self.store.all("images").values()

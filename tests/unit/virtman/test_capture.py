@@ -31,8 +31,11 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     disk = tmp_path / "vm1-disk"
     disk.write_bytes(b"\x07" * 8192)  # what the flattened disk holds
     virtman = Virtman(
-        settings=settings(tmp_path / "state"), driver=FakeDriver(), volt=FakeVolt(), heartbeat=False
-    )  # type: ignore[arg-type]
+        settings=settings(tmp_path / "state"),
+        driver=FakeDriver(),  # type: ignore[arg-type]
+        volt=FakeVolt(),  # type: ignore[arg-type]
+        heartbeat=False,
+    )
     tgt = FakeTgt()
     service = ImageService(tgt, None, PREFIX, [images], journal=Journal(tmp_path / "j.json"))  # type: ignore[arg-type]
     virtman.image_service = service
