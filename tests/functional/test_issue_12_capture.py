@@ -90,6 +90,10 @@ def test_capture_then_boot_on_two_nodes_through_the_tree(cluster_factory) -> Non
     for entry in top:  # the top of J's tree reads from A's image target
         node = b if entry["host"] == cluster.hosts[b].address else c
         assert [p["portal"] for p in cluster.paths(node, CAPTURED)] == [source["target_portal"]]
+    # A's tgtd shows them reading J (what image_delete of the z/VM API refuses on)
+    j_iqn = source["target_iqn"]
+    a_readers = {x.address for x in TgtAdm(TGT_BASE + 1).connections(j_iqn)}
+    assert a_readers == {n["host"] for n in top}, (a_readers, tree)
     # S's target never saw B or C (tgtd's own table); its link carried only heartbeats
     s_readers = {
         x.address for x in TgtAdm(TGT_BASE).connections(f"iqn.2010-10.org.openstack:{IMAGE}")

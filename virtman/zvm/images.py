@@ -49,8 +49,7 @@ class ImageInUse(VirtmanError):
     def __init__(self, name: str, instances: list[str]) -> None:
         self.name, self.instances = name, instances
         super().__init__(
-            f"image {name} is in use by the instances {', '.join(instances)} of this node: "
-            "delete them first"
+            f"image {name} is in use by the instances {', '.join(instances)}: delete them first"
         )
 
 
@@ -219,6 +218,9 @@ class Catalogue:
             users = self.instances_of(record["target"])
             if users:
                 raise ImageInUse(name, users)
+            readers = self.service.readers(record["target"])
+            if readers:  # other nodes boot it from this node's target
+                raise ImageInUse(name, [f"of the node(s) {', '.join(readers)}"])
             result = self.service.destroy_image_target(record["target"])
             if result.partition(":")[0] not in ("0", "1"):
                 raise ImageFailed(f"cannot delete image {name}: {result[2:]}")

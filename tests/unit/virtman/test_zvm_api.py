@@ -37,6 +37,7 @@ ENVELOPE = {"overallRC", "rc", "rs", "modID", "output", "errmsg"}
 class FakeTgt:
     def __init__(self) -> None:
         self.created: list[tuple[str, Path]] = []
+        self.readers: dict[str, list[str]] = {}  # iqn -> initiator addresses
 
     def targets(self) -> list[Any]:
         return [
@@ -50,6 +51,9 @@ class FakeTgt:
 
     def delete_target(self, iqn: str) -> None:
         self.created = [(i, p) for i, p in self.created if i != iqn]
+
+    def connections(self, iqn: str) -> list[Any]:
+        return [SimpleNamespace(address=a) for a in self.readers.get(iqn, [])]
 
 
 class Recorder:
@@ -709,6 +713,12 @@ def test_capture_makes_an_image_the_other_verbs_see(node: SimpleNamespace) -> No
     assert not any((node.images / f"volume-{n}.raw").exists() for n in ("x2", "x3", "x4"))
     # a base image with instances on it cannot be deleted; a captured one takes its file
     assert codes(call("image_delete", "img1")) == (409, 409, 1, 40)
+    # nor one that other nodes read from this node's target
+    node.tgt.readers["iqn.2010-10.org.openstack:volume-snap1"] = ["10.0.0.7"]
+    result = call("image_delete", "snap1")
+    assert codes(result) == (409, 409, 1, 40) and "10.0.0.7" in result["errmsg"]
+    assert captured.exists()
+    node.tgt.readers.clear()
     ok(call("image_delete", "snap1"))
     assert not captured.exists()
     assert all(i != "iqn.2010-10.org.openstack:volume-snap1" for i, _ in node.tgt.created)
