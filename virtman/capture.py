@@ -18,6 +18,8 @@ The contract (``Virtman.capture``):
 * **All or nothing**: a failure at any step removes what the earlier steps made (the
   partial file, the file, the target). A name already used by an image target, a recorded
   export, an image of this node or an existing file: ``CaptureExists``, nothing changed.
+* **A crash** mid-way leaves at most the hidden partial file: removed at the next start
+  (``sweep_partials``) or by the next capture of that name.
 * **The instance is not disturbed**: its disk is only read; it keeps running on it.
 """
 
@@ -160,6 +162,19 @@ def capture(
     }
     LOG.info("captured %s (%d bytes) from %s; exported at %s", image, size, source, connection)
     return Captured(image, str(dest), size, connection)
+
+
+def sweep_partials(service: ImageService) -> list[str]:
+    """Remove the partial files of captures a crash interrupted (at start); their names."""
+    if not service.image_dirs:
+        return []
+    removed = []
+    for part in sorted(Path(service.image_dirs[0]).glob(".volume-*.raw.part")):
+        if part.is_file() and not part.is_symlink():
+            _unlink(part)
+            removed.append(str(part))
+            LOG.warning("removed %s: a capture that did not finish", part)
+    return removed
 
 
 def _unlink(path: Path) -> None:

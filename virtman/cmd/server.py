@@ -12,6 +12,7 @@ from pathlib import Path
 
 import brick.privileged
 import brick.privileged.process
+from virtman import capture
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.drivers import load_driver
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         journal=virtman.journal,
     )
     images.restore()  # what a tgtd that died with the host (or alone) held
+    capture.sweep_partials(images)  # a capture a crash interrupted
     virtman.supervisor.listeners.append(images.restore)
     try:
         server = build_server((listen_host, CONF.listen_port), limits, virtman, images, context)

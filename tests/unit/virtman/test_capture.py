@@ -146,3 +146,10 @@ def test_the_instance_cannot_be_destroyed_while_captured(node: SimpleNamespace) 
     assert node.virtman.destroy("vm1") == "0:"
     # the captured image outlives its instance
     assert (node.images / "volume-snap.raw").exists()
+
+
+def test_a_crashed_captures_partial_file_is_swept(node: SimpleNamespace) -> None:
+    (node.images / ".volume-snap.raw.part").write_bytes(b"half")
+    (node.images / "keep.raw").write_bytes(b"k" * 512)
+    assert capturing.sweep_partials(node.service) == [str(node.images / ".volume-snap.raw.part")]
+    assert files(node.images) == ["keep.raw"]
