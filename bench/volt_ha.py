@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.volt_load import TOKEN, VoltServer  # noqa: E402
+from brick.net import wait_port_free  # noqa: E402
+from brick.wait import wait_until  # noqa: E402
 from voltclient import Client  # noqa: E402
 from voltclient.exceptions import VoltClientError  # noqa: E402
 
@@ -56,27 +57,13 @@ def evictor_of(servers: list[VoltServer], since: dict[int, int]) -> int | None:
 
 
 def wait_evictor(servers: list[VoltServer], since: dict[int, int], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = evictor_of(servers, since)
-        if found is not None:
-            return found
-        time.sleep(0.01)
-    raise RuntimeError(f"no master took the evictor within {timeout} s")
+    def found() -> list[int]:  # a list: master 0 is a find too
+        index = evictor_of(servers, since)
+        return [] if index is None else [index]
 
-
-def wait_port_free(port: int, timeout: float = 10.0) -> None:
-    """The killed volt-api's worker (it dies with its parent) has closed the socket."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-                return
-            except OSError:
-                time.sleep(0.05)
-    raise RuntimeError(f"port {port} still in use {timeout} s after kill -9")
+    return wait_until(
+        found, timeout_s=timeout, what="a master to take the evictor", max_interval_s=0.01
+    )[0]
 
 
 class Clients:
@@ -185,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{takeover:.3f} s; longest client request since the kill "
                 f"{clients.longest_since(killed):.3f} s"
             )
-            wait_port_free(victim.port)
+            wait_port_free(victim.port)  # its worker dies with it and closes the socket
             victim.start()  # the same port and database: back as a standby
             leader = new
     finally:

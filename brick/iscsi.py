@@ -87,8 +87,8 @@ def validate_lun(value: object) -> int:
 
 
 def _portal_parts(portal: str) -> tuple[str, int]:
-    head, _, port = portal.rpartition(":")
-    return values.unbracket(head), int(port)
+    where = values.Portal.parse(portal, names=True)
+    return where.host, where.port
 
 
 def by_path(portal: str, iqn: str, lun: int) -> str:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from brick import values
 from brick.exception import BrickError, Conflict, InvalidArgument
 from brick.tgt import Chap, validate_iqn, validate_portal
 
@@ -97,8 +98,8 @@ def _validate_device(value: object) -> str:
 
 def _portal_address(portal: str) -> tuple[str, int]:
     """``ip:port`` -> (ip, port); an IPv6 address keeps its brackets (rtslib wants them)."""
-    head, _, port = validate_portal(portal).rpartition(":")
-    return head, int(port)
+    where = values.Portal.parse(validate_portal(portal))
+    return values.bracket(where.host), where.port
 
 
 class LioTargets:

@@ -42,7 +42,7 @@ class Status(enum.StrEnum):
 
 
 def portal_host(portal: str) -> str:
-    return values.unbracket(portal.rpartition(":")[0])
+    return values.Portal.parse(portal, names=True).host
 
 
 class BaseImage:
@@ -78,6 +78,11 @@ class BaseImage:
         local = [c for c in connections if portal_host(c.portal) == host_ip]
         self.local = bool(local)
         self.connections = local[:1] or connections
+        # the journal's form of the connections, made once (every record writes it again)
+        self._recorded_connections = [
+            {"target_portal": c.portal, "target_iqn": c.iqn, "target_lun": c.lun}
+            for c in self.connections
+        ]
         self.iqn = connections[0].iqn
         self.lock = threading.RLock()
         self.status = Status.EMPTY
@@ -471,10 +476,7 @@ class BaseImage:
             {
                 "status": str(self.status),
                 "peer_id": self.peer_id,
-                "connections": [
-                    {"target_portal": c.portal, "target_iqn": c.iqn, "target_lun": c.lun}
-                    for c in self.connections
-                ],
+                "connections": self._recorded_connections,
             },
         )
 

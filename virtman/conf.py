@@ -356,6 +356,35 @@ api_opts = [
 ]
 
 
+# The guests virtmanserver owns (virtman/guest/manager.py): how their domains boot.
+guest_opts: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "guest_libvirt_uri",
+        default="qemu:///system",
+        help="libvirt URI of the guests' domains (QEMU; TCG unless /dev/kvm is usable).",
+    ),
+    cfg.StrOpt(
+        "guest_kernel",
+        help="Kernel every guest boots directly (libvirt <kernel>); its root disk is its "
+        "VMThunder snapshot (/dev/vda). Unset: deploy is refused.",
+    ),
+    cfg.StrOpt("guest_initrd", help="Initramfs of guest_kernel. Unset: deploy is refused."),
+    cfg.StrOpt(
+        "guest_cmdline",
+        default="root=/dev/vda console=ttyS0 ro panic=-1",
+        help="Kernel command line of the guests (console on ttyS0: console_output).",
+    ),
+    cfg.StrOpt(
+        "guest_name_prefix",
+        default="guest-",
+        regex=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,23}$",
+        help="A guest's instance (and snapshot) name is this prefix + its userid; its "
+        "domain is vmt-<instance>. Domains of ours with this prefix and no journal record "
+        "are reported as orphans at start, never destroyed.",
+    ),
+]
+
+
 # The z/VM Cloud Connector-shaped REST API (virtman.zvm, docs/zvm-api.rst).
 zvm_opts = [
     cfg.BoolOpt(
@@ -399,9 +428,8 @@ zvm_opts = [
     ),
 ]
 
-
-default_opts += api_opts  # one list: vmt-initenv.py writes every option of it
-default_opts += zvm_opts
+# one list: vmt-initenv.py writes every option of it
+default_opts += api_opts + guest_opts + zvm_opts
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:

@@ -67,13 +67,28 @@ class DiskExists(VirtmanError):
         )
 
 
+# -- guests (virtman.guest.manager; the z/VM-shaped API maps these to its codes) ---------------
 class GuestNotFound(InstanceNotFound):
-    """No guest (z/VM-shaped userid) of that name on this node."""
+    """No guest of that userid is recorded on this node."""
+
+    def __init__(self, userid: str) -> None:
+        super().__init__(userid)
+        self.userid = userid
+        self.args = (f"Virtman: the guest '{userid}' does not exist",)
 
 
 class GuestExists(InstanceExists):
-    """A guest of that userid is already recorded on this node."""
+    """A guest of that userid is recorded already."""
+
+    def __init__(self, userid: str) -> None:
+        super().__init__(userid)
+        self.userid = userid
+        self.args = (f"Virtman: the guest '{userid}' already exists",)
 
 
 class GuestStateError(VirtmanError):
-    """The guest cannot do that now (e.g. start of a guest with no disk yet)."""
+    """The guest cannot do that now (no disk deployed yet, not running, ...)."""
+
+    def __init__(self, userid: str, reason: str) -> None:
+        self.userid, self.reason = userid, reason
+        super().__init__(f"Virtman: guest '{userid}': {reason}")

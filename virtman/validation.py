@@ -45,13 +45,17 @@ def host(value: object, field: str) -> str:
 
 def portal(value: object, field: str = "target_portal") -> str:
     """``host:port`` or ``[v6]:port``; returns the canonical form."""
-    if not isinstance(value, str) or ":" not in value:
-        raise InvalidInput(field, value, "must be host:port")
-    head, _, port_text = value.rpartition(":")
+    try:
+        head, port_text = values.Portal.split(value)
+    except ValueError as err:
+        rule = str(err) if "brackets" in str(err) else "must be host:port"
+        raise InvalidInput(field, value, rule) from None
     address = host(head, field)
-    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise InvalidInput(field, value, "port must be 1-65535")
-    return values.join_host_port(address, int(port_text))
+    try:
+        number = values.parse_port(port_text)
+    except ValueError:
+        raise InvalidInput(field, value, "port must be 1-65535") from None
+    return values.join_host_port(address, number)
 
 
 def iqn(value: object, field: str = "target_iqn") -> str:

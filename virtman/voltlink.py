@@ -26,9 +26,9 @@ def parent_endpoints(parents: list[Volume]) -> list[Endpoint]:
     for p in parents:
         if not p.ready or not (p.host and p.port and p.iqn and p.lun):
             continue
-        host = values.bracket(p.host)
-        nbd = f"{host}:{p.nbd_port}" if p.nbd_port else None
-        endpoints.append(Endpoint(f"{host}:{p.port}", p.iqn, int(p.lun), nbd, p.peer_id))
+        nbd = values.join_host_port(p.host, p.nbd_port) if p.nbd_port else None
+        portal = values.join_host_port(p.host, p.port)
+        endpoints.append(Endpoint(portal, p.iqn, int(p.lun), nbd, p.peer_id))
     return endpoints
 
 
@@ -100,11 +100,9 @@ class VoltLink:
             raise ParentsUnavailable(image, timeout_s) from None
 
     def register(self, image: str, peer_id: str, relay: Relay) -> None:
-        host, _, port = relay.portal.rpartition(":")
-        nbd_port = relay.nbd.rpartition(":")[2] if relay.nbd else None
-        self.client.volumes.login(
-            image, peer_id, values.unbracket(host), port, relay.iqn, 1, nbd_port
-        )
+        where = values.Portal.parse(relay.portal, names=True)
+        nbd_port = values.Portal.parse(relay.nbd, names=True).port if relay.nbd else None
+        self.client.volumes.login(image, peer_id, where.host, where.port, relay.iqn, 1, nbd_port)
 
     def leave(self, image: str, peer_id: str) -> None:
         self.client.volumes.logout(image, peer_id)

@@ -187,26 +187,27 @@ def build_connection(
     lun: int = 1,
 ) -> Connection:
     """The original's connection dict for an image exported at ``portal`` (``ip:port``)."""
-    return {
-        "target_portal": portal,
-        "target_iqn": iqn_prefix + normalise_image_name(image_name),
-        "target_lun": lun,
-    }
+    return _connection(portal, iqn_prefix + normalise_image_name(image_name), lun)
+
+
+def _connection(portal: str, iqn: str, lun: int) -> Connection:
+    return {"target_portal": portal, "target_iqn": iqn, "target_lun": lun}
 
 
 def build_connections(
-    portals: Sequence[str],
+    portals: Sequence[str] | str,
     image_name: str,
     iqn_prefix: str = DEFAULT_IQN_PREFIX,
     lun: int = 1,
 ) -> Connections:
     """One dict for one portal (a string is one portal), a list of dicts (one path each)
-    for several."""
+    for several; the image name is normalised once for all of them."""
     if isinstance(portals, str):
         portals = [portals] if portals else []
     if not portals:
         raise ValueError("at least one portal is needed")
-    conns = [build_connection(p, image_name, iqn_prefix, lun) for p in portals]
+    iqn = iqn_prefix + normalise_image_name(image_name)
+    conns = [_connection(p, iqn, lun) for p in portals]
     return conns[0] if len(conns) == 1 else conns
 
 
@@ -220,13 +221,20 @@ def normalise_endpoint(endpoint: str) -> str:
         raise ValueError("empty virtman endpoint")
     if any(ch.isspace() or not ch.isprintable() for ch in text):
         raise ValueError(f"invalid virtman endpoint {endpoint!r}: whitespace or control characters")
+    shape = f"invalid virtman endpoint {endpoint!r}: use host[:port] or an http URL"
     if "://" not in text:
-        if text.count(":") > 1 and not text.startswith("["):
-            text = values.bracket(text)  # a bare IPv6 address
-        text = "http://" + text
+        # A bare IPv6 address is refused: is ``fd00::1:7774`` a port or the last group?
+        try:
+            host, port_text = values.Portal.split(text, DEFAULT_PORT)
+        except ValueError as err:
+            rule = str(err) if "brackets" in str(err) else "use host[:port] or an http URL"
+            raise ValueError(f"invalid virtman endpoint {endpoint!r}: {rule}") from None
+        text = "http://" + values.join_host_port(
+            host, DEFAULT_PORT if port_text is None else port_text
+        )
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid virtman endpoint {endpoint!r}: use host[:port] or an http URL")
+        raise ValueError(shape)
     try:
         port = parts.port
     except ValueError:

@@ -86,27 +86,19 @@ def join_host_port(host: str, port_number: int) -> str:
 
 
 def portal(value: object, default_port: int = ISCSI_PORT, what: str = "portal") -> str:
-    """``ip:port`` / ``[v6]:port`` / a bare IP (then ``default_port``); canonical ``ip:port``."""
-    if not isinstance(value, str) or not value:
-        raise _invalid(what, value, "must be ip:port")
-    host, sep, port_text = value, "", ""
-    if value.startswith("["):
-        close = value.find("]")
-        if close < 0:
-            raise _invalid(what, value, "must be ip:port")
-        host, rest = value[1:close], value[close + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise _invalid(what, value, "must be ip:port")
-            sep, port_text = ":", rest[1:]
-    elif value.count(":") == 1:
-        host, sep, port_text = value.partition(":")
+    """``ip:port`` / ``[v6]:port`` / a bare IPv4 or ``[v6]`` (then ``default_port``); canonical
+    ``ip:port``. A bare IPv6 address is refused: ``fd00::1:3260`` could be either."""
+    try:
+        host, port_text = values.Portal.split(value, default_port)
+    except ValueError as err:
+        rule = str(err) if "brackets" in str(err) else "must be ip:port"  # the brackets' rules
+        raise _invalid(what, value, rule) from None
     try:
         address = ip(host, what)
     except ValueError:
         raise _invalid(what, value, "must be ip:port with an IP address") from None
     number = default_port
-    if sep:
+    if port_text is not None:
         try:
             number = port(port_text, what)
         except ValueError:

@@ -69,13 +69,12 @@ def _client(
 ) -> Client:
     """The client of the virtman server at ``ip`` (an IP address or a host name)."""
     address = _host(ip, "node address")
-    host = f"[{address}]" if ":" in address else address
     chosen = token if token is not None else TOKEN
     if chosen is None:
         chosen = os.environ.get("VMT_TOKEN") or None
     ca = ca_file or CA_FILE or os.environ.get("VMT_CACERT") or None
     return Client(
-        f"{'https' if ca else 'http'}://{host}:{port or PORT}/RPC2",
+        f"{'https' if ca else 'http'}://{join_host_port(address, port or PORT)}/RPC2",
         token=chosen,
         timeout=timeout if timeout is not None else TIMEOUT,
         ca_file=ca,

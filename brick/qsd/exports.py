@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import brick.privileged.sysfs
+from brick import values
 from brick.exception import BrickError, Conflict, InvalidArgument, NotFound
 from brick.qsd.core import DaemonCore
 from brick.qsd.mounts import mount_device, mounted_paths, remove_empty_file
@@ -98,7 +99,7 @@ class ExportOps(DaemonCore):
         port = validate_port(port)
         if tls_creds is not None:
             tls_creds = validate_node_name(tls_creds, "tls_creds")
-        address = f"{host}:{port}"
+        address = values.join_host_port(host, port)  # [v6]:port, as Portal.parse reads it
         with self._lock:
             state = self._load_state()
             if state["nbd_server"] == address and state.get("nbd_tls") == tls_creds:

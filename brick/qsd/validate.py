@@ -71,20 +71,15 @@ def validate_port(value: object, field: str = "port") -> int:
 
 def validate_portal(value: object, field: str = "portal") -> str:
     """``host:port`` or ``[ipv6]:port``; returned canonical."""
-    if not isinstance(value, str) or ":" not in value:
-        raise InvalidArgument(field, value, "must be host:port or [ipv6]:port")
-    head, _, port_text = value.rpartition(":")
-    if not port_text.isdigit():
+    try:
+        head, port_text = values.Portal.split(value)
+    except ValueError as err:
+        rule = str(err) if "brackets" in str(err) else "must be host:port or [ipv6]:port"
+        raise InvalidArgument(field, value, rule) from None
+    if not values.is_ascii_decimal(port_text):
         raise InvalidArgument(field, value, "must be host:port with a numeric port")
-    port = validate_port(int(port_text), field)
-    if head.startswith("[") and head.endswith("]"):
-        try:
-            return values.join_host_port(str(ipaddress.IPv6Address(head[1:-1])), port)
-        except ValueError:
-            raise InvalidArgument(field, value, "bad IPv6 address in brackets") from None
-    if ":" in head:
-        raise InvalidArgument(field, value, "an IPv6 address needs brackets: [ipv6]:port")
-    return f"{validate_host(head, field)}:{port}"
+    port = validate_port(int(str(port_text)), field)
+    return values.join_host_port(validate_host(head, field), port)
 
 
 def validate_iqn(value: object, field: str = "iqn") -> str:

@@ -27,52 +27,15 @@ Facts about tgt 1.0.85 that shape this module (see shared/reference/env-userspac
 
 from __future__ import annotations
 
-from brick.tgt.adm import (
-    TgtAdm,
-)
-from brick.tgt.daemon import (
-    NETNS_DIR,
-    SOCKET_DIR,
-    TgtDaemon,
-)
-from brick.tgt.parse import (
-    ALL_INITIATORS,
-    Chap,
-    Connection,
-    Lun,
-    ParseError,
-    Target,
-    parse_accounts,
-    parse_targets,
-    validate_backing_path,
-    validate_control_port,
-    validate_initiator,
-    validate_iqn,
-    validate_lun,
-    validate_netns,
-    validate_port,
-    validate_portal,
-)
+from brick.tgt.adm import TgtAdm
+from brick.tgt.daemon import TgtDaemon
+from brick.tgt.parse import Chap, Target, validate_iqn, validate_portal
 
 __all__ = [
-    "ALL_INITIATORS",
-    "NETNS_DIR",
-    "SOCKET_DIR",
     "Chap",
-    "Connection",
-    "Lun",
-    "ParseError",
     "Target",
     "TgtAdm",
     "TgtDaemon",
-    "parse_accounts",
-    "parse_targets",
-    "validate_backing_path",
-    "validate_control_port",
-    "validate_initiator",
     "validate_iqn",
-    "validate_lun",
-    "validate_netns",
-    "validate_port",
     "validate_portal",
 ]

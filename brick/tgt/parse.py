@@ -64,19 +64,16 @@ def validate_lun(value: object) -> int:
 
 def validate_portal(value: object, field: str = "portal") -> str:
     """``ipv4:port`` or ``[ipv6]:port`` (an IP literal: tgtd resolves nothing); canonical form."""
-    if not isinstance(value, str) or ":" not in value:
-        raise InvalidArgument(field, value, "must be ip:port or [ipv6]:port")
-    head, _, port_text = value.rpartition(":")
-    bracketed = head.startswith("[") and head.endswith("]")
     try:
-        address = ipaddress.ip_address(head[1:-1] if bracketed else head)
+        head, port_text = values.Portal.split(value)
+        address = values.ip(head)
+    except ValueError as err:
+        rule = str(err) if "brackets" in str(err) else "must be ip:port or [ipv6]:port"
+        raise InvalidArgument(field, value, rule) from None
+    try:
+        return values.join_host_port(address, values.parse_port(port_text))
     except ValueError:
-        raise InvalidArgument(field, value, "must be ip:port or [ipv6]:port") from None
-    if bracketed != (address.version == 6):
-        raise InvalidArgument(field, value, "an IPv6 address needs brackets: [ipv6]:port")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise InvalidArgument(field, value, "port must be 1-65535")
-    return values.join_host_port(str(address), int(port_text))
+        raise InvalidArgument(field, value, "port must be 1-65535") from None
 
 
 def validate_initiator(value: object, field: str = "initiators") -> str:

@@ -20,7 +20,8 @@ import pytest
 
 from brick.exception import CommandFailed, Conflict, NotFound
 from brick.executor import Result, execute
-from brick.tgt import SOCKET_DIR, Chap, TgtAdm, TgtDaemon
+from brick.tgt import Chap, TgtAdm, TgtDaemon
+from brick.tgt.daemon import SOCKET_DIR
 from brick.wait import wait_until
 
 IQN = "iqn.2010-10.org.openstack:volume-brick-test"

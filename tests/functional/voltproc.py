@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from brick.net import wait_port_free
+
 VOLT_API = [sys.executable, "-m", "volt.cmd.api"]
 
 
@@ -132,7 +134,7 @@ class VoltProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
-        _wait_port_free(self.port)
+        wait_port_free(self.port)
 
 
 def _parse(raw: bytes) -> Any:
@@ -152,16 +154,3 @@ def _request_from(
         return resp.status, _parse(resp.read())
     finally:
         conn.close()
-
-
-def _wait_port_free(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-                return
-            except OSError:
-                time.sleep(0.05)
-    raise RuntimeError(f"port {port} still in use {timeout}s after volt-api died")

@@ -8,16 +8,23 @@ import signal
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import brick.privileged
 import brick.privileged.process
+from brick import values
 from virtman import capture
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
+from virtman.conf import Settings
 from virtman.drivers import load_driver
-from virtman.errors import JournalCorrupt
+from virtman.errors import InvalidInput, JournalCorrupt, VirtmanError
+from virtman.guest.domains import VirtualMachines
+from virtman.guest.manager import Guests
 from virtman.imageservice import ImageService
+from virtman.journal import Journal
 from virtman.server import Limits, build_server
 from virtman.zvm import service as zvm_service
 
@@ -56,6 +63,41 @@ def tls_context() -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise SystemExit(f"virtmanserver: cannot load tls_cert_file/tls_key_file: {exc}") from None
     return context
+
+
+def export_connection(journal: Journal, settings: Settings) -> Callable[[str], dict[str, Any]]:
+    """The connection of an image this node exports (create_image_target): what a guest's
+    deploy gives Virtman.create by default (read locally: no relay, no Volt)."""
+
+    def connection(image: str) -> dict[str, Any]:
+        record = journal.exports().get(image)
+        if record is None or not isinstance(record.get("iqn"), str):
+            raise InvalidInput("image", image, "not exported by this node (create_image_target)")
+        portal = f"{values.bracket(settings.host_ip)}:{settings.iscsi_port}"
+        return {"target_portal": portal, "target_iqn": record["iqn"], "target_lun": 1}
+
+    return connection
+
+
+def build_guests(virtman: Virtman, settings: Settings) -> Guests:
+    """The node's guests, adopted from the journal and libvirt (never restarted)."""
+    guests = Guests(
+        virtman,
+        VirtualMachines(CONF.guest_libvirt_uri),
+        connections=export_connection(virtman.journal, settings),
+        console_dir=settings.state_dir / "guests",
+        kernel=CONF.guest_kernel,
+        initrd=CONF.guest_initrd,
+        cmdline=CONF.guest_cmdline,
+        name_prefix=CONF.guest_name_prefix,
+        state_dir=settings.state_dir,
+    )
+    try:
+        guests.adopt()
+    except VirtmanError as exc:
+        level = logging.ERROR if guests.list() else logging.INFO
+        LOG.log(level, "virtmanserver: guests not adopted (libvirt: %s); retried per call", exc)
+    return guests
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,8 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     images.restore()  # what a tgtd that died with the host (or alone) held
     capture.sweep_partials(images)  # a capture a crash interrupted
     virtman.supervisor.listeners.append(images.restore)
+    guests = build_guests(virtman, settings)
     try:
-        server = build_server((listen_host, CONF.listen_port), limits, virtman, images, context)
+        server = build_server(
+            (listen_host, CONF.listen_port), limits, virtman, images, context, guests=guests
+        )
     except OSError as exc:
         virtman.shutdown()
         if pid_file:

@@ -364,7 +364,8 @@ def kernel_state() -> dict:
 
 def multipath_path_devices(image: str) -> list[tuple[str, str]]:
     """(portal, /dev/sdX) of multipath_<image>'s paths, in table order (first = reads)."""
-    from brick.dm import DeviceMapper, parse_multipath_table
+    from brick.dm import DeviceMapper
+    from brick.dm.parse import parse_multipath_table
 
     table = DeviceMapper().table(f"multipath_{image}")[0]
     paths = []

@@ -9,26 +9,34 @@ from typing import Any, cast
 
 import pytest
 
-from brick import dm
 from brick.dm import (
-    DeviceBusy,
-    DeviceInfo,
     DeviceMapper,
-    Error,
     Linear,
     Multipath,
     MultipathMonitor,
+    Snapshot,
+    SnapshotOrigin,
+    Table,
+    scsi_path_ready,
+)
+from brick.dm.dmsetup import DeviceBusy
+from brick.dm.parse import (
+    INFO_FIELDS,
+    DeviceInfo,
     MultipathStatus,
     ParseError,
     PathGroupStatus,
     PathStatus,
-    Snapshot,
-    SnapshotOrigin,
     SnapshotStatus,
-    Table,
     TableLine,
-    Zero,
+    parse_info,
+    parse_ls,
+    parse_multipath_table,
+    parse_status,
+    parse_table,
+    parse_table_all,
 )
+from brick.dm.table import Error, Zero, validate_device, validate_name, validate_uuid
 from brick.exception import CommandFailed, Conflict, InvalidArgument, NotFound
 from tests.unit.fakes.execute import FakeExecute, Reply
 
@@ -203,7 +211,7 @@ def multipath(statuses: Sequence[object]) -> MultipathStatus:
 
 
 def live(name: str) -> list[TableLine]:
-    return dm.parse_table_all(TABLE_ALL)[name]
+    return parse_table_all(TABLE_ALL)[name]
 
 
 def test_our_targets_match_what_the_kernel_printed() -> None:
@@ -255,29 +263,29 @@ def test_queueing_turned_off_by_a_message_still_matches() -> None:
     table = Table.of(
         Multipath(length=32768, paths=("/dev/sda", "/dev/sdb"), selector="round-robin")
     )
-    assert table.matches(dm.parse_table(MPQ_TABLE_NOQ), devno)
-    parsed = dm.parse_multipath_table(dm.parse_table(MPQ_TABLE_NOQ)[0].args)
+    assert table.matches(parse_table(MPQ_TABLE_NOQ), devno)
+    parsed = parse_multipath_table(parse_table(MPQ_TABLE_NOQ)[0].args)
     assert not parsed.queue_if_no_path
-    assert dm.parse_multipath_table(live("mpq")[0].args).queue_if_no_path
+    assert parse_multipath_table(live("mpq")[0].args).queue_if_no_path
 
 
 # -- parsers ---------------------------------------------------------------------------------
 def test_parse_table_all_and_one() -> None:
-    tables = dm.parse_table_all(TABLE_ALL)
-    assert sorted(tables) == sorted(dm.parse_ls(LS))
+    tables = parse_table_all(TABLE_ALL)
+    assert sorted(tables) == sorted(parse_ls(LS))
     assert tables["lin2"] == [
         TableLine(0, 100, "linear", ("7:1", "0")),
         TableLine(100, 50, "error"),
         TableLine(150, 200, "linear", ("7:1", "2048")),
     ]
-    assert dm.parse_table("0 32768 snapshot-origin 253:3\n") == [
+    assert parse_table("0 32768 snapshot-origin 253:3\n") == [
         TableLine(0, 32768, "snapshot-origin", ("253:3",))
     ]
-    assert dm.parse_table_all(NO_DEVICES) == {}
+    assert parse_table_all(NO_DEVICES) == {}
 
 
 def test_parse_ls() -> None:
-    assert dm.parse_ls(LS) == {
+    assert parse_ls(LS) == {
         "cached_volume-cap": (253, 3),
         "lin2": (253, 6),
         "lin3": (253, 7),
@@ -287,13 +295,13 @@ def test_parse_ls() -> None:
         "origin_volume-cap": (253, 4),
         "snapshot_vm1": (253, 5),
     }
-    assert dm.parse_ls(NO_DEVICES) == {}
-    assert dm.parse_ls("") == {}
-    assert dm.parse_ls("old\t(253, 9)\n") == {"old": (253, 9)}  # older dmsetup's form
+    assert parse_ls(NO_DEVICES) == {}
+    assert parse_ls("") == {}
+    assert parse_ls("old\t(253, 9)\n") == {"old": (253, 9)}  # older dmsetup's form
 
 
 def test_parse_info() -> None:
-    devices = {d.name: d for d in dm.parse_info(INFO_C)}
+    devices = {d.name: d for d in parse_info(INFO_C)}
     assert devices["lin2"] == DeviceInfo(
         name="lin2",
         uuid="VMT-lin2",
@@ -308,22 +316,22 @@ def test_parse_info() -> None:
     )
     assert devices["cached_volume-cap"].open_count == 2
     assert devices["cached_volume-cap"].devno == "253:3"
-    (suspended,) = dm.parse_info(INFO_SUSPENDED)
+    (suspended,) = parse_info(INFO_SUSPENDED)
     assert suspended.suspended and not suspended.inactive
-    (inactive,) = dm.parse_info(INFO_INACTIVE)
+    (inactive,) = parse_info(INFO_INACTIVE)
     assert inactive.inactive and not inactive.suspended
 
 
 def test_parse_status_of_every_kind() -> None:
     statuses = {
-        name: dm.parse_status(
+        name: parse_status(
             "".join(
                 line.partition(": ")[2] + "\n"
                 for line in STATUS_ALL.splitlines()
                 if line.startswith(name + ": ")
             )
         )
-        for name in dm.parse_ls(LS)
+        for name in parse_ls(LS)
     }
     assert statuses["multipath_volume-cap"] == [
         MultipathStatus(
@@ -352,31 +360,31 @@ def test_parse_status_of_every_kind() -> None:
 
 
 def test_parse_multipath_status_with_a_failed_path() -> None:
-    status = multipath(dm.parse_status(MPQ_STATUS_FAILED))
+    status = multipath(parse_status(MPQ_STATUS_FAILED))
     assert status.active_paths == (PathStatus("8:0", True, 0),)
     assert status.failed_paths == (PathStatus("8:16", False, 1),)
 
 
 def test_parse_dead_snapshots() -> None:
     for word in ("Invalid", "Overflow"):
-        (status,) = dm.parse_status(f"0 32768 snapshot {word}\n")
+        (status,) = parse_status(f"0 32768 snapshot {word}\n")
         assert status == SnapshotStatus(word) and not status.valid
-    assert dm.parse_status("0 8 snapshot Merge failed\n") == [SnapshotStatus("Merge failed")]
+    assert parse_status("0 8 snapshot Merge failed\n") == [SnapshotStatus("Merge failed")]
 
 
 @pytest.mark.parametrize(
     ("parse", "text", "why"),
     [
-        (dm.parse_table, "multipath 0 0\n", "expected '<start> <length> <type> ...'"),
-        (dm.parse_table_all, "0 8 zero\n", "expected 'name: <table line>'"),
-        (dm.parse_ls, "mp 253:0\n", r"expected 'name \(major:minor\)'"),
-        (dm.parse_info, "mp|253|0\n", "separated by '|'"),
-        (dm.parse_info, "mp||253|0|0|L|1\n", "attr must have 4 flags"),
-        (dm.parse_status, "0 8 multipath 2 0 0 0 1 1 A 0 2 0 8:0 A 0\n", "ends too early"),
-        (dm.parse_status, "0 8 multipath 2 0 0 0 1 1 A 0 1 0 8:0 X 0\n", "bad path state"),
-        (dm.parse_status, "0 8 multipath 2 0 0 0 1 1 A 0 1 0 8:0 A 0 9\n", "trailing fields"),
-        (dm.parse_status, "0 8 multipath 1 0 0 1 1 A 0 1 0 8:0 A 0\n", "expected '2 <queue_io>"),
-        (dm.parse_status, "0 8 snapshot 12 34 56\n", "expected '<allocated>/<total> <metadata>'"),
+        (parse_table, "multipath 0 0\n", "expected '<start> <length> <type> ...'"),
+        (parse_table_all, "0 8 zero\n", "expected 'name: <table line>'"),
+        (parse_ls, "mp 253:0\n", r"expected 'name \(major:minor\)'"),
+        (parse_info, "mp|253|0\n", "separated by '|'"),
+        (parse_info, "mp||253|0|0|L|1\n", "attr must have 4 flags"),
+        (parse_status, "0 8 multipath 2 0 0 0 1 1 A 0 2 0 8:0 A 0\n", "ends too early"),
+        (parse_status, "0 8 multipath 2 0 0 0 1 1 A 0 1 0 8:0 X 0\n", "bad path state"),
+        (parse_status, "0 8 multipath 2 0 0 0 1 1 A 0 1 0 8:0 A 0 9\n", "trailing fields"),
+        (parse_status, "0 8 multipath 1 0 0 1 1 A 0 1 0 8:0 A 0\n", "expected '2 <queue_io>"),
+        (parse_status, "0 8 snapshot 12 34 56\n", "expected '<allocated>/<total> <metadata>'"),
     ],
 )
 def test_parsers_refuse_what_they_do_not_understand(
@@ -392,7 +400,7 @@ def test_parsers_refuse_what_they_do_not_understand(
     ["multipath_volume-image1", "snapshot_vm-1", "origin_volume-a.b:c", "_x", "a" * 127],
 )
 def test_valid_names(name: str) -> None:
-    assert dm.validate_name(name) == name
+    assert validate_name(name) == name
 
 
 NAME_RULE = "must be 1-127 of A-Za-z0-9_.:- starting with a letter, digit or _"
@@ -421,16 +429,16 @@ NAME_RULE = "must be 1-127 of A-Za-z0-9_.:- starting with a letter, digit or _"
 )
 def test_invalid_names(name: object) -> None:
     with pytest.raises(InvalidArgument) as err:
-        dm.validate_name(name)
+        validate_name(name)
     assert str(err.value) == f"invalid name {name!r}: {NAME_RULE}"
 
 
 def test_uuid_rule() -> None:
-    assert dm.validate_uuid("VMT-multipath_volume-a") == "VMT-multipath_volume-a"
+    assert validate_uuid("VMT-multipath_volume-a") == "VMT-multipath_volume-a"
     with pytest.raises(InvalidArgument, match="invalid uuid 'VMT x'"):
-        dm.validate_uuid("VMT x")
+        validate_uuid("VMT x")
     with pytest.raises(InvalidArgument):
-        dm.validate_uuid("V" * 129)
+        validate_uuid("V" * 129)
 
 
 @pytest.mark.parametrize(
@@ -445,7 +453,7 @@ def test_uuid_rule() -> None:
     ],
 )
 def test_valid_devices(device: str) -> None:
-    assert dm.validate_device(device) == device
+    assert validate_device(device) == device
 
 
 DEVICE_RULE = "must be a normalised /dev/... path of A-Za-z0-9_.:+@=,- or major:minor"
@@ -472,7 +480,7 @@ DEVICE_RULE = "must be a normalised /dev/... path of A-Za-z0-9_.:+@=,- or major:
 )
 def test_invalid_devices(device: str) -> None:
     with pytest.raises(InvalidArgument) as err:
-        dm.validate_device(device)
+        validate_device(device)
     assert str(err.value) == f"invalid device {device!r}: {DEVICE_RULE}"
 
 
@@ -522,7 +530,7 @@ def test_tables_must_be_contiguous_from_zero() -> None:
 
 
 # -- DeviceMapper through a fake execute -----------------------------------------------------
-INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", "|", "-o", dm.INFO_FIELDS]
+INFO = ["dmsetup", "info", "-c", "--noheadings", "--separator", "|", "-o", INFO_FIELDS]
 
 
 def mapper(fake: FakeExecute, present: set[str] | None = None) -> DeviceMapper:
@@ -741,7 +749,7 @@ def test_queries() -> None:
         m.status("nope")
     assert m.table("lin2") == [TableLine(0, 100, "linear", ("7:1", "0"))]
     assert m.multipath_status("mpq").failed_paths == (PathStatus("8:16", False, 1),)
-    assert m.list() == sorted(dm.parse_ls(LS))
+    assert m.list() == sorted(parse_ls(LS))
     assert m.exists("lin2") and not m.exists("nope")
     assert [d.uuid for d in m.list_info() if d.uuid] == ["VMT-lin2"]
     assert fake.argvs[:2] == [["dmsetup", "table", "nope"], ["dmsetup", "status", "nope"]]
@@ -774,10 +782,10 @@ def test_multipath_messages() -> None:
 
 def test_next_group_is_parsed() -> None:
     two_groups = "0 8 multipath 2 0 0 0 2 2 E 0 1 0 8:0 F 1 A 0 1 0 8:16 A 0\n"
-    status = multipath(dm.parse_status(two_groups))
+    status = multipath(parse_status(two_groups))
     assert status.next_group == 2
     assert [g.state for g in status.groups] == ["E", "A"]
-    before_io = multipath(dm.parse_status("0 8 multipath 2 0 0 0 1 0 E 0 1 0 8:0 A 0\n"))
+    before_io = multipath(parse_status("0 8 multipath 2 0 0 0 1 0 E 0 1 0 8:0 A 0\n"))
     assert before_io.next_group == 0
 
 
@@ -844,10 +852,10 @@ def test_scsi_path_ready_reads_sysfs(tmp_path) -> None:  # type: ignore[no-untyp
     state = tmp_path / "dev" / "block" / "8:16" / "device" / "state"
     state.parent.mkdir(parents=True)
     state.write_text("running\n")
-    assert dm.scsi_path_ready("8:16", str(tmp_path))
+    assert scsi_path_ready("8:16", str(tmp_path))
     state.write_text("transport-offline\n")
-    assert not dm.scsi_path_ready("8:16", str(tmp_path))
-    assert not dm.scsi_path_ready("8:0", str(tmp_path))
+    assert not scsi_path_ready("8:16", str(tmp_path))
+    assert not scsi_path_ready("8:0", str(tmp_path))
 
 
 # -- read-only paths (a read-only LUN's disk refuses a read-write multipath: -EROFS) ---------

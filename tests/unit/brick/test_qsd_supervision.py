@@ -1,16 +1,14 @@
 """brick.qsd's process handling through brick.daemon.Supervisor, on a stand-in for
-qemu-storage-daemon: a script on PATH that "daemonizes" a Python process whose argv[0] is
-``qemu-storage-daemon`` (with our command line) and writes its PID to ``--pidfile``, as the
-real daemon does. It serves no QMP, so starting it times out on the QMP connect, which
-stops it again. (The real daemon: tests/functional/test_brick_qsd.py.)"""
+qemu-storage-daemon: a script on PATH (tests/unit/fakes/qmp.py) that "daemonizes" a Python
+process whose argv[0] is ``qemu-storage-daemon`` (with our command line) and writes its PID
+to ``--pidfile``, as the real daemon does. It serves no QMP, so starting it times out on the
+QMP connect, which stops it again. (The real daemon: tests/functional/test_brick_qsd.py.)"""
 
 from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -19,38 +17,14 @@ import pytest
 from brick import daemon as d
 from brick.exception import NotFound, Timeout
 from brick.qsd.daemon import BINARY, StorageDaemon
-
-FAKE = """#!/bin/bash
-pidfile=; prev=
-for a in "$@"; do [ "$prev" = --pidfile ] && pidfile=$a; prev=$a; done
-echo "${MALLOC_MMAP_THRESHOLD_:-unset}" > "$(dirname "$pidfile")/env.txt"
-export PIDFILE=$pidfile
-(exec -a qemu-storage-daemon "$PYTHON" -c "$DAEMON" "$@" </dev/null >/dev/null 2>&1) &
-# like --daemonize: return once the daemon has written its pidfile
-for _ in $(seq 500); do [ -s "$pidfile" ] && exit 0; sleep 0.01; done
-exit 1
-"""
-# the stand-in writes its own pidfile (atomically, once it runs as itself), then waits
-DAEMON = """
-import os, signal
-tmp = os.environ["PIDFILE"] + ".tmp"
-with open(tmp, "w") as f:
-    f.write(f"{os.getpid()}\\n")
-os.replace(tmp, os.environ["PIDFILE"])
-signal.pause()
-"""
+from tests.unit.fakes.qmp import stand_in
 
 
 @pytest.fixture
 def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / BINARY
-    script.write_text(FAKE)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("PYTHON", sys.executable)
-    monkeypatch.setenv("DAEMON", DAEMON)
+    for key, value in stand_in(bin_dir, None).items():
+        monkeypatch.setenv(key, value)
     return bin_dir
 
 

@@ -10,15 +10,18 @@ import pytest
 
 from brick import tgt
 from brick.exception import InvalidArgument
-from brick.tgt import (
-    Chap,
+from brick.tgt import Chap, TgtAdm, TgtDaemon, validate_iqn, validate_portal
+from brick.tgt.parse import (
     Connection,
     Lun,
     ParseError,
-    TgtAdm,
-    TgtDaemon,
     parse_accounts,
     parse_targets,
+    validate_backing_path,
+    validate_control_port,
+    validate_initiator,
+    validate_lun,
+    validate_netns,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -140,7 +143,7 @@ def image(tmp_path: Path) -> Path:
     ],
 )
 def test_valid_iqns(iqn: str) -> None:
-    assert tgt.validate_iqn(iqn) == iqn
+    assert validate_iqn(iqn) == iqn
 
 
 @pytest.mark.parametrize(
@@ -164,13 +167,13 @@ def test_valid_iqns(iqn: str) -> None:
 )
 def test_invalid_iqns(iqn: object) -> None:
     with pytest.raises(InvalidArgument) as err:
-        tgt.validate_iqn(iqn)
+        validate_iqn(iqn)
     assert err.value.field == "iqn"
 
 
 def test_backing_path_validation(tmp_path: Path, image: Path) -> None:
-    assert tgt.validate_backing_path(image) == str(image)
-    assert tgt.validate_backing_path(f"{tmp_path}/./image.raw") == str(image)
+    assert validate_backing_path(image) == str(image)
+    assert validate_backing_path(f"{tmp_path}/./image.raw") == str(image)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for bad, rule in [
@@ -183,7 +186,7 @@ def test_backing_path_validation(tmp_path: Path, image: Path) -> None:
         (None, "path"),
     ]:
         with pytest.raises(InvalidArgument, match=rule) as err:
-            tgt.validate_backing_path(bad)
+            validate_backing_path(bad)
         assert err.value.field == "backing_path"
 
 
@@ -197,7 +200,7 @@ def test_backing_path_validation(tmp_path: Path, image: Path) -> None:
     ],
 )
 def test_valid_portals(portal: str, canonical: str) -> None:
-    assert tgt.validate_portal(portal) == canonical
+    assert validate_portal(portal) == canonical
 
 
 @pytest.mark.parametrize(
@@ -216,31 +219,31 @@ def test_valid_portals(portal: str, canonical: str) -> None:
 )
 def test_invalid_portals(portal: object) -> None:
     with pytest.raises(InvalidArgument) as err:
-        tgt.validate_portal(portal)
+        validate_portal(portal)
     assert err.value.field == "portal"
 
 
 def test_lun_control_port_initiator_and_netns_validation() -> None:
-    assert tgt.validate_lun(1) == 1 and tgt.validate_lun(255) == 255
+    assert validate_lun(1) == 1 and validate_lun(255) == 255
     bad: object
     for bad in (0, 256, -1, True, "1", 1.0):
         with pytest.raises(InvalidArgument, match="lun"):
-            tgt.validate_lun(bad)
-    assert tgt.validate_control_port(0) == 0 and tgt.validate_control_port(65535) == 65535
+            validate_lun(bad)
+    assert validate_control_port(0) == 0 and validate_control_port(65535) == 65535
     for bad in (-1, 65536, "3260", None, False):
         with pytest.raises(InvalidArgument, match="control_port"):
-            tgt.validate_control_port(bad)
-    assert tgt.validate_initiator("ALL") == "ALL"
-    assert tgt.validate_initiator("127.0.0.1") == "127.0.0.1"
-    assert tgt.validate_initiator("127.0.0.0/8") == "127.0.0.0/8"
-    assert tgt.validate_initiator("0::1") == "::1"
+            validate_control_port(bad)
+    assert validate_initiator("ALL") == "ALL"
+    assert validate_initiator("127.0.0.1") == "127.0.0.1"
+    assert validate_initiator("127.0.0.0/8") == "127.0.0.0/8"
+    assert validate_initiator("0::1") == "::1"
     for bad in ("all", "127.0.0.1/8", "host.example", "", None):
         with pytest.raises(InvalidArgument, match="initiators"):
-            tgt.validate_initiator(bad)
-    assert tgt.validate_netns("vmt-node1") == "vmt-node1"
+            validate_initiator(bad)
+    assert validate_netns("vmt-node1") == "vmt-node1"
     for bad in ("", "..", "a/b", "-x", "x" * 65):
         with pytest.raises(InvalidArgument, match="netns"):
-            tgt.validate_netns(bad)
+            validate_netns(bad)
 
 
 def test_chap_validation_and_masking() -> None:

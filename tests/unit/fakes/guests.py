@@ -35,7 +35,7 @@ class FakeGuests:
     def _deployed(self, userid: str) -> FakeGuest:
         guest = self._get(userid)
         if guest.image is None:
-            raise GuestStateError(f"guest {userid} has no disk yet: deploy an image first")
+            raise GuestStateError(userid, "no disk deployed yet (deploy an image first)")
         return guest
 
     def capture(self, userid: str, image: str) -> dict[str, Any]:
@@ -96,14 +96,14 @@ class FakeGuests:
     def pause(self, userid: str) -> None:
         guest = self._deployed(userid)
         if guest.state != "on":
-            raise GuestStateError(f"Guest '{userid}' is not in active status.")
+            raise GuestStateError(userid, "not in active status")
         guest.state = "paused"
         self.calls.append(("pause", userid))
 
     def unpause(self, userid: str) -> None:
         guest = self._deployed(userid)
         if guest.state != "paused":
-            raise GuestStateError(f"Guest '{userid}' is not paused.")
+            raise GuestStateError(userid, "not paused")
         guest.state = "on"
         self.calls.append(("unpause", userid))
 

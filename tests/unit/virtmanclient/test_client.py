@@ -265,7 +265,6 @@ def test_build_connections_needs_a_portal(portals: object) -> None:
         ("10.0.0.5", "http://10.0.0.5:7774/RPC2"),
         ("10.0.0.5:8000", "http://10.0.0.5:8000/RPC2"),
         ("  node1  ", "http://node1:7774/RPC2"),
-        ("fd00::5", "http://[fd00::5]:7774/RPC2"),
         ("[fd00::5]", "http://[fd00::5]:7774/RPC2"),
         ("[fd00::5]:8000", "http://[fd00::5]:8000/RPC2"),
         ("http://10.0.0.5", "http://10.0.0.5:7774/RPC2"),
@@ -293,6 +292,24 @@ def test_normalise_endpoint(endpoint: str, url: str) -> None:
         ("no\nde:1", "invalid virtman endpoint 'no\\nde:1': whitespace or control characters"),
         ("node\t1", "invalid virtman endpoint 'node\\t1': whitespace or control characters"),
         ("node\x001", "invalid virtman endpoint 'node\\x001': whitespace or control characters"),
+        # a bare IPv6 address is ambiguous (fd00::5:8000: a port or the last group?): refused
+        (
+            "fd00::5",
+            "invalid virtman endpoint 'fd00::5': an IPv6 address needs brackets: [ipv6]:port",
+        ),
+        (
+            "fd00::5:8000",
+            "invalid virtman endpoint 'fd00::5:8000': an IPv6 address needs brackets: [ipv6]:port",
+        ),
+        (
+            "[10.0.0.5]:8000",
+            "invalid virtman endpoint '[10.0.0.5]:8000': only IPv6 addresses go in brackets",
+        ),
+        ("[fd00::5", "invalid virtman endpoint '[fd00::5': use host[:port] or an http URL"),
+        (
+            "[fd00::5]8000",
+            "invalid virtman endpoint '[fd00::5]8000': use host[:port] or an http URL",
+        ),
     ],
 )
 def test_normalise_endpoint_rejects(endpoint: str, message: str) -> None:
@@ -480,7 +497,6 @@ def test_join_host_port() -> None:
         ("10.0.0.9:3261", "10.0.0.9:3261"),
         ("[fd00::9]:3260", "[fd00::9]:3260"),
         ("[FD00::9]", "[fd00::9]:3260"),
-        ("fd00::9", "[fd00::9]:3260"),
     ],
 )
 def test_portal_accepts(value: str, canonical: str) -> None:
@@ -504,6 +520,10 @@ def test_portal_default_port() -> None:
         ("10.0.0.9:", "port must be 1-65535"),
         ("10.0.0.9:3260;id", "port must be 1-65535"),
         ("[fd00::9]:", "port must be 1-65535"),
+        # a bare IPv6 address is refused: fd00::9:3260 could be a port or the last group
+        ("fd00::9", "an IPv6 address needs brackets: [ipv6]:port"),
+        ("fd00::9:3260", "an IPv6 address needs brackets: [ipv6]:port"),
+        ("[10.0.0.9]:3260", "only IPv6 addresses go in brackets"),
     ],
 )
 def test_portal_rejects(value: object, rule: str) -> None:

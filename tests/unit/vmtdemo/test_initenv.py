@@ -6,7 +6,6 @@ The written config is loaded by virtman.conf in a subprocess (oslo's CONF is pro
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -20,31 +19,17 @@ from typing import Any
 
 import pytest
 
+from tests.unit.vmtdemo.initenv import REPO, TOOLS, VMT_DEMO, WANTS, fake_tools, initenv
 from virtman import conf as virtman_conf
 
-REPO = Path(__file__).resolve().parents[3]
-VMT_DEMO = REPO / "vmt-demo"
 if str(VMT_DEMO) not in sys.path:
     sys.path.insert(0, str(VMT_DEMO))
 
-import vmtimg  # noqa: E402
+import vmtimg
 
-
-def _load_initenv() -> Any:
-    spec = importlib.util.spec_from_file_location("vmt_initenv", VMT_DEMO / "vmt-initenv.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-initenv = _load_initenv()
 PROG = "vmt-initenv.py"
-TOOLS = ["qemu-storage-daemon", "qemu-img", "tgtd", "tgtadm", "fusermount3"]
 DIRS = ["var/lib/virtman", "var/lib/virtman/cache", "var/lib/virtman/instances", "run/virtman"]
 CHAP_PASSWORD = "s3cret-Pass!word"
-WANTS = "etc/systemd/system/multi-user.target.wants"
 UNIT_FILES = ["etc/systemd/system/virtmanserver.service", f"{WANTS}/virtmanserver.service"]
 
 
@@ -52,14 +37,7 @@ UNIT_FILES = ["etc/systemd/system/virtmanserver.service", f"{WANTS}/virtmanserve
 def tools(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
     """The tools on PATH (all of them unless a test removes some); no host-IP detection."""
     present = set(TOOLS)
-    monkeypatch.setattr(
-        initenv.shutil, "which", lambda tool: f"/usr/bin/{tool}" if tool in present else None
-    )
-
-    def no_detection() -> str:
-        raise AssertionError("detect_host_ip called although --host-ip was given")
-
-    monkeypatch.setattr(initenv.virtman_conf, "detect_host_ip", no_detection)
+    fake_tools(monkeypatch, present)
     yield present
 
 

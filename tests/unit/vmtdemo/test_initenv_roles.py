@@ -6,7 +6,6 @@ test if they are).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -19,33 +18,17 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
-VMT_DEMO = REPO / "vmt-demo"
+from tests.unit.vmtdemo.initenv import REPO, TOOLS, WANTS, fake_tools, initenv
+
 VENV = "/srv/vmt/venv"
-TOOLS = ["qemu-storage-daemon", "qemu-img", "tgtd", "tgtadm", "fusermount3"]
-WANTS = "etc/systemd/system/multi-user.target.wants"
 REAL_RUN = subprocess.run  # the guard below replaces subprocess.run (one module for all)
-
-
-def _load_initenv() -> Any:
-    spec = importlib.util.spec_from_file_location("vmt_initenv_roles", VMT_DEMO / "vmt-initenv.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-initenv = _load_initenv()
+REAL_WHICH = shutil.which  # and shutil.which
 
 
 @pytest.fixture(autouse=True)
 def guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[str]]]:
     """Tools present, no host-IP detection, and no apt-get or systemctl on this host."""
-    monkeypatch.setattr(initenv.shutil, "which", lambda tool: f"/usr/bin/{tool}")
-    monkeypatch.setattr(
-        initenv.virtman_conf, "detect_host_ip", lambda: pytest.fail("detect_host_ip called")
-    )
+    fake_tools(monkeypatch, set(TOOLS))
     real_run = REAL_RUN
     ran: list[list[str]] = []
 
@@ -247,7 +230,7 @@ def test_no_enable_installs_only(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_systemctl_sees_the_unit_enabled(tmp_path: Path) -> None:
     """The link made without a running systemd is the one `systemctl enable` makes."""
-    assert shutil.which("systemctl"), "systemctl missing: tools/setup.sh installs systemd"
+    assert REAL_WHICH("systemctl"), "systemctl missing: tools/setup.sh installs systemd"
     assert initenv.main(node(tmp_path)) == 0
     for unit in ("virtmanserver.service",):
         done = REAL_RUN(

@@ -76,7 +76,7 @@ class NbdRelay:
         relay = cls(settings, qsd, draining=True)
         if qsd.nbd_server:
             relay.address = qsd.nbd_server
-            relay.port = int(qsd.nbd_server.rpartition(":")[2])
+            relay.port = values.Portal.parse(qsd.nbd_server, names=True).port
         relay.stop_if_idle()
         return relay
 

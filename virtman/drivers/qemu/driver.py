@@ -46,8 +46,8 @@ def psk_client_id(identity: str) -> str:
 
 
 def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return values.unbracket(host), int(port)
+    where = values.Portal.parse(address, names=True)
+    return where.host, where.port
 
 
 class QemuDriver:
@@ -67,7 +67,7 @@ class QemuDriver:
         )
         self.tgtd = TgtDaemon(
             settings.tgt_control_port,
-            [f"{self.host}:{settings.iscsi_port}"],
+            [values.join_host_port(self.host, settings.iscsi_port)],
             run_dir=settings.run_dir,
         )
         self.tgt = TgtAdm(settings.tgt_control_port)

@@ -1,0 +1,32 @@
+"""brick.net: whether a local port can be bound, and waiting until it can."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from brick import net
+from brick.exception import Timeout
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_listening_port_is_not_free_and_a_closed_one_is() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert not net.port_free(port)
+    with pytest.raises(Timeout, match=f"port {port} on 127.0.0.1 to be free"):
+        net.wait_port_free(port, timeout_s=0.1)
+    closed = threading.Event()
+
+    def close_soon() -> None:
+        listener.close()
+        closed.set()
+
+    threading.Timer(0.05, close_soon).start()
+    net.wait_port_free(port, timeout_s=5)
+    assert closed.is_set() and net.port_free(port)
