@@ -401,7 +401,7 @@ class Methods:
         self._virtman = virtman
         self._images = images
         self._guests = guests  # virtman.guest.manager.Guests (not imported: no libvirt here)
-        if virtman.image_service is None:
+        if virtman is not None and virtman.image_service is None:
             virtman.image_service = images  # where this node's captures are exported
 
     def create(
