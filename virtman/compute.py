@@ -12,6 +12,7 @@ instance whose image is degraded (see ``virtman.baseimage``).
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from brick.exception import Timeout
 from brick.wait import wait_until
+from virtman import capture as capturing
 from virtman import conf, prefetch, stack, validation
 from virtman.backoff import Backoff
 from virtman.baseimage import BaseImage, Status
@@ -27,6 +29,7 @@ from virtman.bus import NodeBus
 from virtman.conf import Settings
 from virtman.drivers import load_driver
 from virtman.errors import DiskExists, InstanceExists, InstanceNotFound, VirtmanError
+from virtman.imageservice import ImageService
 from virtman.journal import Journal
 from virtman.layers.base import Driver, Endpoint, Revived
 from virtman.supervisor import Supervisor
@@ -82,6 +85,9 @@ class Virtman:
         # The control bus (docs/bus.rst): Volt's pushes of new parents, our stack events;
         # made with the background threads below, when a transport_url is set.
         self.bus: NodeBus | None = None
+        # The node's image service (set by virtmanserver): where captures are exported.
+        self.image_service: ImageService | None = None
+        self._captures: dict[str, str] = {}  # image being captured -> its instance
         driver.start()
         self._reconcile()
         # Background threads (the supervisor and the heartbeat) only with ``heartbeat``.
@@ -134,6 +140,56 @@ class Virtman:
                 degraded = base is None or base.status == Status.DEGRADED
                 entries.append(f"{name}:{image}:degraded" if degraded else f"{name}:{image}")
             return entries
+
+    def capture(self, instance_name: str, image_name: str) -> str:
+        """Flatten the instance's disk into a new base image exported by this node
+        (``virtman.capture`` gives the contract: the caller quiesces the disk first).
+        ``"0:<file>"``; ``"1:..."`` the name is taken (nothing changed); ``"2:..."``."""
+        try:
+            captured = self.capture_image(instance_name, image_name)
+        except VirtmanError as err:
+            LOG.warning("capture of %r into %r failed: %s", instance_name, image_name, err)
+            return f"{err.code}:{err}"
+        except Exception as exc:
+            LOG.exception("capture of %r failed", instance_name)
+            return f"2:Virtman: capture failed: {exc}"
+        return f"0:{captured.path}"
+
+    def capture_image(
+        self, instance_name: str, image_name: str, *, images: ImageService | None = None
+    ) -> capturing.Captured:
+        """``capture`` raising ``VirtmanError``s; returns the new image's file, size and
+        connection (this node's portal)."""
+        instance = validation.name(instance_name, "instance_name")
+        image = validation.image_name(image_name)
+        service = images or self.image_service
+        if service is None:
+            raise capturing.CaptureFailed(image, "this Virtman has no image service")
+        with self.lock:
+            source_image = self.instance_names.get(instance)
+            if source_image is None:
+                raise InstanceNotFound(instance)
+            if image in self._captures:
+                raise capturing.CaptureExists(image, "a capture into it is running")
+            if image in self.images:
+                raise capturing.CaptureExists(image, "an image of that name is on this node")
+            self._captures[image] = instance  # a destroy of the instance waits for the end
+        try:
+            record = self.journal.instances().get(instance) or {}
+            source = record.get("path")
+            if not isinstance(source, str):
+                raise capturing.CaptureFailed(image, f"the disk of {instance} is not ready yet")
+            captured = capturing.capture(
+                service,
+                source=source,
+                image=image,
+                host_ip=self.settings.host_ip,
+                iscsi_port=self.settings.iscsi_port,
+            )
+            return dataclasses.replace(captured, source_image=source_image)
+        finally:
+            with self.lock:
+                self._captures.pop(image, None)
 
     def close(self) -> None:
         """Stop the heartbeat and the supervisor; the stacks stay up (a restart adopts
@@ -243,6 +299,8 @@ class Virtman:
             image = self.instance_names.get(instance)
             if image is None:
                 raise InstanceNotFound(instance)
+            if instance in self._captures.values():
+                raise VirtmanError(f"Virtman: {instance} is being captured: destroy it after")
             base = self.images.get(image)  # None: kept at start without its image record
         stack.remove_disk(self.driver, instance)
         self.journal.drop("instances", instance)

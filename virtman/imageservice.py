@@ -161,6 +161,15 @@ class ImageService:
         if self.journal is not None:
             self.journal.drop("exports", image)
 
+    def readers(self, image_name: str) -> list[str]:
+        """The addresses of the initiators reading image target ``image_name`` now (other
+        nodes booting it); [] if there is no such target."""
+        image = validation.image_name(image_name)
+        target = self._find(image)
+        if target is None:
+            return []
+        return sorted({c.address for c in self.tgt.connections(target.iqn)})
+
     def list_image_target(self) -> dict[str, str]:
         """``{"volume-<name>": "<tid>:<file>"}`` for every image target of this server."""
         result = {}

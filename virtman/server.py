@@ -401,6 +401,8 @@ class Methods:
         self._virtman = virtman
         self._images = images
         self._guests = guests  # virtman.guest.manager.Guests (not imported: no libvirt here)
+        if virtman is not None and virtman.image_service is None:
+            virtman.image_service = images  # where this node's captures are exported
 
     def create(
         self, instance_name: str, image_name: str, image_connection: Any, snapshot_dev: Any = None
@@ -412,6 +414,10 @@ class Methods:
 
     def list(self) -> list[str]:
         return self._virtman.list()
+
+    def capture(self, instance_name: str, image_name: str) -> str:
+        """A new image from an instance's disk (quiesced by the caller), exported here."""
+        return self._virtman.capture(instance_name, image_name)
 
     def create_image_target(
         self,

@@ -15,6 +15,7 @@ from typing import Any
 import brick.privileged
 import brick.privileged.process
 from brick import values
+from virtman import capture
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.conf import Settings
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         journal=virtman.journal,
     )
     images.restore()  # what a tgtd that died with the host (or alone) held
+    capture.sweep_partials(images)  # a capture a crash interrupted
     virtman.supervisor.listeners.append(images.restore)
     guests = build_guests(virtman, settings)
     try:

@@ -317,6 +317,23 @@ class Guests:
                 self._call(uid, "unpause", dom.resume)
             self._save(uid, record, state="on")
 
+    def capture(self, userid: str, image: str) -> dict[str, Any]:
+        """The guest's disk flattened into the new image ``volume-<image>`` exported by this
+        node (``Virtman.capture_image``). A running guest is paused for the copy (the
+        capture's quiesce contract) and resumed after it, also when the capture fails."""
+        with self._locked(userid) as uid:
+            _, dom = self._deployed(uid)
+            pause = bool(dom.isActive()) and dom.state()[0] not in _PAUSED
+            if pause:
+                self._call(uid, "pause for capture", dom.suspend)
+            try:
+                captured = self.virtman.capture_image(self.instance_name(uid), image)
+            finally:
+                if pause:
+                    self._call(uid, "resume after capture", dom.resume)
+            LOG.info("guest %s: captured into %s (%d bytes)", uid, captured.image, captured.size)
+            return dict(captured.as_dict())
+
     def reboot(self, userid: str) -> None:
         """Ask the guest's OS to reboot (ACPI; libvirt's default method)."""
         with self._locked(userid) as uid:

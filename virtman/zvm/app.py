@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from virtman.capture import CaptureExists, CaptureFailed
 from virtman.errors import GuestExists, GuestNotFound, GuestStateError, InvalidInput
 from virtman.zvm import validate as v
 from virtman.zvm.auth import TokenAuth
@@ -44,7 +45,6 @@ REASONS = {
 VERSION = {"api_version": "1.0", "min_version": "1.0", "max_version": "1.0", "version": "1.6.3"}
 GUEST_ACTIONS = {"start", "stop", "softstop", "pause", "unpause", "reboot", "reset"}
 GUEST_ACTIONS_NOT_HERE = {
-    "capture",
     "live_migrate_vm",
     "register_vm",
     "deregister_vm",
@@ -100,6 +100,10 @@ def _error_of(exc: Exception) -> ApiError | None:
         return ApiError(409, 300, 300, 13, MOD_IMAGE, str(exc))
     if isinstance(exc, ImageInUse):
         return ApiError(409, 409, 409, 1, MOD_IMAGE, str(exc))
+    if isinstance(exc, CaptureExists):
+        return ApiError(409, 300, 300, 13, MOD_IMAGE, str(exc))
+    if isinstance(exc, CaptureFailed):
+        return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
     if isinstance(exc, ImageFailed):
         return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
     return None
@@ -457,6 +461,17 @@ def guest_action(api: ZvmApi, req: Request) -> Any:
                 "skipdiskcopy", body["skipdiskcopy"], "a deploy always builds the root disk"
             )
         guests.deploy(userid, name)
+        return None
+    if action == "capture":
+        body = v.fields(
+            body, "body", {"action", "image", "capture_type", "compress_level"}, {"image"}
+        )
+        if body.get("capture_type") not in (None, "rootonly"):
+            if body["capture_type"] == "alldisks":
+                raise not_supported("capture of all disks (a guest here has one)", MOD_GUEST)
+            raise InvalidInput("capture_type", body["capture_type"], "rootonly or alldisks")
+        v.optional(body, "compress_level", v.integer, "compress_level", 0, 9)  # raw: unused
+        api.catalogue.capture(body["image"], userid, guests.capture)
         return None
     if action in GUEST_ACTIONS_NOT_HERE:
         raise not_supported(f"guest action {action}", MOD_GUEST)

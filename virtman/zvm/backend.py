@@ -37,6 +37,14 @@ class GuestBackend(Protocol):
     ) -> None:
         """ACPI shutdown, wait up to ``timeout_s``, then force off."""
 
+    def capture(self, userid: str, image: str) -> dict[str, Any]:
+        """The guest's root disk (base + its writes) flattened into the new base image
+        ``volume-<image>`` exported by this node: pause the guest if it runs,
+        ``Virtman.capture_image``, unpause it (also on failure); the guest keeps its disk.
+        Returns ``Captured.as_dict()``: ``{"target", "path", "size", "connection"}``.
+        Name taken: ``virtman.capture.CaptureExists`` (nothing changed); no disk yet:
+        ``GuestStateError``."""
+
     def power_state(self, userid: str) -> str:
         """``"on"``, ``"off"`` or ``"paused"``."""
 

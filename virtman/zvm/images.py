@@ -3,10 +3,13 @@
 An imported image is a file that already lies in one of ``image_dirs`` (``file://`` URLs
 only; the real path, symlinks and ``..`` resolved, must stay inside): it is exported by the
 node's ``ImageService`` as the iSCSI target ``volume-<name>`` (so every node of the tree can
-boot it) and recorded with its metadata. Nothing is copied on import. Export copies the file
+boot it) and recorded with its metadata. Nothing is copied on import. A captured image
+(``GuestBackend.capture``: a guest's disk flattened into a new file, exported by this node)
+is recorded the same way, with the metadata of the image the guest ran on. Export copies the file
 to a new file in one of ``image_dirs`` (never over an existing one). Delete removes the
 target and the record (the file stays: it is the operator's), and is refused while an
-instance of this node runs on the image.
+instance of this node runs on the image; a captured image's file, made by this node, is
+deleted with it.
 """
 
 from __future__ import annotations
@@ -46,8 +49,7 @@ class ImageInUse(VirtmanError):
     def __init__(self, name: str, instances: list[str]) -> None:
         self.name, self.instances = name, instances
         super().__init__(
-            f"image {name} is in use by the instances {', '.join(instances)} of this node: "
-            "delete them first"
+            f"image {name} is in use by the instances {', '.join(instances)}: delete them first"
         )
 
 
@@ -126,6 +128,42 @@ class Catalogue:
             )
         LOG.info("z/VM API: imported image %s (%s, %d bytes) as %s", name, path, size, target)
 
+    def capture(
+        self, name: str, userid: str, capture: Callable[[str, str], dict[str, Any]]
+    ) -> None:
+        """Record the image ``capture(userid, name)`` makes (``GuestBackend.capture``: the
+        guest's disk flattened into a new image file this node exports). A name already
+        recorded: ``ImageExists``, nothing captured."""
+        name = image_name(name)
+        with self.store.lock:
+            if self.store.get("images", name) is not None:
+                raise ImageExists(name)
+            made = capture(userid, name)
+            source: dict[str, Any] = next(
+                (
+                    r
+                    for r in self.store.all("images").values()
+                    if r.get("target") == made.get("source_image")
+                ),
+                {},
+            )
+            self.store.put(
+                "images",
+                name,
+                {
+                    "path": made["path"],
+                    "target": made["target"],
+                    "os_version": source.get("os_version"),
+                    "md5sum": None,
+                    "disk_type": source.get("disk_type"),
+                    "size": int(made["size"]),
+                    "imported": time.time(),
+                    "captured_from": userid,
+                    "connection": made.get("connection"),
+                },
+            )
+        LOG.info("z/VM API: captured guest %s as image %s (%s)", userid, name, made["path"])
+
     def query(self, name: str | None = None) -> list[dict[str, Any]]:
         records = self.store.all("images")
         if name is not None:
@@ -180,9 +218,16 @@ class Catalogue:
             users = self.instances_of(record["target"])
             if users:
                 raise ImageInUse(name, users)
+            readers = self.service.readers(record["target"])
+            if readers:  # other nodes boot it from this node's target
+                raise ImageInUse(name, [f"of the node(s) {', '.join(readers)}"])
             result = self.service.destroy_image_target(record["target"])
             if result.partition(":")[0] not in ("0", "1"):
                 raise ImageFailed(f"cannot delete image {name}: {result[2:]}")
+            if record.get("captured_from"):
+                # this node made the file: it goes with the image (an imported file stays)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(record["path"])
             self.store.drop("images", name)
         LOG.info("z/VM API: deleted image %s (target %s)", name, record["target"])
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from virtman.capture import CaptureExists
 from virtman.errors import GuestExists, GuestNotFound, GuestStateError, InvalidInput
+from virtman.imageservice import ImageService
 
 
 @dataclass
@@ -22,6 +25,7 @@ class FakeGuests:
     def __init__(self) -> None:
         self.guests: dict[str, FakeGuest] = {}
         self.calls: list[tuple[Any, ...]] = []
+        self.capture_service: ImageService | None = None
 
     def _get(self, userid: str) -> FakeGuest:
         if userid not in self.guests:
@@ -33,6 +37,30 @@ class FakeGuests:
         if guest.image is None:
             raise GuestStateError(userid, "no disk deployed yet (deploy an image first)")
         return guest
+
+    def capture(self, userid: str, image: str) -> dict[str, Any]:
+        """As the real one (pause, ``Virtman.capture_image``, unpause): writes
+        ``<first image_dir>/volume-<image>.raw`` (the guest's 1 MiB "disk") and exports it
+        with ``capture_service``."""
+        guest = self._deployed(userid)
+        target = f"volume-{image}"
+        service = self.capture_service
+        if service is None:
+            raise RuntimeError("FakeGuests.capture_service is not set")
+        path = Path(service.image_dirs[0]) / f"{target}.raw"
+        if path.exists() or target in service.list_image_target():
+            raise CaptureExists(target, "taken")
+        path.write_bytes(b"\x02" * (1 << 20))
+        result = service.create_image_target(target, str(path))
+        assert result.startswith("0:"), result
+        self.calls.append(("capture", userid, image))
+        return {
+            "source_image": guest.image and f"volume-{guest.image}",
+            "target": target,
+            "path": str(path),
+            "size": 1 << 20,
+            "connection": {"target_portal": "127.0.0.1:3260", "target_iqn": target},
+        }
 
     def list(self) -> list[str]:
         return sorted(self.guests)

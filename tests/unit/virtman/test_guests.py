@@ -10,6 +10,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from virtman.capture import Captured, CaptureFailed
 from virtman.errors import (
     GuestExists,
     GuestNotFound,
@@ -505,3 +506,33 @@ def test_xmlrpc_methods_validate_actions_and_carry_large_integers(rig) -> None:
     assert methods.guest_delete("VM1") is True
     with pytest.raises(VirtmanError, match="serves no guests"):
         Methods(None, None).guest_list()  # type: ignore[arg-type]
+
+
+def test_capture_pauses_a_running_guest_for_the_copy_and_resumes_it_even_on_failure(
+    rig,
+) -> None:
+    guests = deployed(rig, "VM1")
+    dom = rig["conn"].domains["vmt-guest-VM1"]
+    virtman = rig["virtman"]
+    seen: list[int] = []
+
+    def capture_image(instance: str, image: str) -> Any:
+        seen.append(dom.state()[0])  # the guest's state while its disk is copied
+        if image == "broken":
+            raise CaptureFailed(image, "disk full")
+        return Captured(f"volume-{image}", f"/images/volume-{image}.raw", 4096, {"x": 1})
+
+    virtman.capture_image = capture_image
+    guests.start("VM1")
+    assert guests.capture("VM1", "gold")["target"] == "volume-gold"
+    with pytest.raises(CaptureFailed, match="disk full"):
+        guests.capture("VM1", "broken")
+    assert seen == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED]
+    assert guests.power_state("VM1") == "on"
+    assert dom.calls == ["create", "suspend", "resume", "suspend", "resume"]
+    guests.pause("VM1")  # paused by its owner: stays paused after the capture
+    guests.capture("VM1", "silver")
+    assert guests.power_state("VM1") == "paused"
+    guests.stop("VM1")  # off: nothing to pause
+    guests.capture("VM1", "bronze")
+    assert dom.calls[-2:] == ["suspend", "destroy"]

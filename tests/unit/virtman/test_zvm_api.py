@@ -37,6 +37,7 @@ ENVELOPE = {"overallRC", "rc", "rs", "modID", "output", "errmsg"}
 class FakeTgt:
     def __init__(self) -> None:
         self.created: list[tuple[str, Path]] = []
+        self.readers: dict[str, list[str]] = {}  # iqn -> initiator addresses
 
     def targets(self) -> list[Any]:
         return [
@@ -50,6 +51,9 @@ class FakeTgt:
 
     def delete_target(self, iqn: str) -> None:
         self.created = [(i, p) for i, p in self.created if i != iqn]
+
+    def connections(self, iqn: str) -> list[Any]:
+        return [SimpleNamespace(address=a) for a in self.readers.get(iqn, [])]
 
 
 class Recorder:
@@ -90,6 +94,7 @@ def node(tmp_path: Path) -> Iterator[SimpleNamespace]:
         store, service, lambda target: sorted(i for i, t in instances.items() if t == target)
     )
     guests = FakeGuests()
+    guests.capture_service = service
     api = ZvmApi(
         guests, catalogue, store, auth=TokenAuth(TOKEN, 600), disk_dir=tmp_path, bridge="br-vmt"
     )
@@ -568,7 +573,6 @@ def test_unknown_guest_is_the_connectors_not_found(node: SimpleNamespace) -> Non
 def test_not_supported_verbs_answer_the_connectors_501(node: SimpleNamespace) -> None:
     ok(node.call("guest_create", "vm3", 1, 128))
     for verb, args, kwargs, mod in [
-        ("guest_capture", ("vm3", "snap1"), {}, 10),
         ("guest_live_migrate", ("vm3", "d", "h", {}, "move"), {}, 10),
         ("guest_resize_cpus", ("vm3", 2), {}, 10),
         ("guest_create_disks", ("vm3", [{"size": "1g"}]), {}, 10),
@@ -675,3 +679,49 @@ def test_nova_zvm_driver_traffic(node: SimpleNamespace) -> None:
     ok(call("guest_delete", "abc00001"))
     ok(call("image_delete", image_id))
     assert assert_bodies_valid(node.recorder.seen) >= 8
+
+
+def test_capture_makes_an_image_the_other_verbs_see(node: SimpleNamespace) -> None:
+    call = node.call
+    url = f"file://{node.images}/base.raw"
+    ok(call("image_import", "img1", url, {"os_version": "ubuntu22"}))
+    ok(call("guest_create", "vm5", 1, 128))
+    ok(call("guest_deploy", "vm5", "img1"))
+    node.instances["VM5"] = "volume-img1"
+    assert ok(call("guest_capture", "vm5", "snap1")) is None
+    assert ("capture", "VM5", "snap1") in node.guests.calls
+    captured = node.images / "volume-snap1.raw"
+    assert ("iqn.2010-10.org.openstack:volume-snap1", captured) in node.tgt.created
+    [record] = ok(call("image_query", imagename="snap1"))
+    assert record["imageosdistro"] == "ubuntu22"  # the metadata of the image it ran on
+    assert record["image_size_in_bytes"] == str(1 << 20)
+    assert ok(call("image_get_root_disk_size", "snap1")) == str((1 << 20) // 512)
+    out = ok(call("image_export", "snap1", f"file://{node.images}/snap1-copy.raw"))
+    assert (node.images / "snap1-copy.raw").read_bytes() == captured.read_bytes()
+    assert out["os_version"] == "ubuntu22"
+    # the same name again (recorded, or an image target of this node): 409, nothing changed
+    calls = len(node.guests.calls)
+    for name in ("snap1", "img1"):
+        assert codes(call("guest_capture", "vm5", name)) == (300, 300, 13, 40), name
+    assert len(node.guests.calls) == calls
+    # only rootonly; bad input is the REST layer's 400
+    assert codes(call("guest_capture", "vm5", "x2", capture_type="alldisks"))[:3] == (
+        501,
+        501,
+        1,
+    )
+    assert codes(call("guest_capture", "vm5", "x3", compress_level=12))[:3] == (400, 400, 400)
+    assert codes(call("guest_capture", "nobody", "x4")) == (404, 404, 1, 10)
+    assert not any((node.images / f"volume-{n}.raw").exists() for n in ("x2", "x3", "x4"))
+    # a base image with instances on it cannot be deleted; a captured one takes its file
+    assert codes(call("image_delete", "img1")) == (409, 409, 1, 40)
+    # nor one that other nodes read from this node's target
+    node.tgt.readers["iqn.2010-10.org.openstack:volume-snap1"] = ["10.0.0.7"]
+    result = call("image_delete", "snap1")
+    assert codes(result) == (409, 409, 1, 40) and "10.0.0.7" in result["errmsg"]
+    assert captured.exists()
+    node.tgt.readers.clear()
+    ok(call("image_delete", "snap1"))
+    assert not captured.exists()
+    assert all(i != "iqn.2010-10.org.openstack:volume-snap1" for i, _ in node.tgt.created)
+    assert (node.images / "base.raw").exists()
