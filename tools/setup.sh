@@ -48,9 +48,4 @@ if [ "$(cat .venv/.vmt-stamp 2>/dev/null)" != "$stamp" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
     echo "$stamp" > .venv/.vmt-stamp
 fi
-# nova.virt.vmthunder ships inside Nova's package (Nova imports compute drivers only as
-# nova.virt.<name>); an editable install cannot map a package nested in another project's,
-# so the work tree's copy is linked there.
-nova_dir=$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("nova").submodule_search_locations[0])')
-ln -sfn "$PWD/nova/virt/vmthunder" "$nova_dir/virt/vmthunder"
 echo "setup: ready ($(.venv/bin/python --version))"

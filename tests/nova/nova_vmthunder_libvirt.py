@@ -130,7 +130,8 @@ class VMThunderLibvirtDriverTest(test.NoDBTestCase):
             (disk.get("type"), disk.find("driver").get("type")),
         )
         print(f"NOVA-IMAGE {self.image['id']}", flush=True)
-        print(f"NOVA-DISK {ElementTree.tostring(disk).decode().strip()}", flush=True)
+        disk_xml = " ".join(ElementTree.tostring(disk).decode().split())
+        print(f"NOVA-DISK {disk_xml}", flush=True)
 
         drvr.destroy(self.context, instance, [], block_device_info=None, destroy_disks=True)
 
