@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 disk_dir=settings.cache_dir,
                 virtman=virtman,
                 images=images,
-                backend=None,  # the guest manager plugs in here (virtman.zvm.backend)
+                backend=guests,  # the guest manager (virtman.zvm.backend protocol)
                 token=token,
                 ssl_context=context,
             )
