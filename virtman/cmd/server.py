@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 disk_dir=settings.cache_dir,
                 virtman=virtman,
                 images=images,
-                backend=None,  # the guest manager plugs in here (virtman.zvm.backend)
+                backend=guests,
                 token=token,
                 ssl_context=context,
             )

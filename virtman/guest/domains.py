@@ -84,6 +84,14 @@ class VMError(VirtmanError):
     """libvirt refused or failed."""
 
 
+class LibvirtUnreachable(VMError):
+    """No connection to libvirtd (not running, wrong URI, no permission)."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri, self.reason = uri, reason
+        super().__init__(f"libvirt at {uri} unreachable: {reason}")
+
+
 class ForeignDomain(VMError):
     """A domain with our prefix that virtman did not define (no ``vmt:instance`` metadata)."""
 
@@ -286,7 +294,7 @@ class VirtualMachines:
         try:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as err:
-            raise VMError(f"cannot connect to {self.uri}: {err}") from err
+            raise LibvirtUnreachable(self.uri, err.get_error_message() or str(err)) from err
         return self._conn
 
     def _lookup(self, instance: str) -> libvirt.virDomain | None:

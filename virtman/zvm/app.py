@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from virtman.errors import GuestExists, GuestNotFound, GuestStateError, InvalidInput
+from virtman.errors import GuestExists, GuestNotFound, GuestStateError, InvalidInput, VirtmanError
+from virtman.guest.domains import LibvirtUnreachable, VMError
 from virtman.zvm import validate as v
 from virtman.zvm.auth import TokenAuth
 from virtman.zvm.backend import GuestBackend
@@ -40,6 +41,7 @@ REASONS = {
     413: "Content Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    503: "Service Unavailable",
 }
 VERSION = {"api_version": "1.0", "min_version": "1.0", "max_version": "1.0", "version": "1.6.3"}
 GUEST_ACTIONS = {"start", "stop", "softstop", "pause", "unpause", "reboot", "reset"}
@@ -102,6 +104,12 @@ def _error_of(exc: Exception) -> ApiError | None:
         return ApiError(409, 409, 409, 1, MOD_IMAGE, str(exc))
     if isinstance(exc, ImageFailed):
         return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
+    if isinstance(exc, LibvirtUnreachable):  # the connector's "service unavailable"
+        return ApiError(503, 503, 503, 2, MOD_GUEST, f"Guest manager unavailable: {exc}")
+    if isinstance(exc, VMError):
+        return ApiError(500, 500, 500, 2, MOD_GUEST, f"libvirt failed: {exc}")
+    if isinstance(exc, VirtmanError):
+        return ApiError(500, 500, 500, 3, MOD_GUEST, f"Guest manager failed: {exc}")
     return None
 
 
