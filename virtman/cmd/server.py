@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                 token=token,
                 ssl_context=context,
             )
-        except (OSError, JournalCorrupt) as exc:
+        except (OSError, JournalCorrupt, ValueError) as exc:
             server.server_close()
             virtman.shutdown()
             if pid_file:
@@ -177,9 +177,12 @@ def main(argv: list[str] | None = None) -> None:
             ) from None
         zvm_server.start()
         LOG.info(
-            "virtmanserver: z/VM Cloud Connector API on %s (auth %s)",
+            "virtmanserver: z/VM Cloud Connector API on %s (auth %s%s)",
             zvm_server.url,
             CONF.auth_strategy,
+            ""
+            if token is None or CONF.zvm_api_auth == "token"
+            else f", or peer-uid of {', '.join(CONF.zvm_api_peer_users)}",
         )
     stopping = threading.Event()
 
