@@ -362,3 +362,29 @@ def test_issue_12_zvmconnector_drives_a_real_guest(
         f"\nzvmconnector: import+create+deploy+boot {boot_s:.1f} s; "
         f"{len(replies)} calls; whole test {time.monotonic() - started:.1f} s"
     )
+
+
+def test_issue_12_zvm_api_peer_uid_for_nova(tmp_path: Path) -> None:
+    """Nova's driver sends no token: ``zvm_api_auth = peer-uid`` lets in a loopback caller
+    running as a listed user (here root, this test's own user) and nobody else without a
+    token; it refuses to start on a non-loopback address."""
+    port = free_port()
+    node = VirtmanProcess(
+        tmp_path / "node", zvm_api_enabled=True, zvm_api_port=port, zvm_api_auth="peer-uid",
+        zvm_api_peer_users="root",
+    )  # fmt: skip
+    node.start()
+    try:
+        assert f"on http://127.0.0.1:{port} (auth token, or peer-uid of root)" in node.logs()
+        nova = connector.ZVMConnector("127.0.0.1", port)  # as nova/virt/zvm/utils.py builds it
+        assert ok(nova.send_request("guest_list")) == []
+        assert ok(nova.send_request("image_query")) == []
+    finally:
+        node.stop()
+    exposed = VirtmanProcess(
+        tmp_path / "exposed", zvm_api_enabled=True, zvm_api_port=free_port(),
+        zvm_api_listen_host="0.0.0.0", zvm_api_auth="peer-uid", zvm_api_peer_users="root",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="exited 1"):
+        exposed.start()
+    assert "zvm_api_auth = peer-uid needs zvm_api_listen_host on loopback" in exposed.logs()
