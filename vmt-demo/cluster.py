@@ -95,6 +95,7 @@ class LocalCluster:
         extra_conf: str = "",
         image_dirs: list[Path] | None = None,
         rpc_ca_file: Path | None = None,
+        node_conf: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -106,6 +107,7 @@ class LocalCluster:
         self.node_timeout = node_timeout
         self.executor = executor
         self.extra_conf = extra_conf  # appended to every virtman.conf ([DEFAULT] lines)
+        self.node_conf = node_conf or {}  # appended to one host's virtman.conf
         # What the image server may export: by default the work directory's parent, where
         # the demo, the benchmarks and the tests put their image files.
         self.image_dirs = image_dirs or [workdir.parent]
@@ -245,7 +247,10 @@ class LocalCluster:
             f"tgt_control_port = {self.tgt_control_base + index}\n"
             f"parent_wait_timeout = 60\n"
             f"image_dirs = {','.join(str(p) for p in self.image_dirs)}\n"
-            f"log_file = {d / 'virtman.log'}\n" + chap + self.extra_conf
+            f"log_file = {d / 'virtman.log'}\n"
+            + chap
+            + self.extra_conf
+            + self.node_conf.get(host_name, "")
         )
         log = d / "virtmanserver.out"
         extra: dict[str, Any] = {"dir": d, "log_offset": log.stat().st_size if log.exists() else 0}
