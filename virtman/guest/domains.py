@@ -44,7 +44,13 @@ import libvirt
 from brick.exception import Timeout
 from brick.libvirtd import SYSTEM_URI, quiet_libvirt
 from brick.wait import wait_until
-from virtman.errors import InstanceExists, InstanceNotFound, InvalidInput, VirtmanError
+from virtman.errors import (
+    HypervisorError,
+    HypervisorUnreachable,
+    InstanceExists,
+    InstanceNotFound,
+    InvalidInput,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -80,11 +86,11 @@ class InvalidVMInput(InvalidInput, ValueError):
     """A bad argument, found before libvirt is contacted."""
 
 
-class VMError(VirtmanError):
+class VMError(HypervisorError):
     """libvirt refused or failed."""
 
 
-class LibvirtUnreachable(VMError):
+class LibvirtUnreachable(VMError, HypervisorUnreachable):
     """No connection to libvirtd (not running, wrong URI, no permission)."""
 
     def __init__(self, uri: str, reason: str) -> None:

@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from virtman.errors import GuestExists, GuestNotFound, GuestStateError, InvalidInput, VirtmanError
-from virtman.guest.domains import LibvirtUnreachable, VMError
+from virtman.errors import (
+    GuestExists,
+    GuestNotFound,
+    GuestStateError,
+    HypervisorError,
+    HypervisorUnreachable,
+    InvalidInput,
+    VirtmanError,
+)
 from virtman.zvm import validate as v
 from virtman.zvm.auth import TokenAuth
 from virtman.zvm.backend import GuestBackend
@@ -105,9 +112,9 @@ def _error_of(exc: Exception) -> ApiError | None:
         return ApiError(409, 409, 409, 1, MOD_IMAGE, str(exc))
     if isinstance(exc, ImageFailed):
         return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
-    if isinstance(exc, LibvirtUnreachable):  # the connector's "service unavailable"
+    if isinstance(exc, HypervisorUnreachable):  # the connector's "service unavailable"
         return ApiError(503, 503, 503, 2, MOD_GUEST, f"Guest manager unavailable: {exc}")
-    if isinstance(exc, VMError):
+    if isinstance(exc, HypervisorError):
         return ApiError(500, 500, 500, 2, MOD_GUEST, f"libvirt failed: {exc}")
     if isinstance(exc, VirtmanError):
         return ApiError(500, 500, 500, 3, MOD_GUEST, f"Guest manager failed: {exc}")
