@@ -413,6 +413,22 @@ zvm_opts = [
         help="Connections the z/VM-shaped API serves at once (one thread each, each closed "
         "after request_timeout of silence); one more is answered 503 and closed.",
     ),
+    cfg.StrOpt(
+        "zvm_api_auth",
+        default="token",
+        choices=["token", "peer-uid"],
+        help="How the z/VM-shaped API authenticates callers (unless auth_strategy = noauth). "
+        "token: X-Auth-Token (POST /token with X-Admin-Token = api_token, or api_token "
+        "itself). peer-uid: also, without a token, a caller on this host whose TCP socket is "
+        "owned by one of zvm_api_peer_users (for Nova's zvm driver, which cannot send a "
+        "token); needs zvm_api_listen_host on loopback.",
+    ),
+    cfg.ListOpt(
+        "zvm_api_peer_users",
+        default=[],
+        help="Users (names or uids) whose local processes need no token when zvm_api_auth = "
+        "peer-uid, e.g. nova.",
+    ),
     cfg.IntOpt(
         "zvm_api_token_ttl",
         default=3600,

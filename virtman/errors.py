@@ -92,3 +92,11 @@ class GuestStateError(VirtmanError):
     def __init__(self, userid: str, reason: str) -> None:
         self.userid, self.reason = userid, reason
         super().__init__(f"Virtman: guest '{userid}': {reason}")
+
+
+class HypervisorError(VirtmanError):
+    """The hypervisor behind the node's guests (libvirt) refused or failed."""
+
+
+class HypervisorUnreachable(HypervisorError):
+    """No connection to the hypervisor behind the node's guests (libvirtd down, bad URI)."""

@@ -97,6 +97,7 @@ class LocalCluster:
         image_dirs: list[Path] | None = None,
         rpc_ca_file: Path | None = None,
         bus: bool = False,
+        node_conf: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -108,6 +109,7 @@ class LocalCluster:
         self.node_timeout = node_timeout
         self.executor = executor
         self.extra_conf = extra_conf  # appended to every virtman.conf ([DEFAULT] lines)
+        self.node_conf = node_conf or {}  # appended to one host's virtman.conf
         # What the image server may export: by default the work directory's parent, where
         # the demo, the benchmarks and the tests put their image files.
         self.image_dirs = image_dirs or [workdir.parent]
@@ -291,6 +293,7 @@ class LocalCluster:
             + chap
             + self._bus_conf()
             + self.extra_conf
+            + self.node_conf.get(host_name, "")
             + self._bus_sections(self.bus)
         )
         log = d / "virtmanserver.out"

@@ -6,7 +6,10 @@ driver in its own network namespace, on a private bridge), builds a small bootab
 from Debian packages (cached after the first run), exports its disk from the image server
 with ``vmtimg.py``, creates M VM instances per node with ``vmtrun.py``, boots every instance
 under libvirt (QEMU), waits until each console shows that the guest booted and read its
-disk, verifies, reports, and tears everything down (``--keep`` leaves it running).
+disk, verifies, reports, and tears everything down (``--keep`` leaves it running). Before the
+teardown, the first node's z/VM Cloud Connector-shaped API (enabled on that node only) is
+driven once by ``zvmdemo.py`` with the connector's client: one more guest imported, created,
+deployed, started, its console marker read, deleted.
 
 Its last line is ``vmtcluster: <V> VMs booted on <N> nodes in <T> s; image server sent <B1>
 bytes, peers sent <B2> bytes; verified``, and it exits 0 only if every VM booted and
@@ -16,6 +19,7 @@ verified. Run it as root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -39,6 +43,7 @@ from virtman.guest.domains import VirtualMachines  # noqa: E402
 IMAGE = "image1"
 LAB, SUBNET, TGT_BASE = "vmtc", "10.233.0.0/24", 3500
 LAB_STATE = Path("/run/vmtcluster")
+ZVM_PREFIX = "zvm-"  # n1's guests made through the z/VM API: domain vmt-zvm-<USERID>
 
 
 def say(message: str) -> None:
@@ -95,6 +100,7 @@ class Demo:
             lab_state_dir=LAB_STATE,
             executor=args.executor,
             bus=args.bus,
+            node_conf={"n1": self._zvm_conf(guest)},
         )
         cluster.start()
         say(f"Volt, an image server and {args.nodes} compute nodes are up")
@@ -120,6 +126,7 @@ class Demo:
         image_sent, peers_sent = (b - a for a, b in zip(sent_at_start, self._sent(), strict=True))
         self._verify(image_file, image_sha)
         self._report(booted_at, boot_started, image_sent, peers_sent, image_file)
+        self._zvm_demo(guest, image_file)
         if args.keep:
             self._keep_note()
         else:
@@ -130,6 +137,28 @@ class Demo:
         )
         say(f"whole run {time.monotonic() - started:.1f} s")
         return 0
+
+    def _zvm_conf(self, guest: guestimage.GuestImage) -> str:
+        """The first node serves the z/VM-shaped API on its loopback, with its guests."""
+        return (
+            "zvm_api_enabled = true\n"
+            f"guest_kernel = {guest.kernel}\nguest_initrd = {guest.initrd}\n"
+            f"guest_cmdline = {guest.cmdline} vmt.stay\nguest_name_prefix = {ZVM_PREFIX}\n"
+        )
+
+    def _zvm_demo(self, guest: guestimage.GuestImage, image_file: Path) -> None:
+        """zvmdemo.py in n1's namespace: one guest through the z/VM API, then gone."""
+        assert self.cluster is not None
+        token_file = self.workdir / "zvm-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.cluster.token)
+        say("z/VM API on n1: zvmconnector imports the image, creates, deploys, starts a guest")
+        run_in(
+            self.cluster,
+            "n1",
+            [PYTHON, str(HERE / "zvmdemo.py"), "--token-file", str(token_file),
+             "--image-file", str(image_file), "--marker", guest.expected_marker],
+        )  # fmt: skip
 
     def _script(self, name: str, cfg: Path) -> list[str]:
         assert self.cluster is not None
@@ -240,6 +269,8 @@ class Demo:
                     self.vms.destroy(vm)
                 except Exception as exc:
                     errors.append(f"VM {vm}: {exc}")
+            with contextlib.suppress(Exception):  # zvmdemo.py's guest, if it failed half way
+                self.vms.destroy(f"{ZVM_PREFIX}ZVMDEMO")
             self.vms.close()
             self.vms = None
         if self.cluster is not None:

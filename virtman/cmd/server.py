@@ -165,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
                 disk_dir=settings.cache_dir,
                 virtman=virtman,
                 images=images,
-                backend=guests,  # the guest manager (virtman.zvm.backend protocol)
+                backend=guests,
                 token=token,
                 ssl_context=context,
             )
-        except (OSError, JournalCorrupt) as exc:
+        except (OSError, JournalCorrupt, ValueError) as exc:
             server.server_close()
             virtman.shutdown()
             if pid_file:
@@ -179,9 +179,12 @@ def main(argv: list[str] | None = None) -> None:
             ) from None
         zvm_server.start()
         LOG.info(
-            "virtmanserver: z/VM Cloud Connector API on %s (auth %s)",
+            "virtmanserver: z/VM Cloud Connector API on %s (auth %s%s)",
             zvm_server.url,
             CONF.auth_strategy,
+            ""
+            if token is None or CONF.zvm_api_auth == "token"
+            else f", or peer-uid of {', '.join(CONF.zvm_api_peer_users)}",
         )
     stopping = threading.Event()
 

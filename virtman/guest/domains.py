@@ -44,7 +44,13 @@ import libvirt
 from brick.exception import Timeout
 from brick.libvirtd import SYSTEM_URI, quiet_libvirt
 from brick.wait import wait_until
-from virtman.errors import InstanceExists, InstanceNotFound, InvalidInput, VirtmanError
+from virtman.errors import (
+    HypervisorError,
+    HypervisorUnreachable,
+    InstanceExists,
+    InstanceNotFound,
+    InvalidInput,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -80,8 +86,16 @@ class InvalidVMInput(InvalidInput, ValueError):
     """A bad argument, found before libvirt is contacted."""
 
 
-class VMError(VirtmanError):
+class VMError(HypervisorError):
     """libvirt refused or failed."""
+
+
+class LibvirtUnreachable(VMError, HypervisorUnreachable):
+    """No connection to libvirtd (not running, wrong URI, no permission)."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri, self.reason = uri, reason
+        super().__init__(f"libvirt at {uri} unreachable: {reason}")
 
 
 class ForeignDomain(VMError):
@@ -286,7 +300,7 @@ class VirtualMachines:
         try:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as err:
-            raise VMError(f"cannot connect to {self.uri}: {err}") from err
+            raise LibvirtUnreachable(self.uri, err.get_error_message() or str(err)) from err
         return self._conn
 
     def _lookup(self, instance: str) -> libvirt.virDomain | None:

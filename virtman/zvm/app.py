@@ -21,11 +21,20 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from virtman.capture import CaptureExists, CaptureFailed
-from virtman.errors import GuestExists, GuestNotFound, GuestStateError, InvalidInput
+from virtman.errors import (
+    GuestExists,
+    GuestNotFound,
+    GuestStateError,
+    HypervisorError,
+    HypervisorUnreachable,
+    InvalidInput,
+    VirtmanError,
+)
 from virtman.zvm import validate as v
 from virtman.zvm.auth import TokenAuth
 from virtman.zvm.backend import GuestBackend
 from virtman.zvm.images import Catalogue, ImageExists, ImageFailed, ImageInUse, ImageNotFound
+from virtman.zvm.peer import PeerUids
 from virtman.zvm.store import Store
 
 LOG = logging.getLogger(__name__)
@@ -43,6 +52,7 @@ REASONS = {
     413: "Content Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    503: "Service Unavailable",
 }
 VERSION = {"api_version": "1.0", "min_version": "1.0", "max_version": "1.0", "version": "1.6.3"}
 GUEST_ACTIONS = {"start", "stop", "softstop", "pause", "unpause", "reboot", "reset"}
@@ -108,6 +118,12 @@ def _error_of(exc: Exception) -> ApiError | None:
         return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
     if isinstance(exc, ImageFailed):
         return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
+    if isinstance(exc, HypervisorUnreachable):  # the connector's "service unavailable"
+        return ApiError(503, 503, 503, 2, MOD_GUEST, f"Guest manager unavailable: {exc}")
+    if isinstance(exc, HypervisorError):
+        return ApiError(500, 500, 500, 2, MOD_GUEST, f"libvirt failed: {exc}")
+    if isinstance(exc, VirtmanError):
+        return ApiError(500, 500, 500, 3, MOD_GUEST, f"Guest manager failed: {exc}")
     return None
 
 
@@ -153,9 +169,12 @@ class ZvmApi:
         bridge: str = "virbr0",
         max_request_bytes: int = 1 << 20,
         host_info: Callable[[], dict[str, Any]] | None = None,
+        peers: PeerUids | None = None,
     ) -> None:
         """``backend`` None: the guest manager is not available (guest verbs answer 501);
-        ``host_info`` then answers ``host_get_info``. ``auth`` None: noauth."""
+        ``host_info`` then answers ``host_get_info``. ``auth`` None: noauth. ``peers``: a
+        loopback caller running as one of its uids needs no token (``zvm_api_auth = peer-uid``,
+        for Nova's zvm driver, which sends none)."""
         self.backend = backend
         self.catalogue = catalogue
         self.store = store
@@ -164,6 +183,7 @@ class ZvmApi:
         self.bridge = bridge
         self.max_request_bytes = max_request_bytes
         self.host_info = host_info
+        self.peers = peers
 
     # -- WSGI --------------------------------------------------------------------------------
     def __call__(
@@ -220,7 +240,7 @@ class ZvmApi:
             if method != "POST":
                 raise _not_allowed(["POST"])
             return self._token(environ)
-        if self.auth is not None and not self.auth.check(environ.get("HTTP_X_AUTH_TOKEN")):
+        if self.auth is not None and not self._authorized(environ):
             raise request_error(401, "Not authorized to execute (X-Auth-Token missing or wrong)")
         handler = handlers.get(method)
         if handler is None:
@@ -235,6 +255,14 @@ class ZvmApi:
             if mapped is None:
                 raise
             raise mapped from None
+
+    def _authorized(self, environ: dict[str, Any]) -> bool:
+        assert self.auth is not None
+        if self.auth.check(environ.get("HTTP_X_AUTH_TOKEN")):
+            return True
+        return self.peers is not None and self.peers.allows(
+            environ.get("vmt.peer"), environ.get("vmt.local")
+        )
 
     def _token(self, environ: dict[str, Any]) -> tuple[int, Any, list[tuple[str, str]]]:
         if self.auth is None:

@@ -32,6 +32,17 @@ class _Handler(WSGIRequestHandler):
     def get_stderr(self) -> Any:
         return _LogStream()
 
+    def get_environ(self) -> dict[str, Any]:
+        """Also both ends of the connection (``zvm_api_auth = peer-uid`` asks the kernel who
+        opened it)."""
+        environ = super().get_environ()
+        environ["vmt.peer"] = tuple(self.client_address[:2])
+        try:
+            environ["vmt.local"] = tuple(self.connection.getsockname()[:2])
+        except OSError:
+            environ["vmt.local"] = None
+        return environ
+
 
 class _LogStream:
     """wsgiref writes an application's traceback here: into the log instead."""

@@ -13,6 +13,7 @@ from virtman.zvm.auth import TokenAuth
 from virtman.zvm.backend import GuestBackend
 from virtman.zvm.host import local_host_info
 from virtman.zvm.images import Catalogue
+from virtman.zvm.peer import PeerUids, is_loopback, resolve_uids
 from virtman.zvm.server import ZvmServer
 from virtman.zvm.store import Store
 
@@ -38,6 +39,7 @@ def build_app(
     token_ttl_s: int = 3600,
     bridge: str = "virbr0",
     max_request_bytes: int = 1 << 20,
+    peers: PeerUids | None = None,
 ) -> ZvmApi:
     store = Store(state_dir / "zvm.json")
     catalogue = Catalogue(store, images, lambda target: instances_on(virtman, target))
@@ -49,6 +51,7 @@ def build_app(
         disk_dir=disk_dir,
         bridge=bridge,
         max_request_bytes=max_request_bytes,
+        peers=peers,
     )
     api.host_info = lambda: local_host_info(api.diskpool)
     return api
@@ -65,7 +68,8 @@ def build_server(
     token: str | None,
     ssl_context: ssl.SSLContext | None,
 ) -> ZvmServer:
-    """The server of ``zvm_api_*`` options (not started); ``OSError`` if it cannot listen."""
+    """The server of ``zvm_api_*`` options (not started); ``OSError`` if it cannot listen,
+    ``ValueError`` if ``zvm_api_auth`` cannot be honoured."""
     app = build_app(
         state_dir=state_dir,
         disk_dir=disk_dir,
@@ -76,6 +80,7 @@ def build_server(
         token_ttl_s=conf.zvm_api_token_ttl,
         bridge=conf.zvm_bridge,
         max_request_bytes=conf.max_request_bytes,
+        peers=peer_auth(conf) if token is not None else None,
     )
     return ZvmServer(
         (conf.zvm_api_listen_host, conf.zvm_api_port),
@@ -84,3 +89,18 @@ def build_server(
         request_timeout=conf.request_timeout,
         ssl_context=ssl_context,
     )
+
+
+def peer_auth(conf: Any) -> PeerUids | None:
+    """``zvm_api_auth = peer-uid``: loopback callers running as ``zvm_api_peer_users`` need no
+    token (Nova's zvm driver sends none). Only on a loopback listener, never for nobody."""
+    if conf.zvm_api_auth == "token":
+        return None
+    if not is_loopback(conf.zvm_api_listen_host):
+        raise ValueError(
+            f"zvm_api_auth = peer-uid needs zvm_api_listen_host on loopback (127.0.0.1 or "
+            f"::1), not {conf.zvm_api_listen_host}: a remote caller's user cannot be known"
+        )
+    if not conf.zvm_api_peer_users:
+        raise ValueError("zvm_api_auth = peer-uid needs zvm_api_peer_users (e.g. nova)")
+    return PeerUids(resolve_uids(conf.zvm_api_peer_users))

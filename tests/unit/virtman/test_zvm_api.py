@@ -23,6 +23,7 @@ from zvmsdk.sdkwsgi.validation import _SchemaValidator
 
 from brick.wait import wait_until
 from tests.unit.fakes.guests import FakeGuests
+from virtman.guest.domains import VirtualMachines, VMError
 from virtman.imageservice import ImageService
 from virtman.zvm.app import ZvmApi, match
 from virtman.zvm.auth import TokenAuth
@@ -607,6 +608,26 @@ def test_without_a_guest_manager(tmp_path: Path) -> None:
         assert tuple(host) == HOST_INFO_KEYS and host["memory_mb"] > 0
     finally:
         server.stop()
+
+
+def test_libvirt_unreachable_is_a_clear_connector_error(
+    node: SimpleNamespace, tmp_path: Path
+) -> None:
+    """The real backend asks libvirt: its absence is the connector's 503 naming libvirt and
+    the URI, not an internal error with a bare errno text."""
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-libvirt-sock"
+    vms = VirtualMachines(uri)
+    node.guests.host_info = lambda: vms.connection()
+    result = node.call("host_get_info")
+    assert codes(result) == (503, 503, 2, 10), result
+    assert result["errmsg"].startswith(f"Guest manager unavailable: libvirt at {uri} unreachable: ")
+
+    def broken() -> None:
+        raise VMError("guest VM1: start: internal error")
+
+    node.guests.host_info = broken
+    result = node.call("host_get_info")
+    assert codes(result) == (500, 500, 2, 10) and "libvirt failed: guest VM1" in result["errmsg"]
 
 
 def test_connections_are_bounded(node: SimpleNamespace) -> None:
