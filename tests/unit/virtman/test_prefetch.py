@@ -379,7 +379,7 @@ class Observed(PrefetchOptions):
 
     observer: Callable[[int, int], None] | None = None
 
-    def start(self, image: str, origin: Device) -> Prefetcher | None:
+    def start(self, image: str, origin: Device, cached=None) -> Prefetcher | None:
         return Prefetcher(
             image,
             origin.path,
