@@ -14,7 +14,11 @@ interleaved with guest CPU time (``--boot-cpu-s``). Variants:
 * ``fullcopy`` — every node copies the whole image from the image server, then boots locally.
 
 Modifiers of the tree variants: ``+prefetch`` (each node also reads its boot set in order,
-ahead of its VMs, from its read source; ``--prefetch`` adds them) and ``+wake`` (virtman's
+ahead of its VMs, from its read source, skipping chunks cached or in flight; paced as
+virtman's ``Pacer``: a fetch that took more than ``--prefetch-slack`` times the node's
+fastest recent one pauses the prefetch for the queueing it saw (at most
+``--prefetch-max-pause-s``, 0 slack: unpaced, the behaviour before) and keeps one fetch in
+flight until fetches are fast again; ``--prefetch`` adds them) and ``+wake`` (virtman's
 heartbeat loop is woken right after a build that left a parent pending: what virtman does
 since this simulation found the delay; without it, the behaviour before).
 
@@ -131,6 +135,8 @@ class Params:
     fanout: int = 2
     parents_per_node: int = 2
     prefetch_depth: int = 1
+    prefetch_slack: float = 2.0  # 0: unpaced (before issue 15's pacing)
+    prefetch_max_pause_s: float = 2.0
     seed: int = 1
     max_sim_s: float = 1e7
 
@@ -413,6 +419,10 @@ class Sim:
         self.volt_s = p.volt_service_ms / 1e3
         self.pf_next = [0] * nodes
         self.pf_out = [0] * nodes
+        self.pf_costs: list[deque[float]] = [deque(maxlen=32) for _ in range(nodes)]
+        self.pf_resume = [0.0] * nodes
+        self.pf_slow = bytearray(nodes)
+        self.pf_paused_s = 0.0
         self.vpn = vpn
         self.direct = variant == "direct"
         self.switches = 0
@@ -705,17 +715,34 @@ class Sim:
     # -- prefetch ------------------------------------------------------------------------
     def prefetch_fill(self, v: int, _: Any) -> None:
         """Keep ``prefetch_depth`` fetches of the boot set, in order, ahead of the VMs."""
+        if self.now < self.pf_resume[v]:
+            return  # paused: a timer calls again at pf_resume
         have, inflight = self.have[v], self.inflight[v]
-        while self.pf_out[v] < self.p.prefetch_depth and self.pf_next[v] < self.nchunks:
+        limit = 1 if self.pf_slow[v] else self.p.prefetch_depth
+        while self.pf_out[v] < limit and self.pf_next[v] < self.nchunks:
             c = self.pf_next[v]
             self.pf_next[v] = c + 1
             if have[c] or c in inflight:
                 continue
             self.pf_out[v] += 1
-            self.fetch(v, c, self._prefetched, v, c)
+            self.fetch(v, c, self._prefetched, v, self.now)
 
-    def _prefetched(self, v: int, _: Any) -> None:
+    def _prefetched(self, v: int, started: float) -> None:
         self.pf_out[v] -= 1
+        if self.p.prefetch_slack > 0:  # paced as virtman.prefetch.Pacer
+            cost = self.now - started
+            costs = self.pf_costs[v]
+            base = min(costs, default=cost)
+            costs.append(cost)
+            if cost > self.p.prefetch_slack * base:
+                pause = min(self.p.prefetch_max_pause_s, cost - base)
+                self.pf_slow[v] = 1
+                self.pf_paused_s += pause
+                if self.now + pause > self.pf_resume[v]:
+                    self.pf_resume[v] = self.now + pause
+                    self.at(self.pf_resume[v], self.prefetch_fill, v, None)
+                return
+            self.pf_slow[v] = 0
         self.prefetch_fill(v, None)
 
 
@@ -776,6 +803,9 @@ OPTION_HELP = {
     "fanout": "balanced: children per node",
     "parents_per_node": "balanced: parents per node (1 carries the reads)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",
+    "prefetch_slack": "prefetch: a fetch this many times slower than the node's fastest "
+    "recent one pauses the prefetch (0: unpaced)",
+    "prefetch_max_pause_s": "prefetch: longest pause after one slow fetch",
     "seed": "random seed (start times, build jitter, heartbeat phases)",
     "max_sim_s": "abort a run past this simulated time",
 }

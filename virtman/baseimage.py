@@ -441,7 +441,12 @@ class BaseImage:
             self.prefetch_waits = True
             return
         try:
-            self.prefetcher = self.prefetch.start(self.name, origin)
+            cached_extents = getattr(self.driver, "cached_extents", None)
+            cached = None
+            if cached_extents is not None:
+                name = self.name
+                cached = lambda: cached_extents(name)  # noqa: E731
+            self.prefetcher = self.prefetch.start(self.name, origin, cached)
         except Exception as exc:
             LOG.error("%s: prefetch not started: %s", self.name, exc)
 

@@ -10,6 +10,21 @@ layer fetches each one from the parents into the cache, so that the VM then find
 The prefetch runs in one daemon thread per image (plus ``depth - 1`` helpers, so that at
 most ``depth`` reads are in flight), never fails a create (every error is logged and ends
 it), and stops between two reads once asked (teardown asks, then waits for it).
+
+So that it pays when many nodes boot at once (issue 15), the prefetch as virtman starts it
+(``PrefetchOptions``):
+
+* never fetches a cluster twice: a ``ClusterMap`` (one byte per cluster) holds what it has
+  read or has in flight, and what the cache already holds (``cached``: the cache's
+  allocation map, e.g. ``qemu-img map`` of the qcow2 cache, asked again at most every
+  ``CACHED_REFRESH_S``: a cluster the VM fetched meanwhile is skipped, not read again);
+* is paced behind the VM's own reads (``Pacer``, delay-based after LEDBAT): a fetch that
+  took ``slack`` times longer per byte than the fastest recent one means the link queues
+  behind other reads (the VM's, other nodes'), so the prefetch pauses for as long as the
+  queueing it saw and keeps one read in flight until fetches are fast again: it uses the
+  idle link only;
+* runs off the CPU the VM needs (its threads are ``SCHED_IDLE``, or nice 19 where that is
+  refused) with bounded memory (one ``READ_CHUNK`` buffer per reader, reused).
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +59,7 @@ MAX_TRACE_FILE_BYTES = 64 << 20
 READ_CHUNK = 1 << 20  # the largest single pread (longer extents are read in pieces)
 MAX_DEPTH = 4
 STOP_TIMEOUT_S = 10.0  # how long teardown waits for the reads in flight
+CACHED_REFRESH_S = 1.0  # the cache's allocation map is asked at most this often
 
 Extent = tuple[int, int]  # (offset, length) in bytes
 
@@ -202,6 +219,144 @@ def _pieces(extents: Sequence[Extent], chunk: int) -> Iterator[Extent]:
             yield start, min(chunk, offset + length - start)
 
 
+# -- never twice, paced, idle ------------------------------------------------------------------
+class ClusterMap:
+    """One byte per cluster of an image: 1 once the cluster is cached, read by the prefetch
+    or in flight. ``claim`` hands out the parts of a range still to read and marks them, so
+    that no cluster is read twice, whoever asks."""
+
+    def __init__(self, image_size: int, cluster: int = CLUSTER) -> None:
+        if image_size <= 0 or cluster < SECTOR or cluster & (cluster - 1):
+            raise ValueError(f"image_size {image_size} / cluster {cluster}")
+        self.image_size = image_size
+        self.cluster = cluster
+        self.bits = bytearray(-(-image_size // cluster))
+
+    def mark(self, offset: int, length: int) -> int:
+        """Mark the clusters wholly inside ``[offset, offset + length)`` (the image's last,
+        short cluster counts as whole); returns how many were new."""
+        c = self.cluster
+        end = min(offset + length, self.image_size)
+        first = -(-max(offset, 0) // c)
+        last = -(-end // c) if end == self.image_size else end // c
+        if last <= first:
+            return 0
+        new = self.bits.count(0, first, last)
+        self.bits[first:last] = b"\x01" * (last - first)
+        return new
+
+    def claim(self, offset: int, length: int) -> list[Extent]:
+        """The runs of ``[offset, offset + length)`` whose clusters are not marked yet, now
+        marked (cut to the range and to the image's end)."""
+        c = self.cluster
+        end = min(offset + length, self.image_size)
+        if end <= offset:
+            return []
+        runs: list[Extent] = []
+        first, last = offset // c, -(-end // c)
+        while (i := self.bits.find(0, first, last)) >= 0:
+            j = self.bits.find(1, i, last)
+            j = last if j < 0 else j
+            self.bits[i:j] = b"\x01" * (j - i)
+            start, stop = max(i * c, offset), min(j * c, end)
+            runs.append((start, stop - start))
+            first = j
+        return runs
+
+    def done(self, offset: int, length: int) -> bool:
+        """Every cluster the range touches is marked."""
+        c = self.cluster
+        end = min(offset + length, self.image_size)
+        return end <= offset or self.bits.find(0, offset // c, -(-end // c)) < 0
+
+
+class Pacer:
+    """Delay-based pacing of background reads behind everyone else's (after LEDBAT).
+
+    ``done(nbytes, seconds)`` after every fetch: the cost per byte is compared with the
+    lowest of the last ``window`` fetches (the link with nobody else on it). A fetch more
+    than ``slack`` times that cost queued behind other reads: the pacer then holds every
+    reader for ``backoff`` times the delay it saw (at most ``max_pause_s``) and lets only
+    one read be in flight until a fetch is fast again. ``gate`` blocks a reader until it
+    may read (False once ``stop`` is set)."""
+
+    def __init__(
+        self,
+        depth: int,
+        *,
+        slack: float = 2.0,
+        backoff: float = 1.0,
+        window: int = 32,
+        max_pause_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if depth < 1 or slack < 1 or backoff < 0 or window < 1 or max_pause_s < 0:
+            raise ValueError("depth >= 1, slack >= 1, backoff >= 0, window >= 1")
+        self.depth = depth
+        self.slack = slack
+        self.backoff = backoff
+        self.max_pause_s = max_pause_s
+        self.clock = clock
+        self.costs: deque[float] = deque(maxlen=window)  # seconds per byte
+        self.limit = depth  # reads allowed in flight now
+        self.in_flight = 0
+        self.resume_at = 0.0  # no read starts before
+        self.contended = 0  # fetches that queued (for the log and tests)
+        self.paused_s = 0.0
+        self._cond = threading.Condition()
+
+    def done(self, nbytes: int, seconds: float) -> float:
+        """Account one fetch; returns the pause it imposes (0 when the link was idle)."""
+        if nbytes <= 0:
+            return 0.0
+        cost = max(seconds, 1e-9) / nbytes
+        with self._cond:
+            base = min(self.costs, default=cost)
+            self.costs.append(cost)
+            pause = 0.0
+            if cost > self.slack * base:
+                pause = min(self.max_pause_s, self.backoff * (cost - base) * nbytes)
+                self.contended += 1
+                self.paused_s += pause
+                self.limit = 1
+                self.resume_at = max(self.resume_at, self.clock() + pause)
+            else:
+                self.limit = self.depth
+            self._cond.notify_all()
+            return pause
+
+    def gate(self, stop: threading.Event) -> bool:
+        """Wait for a slot; True with the slot taken (give it back with ``release``)."""
+        with self._cond:
+            while not stop.is_set():
+                wait = self.resume_at - self.clock()
+                if wait <= 0 and self.in_flight < self.limit:
+                    self.in_flight += 1
+                    return True
+                self._cond.wait(min(wait, 0.05) if wait > 0 else 0.05)
+            return False
+
+    def release(self) -> None:
+        with self._cond:
+            self.in_flight -= 1
+            self._cond.notify_all()
+
+
+def lower_priority() -> str:
+    """Put the calling thread off the CPU others need: SCHED_IDLE, else nice 19. Returns
+    what it got ("idle", "nice" or "" when neither was allowed)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only
+        return "idle"
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return "nice"
+    except (AttributeError, OSError):
+        return ""
+
+
 # -- the background reader --------------------------------------------------------------------
 class Prefetcher:
     """Reads one image's trace, as merged extents, from its origin in the background."""
@@ -216,10 +371,16 @@ class Prefetcher:
         depth: int = 2,
         pause_s: float = 0.0,
         observer: Callable[[int, int], None] | None = None,
+        cached: Callable[[], Iterable[Extent]] | None = None,
+        pacer: Pacer | None = None,
+        idle: bool = False,
     ) -> None:
         """``image_size``: the origin's size (a trace of another size is not used);
         ``depth``: reads in flight (1-4); ``pause_s``: each reader's pause after a read;
-        ``observer(offset, length)``: called after every read (tests, progress)."""
+        ``observer(offset, length)``: called after every read (tests, progress);
+        ``cached()``: the extents the cache holds already (skipped; asked at most every
+        ``CACHED_REFRESH_S``); ``pacer``: paces the reads behind other traffic;
+        ``idle``: the readers run ``SCHED_IDLE`` (``lower_priority``)."""
         if not 1 <= depth <= MAX_DEPTH:
             raise ValueError(f"depth {depth} must be 1-{MAX_DEPTH}")
         if pause_s < 0:
@@ -231,6 +392,12 @@ class Prefetcher:
         self.depth = depth
         self.pause_s = pause_s
         self.observer = observer
+        self.cached = cached
+        self.pacer = pacer
+        self.idle = idle
+        self.clusters: ClusterMap | None = None
+        self._cached_at = -CACHED_REFRESH_S  # monotonic time of the last ``cached()``
+        self.skipped_bytes = 0  # planned but cached already (by the VM's reads)
         self.state = "new"  # running, finished, stopped, failed
         self.error: str | None = None
         self.extents = 0  # merged extents planned
@@ -293,6 +460,7 @@ class Prefetcher:
                 self.depth,
             )
             pieces = _pieces(extents, READ_CHUNK)
+            assert self.clusters is not None
             helpers = [
                 threading.Thread(
                     target=self._read, args=(fd, pieces), name=f"prefetch-{self.image}-{i}"
@@ -314,7 +482,8 @@ class Prefetcher:
         finally:
             os.close(fd)
         if self.state == "running":  # a stop asked after the last read changes nothing
-            self.state = "finished" if self.bytes_read == self.planned_bytes else "stopped"
+            covered = self.bytes_read + self.skipped_bytes
+            self.state = "finished" if covered >= self.planned_bytes else "stopped"
         self._log_end(started)
 
     def _plan(self) -> list[Extent]:
@@ -325,31 +494,71 @@ class Prefetcher:
                 f"the origin has {self.image_size} bytes"
             )
         extents = merge(trace.reads, image_size=trace.image_size)
+        self.clusters = ClusterMap(trace.image_size)
         self.extents = len(extents)
         self.planned_bytes = sum(n for _, n in extents)
         return extents
 
+    def _refresh_cached(self) -> None:
+        """Mark what the cache holds (the VM's reads fetched it): at most every
+        ``CACHED_REFRESH_S``; called with ``_lock`` held. A failure is logged, not fatal."""
+        now = time.monotonic()
+        if self.cached is None or now - self._cached_at < CACHED_REFRESH_S:
+            return
+        self._cached_at = now
+        assert self.clusters is not None
+        try:
+            for offset, length in self.cached():
+                self.clusters.mark(offset, length)
+        except Exception as exc:
+            LOG.warning("%s: prefetch: the cache's map is unknown: %s", self.image, exc)
+
+    def _next(self, pieces: Iterator[Extent]) -> list[Extent] | None:
+        """The runs of the next piece still to read (claimed); None when none is left."""
+        assert self.clusters is not None
+        with self._lock:
+            self._refresh_cached()
+            while (piece := next(pieces, None)) is not None:
+                runs = self.clusters.claim(*piece)
+                self.skipped_bytes += piece[1] - sum(n for _, n in runs)
+                if runs:
+                    return runs
+            return None
+
     def _read(self, fd: int, pieces: Iterator[Extent]) -> None:
+        if self.idle:
+            lower_priority()
+        buffer = bytearray(READ_CHUNK)  # reused: memory is depth x READ_CHUNK at most
         while not self._stop.is_set() and self.state == "running":
-            with self._lock:
-                piece = next(pieces, None)
-            if piece is None:
+            runs = self._next(pieces)
+            if runs is None:
                 return
-            offset, length = piece
-            try:
-                got = len(os.pread(fd, length, offset))
-                if got != length:
-                    raise OSError(f"short read: {got} bytes")
-                with self._lock:
-                    self.bytes_read += length
-                    self.reads += 1
-                if self.observer is not None:
-                    self.observer(offset, length)
-            except Exception as exc:
-                self._fail(f"read of {length} bytes at {offset}: {exc}")
-                return
-            if self.pause_s:
-                self._stop.wait(self.pause_s)
+            for offset, length in runs:
+                if self.pacer is not None and not self.pacer.gate(self._stop):
+                    return
+                try:
+                    started = time.monotonic()
+                    try:
+                        got = os.preadv(fd, [memoryview(buffer)[:length]], offset)
+                    finally:
+                        if self.pacer is not None:
+                            self.pacer.release()
+                    if got != length:
+                        raise OSError(f"short read: {got} bytes")
+                    if self.pacer is not None:
+                        self.pacer.done(length, time.monotonic() - started)
+                    with self._lock:
+                        self.bytes_read += length
+                        self.reads += 1
+                    if self.observer is not None:
+                        self.observer(offset, length)
+                except Exception as exc:
+                    self._fail(f"read of {length} bytes at {offset}: {exc}")
+                    return
+                if self.pause_s:
+                    self._stop.wait(self.pause_s)
+                if self._stop.is_set():
+                    return
 
     def _fail(self, error: str) -> None:
         with self._lock:
@@ -361,11 +570,15 @@ class Prefetcher:
         seconds = time.monotonic() - started
         if self.state == "finished":
             LOG.info(
-                "%s: prefetch finished: %d extents, %d bytes in %.2f s",
+                "%s: prefetch finished: %d extents, %d bytes in %.2f s "
+                "(%d bytes cached already; %d fetches queued, paused %.2f s)",
                 self.image,
                 self.extents,
                 self.bytes_read,
                 seconds,
+                self.skipped_bytes,
+                self.pacer.contended if self.pacer else 0,
+                self.pacer.paused_s if self.pacer else 0.0,
             )
         elif self.state == "stopped":
             LOG.info(
@@ -395,9 +608,17 @@ class PrefetchOptions:
     depth: int = 2
     pause_s: float = 0.0
     stop_timeout_s: float = STOP_TIMEOUT_S
+    pace: bool = True  # a Pacer behind the other reads on the link
+    idle: bool = True  # SCHED_IDLE readers
 
-    def start(self, image: str, origin: Device) -> Prefetcher | None:
-        """Start prefetching ``image`` from ``origin`` if it has a trace (None if not)."""
+    def start(
+        self,
+        image: str,
+        origin: Device,
+        cached: Callable[[], Iterable[Extent]] | None = None,
+    ) -> Prefetcher | None:
+        """Start prefetching ``image`` from ``origin`` if it has a trace (None if not);
+        ``cached()``: the extents the image's cache holds (skipped)."""
         trace = trace_path(self.directory, image)
         if not trace.is_file():
             LOG.debug("%s: no trace at %s: no prefetch", image, trace)
@@ -409,6 +630,9 @@ class PrefetchOptions:
             image_size=origin.size,
             depth=self.depth,
             pause_s=self.pause_s,
+            cached=cached,
+            pacer=Pacer(self.depth) if self.pace else None,
+            idle=self.idle,
         ).start()
 
 

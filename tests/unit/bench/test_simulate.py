@@ -220,3 +220,19 @@ def test_command_line_calibration_and_last_line(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["params"]["hop_latency_ms"] == 0.5
     assert {r["variant"] for r in data["results"]} == set(sim.DEFAULT_SPECS)
+
+
+def test_the_paced_prefetch_pauses_behind_a_queueing_link_and_never_fetches_twice():
+    """As virtman.prefetch.Pacer: a fetch over 2x the node's fastest recent one pauses the
+    prefetch; the egress is the same paced or not (it skips chunks cached or in flight)."""
+    link_bound = replace(FAST, server_mbps=200.0, prefetch_depth=2)
+    paced_sim = sim.Sim(link_bound, "balanced+wake+prefetch", 4)
+    paced = paced_sim.run()
+    assert paced_sim.pf_paused_s > 0  # 4 nodes share the thin link: fetches queued
+    unpaced_sim = sim.Sim(replace(link_bound, prefetch_slack=0), "balanced+wake+prefetch", 4)
+    unpaced = unpaced_sim.run()
+    assert unpaced_sim.pf_paused_s == 0
+    assert paced.server_bytes == pytest.approx(unpaced.server_bytes, rel=0.05)
+    plain = simulate(link_bound, "balanced+wake", 4)
+    assert paced.server_bytes <= plain.server_bytes * 1.05  # at most 5 % over no prefetch
+    assert paced.p99_s <= plain.p99_s

@@ -379,7 +379,7 @@ class Observed(PrefetchOptions):
 
     observer: Callable[[int, int], None] | None = None
 
-    def start(self, image: str, origin: Device) -> Prefetcher | None:
+    def start(self, image: str, origin: Device, cached=None) -> Prefetcher | None:
         return Prefetcher(
             image,
             origin.path,
@@ -543,3 +543,145 @@ def test_under_a_pending_parent_the_prefetch_waits_for_it(tmp_path: Path) -> Non
     assert [e.peer_id for e in base.upstream] == ["10.0.0.7:volume-img"]
     assert base.prefetcher is not None and base.prefetcher.wait(10)
     assert recorder.reads == [(i * 2 * CLUSTER, CLUSTER) for i in range(8)]
+
+
+# -- never twice, paced, idle (issue 15) -------------------------------------------------------
+def test_the_cluster_map_claims_each_cluster_once() -> None:
+    c = CLUSTER
+    m = prefetch.ClusterMap(10 * c + 4096)  # the last cluster is short
+    assert m.claim(0, 2 * c) == [(0, 2 * c)]
+    assert m.claim(c, 2 * c) == [(2 * c, c)]  # cluster 1 is taken already
+    assert m.claim(0, 3 * c) == []
+    assert m.mark(4 * c + 512, 2 * c) == 1  # only cluster 5 lies wholly inside
+    assert m.claim(4 * c, 3 * c) == [(4 * c, c), (6 * c, c)]
+    assert m.done(4 * c, 3 * c) and not m.done(0, 4 * c)  # cluster 3 was never claimed
+    assert m.mark(10 * c, 4096) == 1  # the image's short last cluster counts as whole
+    assert m.claim(9 * c, 2 * c) == [(9 * c, c)]  # cut at the image's end
+    assert m.claim(7 * c + 512, 512) == [(7 * c + 512, 512)]  # cut to the range asked
+    with pytest.raises(ValueError):
+        prefetch.ClusterMap(0)
+
+
+def test_clusters_the_cache_holds_are_skipped_not_read(tmp_path: Path) -> None:
+    origin = tmp_path / "origin.raw"
+    write_file(origin, 4 * MIB)
+    c = CLUSTER
+    extents = [(i * 2 * c, c) for i in range(8)]
+    asked = []
+
+    def cached() -> list[tuple[int, int]]:  # the VM read clusters 2, 6 and 10 meanwhile
+        asked.append(1)
+        return [(2 * c, c), (6 * c, c), (10 * c, c)]
+
+    recorder = Recorder()
+    trace = make_trace(tmp_path, extents)
+    p = Prefetcher("img", str(origin), trace, depth=2, observer=recorder, cached=cached)
+    assert p.start().wait(10) and p.state == "finished"
+    assert sorted(recorder.reads) == [e for e in extents if e[0] not in (2 * c, 6 * c, 10 * c)]
+    assert p.bytes_read == 5 * c and p.skipped_bytes == 3 * c
+    assert len(asked) == 1  # at most every CACHED_REFRESH_S
+
+
+def test_a_failing_cache_map_only_costs_the_skipping(tmp_path: Path, caplog) -> None:
+    origin = tmp_path / "origin.raw"
+    write_file(origin, MIB)
+
+    def cached() -> list[tuple[int, int]]:
+        raise OSError("qemu-img: no such file")
+
+    with caplog.at_level(logging.WARNING, logger="virtman.prefetch"):
+        p = Prefetcher("img", str(origin), make_trace(tmp_path, [(0, 512)], MIB), cached=cached)
+        assert p.start().wait(10) and p.state == "finished" and p.bytes_read == CLUSTER
+    assert "the cache's map is unknown: qemu-img: no such file" in caplog.text
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_pacer_pauses_for_the_queueing_it_saw_and_drops_to_one_read() -> None:
+    clock = Clock()
+    pacer = prefetch.Pacer(3, slack=2.0, backoff=1.0, max_pause_s=5.0, clock=clock)
+    stop = threading.Event()
+    assert pacer.done(MIB, 0.5) == 0.0  # the first fetch is the base: 0.5 s per MiB
+    assert pacer.done(MIB, 0.9) == 0.0  # within 2x: the link was idle
+    assert pacer.limit == 3
+    assert pacer.done(MIB, 2.0) == pytest.approx(1.5)  # queued 1.5 s behind others
+    assert (pacer.limit, pacer.contended) == (1, 1)
+    assert pacer.resume_at == pytest.approx(101.5)
+    clock.now = 101.6
+    assert pacer.gate(stop) and pacer.in_flight == 1
+    slot = threading.Event()
+
+    def second() -> None:
+        if pacer.gate(stop):
+            slot.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not slot.wait(0.2)  # one read in flight while the link is contended
+    pacer.release()
+    assert slot.wait(5)  # the first read's slot is the second's
+    t.join()
+    pacer.release()
+    assert pacer.done(MIB, 0.5) == 0.0 and pacer.limit == 3  # fast again: full depth
+    assert pacer.done(MIB, 100.0) == 5.0  # at most max_pause_s
+    assert pacer.paused_s == pytest.approx(6.5)
+
+
+def test_a_stop_ends_a_wait_at_the_gate() -> None:
+    clock = Clock()
+    pacer = prefetch.Pacer(1, max_pause_s=60, clock=clock)
+    pacer.done(MIB, 0.1)
+    pacer.done(MIB, 30.0)  # a pause of 29.9 s
+    stop = threading.Event()
+    result = []
+    t = threading.Thread(target=lambda: result.append(pacer.gate(stop)))
+    t.start()
+    assert not threading.Event().wait(0.1) and not result  # still held at the gate
+    stop.set()
+    t.join(2)
+    assert result == [False] and pacer.in_flight == 0
+
+
+def test_pacer_arguments() -> None:
+    for bad in ({"slack": 0.5}, {"backoff": -1}, {"window": 0}):
+        with pytest.raises(ValueError):
+            prefetch.Pacer(2, **bad)
+    with pytest.raises(ValueError):
+        prefetch.Pacer(0)
+    assert prefetch.Pacer(2).done(0, 1.0) == 0.0
+
+
+def test_the_readers_run_idle_and_paced(tmp_path: Path) -> None:
+    origin = tmp_path / "origin.raw"
+    write_file(origin, 4 * MIB)
+    policies = []
+
+    def observer(offset: int, length: int) -> None:
+        policies.append(os.sched_getscheduler(0))
+
+    pacer = prefetch.Pacer(2)
+    trace = make_trace(tmp_path, [(i * 2 * CLUSTER, 512) for i in range(6)])
+    p = Prefetcher("img", str(origin), trace, depth=2, observer=observer, pacer=pacer, idle=True)
+    assert p.start().wait(10) and p.state == "finished"
+    assert policies and set(policies) == {os.SCHED_IDLE}
+    assert len(pacer.costs) == 6 and pacer.in_flight == 0
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's thread is left alone
+
+
+def test_options_start_paced_idle_readers_with_the_cache_map(tmp_path: Path) -> None:
+    origin = tmp_path / "origin.raw"
+    write_file(origin, MIB)
+    d = traces(tmp_path)
+    seen = []
+    options = PrefetchOptions(d)
+    p = options.start(IMAGE, Device("n", str(origin), MIB), lambda: seen.append(1) or [])
+    assert p is not None and p.wait(10) and p.state == "finished"
+    assert isinstance(p.pacer, prefetch.Pacer) and p.idle and seen == [1]
+    q = replace(options, pace=False, idle=False).start(IMAGE, Device("n", str(origin), MIB))
+    assert q is not None and q.wait(10) and q.pacer is None and not q.idle

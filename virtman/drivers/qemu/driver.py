@@ -15,6 +15,7 @@ is used for image servers (and parents without NBD, e.g. ``dm`` nodes).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -179,6 +180,21 @@ class QemuDriver:
         if n.fuse_export not in exports or n.cor not in self.qsd.nodes():
             return None
         return Device(n.cor, str(n.fuse_file), self.qsd.node_size(n.cor))
+
+    def cached_extents(self, image: str) -> list[tuple[int, int]]:
+        """The extents of ``image`` its qcow2 cache holds, ``(offset, length)``, as
+        ``qemu-img map -U`` reads them from the file under the running daemon. The qcow2
+        metadata the daemon has not written back yet is missing, so the answer can only
+        be short of the truth, never beyond it: what the prefetch skips is cached."""
+        path = self.names(image).cache_file
+        out = execute(
+            ["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", str(path)], timeout_s=30
+        ).stdout
+        return [
+            (int(e["start"]), int(e["length"]))
+            for e in json.loads(out)
+            if e.get("present", e.get("data")) and e.get("depth", 0) == 0
+        ]
 
     def sweep(self, keep: set[str]) -> None:
         """Remove every node and export of ours that belongs to no image in ``keep``."""
