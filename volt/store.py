@@ -95,6 +95,18 @@ class VolumeRows:
     version: int | None = field(default=None)
 
 
+@dataclass(frozen=True)
+class TreeWrite:
+    """One tree's change, its rows taken when it was made (see Store.write_batch)."""
+
+    volume_id: str
+    fanout: int = 0
+    rows: list[dict[str, object]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    create: bool = False
+    delete: bool = False  # the whole tree is gone
+
+
 EVICTOR_LOCK = (0x566F6C74, 1)  # ("Volt", 1): the session lock only the evictor holds
 
 
@@ -103,7 +115,7 @@ def volume_lock_key(volume_id: str) -> int:
     return int.from_bytes(hashlib.sha256(volume_id.encode()).digest()[:8], "big", signed=True)
 
 
-def _node_values(volume_id: str, node: Node) -> dict[str, object]:
+def node_values(volume_id: str, node: Node) -> dict[str, object]:
     parent = node.parent
     assert parent is not None
     return {
@@ -242,7 +254,7 @@ class Store:
             with self.engine.begin() as own:
                 self.save(volume_id, fanout, changed, removed, create=create, conn=own)
             return
-        rows = [_node_values(volume_id, node) for node in changed]
+        rows = [node_values(volume_id, node) for node in changed]
         removed = list(removed)
         if create:
             conn.execute(
@@ -256,6 +268,27 @@ class Store:
             )
         if rows:
             conn.execute(self._upsert_node, rows)
+
+    def write_batch(self, writes: Iterable[TreeWrite]) -> None:
+        """Apply ``writes`` (several trees' changes, in order) in ONE transaction: Volt's
+        group commit (volt/service.py). All of them are written, or none."""
+        with self.engine.begin() as conn:
+            for write in writes:
+                if write.delete:
+                    self.delete_volume(write.volume_id, conn)
+                    continue
+                if write.create:
+                    conn.execute(
+                        self._upsert_volume,
+                        [{"id": write.volume_id, "fanout": write.fanout, "version": None}],
+                    )
+                if write.removed:
+                    conn.execute(
+                        self._delete_node,
+                        [{"volume_id": write.volume_id, "peer_id": p} for p in write.removed],
+                    )
+                if write.rows:
+                    conn.execute(self._upsert_node, write.rows)
 
     def delete_volume(self, volume_id: str, conn: Connection | None = None) -> None:
         if conn is None:
