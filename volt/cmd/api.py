@@ -100,6 +100,7 @@ def build_app() -> VoltApp:
         node_timeout=CONF.node_timeout,
         metrics=metrics,
         liveness_write_interval=CONF.database.liveness_write_interval,
+        group_commit=CONF.database.group_commit,
     )
     monitor = LoadMonitor()
     Evictor(service, monitor).start()
