@@ -271,24 +271,42 @@ class Store:
 
     def write_batch(self, writes: Iterable[TreeWrite]) -> None:
         """Apply ``writes`` (several trees' changes, in order) in ONE transaction: Volt's
-        group commit (volt/service.py). All of them are written, or none."""
+        group commit (volt/service.py). All of them are written, or none. Between two
+        deletions of a whole tree the changes are merged: each node's last row (or its
+        removal) is written once, in one statement per kind."""
         with self.engine.begin() as conn:
+            run: list[TreeWrite] = []
             for write in writes:
                 if write.delete:
+                    self._write_run(conn, run)
+                    run = []
                     self.delete_volume(write.volume_id, conn)
-                    continue
-                if write.create:
-                    conn.execute(
-                        self._upsert_volume,
-                        [{"id": write.volume_id, "fanout": write.fanout, "version": None}],
-                    )
-                if write.removed:
-                    conn.execute(
-                        self._delete_node,
-                        [{"volume_id": write.volume_id, "peer_id": p} for p in write.removed],
-                    )
-                if write.rows:
-                    conn.execute(self._upsert_node, write.rows)
+                else:
+                    run.append(write)
+            self._write_run(conn, run)
+
+    def _write_run(self, conn: Connection, run: list[TreeWrite]) -> None:
+        created: dict[str, dict[str, object]] = {}
+        last: dict[tuple[str, object], dict[str, object] | None] = {}  # None: removed
+        for write in run:
+            if write.create:
+                created[write.volume_id] = {
+                    "id": write.volume_id,
+                    "fanout": write.fanout,
+                    "version": None,
+                }
+            for peer_id in write.removed:
+                last[(write.volume_id, peer_id)] = None
+            for row in write.rows:
+                last[(write.volume_id, row["peer_id"])] = row
+        if created:
+            conn.execute(self._upsert_volume, list(created.values()))
+        removed = [{"volume_id": v, "peer_id": p} for (v, p), row in last.items() if row is None]
+        if removed:
+            conn.execute(self._delete_node, removed)
+        rows = [row for row in last.values() if row is not None]
+        if rows:
+            conn.execute(self._upsert_node, rows)
 
     def delete_volume(self, volume_id: str, conn: Connection | None = None) -> None:
         if conn is None:
