@@ -148,6 +148,14 @@ database_opts: list[cfg.Opt] = [
         "the database. A host is evicted when the store has not heard of it for "
         "node_timeout.",
     ),
+    cfg.BoolOpt(
+        "group_commit",
+        default=True,
+        help="SQLite and MySQL stores: write the tree changes of concurrent requests in one "
+        "store transaction (each answer still waits until its change is written). A "
+        "PostgreSQL store shared by several volt-api processes commits each change on its "
+        "own, under the tree's lock (docs/ha.rst).",
+    ),
 ]
 
 

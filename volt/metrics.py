@@ -57,6 +57,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self.batch_writes = Histogram(
+            "volt_store_batch_changes",
+            "Tree changes written per store transaction (group commit)",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=self.registry,
+        )
 
     def watch_trees(self, counts: Callable[[], list[tuple[str, int]]]) -> None:
         self.registry.register(_NodesCollector(counts))

@@ -8,10 +8,21 @@ each tree change runs in one database transaction holding the tree's advisory lo
 cached tree is reloaded first when its version in the store is not the one this process last
 saw. Hosts' last heartbeats are kept in the store (written at most every
 ``liveness_write_interval`` per host), and only the process holding the evictor lease evicts.
+
+Group commit (a store of one volt-api: SQLite, MySQL): a change is made in memory under the
+lock and its rows are queued in the open batch; the whole batch is written in ONE store
+transaction, and no caller gets its answer before the batch holding what it saw is written.
+A caller in a thread (the evictor, tests) writes the batch at once; volt-api's event loop
+(``deferred_commit``/``committed``) lets every request that is ready run first, so a burst of
+concurrent registrations costs one transaction per loop turn instead of one per request. If
+the write fails, every tree it touched (and every one touched since) is reloaded from the
+store and each of those callers gets StoreUnavailable: a failed request still changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import math
 import secrets
@@ -27,7 +38,7 @@ from sqlalchemy.engine import Connection
 
 from volt.errors import PeerNotFound, StoreUnavailable, VolumeNotFound
 from volt.metrics import Metrics
-from volt.store import Store, VolumeRows
+from volt.store import Store, TreeWrite, VolumeRows, node_values
 from volt.topology import OK, Executor, Node, Tree
 from volt.validation import make_peer_id
 
@@ -39,6 +50,21 @@ _T = TypeVar("_T")
 class Placement:
     node: Node | None  # None: not placeable yet (btree executors), retry
     parents: list[Node]
+
+
+class Batch:
+    """Tree writes made since the last flush (group commit); written together."""
+
+    def __init__(self) -> None:
+        self.writes: list[TreeWrite] = []
+        self.done = False
+        self.error: str | None = None
+        self.scheduled = False  # a flush is queued on the event loop
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise StoreUnavailable(self.error)
 
 
 @dataclass(frozen=True)
@@ -58,9 +84,17 @@ class VoltService:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         liveness_write_interval: float = 5.0,
+        group_commit: bool = True,
     ) -> None:
         self.store = store
         self.shared = store.shared
+        # Group commit (see the module's docstring); a shared store commits per change.
+        self.batching = group_commit and not self.shared
+        self._batch = Batch()
+        self._flush_mutex = threading.Lock()  # one batch written at a time, in order
+        self._deferred: contextvars.ContextVar[list[Batch] | None] = contextvars.ContextVar(
+            "volt_deferred_commit", default=None
+        )
         # Shared store: the version of each cached tree, the transaction of the change under
         # way, and when each host's heartbeat was last written to the store.
         self.versions: dict[str, int] = {}
@@ -82,13 +116,17 @@ class VoltService:
         self.lock = threading.Lock()
         with self.lock:
             self._load()
+            loaded = self._batch
+        if self.batching:
+            self._flush(loaded)
+            loaded.check()
         self.metrics.watch_trees(self.volume_counts)
 
     # -- API operations ------------------------------------------------------------------
     def query(self, volume_id: str, member: str) -> Placement:
         """Place ``member`` in the tree of ``volume_id`` (idempotent) and return its parents."""
         peer_id = make_peer_id(member, volume_id)
-        with self.lock, self._tree_change(volume_id):
+        with self._locked(), self._tree_change(volume_id):
             tree = self.trees.get(volume_id)
             created = tree is None
             if tree is None:
@@ -131,7 +169,7 @@ class VoltService:
         Returns the node and its parents now: registering can change them (the balanced
         executor lifts a registered node above its pending ancestors), and a node that reads
         them from this answer needs no heartbeat round trip to follow its tree parent."""
-        with self.lock, self._tree_change(volume_id):
+        with self._locked(), self._tree_change(volume_id):
             tree, node = self._find(volume_id, peer_id)
             wanted = (host, port, iqn, lun, nbd_port, OK)
             changed = (node.host, node.port, node.iqn, node.lun, node.nbd_port, node.status)
@@ -155,7 +193,7 @@ class VoltService:
             return Placement(node, self.executor.parents(tree, node))
 
     def leave(self, volume_id: str, peer_id: str) -> None:
-        with self.lock, self._tree_change(volume_id):
+        with self._locked(), self._tree_change(volume_id):
             tree, node = self._find(volume_id, peer_id)
             before = self._parents_view(tree)
             self._remove(tree, node, reason="leave")
@@ -165,12 +203,15 @@ class VoltService:
 
     def delete_volume(self, volume_id: str) -> int:
         """Forget a whole tree; returns how many nodes it had."""
-        with self.lock, self._tree_change(volume_id):
+        with self._locked(), self._tree_change(volume_id):
             tree = self.trees.get(volume_id)
             if tree is None:
                 raise VolumeNotFound(volume_id)
             try:
-                self.store.delete_volume(volume_id, self._conn)
+                if self.batching:
+                    self._batch.writes.append(TreeWrite(volume_id, delete=True))
+                else:
+                    self.store.delete_volume(volume_id, self._conn)
             except sa.exc.SQLAlchemyError as exc:
                 raise StoreUnavailable(f"store write failed: {exc.__class__.__name__}") from exc
             self._forget_tree(tree)
@@ -183,7 +224,7 @@ class VoltService:
         """Refresh ``member``'s clock; return the parents of each of its nodes."""
         if self.shared:
             return self._shared_heartbeat(member)
-        with self.lock:
+        with self._locked():
             entries = self.members.get(member)
             if not entries:
                 return []
@@ -200,7 +241,7 @@ class VoltService:
         On a shared store only the holder of the evictor lease may call this."""
         if self.shared:
             return self._shared_evict_expired()
-        with self.lock:
+        with self._locked():
             deadline = self.clock() - self.node_timeout
             expired = [m for m, seen in self.last_seen.items() if seen < deadline]
             for member in expired:
@@ -227,12 +268,12 @@ class VoltService:
     def volume_counts(self) -> list[tuple[str, int]]:
         if self.shared:
             return self._store_call(self.store.volume_counts)
-        with self.lock:
+        with self._locked():
             return [(vid, len(tree)) for vid, tree in sorted(self.trees.items())]
 
     def volume_nodes(self, volume_id: str) -> list[tuple[Node, list[Node]]]:
         """Breadth-first: each node with the parents it would be sent now."""
-        with self.lock, self._tree_change(volume_id):
+        with self._locked(), self._tree_change(volume_id):
             tree = self.trees.get(volume_id)
             if tree is None:
                 raise VolumeNotFound(volume_id)
@@ -248,12 +289,101 @@ class VoltService:
                 MemberInfo(host, ages.get(host, 0.0), peer_ids)
                 for host, peer_ids in sorted(nodes.items())
             ]
-        with self.lock:
+        with self._locked():
             now = self.clock()
             return [
                 MemberInfo(host, now - self.last_seen.get(host, now), sorted(p for _, p in nodes))
                 for host, nodes in sorted(self.members.items())
             ]
+
+    # -- group commit ----------------------------------------------------------------------
+    @contextmanager
+    def deferred_commit(self) -> Iterator[list[Batch]]:
+        """Operations called inside this block (on this thread or task) do not wait for
+        their batch to be written: they add it to the list yielded, for ``committed``."""
+        batches: list[Batch] = []
+        token = self._deferred.set(batches)
+        try:
+            yield batches
+        finally:
+            self._deferred.reset(token)
+
+    async def committed(self, batches: list[Batch]) -> None:
+        """Wait (in the event loop) until ``batches`` are written; StoreUnavailable if one
+        failed. The first waiter of a batch queues its flush behind every callback ready
+        now: the requests already received join the batch first."""
+        loop = asyncio.get_running_loop()
+        for batch in batches:
+            if not batch.done:
+                waiter: asyncio.Future[None] = loop.create_future()
+                batch.waiters.append(waiter)
+                if not batch.scheduled:
+                    batch.scheduled = True
+                    loop.call_soon(self._flush_and_wake, batch)
+                await waiter
+            batch.check()
+
+    def _flush_and_wake(self, batch: Batch) -> None:
+        try:
+            self._flush(batch)
+        finally:
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The service's lock around one operation; then (group commit) the operation's
+        answer waits until the batch holding what it saw is written."""
+        with self.lock:
+            yield
+            batch = self._batch
+        if not self.batching:
+            return
+        if not batch.writes and not self._flush_mutex.locked():
+            batch.check()  # nothing unwritten was seen (a failed write marked the batch)
+            return
+        deferred = self._deferred.get()
+        if deferred is not None:
+            deferred.append(batch)
+            return
+        self._flush(batch)
+        batch.check()
+
+    def _flush(self, batch: Batch) -> None:
+        """Write the open batch (``batch`` or, if it is done already, nothing)."""
+        with self._flush_mutex:
+            if batch.done:
+                return
+            with self.lock:
+                flushing = self._batch  # ``batch``: a batch not done is the open one
+                self._batch = Batch()
+            error = None
+            if flushing.writes:
+                try:
+                    self.store.write_batch(flushing.writes)
+                except Exception as exc:  # every failure fails the whole batch
+                    LOG.error("store write of %d change(s) failed: %s", len(flushing.writes), exc)
+                    error = f"store write failed: {exc.__class__.__name__}"
+                    with self.lock:
+                        # Changes made since were built on the failed ones: they fail too.
+                        following = self._batch
+                        self._batch = Batch()
+                        touched = {w.volume_id for w in flushing.writes + following.writes}
+                        self._reload(touched)
+                        following.error, following.done = error, True
+                self.metrics.batch_writes.observe(len(flushing.writes))
+            flushing.error, flushing.done = error, True
+
+    def _reload(self, volume_ids: set[str]) -> None:
+        """Memory goes back to what the store holds for these trees (now, or once the
+        store answers again)."""
+        for volume_id in volume_ids:
+            tree = self.trees.get(volume_id)
+            if tree is not None:
+                self._forget_tree(tree)
+            self.unloaded.add(volume_id)
+        self._retry_unloaded()
 
     # -- internals -------------------------------------------------------------------------
     def _find(self, volume_id: str, peer_id: str) -> tuple[Tree, Node]:
@@ -355,6 +485,11 @@ class VoltService:
         changed, removed = tree.take_changes()
         if not (changed or removed or create):
             return
+        if self.batching:  # written with its batch (_flush); rows taken now, under the lock
+            rows = [node_values(tree.volume_id, node) for node in changed]
+            write = TreeWrite(tree.volume_id, tree.fanout, rows, list(removed), create=create)
+            self._batch.writes.append(write)
+            return
         version = None
         if self.shared:
             # A new tree starts from a random version: a process that cached an earlier
@@ -393,7 +528,10 @@ class VoltService:
         if tree.nodes or self.trees.get(tree.volume_id) is not tree:
             return
         try:
-            self.store.delete_volume(tree.volume_id, self._conn)
+            if self.batching:
+                self._batch.writes.append(TreeWrite(tree.volume_id, delete=True))
+            else:
+                self.store.delete_volume(tree.volume_id, self._conn)
         except sa.exc.SQLAlchemyError as exc:
             LOG.warning("could not drop the empty tree of %s: %s", tree.volume_id, exc)
             if self.shared:
@@ -585,7 +723,7 @@ class VoltService:
                 len(entries),
             )
             for volume_id, peer_id, _ in sorted(entries):
-                with self.lock, self._tree_change(volume_id):
+                with self._locked(), self._tree_change(volume_id):
                     tree = self.trees.get(volume_id)
                     node = tree.nodes.get(peer_id) if tree is not None else None
                     if tree is None or node is None:

@@ -95,6 +95,18 @@ class VolumeRows:
     version: int | None = field(default=None)
 
 
+@dataclass(frozen=True)
+class TreeWrite:
+    """One tree's change, its rows taken when it was made (see Store.write_batch)."""
+
+    volume_id: str
+    fanout: int = 0
+    rows: list[dict[str, object]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    create: bool = False
+    delete: bool = False  # the whole tree is gone
+
+
 EVICTOR_LOCK = (0x566F6C74, 1)  # ("Volt", 1): the session lock only the evictor holds
 
 
@@ -103,7 +115,7 @@ def volume_lock_key(volume_id: str) -> int:
     return int.from_bytes(hashlib.sha256(volume_id.encode()).digest()[:8], "big", signed=True)
 
 
-def _node_values(volume_id: str, node: Node) -> dict[str, object]:
+def node_values(volume_id: str, node: Node) -> dict[str, object]:
     parent = node.parent
     assert parent is not None
     return {
@@ -242,7 +254,7 @@ class Store:
             with self.engine.begin() as own:
                 self.save(volume_id, fanout, changed, removed, create=create, conn=own)
             return
-        rows = [_node_values(volume_id, node) for node in changed]
+        rows = [node_values(volume_id, node) for node in changed]
         removed = list(removed)
         if create:
             conn.execute(
@@ -254,6 +266,45 @@ class Store:
             conn.execute(
                 self._delete_node, [{"volume_id": volume_id, "peer_id": p} for p in removed]
             )
+        if rows:
+            conn.execute(self._upsert_node, rows)
+
+    def write_batch(self, writes: Iterable[TreeWrite]) -> None:
+        """Apply ``writes`` (several trees' changes, in order) in ONE transaction: Volt's
+        group commit (volt/service.py). All of them are written, or none. Between two
+        deletions of a whole tree the changes are merged: each node's last row (or its
+        removal) is written once, in one statement per kind."""
+        with self.engine.begin() as conn:
+            run: list[TreeWrite] = []
+            for write in writes:
+                if write.delete:
+                    self._write_run(conn, run)
+                    run = []
+                    self.delete_volume(write.volume_id, conn)
+                else:
+                    run.append(write)
+            self._write_run(conn, run)
+
+    def _write_run(self, conn: Connection, run: list[TreeWrite]) -> None:
+        created: dict[str, dict[str, object]] = {}
+        last: dict[tuple[str, object], dict[str, object] | None] = {}  # None: removed
+        for write in run:
+            if write.create:
+                created[write.volume_id] = {
+                    "id": write.volume_id,
+                    "fanout": write.fanout,
+                    "version": None,
+                }
+            for peer_id in write.removed:
+                last[(write.volume_id, peer_id)] = None
+            for row in write.rows:
+                last[(write.volume_id, row["peer_id"])] = row
+        if created:
+            conn.execute(self._upsert_volume, list(created.values()))
+        removed = [{"volume_id": v, "peer_id": p} for (v, p), row in last.items() if row is None]
+        if removed:
+            conn.execute(self._delete_node, removed)
+        rows = [row for row in last.values() if row is not None]
         if rows:
             conn.execute(self._upsert_node, rows)
 

@@ -9,7 +9,9 @@ no deadline (Granian 2.8 bounds only the header read), and a read abandoned in a
 thread hangs the whole server. Here the event loop reads bodies (``asyncio.wait_for``: a
 stalled body occupies no thread, and its connection is closed with the 408), then runs the
 handler itself: handlers are serialised on the service's lock anyway, and a hop to a thread
-pool cost 40% of the throughput (bench/volt_load.py).
+pool cost 40% of the throughput (bench/volt_load.py). A handler's store writes are not made
+in it: they join the service's open batch, written in one transaction once every request
+ready now has run (group commit, volt/service.py), and only then is the answer sent.
 """
 
 from __future__ import annotations
@@ -197,7 +199,12 @@ class VoltApp:
                 request_id=request_id,
                 credential=credential,
             )
-            response = handler(req)
+            # Group commit: the answer waits until what the handler changed or saw is
+            # written, while the requests already received join the same transaction.
+            with self.service.deferred_commit() as unwritten:
+                response = handler(req)
+            if unwritten:
+                await self.service.committed(unwritten)
         except VoltError as err:
             response = self._error(err, method, path, request_id)
         except Exception:

@@ -101,6 +101,7 @@ def build_app() -> VoltApp:
         node_timeout=CONF.node_timeout,
         metrics=metrics,
         liveness_write_interval=CONF.database.liveness_write_interval,
+        group_commit=CONF.database.group_commit,
     )
     if CONF.transport_url:
         # A broker down now is no reason not to start: pushes fail fast and are logged

@@ -110,7 +110,7 @@ def test_failed_store_write_changes_nothing(tmp_path):
     def broken(*args, **kwargs):
         raise sa.exc.OperationalError("INSERT", {}, Exception("disk full"))
 
-    service.store.save = broken
+    service.store.save = service.store.write_batch = broken  # per change, or group commit
     with pytest.raises(StoreUnavailable):
         service.query("volume-a", "10.0.0.9")
     with pytest.raises(StoreUnavailable):
@@ -174,8 +174,8 @@ def test_store_outage_makes_the_tree_wait_then_recovers(tmp_path):
     def down(*args, **kwargs):
         raise sa.exc.OperationalError("SELECT", {}, Exception("connection refused"))
 
-    save, load = service.store.save, service.store.load
-    service.store.save = service.store.load = down
+    save, load, write_batch = service.store.save, service.store.load, service.store.write_batch
+    service.store.save = service.store.load = service.store.write_batch = down
     with pytest.raises(StoreUnavailable):
         service.leave("volume-a", "10.0.0.1:volume-a")
     # The tree waits for the store; no answer is built from unsaved state.
@@ -188,6 +188,7 @@ def test_store_outage_makes_the_tree_wait_then_recovers(tmp_path):
     assert "volume-a" in service.unloaded
 
     service.store.save, service.store.load = save, load
+    service.store.write_batch = write_batch
     service.retry_unloaded()
     assert service.unloaded == set()
     assert snapshot(service) == before

@@ -2,7 +2,7 @@
 
 import sqlalchemy as sa
 
-from volt.store import Store
+from volt.store import Store, TreeWrite, node_values
 from volt.topology.tree import Tree
 
 
@@ -27,6 +27,40 @@ def test_save_upserts_and_removes(tmp_path) -> None:
         None,
         0,
     )
+
+
+def test_a_batch_writes_each_nodes_last_change_in_order(tmp_path) -> None:
+    """Group commit: several trees' changes in one transaction; a node changed, removed and
+    placed again within the batch ends as its last change; a tree deleted then created
+    again within it holds only what came after the deletion."""
+    store = Store(f"sqlite:///{tmp_path}/volt.sqlite")
+    tree = Tree("v1", 2)
+    a = tree.new_node("10.0.0.1:v1", "10.0.0.1", seq=0)
+    tree.attach(a, tree.root, 0)
+    b = tree.new_node("10.0.0.2:v1", "10.0.0.2", seq=1)
+    tree.attach(b, a, 0)
+    first = [node_values("v1", a), node_values("v1", b)]
+    a.status = "OK"
+    other = Tree("v2", 3)
+    c = other.new_node("10.0.0.3:v2", "10.0.0.3", seq=0)
+    other.attach(c, other.root, 0)
+    store.write_batch(
+        [
+            TreeWrite("v1", 2, first, create=True),
+            TreeWrite("v2", 3, [node_values("v2", c)], create=True),
+            TreeWrite("v1", 2, [], ["10.0.0.2:v1"]),
+            TreeWrite("v1", 2, [node_values("v1", a)]),
+            TreeWrite("v2", delete=True),
+            TreeWrite("v2", 3, [], create=True),
+        ]
+    )
+    found = {rows.volume_id: rows for rows in store.load()}
+    assert sorted(found) == ["v1", "v2"]
+    assert [(r.peer_id, r.status) for r in found["v1"].nodes] == [("10.0.0.1:v1", "OK")]
+    assert (found["v2"].fanout, found["v2"].nodes) == (3, [])
+
+    store.write_batch([TreeWrite("v1", 2, [node_values("v1", b)]), TreeWrite("v1", 2, [], [])])
+    assert [r.peer_id for r in store.load(["v1"])[0].nodes] == ["10.0.0.1:v1", "10.0.0.2:v1"]
 
 
 def test_a_store_without_the_nbd_port_column_gets_it(tmp_path) -> None:
