@@ -1,7 +1,7 @@
 """The VMs of a compute node, through libvirt-python.
 
 ``VirtualMachines(uri, template)`` boots an instance as the persistent domain
-``<prefix><instance>`` (``vmt-`` by default) from ``etc/virtman/domain.xml.template``: direct
+``<prefix><instance>`` (``vmt-`` by default) from ``virtman/guest/domain.xml.template``: direct
 kernel boot, one virtio disk (the instance's qcow2 overlay), the serial console written to a
 file, no network. Every domain it defines carries a ``<vmt:instance>`` metadata element, and
 ``list``/``stop``/``destroy`` only ever touch domains with both the prefix and that element.
@@ -55,7 +55,7 @@ from virtman.errors import (
 LOG = logging.getLogger(__name__)
 
 METADATA_NS = "http://vmthunder.org/xmlns/virtman/vm/1.0"
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "etc/virtman/domain.xml.template"
+DEFAULT_TEMPLATE = Path(__file__).with_name("domain.xml.template")  # package data
 DEFAULT_PREFIX = "vmt-"
 DISK_FORMATS = frozenset({"qcow2", "raw"})
 KVM_DEVICE = "/dev/kvm"
