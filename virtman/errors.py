@@ -56,12 +56,22 @@ class JournalCorrupt(VirtmanError):
         )
 
 
-class DiskExists(VirtmanError):
+class Conflict(VirtmanError):
+    """A layer's object of that name exists and is not what was asked (another origin,
+    size or owner): it is left alone, never replaced; only an explicit teardown removes it."""
+
+    def __init__(self, name: str, reason: str, message: str | None = None) -> None:
+        self.name, self.reason = name, reason
+        super().__init__(message or f"Virtman: {name}: {reason}")
+
+
+class DiskExists(Conflict):
     """A disk of that name is on the node without a journal record (kept, never replaced)."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
         super().__init__(
+            name,
+            "a disk of that name exists without a journal record",
             f"Virtman: a disk for the instance_name '{name}' already exists on this node "
-            "without a record (kept from an earlier run): move it away first"
+            "without a record (kept from an earlier run): move it away first",
         )

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from virtman.layers.base import Device, Driver, Endpoint, Relay
+from virtman.layers.base import Device, Driver, Endpoint, Relay, SnapshotSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -154,9 +154,10 @@ def sweep(driver: Driver, images: set[str]) -> None:
         ImageStack(driver, image).teardown(force=True, check=False)
 
 
-def create_disk(driver: Driver, instance: str, origin: Device) -> str:
-    """The top of the stack for one VM: its copy-on-write disk over ``origin``."""
-    return driver.snapshot.ensure(instance, origin)
+def create_disk(driver: Driver, instance: str, origin: Device) -> Device:
+    """The top of the stack for one VM: its copy-on-write disk over ``origin`` (an
+    identical one in place is adopted; a different one raises ``Conflict``)."""
+    return driver.snapshot.ensure(SnapshotSpec(instance, origin))
 
 
 def remove_disk(driver: Driver, instance: str) -> None:

@@ -25,7 +25,7 @@ from tests.functional.clusterfixtures import TGT_BASE, disk_matches, write_image
 from tests.functional.voltproc import free_port
 from virtman.conf import Settings
 from virtman.drivers.qemu.driver import QemuDriver
-from virtman.layers.base import Endpoint
+from virtman.layers.base import Endpoint, SnapshotSpec
 
 pytestmark = pytest.mark.functional
 
@@ -146,7 +146,7 @@ def test_cold_reads_come_back_right_and_fill_the_cache(
     assert hashlib.sha256(got).digest() == hashlib.sha256(seq_image.read_bytes()).digest()
     assert cached_bytes(cache_file) == size  # copy-on-read kept every byte
     # a VM's overlay over the origin reads the same bytes (now warm)
-    overlay = driver.snapshot.ensure("vm-seq", origin)
+    overlay = driver.snapshot.ensure(SnapshotSpec("vm-seq", origin)).path
     assert disk_matches(overlay, seq_image)
 
     # random 64 KiB reads at distinct offsets, cold, of the second image

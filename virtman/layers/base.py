@@ -108,15 +108,31 @@ class RelayLayer(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """One VM's disk: a copy-on-write layer over ``origin`` (the image's cached device)."""
+
+    instance: str
+    origin: Device
+
+
 class SnapshotLayer(Protocol):
-    def ensure(self, instance: str, origin: Device) -> str:
-        """A copy-on-write disk over ``origin`` for one VM; returns its path."""
+    def ensure(self, spec: SnapshotSpec) -> Device:
+        """Create the VM's copy-on-write disk, or adopt the identical one in place (same
+        origin); one that differs raises ``virtman.errors.Conflict`` and is left as it is
+        (a VM's disk is deleted only by ``teardown``)."""
         ...
 
-    def teardown(self, instance: str) -> None: ...
+    def inspect(self, instance: str) -> Device | None:
+        """The VM's disk as it is now, or None if there is none."""
+        ...
 
-    def owned(self) -> list[str]:
-        """Instances that have a snapshot now."""
+    def teardown(self, instance: str) -> None:
+        """Delete the VM's disk (idempotent): only an explicit destroy calls this."""
+        ...
+
+    def list_owned(self) -> list[str]:
+        """Instances that have a disk of ours now."""
         ...
 
 

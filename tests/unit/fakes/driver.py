@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.errors import Conflict
+from virtman.layers.base import Device, Endpoint, Relay, Revived, SnapshotSpec
 
 
 class Layers:
@@ -135,15 +135,19 @@ class _Snapshot:
     def __init__(self, s: Layers) -> None:
         self.s = s
 
-    def ensure(self, instance: str, origin: Device) -> str:
+    def ensure(self, spec: SnapshotSpec) -> Device:
         self.s.check("snapshot")
-        if instance in self.s.snapshots:
-            raise DiskExists(instance)
-        self.s.snapshots[instance] = f"/fake/instances/{instance}.qcow2"
-        return self.s.snapshots[instance]
+        if spec.instance in self.s.snapshots:
+            raise Conflict(spec.instance, "a disk of that name exists")
+        self.s.snapshots[spec.instance] = f"/fake/instances/{spec.instance}.qcow2"
+        return Device(spec.instance, self.s.snapshots[spec.instance], spec.origin.size)
+
+    def inspect(self, instance: str) -> Device | None:
+        path = self.s.snapshots.get(instance)
+        return None if path is None else Device(instance, path, 1 << 20)
 
     def teardown(self, instance: str) -> None:
         self.s.snapshots.pop(instance, None)
 
-    def owned(self) -> list[str]:
+    def list_owned(self) -> list[str]:
         return sorted(self.s.snapshots)

@@ -25,7 +25,8 @@ from virtman.conf import Settings
 from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import HEADER_SECTORS, bucket_sectors_for
 from virtman.drivers.dm.driver import DmDriver, FailoverMultipath, Host
-from virtman.layers.base import Endpoint
+from virtman.errors import Conflict
+from virtman.layers.base import Device, Endpoint, SnapshotSpec
 
 IMAGE = "volume-img"
 IQN = f"iqn.2010-10.org.openstack:{IMAGE}"
@@ -616,7 +617,7 @@ def test_a_build_makes_the_originals_stack_with_exact_tables(rig: Rig) -> None:
     assert cow.stat().st_size == (SIZE * 512) * 110 // 100 + (8 << 20)
     assert driver.origin(IMAGE) is not None
     assert driver.images() == {IMAGE}
-    assert driver.snapshot.owned() == ["vm1"]
+    assert driver.snapshot.list_owned() == ["vm1"]
 
 
 def test_a_second_image_takes_the_next_header_slot(rig: Rig) -> None:
@@ -1055,3 +1056,21 @@ def test_with_nbd_turned_off_the_left_daemon_drains_and_stops(nbd_rig: Rig) -> N
     again.shutdown()
     assert nbd_rig.leftovers() == NOTHING
     assert nbd_rig.qsd.exported == {} and not nbd_rig.qsd.alive
+
+
+# -- the snapshot layer: create or adopt; a different one is a Conflict -------------------------
+def test_a_snapshot_in_place_is_adopted_if_identical_and_refused_if_not(rig: Rig) -> None:
+    driver, virtman, _ = build(rig)
+    assert virtman.create("vm1", "img", CONNECTION) == "0:/dev/mapper/snapshot_vm1"
+    origin = driver.origin(IMAGE)
+    assert origin is not None
+    creates = len(created(rig.kernel))
+    adopted = driver.snapshot.ensure(SnapshotSpec("vm1", origin))
+    assert adopted.path == "/dev/mapper/snapshot_vm1" and adopted.size == origin.size
+    assert len(created(rig.kernel)) == creates  # nothing made again
+    assert driver.snapshot.inspect("vm1") == Device("snapshot_vm1", adopted.path, origin.size)
+    other = Device("x", "/dev/mapper/cached_volume-img", origin.size * 2)
+    with pytest.raises(Conflict, match="not a snapshot of"):
+        driver.snapshot.ensure(SnapshotSpec("vm1", other))
+    assert "snapshot_vm1" in rig.kernel.devs  # left as it is
+    assert driver.snapshot.inspect("nobody") is None

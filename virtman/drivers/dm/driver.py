@@ -59,8 +59,8 @@ from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import BcacheLayer, CacheSet
 from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapshot_name, uuid_of
 from virtman.drivers.dm.nbd import NbdRelay
-from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.errors import Conflict, DiskExists
+from virtman.layers.base import Device, Endpoint, Relay, Revived, SnapshotSpec
 from virtman.layers.pathsfile import PathsFiles
 
 LOG = logging.getLogger(__name__)
@@ -561,12 +561,32 @@ class DmSnapshot:
     def _file(self, instance: str) -> Path:
         return self.d.settings.instances_dir / f"{instance}.cow"
 
-    def ensure(self, instance: str, origin: Device) -> str:
+    def inspect(self, instance: str) -> Device | None:
+        name = snapshot_name(instance)
+        if not self.d.is_ours(name, SNAPSHOT, instance):
+            return None
+        path = f"/dev/mapper/{name}"
+        return Device(name, path, self.d.dm.size(path) * 512)
+
+    def ensure(self, spec: SnapshotSpec) -> Device:
         d = self.d
+        instance, origin = spec.instance, spec.origin
         name = snapshot_name(instance)
         cow = self._file(instance)
-        if d.is_ours(name, SNAPSHOT, instance):
-            return f"/dev/mapper/{name}"
+        if d.is_ours(name, SNAPSHOT, instance):  # adopted if identical; never replaced
+            live = d.dm.table(name)
+            want = (d.host.devno(origin.path), origin.size // 512)
+            if (
+                len(live) != 1
+                or live[0].type != "snapshot"
+                or (
+                    live[0].args[0] if live[0].args else None,
+                    live[0].length,
+                )
+                != want
+            ):
+                raise Conflict(instance, f"{name} is not a snapshot of {origin.path}")
+            return Device(name, f"/dev/mapper/{name}", origin.size)
         if cow.exists():  # an earlier run's disk (e.g. before a reboot): never overwritten
             raise DiskExists(instance)
         for stale in d.loops.find(str(cow)):  # a create that died half way
@@ -582,7 +602,8 @@ class DmSnapshot:
             table = Table.of(
                 Snapshot(length=origin.size // 512, origin=origin.path, cow=loop, persistent=True)
             )
-            return d.dm.create(name, table, uuid=uuid_of(SNAPSHOT, instance))
+            path = d.dm.create(name, table, uuid=uuid_of(SNAPSHOT, instance))
+            return Device(name, path, origin.size)
         except BaseException:
             if loop is not None:
                 d.loops.detach(loop)
@@ -597,5 +618,5 @@ class DmSnapshot:
             d.loops.detach(loop)
         cow.unlink(missing_ok=True)
 
-    def owned(self) -> list[str]:
+    def list_owned(self) -> list[str]:
         return self.d.owned(SNAPSHOT)

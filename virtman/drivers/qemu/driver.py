@@ -15,6 +15,7 @@ is used for image servers (and parents without NBD, e.g. ``dm`` nodes).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -30,8 +31,8 @@ from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon
 from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
-from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.errors import Conflict
+from virtman.layers.base import Device, Endpoint, Relay, Revived, SnapshotSpec
 from virtman.layers.pathsfile import PathsFiles
 
 LOG = logging.getLogger(__name__)
@@ -373,10 +374,35 @@ class QemuSnapshot:
     def _file(self, instance: str) -> Path:
         return self.d.settings.instances_dir / f"{instance}.qcow2"
 
-    def ensure(self, instance: str, origin: Device) -> str:
+    def _info(self, path: Path) -> dict[str, object] | None:
+        """``qemu-img info`` of a disk (shared: a VM may have it open); None if unreadable."""
+        try:
+            out = execute(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout
+            info = json.loads(out)
+        except (BrickError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def inspect(self, instance: str) -> Device | None:
         path = self._file(instance)
-        if path.exists():  # an earlier run's disk without a record: never overwritten
-            raise DiskExists(instance)
+        if not path.exists():
+            return None
+        info = self._info(path) or {}
+        size = info.get("virtual-size")
+        return Device(instance, str(path), size if isinstance(size, int) else 0)
+
+    def ensure(self, spec: SnapshotSpec) -> Device:
+        instance, origin = spec.instance, spec.origin
+        path = self._file(instance)
+        if path.exists():  # adopted if identical; never overwritten
+            info = self._info(path) or {}
+            backing = info.get("backing-filename") or info.get("full-backing-filename")
+            if backing != origin.path or info.get("format") != "qcow2":
+                raise Conflict(
+                    instance,
+                    f"its disk {path} is not an overlay of {origin.path} (backing {backing!r})",
+                )
+            return Device(instance, str(path), origin.size)
         tmp = path.with_suffix(".part")
         execute(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", origin.path, str(tmp)]
@@ -386,13 +412,13 @@ class QemuSnapshot:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-        return str(path)
+        return Device(instance, str(path), origin.size)
 
     def teardown(self, instance: str) -> None:
         self._file(instance).unlink(missing_ok=True)
         self._file(instance).with_suffix(".part").unlink(missing_ok=True)
 
-    def owned(self) -> list[str]:
+    def list_owned(self) -> list[str]:
         return sorted(p.stem for p in self.d.settings.instances_dir.glob("*.qcow2"))
 
 
