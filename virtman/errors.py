@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from brick.exception import Conflict as BrickConflict
+
 
 class VirtmanError(Exception):
     code = 2
@@ -75,3 +80,13 @@ class DiskExists(Conflict):
             f"Virtman: a disk for the instance_name '{name}' already exists on this node "
             "without a record (kept from an earlier run): move it away first",
         )
+
+
+@contextmanager
+def adopting(name: str) -> Iterator[None]:
+    """A layer's step over brick: an object of ours that brick found in place but different
+    (``brick.exception.Conflict``) is the layer's ``Conflict`` for ``name``."""
+    try:
+        yield
+    except BrickConflict as exc:
+        raise Conflict(name, str(exc)) from exc

@@ -18,7 +18,19 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from virtman.layers.base import Device, Driver, Endpoint, Relay, SnapshotSpec
+from virtman.layers.base import (
+    CacheLayer,
+    CacheSpec,
+    Device,
+    Driver,
+    Endpoint,
+    Relay,
+    RelayLayer,
+    RelaySpec,
+    SnapshotSpec,
+    UpstreamLayer,
+    UpstreamSpec,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -92,13 +104,15 @@ class ImageStack:
             for layer in self.layers:
                 armed.append(layer)  # armed before its step: a half-done step leaves parts
                 if layer is Layer.UPSTREAM:
-                    upstream = self.driver.upstream.ensure(self.image, endpoints)
+                    upstream = self.driver.upstream.ensure(
+                        UpstreamSpec(self.image, tuple(endpoints))
+                    )
                 elif layer is Layer.CACHE:
                     assert upstream is not None
-                    origin = self.driver.cache.ensure(self.image, upstream)
+                    origin = self.driver.cache.ensure(CacheSpec(self.image, upstream))
                 elif layer is Layer.RELAY:
                     assert origin is not None and self.iqn is not None
-                    relay = self.driver.relay.ensure(self.image, self.iqn, origin)
+                    relay = self.driver.relay.ensure(RelaySpec(self.image, self.iqn, origin))
             assert upstream is not None and origin is not None
             built = Built(upstream, origin, relay)
             if then is not None:
@@ -144,6 +158,23 @@ class ImageStack:
                 LOG.error("%s: teardown of the %s failed: %s", self.image, layer, exc)
                 failed.append((layer, exc))
         return failed
+
+
+def images(driver: Driver) -> set[str]:
+    """Images that have anything of any layer of an image's stack on this node now."""
+    found: set[str] = set()
+    for layer in IMAGE_LAYERS:
+        found |= set(_layer(driver, layer).list_owned())
+    return found
+
+
+def _layer(driver: Driver, layer: Layer) -> UpstreamLayer | CacheLayer | RelayLayer:
+    if layer is Layer.UPSTREAM:
+        return driver.upstream
+    if layer is Layer.CACHE:
+        return driver.cache
+    assert layer is Layer.RELAY
+    return driver.relay
 
 
 def sweep(driver: Driver, images: set[str]) -> None:

@@ -26,7 +26,7 @@ from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import HEADER_SECTORS, bucket_sectors_for
 from virtman.drivers.dm.driver import DmDriver, FailoverMultipath, Host
 from virtman.errors import Conflict
-from virtman.layers.base import Device, Endpoint, SnapshotSpec
+from virtman.layers.base import Device, Endpoint, SnapshotSpec, UpstreamSpec
 
 IMAGE = "volume-img"
 IQN = f"iqn.2010-10.org.openstack:{IMAGE}"
@@ -701,7 +701,15 @@ def test_a_failed_reload_keeps_the_old_paths_and_closes_the_new(rig: Rig) -> Non
 def test_a_path_that_works_again_is_reinstated_and_reads_go_back_to_it(rig: Rig) -> None:
     driver, _virtman, _ = build(rig)
     rig.kernel.targets[("10.0.0.2:3260", IQN)] = SIZE
-    driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN), Endpoint("10.0.0.2:3260", IQN)])
+    driver.upstream.ensure(
+        UpstreamSpec(
+            IMAGE,
+            (
+                Endpoint(SERVER, IQN),
+                Endpoint("10.0.0.2:3260", IQN),
+            ),
+        )
+    )
     mp = rig.kernel.devs["multipath_volume-img"]
     mp.paths["8:0"] = False  # the first path failed, the kernel moved to group 2
     mp.group = 2
@@ -715,7 +723,15 @@ def test_a_path_that_works_again_is_reinstated_and_reads_go_back_to_it(rig: Rig)
 def test_no_failback_while_the_first_group_is_in_use(rig: Rig) -> None:
     driver, _, _ = build(rig)
     rig.kernel.targets[("10.0.0.2:3260", IQN)] = SIZE
-    driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN), Endpoint("10.0.0.2:3260", IQN)])
+    driver.upstream.ensure(
+        UpstreamSpec(
+            IMAGE,
+            (
+                Endpoint(SERVER, IQN),
+                Endpoint("10.0.0.2:3260", IQN),
+            ),
+        )
+    )
     driver.check_paths()
     driver.check_paths()
     assert rig.kernel.messages == []
@@ -784,7 +800,7 @@ def test_no_path_at_all_fails_the_create_cleanly(rig: Rig) -> None:
     assert answer.startswith("2:") and "no path" in answer
     assert rig.leftovers() == {**NOTHING, "dm": ["vmt_cacheset"], "bcache": ["dm-1"]}
     with pytest.raises(PathsUnavailable):
-        driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN)])
+        driver.upstream.ensure(UpstreamSpec(IMAGE, (Endpoint(SERVER, IQN),)))
     assert (
         not (rig.settings.run_dir / "paths" / f"{IMAGE}.json").exists()
         or json.loads((rig.settings.run_dir / "paths" / f"{IMAGE}.json").read_text()) == []
@@ -813,7 +829,9 @@ def test_a_restarted_virtman_adopts_the_stack_and_the_vm(rig: Rig) -> None:
 def test_reconcile_removes_a_half_built_stack(rig: Rig) -> None:
     driver = rig.driver()
     driver.start()
-    driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN)])  # a crash after the multipath
+    driver.upstream.ensure(
+        UpstreamSpec(IMAGE, (Endpoint(SERVER, IQN),))
+    )  # a crash after the multipath
     assert driver.images() == {IMAGE} and driver.origin(IMAGE) is None
     _, virtman, _ = build(rig)
     assert virtman.list() == []

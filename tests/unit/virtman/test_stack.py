@@ -7,7 +7,16 @@ from collections.abc import Callable
 import pytest
 
 from virtman import stack
-from virtman.layers.base import Device, Endpoint, Relay, Revived, SnapshotSpec
+from virtman.layers.base import (
+    CacheSpec,
+    Device,
+    Endpoint,
+    Relay,
+    RelaySpec,
+    Revived,
+    SnapshotSpec,
+    UpstreamSpec,
+)
 from virtman.stack import IMAGE_LAYERS, Built, ImageStack, Layer, TeardownFailed
 
 pytestmark = pytest.mark.unit
@@ -79,10 +88,13 @@ class _Layer:
         self.d.built.add(f"{self.layer}:{name}")  # a failing step may leave parts
         self.d.step("ensure", self.layer, name)
 
-    def ensure(self, name: str, below: object, cached: object = None) -> object:
-        if self.layer == "relay":
+    def ensure(self, spec: UpstreamSpec | CacheSpec | RelaySpec) -> Device:
+        name = spec.image
+        if isinstance(spec, RelaySpec):
             self._ensure(name)
-            return Relay(str(below), "10.0.0.9:3260", None)
+            return Relay(
+                name=name, path="", size=1 << 20, iqn=spec.iqn, portal="10.0.0.9:3260", nbd=None
+            )
         self._ensure(name)
         if self.layer == "cache":
             self.d.cache_files.add(name)
@@ -97,8 +109,12 @@ class _Layer:
         if self.layer == "cache" and not kw.get("keep_file"):
             self.d.cache_files.discard(name)
 
+    def inspect(self, name: str) -> Device | None:
+        return None
+
     def list_owned(self) -> list[str]:
-        return sorted(b.partition(":")[2] for b in self.d.built if b.startswith("snapshot:"))
+        prefix = f"{self.layer}:"
+        return sorted(b.partition(":")[2] for b in self.d.built if b.startswith(prefix))
 
     def endpoints(self, image: str) -> list[Endpoint]:
         return []
