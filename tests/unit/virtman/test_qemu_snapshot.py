@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,8 @@ def test_a_different_overlay_is_a_conflict_and_stays(layer: qemu.QemuSnapshot) -
     other = Device("vmtcor2", "/run/vmt/exports/other.raw", 1 << 30)
     with pytest.raises(Conflict, match="not an overlay of"):
         layer.ensure(SnapshotSpec("vm1", other))
+    with pytest.raises(Conflict, match="1073741824 bytes"):
+        layer.ensure(SnapshotSpec("vm1", replace(ORIGIN, size=1 << 29)))  # same file, other size
     assert Path(made.path).read_text() == ORIGIN.path  # untouched
     layer.teardown("vm1")  # only an explicit teardown deletes it
     layer.teardown("vm1")

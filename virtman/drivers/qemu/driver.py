@@ -451,10 +451,12 @@ class QemuSnapshot:
         if path.exists():  # adopted if identical; never overwritten
             info = self._info(path) or {}
             backing = info.get("backing-filename") or info.get("full-backing-filename")
-            if backing != origin.path or info.get("format") != "qcow2":
+            size = info.get("virtual-size")
+            if backing != origin.path or size != origin.size or info.get("format") != "qcow2":
                 raise Conflict(
                     instance,
-                    f"its disk {path} is not an overlay of {origin.path} (backing {backing!r})",
+                    f"its disk {path} is not an overlay of {origin.path} "
+                    f"(backing {backing!r}, {size} bytes)",
                 )
             return Device(instance, str(path), origin.size)
         tmp = path.with_suffix(".part")
