@@ -123,6 +123,41 @@ def restart_adopts(virtman: Virtman) -> None:
     assert listed == relisted and before == after, result["restart"]
 
 
+def layer_contract(virtman: Virtman, image: dict) -> None:
+    """The layer contract (contract.py, the same cases the qemu driver passes on the host)
+    against a DmDriver of this process, once virtmanserver has stopped: each case's
+    outcome goes to the report (nothing raises here: the others wait for this node)."""
+    import contract
+
+    from virtman import conf
+    from virtman.drivers.dm.driver import DmDriver
+    from virtman.layers.base import Endpoint
+
+    outcome: dict[str, str] = {}
+    result["contract"] = outcome
+    try:
+        conf.load(config_files=[str(virtman.conf)], prog="contract")
+        driver = DmDriver(conf.settings_from_conf(), monitor_interval_s=0)
+        driver.start()
+    except Exception as exc:
+        outcome["start"] = repr(exc)
+        return
+    endpoints = (Endpoint(f"{IPS['S']}:3260", IQN, 1),)
+    rig = contract.Rig(driver, IMAGE, endpoints, IQN, image["sha"], lambda d: sha256(d.path))
+    for name in contract.CASES:
+        t = time.monotonic()
+        try:
+            contract.run(rig, name)
+            outcome[name] = "ok"
+        except Exception as exc:
+            outcome[name] = repr(exc)
+        log(f"contract {name}: {outcome[name]} ({time.monotonic() - t:.1f}s)")
+    try:
+        driver.stop()
+    except Exception as exc:
+        outcome["stop"] = repr(exc)
+
+
 def compute() -> None:
     vm = f"vm-{ROLE.lower()}"
     virtman = Virtman(DM_CONF)
@@ -177,6 +212,10 @@ def compute() -> None:
         result["stop_rc"] = virtman.stop()
         result["left"] = kernel_state()
         log(f"left: {result['left']}")
+    if ROLE == "C":  # the image server still serves: it waits for A, which waits for C
+        with step("the layer contract on the dm driver (contract.py)"):
+            layer_contract(virtman, image)
+            result["contract_left"] = kernel_state()
     board_set(f"{ROLE}-done")
 
 
