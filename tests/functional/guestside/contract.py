@@ -4,8 +4,8 @@ Run by tests/functional/test_driver_contract.py against the ``qemu`` driver on t
 and inside a guest of tests/functional/test_dm_guests.py against the ``dm`` driver (this
 file is copied to /ci/guestside/ there, so it imports only the product and the stdlib).
 
-Each case starts from a node with nothing of the rig's image or instance on it, builds
-what it needs through the layers' own calls, and tears everything down again:
+``run_all`` starts from a node with nothing of the rig's image or instance on it, builds
+the stack once through the layers' own calls, runs every case on it, and tears it down:
 
 - ``ensure_twice_adopts``: a second ensure with the same spec returns the same Device and
   makes nothing new (every layer's list_owned and inspect unchanged)
@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 from virtman.errors import Conflict
 from virtman.layers.base import (
@@ -118,15 +119,13 @@ def _nothing_of_ours(rig: Rig) -> None:
     assert all(rig.image not in v and rig.instance not in v for v in listed.values()), listed
 
 
-def ensure_twice_adopts(rig: Rig) -> None:
-    first = build(rig)
+def ensure_twice_adopts(rig: Rig, built: Stack) -> None:
     before = seen(rig)
-    assert build(rig) == first
+    assert build(rig) == built
     assert seen(rig) == before
 
 
-def different_spec_conflicts(rig: Rig) -> None:
-    built = build(rig)
+def different_spec_conflicts(rig: Rig, built: Stack) -> None:
     before = seen(rig)
     smaller = replace(built.upstream, size=built.upstream.size // 2)
     try:
@@ -147,28 +146,15 @@ def different_spec_conflicts(rig: Rig) -> None:
     assert rig.disk_sha(built.disk) == rig.image_sha  # the disk is as it was
 
 
-def inspect_before_and_after(rig: Rig) -> None:
-    _nothing_of_ours(rig)
-    built = build(rig)
+def inspect_after_build(rig: Rig, built: Stack) -> None:
     now = seen(rig)
     assert now["upstream"] == built.upstream, (now, built)
     assert now["cache"] == built.origin, (now, built)
     assert now["relay"] == built.relay, (now, built)
     assert now["snapshot"] == built.disk, (now, built)
-    teardown(rig)
-    _nothing_of_ours(rig)
 
 
-def teardown_leaves_nothing(rig: Rig) -> None:
-    build(rig)
-    teardown(rig)
-    _nothing_of_ours(rig)
-    teardown(rig)  # already gone: success
-    _nothing_of_ours(rig)
-
-
-def list_owned_lists_exactly_ours(rig: Rig) -> None:
-    build(rig)
+def list_owned_lists_exactly_ours(rig: Rig, built: Stack) -> None:
     assert owned(rig) == {
         "upstream": [rig.image],
         "cache": [rig.image],
@@ -178,29 +164,54 @@ def list_owned_lists_exactly_ours(rig: Rig) -> None:
     assert rig.driver.images() == {rig.image}
 
 
-def bytes_read_back(rig: Rig) -> None:
-    built = build(rig)
+def bytes_read_back(rig: Rig, built: Stack) -> None:
     assert file_sha(built.origin.path) == rig.image_sha
     assert rig.disk_sha(built.disk) == rig.image_sha
 
 
-CASES: dict[str, Callable[[Rig], None]] = {
+def teardown_leaves_nothing(rig: Rig) -> None:
+    teardown(rig)
+    _nothing_of_ours(rig)
+    teardown(rig)  # already gone: success
+    _nothing_of_ours(rig)
+
+
+ON_A_BUILT_STACK: dict[str, Callable[[Rig, Stack], None]] = {
     f.__name__: f
     for f in (
         ensure_twice_adopts,
-        different_spec_conflicts,
-        inspect_before_and_after,
-        teardown_leaves_nothing,
         list_owned_lists_exactly_ours,
         bytes_read_back,
+        different_spec_conflicts,  # last: it must change nothing the others saw
     )
 }
+INSPECT = "inspect_before_and_after"  # nothing before, the Devices after, nothing after
+TEARDOWN = "teardown_leaves_nothing"
+CASES = (*ON_A_BUILT_STACK, INSPECT, TEARDOWN)
 
 
-def run(rig: Rig, name: str) -> None:
-    """One case, from nothing back to nothing (torn down whatever happens, then checked)."""
+def _outcome(check: Callable[[], None]) -> str:
     try:
-        CASES[name](rig)
-    finally:
+        check()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def run_all(rig: Rig) -> dict[str, str]:
+    """Every case in one pass over one build (a build is what costs, on real kernels):
+    case -> "ok" or its error. Starts from nothing of the rig's and leaves nothing."""
+    outcome: dict[str, str] = {}
+    before = _outcome(lambda: _nothing_of_ours(rig))
+    try:
+        built = build(rig)
+    except Exception as exc:
         teardown(rig)
-    _nothing_of_ours(rig)
+        return dict.fromkeys(CASES, f"the build failed: {type(exc).__name__}: {exc}")
+    after = _outcome(lambda: inspect_after_build(rig, built))
+    for name, case in ON_A_BUILT_STACK.items():
+        outcome[name] = _outcome(partial(case, rig, built))
+    outcome[TEARDOWN] = _outcome(lambda: teardown_leaves_nothing(rig))
+    problems = [o for o in (before, after, outcome[TEARDOWN]) if o != "ok"]
+    outcome[INSPECT] = "; ".join(problems) or "ok"
+    return outcome
