@@ -356,7 +356,80 @@ api_opts = [
 ]
 
 
-default_opts += api_opts  # one list: vmt-initenv.py writes every option of it
+# The guests virtmanserver owns (virtman/guest/manager.py): how their domains boot.
+guest_opts: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "guest_libvirt_uri",
+        default="qemu:///system",
+        help="libvirt URI of the guests' domains (QEMU; TCG unless /dev/kvm is usable).",
+    ),
+    cfg.StrOpt(
+        "guest_kernel",
+        help="Kernel every guest boots directly (libvirt <kernel>); its root disk is its "
+        "VMThunder snapshot (/dev/vda). Unset: deploy is refused.",
+    ),
+    cfg.StrOpt("guest_initrd", help="Initramfs of guest_kernel. Unset: deploy is refused."),
+    cfg.StrOpt(
+        "guest_cmdline",
+        default="root=/dev/vda console=ttyS0 ro panic=-1",
+        help="Kernel command line of the guests (console on ttyS0: console_output).",
+    ),
+    cfg.StrOpt(
+        "guest_name_prefix",
+        default="guest-",
+        regex=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,23}$",
+        help="A guest's instance (and snapshot) name is this prefix + its userid; its "
+        "domain is vmt-<instance>. Domains of ours with this prefix and no journal record "
+        "are reported as orphans at start, never destroyed.",
+    ),
+]
+
+
+# The z/VM Cloud Connector-shaped REST API (virtman.zvm, docs/zvm-api.rst).
+zvm_opts = [
+    cfg.BoolOpt(
+        "zvm_api_enabled",
+        default=False,
+        help="Serve the guest REST API in the z/VM Cloud Connector's shape (zvmconnector, "
+        "Nova's zvm driver) on zvm_api_listen_host:zvm_api_port, beside XML-RPC. Same "
+        "auth_strategy, api_token, TLS files, request_timeout and max_request_bytes.",
+    ),
+    cfg.HostAddressOpt(
+        "zvm_api_listen_host",
+        default="127.0.0.1",
+        help="Address of the z/VM-shaped API (loopback by default; 0.0.0.0 or :: only when "
+        "set explicitly).",
+    ),
+    cfg.PortOpt(
+        "zvm_api_port",
+        default=8080,
+        help="Port of the z/VM-shaped API (8080: zvmconnector's default for REST).",
+    ),
+    cfg.IntOpt(
+        "zvm_api_connections",
+        default=16,
+        min=1,
+        max=1024,
+        help="Connections the z/VM-shaped API serves at once (one thread each, each closed "
+        "after request_timeout of silence); one more is answered 503 and closed.",
+    ),
+    cfg.IntOpt(
+        "zvm_api_token_ttl",
+        default=3600,
+        min=60,
+        max=86400,
+        help="Seconds a token issued by POST /token (X-Admin-Token = api_token) stays valid.",
+    ),
+    cfg.StrOpt(
+        "zvm_bridge",
+        default="virbr0",
+        help="Linux bridge that guest network interfaces created through the z/VM-shaped "
+        "API are recorded on (guest_create_network_interface, guest_create_nic).",
+    ),
+]
+
+# one list: vmt-initenv.py writes every option of it
+default_opts += api_opts + guest_opts + zvm_opts
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:

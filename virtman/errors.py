@@ -90,3 +90,30 @@ def adopting(name: str) -> Iterator[None]:
         yield
     except BrickConflict as exc:
         raise Conflict(name, str(exc)) from exc
+
+
+# -- guests (virtman.guest.manager; the z/VM-shaped API maps these to its codes) ---------------
+class GuestNotFound(InstanceNotFound):
+    """No guest of that userid is recorded on this node."""
+
+    def __init__(self, userid: str) -> None:
+        super().__init__(userid)
+        self.userid = userid
+        self.args = (f"Virtman: the guest '{userid}' does not exist",)
+
+
+class GuestExists(InstanceExists):
+    """A guest of that userid is recorded already."""
+
+    def __init__(self, userid: str) -> None:
+        super().__init__(userid)
+        self.userid = userid
+        self.args = (f"Virtman: the guest '{userid}' already exists",)
+
+
+class GuestStateError(VirtmanError):
+    """The guest cannot do that now (no disk deployed yet, not running, ...)."""
+
+    def __init__(self, userid: str, reason: str) -> None:
+        self.userid, self.reason = userid, reason
+        super().__init__(f"Virtman: guest '{userid}': {reason}")

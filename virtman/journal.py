@@ -16,7 +16,8 @@ from typing import Any
 from brick.fileio import atomic_write, private_dir
 from virtman.errors import JournalCorrupt
 
-KINDS = ("images", "instances", "exports")  # exports: the image targets of ImageService
+# exports: the image targets of ImageService; guests: virtman.guest.manager
+KINDS = ("images", "instances", "exports", "guests")
 
 
 class Journal:

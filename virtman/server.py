@@ -17,6 +17,7 @@ One request per connection (``Connection: close``), as ``xmlrpc.client`` expects
 
 from __future__ import annotations
 
+import builtins
 import enum
 import hmac
 import http.client
@@ -34,6 +35,7 @@ from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from virtman.compute import Virtman
+from virtman.errors import InvalidInput, VirtmanError
 from virtman.imageservice import ImageService
 
 LOG = logging.getLogger(__name__)
@@ -395,9 +397,10 @@ class Methods:
     """The original's method names and results (nothing else here is callable remotely:
     names with a leading underscore are not dispatched)."""
 
-    def __init__(self, virtman: Virtman, images: ImageService) -> None:
+    def __init__(self, virtman: Virtman, images: ImageService, guests: Any = None) -> None:
         self._virtman = virtman
         self._images = images
+        self._guests = guests  # virtman.guest.manager.Guests (not imported: no libvirt here)
 
     def create(
         self, instance_name: str, image_name: str, image_connection: Any, snapshot_dev: Any = None
@@ -425,6 +428,78 @@ class Methods:
     def list_image_target(self) -> dict[str, str]:
         return self._images.list_image_target()
 
+    # -- the node's guests (virtman.guest.manager; errors come back as XML-RPC faults) ----------
+    def _guest_manager(self) -> Any:
+        if self._guests is None:
+            raise VirtmanError("this node serves no guests")
+        return self._guests
+
+    def guest_list(self) -> builtins.list[str]:
+        return list(self._guest_manager().list())
+
+    def guest_create(self, userid: str, vcpus: int, memory_mb: int, disk_gb: int = 0) -> bool:
+        self._guest_manager().create(userid, vcpus=vcpus, memory_mb=memory_mb, disk_gb=disk_gb)
+        return True
+
+    def guest_deploy(self, userid: str, image: str) -> bool:
+        self._guest_manager().deploy(userid, image)
+        return True
+
+    def guest_action(self, userid: str, action: str, options: Any = None) -> bool:
+        """``action``: start, stop, softstop (``options``: timeout_s, poll_interval_s),
+        pause, unpause, reboot, reset."""
+        guests = self._guest_manager()
+        if action not in GUEST_ACTIONS:
+            raise InvalidInput("action", action, f"must be one of {sorted(GUEST_ACTIONS)}")
+        if action == "softstop":
+            given = options if isinstance(options, dict) else {}
+            unknown = set(given) - {"timeout_s", "poll_interval_s"}
+            if unknown or (options is not None and not isinstance(options, dict)):
+                raise InvalidInput("options", options, "only timeout_s and poll_interval_s")
+            guests.softstop(userid, **given)
+        else:
+            getattr(guests, action)(userid)
+        return True
+
+    def guest_power_state(self, userid: str) -> str:
+        return str(self._guest_manager().power_state(userid))
+
+    def guest_info(self, userid: str) -> dict[str, Any]:
+        return _xmlrpc_safe(self._guest_manager().info(userid))
+
+    def guest_definition(self, userid: str) -> str:
+        return str(self._guest_manager().definition(userid))
+
+    def guest_stats(self, userid: str) -> dict[str, Any]:
+        return _xmlrpc_safe(self._guest_manager().stats(userid))
+
+    def guest_host_info(self) -> dict[str, Any]:
+        return _xmlrpc_safe(self._guest_manager().host_info())
+
+    def guest_console_output(self, userid: str) -> str:
+        return str(self._guest_manager().console_output(userid))
+
+    def guest_delete(self, userid: str) -> bool:
+        self._guest_manager().delete(userid)
+        return True
+
+    def guest_orphans(self) -> builtins.list[str]:
+        return list(self._guest_manager().orphans())
+
+
+GUEST_ACTIONS = frozenset({"start", "stop", "softstop", "pause", "unpause", "reboot", "reset"})
+
+
+def _xmlrpc_safe(value: Any) -> Any:
+    """XML-RPC integers are 32-bit: larger ones (CPU time in us) travel as strings."""
+    if isinstance(value, dict):
+        return {str(k): _xmlrpc_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_xmlrpc_safe(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 31:
+        return str(value)
+    return value
+
 
 def build_server(
     address: tuple[str, int],
@@ -432,8 +507,9 @@ def build_server(
     virtman: Virtman,
     images: ImageService,
     ssl_context: ssl.SSLContext | None = None,
+    guests: Any = None,
 ) -> Server:
     dispatcher = SimpleXMLRPCDispatcher(allow_none=True, encoding=None)
     dispatcher.register_introspection_functions()
-    dispatcher.register_instance(Methods(virtman, images))
+    dispatcher.register_instance(Methods(virtman, images, guests))
     return Server(address, dispatcher, limits, ssl_context)

@@ -8,16 +8,24 @@ import signal
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import brick.privileged
 import brick.privileged.process
+from brick import values
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
+from virtman.conf import Settings
 from virtman.drivers import load_driver
-from virtman.errors import JournalCorrupt
+from virtman.errors import InvalidInput, JournalCorrupt, VirtmanError
+from virtman.guest.domains import VirtualMachines
+from virtman.guest.manager import Guests
 from virtman.imageservice import ImageService
+from virtman.journal import Journal
 from virtman.server import Limits, build_server
+from virtman.zvm import service as zvm_service
 
 LOG = logging.getLogger(__name__)
 CONF = virtman_conf.CONF
@@ -54,6 +62,41 @@ def tls_context() -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise SystemExit(f"virtmanserver: cannot load tls_cert_file/tls_key_file: {exc}") from None
     return context
+
+
+def export_connection(journal: Journal, settings: Settings) -> Callable[[str], dict[str, Any]]:
+    """The connection of an image this node exports (create_image_target): what a guest's
+    deploy gives Virtman.create by default (read locally: no relay, no Volt)."""
+
+    def connection(image: str) -> dict[str, Any]:
+        record = journal.exports().get(image)
+        if record is None or not isinstance(record.get("iqn"), str):
+            raise InvalidInput("image", image, "not exported by this node (create_image_target)")
+        portal = f"{values.bracket(settings.host_ip)}:{settings.iscsi_port}"
+        return {"target_portal": portal, "target_iqn": record["iqn"], "target_lun": 1}
+
+    return connection
+
+
+def build_guests(virtman: Virtman, settings: Settings) -> Guests:
+    """The node's guests, adopted from the journal and libvirt (never restarted)."""
+    guests = Guests(
+        virtman,
+        VirtualMachines(CONF.guest_libvirt_uri),
+        connections=export_connection(virtman.journal, settings),
+        console_dir=settings.state_dir / "guests",
+        kernel=CONF.guest_kernel,
+        initrd=CONF.guest_initrd,
+        cmdline=CONF.guest_cmdline,
+        name_prefix=CONF.guest_name_prefix,
+        state_dir=settings.state_dir,
+    )
+    try:
+        guests.adopt()
+    except VirtmanError as exc:
+        level = logging.ERROR if guests.list() else logging.INFO
+        LOG.log(level, "virtmanserver: guests not adopted (libvirt: %s); retried per call", exc)
+    return guests
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,8 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     images.restore()  # what a tgtd that died with the host (or alone) held
     virtman.supervisor.listeners.append(images.restore)
+    guests = build_guests(virtman, settings)
     try:
-        server = build_server((listen_host, CONF.listen_port), limits, virtman, images, context)
+        server = build_server(
+            (listen_host, CONF.listen_port), limits, virtman, images, context, guests=guests
+        )
     except OSError as exc:
         virtman.shutdown()
         if pid_file:
@@ -108,6 +154,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"virtmanserver: cannot listen on {listen_host}:{CONF.listen_port}: {exc}"
         ) from None
+    zvm_server = None
+    if CONF.zvm_api_enabled:
+        try:
+            zvm_server = zvm_service.build_server(
+                CONF,
+                state_dir=settings.state_dir,
+                disk_dir=settings.cache_dir,
+                virtman=virtman,
+                images=images,
+                backend=None,  # the guest manager plugs in here (virtman.zvm.backend)
+                token=token,
+                ssl_context=context,
+            )
+        except (OSError, JournalCorrupt) as exc:
+            server.server_close()
+            virtman.shutdown()
+            if pid_file:
+                pid_file.unlink(missing_ok=True)
+            raise SystemExit(
+                f"virtmanserver: z/VM API on {CONF.zvm_api_listen_host}:{CONF.zvm_api_port}: {exc}"
+            ) from None
+        zvm_server.start()
+        LOG.info(
+            "virtmanserver: z/VM Cloud Connector API on %s (auth %s)",
+            zvm_server.url,
+            CONF.auth_strategy,
+        )
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -133,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if zvm_server is not None:
+            zvm_server.stop()
         server.server_close()
         virtman.shutdown()
         if pid_file:

@@ -396,6 +396,39 @@ class VirtualMachines:
         LOG.info("booted %s (%s, %d MiB) on %s", name, self.domain_type, memory_mib, disk_path)
         return self._info(dom, instance_name)
 
+    def define(self, instance_name: str, xml: str) -> VMInfo:
+        """Define (not start) ``xml`` as the instance's domain; the XML must carry our
+        metadata for ``instance_name`` (``render`` makes such XML). An inactive domain of
+        this instance is replaced; ``InstanceExists`` if it runs, ``VMError`` if libvirt
+        fails."""
+        instance = validate_instance(instance_name)
+        root = ET.fromstring(xml)  # noqa: S314 (rendered by us)
+        tag = root.find(f"metadata/{{{METADATA_NS}}}instance")
+        if (
+            root.findtext("name") != self.domain_name(instance)
+            or tag is None
+            or ((tag.text or "").strip() != instance)
+        ):
+            raise InvalidVMInput("xml", instance, "needs our name and metadata for it")
+        existing = self._owned(instance)
+        if existing is not None and self._active(existing):
+            raise InstanceExists(instance)
+        try:
+            dom = self._connection().defineXML(xml)
+        except libvirt.libvirtError as err:
+            raise VMError(f"defining {self.domain_name(instance)}: {err}") from err
+        LOG.info("defined %s", dom.name())
+        return self._info(dom, instance)
+
+    def domain(self, instance_name: str) -> libvirt.virDomain | None:
+        """libvirt's object of the instance's domain (ours), or None if it has none;
+        ``ForeignDomain`` if a domain of that name is not virtman's."""
+        return self._owned(validate_instance(instance_name))
+
+    def connection(self) -> libvirt.virConnect:
+        """The open connection (reopened if libvirtd restarted)."""
+        return self._connection()
+
     def info(self, instance_name: str) -> VMInfo:
         """The live state of an instance; ``InstanceNotFound`` if it has no domain."""
         dom = self._owned(validate_instance(instance_name))
