@@ -137,7 +137,8 @@ def test_the_layer_contract_holds_on_the_dm_driver(
     report: dict[str, dict[str, Any]], case: str
 ) -> None:
     """The cases test_driver_contract.py runs against the qemu driver, run by node C
-    against a DmDriver once its virtmanserver has stopped; it leaves nothing behind."""
+    against a DmDriver while it waits for B's build (before its virtmanserver starts);
+    they leave nothing behind."""
     outcome = report["C"].get("contract", {})
     assert outcome.get(case) == "ok", outcome
     assert report["C"]["contract_left"] == NOTHING_LEFT
