@@ -23,7 +23,7 @@ from brick import bus, values
 from virtman.backoff import Backoff
 from virtman.errors import ImageBuildFailed
 from virtman.journal import Journal
-from virtman.layers.base import Device, Driver, Endpoint, Relay
+from virtman.layers.base import Device, Driver, Endpoint, Relay, RelaySpec, UpstreamSpec
 from virtman.prefetch import Prefetcher, PrefetchOptions
 from virtman.stack import Built, ImageStack, Layer
 from virtman.voltlink import VoltLink, parent_endpoints, pending_parents
@@ -284,7 +284,7 @@ class BaseImage:
             if self.local or self.relay is None or self.origin is None:
                 return
             try:
-                self.relay = self.driver.relay.ensure(self.name, self.iqn, self.origin)
+                self.relay = self.driver.relay.ensure(RelaySpec(self.name, self.iqn, self.origin))
             except Exception as exc:
                 self._degrade(f"cannot export the relay again after tgtd died: {exc}")
                 return
@@ -310,7 +310,7 @@ class BaseImage:
     def _finish_adoption(self, *, quiet: bool = False) -> None:
         if not self.local:
             assert self.origin is not None
-            self.relay = self.driver.relay.ensure(self.name, self.iqn, self.origin)
+            self.relay = self.driver.relay.ensure(RelaySpec(self.name, self.iqn, self.origin))
             self._join_and_register(quiet=quiet)
 
     def _degrade(self, reason: str) -> None:
@@ -357,7 +357,7 @@ class BaseImage:
                     [e.peer_id or e.portal for e in endpoints],
                     [e.peer_id or e.portal for e in self.upstream],
                 )
-                self.driver.upstream.ensure(self.name, endpoints)
+                self.driver.upstream.ensure(UpstreamSpec(self.name, tuple(endpoints)))
                 self.upstream = endpoints
             if self.prefetch_waits and not self.following and self.origin is not None:
                 self.prefetch_waits = False
@@ -478,7 +478,7 @@ class BaseImage:
         if [e.key for e in endpoints] == [e.key for e in self.upstream]:
             return
         try:
-            self.driver.upstream.ensure(self.name, endpoints)
+            self.driver.upstream.ensure(UpstreamSpec(self.name, tuple(endpoints)))
         except Exception as exc:
             LOG.warning("%s: could not follow the parents of the register answer: %s",
                         self.name, exc)  # fmt: skip
@@ -499,7 +499,7 @@ class BaseImage:
         registered = self.volt.register(self.name, self.peer_id, self.relay)
         endpoints = self._choose(parents if registered is None else registered)
         if [e.key for e in endpoints] != [e.key for e in self.upstream]:
-            self.driver.upstream.ensure(self.name, endpoints)
+            self.driver.upstream.ensure(UpstreamSpec(self.name, tuple(endpoints)))
             self.upstream = endpoints
         self._record()
 

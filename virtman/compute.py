@@ -28,7 +28,13 @@ from virtman.baseimage import BaseImage, Status
 from virtman.bus import NodeBus
 from virtman.conf import Settings
 from virtman.drivers import load_driver
-from virtman.errors import DiskExists, InstanceExists, InstanceNotFound, VirtmanError
+from virtman.errors import (
+    Conflict,
+    DiskExists,
+    InstanceExists,
+    InstanceNotFound,
+    VirtmanError,
+)
 from virtman.imageservice import ImageService
 from virtman.journal import Journal
 from virtman.layers.base import Driver, Endpoint, Revived
@@ -263,9 +269,11 @@ class Virtman:
             origin = base.ensure_built()
             # Recorded before the disk exists: a crash leaves a disk a restart knows holds
             # nothing yet (no caller got its path), so that it may remove it.
+            if self.driver.snapshot.inspect(instance) is not None:
+                raise DiskExists(instance)  # a disk no journal record names: never taken
             self.journal.put("instances", instance, {"image": image, "creating": True})
-            path = stack.create_disk(self.driver, instance, origin)
-        except DiskExists:
+            path = stack.create_disk(self.driver, instance, origin).path
+        except Conflict:
             self._release(instance, base, keep_disk=True)  # not this create's disk
             raise
         except BaseException:
@@ -447,7 +455,7 @@ class Virtman:
                 self.journal.drop("images", image)
                 continue
             self.images[image] = base
-        owned = set(self.driver.snapshot.owned())
+        owned = set(self.driver.snapshot.list_owned())
         for instance, record in instances.items():
             if record.get("creating"):
                 # No caller got this disk's path: no VM ever wrote to it.

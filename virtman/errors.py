@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from brick.exception import Conflict as BrickConflict
+
 
 class VirtmanError(Exception):
     code = 2
@@ -56,15 +61,35 @@ class JournalCorrupt(VirtmanError):
         )
 
 
-class DiskExists(VirtmanError):
+class Conflict(VirtmanError):
+    """A layer's object of that name exists and is not what was asked (another origin,
+    size or owner): it is left alone, never replaced; only an explicit teardown removes it."""
+
+    def __init__(self, name: str, reason: str, message: str | None = None) -> None:
+        self.name, self.reason = name, reason
+        super().__init__(message or f"Virtman: {name}: {reason}")
+
+
+class DiskExists(Conflict):
     """A disk of that name is on the node without a journal record (kept, never replaced)."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
         super().__init__(
+            name,
+            "a disk of that name exists without a journal record",
             f"Virtman: a disk for the instance_name '{name}' already exists on this node "
-            "without a record (kept from an earlier run): move it away first"
+            "without a record (kept from an earlier run): move it away first",
         )
+
+
+@contextmanager
+def adopting(name: str) -> Iterator[None]:
+    """A layer's step over brick: an object of ours that brick found in place but different
+    (``brick.exception.Conflict``) is the layer's ``Conflict`` for ``name``."""
+    try:
+        yield
+    except BrickConflict as exc:
+        raise Conflict(name, str(exc)) from exc
 
 
 # -- guests (virtman.guest.manager; the z/VM-shaped API maps these to its codes) ---------------

@@ -18,7 +18,19 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from virtman.layers.base import Device, Driver, Endpoint, Relay
+from virtman.layers.base import (
+    CacheLayer,
+    CacheSpec,
+    Device,
+    Driver,
+    Endpoint,
+    Relay,
+    RelayLayer,
+    RelaySpec,
+    SnapshotSpec,
+    UpstreamLayer,
+    UpstreamSpec,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -92,13 +104,15 @@ class ImageStack:
             for layer in self.layers:
                 armed.append(layer)  # armed before its step: a half-done step leaves parts
                 if layer is Layer.UPSTREAM:
-                    upstream = self.driver.upstream.ensure(self.image, endpoints)
+                    upstream = self.driver.upstream.ensure(
+                        UpstreamSpec(self.image, tuple(endpoints))
+                    )
                 elif layer is Layer.CACHE:
                     assert upstream is not None
-                    origin = self.driver.cache.ensure(self.image, upstream)
+                    origin = self.driver.cache.ensure(CacheSpec(self.image, upstream))
                 elif layer is Layer.RELAY:
                     assert origin is not None and self.iqn is not None
-                    relay = self.driver.relay.ensure(self.image, self.iqn, origin)
+                    relay = self.driver.relay.ensure(RelaySpec(self.image, self.iqn, origin))
             assert upstream is not None and origin is not None
             built = Built(upstream, origin, relay)
             if then is not None:
@@ -146,6 +160,23 @@ class ImageStack:
         return failed
 
 
+def images(driver: Driver) -> set[str]:
+    """Images that have anything of any layer of an image's stack on this node now."""
+    found: set[str] = set()
+    for layer in IMAGE_LAYERS:
+        found |= set(_layer(driver, layer).list_owned())
+    return found
+
+
+def _layer(driver: Driver, layer: Layer) -> UpstreamLayer | CacheLayer | RelayLayer:
+    if layer is Layer.UPSTREAM:
+        return driver.upstream
+    if layer is Layer.CACHE:
+        return driver.cache
+    assert layer is Layer.RELAY
+    return driver.relay
+
+
 def sweep(driver: Driver, images: set[str]) -> None:
     """Tear down the stacks of ``images`` (strays: their relay found by the image, even
     with readers); failures are logged and the others still go."""
@@ -154,9 +185,10 @@ def sweep(driver: Driver, images: set[str]) -> None:
         ImageStack(driver, image).teardown(force=True, check=False)
 
 
-def create_disk(driver: Driver, instance: str, origin: Device) -> str:
-    """The top of the stack for one VM: its copy-on-write disk over ``origin``."""
-    return driver.snapshot.ensure(instance, origin)
+def create_disk(driver: Driver, instance: str, origin: Device) -> Device:
+    """The top of the stack for one VM: its copy-on-write disk over ``origin`` (an
+    identical one in place is adopted; a different one raises ``Conflict``)."""
+    return driver.snapshot.ensure(SnapshotSpec(instance, origin))
 
 
 def remove_disk(driver: Driver, instance: str) -> None:

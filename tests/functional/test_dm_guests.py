@@ -19,6 +19,7 @@ import pytest
 
 from guestkit import Node, RunResult
 from tests.functional.guestruns import NOTHING_LEFT, assert_every_guest_passed, module_fixtures
+from tests.functional.guestside import contract
 
 SIZE_MIB = 48
 SIZE = SIZE_MIB << 20
@@ -128,3 +129,16 @@ def test_cache_engine_measurement(run: RunResult) -> None:
     # it); the second read fetched 2.4-10.5 % of the first in runs here, the third less
     assert big[0] <= size and big[1] <= size * 0.25 and big[2] <= big[1]
     assert writecache == [size, size, size]  # a write cache: every read goes upstream
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", sorted(contract.CASES))
+def test_the_layer_contract_holds_on_the_dm_driver(
+    report: dict[str, dict[str, Any]], case: str
+) -> None:
+    """The cases test_driver_contract.py runs against the qemu driver, run by node C
+    against a DmDriver while it waits for B's build (before its virtmanserver starts);
+    they leave nothing behind."""
+    outcome = report["C"].get("contract", {})
+    assert outcome.get(case) == "ok", outcome
+    assert report["C"]["contract_left"] == NOTHING_LEFT

@@ -25,7 +25,7 @@ from tests.functional.clusterfixtures import TGT_BASE, disk_matches, write_image
 from tests.functional.voltproc import free_port
 from virtman.conf import Settings
 from virtman.drivers.qemu.driver import QemuDriver
-from virtman.layers.base import Endpoint
+from virtman.layers.base import CacheSpec, Endpoint, SnapshotSpec, UpstreamSpec
 
 pytestmark = pytest.mark.functional
 
@@ -134,8 +134,10 @@ def test_cold_reads_come_back_right_and_fill_the_cache(
     assert environ(driver.qsd.pid).get("MALLOC_MMAP_THRESHOLD_") == str(32768 * KIB)
 
     # sequential: the whole image, 1 MiB at a time, through the FUSE origin
-    upstream = driver.upstream.ensure("volume-seq", [export(image_server, "seq", seq_image)])
-    origin = driver.cache.ensure("volume-seq", upstream)
+    upstream = driver.upstream.ensure(
+        UpstreamSpec("volume-seq", (export(image_server, "seq", seq_image),))
+    )
+    origin = driver.cache.ensure(CacheSpec("volume-seq", upstream))
     fuse = Path(origin.path)
     assert str(fuse) in mounted_paths()
     assert driver.qsd.readahead(fuse) == 4096
@@ -146,12 +148,14 @@ def test_cold_reads_come_back_right_and_fill_the_cache(
     assert hashlib.sha256(got).digest() == hashlib.sha256(seq_image.read_bytes()).digest()
     assert cached_bytes(cache_file) == size  # copy-on-read kept every byte
     # a VM's overlay over the origin reads the same bytes (now warm)
-    overlay = driver.snapshot.ensure("vm-seq", origin)
+    overlay = driver.snapshot.ensure(SnapshotSpec("vm-seq", origin)).path
     assert disk_matches(overlay, seq_image)
 
     # random 64 KiB reads at distinct offsets, cold, of the second image
-    upstream = driver.upstream.ensure("volume-rand", [export(image_server, "rand", rand_image)])
-    origin = driver.cache.ensure("volume-rand", upstream)
+    upstream = driver.upstream.ensure(
+        UpstreamSpec("volume-rand", (export(image_server, "rand", rand_image),))
+    )
+    origin = driver.cache.ensure(CacheSpec("volume-rand", upstream))
     block = 64 * KIB
     offsets = random.Random(7).sample(range(0, size, block), 64)
     data = rand_image.read_bytes()
@@ -168,8 +172,10 @@ def test_zero_leaves_the_kernel_and_glibc_defaults(
     driver = make_driver(qemu_fuse_readahead_kib=0, qemu_malloc_mmap_threshold_kib=0)
     assert driver.qsd.pid is not None
     assert "MALLOC_MMAP_THRESHOLD_" not in environ(driver.qsd.pid)
-    upstream = driver.upstream.ensure("volume-img", [export(image_server, "img", image)])
-    origin = driver.cache.ensure("volume-img", upstream)
+    upstream = driver.upstream.ensure(
+        UpstreamSpec("volume-img", (export(image_server, "img", image),))
+    )
+    origin = driver.cache.ensure(CacheSpec("volume-img", upstream))
     default = driver.qsd.readahead(origin.path)
     assert default != 4096  # the kernel's own (small) window: what the option widens
     assert read_cold(Path(origin.path), [0], 4 * MIB) == image.read_bytes()

@@ -10,7 +10,6 @@ what it built without any in-memory state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,8 +48,11 @@ class Device:
     size: int
 
 
-@dataclass(frozen=True)
-class Relay:
+@dataclass(frozen=True, kw_only=True)
+class Relay(Device):
+    """The relay layer's device (the exported view of the origin) and the addresses
+    children read it at."""
+
     iqn: str
     portal: str  # host:port
     nbd: str | None  # host:port, or None when the node exports no NBD
@@ -67,12 +69,61 @@ class Revived:
         return self.stacks or self.targets
 
 
+# -- what each layer is asked for (its spec) ---------------------------------------------------
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """Paths to ``endpoints`` (read in this order) behind one device."""
+
+    image: str
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A cache on read over ``upstream``; its device is the image's origin."""
+
+    image: str
+    upstream: Device
+
+
+@dataclass(frozen=True)
+class RelaySpec:
+    """``origin`` exported read-only to children under ``iqn`` (LUN 1)."""
+
+    image: str
+    iqn: str
+    origin: Device
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """One VM's disk: a copy-on-write layer over ``origin`` (the image's cached device)."""
+
+    instance: str
+    origin: Device
+
+
+# -- the layers --------------------------------------------------------------------------------
+# Every layer has the same four calls, keyed by the name in its spec (the image, or the
+# instance for the snapshot):
+#   ensure(spec) -> Device    create, or adopt what is in place if it is what the spec asks
+#                             for; something of that name that differs raises
+#                             ``virtman.errors.Conflict`` and is left exactly as it is
+#   inspect(name) -> Device | None
+#                             what is in place now (None: nothing); changes nothing
+#   teardown(name, ...)       remove it; idempotent ("already gone" is success)
+#   list_owned() -> [name]    the names this node has something of this layer for (sweep)
+
+
 class UpstreamLayer(Protocol):
-    def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
-        """Paths to ``endpoints`` (reads go to the first that works, the others are standby)
-        behind one device. On an existing device: add the new paths, drop the others, in
-        that order, so reads never lack a path. Raises PathsUnavailable if none connects."""
+    def ensure(self, spec: UpstreamSpec) -> Device:
+        """Paths to ``spec.endpoints`` (reads go to the first that works, the others are
+        standby) behind one device. The paths are the part of the spec that may change: on
+        an existing device the new paths are added, then the others dropped, so reads never
+        lack a path. Raises PathsUnavailable if none connects."""
         ...
+
+    def inspect(self, image: str) -> Device | None: ...
 
     def endpoints(self, image: str) -> list[Endpoint]:
         """The paths in place now, in read order."""
@@ -80,11 +131,18 @@ class UpstreamLayer(Protocol):
 
     def teardown(self, image: str) -> None: ...
 
+    def list_owned(self) -> list[str]: ...
+
 
 class CacheLayer(Protocol):
-    def ensure(self, image: str, upstream: Device) -> Device:
-        """A cache on read over ``upstream``: every block is fetched at most once; the
-        returned device is also the origin that snapshots and the relay read."""
+    def ensure(self, spec: CacheSpec) -> Device:
+        """A cache on read over ``spec.upstream``: every block is fetched at most once; the
+        returned device is also the origin that snapshots and the relay read. One in place
+        of another size is a ``Conflict``."""
+        ...
+
+    def inspect(self, image: str) -> Device | None:
+        """The origin, if the image's cache is complete."""
         ...
 
     def teardown(self, image: str, *, keep_file: bool = False) -> None:
@@ -92,10 +150,17 @@ class CacheLayer(Protocol):
         of a degraded image; the ``dm`` driver's cache set is shared and has none)."""
         ...
 
+    def list_owned(self) -> list[str]: ...
+
 
 class RelayLayer(Protocol):
-    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
-        """Export ``cached`` read-only under ``iqn`` (LUN 1), with CHAP when configured."""
+    def ensure(self, spec: RelaySpec) -> Relay:
+        """Export ``spec.origin`` read-only under ``spec.iqn`` (LUN 1), with CHAP when
+        configured. A target of that IQN exporting something else is a ``Conflict``."""
+        ...
+
+    def inspect(self, image: str) -> Relay | None:
+        """The image's relay as exported now (found by the image)."""
         ...
 
     def readers(self, image: str, iqn: str) -> int:
@@ -107,16 +172,26 @@ class RelayLayer(Protocol):
         even with readers connected (they are cut off)."""
         ...
 
+    def list_owned(self) -> list[str]: ...
+
 
 class SnapshotLayer(Protocol):
-    def ensure(self, instance: str, origin: Device) -> str:
-        """A copy-on-write disk over ``origin`` for one VM; returns its path."""
+    def ensure(self, spec: SnapshotSpec) -> Device:
+        """Create the VM's copy-on-write disk, or adopt the identical one in place (same
+        origin); one that differs raises ``virtman.errors.Conflict`` and is left as it is
+        (a VM's disk is deleted only by ``teardown``)."""
         ...
 
-    def teardown(self, instance: str) -> None: ...
+    def inspect(self, instance: str) -> Device | None:
+        """The VM's disk as it is now, or None if there is none."""
+        ...
 
-    def owned(self) -> list[str]:
-        """Instances that have a snapshot now."""
+    def teardown(self, instance: str) -> None:
+        """Delete the VM's disk (idempotent): only an explicit destroy calls this."""
+        ...
+
+    def list_owned(self) -> list[str]:
+        """Instances that have a disk of ours now."""
         ...
 
 

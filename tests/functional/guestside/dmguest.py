@@ -123,9 +123,49 @@ def restart_adopts(virtman: Virtman) -> None:
     assert listed == relisted and before == after, result["restart"]
 
 
+def layer_contract(virtman: Virtman, image: dict) -> None:
+    """The layer contract (contract.py, the same cases the qemu driver passes on the host)
+    against a DmDriver of this process, before virtmanserver runs here: each case's
+    outcome goes to the report (nothing raises here: the others wait for this node)."""
+    import contract
+
+    from virtman import conf
+    from virtman.drivers.dm.driver import DmDriver
+    from virtman.layers.base import Endpoint
+
+    outcome: dict[str, str] = {}
+    result["contract"] = outcome
+    try:
+        conf.load(config_files=[str(virtman.conf)], prog="contract")
+        driver = DmDriver(conf.settings_from_conf(), monitor_interval_s=0)
+        driver.start()
+    except Exception as exc:
+        outcome["start"] = repr(exc)
+        return
+    endpoints = (Endpoint(f"{IPS['S']}:3260", IQN, 1),)
+    rig = contract.Rig(driver, IMAGE, endpoints, IQN, image["sha"], lambda d: sha256(d.path))
+    t = time.monotonic()
+    try:
+        outcome.update(contract.run_all(rig))
+    except Exception as exc:  # a teardown that failed
+        outcome["run"] = repr(exc)
+    result["contract_s"] = round(time.monotonic() - t, 1)
+    log(f"contract: {outcome} ({result['contract_s']}s)")
+    try:
+        driver.stop()
+    except Exception as exc:
+        outcome["stop"] = repr(exc)
+
+
 def compute() -> None:
     vm = f"vm-{ROLE.lower()}"
     virtman = Virtman(DM_CONF)
+    if ROLE == "C":  # C waits for B's build anyway: the contract fits in that wait
+        image = board_get("image")
+        assert isinstance(image, dict)
+        with step("the layer contract on the dm driver (contract.py), before virtmanserver"):
+            layer_contract(virtman, image)
+            result["contract_left"] = kernel_state()
     with step("virtmanserver starts (dm driver: modules, bcache cache set)"):
         result["start_s"] = virtman.start()
     image = board_get("image")

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 
-from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.errors import Conflict
+from virtman.layers.base import (
+    CacheSpec,
+    Device,
+    Endpoint,
+    Relay,
+    RelaySpec,
+    Revived,
+    SnapshotSpec,
+    UpstreamSpec,
+)
 
 
 class Layers:
@@ -81,7 +89,8 @@ class _Upstream:
     def __init__(self, s: Layers) -> None:
         self.s = s
 
-    def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
+    def ensure(self, spec: UpstreamSpec) -> Device:
+        image, endpoints = spec.image, spec.endpoints
         if self.s.gate is not None:
             self.s.at_gate.set()
             self.s.gate.wait(10)
@@ -93,6 +102,12 @@ class _Upstream:
     def endpoints(self, image: str) -> list[Endpoint]:
         return list(self.s.upstreams.get(image, []))
 
+    def inspect(self, image: str) -> Device | None:
+        return Device(f"{image}-mp", "", 1 << 20) if image in self.s.upstreams else None
+
+    def list_owned(self) -> list[str]:
+        return sorted(self.s.upstreams)
+
     def teardown(self, image: str) -> None:
         self.s.upstreams.pop(image, None)
 
@@ -101,8 +116,12 @@ class _Cache:
     def __init__(self, s: Layers) -> None:
         self.s = s
 
-    def ensure(self, image: str, upstream: Device) -> Device:
+    def ensure(self, spec: CacheSpec) -> Device:
+        image, upstream = spec.image, spec.upstream
         self.s.check("cache")
+        there = self.s.caches.get(image)
+        if there is not None and there.size != upstream.size:
+            raise Conflict(image, "a cache of another size")
         device = Device(f"{image}-cache", f"/fake/{image}.raw", upstream.size)
         self.s.caches[image] = device
         self.s.cache_files.add(image)
@@ -113,15 +132,40 @@ class _Cache:
         if not keep_file:
             self.s.cache_files.discard(image)
 
+    def inspect(self, image: str) -> Device | None:
+        return self.s.caches.get(image)
+
+    def list_owned(self) -> list[str]:
+        return sorted(self.s.caches)
+
 
 class _Relay:
     def __init__(self, s: Layers) -> None:
         self.s = s
 
-    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
+    def ensure(self, spec: RelaySpec) -> Relay:
         self.s.check("relay")
-        self.s.relays[image] = iqn
-        return Relay(iqn, "10.0.0.9:3260", "10.0.0.9:10809")
+        if self.s.relays.get(spec.image, spec.iqn) != spec.iqn:
+            raise Conflict(spec.image, "a relay under another IQN")
+        self.s.relays[spec.image] = spec.iqn
+        return self._relay(spec.image, spec.iqn)
+
+    def _relay(self, image: str, iqn: str) -> Relay:
+        return Relay(
+            name=image,
+            path=f"/fake/{image}.raw",
+            size=1 << 20,
+            iqn=iqn,
+            portal="10.0.0.9:3260",
+            nbd="10.0.0.9:10809",
+        )
+
+    def inspect(self, image: str) -> Relay | None:
+        iqn = self.s.relays.get(image)
+        return None if iqn is None else self._relay(image, iqn)
+
+    def list_owned(self) -> list[str]:
+        return sorted(self.s.relays)
 
     def readers(self, image: str, iqn: str) -> int:
         return self.s.readers_of.get(image, 0)
@@ -135,15 +179,19 @@ class _Snapshot:
     def __init__(self, s: Layers) -> None:
         self.s = s
 
-    def ensure(self, instance: str, origin: Device) -> str:
+    def ensure(self, spec: SnapshotSpec) -> Device:
         self.s.check("snapshot")
-        if instance in self.s.snapshots:
-            raise DiskExists(instance)
-        self.s.snapshots[instance] = f"/fake/instances/{instance}.qcow2"
-        return self.s.snapshots[instance]
+        if spec.instance in self.s.snapshots:
+            raise Conflict(spec.instance, "a disk of that name exists")
+        self.s.snapshots[spec.instance] = f"/fake/instances/{spec.instance}.qcow2"
+        return Device(spec.instance, self.s.snapshots[spec.instance], spec.origin.size)
+
+    def inspect(self, instance: str) -> Device | None:
+        path = self.s.snapshots.get(instance)
+        return None if path is None else Device(instance, path, 1 << 20)
 
     def teardown(self, instance: str) -> None:
         self.s.snapshots.pop(instance, None)
 
-    def owned(self) -> list[str]:
+    def list_owned(self) -> list[str]:
         return sorted(self.s.snapshots)

@@ -103,11 +103,11 @@ def test_creates_of_different_images_build_in_parallel(tmp_path: Path) -> None:
     slow, building = threading.Event(), threading.Event()
     ensure = driver.upstream.ensure
 
-    def upstream(image, endpoints):  # type: ignore[no-untyped-def]
-        if image == "volume-slow":
+    def upstream(spec):  # type: ignore[no-untyped-def]
+        if spec.image == "volume-slow":
             building.set()
             assert slow.wait(10)
-        return ensure(image, endpoints)
+        return ensure(spec)
 
     driver.upstream.ensure = upstream  # type: ignore[method-assign]
     other = dict(CONN, target_iqn="iqn.2010-10.org.openstack:volume-slow")

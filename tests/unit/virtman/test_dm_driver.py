@@ -25,7 +25,8 @@ from virtman.conf import Settings
 from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import HEADER_SECTORS, bucket_sectors_for
 from virtman.drivers.dm.driver import DmDriver, FailoverMultipath, Host
-from virtman.layers.base import Endpoint
+from virtman.errors import Conflict
+from virtman.layers.base import Device, Endpoint, SnapshotSpec, UpstreamSpec
 
 IMAGE = "volume-img"
 IQN = f"iqn.2010-10.org.openstack:{IMAGE}"
@@ -616,7 +617,7 @@ def test_a_build_makes_the_originals_stack_with_exact_tables(rig: Rig) -> None:
     assert cow.stat().st_size == (SIZE * 512) * 110 // 100 + (8 << 20)
     assert driver.origin(IMAGE) is not None
     assert driver.images() == {IMAGE}
-    assert driver.snapshot.owned() == ["vm1"]
+    assert driver.snapshot.list_owned() == ["vm1"]
 
 
 def test_a_second_image_takes_the_next_header_slot(rig: Rig) -> None:
@@ -700,7 +701,15 @@ def test_a_failed_reload_keeps_the_old_paths_and_closes_the_new(rig: Rig) -> Non
 def test_a_path_that_works_again_is_reinstated_and_reads_go_back_to_it(rig: Rig) -> None:
     driver, _virtman, _ = build(rig)
     rig.kernel.targets[("10.0.0.2:3260", IQN)] = SIZE
-    driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN), Endpoint("10.0.0.2:3260", IQN)])
+    driver.upstream.ensure(
+        UpstreamSpec(
+            IMAGE,
+            (
+                Endpoint(SERVER, IQN),
+                Endpoint("10.0.0.2:3260", IQN),
+            ),
+        )
+    )
     mp = rig.kernel.devs["multipath_volume-img"]
     mp.paths["8:0"] = False  # the first path failed, the kernel moved to group 2
     mp.group = 2
@@ -714,7 +723,15 @@ def test_a_path_that_works_again_is_reinstated_and_reads_go_back_to_it(rig: Rig)
 def test_no_failback_while_the_first_group_is_in_use(rig: Rig) -> None:
     driver, _, _ = build(rig)
     rig.kernel.targets[("10.0.0.2:3260", IQN)] = SIZE
-    driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN), Endpoint("10.0.0.2:3260", IQN)])
+    driver.upstream.ensure(
+        UpstreamSpec(
+            IMAGE,
+            (
+                Endpoint(SERVER, IQN),
+                Endpoint("10.0.0.2:3260", IQN),
+            ),
+        )
+    )
     driver.check_paths()
     driver.check_paths()
     assert rig.kernel.messages == []
@@ -783,7 +800,7 @@ def test_no_path_at_all_fails_the_create_cleanly(rig: Rig) -> None:
     assert answer.startswith("2:") and "no path" in answer
     assert rig.leftovers() == {**NOTHING, "dm": ["vmt_cacheset"], "bcache": ["dm-1"]}
     with pytest.raises(PathsUnavailable):
-        driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN)])
+        driver.upstream.ensure(UpstreamSpec(IMAGE, (Endpoint(SERVER, IQN),)))
     assert (
         not (rig.settings.run_dir / "paths" / f"{IMAGE}.json").exists()
         or json.loads((rig.settings.run_dir / "paths" / f"{IMAGE}.json").read_text()) == []
@@ -812,7 +829,9 @@ def test_a_restarted_virtman_adopts_the_stack_and_the_vm(rig: Rig) -> None:
 def test_reconcile_removes_a_half_built_stack(rig: Rig) -> None:
     driver = rig.driver()
     driver.start()
-    driver.upstream.ensure(IMAGE, [Endpoint(SERVER, IQN)])  # a crash after the multipath
+    driver.upstream.ensure(
+        UpstreamSpec(IMAGE, (Endpoint(SERVER, IQN),))
+    )  # a crash after the multipath
     assert driver.images() == {IMAGE} and driver.origin(IMAGE) is None
     _, virtman, _ = build(rig)
     assert virtman.list() == []
@@ -1055,3 +1074,21 @@ def test_with_nbd_turned_off_the_left_daemon_drains_and_stops(nbd_rig: Rig) -> N
     again.shutdown()
     assert nbd_rig.leftovers() == NOTHING
     assert nbd_rig.qsd.exported == {} and not nbd_rig.qsd.alive
+
+
+# -- the snapshot layer: create or adopt; a different one is a Conflict -------------------------
+def test_a_snapshot_in_place_is_adopted_if_identical_and_refused_if_not(rig: Rig) -> None:
+    driver, virtman, _ = build(rig)
+    assert virtman.create("vm1", "img", CONNECTION) == "0:/dev/mapper/snapshot_vm1"
+    origin = driver.origin(IMAGE)
+    assert origin is not None
+    creates = len(created(rig.kernel))
+    adopted = driver.snapshot.ensure(SnapshotSpec("vm1", origin))
+    assert adopted.path == "/dev/mapper/snapshot_vm1" and adopted.size == origin.size
+    assert len(created(rig.kernel)) == creates  # nothing made again
+    assert driver.snapshot.inspect("vm1") == Device("snapshot_vm1", adopted.path, origin.size)
+    other = Device("x", "/dev/mapper/cached_volume-img", origin.size * 2)
+    with pytest.raises(Conflict, match="not a snapshot of"):
+        driver.snapshot.ensure(SnapshotSpec("vm1", other))
+    assert "snapshot_vm1" in rig.kernel.devs  # left as it is
+    assert driver.snapshot.inspect("nobody") is None

@@ -22,7 +22,7 @@ from virtman import prefetch
 from virtman.baseimage import BaseImage, Status
 from virtman.compute import Virtman
 from virtman.journal import Journal
-from virtman.layers.base import Device, Endpoint
+from virtman.layers.base import CacheSpec, Device, Endpoint
 from virtman.prefetch import (
     CLUSTER,
     Prefetcher,
@@ -395,9 +395,9 @@ def real_origin(driver: FakeDriver, path: Path) -> None:
     write_file(path, MIB)
     ensure = driver.cache.ensure
 
-    def with_file(image: str, upstream: Device) -> Device:
-        device = replace(ensure(image, upstream), path=str(path))
-        driver.state.caches[image] = device
+    def with_file(spec: CacheSpec) -> Device:
+        device = replace(ensure(spec), path=str(path))
+        driver.state.caches[spec.image] = device
         return device
 
     driver.cache.ensure = with_file  # type: ignore[method-assign]

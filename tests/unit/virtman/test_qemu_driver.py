@@ -16,7 +16,7 @@ from tests.unit.fakes.qmp import FakeQMP, stand_in
 from tests.unit.fakes.settings import settings as make_settings
 from tests.unit.fakes.tgt import FakeTgt
 from virtman.drivers.qemu.driver import QemuDriver
-from virtman.layers.base import Device, Endpoint
+from virtman.layers.base import CacheSpec, Device, Endpoint, RelaySpec, UpstreamSpec
 from virtman.stack import ImageStack
 
 pytestmark = pytest.mark.unit
@@ -74,7 +74,7 @@ def test_a_new_path_order_is_switched_add_first(driver: QemuDriver, qmp: FakeQMP
     iscsi, nbd, quorum, *_ = names(driver)
     build(driver)
     qmp.clear()
-    driver.upstream.ensure(IMAGE, [ISCSI, NBD])
+    driver.upstream.ensure(UpstreamSpec(IMAGE, (ISCSI, NBD)))
     # add before drop, so that the quorum always has a path
     assert [c for c, _ in qmp.changes()] == ["x-blockdev-change"] * 2
     assert [a.get("child") for c, a in qmp.sent if c == "x-blockdev-change"] == [
@@ -126,13 +126,13 @@ def test_an_unusable_path_is_skipped_and_all_unusable_is_an_error(
 ) -> None:
     iscsi, _, quorum, *_ = names(driver)
     qmp.fail("blockdev-add", lambda a: a["driver"] == "nbd", desc="connection refused")
-    driver.upstream.ensure(IMAGE, [NBD, ISCSI])
+    driver.upstream.ensure(UpstreamSpec(IMAGE, (NBD, ISCSI)))
     assert qmp.nodes[quorum].children == {"children.0": iscsi}
     assert driver.upstream.endpoints(IMAGE) == [ISCSI]
     driver.upstream.teardown(IMAGE)
     qmp.fail("blockdev-add", lambda a: a["driver"] == "iscsi", desc="no route")
     with pytest.raises(PathsUnavailable):
-        driver.upstream.ensure(IMAGE, [ISCSI])
+        driver.upstream.ensure(UpstreamSpec(IMAGE, (ISCSI,)))
     assert quorum not in qmp.nodes
 
 
@@ -148,7 +148,8 @@ def test_an_ipv6_host_is_bracketed_in_its_portals(
     try:
         driver.qsd.start_nbd_server(driver.host, conf.nbd_port)
         assert driver.qsd.nbd_server == "[fd00::9]:10809"
-        relay = driver.relay.ensure(IMAGE, IQN, driver.cache.ensure(IMAGE, _upstream(driver)))
+        origin = driver.cache.ensure(CacheSpec(IMAGE, _upstream(driver)))
+        relay = driver.relay.ensure(RelaySpec(IMAGE, IQN, origin))
         assert (relay.portal, relay.nbd) == ("[fd00::9]:3260", "[fd00::9]:10809")
     finally:
         driver.qsd.stop()
@@ -156,4 +157,4 @@ def test_an_ipv6_host_is_bracketed_in_its_portals(
 
 def _upstream(driver: QemuDriver) -> Device:
     driver.tgt = FakeTgt()  # type: ignore[assignment]
-    return driver.upstream.ensure(IMAGE, [ISCSI])
+    return driver.upstream.ensure(UpstreamSpec(IMAGE, (ISCSI,)))

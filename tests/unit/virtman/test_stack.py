@@ -7,7 +7,16 @@ from collections.abc import Callable
 import pytest
 
 from virtman import stack
-from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.layers.base import (
+    CacheSpec,
+    Device,
+    Endpoint,
+    Relay,
+    RelaySpec,
+    Revived,
+    SnapshotSpec,
+    UpstreamSpec,
+)
 from virtman.stack import IMAGE_LAYERS, Built, ImageStack, Layer, TeardownFailed
 
 pytestmark = pytest.mark.unit
@@ -30,7 +39,7 @@ class Recorder:
         self.upstream = _Layer(self, "upstream")
         self.cache = _Layer(self, "cache")
         self.relay = _Layer(self, "relay")
-        self.snapshot = _Layer(self, "snapshot")
+        self.snapshot = _Snapshot(self)
 
     def step(self, what: str, layer: str, name: str, *extra: str) -> None:
         self.calls.append((what, layer, name, *extra))
@@ -53,6 +62,23 @@ class Recorder:
         return None
 
 
+class _Snapshot:
+    def __init__(self, d: Recorder) -> None:
+        self.d = d
+
+    def ensure(self, spec: SnapshotSpec) -> Device:
+        self.d.built.add(f"snapshot:{spec.instance}")
+        self.d.step("ensure", "snapshot", spec.instance)
+        return Device(spec.instance, f"/disks/{spec.instance}", spec.origin.size)
+
+    def teardown(self, instance: str) -> None:
+        self.d.step("teardown", "snapshot", instance)
+        self.d.built.discard(f"snapshot:{instance}")
+
+    def list_owned(self) -> list[str]:
+        return sorted(b.partition(":")[2] for b in self.d.built if b.startswith("snapshot:"))
+
+
 class _Layer:
     def __init__(self, d: Recorder, layer: str) -> None:
         self.d = d
@@ -62,13 +88,13 @@ class _Layer:
         self.d.built.add(f"{self.layer}:{name}")  # a failing step may leave parts
         self.d.step("ensure", self.layer, name)
 
-    def ensure(self, name: str, below: object, cached: object = None) -> object:
-        if self.layer == "relay":
+    def ensure(self, spec: UpstreamSpec | CacheSpec | RelaySpec) -> Device:
+        name = spec.image
+        if isinstance(spec, RelaySpec):
             self._ensure(name)
-            return Relay(str(below), "10.0.0.9:3260", None)
-        if self.layer == "snapshot":
-            self._ensure(name)
-            return f"/disks/{name}"
+            return Relay(
+                name=name, path="", size=1 << 20, iqn=spec.iqn, portal="10.0.0.9:3260", nbd=None
+            )
         self._ensure(name)
         if self.layer == "cache":
             self.d.cache_files.add(name)
@@ -83,14 +109,18 @@ class _Layer:
         if self.layer == "cache" and not kw.get("keep_file"):
             self.d.cache_files.discard(name)
 
+    def inspect(self, name: str) -> Device | None:
+        return None
+
+    def list_owned(self) -> list[str]:
+        prefix = f"{self.layer}:"
+        return sorted(b.partition(":")[2] for b in self.d.built if b.startswith(prefix))
+
     def endpoints(self, image: str) -> list[Endpoint]:
         return []
 
     def readers(self, image: str, iqn: str) -> int:
         return 0
-
-    def owned(self) -> list[str]:
-        return sorted(b.partition(":")[2] for b in self.d.built if b.startswith("snapshot:"))
 
 
 def image_stack(driver: Recorder, *, export: bool = True) -> ImageStack:
@@ -238,8 +268,9 @@ def test_sweep_tears_down_strays_found_by_image_even_with_readers() -> None:
 def test_the_disk_is_the_step_on_top_of_the_origin() -> None:
     driver = Recorder()
     origin = image_stack(driver).build([EP]).origin
-    assert stack.create_disk(driver, "vm1", origin) == "/disks/vm1"  # type: ignore[arg-type]
-    assert driver.snapshot.owned() == ["vm1"]
+    disk = stack.create_disk(driver, "vm1", origin)  # type: ignore[arg-type]
+    assert disk.path == "/disks/vm1" and disk.size == origin.size
+    assert driver.snapshot.list_owned() == ["vm1"]
     stack.remove_disk(driver, "vm1")  # type: ignore[arg-type]
     stack.remove_disk(driver, "vm1")  # type: ignore[arg-type]
-    assert driver.snapshot.owned() == []
+    assert driver.snapshot.list_owned() == []

@@ -26,18 +26,16 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from brick.dm import Linear, SnapshotOrigin, Table
 from brick.exception import BrickError, CommandFailed, InvalidArgument
 from brick.fileio import FILE_MODE, private_dir
 from brick.wait import wait_until
 from virtman.drivers.dm import bcache
+from virtman.drivers.dm.context import DmContext
 from virtman.drivers.dm.names import CACHE_SET, ImageNames, uuid_of
-from virtman.layers.base import Device
-
-if TYPE_CHECKING:
-    from virtman.drivers.dm.driver import DmDriver
+from virtman.errors import adopting
+from virtman.layers.base import CacheSpec, Device
 
 LOG = logging.getLogger(__name__)
 
@@ -61,8 +59,8 @@ def bucket_sectors_for(sectors: int) -> int:
 class CacheSet:
     """The cache device, its header slots and the bcache cache set on the rest of it."""
 
-    def __init__(self, driver: DmDriver) -> None:
-        self.d = driver
+    def __init__(self, context: DmContext) -> None:
+        self.d = context
         self.set_uuid: str | None = None
         self.raw: str | None = None  # the cache device (or its loop device)
 
@@ -199,16 +197,18 @@ class BcacheLayer:
     """The cache layer: a bcache backing device per image in the node's one cache set,
     its stable linear view (``cached_<image>``) and the original's ``origin_<image>``."""
 
-    def __init__(self, driver: DmDriver) -> None:
-        self.d = driver
+    def __init__(self, context: DmContext, cacheset: CacheSet) -> None:
+        self.d = context
+        self.cacheset = cacheset
 
-    def ensure(self, image: str, upstream: Device) -> Device:
+    def ensure(self, spec: CacheSpec) -> Device:
+        image, upstream = spec.image, spec.upstream
         n = ImageNames(image)
-        d, dm, sysfs, cset = self.d, self.d.dm, self.d.bcache, self.d.cacheset
+        d, dm, sysfs, cset = self.d, self.d.dm, self.d.bcache, self.cacheset
         if cset.set_uuid is None or cset.raw is None:
             raise BrickError("the bcache cache set is not started")
         sectors = upstream.size // 512
-        with d.lock:
+        with d.lock, adopting(image):  # a device of ours with another table: a Conflict
             slot = cset.slot_of(image) if dm.exists(n.backing) else None
             if slot is None:
                 slot = cset.free_slot()
@@ -244,15 +244,32 @@ class BcacheLayer:
         wait_until(
             lambda: d.host.block_device(device), timeout_s=d.timeout_s, what=f"{device} to appear"
         )
-        cached = dm.create(
-            n.cached, Table.of(Linear(length=sectors, device=device)), uuid=n.uuid("cached")
-        )
-        dm.create(
-            n.origin,
-            Table.of(SnapshotOrigin(length=sectors, origin=cached)),
-            uuid=n.uuid("origin"),
-        )
+        with adopting(image):
+            cached = dm.create(
+                n.cached, Table.of(Linear(length=sectors, device=device)), uuid=n.uuid("cached")
+            )
+            dm.create(
+                n.origin,
+                Table.of(SnapshotOrigin(length=sectors, origin=cached)),
+                uuid=n.uuid("origin"),
+            )
         return Device(n.cached, cached, sectors * 512)
+
+    def inspect(self, image: str) -> Device | None:
+        """The origin (``cached_<image>``) if every device of the cache is ours and the
+        backing device is attached to the cache set."""
+        n = ImageNames(image)
+        for dm_name, kind in ((n.backing, "cachebk"), (n.cached, "cached"), (n.origin, "origin")):
+            if not self.d.is_ours(dm_name, kind, image):
+                return None
+        kname = self.d.kname(n.backing)
+        if not self.d.bcache.registered(kname) or self.d.bcache.state(kname) == "no cache":
+            return None
+        path = n.path(n.cached)
+        return Device(n.cached, path, self.d.dm.size(path) * 512)
+
+    def list_owned(self) -> list[str]:
+        return sorted({i for kind in ("cachebk", "cached", "origin") for i in self.d.owned(kind)})
 
     def teardown(self, image: str, *, keep_file: bool = False) -> None:
         n = ImageNames(image)
@@ -278,10 +295,10 @@ class BcacheLayer:
                 what=f"bcache to release {n.backing}",
             )
         with d.lock:
-            slot = d.cacheset.slot_of(image)
+            slot = self.cacheset.slot_of(image)
             d.remove(n.backing, "cachebk", image)
-            if slot is not None and d.cacheset.raw is not None:
+            if slot is not None and self.cacheset.raw is not None:
                 try:
-                    d.cacheset.write_slot(slot, b"\0" * (SLOT_SECTORS * 512))
+                    self.cacheset.write_slot(slot, b"\0" * (SLOT_SECTORS * 512))
                 except (OSError, CommandFailed) as exc:  # a new superblock replaces it anyway
                     LOG.warning("%s: could not zero header slot %d: %s", image, slot, exc)

@@ -29,61 +29,42 @@ import builtins
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from brick import executor, values
-from brick.dm import (
-    DeviceMapper,
-    Executor,
-    Linear,
-    Multipath,
-    MultipathMonitor,
-    Snapshot,
-    Table,
-    device_number,
-    is_block_device,
-    scsi_path_ready,
-)
-from brick.exception import BrickError, CommandFailed, NotFound, PathsUnavailable
+from brick import values
+from brick.dm import Linear, Multipath, MultipathMonitor, Snapshot, Table, scsi_path_ready
+from brick.exception import BrickError, NotFound, PathsUnavailable
 from brick.fileio import FILE_MODE, private_dir
-from brick.iscsi import BY_PATH_DIR, ISCSIConnector, validate_lun
+from brick.iscsi import ISCSIConnector, validate_lun
 from brick.lio import LioTargets
-from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon, validate_iqn, validate_portal
 from virtman import stack
 from virtman.conf import Settings
-from virtman.drivers.dm import bcache
 from virtman.drivers.dm.cache import BcacheLayer, CacheSet
-from virtman.drivers.dm.names import KINDS, SNAPSHOT, ImageNames, parse, snapshot_name, uuid_of
+from virtman.drivers.dm.context import DmContext, Host, Loops
+from virtman.drivers.dm.names import SNAPSHOT, ImageNames, snapshot_name, uuid_of
 from virtman.drivers.dm.nbd import NbdRelay
-from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.errors import Conflict, DiskExists, adopting
+from virtman.layers.base import (
+    Device,
+    Endpoint,
+    Relay,
+    RelaySpec,
+    Revived,
+    SnapshotSpec,
+    UpstreamSpec,
+)
 from virtman.layers.pathsfile import PathsFiles
+
+__all__ = ["DmDriver", "FailoverMultipath", "Host", "Loops"]
 
 LOG = logging.getLogger(__name__)
 
 MODULES = ("dm-multipath", "dm-queue-length", "dm-snapshot", "bcache", "iscsi_tcp", "loop")
 LIO_MODULES = ("target_core_iblock", "iscsi_target_mod")
 MONITOR_INTERVAL_S = 2.0
-
-
-@dataclass
-class Host:
-    """The driver's seams to the machine: every command, device check and sysfs access."""
-
-    execute: Executor = executor.execute
-    devno: Callable[[str], str] = device_number
-    block_device: Callable[[str], bool] = is_block_device
-    realpath: Callable[[str], str] = os.path.realpath
-    sysfs: Path = Path("/sys")
-    by_path_dir: Path = BY_PATH_DIR
-    rtslib: Any = None  # rtslib_fb, imported on first use
-    io: bcache.DiskIO = field(default_factory=bcache.DiskIO)
-    bcache: bcache.BcacheSysfs | None = None  # default: BcacheSysfs(sysfs)
-    qsd: StorageDaemon | None = None  # dm_nbd_relay's daemon; default: NbdRelay's own
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,38 +83,6 @@ class FailoverMultipath(Multipath):
         for path in paths:
             args += [self.selector, "0", "1", str(len(per_path)), path, *per_path]
         return args
-
-
-class Loops:
-    """Loop devices over files (``losetup``)."""
-
-    def __init__(self, execute: Executor) -> None:
-        self._execute = execute
-
-    def find(self, file: str) -> list[str]:
-        """The loop devices attached to ``file`` now."""
-        out = self._execute(
-            ["losetup", "--list", "--noheadings", "--raw", "--output", "NAME,BACK-FILE"]
-        ).stdout
-        found = []
-        for line in out.splitlines():
-            name, _, back = line.strip().partition(" ")
-            if back.strip() == file:
-                found.append(name)
-        return sorted(found)
-
-    def attach(self, file: str) -> str:
-        device = self._execute(["losetup", "--find", "--show", file]).stdout.strip()
-        if not device.startswith("/dev/loop"):
-            raise BrickError(f"losetup gave no loop device for {file}: {device!r}")
-        return device
-
-    def detach(self, device: str) -> None:
-        try:
-            self._execute(["losetup", "--detach", device])
-        except CommandFailed as exc:
-            if "No such device" not in exc.stderr:
-                raise
 
 
 class DmDriver:
@@ -159,15 +108,18 @@ class DmDriver:
         self.monitor_interval_s = monitor_interval_s
         self.chap = Chap(settings.chap_user, settings.chap_password)
         h = self.host
-        self.dm = DeviceMapper(
-            execute=h.execute, devno=h.devno, block_device=h.block_device, timeout_s=timeout_s
-        )
+        self.context = DmContext(settings, h, timeout_s=timeout_s)  # what the layers share
+        self.dm = self.context.dm
+        self.bcache = self.context.bcache
+        self.loops = self.context.loops
+        self.lock = self.context.lock
+        self.kname = self.context.kname
+        self.owned = self.context.owned
+        self.is_ours = self.context.is_ours
+        self.remove = self.context.remove
         self.iscsi = ISCSIConnector(execute=h.execute, by_path_dir=h.by_path_dir, sysfs=h.sysfs)
         self.lio = LioTargets(rtslib=h.rtslib)
-        self.bcache = h.bcache or bcache.BcacheSysfs(h.sysfs)
-        self.loops = Loops(h.execute)
         self.paths = PathsFiles(settings.run_dir)
-        self.lock = threading.RLock()  # slots, LIO, tgt, multipath tables
         self.portal = validate_portal(f"{_bracket(settings.host_ip)}:{settings.iscsi_port}")
         # tgtd: the relay when dm_relay = tgt, or the image service's (create_image_target)
         tgt_port = settings.iscsi_port if settings.dm_relay == "tgt" else settings.dm_image_port
@@ -176,9 +128,9 @@ class DmDriver:
             portal = f"{_bracket(settings.host_ip)}:{tgt_port}"
             self.tgtd = TgtDaemon(settings.tgt_control_port, [portal], run_dir=settings.run_dir)
         self.tgt = TgtAdm(settings.tgt_control_port)  # virtmanserver's ImageService uses it
-        self.cacheset = CacheSet(self)
+        self.cacheset = CacheSet(self.context)
         self.upstream = DmUpstream(self)
-        self.cache = BcacheLayer(self)
+        self.cache = BcacheLayer(self.context, self.cacheset)
         self.relay: LioRelay | TgtRelay = (
             TgtRelay(self) if settings.dm_relay == "tgt" else LioRelay(self)
         )
@@ -237,63 +189,14 @@ class DmDriver:
         if self.tgtd is not None and not self.tgt.targets():
             self.tgtd.stop()
 
-    # -- dm helpers -----------------------------------------------------------------------
-    def kname(self, dm_name: str) -> str:
-        """The kernel's name of a dm device (``dm-<minor>``), as sysfs knows it."""
-        info = self.dm.info(dm_name)
-        if info is None:
-            raise NotFound("device-mapper device", dm_name)
-        return f"dm-{info.minor}"
-
-    def owned(self, kind: str) -> list[str]:
-        """Images (or instances, for ``snapshot``) that have a dm device of ``kind`` of ours."""
-        found = []
-        for info in self.dm.list_info():
-            parsed = parse(info.name, info.uuid)
-            if parsed and parsed[0] == kind:
-                found.append(parsed[1])
-        return sorted(found)
-
-    def is_ours(self, dm_name: str, kind: str, name: str) -> bool:
-        info = self.dm.info(dm_name)
-        if info is None:
-            return False
-        if parse(info.name, info.uuid) != (kind, name):
-            LOG.warning("%s exists with uuid %r: not ours, left alone", dm_name, info.uuid)
-            return False
-        return True
-
-    def remove(self, dm_name: str, kind: str, name: str) -> None:
-        """Remove a dm device of ours (idempotent; a device that is not ours is left)."""
-        if self.is_ours(dm_name, kind, name):
-            self.dm.remove(dm_name, retry_s=5.0)
-
     # -- what exists ----------------------------------------------------------------------------
     def images(self) -> set[str]:
-        found = {
-            parsed[1]
-            for info in self.dm.list_info()
-            if (parsed := parse(info.name, info.uuid)) and parsed[0] in KINDS
-        }
-        found |= self.paths.images()
-        found |= set(self.relay.images())
-        return found
+        return stack.images(self)
 
     def origin(self, image: str) -> Device | None:
-        n = ImageNames(image)
-        for dm_name, kind in (
-            (n.multipath, "multipath"),
-            (n.backing, "cachebk"),
-            (n.cached, "cached"),
-            (n.origin, "origin"),
-        ):
-            if not self.is_ours(dm_name, kind, image):
-                return None
-        kname = self.kname(n.backing)
-        if not self.bcache.registered(kname) or self.bcache.state(kname) == "no cache":
+        if not self.is_ours(ImageNames(image).multipath, "multipath", image):
             return None
-        path = n.path(n.cached)
-        return Device(n.cached, path, self.dm.size(path) * 512)
+        return self.cache.inspect(image)
 
     def sweep(self, keep: set[str]) -> None:
         """Tear down every image of ours not in ``keep`` (relay, cache, paths), and LIO or
@@ -375,7 +278,18 @@ class DmUpstream:
     def _save(self, image: str, endpoints: Sequence[Endpoint]) -> None:
         self.d.paths.save(image, endpoints)
 
-    def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
+    def inspect(self, image: str) -> Device | None:
+        n = ImageNames(image)
+        if not self.d.is_ours(n.multipath, "multipath", image):
+            return None
+        path = n.path(n.multipath)
+        return Device(n.multipath, path, self.d.dm.size(path) * 512)
+
+    def list_owned(self) -> list[str]:
+        return sorted(set(self.d.owned("multipath")) | self.d.paths.images())
+
+    def ensure(self, spec: UpstreamSpec) -> Device:
+        image, endpoints = spec.image, spec.endpoints
         n = ImageNames(image)
         d = self.d
         wanted: list[Endpoint] = []
@@ -455,14 +369,47 @@ class LioRelay:
         table = Table.of(Linear(length=cached.size // 512, device=cached.path))
         return self.d.dm.create(n.relay, table, uuid=n.uuid("relay"))
 
-    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
-        view = self._view(image, cached)
-        with self.d.lock:
-            self._export(iqn, view)
+    def ensure(self, spec: RelaySpec) -> Relay:
+        image, iqn, cached = spec.image, spec.iqn, spec.origin
+        with adopting(image):  # a view over another device, or a target of that IQN elsewhere
+            view = self._view(image, cached)
+            with self.d.lock:
+                self._export(iqn, view)
         nbd = None
         if self.d.nbd is not None and not self.d.nbd.draining:
             nbd = self.d.nbd.export(image, cached.path)
-        return Relay(iqn, self.d.portal, nbd)
+        return Relay(
+            name=ImageNames(image).relay,
+            path=view,
+            size=cached.size,
+            iqn=iqn,
+            portal=self.d.portal,
+            nbd=nbd,
+        )
+
+    def inspect(self, image: str) -> Relay | None:
+        n = ImageNames(image)
+        if not self.d.is_ours(n.relay, "relay", image):
+            return None
+        exports = self._exports(image, None)
+        if not exports:
+            return None
+        path = n.path(n.relay)
+        nbd = None
+        if self.d.nbd is not None and self.d.nbd.exported(image):
+            nbd = self.d.nbd.address
+        return Relay(
+            name=n.relay,
+            path=path,
+            size=self.d.dm.size(path) * 512,
+            iqn=exports[0],
+            portal=self.d.portal,
+            nbd=nbd,
+        )
+
+    def list_owned(self) -> builtins.list[str]:
+        """Images with a relay view or an export of one."""
+        return sorted(set(self.images()) | set(self.d.owned("relay")))
 
     def _export(self, iqn: str, view: str) -> None:
         self.d.lio.export(iqn, view, chap=self.d.chap, portals=[self.d.portal], lun=1)
@@ -561,12 +508,32 @@ class DmSnapshot:
     def _file(self, instance: str) -> Path:
         return self.d.settings.instances_dir / f"{instance}.cow"
 
-    def ensure(self, instance: str, origin: Device) -> str:
+    def inspect(self, instance: str) -> Device | None:
+        name = snapshot_name(instance)
+        if not self.d.is_ours(name, SNAPSHOT, instance):
+            return None
+        path = f"/dev/mapper/{name}"
+        return Device(name, path, self.d.dm.size(path) * 512)
+
+    def ensure(self, spec: SnapshotSpec) -> Device:
         d = self.d
+        instance, origin = spec.instance, spec.origin
         name = snapshot_name(instance)
         cow = self._file(instance)
-        if d.is_ours(name, SNAPSHOT, instance):
-            return f"/dev/mapper/{name}"
+        if d.is_ours(name, SNAPSHOT, instance):  # adopted if identical; never replaced
+            live = d.dm.table(name)
+            want = (d.host.devno(origin.path), origin.size // 512)
+            if (
+                len(live) != 1
+                or live[0].type != "snapshot"
+                or (
+                    live[0].args[0] if live[0].args else None,
+                    live[0].length,
+                )
+                != want
+            ):
+                raise Conflict(instance, f"{name} is not a snapshot of {origin.path}")
+            return Device(name, f"/dev/mapper/{name}", origin.size)
         if cow.exists():  # an earlier run's disk (e.g. before a reboot): never overwritten
             raise DiskExists(instance)
         for stale in d.loops.find(str(cow)):  # a create that died half way
@@ -582,7 +549,8 @@ class DmSnapshot:
             table = Table.of(
                 Snapshot(length=origin.size // 512, origin=origin.path, cow=loop, persistent=True)
             )
-            return d.dm.create(name, table, uuid=uuid_of(SNAPSHOT, instance))
+            path = d.dm.create(name, table, uuid=uuid_of(SNAPSHOT, instance))
+            return Device(name, path, origin.size)
         except BaseException:
             if loop is not None:
                 d.loops.detach(loop)
@@ -597,5 +565,5 @@ class DmSnapshot:
             d.loops.detach(loop)
         cow.unlink(missing_ok=True)
 
-    def owned(self) -> list[str]:
+    def list_owned(self) -> list[str]:
         return self.d.owned(SNAPSHOT)

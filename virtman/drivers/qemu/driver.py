@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 from brick import psk, values
@@ -29,10 +28,20 @@ from brick.fileio import FILE_MODE, fsync_dir, private_dir
 from brick.proc import established_connections
 from brick.qsd.daemon import StorageDaemon
 from brick.tgt import Chap, TgtAdm, TgtDaemon
+from virtman import stack
 from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
-from virtman.errors import DiskExists
-from virtman.layers.base import Device, Endpoint, Relay, Revived
+from virtman.errors import Conflict, adopting
+from virtman.layers.base import (
+    CacheSpec,
+    Device,
+    Endpoint,
+    Relay,
+    RelaySpec,
+    Revived,
+    SnapshotSpec,
+    UpstreamSpec,
+)
 from virtman.layers.pathsfile import PathsFiles
 
 LOG = logging.getLogger(__name__)
@@ -171,15 +180,10 @@ class QemuDriver:
 
     # -- what exists -----------------------------------------------------------------------
     def images(self) -> set[str]:
-        found = {p.stem for p in self.settings.cache_dir.glob("*.qcow2")}
-        return found | self.paths.images()
+        return stack.images(self)
 
     def origin(self, image: str) -> Device | None:
-        n = self.names(image)
-        exports = {e.id for e in self.qsd.exports()}
-        if n.fuse_export not in exports or n.cor not in self.qsd.nodes():
-            return None
-        return Device(n.cor, str(n.fuse_file), self.qsd.node_size(n.cor))
+        return self.cache.inspect(image)
 
     def cached_extents(self, image: str) -> list[tuple[int, int]]:
         """The extents of ``image`` its qcow2 cache holds, ``(offset, length)``, as
@@ -221,7 +225,8 @@ class QemuUpstream:
     def __init__(self, driver: QemuDriver) -> None:
         self.d = driver
 
-    def ensure(self, image: str, endpoints: Sequence[Endpoint]) -> Device:
+    def ensure(self, spec: UpstreamSpec) -> Device:
+        image, endpoints = spec.image, spec.endpoints
         n = self.d.names(image)
         qsd = self.d.qsd
         present = qsd.nodes()
@@ -300,6 +305,16 @@ class QemuUpstream:
     def endpoints(self, image: str) -> list[Endpoint]:
         return self.d.paths.load(image)
 
+    def inspect(self, image: str) -> Device | None:
+        n = self.d.names(image)
+        if n.quorum not in self.d.qsd.nodes():
+            return None
+        return Device(n.quorum, "", self.d.qsd.node_size(n.quorum))
+
+    def list_owned(self) -> list[str]:
+        """Images with a paths file (the quorum's node name is a hash of the image's)."""
+        return sorted(self.d.paths.images())
+
     def teardown(self, image: str) -> None:
         n = self.d.names(image)
         present = self.d.qsd.nodes()
@@ -315,10 +330,13 @@ class QemuCache:
     def __init__(self, driver: QemuDriver) -> None:
         self.d = driver
 
-    def ensure(self, image: str, upstream: Device) -> Device:
+    def ensure(self, spec: CacheSpec) -> Device:
+        image, upstream = spec.image, spec.upstream
         n = self.d.names(image)
         qsd = self.d.qsd
         present = qsd.nodes()
+        if n.cache in present and (size := qsd.node_size(n.cache)) != upstream.size:
+            raise Conflict(image, f"its cache {n.cache} holds {size} bytes, not {upstream.size}")
         if n.cache not in present:
             qsd.add_qcow2_cache(n.cache, n.cache_file, upstream.name, upstream.size)
             os.chmod(n.cache_file, FILE_MODE)  # the image's bytes: not for other users
@@ -332,6 +350,16 @@ class QemuCache:
                 readahead_kib=self.d.settings.qemu_fuse_readahead_kib or None,
             )
         return Device(n.cor, str(n.fuse_file), upstream.size)
+
+    def inspect(self, image: str) -> Device | None:
+        n = self.d.names(image)
+        exports = {e.id for e in self.d.qsd.exports()}
+        if n.fuse_export not in exports or n.cor not in self.d.qsd.nodes():
+            return None
+        return Device(n.cor, str(n.fuse_file), self.d.qsd.node_size(n.cor))
+
+    def list_owned(self) -> list[str]:
+        return sorted(p.stem for p in self.d.settings.cache_dir.glob("*.qcow2"))
 
     def teardown(self, image: str, *, keep_file: bool = False) -> None:
         n = self.d.names(image)
@@ -351,16 +379,42 @@ class QemuRelay:
     def __init__(self, driver: QemuDriver) -> None:
         self.d = driver
 
-    def ensure(self, image: str, iqn: str, cached: Device) -> Relay:
+    def ensure(self, spec: RelaySpec) -> Relay:
+        image, iqn, cached = spec.image, spec.iqn, spec.origin
         n = self.d.names(image)
+        with adopting(image):  # a target of that IQN over another file
+            self.d.tgt.create_target(iqn, Path(cached.path), lun=1, readonly=True, chap=self.d.chap)
+        if self.d.settings.nbd_port and n.nbd_export not in {e.id for e in self.d.qsd.exports()}:
+            self.d.qsd.export_nbd(n.nbd_export, cached.name, image)
+        return self._relay(image, iqn, cached)
+
+    def _relay(self, image: str, iqn: str, cached: Device) -> Relay:
         s = self.d.settings
-        self.d.tgt.create_target(iqn, Path(cached.path), lun=1, readonly=True, chap=self.d.chap)
-        nbd = None
-        if s.nbd_port:
-            if n.nbd_export not in {e.id for e in self.d.qsd.exports()}:
-                self.d.qsd.export_nbd(n.nbd_export, cached.name, image)
-            nbd = f"{_host(self.d.host)}:{s.nbd_port}"
-        return Relay(iqn, f"{_host(self.d.host)}:{s.iscsi_port}", nbd)
+        nbd = f"{_host(self.d.host)}:{s.nbd_port}" if s.nbd_port else None
+        portal = f"{_host(self.d.host)}:{s.iscsi_port}"
+        return Relay(
+            name=image, path=cached.path, size=cached.size, iqn=iqn, portal=portal, nbd=nbd
+        )
+
+    def inspect(self, image: str) -> Relay | None:
+        fuse = str(self.d.names(image).fuse_file)
+        for target in self.d.tgt.targets():
+            for lun in target.luns:
+                if lun.backing_path == fuse:
+                    origin = self.d.cache.inspect(image)
+                    size = origin.size if origin is not None else 0
+                    return self._relay(image, target.iqn, Device(image, fuse, size))
+        return None
+
+    def list_owned(self) -> list[str]:
+        """Images whose origin file some target exports."""
+        exports = self.d.settings.run_dir / "exports"
+        return sorted(
+            Path(lun.backing_path).stem
+            for t in self.d.tgt.targets()
+            for lun in t.luns
+            if Path(lun.backing_path).parent == exports and lun.backing_path.endswith(".raw")
+        )
 
     def readers(self, image: str, iqn: str) -> int:
         """iSCSI sessions on the image's target, plus NBD clients of this node (NBD
@@ -389,10 +443,37 @@ class QemuSnapshot:
     def _file(self, instance: str) -> Path:
         return self.d.settings.instances_dir / f"{instance}.qcow2"
 
-    def ensure(self, instance: str, origin: Device) -> str:
+    def _info(self, path: Path) -> dict[str, object] | None:
+        """``qemu-img info`` of a disk (shared: a VM may have it open); None if unreadable."""
+        try:
+            out = execute(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout
+            info = json.loads(out)
+        except (BrickError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def inspect(self, instance: str) -> Device | None:
         path = self._file(instance)
-        if path.exists():  # an earlier run's disk without a record: never overwritten
-            raise DiskExists(instance)
+        if not path.exists():
+            return None
+        info = self._info(path) or {}
+        size = info.get("virtual-size")
+        return Device(instance, str(path), size if isinstance(size, int) else 0)
+
+    def ensure(self, spec: SnapshotSpec) -> Device:
+        instance, origin = spec.instance, spec.origin
+        path = self._file(instance)
+        if path.exists():  # adopted if identical; never overwritten
+            info = self._info(path) or {}
+            backing = info.get("backing-filename") or info.get("full-backing-filename")
+            size = info.get("virtual-size")
+            if backing != origin.path or size != origin.size or info.get("format") != "qcow2":
+                raise Conflict(
+                    instance,
+                    f"its disk {path} is not an overlay of {origin.path} "
+                    f"(backing {backing!r}, {size} bytes)",
+                )
+            return Device(instance, str(path), origin.size)
         tmp = path.with_suffix(".part")
         execute(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", origin.path, str(tmp)]
@@ -402,13 +483,13 @@ class QemuSnapshot:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-        return str(path)
+        return Device(instance, str(path), origin.size)
 
     def teardown(self, instance: str) -> None:
         self._file(instance).unlink(missing_ok=True)
         self._file(instance).with_suffix(".part").unlink(missing_ok=True)
 
-    def owned(self) -> list[str]:
+    def list_owned(self) -> list[str]:
         return sorted(p.stem for p in self.d.settings.instances_dir.glob("*.qcow2"))
 
 
