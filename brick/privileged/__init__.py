@@ -59,6 +59,7 @@ vmt_root.set_client_mode(False)
 # oslo.privsep's default pool is one thread per CPU: on a 2-core node two slow iscsiadm logins
 # would hold every other root command back. Commands are short; 16 run side by side.
 cfg.CONF.set_default("thread_pool_size", 16, group=CFG_SECTION)
+cfg.CONF.set_default("logger_name", "brick.privileged.daemon", group=CFG_SECTION)
 
 START_TIMEOUT_S = 30.0
 
@@ -132,6 +133,12 @@ def start(method: priv_context.Method | None = None, *, timeout_s: float = START
         return
     if method is None:
         method = priv_context.Method.FORK if os.geteuid() == 0 else priv_context.Method.ROOTWRAP
+    # oslo.privsep's daemon logs every reply at DEBUG: the whole output of each root command.
+    # Ours (brick.privileged.process) names the command and its exit code instead; the
+    # daemon's records reach our log through the logger [brick_privsep] logger_name.
+    for name in ("oslo.privsep.daemon", "oslo_privsep.daemon"):
+        replies = logging.getLogger(name)
+        replies.setLevel(max(replies.getEffectiveLevel(), logging.INFO))
     try:
         if method is priv_context.Method.ROOTWRAP:
             argv = _helper_argv()
