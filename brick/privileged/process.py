@@ -144,9 +144,11 @@ def needs_root(argv: Sequence[str]) -> bool:
 
 
 def check_argv(argv: Sequence[str]) -> None:
-    """:class:`NotPermitted` unless ``argv`` is an allow-listed command with allowed arguments."""
+    """:class:`NotPermitted` unless ``argv`` is an allow-listed command with allowed arguments.
+    A list or a tuple (the privsep channel delivers lists as tuples): checked as a list."""
     if not argv or any(not isinstance(a, str) or "\0" in a for a in argv):
         raise _refuse(argv, "argv must be a non-empty list of str without NUL")
+    argv = list(argv)
     if argv[0] not in ROOT_COMMANDS:
         raise _refuse(argv[0], "not an allow-listed root command (brick.privileged.process)")
     check = _CHECKS.get(argv[0])

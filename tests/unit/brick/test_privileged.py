@@ -109,6 +109,17 @@ def test_allow_list_accepts() -> None:
     process.check_argv(["tee", "-a", "/sys/block/sdb/device/delete"])
     process.check_argv(["xargs", "-0", "-r", "iscsiadm", "-m", "node"])
     assert not process.needs_root(["qemu-img", "info", "x"])
+    # the privsep channel turns lists into tuples: every rule holds for those too
+    for argv in (
+        ["fusermount3", "-u", "-z", "/run/x/exports/a.raw"],
+        ["tee", "-a", "/sys/block/sdb/device/delete"],
+        ["xargs", "-0", "-r", "iscsiadm", "-m", "node"],
+        ["nsenter", "--net=/var/run/netns/lab-1", "fusermount3", "-u", "-z", "/m"],
+        ["udevadm", "settle"],
+    ):
+        process.check_argv(tuple(argv))
+        process.check_argv(argv)
+    process.check_daemon_argv(tuple(TGTD))
 
 
 TGTD = ["tgtd", "-f", "-C", "3490", "--iscsi", "portal=127.0.0.1:3260,portal=[::1]:3260"]
