@@ -2,9 +2,10 @@
 """The provisioning benchmark: a burst of VM boots on N nodes, side by side in one run.
 
 One cluster (``vmt-demo/cluster.py``: volt-api, an image server and N compute nodes, each in
-its own network namespace, every image-server and node link shaped with tc to ``--rate-mbit``,
-default 1 Gbit/s), one image (the Debian guest of ``vmt-demo/debianguest.py``, or the tiny
-one with ``--guest tiny``), these variants in turn, each from cold caches:
+its own network namespace; the image server's link shaped with tc to ``--server-mbit`` and
+every node's to ``--node-mbit``, both by default ``--rate-mbit``, 1 Gbit/s), one image (the
+Debian guest of ``vmt-demo/debianguest.py``, or the tiny one with ``--guest tiny``), these
+variants in turn, each from cold caches:
 
 ``single``    one node alone (VMThunder, default executor): the reference boot time
 ``full``      full copy: every node copies the whole image from the image server, then boots
@@ -26,6 +27,16 @@ ratio to ``single``. The last line::
 
     provision: nodes <N> vmthunder p99 <t> s (<r>x single), full-copy p99 <t> s, direct p99
     <t> s, image-server egress <b> MB vs <b> MB direct
+
+Sweep mode (``--sweep-nodes 2,4,8,16`` and/or ``--sweep-server-mbit 16,32``): one cluster of
+the largest N; for each image-server link, ``single`` once, then every variant on the first N
+nodes for each N. Writes every point to ``--json`` and a plot (``--plot``, PNG) of p99 boot
+time against N per variant, with ``bench/simulate.py``'s prediction for the same parameters
+(node and server links, boot read set, boot CPU time; its stack build time set so that its
+single VM takes as long as the measured one) as dashed lines. Each point prints its own
+last line as above; the sweep ends with::
+
+    provision: sweep <k> points, nodes <N,...>, server <S,...> Mbit/s, plot <png>, json <json>
 """
 
 from __future__ import annotations
@@ -40,8 +51,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "vmt-demo"))
@@ -50,6 +62,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import boottrace  # noqa: E402
 import debianguest  # noqa: E402
 import guestimage  # noqa: E402
+import simulate  # noqa: E402
 from cluster import PYTHON, LocalCluster  # noqa: E402
 
 from brick.netns import Lab  # noqa: E402
@@ -103,6 +116,30 @@ class Result:
         return percentile(self.times, 0.99)
 
 
+@dataclass
+class Point:
+    """One point of a sweep: every variant on ``nodes`` nodes behind one image-server link."""
+
+    nodes: int
+    server_mbit: float
+    node_mbit: float
+    results: list[Result]
+    link_s: float = 0.0  # N x boot read set on the image server's link, s
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "nodes": self.nodes,
+            "server_mbit": self.server_mbit,
+            "node_mbit": self.node_mbit,
+            "link_s": self.link_s,
+            "results": [result_json(r) for r in self.results],
+        }
+
+
+def result_json(r: Result) -> dict[str, Any]:
+    return r.__dict__ | {"p50": r.p50, "p99": r.p99}
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -115,7 +152,7 @@ class Bench:
         self.prefetch_dir = self.workdir / "prefetch"
 
     # -- setup -------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, nodes: int) -> None:
         args = self.args
         cache = Path(args.cache_dir)
         self.guest = (
@@ -142,7 +179,7 @@ class Bench:
         )
         cluster = self.cluster = LocalCluster(
             self.workdir / "cluster",
-            args.nodes,
+            nodes,
             name=args.lab,
             subnet=args.subnet,
             tgt_control_base=args.tgt_base,
@@ -153,14 +190,23 @@ class Bench:
             extra_conf=f"prefetch_dir = {self.prefetch_dir}\n",
         )
         cluster.start()
-        for host in ["img", *cluster.node_names]:
-            cluster.lab.shape(cluster.hosts[host], args.rate_mbit)
+        self.shape(args.server_mbit)
         result = cluster.rpc("img", "create_image_target", IMAGE, str(image_file))
         if not str(result).startswith("0:"):
             raise RuntimeError(f"create_image_target: {result}")
+        say(f"{nodes} nodes and an image server up")
+
+    def shape(self, server_mbit: float) -> None:
+        """The image server's link to ``server_mbit``, every node's to ``--node-mbit`` (tbf on
+        both ends of each veth: each way)."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        cluster.lab.shape(cluster.hosts["img"], server_mbit)
+        for node in cluster.node_names:
+            cluster.lab.shape(cluster.hosts[node], self.args.node_mbit)
         say(
-            f"{args.nodes} nodes and an image server up, links shaped to {args.rate_mbit} "
-            "Mbit/s each way"
+            f"links shaped: image server {server_mbit:g} Mbit/s, nodes "
+            f"{self.args.node_mbit:g} Mbit/s, each way"
         )
 
     # -- measuring one variant -------------------------------------------------------------
@@ -316,12 +362,39 @@ class Bench:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> list[Result]:
-        args = self.args
-        self.setup()
+        self.setup(self.args.nodes)
         assert self.cluster is not None
         nodes = self.cluster.node_names
-        results = [self.vmthunder("single", "balanced", nodes[:1])]
-        for variant in args.variants:
+        single = self.vmthunder("single", "balanced", nodes[:1])
+        return [single, *self.variants(nodes)]
+
+    def sweep(self) -> list[Point]:
+        """Every variant at every (server link, N) point, on one cluster of the largest N."""
+        args = self.args
+        self.setup(max(args.sweep_nodes))
+        assert self.cluster is not None and self.trace is not None
+        nodes = self.cluster.node_names
+        points = []
+        shaped = args.server_mbit
+        for server_mbit in args.sweep_server_mbit:
+            if server_mbit != shaped:
+                self.shape(server_mbit)
+                shaped = server_mbit
+            single = self.vmthunder("single", "balanced", nodes[:1])
+            for n in args.sweep_nodes:
+                point = Point(n, server_mbit, args.node_mbit, [single, *self.variants(nodes[:n])])
+                point.link_s = n * self.trace.read_bytes * 8 / (server_mbit * MB)
+                say(
+                    f"point: N x boot set on the server link {point.link_s:.1f} s = "
+                    f"{point.link_s / single.p99:.2f}x single"
+                )
+                print(last_line(point.results), flush=True)
+                points.append(point)
+        return points
+
+    def variants(self, nodes: Sequence[str]) -> list[Result]:
+        results = []
+        for variant in self.args.variants:
             if variant == "full":
                 results.append(self.full_copy(nodes))
             elif variant == "direct":
@@ -383,6 +456,130 @@ def last_line(results: list[Result]) -> str:
     )
 
 
+VARIANTS = ("full", "direct", "btree", "balanced", "prefetch")
+
+
+# -- the simulation beside the measurement ---------------------------------------------------
+# bench/simulate.py's spec for each variant here (virtman wakes its heartbeat after a build
+# that left a parent pending, so the tree variants are the "+wake" ones).
+SIM_SPECS = {
+    "full": "fullcopy",
+    "direct": "direct",
+    "btree": "btree+wake",
+    "balanced": "balanced+wake",
+    "prefetch": "balanced+wake+prefetch",
+}
+
+
+def sim_params(
+    trace: boottrace.BootTrace, server_mbit: float, node_mbit: float, single_s: float
+) -> simulate.Params:
+    """bench/simulate.py's model of this run: the links, the boot read set and CPU time of
+    the trace, the image's size; the stack build time chosen so that the simulated single VM
+    takes ``single_s`` (the measured one), as ``--single-vm-boot-s`` does for the CPU time."""
+    params = simulate.Params(
+        boot_read_mib=trace.read_bytes / simulate.MIB,
+        boot_cpu_s=trace.issued_at[-1] if trace.issued_at else 0.0,
+        image_gib=trace.image_size / simulate.GIB,
+        node_mbps=node_mbit,
+        server_mbps=server_mbit,
+        stack_build_s=0.0,
+        stack_jitter=0.0,
+    )
+    build = max(0.0, single_s - simulate.single_vm_s(params))
+    return replace(params, stack_build_s=build)
+
+
+def simulated(
+    trace: boottrace.BootTrace, points: Sequence[Point], variants: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The simulation's p99 at every point of the sweep, for every variant measured."""
+    rows: list[dict[str, Any]] = []
+    servers: set[float] = set()
+    for point in points:
+        single = next(r for r in point.results if r.variant == "single")
+        params = sim_params(trace, point.server_mbit, point.node_mbit, single.p99)
+        first = point.server_mbit not in servers  # one single row per image-server link
+        servers.add(point.server_mbit)
+        for variant in ["single", *variants] if first else variants:
+            if variant == "single":
+                result = simulate.simulate(params, "balanced", 1)
+            else:
+                result = simulate.simulate(params, SIM_SPECS[variant], point.nodes)
+            rows.append(
+                {
+                    "variant": variant,
+                    "nodes": 1 if variant == "single" else point.nodes,
+                    "server_mbit": point.server_mbit,
+                    "node_mbit": point.node_mbit,
+                    "p99": result.p99_s,
+                    "server_bytes": result.server_bytes,
+                    "stack_build_s": params.stack_build_s,
+                }
+            )
+    return rows
+
+
+def plot(
+    path: Path,
+    points: Sequence[Point],
+    sim_rows: Sequence[dict[str, Any]],
+    variants: Sequence[str],
+    title: str,
+) -> None:
+    """p99 boot time against N, one panel per image-server link: measured (solid, dots) and
+    simulated (dashed) for every variant, and one VM alone (grey). Both axes are logarithmic
+    when the times span more than 10x (full copy beside the rest): a line growing in
+    proportion to N then has slope 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = sorted({p.server_mbit for p in points})
+    fig, axes = plt.subplots(
+        1, len(servers), figsize=(4.8 * len(servers) + 2.4, 4.8), squeeze=False, sharey=True
+    )
+    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, server in zip(axes[0], servers, strict=True):
+        mine = sorted((p for p in points if p.server_mbit == server), key=lambda p: p.nodes)
+        ns = [p.nodes for p in mine]
+        single = next(r for r in mine[0].results if r.variant == "single").p99
+        ax.axhline(single, color="grey", linewidth=1, label=f"single (measured) {single:.1f} s")
+        ax.axhline(1.3 * single, color="grey", linewidth=1, linestyle=":", label="1.3x single")
+        for variant in variants:
+            color = colors.get(variant, "black")
+            measured = [next(r for r in p.results if r.variant == variant).p99 for p in mine]
+            ax.plot(ns, measured, marker="o", color=color, label=f"{variant} (measured)")
+            predicted = [
+                row["p99"]
+                for n in ns
+                for row in sim_rows
+                if row["variant"] == variant and row["nodes"] == n and row["server_mbit"] == server
+            ]
+            if len(predicted) == len(ns):
+                ax.plot(
+                    ns, predicted, linestyle="--", marker="x", color=color,
+                    label=f"{variant} (simulated)",
+                )  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("nodes (one VM each)")
+        ax.set_title(f"image server {server:g} Mbit/s, nodes {mine[0].node_mbit:g} Mbit/s")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("p99 boot time, s (burst start to booted)")
+    times = [r.p99 for p in points for r in p.results] + [row["p99"] for row in sim_rows]
+    if max(times) > 10 * min(times):
+        axes[0][0].set_yscale("log")
+    else:
+        axes[0][0].set_ylim(bottom=0)
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="provision.py",
@@ -390,7 +587,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(btree, balanced), side by side in one run. Run as root.",
     )
     parser.add_argument("--nodes", type=int, default=16, help="compute nodes (default 16)")
-    parser.add_argument("--rate-mbit", type=float, default=1000, help="link rate (1000)")
+    parser.add_argument(
+        "--rate-mbit", type=float, default=1000, help="every link's rate, Mbit/s (1000)"
+    )
+    parser.add_argument(
+        "--server-mbit", type=float, help="the image server's link, Mbit/s (--rate-mbit)"
+    )
+    parser.add_argument("--node-mbit", type=float, help="each node's link, Mbit/s (--rate-mbit)")
+    parser.add_argument(
+        "--sweep-nodes",
+        type=numbers(int),
+        help="sweep: comma-separated N (e.g. 2,4,8,16); --nodes is then ignored",
+    )
+    parser.add_argument(
+        "--sweep-server-mbit",
+        type=numbers(float),
+        help="sweep: comma-separated image-server links, Mbit/s (default --server-mbit)",
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=Path("provision-sweep.png"), help="sweep: the PNG plot"
+    )
+    parser.add_argument(
+        "--replot", action="store_true", help="only draw --plot again from a sweep's --json"
+    )
     parser.add_argument("--guest", choices=["debian", "tiny"], default="debian")
     parser.add_argument(
         "--variants",
@@ -400,7 +619,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", default="/var/lib/vmthunder/provision")
     parser.add_argument("--cache-dir", default="/var/cache/vmthunder/guest")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--json", type=Path, help="also write the results here (sweep: provision-sweep.json)"
+    )
     parser.add_argument(
         "--calibration", type=Path, help="write bench/simulate.py's calibration here"
     )
@@ -410,10 +631,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tgt-base", type=int, default=TGT_BASE, help=f"tgtd control ports from ({TGT_BASE})"
     )
     args = parser.parse_args(argv)
-    unknown = set(args.variants) - {"full", "direct", "btree", "balanced", "prefetch"}
+    unknown = set(args.variants) - set(VARIANTS)
     if unknown or not 1 <= args.nodes <= 60:
         parser.error(f"bad --variants {sorted(unknown)} or --nodes (1-60)")
+    args.server_mbit = args.rate_mbit if args.server_mbit is None else args.server_mbit
+    args.node_mbit = args.rate_mbit if args.node_mbit is None else args.node_mbit
+    if min(args.rate_mbit, args.server_mbit, args.node_mbit) <= 0:
+        parser.error("link rates must be > 0")
+    args.sweep = bool(args.sweep_nodes or args.sweep_server_mbit)
+    if args.replot and args.json is None:
+        parser.error("--replot needs --json (a sweep's results)")
+    if args.sweep:
+        args.sweep_nodes = args.sweep_nodes or [args.nodes]
+        args.sweep_server_mbit = args.sweep_server_mbit or [args.server_mbit]
+        if not all(1 <= n <= 60 for n in args.sweep_nodes):
+            parser.error("--sweep-nodes: each 1-60")
+        if min(args.sweep_server_mbit) <= 0:
+            parser.error("--sweep-server-mbit: each > 0")
+        if args.json is None:
+            args.json = Path("provision-sweep.json")
     return args
+
+
+def numbers(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An argparse type: comma-separated numbers, sorted, without duplicates."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return sorted({kind(x) for x in text.split(",") if x.strip()})
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
+    if args.replot:
+        replot(args.json, args.plot)
+        say(f"plot {args.plot}")
+        return 0
+    if args.sweep:
+        return run_sweep(args, bench, started)
     try:
         results = bench.run()
     except KeyboardInterrupt:
@@ -439,18 +694,81 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "boot_read_mib": bench.trace.read_bytes / (1 << 20),
                     "boot_cpu_s": bench.trace.issued_at[-1],
                     "single_vm_boot_s": single.p99,
-                    "image_server_throughput_mbps": args.rate_mbit,
-                    "relay_throughput_mbps": args.rate_mbit,
+                    "image_server_throughput_mbps": args.server_mbit,
+                    "relay_throughput_mbps": args.node_mbit,
                 },
                 indent=1,
             )
         )
     if args.json:
-        args.json.write_text(
-            json.dumps([r.__dict__ | {"p50": r.p50, "p99": r.p99} for r in results], indent=1)
-        )
+        args.json.write_text(json.dumps([result_json(r) for r in results], indent=1))
     say(f"run took {time.monotonic() - started:.0f} s")
     print(last_line(results), flush=True)
+    return 0
+
+
+def replot(json_path: Path, png: Path) -> None:
+    """Draw a sweep's plot again from its JSON."""
+    data = json.loads(json_path.read_text())
+    points = []
+    for p in data["points"]:
+        results = []
+        for r in p["results"]:
+            r = {k: v for k, v in r.items() if k not in ("p50", "p99")}
+            results.append(Result(**r))
+        point = Point(p["nodes"], p["server_mbit"], p["node_mbit"], results, p["link_s"])
+        points.append(point)
+    plot(png, points, data["simulated"], data["variants"][1:], data["title"])
+
+
+def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
+    try:
+        points = bench.sweep()
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        bench.teardown()
+    trace = bench.trace
+    assert trace is not None
+    for point in points:
+        say(f"nodes {point.nodes}, image server {point.server_mbit:g} Mbit/s:")
+        for line in report(point.results, trace):
+            print(line)
+    sim_rows = simulated(trace, points, args.variants)
+    for row in sim_rows:
+        say(
+            f"simulated {row['variant']:<9} nodes {row['nodes']:>3} server "
+            f"{row['server_mbit']:g} Mbit/s p99 {row['p99']:6.1f} s"
+        )
+    title = (
+        f"bench/provision.py, guest {args.guest}, boot read set {trace.read_bytes / MB:.1f} MB\n"
+        "measured (solid) and bench/simulate.py (dashed)"
+    )
+    args.json.write_text(
+        json.dumps(
+            {
+                "title": title,
+                "guest": args.guest,
+                "node_mbit": args.node_mbit,
+                "variants": ["single", *args.variants],
+                "boot_read_bytes": trace.read_bytes,
+                "boot_cpu_s": trace.issued_at[-1] if trace.issued_at else 0.0,
+                "image_bytes": trace.image_size,
+                "points": [p.as_json() for p in points],
+                "simulated": sim_rows,
+            },
+            indent=1,
+        )
+    )
+    plot(args.plot, points, sim_rows, args.variants, title)
+    say(f"run took {time.monotonic() - started:.0f} s")
+    print(
+        f"provision: sweep {len(points)} points, nodes {','.join(map(str, args.sweep_nodes))}, "
+        f"server {','.join(f'{s:g}' for s in args.sweep_server_mbit)} Mbit/s, plot "
+        f"{args.plot}, json {args.json}",
+        flush=True,
+    )
     return 0
 
 

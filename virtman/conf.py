@@ -359,7 +359,52 @@ api_opts = [
 ]
 
 
+# The z/VM Cloud Connector-shaped REST API (virtman.zvm, docs/zvm-api.rst).
+zvm_opts = [
+    cfg.BoolOpt(
+        "zvm_api_enabled",
+        default=False,
+        help="Serve the guest REST API in the z/VM Cloud Connector's shape (zvmconnector, "
+        "Nova's zvm driver) on zvm_api_listen_host:zvm_api_port, beside XML-RPC. Same "
+        "auth_strategy, api_token, TLS files, request_timeout and max_request_bytes.",
+    ),
+    cfg.HostAddressOpt(
+        "zvm_api_listen_host",
+        default="127.0.0.1",
+        help="Address of the z/VM-shaped API (loopback by default; 0.0.0.0 or :: only when "
+        "set explicitly).",
+    ),
+    cfg.PortOpt(
+        "zvm_api_port",
+        default=8080,
+        help="Port of the z/VM-shaped API (8080: zvmconnector's default for REST).",
+    ),
+    cfg.IntOpt(
+        "zvm_api_connections",
+        default=16,
+        min=1,
+        max=1024,
+        help="Connections the z/VM-shaped API serves at once (one thread each, each closed "
+        "after request_timeout of silence); one more is answered 503 and closed.",
+    ),
+    cfg.IntOpt(
+        "zvm_api_token_ttl",
+        default=3600,
+        min=60,
+        max=86400,
+        help="Seconds a token issued by POST /token (X-Admin-Token = api_token) stays valid.",
+    ),
+    cfg.StrOpt(
+        "zvm_bridge",
+        default="virbr0",
+        help="Linux bridge that guest network interfaces created through the z/VM-shaped "
+        "API are recorded on (guest_create_network_interface, guest_create_nic).",
+    ),
+]
+
+
 default_opts += api_opts  # one list: vmt-initenv.py writes every option of it
+default_opts += zvm_opts
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:

@@ -65,3 +65,15 @@ class DiskExists(VirtmanError):
             f"Virtman: a disk for the instance_name '{name}' already exists on this node "
             "without a record (kept from an earlier run): move it away first"
         )
+
+
+class GuestNotFound(InstanceNotFound):
+    """No guest (z/VM-shaped userid) of that name on this node."""
+
+
+class GuestExists(InstanceExists):
+    """A guest of that userid is already recorded on this node."""
+
+
+class GuestStateError(VirtmanError):
+    """The guest cannot do that now (e.g. start of a guest with no disk yet)."""

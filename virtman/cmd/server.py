@@ -18,6 +18,7 @@ from virtman.drivers import load_driver
 from virtman.errors import JournalCorrupt
 from virtman.imageservice import ImageService
 from virtman.server import Limits, build_server
+from virtman.zvm import service as zvm_service
 
 LOG = logging.getLogger(__name__)
 CONF = virtman_conf.CONF
@@ -124,6 +125,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"virtmanserver: cannot listen on {listen_host}:{CONF.listen_port}: {exc}"
         ) from None
+    zvm_server = None
+    if CONF.zvm_api_enabled:
+        try:
+            zvm_server = zvm_service.build_server(
+                CONF,
+                state_dir=settings.state_dir,
+                disk_dir=settings.cache_dir,
+                virtman=virtman,
+                images=images,
+                backend=None,  # the guest manager plugs in here (virtman.zvm.backend)
+                token=token,
+                ssl_context=context,
+            )
+        except (OSError, JournalCorrupt) as exc:
+            server.server_close()
+            virtman.shutdown()
+            if pid_file:
+                pid_file.unlink(missing_ok=True)
+            raise SystemExit(
+                f"virtmanserver: z/VM API on {CONF.zvm_api_listen_host}:{CONF.zvm_api_port}: {exc}"
+            ) from None
+        zvm_server.start()
+        LOG.info(
+            "virtmanserver: z/VM Cloud Connector API on %s (auth %s)",
+            zvm_server.url,
+            CONF.auth_strategy,
+        )
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -149,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if zvm_server is not None:
+            zvm_server.stop()
         server.server_close()
         virtman.shutdown()
         if pid_file:

@@ -1,0 +1,91 @@
+"""The provisioning benchmark's options, its sweep's simulation rows and plot
+(bench/provision.py), without a cluster."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import provision
+from bench.boottrace import BootTrace
+
+MB = 1_000_000
+# A boot of 2 MiB in 32 reads of 64 KiB over 2 s, from a 64 MiB image.
+TRACE = BootTrace(64 << 20, [(i << 16, 1 << 16) for i in range(32)],
+                  [i / 16 for i in range(32)], 2.5)  # fmt: skip
+
+
+def result(variant: str, nodes: int, p99: float) -> provision.Result:
+    return provision.Result(variant, nodes, [p99] * nodes, 3 * MB * nodes, 0, 0, 2 * MB * nodes)
+
+
+def test_links_default_to_rate_mbit_and_are_set_apart():
+    args = provision.parse_args(["--rate-mbit", "100"])
+    assert (args.server_mbit, args.node_mbit, args.sweep) == (100, 100, False)
+    args = provision.parse_args(["--server-mbit", "16", "--node-mbit", "1000"])
+    assert (args.server_mbit, args.node_mbit) == (16, 1000)
+    with pytest.raises(SystemExit):
+        provision.parse_args(["--server-mbit", "0"])
+
+
+def test_sweep_options():
+    args = provision.parse_args(["--sweep-nodes", "16,2,4,8,4", "--server-mbit", "16"])
+    assert args.sweep and args.sweep_nodes == [2, 4, 8, 16]
+    assert args.sweep_server_mbit == [16] and args.json == Path("provision-sweep.json")
+    args = provision.parse_args(["--nodes", "3", "--sweep-server-mbit", "32,8"])
+    assert args.sweep_nodes == [3] and args.sweep_server_mbit == [8, 32]
+    for bad in (["--sweep-nodes", "0,2"], ["--sweep-nodes", "2,x"], ["--sweep-nodes", "61"]):
+        with pytest.raises(SystemExit):
+            provision.parse_args(bad)
+
+
+def test_simulation_matches_the_measured_single_and_splits_direct_from_the_tree():
+    params = provision.sim_params(TRACE, 4, 1000, single_s=9.0)
+    assert params.server_mbps == 4 and params.node_mbps == 1000
+    assert params.boot_read_mib == pytest.approx(2)
+    assert params.boot_cpu_s == pytest.approx(31 / 16)
+    assert params.stack_build_s > 0  # 9 s is more than the reads and CPU alone
+    single = result("single", 1, 9.0)
+    points = [
+        provision.Point(n, 4, 1000, [single, result("direct", n, 1), result("balanced", n, 1)])
+        for n in (1, 8)
+    ]
+    rows = provision.simulated(TRACE, points, ["direct", "balanced"])
+    p99 = {(r["variant"], r["nodes"]): r["p99"] for r in rows}
+    assert sorted(p99) == [("balanced", 1), ("balanced", 8), ("direct", 1), ("direct", 8),
+                           ("single", 1)]  # fmt: skip
+    assert p99["single", 1] == pytest.approx(9.0, rel=0.05)
+    # 8 direct readers share the 4 Mbit/s link: >= 8 x 2 MiB of link time
+    assert p99["direct", 8] >= 8 * (2 << 20) * 8 / 4e6
+    assert p99["balanced", 8] < p99["direct", 8] / 2
+
+
+def test_plot_writes_a_png(tmp_path: Path):
+    single = result("single", 1, 5.0)
+    points = [
+        provision.Point(n, s, 1000, [single, result("direct", n, 5.0 * n)])
+        for s in (8, 16)
+        for n in (1, 2, 4)
+    ]
+    rows = provision.simulated(TRACE, points, ["direct"])
+    path = tmp_path / "sweep.png"
+    provision.plot(path, points, rows, ["direct"], "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+
+
+def test_replot_draws_a_sweep_again_from_its_json(tmp_path: Path):
+    single = result("single", 1, 5.0)
+    points = [provision.Point(n, 8, 1000, [single, result("full", n, 60.0 * n)]) for n in (1, 2)]
+    rows = provision.simulated(TRACE, points, ["full"])
+    data = {
+        "title": "again",
+        "variants": ["single", "full"],
+        "points": [p.as_json() for p in points],
+        "simulated": rows,
+    }
+    (tmp_path / "sweep.json").write_text(json.dumps(data))
+    png = tmp_path / "again.png"
+    argv = ["--replot", "--json", str(tmp_path / "sweep.json"), "--plot", str(png)]
+    assert provision.main(argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

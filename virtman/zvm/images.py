@@ -1,0 +1,238 @@
+"""The images of the z/VM-shaped API: import, query, export, delete, root disk size.
+
+An imported image is a file that already lies in one of ``image_dirs`` (``file://`` URLs
+only; the real path, symlinks and ``..`` resolved, must stay inside): it is exported by the
+node's ``ImageService`` as the iSCSI target ``volume-<name>`` (so every node of the tree can
+boot it) and recorded with its metadata. Nothing is copied on import. Export copies the file
+to a new file in one of ``image_dirs`` (never over an existing one). Delete removes the
+target and the record (the file stays: it is the operator's), and is refused while an
+instance of this node runs on the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from virtman import validation
+from virtman.errors import InvalidInput, VirtmanError
+from virtman.imageservice import ImageService
+from virtman.zvm.store import Store
+
+LOG = logging.getLogger(__name__)
+BLOCK = 512  # disk_size_units are 512-byte blocks ("<n>:BLK", as an FBA image)
+
+
+class ImageNotFound(VirtmanError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"Image with name: {name} does not exist.")
+
+
+class ImageExists(VirtmanError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"Image import error: image name {name} already exist in image database")
+
+
+class ImageInUse(VirtmanError):
+    def __init__(self, name: str, instances: list[str]) -> None:
+        self.name, self.instances = name, instances
+        super().__init__(
+            f"image {name} is in use by the instances {', '.join(instances)} of this node: "
+            "delete them first"
+        )
+
+
+class ImageFailed(VirtmanError):
+    """The image service could not export or remove an image target."""
+
+
+def image_name(value: object) -> str:
+    """The API's image name: our names (1-64 of A-Z a-z 0-9 _ . -), short enough that the
+    target ``volume-<name>`` is one too."""
+    name = validation.name(value, "image_name")
+    validation.image_name(name)
+    return name
+
+
+def file_url(value: object, field: str) -> str:
+    """The absolute path of a ``file:///...`` URL (no host, no query)."""
+    if not isinstance(value, str) or "\0" in value:
+        raise InvalidInput(field, value, "must be a file:/// URL")
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https"):
+        raise InvalidInput(field, value, "only file:/// URLs inside image_dirs are supported here")
+    if parts.scheme != "file" or parts.netloc or parts.query or parts.fragment:
+        raise InvalidInput(field, value, "must be a file:/// URL (no host, query or fragment)")
+    path = unquote(parts.path)
+    if not path.startswith("/") or "\0" in path:
+        raise InvalidInput(field, value, "must be a file:/// URL with an absolute path")
+    return path
+
+
+class Catalogue:
+    def __init__(
+        self,
+        store: Store,
+        service: ImageService,
+        instances_of: Callable[[str], list[str]],
+    ) -> None:
+        """``instances_of(target)``: the instances of this node on image target ``target``."""
+        self.store = store
+        self.service = service
+        self.instances_of = instances_of
+
+    # -- verbs -------------------------------------------------------------------------------
+    def import_(self, name: str, url: str, meta: dict[str, Any]) -> None:
+        name = image_name(name)
+        path = file_url(url, "url")
+        with self.store.lock:
+            if self.store.get("images", name) is not None:
+                raise ImageExists(name)
+            md5 = meta.get("md5sum")
+            if md5 is not None:
+                real = self._readable(path)
+                if _md5(real) != str(md5).lower():
+                    raise InvalidInput("md5sum", md5, f"is not the md5sum of {path}")
+            target = validation.image_name(name)
+            result = self.service.create_image_target(target, path)
+            code, _, info = result.partition(":")
+            if code == "1":
+                raise ImageExists(name)
+            if code != "0":
+                raise InvalidInput("url", url, info.removeprefix("ImageService: "))
+            real_path = info.partition(":")[2]
+            size = os.stat(real_path).st_size
+            self.store.put(
+                "images",
+                name,
+                {
+                    "path": real_path,
+                    "target": target,
+                    "os_version": meta.get("os_version"),
+                    "md5sum": md5,
+                    "disk_type": meta.get("disk_type"),
+                    "size": size,
+                    "imported": time.time(),
+                },
+            )
+        LOG.info("z/VM API: imported image %s (%s, %d bytes) as %s", name, path, size, target)
+
+    def query(self, name: str | None = None) -> list[dict[str, Any]]:
+        records = self.store.all("images")
+        if name is not None:
+            name = image_name(name)
+            if name not in records:
+                raise ImageNotFound(name)  # as the connector: Nova imports on this 404
+            records = {name: records[name]}
+        return [_public(n, r) for n, r in sorted(records.items())]
+
+    def root_disk_size(self, name: str) -> str:
+        return str(self._record(name)["size"] // BLOCK)
+
+    def export(self, name: str, dest_url: str) -> dict[str, Any]:
+        dest = file_url(dest_url, "dest_url")
+        record = self._record(name)
+        parent = os.path.realpath(os.path.dirname(dest))
+        final = os.path.join(parent, os.path.basename(dest))
+        if not os.path.basename(dest) or not any(
+            _inside(final, d) for d in self.service.image_dirs
+        ):
+            raise InvalidInput(
+                "dest_url", dest_url, f"must name a file inside image_dirs ({self._dirs()})"
+            )
+        if not os.path.isdir(parent):
+            raise InvalidInput("dest_url", dest_url, "its directory does not exist")
+        if os.path.lexists(final):
+            raise InvalidInput("dest_url", dest_url, "exists already (never overwritten)")
+        source = self._readable(record["path"])
+        partial = f"{final}.part-{os.getpid()}"
+        try:
+            shutil.copyfile(source, partial)
+            os.link(partial, final)  # fails if final appeared meanwhile
+        except FileExistsError:
+            raise InvalidInput("dest_url", dest_url, "exists already (never overwritten)") from None
+        except OSError as exc:
+            raise ImageFailed(f"Export image to local file system failed: {exc}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+        LOG.info("z/VM API: exported image %s to %s", name, final)
+        return {
+            "image_name": name,
+            "image_path": final,
+            "os_version": record.get("os_version"),
+            "md5sum": record.get("md5sum"),
+            "comments": None,
+        }
+
+    def delete(self, name: str) -> None:
+        with self.store.lock:
+            record = self._record(name)
+            users = self.instances_of(record["target"])
+            if users:
+                raise ImageInUse(name, users)
+            result = self.service.destroy_image_target(record["target"])
+            if result.partition(":")[0] not in ("0", "1"):
+                raise ImageFailed(f"cannot delete image {name}: {result[2:]}")
+            self.store.drop("images", name)
+        LOG.info("z/VM API: deleted image %s (target %s)", name, record["target"])
+
+    # -- helpers -----------------------------------------------------------------------------
+    def target_of(self, name: str) -> str:
+        """The image target of an imported image (what a deploy snapshots)."""
+        return str(self._record(name)["target"])
+
+    def _record(self, name: str) -> dict[str, Any]:
+        name = image_name(name)
+        record = self.store.get("images", name)
+        if record is None:
+            raise ImageNotFound(name)
+        return dict(record)
+
+    def _readable(self, path: str) -> str:
+        real = os.path.realpath(path)
+        if not any(_inside(real, d) for d in self.service.image_dirs):
+            raise InvalidInput("url", path, f"is outside image_dirs ({self._dirs()})")
+        if not os.path.isfile(real):
+            raise InvalidInput("url", path, "is not a regular file")
+        return real
+
+    def _dirs(self) -> str:
+        return ", ".join(self.service.image_dirs)
+
+
+def _public(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """An image as image_query answers it (the connector's fields)."""
+    size = int(record["size"])
+    return {
+        "imagename": name,
+        "imageosdistro": record.get("os_version"),
+        "md5sum": record.get("md5sum"),
+        "disk_size_units": f"{size // BLOCK}:BLK",
+        "image_size_in_bytes": str(size),
+        "type": "rootonly",
+        "comments": None,
+        "last_access_time": record.get("imported"),
+    }
+
+
+def _md5(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _inside(real: str, directory: str) -> bool:
+    top = os.path.realpath(directory)
+    return real != top and os.path.commonpath([real, top]) == top
