@@ -300,3 +300,26 @@ def test_daemon_refuses_outside_the_allow_list(privsep: None) -> None:
         sysfs.write_knob("/proc/sys/kernel/panic", "1")
     # a command that needs no root still runs here, unprivileged
     assert execute(["echo", "here"]).stdout == "here\n"
+
+
+def test_virtmanserver_stops_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """virtmanserver with privsep = true and no daemon: SystemExit naming the cause and the
+    ways out, before it serves anything."""
+    import virtman.cmd.server as server
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise brick.privileged.PrivsepUnavailable("ROOTWRAP", "'sudo' is not on PATH")
+
+    monkeypatch.setattr(brick.privileged, "start", fail)
+    with pytest.raises(SystemExit) as stop:
+        server.start_privsep()
+    message = str(stop.value)
+    assert message.startswith("virtmanserver: privsep daemon (ROOTWRAP) did not start: ")
+    assert "'sudo' is not on PATH" in message and "privsep = false" in message
+
+
+def test_privsep_is_on_by_default() -> None:
+    import virtman.conf
+
+    (opt,) = [o for o in virtman.conf.default_opts if o.name == "privsep"]
+    assert opt.default is True
