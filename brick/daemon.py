@@ -8,8 +8,10 @@ for ours, and nothing is signalled before that check. ``Supervisor`` does the re
 way for all of them:
 
 - ``spawn``: start a foreground process in its own session (it outlives us; a restarted
-  owner adopts it), write the pidfile (``<pid>``, atomically; the start time is kept in
-  memory, so a restarted owner checks the command line only), and wait until
+  owner adopts it; a root daemon of ``brick.privileged.process.ROOT_DAEMONS`` is started by
+  the privsep daemon's ``spawn_root`` when privsep is on), write the pidfile (``<pid>``,
+  atomically; the start time is kept in memory, so a restarted owner checks the command
+  line only), and wait until
   ``ready`` says so; an exit before that raises ``CommandFailed`` with the tail of its log,
   and a start that times out is stopped again.
 - ``daemonize``: run a command that forks and writes the pidfile itself (``libvirtd -d -p``,
@@ -24,6 +26,7 @@ way for all of them:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -31,6 +34,8 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import brick.privileged
+import brick.privileged.process
 from brick import proc
 from brick.exception import CommandFailed, Conflict, NotFound, Timeout
 from brick.executor import execute
@@ -244,28 +249,38 @@ class Supervisor:
         the tail of its log), ``Timeout`` if not ready in time; either way the process is
         stopped again (``on_failure`` instead of ``stop`` when given)."""
         log.parent.mkdir(parents=True, exist_ok=True)
+        exited: Callable[[], int | None]
         with open(log, "ab") as out:
             self._log, self._log_offset = log, out.tell()
-            try:
-                self.child = subprocess.Popen(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=None if env is None else dict(env),
-                    start_new_session=True,  # outlives us; a restarted owner adopts it
-                    close_fds=True,
+            if brick.privileged.enabled() and brick.privileged.process.is_root_daemon(argv):
+                # a root daemon (tgtd): the privsep daemon starts it, checked, and reaps it
+                self.child = None
+                pid = brick.privileged.process.spawn_root(
+                    list(argv), str(log.absolute()), None if env is None else dict(env)
                 )
-            except FileNotFoundError as exc:
-                raise CommandFailed(argv, 127, f"{exc.filename}: not found") from None
-        self.pid, self.started = self.child.pid, start_time(self.child.pid)
+                exited = functools.partial(brick.privileged.process.spawned_exit, pid)
+            else:
+                try:
+                    self.child = subprocess.Popen(
+                        list(argv),
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=None if env is None else dict(env),
+                        start_new_session=True,  # outlives us; a restarted owner adopts it
+                        close_fds=True,
+                    )
+                except FileNotFoundError as exc:
+                    raise CommandFailed(argv, 127, f"{exc.filename}: not found") from None
+                pid, exited = self.child.pid, self.child.poll
+        self.pid, self.started = pid, start_time(pid)
         self.pidfile.write(self.pid)
         LOG.debug("started %s as pid %d", list(argv), self.pid)
-        child = self.child
 
         def up() -> bool:
-            if child.poll() is not None:
-                raise CommandFailed(argv, child.returncode, self.log_tail())
+            code = exited()
+            if code is not None:
+                raise CommandFailed(argv, code, self.log_tail())
             return ready()
 
         try:

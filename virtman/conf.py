@@ -114,11 +114,14 @@ default_opts = [
     ),
     cfg.BoolOpt(
         "privsep",
-        default=False,
+        default=True,
         help="Run root-only operations (the commands of brick.privileged.process.ROOT_COMMANDS "
-        "and kernel knob writes) in an oslo.privsep daemon holding only the capabilities "
-        "listed in brick/privileged/__init__.py (docs/privsep.rst). Off: they run in "
-        "virtmanserver itself, which must then be root.",
+        "and the kernel knob writes of brick.privileged.sysfs) in an oslo.privsep daemon "
+        "holding only the capabilities listed in brick/privileged/__init__.py "
+        "(docs/privsep.rst), started with virtmanserver (forked when it runs as root, else "
+        "through [brick_privsep] helper_command); virtmanserver stops with an error if that "
+        "daemon does not start. false: they run in virtmanserver itself, which must then be "
+        "root (for operators who run the whole daemon as root on purpose).",
     ),
     cfg.BoolOpt(
         "insecure_targets",

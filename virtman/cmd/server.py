@@ -100,12 +100,28 @@ def build_guests(virtman: Virtman, settings: Settings) -> Guests:
     return guests
 
 
+def start_privsep() -> None:
+    """Start the privsep daemon; SystemExit with the reason if it does not come up."""
+    try:
+        brick.privileged.start()
+    except brick.privileged.PrivsepUnavailable as exc:
+        raise SystemExit(
+            f"virtmanserver: {exc} (privsep = true; docs/privsep.rst: run as root, or set "
+            "[brick_privsep] helper_command, or privsep = false to run everything as root)"
+        ) from None
+    LOG.info("virtmanserver: privsep daemon %s", brick.privileged.process.whoami())
+
+
 def main(argv: list[str] | None = None) -> None:
     virtman_conf.load(sys.argv[1:] if argv is None else argv, prog="virtmanserver")
     token = check_auth()
     if CONF.privsep:
-        brick.privileged.start()
-        LOG.info("virtmanserver: privsep daemon %s", brick.privileged.process.whoami())
+        start_privsep()
+    else:
+        LOG.warning(
+            "virtmanserver: privsep = false: root-only operations run in this process, "
+            "without the allow-lists of brick/privileged (docs/privsep.rst)"
+        )
     context = tls_context()
     try:
         settings = virtman_conf.settings_from_conf()

@@ -21,8 +21,11 @@ from __future__ import annotations
 import os
 import struct
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import brick.privileged.sysfs
 
 SB_SECTOR = 8
 SB_OFFSET = SB_SECTOR * 512
@@ -215,18 +218,24 @@ class BcacheSysfs:
     """bcache's sysfs files under ``root`` (``/sys``); devices are kernel names (``dm-3``).
 
     Registration goes through ``register_quiet`` so that a device that bcache-tools' udev
-    rule registered first is not an error.
+    rule registered first is not an error. Every write goes through ``write`` (default: the
+    privileged entry point ``brick.privileged.sysfs.write_knob``, whose allow-list names each
+    bcache knob written here); reads are plain (sysfs is world-readable).
     """
 
-    def __init__(self, root: Path | str = "/sys") -> None:
+    def __init__(
+        self,
+        root: Path | str = "/sys",
+        write: Callable[[str, str], None] = brick.privileged.sysfs.write_knob,
+    ) -> None:
         self.root = Path(root)
+        self.write = write
 
     def _ctl(self, kname: str) -> Path:
         return self.root / "block" / kname / "bcache"
 
     def _write(self, path: Path, value: str) -> None:
-        with open(path, "w") as f:
-            f.write(value)
+        self.write(str(path), value)
 
     def register(self, device: str) -> None:
         self._write(self.root / "fs" / "bcache" / "register_quiet", device)
