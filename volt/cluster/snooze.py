@@ -28,6 +28,7 @@ TEMPLATE_KEYS = {"libVirtTemplate", "networkCapacityDemand", "vcpus", "memory", 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 MAX_VMS = 256
+LIBVIRT_TCP_PORT = 16509
 MAX_VCPUS = 256
 MAX_MEMORY_KIB = 1 << 40
 
@@ -190,13 +191,14 @@ def local_controllers(states: list[dict[str, Any]], nodes: dict[str, Any]) -> di
                 "controlDataAddress": _address(node.address),
                 "status": "ACTIVE" if state["status"] == "up" else "PASSIVE",
                 "hypervisorSettings": {
+                    "port": LIBVIRT_TCP_PORT,  # not known to the controller: libvirt's default
                     "driver": "qemu",
                     "transport": "tcp",
                     "migration": {"method": "live", "timeout": 60},
                 },
                 "totalCapacity": [float(cap["vcpus"]), float(cap["memory_mb"] * 1024), 0.0, 0.0],
                 "virtualMachineMetaData": {},
-                "wakeupSettings": {},
+                "wakeupSettings": {"driver": "NONE", "options": ""},
                 "hostname": (state["host"] or {}).get("hostname") or node.address[0],
                 "assignedVirtualMachines": state["vms"],
             }
