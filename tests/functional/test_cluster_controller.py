@@ -157,3 +157,21 @@ def delete_guests(node: VirtmanProcess) -> None:
             client.call("guest_delete", userid)
     except Exception as exc:
         print(f"guests of {node.workdir} not deleted: {exc}")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No such file"),
+        ("{not json", "Expecting property name"),
+        ('[{"id": "bad id", "url": "http://127.0.0.1:7774"}]', "node #0: id must be"),
+    ],
+)
+def test_volt_api_refuses_a_bad_nodes_file(workdir: Path, content, message) -> None:
+    nodes_file = workdir / "nodes.json"
+    if content is not None:
+        nodes_file.write_text(content)
+    volt = VoltProcess(workdir, cluster__nodes_file=nodes_file)
+    with pytest.raises(RuntimeError, match="volt-api exited 1") as err:
+        volt.start()
+    assert f"[cluster] nodes_file {nodes_file}" in str(err.value) and message in str(err.value)
