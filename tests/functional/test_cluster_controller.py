@@ -175,3 +175,39 @@ def test_volt_api_refuses_a_bad_nodes_file(workdir: Path, content, message) -> N
     with pytest.raises(RuntimeError, match="volt-api exited 1") as err:
         volt.start()
     assert f"[cluster] nodes_file {nodes_file}" in str(err.value) and message in str(err.value)
+
+
+def test_controller_tables_on_postgresql(postgres) -> None:
+    """The same controller on a PostgreSQL store (fake nodes in-process): the tables are
+    made by the store's schema code, a burst runs, a second store sees it, destroy works."""
+    from tests.unit.volt.cluster_fakes import FakeNode, client_factory
+    from volt.cluster.controller import Controller
+    from volt.cluster.model import VMSpec
+    from volt.store import Store
+
+    fakes = {n.endpoint.id: n for n in (FakeNode("n1", 2, 1024), FakeNode("n2", 2, 1024))}
+    store = Store(postgres.url)
+    controller = Controller(
+        store, [n.endpoint for n in fakes.values()], client_factory=client_factory(fakes)
+    )
+    try:
+        task = controller.submit([VMSpec(f"pg-{i}", "tiny", 1, 128) for i in range(4)], "v1")
+        vms = wait_until(
+            lambda: (v := controller.vms(task)) and all(vm.status == "RUNNING" for vm in v) and v,
+            timeout_s=20, what="the burst on PostgreSQL", max_interval_s=0.05,
+        )  # fmt: skip
+        assert Counter(vm.node for vm in vms) == {"n1": 2, "n2": 2}
+        other = Store(postgres.url)  # another volt-api's view of the same store
+        try:
+            assert [vm.status for vm in Controller(other, []).vms(task)] == ["RUNNING"] * 4
+        finally:
+            other.dispose()
+        controller.destroy(task)
+        wait_until(
+            lambda: all(vm.status == "DELETED" for vm in controller.vms(task)),
+            timeout_s=20, what="the destroy", max_interval_s=0.05,
+        )  # fmt: skip
+        assert all(not n.guests for n in fakes.values())
+    finally:
+        controller.close()
+        store.dispose()
