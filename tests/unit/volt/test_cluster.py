@@ -346,3 +346,16 @@ def test_snooze_routes_answer_the_seed_shapes(tmp_path):
         assert len(r.controller.records.all_vms()) == before
     finally:
         r.close()
+
+
+def test_a_node_list_restricts_the_burst_and_a_down_node_gets_nothing(rig):
+    status, answer, _ = rig.call("POST", "/v1/clusters", {**BURST, "count": 2, "nodes": ["n2"]})
+    assert status == 202
+    view = rig.wait_done(answer["task"])
+    assert [vm["node"] for vm in view["vms"]] == ["n2", "n2"]
+    rig.nodes["n1"].fail = "*"  # down: no host info, no room
+    status, nodes, _ = rig.call("GET", "/v1/nodes")
+    assert [(n["id"], n["status"], n["capacity"]) for n in nodes] == [
+        ("n1", "down", None), ("n2", "up", {"vcpus": 2, "memory_mb": 1024})]  # fmt: skip
+    status, err, _ = rig.call("POST", "/v1/clusters", {**BURST, "count": 1})
+    assert status == 409 and "no node with room" in err["errors"][0]["detail"]
