@@ -158,6 +158,22 @@ database_opts: list[cfg.Opt] = [
     ),
 ]
 
+cluster_opts: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "nodes_file",
+        help="JSON list of the Virtman nodes the cluster controller dispatches to "
+        '([{"id", "url", "token", "vcpus"?, "memory_mb"?}], docs/cluster.rst). Unset: '
+        "volt-api serves no cluster routes.",
+    ),
+    cfg.IntOpt(
+        "dispatch_workers",
+        default=8,
+        min=1,
+        max=256,
+        help="Threads that bring VMs up on the nodes (at most this many node calls at once).",
+    ),
+]
+
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(default_opts)
@@ -168,6 +184,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(auth_opts, group="auth")
     conf.register_opts(ssl_opts, group="ssl")
     conf.register_opts(database_opts, group="database")
+    conf.register_opts(cluster_opts, group="cluster")
 
 
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
@@ -178,6 +195,7 @@ def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
         ("auth", auth_opts),
         ("ssl", ssl_opts),
         ("database", database_opts),
+        ("cluster", cluster_opts),
     ]
 
 

@@ -71,6 +71,38 @@ nodes = sa.Table(
     sa.Column("seq", sa.Integer, nullable=False),
 )
 
+# The cluster controller's tasks and their VMs (volt/cluster, docs/cluster.rst).
+cluster_tasks = sa.Table(
+    "volt_cluster_tasks",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("origin", sa.String(16), nullable=False),  # "v1" or "snooze"
+)
+
+cluster_vms = sa.Table(
+    "volt_cluster_vms",
+    metadata,
+    sa.Column(
+        "task_id",
+        sa.String(36),
+        sa.ForeignKey("volt_cluster_tasks.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("userid", sa.String(8), nullable=False, unique=True),
+    sa.Column("image", sa.String(255), nullable=False),
+    sa.Column("vcpus", sa.Integer, nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("node", sa.String(64)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(64)),
+    sa.Column("error", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("extra", sa.Text),  # JSON: what a Snooze template carried (xml, network demand)
+)
+
 
 @dataclass(frozen=True)
 class NodeRow:

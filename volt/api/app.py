@@ -31,6 +31,8 @@ from brick import values
 from volt.api.handlers import Handlers
 from volt.api.request import MAX_BODY_BYTES, Request, Response, parse_json
 from volt.auth import ADMIN, Authenticator, Credential
+from volt.cluster.api import ClusterHandlers
+from volt.cluster.controller import Controller
 from volt.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -64,6 +66,21 @@ def route_table(h: Handlers, app: VoltApp) -> list[tuple[str, dict[str, Handler]
         ("/v1/volumes/{volume_id}/{peer_id}", {"POST": h.register, "DELETE": h.leave}),
         ("/v1/members", {"GET": h.list_members}),
         ("/v1/members/heartbeat", {"PUT": h.heartbeat}),
+        *cluster_routes(app),
+    ]
+
+
+def cluster_routes(app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
+    """The cluster controller's operations (docs/cluster.rst), when it is configured."""
+    if app.cluster is None:
+        return []
+    c = ClusterHandlers(app.cluster)
+    return [
+        ("/v1/clusters", {"POST": c.create}),
+        ("/v1/clusters/{task_id}", {"GET": c.show, "DELETE": c.delete}),
+        ("/v1/nodes", {"GET": c.nodes}),
+        ("/groupmanager", {"POST": c.groupmanager}),  # Snooze: ?startVirtualCluster ...
+        ("/bootstrap", {"GET": c.bootstrap}),  # Snooze: ?getLocalControllerList
     ]
 
 
@@ -76,6 +93,12 @@ ADMIN_ONLY = frozenset(
         ("HEAD", "/v1/volumes/{volume_id}"),
         ("DELETE", "/v1/volumes/{volume_id}"),
         ("GET", "/v1/members"),
+        ("POST", "/v1/clusters"),
+        ("GET", "/v1/clusters/{task_id}"),
+        ("DELETE", "/v1/clusters/{task_id}"),
+        ("GET", "/v1/nodes"),
+        ("POST", "/groupmanager"),
+        ("GET", "/bootstrap"),
     }
 )
 # The only operations whose body is read; every other one ignores a body it is sent.
@@ -84,8 +107,11 @@ TAKES_BODY = frozenset(
         ("GET", "/v1/volumes/query/{volume_id}"),
         ("POST", "/v1/volumes/{volume_id}/{peer_id}"),
         ("PUT", "/v1/members/heartbeat"),
+        ("POST", "/v1/clusters"),
     }
 )
+# Operations whose body reaches the handler as bytes (Snooze sends a bare task id).
+TAKES_RAW_BODY = frozenset({("POST", "/groupmanager")})
 
 
 def _match(want: list[str], path: str) -> dict[str, str] | None:
@@ -102,6 +128,11 @@ def _match(want: list[str], path: str) -> dict[str, str] | None:
         elif w != g:
             return None
     return params
+
+
+def _query(scope: Any) -> str:
+    """The raw query string (Snooze names its methods there: ``?startVirtualCluster``)."""
+    return str(getattr(scope, "query_string", "") or "")
 
 
 def _announces_body(headers: Any) -> bool:
@@ -151,8 +182,10 @@ class VoltApp:
         metrics_public: bool = False,
         body_timeout: float = 5.0,
         monitor: LoadMonitor | None = None,
+        cluster: Controller | None = None,
     ) -> None:
         self.service = service
+        self.cluster = cluster
         self.auth = Authenticator(auth_token, node_secret)
         self.metrics_public = metrics_public
         self.body_timeout = body_timeout
@@ -189,6 +222,9 @@ class VoltApp:
             if (method, route) in TAKES_BODY and announced:
                 body = await self._read_body(protocol, headers)
                 body_read = True
+            elif (method, route) in TAKES_RAW_BODY and announced:
+                body = await self._read_body(protocol, headers, raw=True)
+                body_read = True
             req = Request(
                 method=method,
                 path=path,
@@ -198,6 +234,7 @@ class VoltApp:
                 body=body,
                 request_id=request_id,
                 credential=credential,
+                query=_query(scope),
             )
             # Group commit: the answer waits until what the handler changed or saw is
             # written, while the requests already received join the same transaction.
@@ -239,8 +276,9 @@ class VoltApp:
         LOG.log(level, "%s %s -> %d %s [%s]", method, path, err.status, err.detail, request_id)
         return response
 
-    async def _read_body(self, protocol: Any, headers: Any) -> Any:
-        """The JSON body, read within ``body_timeout`` and at most MAX_BODY_BYTES."""
+    async def _read_body(self, protocol: Any, headers: Any, raw: bool = False) -> Any:
+        """The JSON body (``raw``: the bytes), read within ``body_timeout`` and at most
+        MAX_BODY_BYTES."""
         length_header = headers.get("content-length") or ""
         if length_header:
             try:
@@ -250,12 +288,12 @@ class VoltApp:
             if length > MAX_BODY_BYTES:
                 raise BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
         try:
-            raw = await asyncio.wait_for(_collect(protocol), self.body_timeout)
+            body = await asyncio.wait_for(_collect(protocol), self.body_timeout)
         except TimeoutError:
             raise BodyTimeout(
                 f"the request body did not arrive within {self.body_timeout:g} s"
             ) from None
-        return parse_json(raw)
+        return body if raw else parse_json(body)
 
     def _observer(self, method: str, route: str, status: int) -> tuple[Any, Any]:
         """The metric children of one (method, route, status), looked up once: labels() is

@@ -22,6 +22,7 @@ class Request:
     body: Any = None  # parsed JSON, or None when there was no body
     request_id: str = ""
     credential: Credential = ADMIN
+    query: str = ""  # the raw query string
 
 
 @dataclass

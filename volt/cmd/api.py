@@ -25,6 +25,8 @@ from oslo_log import log as oslo_logging
 from volt import conf as volt_conf
 from volt.api.app import VoltApp
 from volt.bus import VoltBus
+from volt.cluster.controller import Controller
+from volt.cluster.nodes import load_nodes
 from volt.errors import VoltError
 from volt.liveness import Evictor, LoadMonitor
 from volt.metrics import Metrics
@@ -72,6 +74,13 @@ def check_config() -> None:
         )
     if CONF.auth_strategy == "token" and CONF.auth.node_secret == CONF.auth.token:
         raise SystemExit("volt-api: [auth] node_secret must differ from [auth] token")
+    if CONF.cluster.nodes_file:
+        try:
+            load_nodes(CONF.cluster.nodes_file)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(
+                f"volt-api: [cluster] nodes_file {CONF.cluster.nodes_file}: {exc}"
+            ) from None
     if bool(CONF.ssl.cert_file) != bool(CONF.ssl.key_file):
         raise SystemExit("volt-api: [ssl] cert_file and key_file go together")
     for name in ("cert_file", "key_file"):
@@ -109,6 +118,16 @@ def build_app() -> VoltApp:
         service.on_parents_changed = VoltBus(CONF.transport_url, metrics=metrics).start().push
     monitor = LoadMonitor()
     Evictor(service, monitor).start()
+    cluster = None
+    if CONF.cluster.nodes_file:
+        nodes = load_nodes(CONF.cluster.nodes_file)
+        cluster = Controller(
+            store,
+            nodes,
+            workers=CONF.cluster.dispatch_workers,
+            controller_address=(CONF.bind_host, CONF.bind_port),
+        )
+        LOG.info("volt-api: cluster controller over %d nodes", len(nodes))
     if CONF.auth_strategy == "noauth":
         LOG.warning("volt-api runs with auth_strategy = noauth: anyone can change every tree")
     LOG.info(
@@ -126,6 +145,7 @@ def build_app() -> VoltApp:
         metrics_public=CONF.metrics_public,
         body_timeout=CONF.request_body_timeout,
         monitor=monitor,
+        cluster=cluster,
     )
 
 

@@ -1,0 +1,103 @@
+"""In-process stand-ins for the cluster controller's tests: fake nodes and an RSGI driver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+from volt.cluster.nodes import NodeEndpoint
+
+
+class NodeDown(OSError):
+    pass
+
+
+class FakeNode:
+    """A virtmanserver's guest API in memory; ``fail`` = the method that raises."""
+
+    def __init__(self, node_id: str, vcpus: int = 4, memory_mb: int = 4096) -> None:
+        port = 7000 + int(node_id[1:])
+        self.endpoint = NodeEndpoint(node_id, f"http://127.0.0.1:{port}/RPC2")
+        self.vcpus, self.memory_mb = vcpus, memory_mb
+        self.guests: dict[str, dict[str, Any]] = {}
+        self.fail: str | None = None
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+
+    def call(self, method: str, *args: Any) -> Any:
+        with self.lock:
+            self.calls.append(method)
+            if self.fail in (method, "*"):
+                raise NodeDown(f"{self.endpoint.id} is down")
+            if method == "guest_host_info":
+                return {"hypervisor_hostname": "fake", "vcpus": self.vcpus,
+                        "memory_mb": self.memory_mb, "vcpus_used": 0}  # fmt: skip
+            userid = args[0]
+            if method == "guest_create":
+                self.guests[userid] = {"state": "off", "vcpus": args[1], "memory_mb": args[2]}
+            elif method == "guest_deploy":
+                self.guests[userid]["image"] = args[1]
+            elif method == "guest_action":
+                self.guests[userid]["state"] = {"start": "on", "stop": "off"}[args[1]]
+            elif method == "guest_delete":
+                if userid not in self.guests:
+                    raise RuntimeError(f"guest {userid} does not exist")
+                del self.guests[userid]
+            return True
+
+
+def client_factory(nodes: dict[str, FakeNode]) -> Any:
+    return lambda endpoint, timeout: nodes[endpoint.id]
+
+
+class _Headers(dict):
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+class _Scope:
+    def __init__(self, method: str, path: str, query: str, headers: dict[str, str]) -> None:
+        self.method, self.path, self.query_string = method, path, query
+        self.headers = _Headers({k.lower(): v for k, v in headers.items()})
+        self.client = "127.0.0.1:40000"
+
+
+class _Protocol:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.payload = b""
+
+    def __aiter__(self) -> Any:
+        async def chunks() -> Any:
+            if self.body:
+                yield self.body
+
+        return chunks()
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+        self.status, self.headers, self.payload = status, headers, payload
+
+    def response_empty(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.status, self.headers = status, headers
+
+
+def call(
+    app: Any, method: str, url: str, body: Any = None, *, raw: bytes | None = None,
+    token: str | None = "admin",
+) -> tuple[int, Any, str]:  # fmt: skip
+    """One request through the app's RSGI entry: (status, parsed JSON or text, type)."""
+    path, _, query = url.partition("?")
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    headers = {"content-type": "application/json", "content-length": str(len(data))}
+    if token:
+        headers["x-auth-token"] = token
+    protocol = _Protocol(data)
+    asyncio.run(app.__rsgi__(_Scope(method, path, query, headers), protocol))
+    kind = dict(protocol.headers).get("Content-Type", "")
+    if kind == "application/json" and protocol.payload:
+        return protocol.status, json.loads(protocol.payload), kind
+    return protocol.status, protocol.payload.decode(), kind

@@ -1,0 +1,108 @@
+"""The controller's HTTP operations, served by volt-api (volt.api.app routes them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from volt.api.request import Request, Response, parse_json
+from volt.cluster import model, snooze
+from volt.cluster.controller import Controller
+from volt.cluster.model import VMSpec
+from volt.errors import InvalidInput, RouteNotFound
+
+MAX_COUNT = 256
+CLUSTER_KEYS = {"image", "count", "flavor", "nodes", "name"}
+
+
+def _int(value: Any, field: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidInput(field, f"must be an integer in [{low}, {high}]")
+    return value
+
+
+def cluster_request(body: Any) -> tuple[list[VMSpec], list[str] | None]:
+    """The VMs and the allowed nodes of a ``POST /v1/clusters`` body."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "must be a JSON object")
+    unknown = sorted(set(body) - CLUSTER_KEYS)
+    if unknown:
+        raise InvalidInput("body", f"unknown keys {unknown}; allowed: {sorted(CLUSTER_KEYS)}")
+    image = body.get("image")
+    if not isinstance(image, str) or not snooze.IMAGE_RE.fullmatch(image):
+        raise InvalidInput("image", "must be 1-255 of A-Z a-z 0-9 . _ -")
+    count = _int(body.get("count"), "count", 1, MAX_COUNT)
+    flavor = body.get("flavor")
+    if not isinstance(flavor, dict) or set(flavor) != {"vcpus", "memory_mb"}:
+        raise InvalidInput("flavor", "must be {vcpus, memory_mb}")
+    vcpus = _int(flavor["vcpus"], "flavor.vcpus", 1, 256)
+    memory_mb = _int(flavor["memory_mb"], "flavor.memory_mb", 16, 1 << 24)
+    prefix = body.get("name", image)
+    if not isinstance(prefix, str) or not snooze.NAME_RE.fullmatch(prefix) or len(prefix) > 56:
+        raise InvalidInput("name", "must be 1-56 of A-Z a-z 0-9 . _ -")
+    nodes = body.get("nodes")
+    if nodes is not None and (
+        not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes)
+    ):
+        raise InvalidInput("nodes", "must be a non-empty list of node ids")
+    specs = [VMSpec(f"{prefix}-{i}", image, vcpus, memory_mb) for i in range(count)]
+    return specs, nodes
+
+
+class ClusterHandlers:
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    # -- /v1 ------------------------------------------------------------------------------------
+    def create(self, req: Request) -> Response:
+        specs, nodes = cluster_request(req.body)
+        task_id = self.controller.submit(specs, "v1", nodes)
+        return Response(
+            202, {"task": task_id, "href": f"/v1/clusters/{task_id}"},
+            headers=[("Location", f"/v1/clusters/{task_id}")],
+        )  # fmt: skip
+
+    def show(self, req: Request) -> Response:
+        task_id = snooze.task_id(req.params["task_id"].encode())
+        vms = self.controller.vms(task_id)
+        return Response(
+            200,
+            {
+                "task": task_id,
+                "status": model.task_status(vms),
+                "vms": [vm.view() for vm in vms],
+            },
+        )
+
+    def delete(self, req: Request) -> Response:
+        task_id = snooze.task_id(req.params["task_id"].encode())
+        self.controller.destroy(task_id)
+        return Response(202, {"task": task_id})
+
+    def nodes(self, req: Request) -> Response:
+        return Response(200, self.controller.node_states())
+
+    # -- Snooze ---------------------------------------------------------------------------------
+    def groupmanager(self, req: Request) -> Response:
+        raw = req.body if isinstance(req.body, bytes) else b""
+        if req.query == "startVirtualCluster":
+            specs = snooze.start_request(parse_json(raw))
+            task_id = self.controller.submit(specs, "snooze")
+            return Response(200, raw=task_id.encode(), content_type="text/plain")
+        if req.query == "getVirtualClusterResponse":
+            task_id = snooze.task_id(raw)
+            answer = snooze.cluster_response(
+                self.controller.vms(task_id),
+                self.controller.controller_id,
+                self.controller.address,
+                self.controller.nodes,
+            )
+            if answer is None:
+                return Response(200, raw=b"")
+            return Response(200, answer)
+        raise RouteNotFound(f"no such group manager method: {req.query!r}")
+
+    def bootstrap(self, req: Request) -> Response:
+        if req.query != "getLocalControllerList":
+            raise RouteNotFound(f"no such bootstrap method: {req.query!r}")
+        states = self.controller.node_states()
+        return Response(200, snooze.local_controllers(states, self.controller.nodes))

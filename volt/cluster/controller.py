@@ -1,0 +1,237 @@
+"""The controller: places a burst, dispatches it to the nodes, tracks and destroys it.
+
+Dispatch is a bounded thread pool; each VM is brought up by one worker calling its node's
+``guest_create`` -> ``guest_deploy`` -> ``guest_action start`` (XML-RPC, virtmanclient),
+recording every step in the store. A VM whose node fails on the way is tried once more on
+another node with room (its leftovers on the failed node are deleted, best effort).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import string
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from volt.cluster import model
+from volt.cluster.model import VM, Records, VMSpec
+from volt.cluster.nodes import INFO_TIMEOUT_S, NodeEndpoint
+from volt.cluster.placement import Demand, InsufficientCapacity, Room, place
+from volt.errors import Conflict, InvalidInput
+from volt.store import Store
+
+LOG = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 600.0  # a deploy builds a whole block stack
+MAX_ATTEMPTS = 2  # the first node, then one other
+USERID_CHARS = string.ascii_uppercase + string.digits
+
+ClientFactory = Callable[[NodeEndpoint, float], Any]
+
+
+def _default_client(node: NodeEndpoint, timeout: float) -> Any:
+    return node.client(timeout)
+
+
+class Controller:
+    def __init__(
+        self,
+        store: Store,
+        nodes: Sequence[NodeEndpoint],
+        *,
+        workers: int = 8,
+        client_factory: ClientFactory = _default_client,
+        controller_address: tuple[str, int] = ("127.0.0.1", 0),
+    ) -> None:
+        self.records = Records(store)
+        self.nodes = {n.id: n for n in nodes}
+        self.client_factory = client_factory
+        self.address = controller_address
+        host, port = controller_address
+        self.controller_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"volt:{host}:{port}"))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster")
+        self._lock = threading.Lock()  # placement + recording: no two bursts take one room
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- capacity -------------------------------------------------------------------------------
+    def _host_info(self, node: NodeEndpoint) -> dict[str, Any] | None:
+        try:
+            info = self.client_factory(node, INFO_TIMEOUT_S).call("guest_host_info")
+        except Exception as exc:  # any failure: the node is down for placement
+            LOG.warning("cluster: node %s does not answer guest_host_info: %s", node.id, exc)
+            return None
+        return info if isinstance(info, dict) else None
+
+    def node_states(self) -> list[dict[str, Any]]:
+        """Per node: reachable or not, capacity (host info capped by the nodes file), what
+        the controller placed there, its VMs."""
+        with ThreadPoolExecutor(max_workers=max(1, len(self.nodes))) as pool:
+            infos = dict(
+                zip(self.nodes, pool.map(self._host_info, self.nodes.values()), strict=True)
+            )
+        vms = [vm for vm in self.records.all_vms() if vm.status in model.HOLDS_ROOM]
+        states = []
+        for node_id, node in self.nodes.items():
+            info = infos[node_id]
+            mine = [vm for vm in vms if vm.node == node_id]
+            capacity = None
+            if info is not None:
+                vcpus, memory = int(info.get("vcpus", 0)), int(info.get("memory_mb", 0))
+                capacity = {
+                    "vcpus": min(vcpus, node.vcpus or vcpus),
+                    "memory_mb": min(memory, node.memory_mb or memory),
+                }
+            states.append(
+                {
+                    "id": node_id,
+                    "address": "{}:{}".format(*node.address),
+                    "status": "up" if info is not None else "down",
+                    "capacity": capacity,
+                    "used": {
+                        "vcpus": sum(vm.vcpus for vm in mine),
+                        "memory_mb": sum(vm.memory_mb for vm in mine),
+                    },
+                    "host": None
+                    if info is None
+                    else {
+                        "hostname": info.get("hypervisor_hostname"),
+                        "vcpus_used": info.get("vcpus_used"),
+                        "memory_mb_used": info.get("memory_mb_used"),
+                    },
+                    "vms": [vm.name for vm in mine],
+                }
+            )
+        return states
+
+    def _rooms(self, only: Sequence[str] | None = None) -> list[Room]:
+        rooms = []
+        for state in self.node_states():
+            if state["capacity"] is None or (only is not None and state["id"] not in only):
+                continue
+            cap, used = state["capacity"], state["used"]
+            rooms.append(
+                Room(
+                    state["id"],
+                    cap["vcpus"] - used["vcpus"],
+                    cap["memory_mb"] - used["memory_mb"],
+                )
+            )
+        return rooms
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def submit(self, specs: list[VMSpec], origin: str, only: Sequence[str] | None = None) -> str:
+        """Place and record the burst, then dispatch it; the task id. Nothing is recorded
+        or dispatched when it does not fit (InsufficientCapacity) or names unknown nodes."""
+        if only is not None:
+            unknown = sorted(set(only) - set(self.nodes))
+            if unknown:
+                raise InvalidInput(
+                    "nodes", f"unknown node ids {unknown}; known: {sorted(self.nodes)}"
+                )
+        task_id = str(uuid.uuid4())
+        with self._lock:
+            demands = [Demand(s.vcpus, s.memory_mb) for s in specs]
+            chosen = place(demands, self._rooms(only))
+            taken = self.records.userids()
+            userids = []
+            while len(userids) < len(specs):
+                userid = "V" + "".join(secrets.choice(USERID_CHARS) for _ in range(7))
+                if userid not in taken:
+                    taken.add(userid)
+                    userids.append(userid)
+            self.records.create(task_id, origin, specs, chosen, userids)
+        LOG.info("cluster task %s: %d VMs on %s", task_id, len(specs), sorted(set(chosen)))
+        for vm in self.records.vms(task_id):
+            self._pool.submit(self._bring_up, vm)
+        return task_id
+
+    def vms(self, task_id: str) -> list[VM]:
+        return self.records.vms(task_id)
+
+    def destroy(self, task_id: str) -> None:
+        """Destroy every VM of a finished task (in the background)."""
+        vms = self.records.vms(task_id)
+        if not all(vm.status in model.FINISHED for vm in vms):
+            raise Conflict(f"cluster task {task_id} is still in progress; destroy it when done")
+        for vm in vms:
+            if vm.status != model.DELETED:
+                self._pool.submit(self._destroy, self.records.update(vm, model.DELETING))
+
+    # -- workers --------------------------------------------------------------------------------
+    def _client(self, node_id: str, timeout: float = CALL_TIMEOUT_S) -> Any:
+        return self.client_factory(self.nodes[node_id], timeout)
+
+    def _bring_up(self, vm: VM) -> None:
+        try:
+            while vm.status != model.RUNNING:
+                vm = self._attempt(vm)
+                if vm.status == model.ERROR:
+                    return
+        except Exception:
+            LOG.exception("cluster: VM %s of task %s", vm.name, vm.task_id)
+
+    def _attempt(self, vm: VM) -> VM:
+        """One try on ``vm.node``: RUNNING, or PENDING on another node, or ERROR."""
+        assert vm.node is not None
+        node = vm.node
+        step = "guest_create"
+        try:
+            client = self._client(node)
+            vm = self.records.update(vm, model.CREATING, attempts=vm.attempts + 1)
+            client.call("guest_create", vm.userid, vm.vcpus, vm.memory_mb, 0)
+            vm = self.records.update(vm, model.DEPLOYING)
+            step = "guest_deploy"
+            client.call("guest_deploy", vm.userid, vm.image)
+            vm = self.records.update(vm, model.STARTING)
+            step = "guest_action start"
+            client.call("guest_action", vm.userid, "start")
+            return self.records.update(vm, model.RUNNING, error=None)
+        except Exception as exc:
+            reason = f"{step} on {node}: {exc}"
+            LOG.warning("cluster: VM %s of task %s: %s", vm.name, vm.task_id, reason)
+        self._forget(node, vm.userid)
+        if vm.attempts >= MAX_ATTEMPTS:
+            return self.records.update(vm, model.ERROR, error=reason)
+        with self._lock:
+            try:
+                (other,) = place([Demand(vm.vcpus, vm.memory_mb)], self._rooms(), exclude=[node])
+            except InsufficientCapacity:
+                return self.records.update(
+                    vm, model.ERROR, error=f"{reason}; no other node has room for a retry"
+                )
+            LOG.info("cluster: VM %s retried on %s after %s", vm.name, other, reason)
+            return self.records.update(vm, model.PENDING, node=other, error=reason)
+
+    def _forget(self, node: str, userid: str) -> None:
+        """Best effort: the guest's leftovers on a node that failed it."""
+        try:
+            client = self._client(node, INFO_TIMEOUT_S * 2)
+            with contextlib.suppress(Exception):  # not started, or gone with its node
+                client.call("guest_action", userid, "stop")
+            client.call("guest_delete", userid)
+        except Exception as exc:
+            LOG.info("cluster: leftovers of %s on %s not deleted: %s", userid, node, exc)
+
+    def _destroy(self, vm: VM) -> None:
+        try:
+            assert vm.node is not None
+            client = self._client(vm.node)
+            try:
+                client.call("guest_action", vm.userid, "stop")
+            except Exception as exc:  # an ERROR VM may have no domain
+                LOG.info("cluster: stop of %s on %s: %s", vm.userid, vm.node, exc)
+            try:
+                client.call("guest_delete", vm.userid)
+            except Exception as exc:
+                if "does not exist" not in str(exc):
+                    raise
+            self.records.update(vm, model.DELETED)
+        except Exception as exc:
+            LOG.warning("cluster: destroy of %s on %s failed: %s", vm.userid, vm.node, exc)
+            self.records.update(vm, model.ERROR, error=f"destroy: {exc}")

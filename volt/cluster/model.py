@@ -1,0 +1,207 @@
+"""Cluster tasks and their VMs in Volt's store, and the VM state machine.
+
+A VM goes PENDING -> CREATING -> DEPLOYING -> STARTING -> RUNNING; any step may fail to
+ERROR, and a VM whose node failed goes back to PENDING once (on another node). A finished VM
+(RUNNING or ERROR) is destroyed through DELETING -> DELETED.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from volt.errors import Conflict, VoltError
+from volt.store import Store, cluster_tasks, cluster_vms
+
+PENDING, CREATING, DEPLOYING, STARTING = "PENDING", "CREATING", "DEPLOYING", "STARTING"
+RUNNING, ERROR, DELETING, DELETED = "RUNNING", "ERROR", "DELETING", "DELETED"
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    PENDING: frozenset({CREATING, ERROR}),
+    CREATING: frozenset({DEPLOYING, PENDING, ERROR}),
+    DEPLOYING: frozenset({STARTING, PENDING, ERROR}),
+    STARTING: frozenset({RUNNING, PENDING, ERROR}),
+    RUNNING: frozenset({DELETING}),
+    ERROR: frozenset({DELETING}),
+    DELETING: frozenset({DELETED, ERROR}),
+    DELETED: frozenset(),
+}
+FINISHED = frozenset({RUNNING, ERROR, DELETED})
+# VMs that hold capacity on their node (a DELETED or never-placed one does not)
+HOLDS_ROOM = frozenset({PENDING, CREATING, DEPLOYING, STARTING, RUNNING, ERROR, DELETING})
+
+
+class TaskNotFound(VoltError):
+    status = 404
+    code = "volt.cluster.task_not_found"
+    title = "Not Found"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no cluster task {task_id!r}")
+
+
+class BadTransition(Exception):
+    """A programming error: a VM asked to go where the state machine does not allow."""
+
+
+def check_transition(old: str, new: str) -> None:
+    if new not in TRANSITIONS[old]:
+        raise BadTransition(f"{old} -> {new}")
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    image: str
+    vcpus: int
+    memory_mb: int
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class VM:
+    task_id: str
+    idx: int
+    name: str
+    userid: str
+    image: str
+    vcpus: int
+    memory_mb: int
+    node: str | None
+    status: str
+    address: str | None
+    error: str | None
+    attempts: int
+    extra: dict[str, Any] | None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "index": self.idx,
+            "name": self.name,
+            "userid": self.userid,
+            "image": self.image,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "node": self.node,
+            "status": self.status,
+            "address": self.address,
+            "error": self.error,
+            "attempts": self.attempts,
+        }
+
+
+def task_status(vms: list[VM]) -> str:
+    states = {vm.status for vm in vms}
+    if states == {DELETED}:
+        return "DELETED"
+    if states & {DELETING}:
+        return "DELETING"
+    if not states <= FINISHED:
+        return "IN_PROGRESS"
+    return "FAILED" if ERROR in states else "DONE"
+
+
+def _vm(row: Any) -> VM:
+    return VM(
+        task_id=row.task_id,
+        idx=row.idx,
+        name=row.name,
+        userid=row.userid,
+        image=row.image,
+        vcpus=row.vcpus,
+        memory_mb=row.memory_mb,
+        node=row.node,
+        status=row.status,
+        address=row.address,
+        error=row.error,
+        attempts=row.attempts,
+        extra=json.loads(row.extra) if row.extra else None,
+    )
+
+
+class Records:
+    """The controller's rows; every change is committed before it returns."""
+
+    def __init__(self, store: Store) -> None:
+        self.engine = store.engine
+
+    def create(
+        self, task_id: str, origin: str, specs: list[VMSpec], nodes: list[str], userids: list[str]
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                cluster_tasks.insert().values(id=task_id, created_at=time.time(), origin=origin)
+            )
+            conn.execute(
+                cluster_vms.insert(),
+                [
+                    {
+                        "task_id": task_id,
+                        "idx": i,
+                        "name": spec.name,
+                        "userid": userid,
+                        "image": spec.image,
+                        "vcpus": spec.vcpus,
+                        "memory_mb": spec.memory_mb,
+                        "node": node,
+                        "status": PENDING,
+                        "attempts": 0,
+                        "extra": json.dumps(spec.extra) if spec.extra else None,
+                    }
+                    for i, (spec, node, userid) in enumerate(
+                        zip(specs, nodes, userids, strict=True)
+                    )
+                ],
+            )
+
+    def vms(self, task_id: str) -> list[VM]:
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                sa.select(cluster_tasks.c.id).where(cluster_tasks.c.id == task_id)
+            ).first()
+            if found is None:
+                raise TaskNotFound(task_id)
+            rows = conn.execute(
+                sa.select(cluster_vms)
+                .where(cluster_vms.c.task_id == task_id)
+                .order_by(cluster_vms.c.idx)
+            )
+            return [_vm(r) for r in rows]
+
+    def task_origin(self, task_id: str) -> str:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(cluster_tasks.c.origin).where(cluster_tasks.c.id == task_id)
+            ).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return str(row.origin)
+
+    def all_vms(self) -> list[VM]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(cluster_vms).order_by(cluster_vms.c.task_id))
+            return [_vm(r) for r in rows]
+
+    def userids(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return {r.userid for r in conn.execute(sa.select(cluster_vms.c.userid))}
+
+    def update(self, vm: VM, status: str, **values: Any) -> VM:
+        """Move ``vm`` to ``status`` (checked against the state machine) with ``values``."""
+        check_transition(vm.status, status)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                cluster_vms.update()
+                .where(cluster_vms.c.task_id == vm.task_id)
+                .where(cluster_vms.c.idx == vm.idx)
+                .where(cluster_vms.c.status == vm.status)
+                .values(status=status, **values)
+            )
+            if done.rowcount != 1:
+                raise Conflict(f"VM {vm.name} of task {vm.task_id} changed meanwhile")
+        fields = {**vm.__dict__, "status": status, **values}
+        return VM(**fields)
