@@ -139,7 +139,7 @@ class Controller:
             demands = [Demand(s.vcpus, s.memory_mb) for s in specs]
             chosen = place(demands, self._rooms(only))
             taken = self.records.userids()
-            userids = []
+            userids: list[str] = []
             while len(userids) < len(specs):
                 userid = "V" + "".join(secrets.choice(USERID_CHARS) for _ in range(7))
                 if userid not in taken:
