@@ -718,7 +718,7 @@ def make_master_plan(args: argparse.Namespace) -> tuple[Plan | None, list[str]]:
         ("node_secret", args.node_secret, "--node-secret"),
     ):
         if given is None:
-            values[key] = secrets.token_urlsafe(32)  # 256 bits, printable, no '$' or quotes
+            values[key] = secrets.token_hex(32)  # 256 bits; never starts with "-" (argv-safe)
             generated.add(key)
         else:
             try:

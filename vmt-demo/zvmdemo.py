@@ -63,7 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         if created:
             call("guest_delete", USERID)
         if imported:
-            call("image_delete", IMAGE)
+            # 409 while the node's own stack of the image is torn down (its next heartbeat
+            # after the guest's disk went; readers get a grace period): retried
+            def delete_image() -> dict[str, Any] | None:
+                result: dict[str, Any] = client.call("image_delete", IMAGE)
+                return None if result.get("overallRC") == 409 else result
+
+            result = wait_until(
+                delete_image, timeout_s=90, what=f"image {IMAGE} free", max_interval_s=1.0
+            )
+            if result.get("overallRC") != 0:
+                raise RuntimeError(f"image_delete: {result}")
     say(
         f"import + create + deploy + start + boot {booted:.1f} s through the z/VM API; "
         "guest and image deleted"

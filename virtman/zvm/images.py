@@ -46,10 +46,13 @@ class ImageExists(VirtmanError):
 
 
 class ImageInUse(VirtmanError):
-    def __init__(self, name: str, instances: list[str]) -> None:
+    def __init__(self, name: str, instances: list[str], why: str | None = None) -> None:
         self.name, self.instances = name, instances
         super().__init__(
-            f"image {name} is in use by the instances {', '.join(instances)}: delete them first"
+            f"image {name} is in use: {why}"
+            if why
+            else f"image {name} is in use by the instances {', '.join(instances)}: delete them "
+            "first"
         )
 
 
@@ -219,8 +222,14 @@ class Catalogue:
             if users:
                 raise ImageInUse(name, users)
             readers = self.service.readers(record["target"])
-            if readers:  # other nodes boot it from this node's target
-                raise ImageInUse(name, [f"of the node(s) {', '.join(readers)}"])
+            if readers:  # other nodes boot it from this node's target, or our own stack
+                raise ImageInUse(
+                    name,
+                    [],
+                    f"read from this node's target by {', '.join(readers)} (nodes booting it, "
+                    "or this node's own stack of it until the heartbeat tears it down after "
+                    "its last instance): retry once they are gone",
+                )
             result = self.service.destroy_image_target(record["target"])
             if result.partition(":")[0] not in ("0", "1"):
                 raise ImageFailed(f"cannot delete image {name}: {result[2:]}")

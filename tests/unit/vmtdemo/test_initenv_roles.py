@@ -106,7 +106,7 @@ def test_master_writes_volt_conf_and_installs_the_enabled_unit(
     assert mode(config) == 0o600 and mode(unit) == 0o644
     values = sections(config)
     token, secret = values["auth"]["token"], values["auth"]["node_secret"]
-    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token) and re.fullmatch(r"[A-Za-z0-9_-]{43}", secret)
+    assert re.fullmatch(r"[0-9a-f]{64}", token) and re.fullmatch(r"[0-9a-f]{64}", secret)
     assert token != secret
     assert values == {"DEFAULT": {"bind_host": "10.0.0.1"}, "auth": values["auth"]}
     shipped = (REPO / "etc/systemd/volt-api.service").read_text()
