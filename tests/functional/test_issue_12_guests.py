@@ -35,7 +35,7 @@ guest_image = vmfixtures.guest_image
 
 LAB = os.environ.get("VMT_TEST_LAB", "vmt")
 PREFIX = f"{LAB}{os.getpid()}-"  # instance names of this run: no other run's domains
-BOOT_S = 90.0
+BOOT_S = 180.0  # 10-20 s on an idle host; TCG slows 5x on a loaded one
 
 
 @pytest.fixture
@@ -50,12 +50,16 @@ def marker_count(client: Client, userid: str, guest) -> int:
 
 
 def wait_markers(client: Client, userid: str, guest, count: int) -> None:
-    wait_until(
-        lambda: marker_count(client, userid, guest) >= count,
-        timeout_s=BOOT_S,
-        what=f"{userid}'s boot marker #{count}",
-        max_interval_s=0.2,
-    )
+    try:
+        wait_until(
+            lambda: marker_count(client, userid, guest) >= count,
+            timeout_s=BOOT_S,
+            what=f"{userid}'s boot marker #{count}",
+            max_interval_s=0.2,
+        )
+    except Exception:
+        print(f"{userid}'s console:\n" + client.call("guest_console_output", userid)[-3000:])
+        raise
 
 
 def domain_ids(uri: str, instances: list[str]) -> dict[str, int]:

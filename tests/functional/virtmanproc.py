@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from brick import psk
-from brick.tgt import TgtAdm
+from brick.qsd import StorageDaemon
+from brick.tgt import TgtAdm, TgtDaemon
 from tests.functional.voltproc import free_port
 from virtmanclient import Client
 
@@ -182,6 +183,16 @@ class VirtmanProcess:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                print(f"virtmanserver: no exit 60 s after SIGTERM:\n{self.logs()[-8000:]}")
                 self.proc.kill()
                 self.proc.wait()
+                self.reap()
         return self.proc.returncode
+
+    def reap(self) -> None:
+        """Stop the daemons a killed virtmanserver left (its tgtd and qemu-storage-daemon,
+        by their pidfiles), so that one failed test does not leave its tgtd control port
+        taken for the tests after it."""
+        run_dir = self.run_dir.resolve()
+        TgtDaemon(self.tgt_control_port, ["127.0.0.1:3260"], run_dir=run_dir).stop()
+        StorageDaemon("virtman-qsd", run_dir).stop()

@@ -332,7 +332,7 @@ class Guests:
                 if pause:
                     self._call(uid, "resume after capture", dom.resume)
             LOG.info("guest %s: captured into %s (%d bytes)", uid, captured.image, captured.size)
-            return dict(captured.as_dict())
+            return captured.as_dict()
 
     def reboot(self, userid: str) -> None:
         """Ask the guest's OS to reboot (ACPI; libvirt's default method)."""
