@@ -6,12 +6,28 @@ from typing import Any
 
 from volt.api.request import Request, Response, parse_json
 from volt.cluster import model, snooze
-from volt.cluster.controller import Controller
+from volt.cluster.controller import ACTIONS, Controller
 from volt.cluster.model import VMSpec
 from volt.errors import InvalidInput, RouteNotFound
 
 MAX_COUNT = 256
 CLUSTER_KEYS = {"image", "count", "flavor", "nodes", "name"}
+
+
+def vm_id(value: str) -> str:
+    if not snooze.USERID_RE.fullmatch(value):
+        raise InvalidInput("vm_id", "must be a VM's userid (1-8 of A-Z 0-9)")
+    return value
+
+
+def action_request(body: Any) -> str:
+    """The action of a ``POST /v1/vms/{vm_id}/action`` body."""
+    if not isinstance(body, dict) or set(body) != {"action"}:
+        raise InvalidInput("body", 'must be {"action": ...}')
+    action = body["action"]
+    if not isinstance(action, str) or action not in ACTIONS:
+        raise InvalidInput("action", f"must be one of {sorted(ACTIONS)}")
+    return action
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:
@@ -78,6 +94,16 @@ class ClusterHandlers:
         self.controller.destroy(task_id)
         return Response(202, {"task": task_id})
 
+    def show_vm(self, req: Request) -> Response:
+        return Response(200, self.controller.records.vm(vm_id(req.params["vm_id"])).view())
+
+    def vm_action(self, req: Request) -> Response:
+        vm = self.controller.records.vm(vm_id(req.params["vm_id"]))
+        action = action_request(req.body)
+        self.controller.act(vm, action)
+        href = f"/v1/vms/{vm.userid}"
+        return Response(202, {"vm": vm.userid, "action": action, "href": href})
+
     def nodes(self, req: Request) -> Response:
         return Response(200, self.controller.node_states())
 
@@ -99,6 +125,12 @@ class ClusterHandlers:
             if answer is None:
                 return Response(200, raw=b"")
             return Response(200, answer)
+        action = snooze.VM_VERBS.get(req.query)
+        if action is not None:
+            name, node = snooze.vm_reference(parse_json(raw) if raw.strip()[:1] in b'{"' else raw)
+            vm = snooze.pick(self.controller.records.live_named(name), name, node)
+            self.controller.act(vm, action)
+            return Response(200, True)
         raise RouteNotFound(f"no such group manager method: {req.query!r}")
 
     def bootstrap(self, req: Request) -> Response:
