@@ -82,7 +82,8 @@ def cluster_routes(app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
         ("/v1/vms/{vm_id}/action", {"POST": c.vm_action}),
         ("/v1/nodes", {"GET": c.nodes}),
         ("/groupmanager", {"POST": c.groupmanager}),  # Snooze: ?startVirtualCluster ...
-        ("/bootstrap", {"GET": c.bootstrap}),  # Snooze: ?getLocalControllerList
+        # Snooze: GET ?getLocalControllerList, POST the per-VM ...VirtualMachine verbs
+        ("/bootstrap", {"GET": c.bootstrap, "POST": c.bootstrap_vm}),
     ]
 
 
@@ -103,6 +104,7 @@ ADMIN_ONLY = frozenset(
         ("GET", "/v1/nodes"),
         ("POST", "/groupmanager"),
         ("GET", "/bootstrap"),
+        ("POST", "/bootstrap"),
     }
 )
 # The only operations whose body is read; every other one ignores a body it is sent.
@@ -116,7 +118,7 @@ TAKES_BODY = frozenset(
     }
 )
 # Operations whose body reaches the handler as bytes (Snooze sends a bare task id).
-TAKES_RAW_BODY = frozenset({("POST", "/groupmanager")})
+TAKES_RAW_BODY = frozenset({("POST", "/groupmanager"), ("POST", "/bootstrap")})
 
 
 def _match(want: list[str], path: str) -> dict[str, str] | None:

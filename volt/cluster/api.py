@@ -125,12 +125,8 @@ class ClusterHandlers:
             if answer is None:
                 return Response(200, raw=b"")
             return Response(200, answer)
-        action = snooze.VM_VERBS.get(req.query)
-        if action is not None:
-            name, node = snooze.vm_reference(parse_json(raw) if raw.strip()[:1] in b'{"' else raw)
-            vm = snooze.pick(self.controller.records.live_named(name), name, node)
-            self.controller.act(vm, action)
-            return Response(200, True)
+        if req.query in snooze.VM_VERBS:
+            return self._vm_verb(req.query, raw)
         raise RouteNotFound(f"no such group manager method: {req.query!r}")
 
     def bootstrap(self, req: Request) -> Response:
@@ -138,3 +134,17 @@ class ClusterHandlers:
             raise RouteNotFound(f"no such bootstrap method: {req.query!r}")
         states = self.controller.node_states()
         return Response(200, snooze.local_controllers(states, self.controller.nodes))
+
+    def bootstrap_vm(self, req: Request) -> Response:
+        """Snooze's bootstrap takes the per-VM verbs too (body: the VM id)."""
+        if req.query not in snooze.VM_VERBS:
+            raise RouteNotFound(f"no such bootstrap method: {req.query!r}")
+        return self._vm_verb(req.query, req.body if isinstance(req.body, bytes) else b"")
+
+    def _vm_verb(self, verb: str, raw: bytes) -> Response:
+        """A ``...VirtualMachine`` verb: the same per-VM action as ``POST /v1/vms/{id}/action``."""
+        body: Any = parse_json(raw) if raw.strip()[:1] in (b"{", b'"') else raw
+        name, node = snooze.vm_reference(body)
+        vm = snooze.pick(self.controller.records.live_named(name), name, node)
+        self.controller.act(vm, snooze.VM_VERBS[verb])
+        return Response(200, True)

@@ -30,13 +30,13 @@ LOG = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 600.0  # a deploy builds a whole block stack
 MAX_ATTEMPTS = 2  # the first node, then one other
 USERID_CHARS = string.ascii_uppercase + string.digits
-# Per-VM action -> (the node's guest_action, the power it leaves); destroy is apart.
+# Per-VM action -> the node's guest_action; destroy is apart.
 POWER_ACTIONS = {
-    "start": ("start", "on"),
-    "shutdown": ("softstop", "off"),  # ACPI; powered off after the node's timeout
-    "suspend": ("pause", "paused"),
-    "resume": ("unpause", "on"),
-    "reboot": ("reboot", "on"),
+    "start": "start",
+    "shutdown": "softstop",  # ACPI; powered off after the node's timeout
+    "suspend": "pause",
+    "resume": "unpause",
+    "reboot": "reboot",
 }
 ACTIONS = frozenset({*POWER_ACTIONS, "destroy"})
 
@@ -69,6 +69,7 @@ class Controller:
         self.controller_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"volt:{host}:{port}"))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster")
         self._lock = threading.Lock()  # placement + recording: no two bursts take one room
+        self._vm_locks: dict[str, threading.Lock] = {}  # per userid: its actions in turn
         self.capacity = capacity or CapacityCache(nodes, self._ask, capacity_interval).start()
 
     def close(self) -> None:
@@ -248,18 +249,31 @@ class Controller:
             LOG.info("cluster: leftovers of %s on %s not deleted: %s", userid, node, exc)
 
     def _power(self, vm: VM, action: str) -> None:
-        method, power = POWER_ACTIONS[action]
-        try:
-            assert vm.node is not None
+        """One action, then the power the node reports, recorded; one VM's actions run one
+        at a time, so the last record is the node's state after the last action."""
+        method = POWER_ACTIONS[action]
+        with self._vm_lock(vm.userid):
             try:
-                self._client(vm.node).call("guest_action", vm.userid, method)
-            except Exception as exc:
-                LOG.warning("cluster: %s of %s on %s: %s", action, vm.userid, vm.node, exc)
-                self.records.note(vm, error=f"{action} on {vm.node}: {exc}")
-                return
-            self.records.note(vm, extra={**(vm.extra or {}), "power": power}, error=None)
-        except Exception:  # e.g. destroyed meanwhile (Conflict)
-            LOG.exception("cluster: recording %s of %s", action, vm.userid)
+                vm = self.records.vm(vm.userid)  # what an earlier action left
+                if vm.status != model.RUNNING:
+                    LOG.info("cluster: %s of %s dropped: it is %s", action, vm.userid, vm.status)
+                    return
+                assert vm.node is not None
+                client = self._client(vm.node)
+                try:
+                    client.call("guest_action", vm.userid, method)
+                    power = client.call("guest_power_state", vm.userid)
+                except Exception as exc:
+                    LOG.warning("cluster: %s of %s on %s: %s", action, vm.userid, vm.node, exc)
+                    self.records.note(vm, error=f"{action} on {vm.node}: {exc}")
+                    return
+                self.records.note(vm, extra={**(vm.extra or {}), "power": power}, error=None)
+            except Exception:  # e.g. destroyed meanwhile (Conflict)
+                LOG.exception("cluster: recording %s of %s", action, vm.userid)
+
+    def _vm_lock(self, userid: str) -> threading.Lock:
+        with self._lock:
+            return self._vm_locks.setdefault(userid, threading.Lock())
 
     def _destroy(self, vm: VM) -> None:
         try:

@@ -45,6 +45,8 @@ class FakeNode:
                 if userid not in self.guests:
                     raise RuntimeError(f"guest {userid} does not exist")
                 self.guests[userid]["state"] = states[args[1]]
+            elif method == "guest_power_state":
+                return self.guests[userid]["state"]
             elif method == "guest_delete":
                 if userid not in self.guests:
                     raise RuntimeError(f"guest {userid} does not exist")

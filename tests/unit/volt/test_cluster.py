@@ -396,13 +396,15 @@ def test_per_vm_actions_reach_the_node_and_show_in_the_vm(rig):
         ("suspend", "paused", "paused"), ("resume", "on", "on"), ("reboot", "on", "on"),
         ("shutdown", "off", "off"), ("start", "on", "on"),
     ]:  # fmt: skip
-        calls = len(rig.nodes[vm["node"]].calls)
+        node = rig.nodes[vm["node"]]
+        calls = len(node.calls)
         status, answer, _ = rig.call("POST", url, {"action": action})
         assert status == 202 and answer["action"] == action, answer
+        wait_until(lambda n=node, c=calls: n.calls[c:] == ["guest_action", "guest_power_state"],
+                   timeout_s=10, what=action, max_interval_s=0.02)  # fmt: skip
         shown = _settled(rig, vm["userid"], power)
         assert shown["status"] == "RUNNING" and shown["error"] is None
         assert _guest(rig, vm)["state"] == state
-        assert rig.nodes[vm["node"]].calls[calls:] == ["guest_action"]
     assert _guest(rig, other)["state"] == "on"  # the other VM untouched
     # destroy: gone from its node, DELETED, its room free again
     assert rig.call("POST", url, {"action": "destroy"})[0] == 202
@@ -458,15 +460,15 @@ def test_snooze_per_vm_verbs_use_the_same_actions(tmp_path):
         status, task, _ = r.call("POST", "/groupmanager?startVirtualCluster", raw=SEED_START)
         (vm,) = r.wait_done(task)["vms"]
         assert vm["name"] == "debian1"
-        for verb, body, power in [
-            ("suspendVirtualMachine", b"debian1", "paused"),  # curl -d debian1
-            ("resumeVirtualMachine", b'"debian1"', "on"),
-            ("shutdownVirtualMachine",
+        for where, verb, body, power in [
+            ("/groupmanager", "suspendVirtualMachine", b"debian1", "paused"),  # curl -d debian1
+            ("/groupmanager", "resumeVirtualMachine", b'"debian1"', "on"),
+            ("/groupmanager", "shutdownVirtualMachine",
              json.dumps({"virtualMachineId": "debian1", "localControllerId": vm["node"]}).encode(),
              "off"),
-            ("rebootVirtualMachine", vm["userid"].encode(), "on"),
+            ("/bootstrap", "rebootVirtualMachine", vm["userid"].encode(), "on"),
         ]:  # fmt: skip
-            status, answer, _ = r.call("POST", f"/groupmanager?{verb}", raw=body)
+            status, answer, _ = r.call("POST", f"{where}?{verb}", raw=body)
             assert (status, answer) == (200, True), (verb, answer)
             _settled(r, vm["userid"], power)
             if power == "paused":
@@ -477,6 +479,7 @@ def test_snooze_per_vm_verbs_use_the_same_actions(tmp_path):
         where = json.dumps({"virtualMachineId": "debian1", "localControllerId": other}).encode()
         assert r.call("POST", "/groupmanager?destroyVirtualMachine", raw=where)[0] == 404
         assert r.call("POST", "/groupmanager?destroyVirtualMachine", raw=b"ghost")[0] == 404
+        assert r.call("POST", "/bootstrap?getLocalControllerList", raw=b"debian1")[0] == 404
         status, err, _ = r.call("POST", "/groupmanager?destroyVirtualMachine", raw=b"a b")
         assert status == 400 and "'virtualMachineId'" in err["errors"][0]["detail"]
         # a second cluster with the same VM name: the bare name is ambiguous (409)

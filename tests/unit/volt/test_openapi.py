@@ -57,6 +57,7 @@ EXPECTED_STATUSES = {
     ("/v1/nodes", "get"): {"200", "401", "403"},
     ("/groupmanager", "post"): {"200", "400", "401", "403", "404", "408", "409", "413"},
     ("/bootstrap", "get"): {"200", "401", "403", "404"},
+    ("/bootstrap", "post"): {"200", "400", "401", "403", "404", "408", "409", "413"},
 }
 SNOOZE_PATHS = {"/groupmanager", "/bootstrap"}
 
@@ -210,6 +211,7 @@ def test_request_bodies(doc: dict[str, Any]) -> None:
         ("/v1/clusters", "post"),
         ("/v1/vms/{vm_id}/action", "post"),
         ("/groupmanager", "post"),
+        ("/bootstrap", "post"),
     }
     register = bodies[("/v1/volumes/{volume_id}/{peer_id}", "post")]
     assert register["required"] == ["host", "port", "iqn", "lun"]
