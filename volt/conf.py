@@ -172,6 +172,16 @@ cluster_opts: list[cfg.Opt] = [
         max=256,
         help="Threads that bring VMs up on the nodes (at most this many node calls at once).",
     ),
+    cfg.FloatOpt(
+        "capacity_interval",
+        default=5.0,
+        min=0.1,
+        max=3600.0,
+        help="Seconds between two asks of a node's capacity (guest_host_info), made in the "
+        "background: placement reads the last answers, never a node. A node whose last ask "
+        "failed is 'down', one whose last answer is older than 2 x this + 5 s is 'stale'; "
+        "neither gets VMs (GET /v1/nodes shows both).",
+    ),
 ]
 
 

@@ -78,9 +78,12 @@ def cluster_routes(app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
     return [
         ("/v1/clusters", {"POST": c.create}),
         ("/v1/clusters/{task_id}", {"GET": c.show, "DELETE": c.delete}),
+        ("/v1/vms/{vm_id}", {"GET": c.show_vm}),
+        ("/v1/vms/{vm_id}/action", {"POST": c.vm_action}),
         ("/v1/nodes", {"GET": c.nodes}),
         ("/groupmanager", {"POST": c.groupmanager}),  # Snooze: ?startVirtualCluster ...
-        ("/bootstrap", {"GET": c.bootstrap}),  # Snooze: ?getLocalControllerList
+        # Snooze: GET ?getLocalControllerList, POST the per-VM ...VirtualMachine verbs
+        ("/bootstrap", {"GET": c.bootstrap, "POST": c.bootstrap_vm}),
     ]
 
 
@@ -96,9 +99,12 @@ ADMIN_ONLY = frozenset(
         ("POST", "/v1/clusters"),
         ("GET", "/v1/clusters/{task_id}"),
         ("DELETE", "/v1/clusters/{task_id}"),
+        ("GET", "/v1/vms/{vm_id}"),
+        ("POST", "/v1/vms/{vm_id}/action"),
         ("GET", "/v1/nodes"),
         ("POST", "/groupmanager"),
         ("GET", "/bootstrap"),
+        ("POST", "/bootstrap"),
     }
 )
 # The only operations whose body is read; every other one ignores a body it is sent.
@@ -108,10 +114,11 @@ TAKES_BODY = frozenset(
         ("POST", "/v1/volumes/{volume_id}/{peer_id}"),
         ("PUT", "/v1/members/heartbeat"),
         ("POST", "/v1/clusters"),
+        ("POST", "/v1/vms/{vm_id}/action"),
     }
 )
 # Operations whose body reaches the handler as bytes (Snooze sends a bare task id).
-TAKES_RAW_BODY = frozenset({("POST", "/groupmanager")})
+TAKES_RAW_BODY = frozenset({("POST", "/groupmanager"), ("POST", "/bootstrap")})
 
 
 def _match(want: list[str], path: str) -> dict[str, str] | None:

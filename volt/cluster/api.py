@@ -6,12 +6,28 @@ from typing import Any
 
 from volt.api.request import Request, Response, parse_json
 from volt.cluster import model, snooze
-from volt.cluster.controller import Controller
+from volt.cluster.controller import ACTIONS, Controller
 from volt.cluster.model import VMSpec
 from volt.errors import InvalidInput, RouteNotFound
 
 MAX_COUNT = 256
 CLUSTER_KEYS = {"image", "count", "flavor", "nodes", "name"}
+
+
+def vm_id(value: str) -> str:
+    if not snooze.USERID_RE.fullmatch(value):
+        raise InvalidInput("vm_id", "must be a VM's userid (1-8 of A-Z 0-9)")
+    return value
+
+
+def action_request(body: Any) -> str:
+    """The action of a ``POST /v1/vms/{vm_id}/action`` body."""
+    if not isinstance(body, dict) or set(body) != {"action"}:
+        raise InvalidInput("body", 'must be {"action": ...}')
+    action = body["action"]
+    if not isinstance(action, str) or action not in ACTIONS:
+        raise InvalidInput("action", f"must be one of {sorted(ACTIONS)}")
+    return action
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:
@@ -78,6 +94,16 @@ class ClusterHandlers:
         self.controller.destroy(task_id)
         return Response(202, {"task": task_id})
 
+    def show_vm(self, req: Request) -> Response:
+        return Response(200, self.controller.records.vm(vm_id(req.params["vm_id"])).view())
+
+    def vm_action(self, req: Request) -> Response:
+        vm = self.controller.records.vm(vm_id(req.params["vm_id"]))
+        action = action_request(req.body)
+        self.controller.act(vm, action)
+        href = f"/v1/vms/{vm.userid}"
+        return Response(202, {"vm": vm.userid, "action": action, "href": href})
+
     def nodes(self, req: Request) -> Response:
         return Response(200, self.controller.node_states())
 
@@ -99,6 +125,8 @@ class ClusterHandlers:
             if answer is None:
                 return Response(200, raw=b"")
             return Response(200, answer)
+        if req.query in snooze.VM_VERBS:
+            return self._vm_verb(req.query, raw)
         raise RouteNotFound(f"no such group manager method: {req.query!r}")
 
     def bootstrap(self, req: Request) -> Response:
@@ -106,3 +134,17 @@ class ClusterHandlers:
             raise RouteNotFound(f"no such bootstrap method: {req.query!r}")
         states = self.controller.node_states()
         return Response(200, snooze.local_controllers(states, self.controller.nodes))
+
+    def bootstrap_vm(self, req: Request) -> Response:
+        """Snooze's bootstrap takes the per-VM verbs too (body: the VM id)."""
+        if req.query not in snooze.VM_VERBS:
+            raise RouteNotFound(f"no such bootstrap method: {req.query!r}")
+        return self._vm_verb(req.query, req.body if isinstance(req.body, bytes) else b"")
+
+    def _vm_verb(self, verb: str, raw: bytes) -> Response:
+        """A ``...VirtualMachine`` verb: the same per-VM action as ``POST /v1/vms/{id}/action``."""
+        body: Any = parse_json(raw) if raw.strip()[:1] in (b"{", b'"') else raw
+        name, node = snooze.vm_reference(body)
+        vm = snooze.pick(self.controller.records.live_named(name), name, node)
+        self.controller.act(vm, snooze.VM_VERBS[verb])
+        return Response(200, True)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from volt.cluster import model
+from volt.cluster.capacity import CapacityCache
 from volt.cluster.model import VM, Records, VMSpec
 from volt.cluster.nodes import INFO_TIMEOUT_S, NodeEndpoint
 from volt.cluster.placement import Demand, InsufficientCapacity, Room, place
@@ -29,6 +30,15 @@ LOG = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 600.0  # a deploy builds a whole block stack
 MAX_ATTEMPTS = 2  # the first node, then one other
 USERID_CHARS = string.ascii_uppercase + string.digits
+# Per-VM action -> the node's guest_action; destroy is apart.
+POWER_ACTIONS = {
+    "start": "start",
+    "shutdown": "softstop",  # ACPI; powered off after the node's timeout
+    "suspend": "pause",
+    "resume": "unpause",
+    "reboot": "reboot",
+}
+ACTIONS = frozenset({*POWER_ACTIONS, "destroy"})
 
 ClientFactory = Callable[[NodeEndpoint, float], Any]
 
@@ -46,7 +56,11 @@ class Controller:
         workers: int = 8,
         client_factory: ClientFactory = _default_client,
         controller_address: tuple[str, int] = ("127.0.0.1", 0),
+        capacity_interval: float = 5.0,
+        capacity: CapacityCache | None = None,
     ) -> None:
+        """``capacity``: a cache the caller refreshes (tests); default: one that asks
+        every node every ``capacity_interval`` seconds in the background."""
         self.records = Records(store)
         self.nodes = {n.id: n for n in nodes}
         self.client_factory = client_factory
@@ -55,30 +69,27 @@ class Controller:
         self.controller_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"volt:{host}:{port}"))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster")
         self._lock = threading.Lock()  # placement + recording: no two bursts take one room
+        self._vm_locks: dict[str, threading.Lock] = {}  # per userid: its actions in turn
+        self.capacity = capacity or CapacityCache(nodes, self._ask, capacity_interval).start()
 
     def close(self) -> None:
+        self.capacity.stop()
         self._pool.shutdown(wait=True)
 
     # -- capacity -------------------------------------------------------------------------------
-    def _host_info(self, node: NodeEndpoint) -> dict[str, Any] | None:
-        try:
-            info = self.client_factory(node, INFO_TIMEOUT_S).call("guest_host_info")
-        except Exception as exc:  # any failure: the node is down for placement
-            LOG.warning("cluster: node %s does not answer guest_host_info: %s", node.id, exc)
-            return None
-        return info if isinstance(info, dict) else None
+    def _ask(self, node: NodeEndpoint) -> Any:
+        return self.client_factory(node, INFO_TIMEOUT_S).call("guest_host_info")
 
     def node_states(self) -> list[dict[str, Any]]:
-        """Per node: reachable or not, capacity (host info capped by the nodes file), what
-        the controller placed there, its VMs."""
-        with ThreadPoolExecutor(max_workers=max(1, len(self.nodes))) as pool:
-            infos = dict(
-                zip(self.nodes, pool.map(self._host_info, self.nodes.values()), strict=True)
-            )
+        """Per node, from the capacity cache (never asks a node): up, down or unknown,
+        stale or not, capacity (host info capped by the nodes file), what the controller
+        placed there, its VMs."""
         vms = [vm for vm in self.records.all_vms() if vm.status in model.HOLDS_ROOM]
+        now = self.capacity.clock()
         states = []
         for node_id, node in self.nodes.items():
-            info = infos[node_id]
+            probe = self.capacity.get(node_id)
+            info = probe.info if probe is not None else None
             mine = [vm for vm in vms if vm.node == node_id]
             capacity = None
             if info is not None:
@@ -91,7 +102,10 @@ class Controller:
                 {
                     "id": node_id,
                     "address": "{}:{}".format(*node.address),
-                    "status": "up" if info is not None else "down",
+                    "status": "unknown" if probe is None else "up" if info is not None else "down",
+                    "stale": probe is not None and self.capacity.stale(probe),
+                    "checked_s_ago": None if probe is None else round(now - probe.at, 1),
+                    "error": None if probe is None else probe.error,
                     "capacity": capacity,
                     "used": {
                         "vcpus": sum(vm.vcpus for vm in mine),
@@ -112,7 +126,8 @@ class Controller:
     def _rooms(self, only: Sequence[str] | None = None) -> list[Room]:
         rooms = []
         for state in self.node_states():
-            if state["capacity"] is None or (only is not None and state["id"] not in only):
+            usable = state["status"] == "up" and not state["stale"]
+            if not usable or (only is not None and state["id"] not in only):
                 continue
             cap, used = state["capacity"], state["used"]
             rooms.append(
@@ -162,6 +177,21 @@ class Controller:
         for vm in vms:
             if vm.status != model.DELETED:
                 self._pool.submit(self._destroy, self.records.update(vm, model.DELETING))
+
+    def act(self, vm: VM, action: str) -> None:
+        """Dispatch a per-VM action (in the background); Conflict, nothing dispatched, when
+        the VM is not in a state to take it."""
+        if action not in ACTIONS:
+            raise InvalidInput("action", f"must be one of {sorted(ACTIONS)}")
+        if action == "destroy":
+            if vm.status not in (model.RUNNING, model.ERROR):
+                raise Conflict(f"VM {vm.userid} is {vm.status}; destroy needs RUNNING or ERROR")
+            self._pool.submit(self._destroy, self.records.update(vm, model.DELETING))
+            return
+        if vm.status != model.RUNNING:
+            raise Conflict(f"VM {vm.userid} is {vm.status}; {action} needs RUNNING")
+        LOG.info("cluster: %s of VM %s on %s", action, vm.userid, vm.node)
+        self._pool.submit(self._power, vm, action)
 
     # -- workers --------------------------------------------------------------------------------
     def _client(self, node_id: str, timeout: float = CALL_TIMEOUT_S) -> Any:
@@ -217,6 +247,33 @@ class Controller:
             client.call("guest_delete", userid)
         except Exception as exc:
             LOG.info("cluster: leftovers of %s on %s not deleted: %s", userid, node, exc)
+
+    def _power(self, vm: VM, action: str) -> None:
+        """One action, then the power the node reports, recorded; one VM's actions run one
+        at a time, so the last record is the node's state after the last action."""
+        method = POWER_ACTIONS[action]
+        with self._vm_lock(vm.userid):
+            try:
+                vm = self.records.vm(vm.userid)  # what an earlier action left
+                if vm.status != model.RUNNING:
+                    LOG.info("cluster: %s of %s dropped: it is %s", action, vm.userid, vm.status)
+                    return
+                assert vm.node is not None
+                client = self._client(vm.node)
+                try:
+                    client.call("guest_action", vm.userid, method)
+                    power = client.call("guest_power_state", vm.userid)
+                except Exception as exc:
+                    LOG.warning("cluster: %s of %s on %s: %s", action, vm.userid, vm.node, exc)
+                    self.records.note(vm, error=f"{action} on {vm.node}: {exc}")
+                    return
+                self.records.note(vm, extra={**(vm.extra or {}), "power": power}, error=None)
+            except Exception:  # e.g. destroyed meanwhile (Conflict)
+                LOG.exception("cluster: recording %s of %s", action, vm.userid)
+
+    def _vm_lock(self, userid: str) -> threading.Lock:
+        with self._lock:
+            return self._vm_locks.setdefault(userid, threading.Lock())
 
     def _destroy(self, vm: VM) -> None:
         try:

@@ -2,7 +2,8 @@
 
 A VM goes PENDING -> CREATING -> DEPLOYING -> STARTING -> RUNNING; any step may fail to
 ERROR, and a VM whose node failed goes back to PENDING once (on another node). A finished VM
-(RUNNING or ERROR) is destroyed through DELETING -> DELETED.
+(RUNNING or ERROR) is destroyed through DELETING -> DELETED. A RUNNING VM's power
+("on", "off", "paused") follows the per-VM actions without leaving RUNNING.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ class TaskNotFound(VoltError):
         super().__init__(f"no cluster task {task_id!r}")
 
 
+class VMNotFound(VoltError):
+    status = 404
+    code = "volt.cluster.vm_not_found"
+    title = "Not Found"
+
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"no cluster VM {vm_id!r}")
+
+
 class BadTransition(Exception):
     """A programming error: a VM asked to go where the state machine does not allow."""
 
@@ -78,8 +88,16 @@ class VM:
     attempts: int
     extra: dict[str, Any] | None
 
+    @property
+    def power(self) -> str | None:
+        """The guest's power as the last per-VM action left it (None unless RUNNING)."""
+        if self.status != RUNNING:
+            return None
+        return str((self.extra or {}).get("power", "on"))
+
     def view(self) -> dict[str, Any]:
         return {
+            "task": self.task_id,
             "index": self.idx,
             "name": self.name,
             "userid": self.userid,
@@ -88,6 +106,7 @@ class VM:
             "memory_mb": self.memory_mb,
             "node": self.node,
             "status": self.status,
+            "power": self.power,
             "address": self.address,
             "error": self.error,
             "attempts": self.attempts,
@@ -185,6 +204,39 @@ class Records:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(cluster_vms).order_by(cluster_vms.c.task_id))
             return [_vm(r) for r in rows]
+
+    def vm(self, userid: str) -> VM:
+        """The VM of a userid; VMNotFound otherwise."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(cluster_vms).where(cluster_vms.c.userid == userid)).first()
+        if row is None:
+            raise VMNotFound(userid)
+        return _vm(row)
+
+    def live_named(self, name: str) -> list[VM]:
+        """The VMs not DELETED whose name or userid is ``name`` (names repeat across tasks)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(cluster_vms)
+                .where(sa.or_(cluster_vms.c.name == name, cluster_vms.c.userid == name))
+                .where(cluster_vms.c.status != DELETED)
+                .order_by(cluster_vms.c.task_id, cluster_vms.c.idx)
+            )
+            return [_vm(r) for r in rows]
+
+    def note(self, vm: VM, **values: Any) -> VM:
+        """Change ``values`` of ``vm`` while its status stays what it was."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                cluster_vms.update()
+                .where(cluster_vms.c.task_id == vm.task_id)
+                .where(cluster_vms.c.idx == vm.idx)
+                .where(cluster_vms.c.status == vm.status)
+                .values(**{k: json.dumps(v) if k == "extra" else v for k, v in values.items()})
+            )
+            if done.rowcount != 1:
+                raise Conflict(f"VM {vm.name} of task {vm.task_id} changed meanwhile")
+        return VM(**{**vm.__dict__, **values})
 
     def userids(self) -> set[str]:
         with self.engine.connect() as conn:

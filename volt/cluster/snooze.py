@@ -8,6 +8,10 @@
 * ``POST /groupmanager?getVirtualClusterResponse``: the body is the task id (raw, or a JSON
   string); the answer is empty until every VM is RUNNING or ERROR, then the seed's shape.
 * ``GET /bootstrap?getLocalControllerList``: one local controller per configured node.
+* ``POST /groupmanager?{shutdown,destroy,suspend,resume,reboot}VirtualMachine``: the body
+  is the VM's id (its name or userid; raw or a JSON string) or a VirtualMachineLocation
+  (``virtualMachineId``, optional ``localControllerId``); the answer is ``true`` once the
+  action is dispatched (the same per-VM actions as ``POST /v1/vms/{vm_id}/action``).
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ from typing import Any
 from xml.etree import ElementTree
 
 from volt.cluster import model
-from volt.cluster.model import VM, VMSpec
-from volt.errors import InvalidInput
+from volt.cluster.model import VM, VMNotFound, VMSpec
+from volt.errors import Conflict, InvalidInput
 
 TEMPLATE_KEYS = {"libVirtTemplate", "networkCapacityDemand", "vcpus", "memory", "imageId", "name"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+USERID_RE = re.compile(r"[A-Z0-9]{1,8}")
+VM_VERBS = {
+    f"{action}VirtualMachine": action
+    for action in ("shutdown", "destroy", "suspend", "resume", "reboot")
+}
 MAX_VMS = 256
 LIBVIRT_TCP_PORT = 16509
 MAX_VCPUS = 256
@@ -136,6 +145,43 @@ def task_id(raw: bytes) -> str:
         raise InvalidInput("body", "must be a task identifier (a UUID)") from None
 
 
+def vm_reference(body: Any) -> tuple[str, str | None]:
+    """(VM name or userid, node id or None) of a per-VM verb's body."""
+    node = None
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace").strip()
+    if isinstance(body, dict):
+        unknown = sorted(set(body) - LOCATION_KEYS)
+        if unknown or "virtualMachineId" not in body:
+            raise InvalidInput("body", "must be a VM id or a VirtualMachineLocation")
+        node = body.get("localControllerId")
+        if node is not None and not isinstance(node, str):
+            raise InvalidInput("localControllerId", "must be a string")
+        body = body["virtualMachineId"]
+    if not isinstance(body, str) or not NAME_RE.fullmatch(body):
+        raise InvalidInput("virtualMachineId", "must be 1-64 of A-Z a-z 0-9 . _ -")
+    return body, node
+
+
+def pick(found: list[VM], name: str, node: str | None) -> VM:
+    """The one VM a Snooze reference means; 404 for none, 409 when ambiguous."""
+    found = [vm for vm in found if node is None or vm.node == node]
+    if not found:
+        raise VMNotFound(name if node is None else f"{name} on {node}")
+    if len(found) > 1:
+        raise Conflict(
+            f"{len(found)} VMs are named {name!r} (userids {[vm.userid for vm in found]}); "
+            "send the userid or a localControllerId"
+        )
+    return found[0]
+
+
+LOCATION_KEYS = {
+    "virtualMachineId", "localControllerId", "groupManagerId",
+    "groupManagerControlDataAddress", "localControllerControlDataAddress",
+}  # fmt: skip
+
+
 def _address(address: tuple[str, int]) -> dict[str, Any]:
     return {"address": address[0], "port": address[1]}
 
@@ -152,6 +198,7 @@ def cluster_response(
         node = nodes.get(vm.node or "")
         node_address = node.address if node is not None else ("", 0)
         status = {model.RUNNING: "RUNNING", model.DELETED: "TERMINATED"}.get(vm.status, "ERROR")
+        status = {"paused": "PAUSED", "off": "SHUTOFF"}.get(vm.power or "", status)
         meta.append(
             {
                 "status": status,

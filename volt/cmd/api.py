@@ -125,6 +125,7 @@ def build_app() -> VoltApp:
             store,
             nodes,
             workers=CONF.cluster.dispatch_workers,
+            capacity_interval=CONF.cluster.capacity_interval,
             controller_address=(CONF.bind_host, CONF.bind_port),
         )
         LOG.info("volt-api: cluster controller over %d nodes", len(nodes))

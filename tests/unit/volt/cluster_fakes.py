@@ -40,7 +40,13 @@ class FakeNode:
             elif method == "guest_deploy":
                 self.guests[userid]["image"] = args[1]
             elif method == "guest_action":
-                self.guests[userid]["state"] = {"start": "on", "stop": "off"}[args[1]]
+                states = {"start": "on", "stop": "off", "softstop": "off", "pause": "paused",
+                          "unpause": "on", "reboot": "on"}  # fmt: skip
+                if userid not in self.guests:
+                    raise RuntimeError(f"guest {userid} does not exist")
+                self.guests[userid]["state"] = states[args[1]]
+            elif method == "guest_power_state":
+                return self.guests[userid]["state"]
             elif method == "guest_delete":
                 if userid not in self.guests:
                     raise RuntimeError(f"guest {userid} does not exist")

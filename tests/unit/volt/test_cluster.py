@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from brick.wait import wait_until
 from tests.unit.volt.cluster_fakes import FakeNode, call, client_factory
 from volt.api.app import VoltApp
 from volt.cluster import model, snooze
+from volt.cluster.capacity import CapacityCache
 from volt.cluster.controller import Controller
 from volt.cluster.model import VMSpec
 from volt.cluster.nodes import parse_nodes
@@ -162,6 +165,9 @@ def test_nodes_file_validation():
 class Rig:
     def __init__(self, tmp_path: Path, nodes: list[FakeNode], token: str | None = "admin"):
         self.nodes = {n.endpoint.id: n for n in nodes}
+        self.capacity = CapacityCache(  # refreshed by the tests (refresh_all)
+            [n.endpoint for n in nodes], lambda e: self.nodes[e.id].call("guest_host_info"), 1.0
+        )
         self.store = Store(f"sqlite:///{tmp_path / 'volt.sqlite'}")
         self.controller = Controller(
             self.store,
@@ -169,7 +175,9 @@ class Rig:
             workers=4,
             client_factory=client_factory(self.nodes),
             controller_address=("127.0.0.1", 5001),
+            capacity=self.capacity,
         )
+        self.capacity.refresh_all()
         service = VoltService(self.store, load_executor("balanced"), node_timeout=60)
         self.app = VoltApp(service, auth_token=token, cluster=self.controller)
         self.token = token
@@ -354,8 +362,220 @@ def test_a_node_list_restricts_the_burst_and_a_down_node_gets_nothing(rig):
     view = rig.wait_done(answer["task"])
     assert [vm["node"] for vm in view["vms"]] == ["n2", "n2"]
     rig.nodes["n1"].fail = "*"  # down: no host info, no room
+    rig.capacity.refresh_all()
     status, nodes, _ = rig.call("GET", "/v1/nodes")
     assert [(n["id"], n["status"], n["capacity"]) for n in nodes] == [
         ("n1", "down", None), ("n2", "up", {"vcpus": 2, "memory_mb": 1024})]  # fmt: skip
     status, err, _ = rig.call("POST", "/v1/clusters", {**BURST, "count": 1})
     assert status == 409 and "no node with room" in err["errors"][0]["detail"]
+
+
+def _running(rig: Rig, count: int = 2) -> list[dict[str, Any]]:
+    status, answer, _ = rig.call("POST", "/v1/clusters", {**BURST, "count": count})
+    assert status == 202, answer
+    vms: list[dict[str, Any]] = rig.wait_done(answer["task"])["vms"]
+    return vms
+
+
+def _guest(rig: Rig, vm: dict[str, Any]) -> dict[str, Any]:
+    guest: dict[str, Any] = rig.nodes[vm["node"]].guests.get(vm["userid"], {})
+    return guest
+
+
+def _settled(rig: Rig, userid: str, power: str | None) -> dict[str, Any]:
+    return wait_until(
+        lambda: (v := rig.call("GET", f"/v1/vms/{userid}")[1])["power"] == power and v,
+        timeout_s=10, what=f"{userid} {power}", max_interval_s=0.02,
+    )  # fmt: skip
+
+
+def test_per_vm_actions_reach_the_node_and_show_in_the_vm(rig):
+    vm, other = _running(rig)
+    url = f"/v1/vms/{vm['userid']}/action"
+    for action, power, state in [
+        ("suspend", "paused", "paused"), ("resume", "on", "on"), ("reboot", "on", "on"),
+        ("shutdown", "off", "off"), ("start", "on", "on"),
+    ]:  # fmt: skip
+        node = rig.nodes[vm["node"]]
+        calls = len(node.calls)
+        status, answer, _ = rig.call("POST", url, {"action": action})
+        assert status == 202 and answer["action"] == action, answer
+        wait_until(lambda n=node, c=calls: n.calls[c:] == ["guest_action", "guest_power_state"],
+                   timeout_s=10, what=action, max_interval_s=0.02)  # fmt: skip
+        shown = _settled(rig, vm["userid"], power)
+        assert shown["status"] == "RUNNING" and shown["error"] is None
+        assert _guest(rig, vm)["state"] == state
+    assert _guest(rig, other)["state"] == "on"  # the other VM untouched
+    # destroy: gone from its node, DELETED, its room free again
+    assert rig.call("POST", url, {"action": "destroy"})[0] == 202
+    _settled(rig, vm["userid"], None)
+    shown = wait_until(
+        lambda: (v := rig.call("GET", f"/v1/vms/{vm['userid']}")[1])["status"] == "DELETED" and v,
+        timeout_s=10, what="the destroy", max_interval_s=0.02,
+    )  # fmt: skip
+    assert _guest(rig, vm) == {} and shown["power"] is None
+    status, err, _ = rig.call("POST", url, {"action": "reboot"})
+    assert status == 409 and "is DELETED" in err["errors"][0]["detail"]
+
+
+def test_a_failed_action_is_shown_on_the_vm(rig):
+    (vm,) = _running(rig, 1)
+    rig.nodes[vm["node"]].fail = "guest_action"
+    assert rig.call("POST", f"/v1/vms/{vm['userid']}/action", {"action": "suspend"})[0] == 202
+    shown = wait_until(
+        lambda: (v := rig.call("GET", f"/v1/vms/{vm['userid']}")[1])["error"] and v,
+        timeout_s=10, what="the failure", max_interval_s=0.02,
+    )  # fmt: skip
+    assert shown["error"] == f"suspend on {vm['node']}: {vm['node']} is down"
+    assert shown["power"] == "on" and shown["status"] == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "status", "field"),
+    [
+        ("/v1/vms/VNOSUCH1/action", {"action": "reboot"}, 404, None),
+        ("/v1/vms/nope!/action", {"action": "reboot"}, 400, "vm_id"),
+        ("/v1/vms/{}/action", {"action": "explode"}, 400, "action"),
+        ("/v1/vms/{}/action", {"action": 1}, 400, "action"),
+        ("/v1/vms/{}/action", {"action": "reboot", "force": True}, 400, "body"),
+        ("/v1/vms/{}/action", None, 400, "body"),
+        ("/v1/vms/VNOSUCH1", None, 404, None),
+    ],
+)
+def test_bad_actions_are_refused_and_nothing_is_dispatched(rig, url, body, status, field):
+    (vm,) = _running(rig, 1)
+    before = {n: list(node.calls) for n, node in rig.nodes.items()}
+    method = "POST" if url.endswith("action") else "GET"
+    got, err, _ = rig.call(method, url.format(vm["userid"]), body)
+    assert got == status, err
+    if field:
+        assert f"invalid {field!r}" in err["errors"][0]["detail"]
+    assert {n: list(node.calls) for n, node in rig.nodes.items()} == before
+    assert rig.call("GET", f"/v1/vms/{vm['userid']}")[1]["power"] == "on"
+
+
+def test_snooze_per_vm_verbs_use_the_same_actions(tmp_path):
+    r = Rig(tmp_path, [FakeNode("n1", 2, 1024), FakeNode("n2", 2, 1024)], token=None)
+    try:
+        status, task, _ = r.call("POST", "/groupmanager?startVirtualCluster", raw=SEED_START)
+        (vm,) = r.wait_done(task)["vms"]
+        assert vm["name"] == "debian1"
+        for where, verb, body, power in [
+            ("/groupmanager", "suspendVirtualMachine", b"debian1", "paused"),  # curl -d debian1
+            ("/groupmanager", "resumeVirtualMachine", b'"debian1"', "on"),
+            ("/groupmanager", "shutdownVirtualMachine",
+             json.dumps({"virtualMachineId": "debian1", "localControllerId": vm["node"]}).encode(),
+             "off"),
+            ("/bootstrap", "rebootVirtualMachine", vm["userid"].encode(), "on"),
+        ]:  # fmt: skip
+            status, answer, _ = r.call("POST", f"{where}?{verb}", raw=body)
+            assert (status, answer) == (200, True), (verb, answer)
+            _settled(r, vm["userid"], power)
+            if power == "paused":
+                answer = r.call("POST", "/groupmanager?getVirtualClusterResponse",
+                                raw=task.encode())[1]  # fmt: skip
+                assert answer["virtualMachineMetaData"][0]["status"] == "PAUSED"
+        other = "n2" if vm["node"] == "n1" else "n1"
+        where = json.dumps({"virtualMachineId": "debian1", "localControllerId": other}).encode()
+        assert r.call("POST", "/groupmanager?destroyVirtualMachine", raw=where)[0] == 404
+        assert r.call("POST", "/groupmanager?destroyVirtualMachine", raw=b"ghost")[0] == 404
+        assert r.call("POST", "/bootstrap?getLocalControllerList", raw=b"debian1")[0] == 404
+        status, err, _ = r.call("POST", "/groupmanager?destroyVirtualMachine", raw=b"a b")
+        assert status == 400 and "'virtualMachineId'" in err["errors"][0]["detail"]
+        # a second cluster with the same VM name: the bare name is ambiguous (409)
+        _, task2, _ = r.call("POST", "/groupmanager?startVirtualCluster", raw=SEED_START)
+        r.wait_done(task2)
+        status, err, _ = r.call("POST", "/groupmanager?destroyVirtualMachine", raw=b"debian1")
+        assert status == 409 and "send the userid" in err["errors"][0]["detail"]
+        assert r.call("POST", "/groupmanager?destroyVirtualMachine",
+                      raw=vm["userid"].encode())[0] == 200  # fmt: skip
+        wait_until(
+            lambda: r.call("GET", f"/v1/vms/{vm['userid']}")[1]["status"] == "DELETED",
+            timeout_s=10, what="the destroy", max_interval_s=0.02,
+        )  # fmt: skip
+        assert r.call("POST", "/groupmanager?destroyVirtualMachine", raw=b"debian1")[0] == 200
+    finally:
+        r.close()
+
+
+def test_a_burst_larger_than_the_cluster_is_refused_up_front_with_the_numbers(rig):
+    status, err, _ = rig.call("POST", "/v1/clusters", {**BURST, "count": 5})
+    assert status == 409
+    assert err["errors"][0]["detail"] == (
+        "5 VMs (5 vcpus, 640 MB) do not fit: VM #4 (1 vcpus, 128 MB) has no node with room; "
+        "free before this burst: n1: 2 vcpus 1024 MB, n2: 2 vcpus 1024 MB"
+    )
+    assert rig.controller.records.all_vms() == []  # not half-started: nothing recorded
+    assert all(n.calls == ["guest_host_info"] for n in rig.nodes.values())  # nor dispatched
+
+
+def test_a_dead_node_does_not_slow_post_clusters(tmp_path):
+    """The capacity cache asks in the background: a node that hangs (n3) or fails (n2)
+    costs POST /v1/clusters nothing, gets no VM, and GET /v1/nodes says so."""
+    fakes = {n.endpoint.id: n for n in (FakeNode("n1", 2, 1024), FakeNode("n2"), FakeNode("n3"))}
+    fakes["n2"].fail = "*"
+    release = threading.Event()
+
+    def ask(endpoint: Any) -> Any:
+        if endpoint.id == "n3":
+            release.wait(10)  # hangs like a node that accepts and never answers
+            raise TimeoutError("timed out")
+        return fakes[endpoint.id].call("guest_host_info")
+
+    endpoints = [n.endpoint for n in fakes.values()]
+    store = Store(f"sqlite:///{tmp_path / 'volt.sqlite'}")
+    controller = Controller(
+        store, endpoints, client_factory=client_factory(fakes),
+        capacity=CapacityCache(endpoints, ask, 0.05).start(),
+    )  # fmt: skip
+    app = VoltApp(VoltService(store, load_executor("balanced"), node_timeout=60),
+                  auth_token="admin", cluster=controller)  # fmt: skip
+    try:
+        nodes = wait_until(
+            lambda: (n := call(app, "GET", "/v1/nodes")[1])[1]["status"] == "down" and n,
+            timeout_s=5, what="n2 down", max_interval_s=0.02,
+        )  # fmt: skip
+        assert [(n["id"], n["status"], n["stale"]) for n in nodes] == [
+            ("n1", "up", False), ("n2", "down", False), ("n3", "unknown", False)]  # fmt: skip
+        assert nodes[1]["error"] == "n2 is down" and nodes[2]["checked_s_ago"] is None
+        t0 = time.monotonic()
+        status, answer, _ = call(app, "POST", "/v1/clusters", {**BURST, "count": 2})
+        took = time.monotonic() - t0
+        assert status == 202 and took < 0.5, (status, took)
+        vms = wait_until(
+            lambda: (v := controller.vms(answer["task"])) and
+            all(vm.status == "RUNNING" for vm in v) and v,
+            timeout_s=10, what="the burst", max_interval_s=0.02,
+        )  # fmt: skip
+        assert [vm.node for vm in vms] == ["n1", "n1"]
+        assert fakes["n2"].guests == fakes["n3"].guests == {}
+    finally:
+        release.set()
+        controller.close()
+        store.dispose()
+
+
+def test_a_stale_entry_is_marked_and_skipped(tmp_path):
+    now = [100.0]
+    fakes = {n.endpoint.id: n for n in (FakeNode("n1", 2, 1024),)}
+    endpoints = [n.endpoint for n in fakes.values()]
+    cache = CapacityCache(
+        endpoints, lambda e: fakes[e.id].call("guest_host_info"), 1.0, clock=lambda: now[0]
+    )
+    store = Store(f"sqlite:///{tmp_path / 'volt.sqlite'}")
+    controller = Controller(store, endpoints, client_factory=client_factory(fakes), capacity=cache)
+    try:
+        cache.refresh_all()
+        now[0] += 7.0  # = 2 x 1 s + INFO_TIMEOUT_S: still fresh
+        (state,) = controller.node_states()
+        assert (state["status"], state["stale"], state["checked_s_ago"]) == ("up", False, 7.0)
+        now[0] += 0.5
+        (state,) = controller.node_states()
+        assert (state["status"], state["stale"]) == ("up", True)
+        with pytest.raises(InsufficientCapacity, match="free before this burst: no nodes"):
+            controller.submit([VMSpec("s-0", "tiny", 1, 128)], "v1")
+        cache.refresh_all()
+        controller.submit([VMSpec("s-0", "tiny", 1, 128)], "v1")
+    finally:
+        controller.close()
+        store.dispose()

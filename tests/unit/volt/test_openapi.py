@@ -1,7 +1,8 @@
 """volt/api/openapi.json: a valid OpenAPI 3.0.3 document that matches the code it documents.
 
 The route table of ``volt.api.app`` is the single list of the API: the document must have
-exactly its (path, method) pairs, so neither can drift from the other. The input patterns
+exactly its (path, method) pairs, so neither can drift from the other (the table of a
+volt-api with the cluster controller, which routes every path). The input patterns
 must accept exactly what ``volt.validation`` accepts.
 """
 
@@ -22,6 +23,8 @@ from volt import validation
 from volt.api.app import VoltApp, route_table
 from volt.api.handlers import Handlers
 from volt.api.request import Request
+from volt.cluster.api import CLUSTER_KEYS
+from volt.cluster.controller import ACTIONS, Controller
 from volt.errors import InvalidInput
 from volt.service import VoltService
 from volt.store import Store
@@ -46,7 +49,17 @@ EXPECTED_STATUSES = {
     ("/v1/volumes/{volume_id}/{peer_id}", "delete"): {"200", "400", "401", "403", "404", "503"},
     ("/v1/members", "get"): {"200", "401", "403"},
     ("/v1/members/heartbeat", "put"): {"200", "400", "401", "403", "408", "413"},
+    ("/v1/clusters", "post"): {"202", "400", "401", "403", "408", "409", "413"},
+    ("/v1/clusters/{task_id}", "get"): {"200", "400", "401", "403", "404"},
+    ("/v1/clusters/{task_id}", "delete"): {"202", "400", "401", "403", "404", "409"},
+    ("/v1/vms/{vm_id}", "get"): {"200", "400", "401", "403", "404"},
+    ("/v1/vms/{vm_id}/action", "post"): {"202", "400", "401", "403", "404", "408", "409", "413"},
+    ("/v1/nodes", "get"): {"200", "401", "403"},
+    ("/groupmanager", "post"): {"200", "400", "401", "403", "404", "408", "409", "413"},
+    ("/bootstrap", "get"): {"200", "401", "403", "404"},
+    ("/bootstrap", "post"): {"200", "400", "401", "403", "404", "408", "409", "413"},
 }
+SNOOZE_PATHS = {"/groupmanager", "/bootstrap"}
 
 
 def load() -> dict[str, Any]:
@@ -68,7 +81,9 @@ def doc() -> dict[str, Any]:
 def app(tmp_path: Path) -> Iterator[VoltApp]:
     store = Store(f"sqlite:///{tmp_path / 'volt.sqlite'}")
     service = VoltService(store, load_executor("balanced"), node_timeout=60)
-    yield VoltApp(service, auth_token="t")
+    cluster = Controller(store, [])
+    yield VoltApp(service, auth_token="t", cluster=cluster)
+    cluster.close()
     store.dispose()
 
 
@@ -127,6 +142,12 @@ def test_the_paths_and_methods_are_the_route_table(doc: dict[str, Any], app: Vol
     assert in_code == set(EXPECTED_STATUSES)
 
 
+def test_every_routed_path_is_documented(doc: dict[str, Any], app: VoltApp) -> None:
+    routed = {template for template, _, _ in app.routes}
+    assert routed - set(doc["paths"]) == set()
+    assert {"/v1/clusters", "/v1/vms/{vm_id}/action", "/groupmanager"} <= routed
+
+
 def test_volt_api_serves_this_document(doc: dict[str, Any], app: VoltApp) -> None:
     request = Request("GET", "/openapi.json", {}, "127.0.0.1", {})
     response = app.openapi(request)
@@ -150,6 +171,8 @@ def test_responses_have_the_right_content_and_headers(doc: dict[str, Any]) -> No
                 assert not content, (path, method, status)  # empty bodies
             elif path == "/metrics" and status == "200":
                 assert list(content) == ["text/plain"]
+            elif path == "/groupmanager" and status == "200":  # a task id is text/plain
+                assert list(content) == ["application/json", "text/plain"]
             else:
                 assert list(content) == ["application/json"], (path, method, status)
             if int(status) >= 400 and content:
@@ -170,7 +193,7 @@ def test_the_token_guards_v1_and_metrics(doc: dict[str, Any]) -> None:
         if path in OPEN_PATHS:
             assert "security" not in operation and "401" not in operation["responses"]
         else:
-            assert path.startswith("/v1/") or path == "/metrics"
+            assert path.startswith("/v1/") or path in {"/metrics", *SNOOZE_PATHS}
             assert operation["security"] == [{"token": []}], (path, method)
             assert "401" in operation["responses"]
 
@@ -185,14 +208,23 @@ def test_request_bodies(doc: dict[str, Any]) -> None:
         ("/v1/volumes/query/{volume_id}", "get"),
         ("/v1/volumes/{volume_id}/{peer_id}", "post"),
         ("/v1/members/heartbeat", "put"),
+        ("/v1/clusters", "post"),
+        ("/v1/vms/{vm_id}/action", "post"),
+        ("/groupmanager", "post"),
+        ("/bootstrap", "post"),
     }
     register = bodies[("/v1/volumes/{volume_id}/{peer_id}", "post")]
     assert register["required"] == ["host", "port", "iqn", "lun"]
     query = bodies[("/v1/volumes/query/{volume_id}", "get")]
     assert "required" not in query
     assert set(query["properties"]) == {"host", "port", "iqn", "lun", "peer_id"}
-    for body in bodies.values():
-        assert body["additionalProperties"] is False
+    action = bodies[("/v1/vms/{vm_id}/action", "post")]
+    assert action["required"] == ["action"]
+    assert set(action["properties"]["action"]["enum"]) == ACTIONS
+    assert set(bodies[("/v1/clusters", "post")]["properties"]) == CLUSTER_KEYS
+    for where, body in bodies.items():
+        if where[0] not in SNOOZE_PATHS:  # Snooze's bodies are its own
+            assert body["additionalProperties"] is False
 
 
 # -- the patterns agree with volt.validation ------------------------------------------------
