@@ -51,7 +51,7 @@ def all_vm_names(vms: VCenterMachines) -> list[str]:
     return sorted(vms._prop(vm, "name") for vm in vms._all_vms(vms._inv().vm_folder))
 
 
-def test_lifecycle_of_three_guests(machines: VCenterMachines) -> None:
+def test_lifecycle_of_three_guests(machines: VCenterMachines, vcsim: VCSim, tmp_path: Path) -> None:
     foreign = all_vm_names(machines)
     assert foreign and not machines.list()  # the simulator's own VMs are not ours
 
@@ -74,10 +74,15 @@ def test_lifecycle_of_three_guests(machines: VCenterMachines) -> None:
     machines.start("g0")
     assert machines.info("g0").state == "running"
     assert [i.instance for i in machines.orphans(["g0", "g2"])] == ["g1"]
+    with VCenterMachines(settings(vcsim), state_dir=tmp_path) as restarted:  # a new session
+        assert restarted.list() == machines.list()
+    gone = machines._owned("g2")
+    assert gone is not None
 
     for info in booted:
         machines.destroy(info.instance)
     machines.destroy("g0")  # gone already: success
+    assert machines._describe(gone[0]) is None  # a vanished VM is no error, and not ours
     assert machines.list() == []
     assert all_vm_names(machines) == foreign  # nothing of ours left, nothing else touched
     with pytest.raises(InstanceNotFound):

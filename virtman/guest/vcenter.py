@@ -65,6 +65,10 @@ class VCenterLoginFailed(VCenterError):
         super().__init__(f"vCenter at {endpoint} refused the login of {username!r}")
 
 
+class VCenterObjectGone(VCenterError):
+    """An inventory object vanished between two calls (destroyed meanwhile)."""
+
+
 class VCenterTaskFailed(VCenterError):
     def __init__(self, call: str, target: str, reason: str) -> None:
         self.call, self.target, self.reason = call, target, reason
@@ -213,6 +217,8 @@ class VCenterMachines:
         except vexc.VimConnectionException as err:
             raise VCenterUnreachable(self.settings.endpoint, f"{what}: {err}") from err
         except vexc.VMwareDriverException as err:
+            if _gone(err):
+                raise VCenterObjectGone(f"vCenter {what}: the object vanished: {err}") from err
             raise VCenterError(f"vCenter {what} failed: {err}") from err
 
     def _prop(self, moref: Any, name: str) -> Any:
@@ -284,10 +290,8 @@ class VCenterMachines:
                                self._session.vim, vm,
                                ["name", "config.extraConfig", "config.instanceUuid",
                                 "runtime.powerState"])  # fmt: skip
-        except VCenterError as err:
-            if "ManagedObjectNotFound" in str(err):
-                return None
-            raise
+        except VCenterObjectGone:
+            return None
         extra = props.get("config.extraConfig")
         tags = {o.key: o.value for o in getattr(extra, "OptionValue", [])}
         instance = tags.get(TAG_KEY)
@@ -429,6 +433,13 @@ class VCenterMachines:
         if found is None:
             raise InstanceNotFound(instance_name)
         return found
+
+
+def _gone(err: vexc.VMwareDriverException) -> bool:
+    faults = getattr(err, "fault_list", None) or []
+    return isinstance(err, vexc.ManagedObjectNotFoundException) or (
+        "ManagedObjectNotFound" in faults
+    )
 
 
 def _morefs(value: Any) -> builtins.list[Any]:
