@@ -127,3 +127,21 @@ def test_failed_create_task_leaves_nothing(machines: VCenterMachines) -> None:
     finally:
         stale.unlink()
         stale.parent.rmdir()
+
+
+def test_vcenter_gone_mid_use_is_named(tmp_path: Path) -> None:
+    """The simulator killed under an open session: the next call fails at once, naming it."""
+    sim = VCSim(tmp_path / "sim")
+    sim.workdir.mkdir()
+    sim.start()
+    try:
+        vms = VCenterMachines(settings(sim, api_retry_count=0), state_dir=tmp_path)
+        assert vms.boot("g9").state == "running"
+    finally:
+        sim.stop()
+    with pytest.raises(VCenterUnreachable) as err:
+        vms.boot("g10")
+    assert str(err.value).startswith(
+        f"vCenter at http://127.0.0.1:{sim.port} unreachable: reading childEntity: "
+    )
+    vms.close()  # no vCenter to log out of: still no error
