@@ -11,6 +11,7 @@ from oslo_vmware import exceptions as vexc
 from tests.functional.vcsimproc import VCSim
 from tests.functional.voltproc import free_port
 from virtman.errors import InstanceExists, InstanceNotFound
+from virtman.guest.domains import InvalidVMInput
 from virtman.guest.vcenter import (
     VCenterLoginFailed,
     VCenterMachines,
@@ -95,6 +96,12 @@ def test_wrong_password_is_named(vcsim: VCSim, tmp_path: Path) -> None:
     assert str(err.value) == (
         f"vCenter at http://127.0.0.1:{vcsim.port} refused the login of 'vmt-admin'"
     )
+
+
+def test_unknown_datastore_is_named(vcsim: VCSim, tmp_path: Path) -> None:
+    with pytest.raises(InvalidVMInput) as err:
+        VCenterMachines(settings(vcsim, datastore="nope"), state_dir=tmp_path)
+    assert str(err.value) == "invalid vcenter.datastore 'nope': not in ['LocalDS_0']"
 
 
 def test_unreachable_vcenter_is_named(vcsim: VCSim, tmp_path: Path) -> None:

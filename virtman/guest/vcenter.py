@@ -153,7 +153,7 @@ class _Inventory:
 
 class VCenterMachines:
     """Our VMs in one vCenter: one session, opened at construction (``VCenterLoginFailed``,
-    ``VCenterUnreachable``), closed by ``close``."""
+    ``VCenterUnreachable``, ``InvalidVMInput`` for a datastore it lacks), closed by ``close``."""
 
     def __init__(
         self, settings: VCenterSettings, *, prefix: str = DEFAULT_PREFIX, state_dir: Path
@@ -191,6 +191,11 @@ class VCenterMachines:
         except vexc.VMwareDriverException as err:
             raise VCenterError(f"vCenter at {settings.endpoint}: Login: {err}") from err
         self._inventory: _Inventory | None = None
+        try:
+            self._inv()  # a bad [vcenter] datastore, or no datacenter, fails here
+        except BaseException:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"VCenterMachines({self.settings.endpoint!r})"
@@ -264,7 +269,7 @@ class VCenterMachines:
         raise VCenterError(f"vCenter at {self.settings.endpoint} has no cluster or host")
 
     def _datastore(self, dc: Any) -> str:
-        names = [self._prop(ds, "name") for ds in _morefs(self._prop(dc, "datastore"))]
+        names = [str(self._prop(ds, "name")) for ds in _morefs(self._prop(dc, "datastore"))]
         wanted = self.settings.datastore
         if wanted:
             if wanted not in names:
@@ -272,7 +277,7 @@ class VCenterMachines:
             return wanted
         if not names:
             raise VCenterError(f"vCenter at {self.settings.endpoint} has no datastore")
-        return str(names[0])
+        return names[0]
 
     def _all_vms(self, folder: Any) -> builtins.list[Any]:
         found = []
