@@ -48,4 +48,6 @@ if [ "$(cat .venv/.vmt-stamp 2>/dev/null)" != "$stamp" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
     echo "$stamp" > .venv/.vmt-stamp
 fi
+# The vCenter simulator the vSphere backend's tests run against (docs/vcenter.rst).
+tools/vcsim/build.sh
 echo "setup: ready ($(.venv/bin/python --version))"

@@ -451,11 +451,50 @@ zvm_opts = [
 default_opts += api_opts + guest_opts + zvm_opts
 
 
+# [vcenter]: guests on vSphere through oslo.vmware (virtman/guest/vcenter.py, docs/vcenter.rst)
+vcenter_opts = [
+    cfg.HostAddressOpt("host", help="vCenter's address. Unset: no vSphere backend."),
+    cfg.PortOpt("port", default=443, help="vCenter's port."),
+    cfg.StrOpt(
+        "scheme",
+        default="https",
+        choices=["https", "http"],
+        help="http is accepted for a loopback host only (the simulator in the tests).",
+    ),
+    cfg.StrOpt("username", help="vCenter user that creates, powers and destroys the VMs."),
+    cfg.StrOpt("password", secret=True, help="That user's password."),
+    cfg.StrOpt("ca_file", help="CA bundle that signs vCenter's certificate (https)."),
+    cfg.BoolOpt(
+        "insecure",
+        default=False,
+        help="Skip the certificate check (https). Never in production.",
+    ),
+    cfg.StrOpt(
+        "wsdl_location",
+        help="URL of the vSphere WSDL. Unset: the one vCenter serves at /sdk/vimService.wsdl, "
+        "or with generate_wsdl the one virtman writes.",
+    ),
+    cfg.BoolOpt(
+        "generate_wsdl",
+        default=False,
+        help="Write a WSDL of the calls virtman makes over oslo.vmware's own schemas, for a "
+        "vCenter that serves none (govmomi's simulator).",
+    ),
+    cfg.StrOpt(
+        "datastore",
+        help="Datastore for the VMs' configuration files. Unset: the datacenter's first.",
+    ),
+    cfg.IntOpt("api_retry_count", default=3, min=0, help="Retries of a failed vSphere call."),
+    cfg.FloatOpt("task_poll_interval", default=0.2, min=0.01, help="Seconds between task polls."),
+]
+
+
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
-    return [("DEFAULT", [*default_opts, bus.transport_url_sample_opt()])]
+    return [("DEFAULT", [*default_opts, bus.transport_url_sample_opt()]), ("vcenter", vcenter_opts)]
 
 
 CONF.register_opts(default_opts)
+CONF.register_opts(vcenter_opts, group="vcenter")
 # [DEFAULT] transport_url (oslo.messaging's own option): the control bus, docs/bus.rst.
 # Unset: no bus, parent changes arrive with the heartbeats only.
 bus.register_transport_url(CONF)

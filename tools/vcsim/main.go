@@ -1,0 +1,62 @@
+// vmt-vcsim: govmomi's vCenter simulator (a VPX model) as a daemon for VMThunder's tests.
+//
+// Listens on -listen (loopback only), demands the credentials from the environment
+// (VMT_VCSIM_USERNAME, VMT_VCSIM_PASSWORD: never on the command line, where ps shows them),
+// writes its PID to -pidfile once it answers, and stops on SIGTERM or SIGINT.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"github.com/vmware/govmomi/simulator"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:8989", "host:port to serve /sdk on (loopback)")
+	pidfile := flag.String("pidfile", "", "file to write the PID to once listening")
+	clusterHosts := flag.Int("cluster-hosts", 3, "ESXi hosts in the cluster")
+	machines := flag.Int("vms", 2, "foreign VMs created per resource pool")
+	flag.Parse()
+
+	host, _, err := net.SplitHostPort(*listen)
+	if err != nil {
+		log.Fatalf("-listen %q: %v", *listen, err)
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		log.Fatalf("-listen %q: only a loopback address is allowed", *listen)
+	}
+	user, pass := os.Getenv("VMT_VCSIM_USERNAME"), os.Getenv("VMT_VCSIM_PASSWORD")
+	if user == "" || pass == "" {
+		log.Fatal("VMT_VCSIM_USERNAME and VMT_VCSIM_PASSWORD must be set")
+	}
+
+	model := simulator.VPX()
+	model.ClusterHost = *clusterHosts
+	model.Machine = *machines
+	if err := model.Create(); err != nil {
+		log.Fatalf("creating the inventory: %v", err)
+	}
+	defer model.Remove()
+	model.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(user, pass)}
+	server := model.Service.NewServer()
+	defer server.Close()
+
+	if *pidfile != "" {
+		if err := os.WriteFile(*pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+			log.Fatalf("-pidfile %q: %v", *pidfile, err)
+		}
+	}
+	fmt.Printf("vmt-vcsim: serving http://%s/sdk\n", *listen)
+
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	<-stop
+}
