@@ -303,6 +303,7 @@ def _qemu_argv(
     append: Sequence[str],
     coldplug: bool,
     tb_size_mib: int | None,
+    allow_reboot: bool = False,
 ) -> list[str]:
     paths = [guest.kernel, guest.initrd, guest.rootfs, payload, node_dir]
     if any("," in str(p) for p in paths):
@@ -324,7 +325,9 @@ def _qemu_argv(
     accel = "tcg" + (f",tb-size={tb_size_mib}" if tb_size_mib else "")
     argv = [qemu, "-name", f"gk-{run_id}-{node.name}", "-accel", accel, "-cpu", "max"]
     argv += ["-m", str(node.mem_mib), "-smp", "1", "-nodefaults", "-no-user-config"]
-    argv += ["-display", "none", "-no-reboot", "-serial", f"file:{node_dir / 'console.log'}"]
+    argv += ["-display", "none", "-serial", f"file:{node_dir / 'console.log'}"]
+    if not allow_reboot:  # a reboot then ends QEMU, like a power-off
+        argv.append("-no-reboot")
     argv += ["-kernel", str(guest.kernel), "-initrd", str(guest.initrd)]
     argv += ["-append", " ".join(cmdline)]
     argv += ["-drive", f"file={guest.rootfs},format=raw,if=virtio,snapshot=on"]
@@ -368,6 +371,7 @@ def run_guests(
     fail_grace_s: float = 20.0,
     tb_size_mib: int | None = None,
     qemu: str = QEMU,
+    allow_reboot: bool = False,
 ) -> RunResult:
     """Boot ``nodes`` with the payload, wait, tear down, and return what came back.
 
@@ -377,7 +381,8 @@ def run_guests(
     raised. Raises ``NotFound`` if QEMU or a tool is missing, ``InvalidArgument`` for bad
     nodes; setup or teardown errors propagate (an ``ExceptionGroup`` from teardown; the state
     file then stays and the next run's ``cleanup_stale`` retries). ``work_dir/<NAME>`` folders
-    are replaced.
+    are replaced. ``allow_reboot`` lets a guest reboot in the same QEMU (its ``snapshot=on``
+    disk keeps what the guest wrote); by default a reboot ends QEMU.
     """
     _check_nodes(nodes, bridges)
     qemu_bin = shutil.which(qemu)
@@ -458,6 +463,7 @@ def run_guests(
                 append=append,
                 coldplug=coldplug,
                 tb_size_mib=tb_size_mib,
+                allow_reboot=allow_reboot,
             )
             env = {**os.environ, "TMPDIR": str(node_dir)}  # snapshot=on's overlay goes there
             with open(node_dir / "qemu.log", "wb") as log:
