@@ -49,6 +49,8 @@ _Endpoints = list[Endpoint]  # spelled here: ``list`` is a method of Virtman
 # image building, a lock held by a heal) before it leaves the stacks up and stops.
 FORCED_TEARDOWN_S = 120.0
 FAST_FOLLOW_S = 1.0  # heartbeat period while a tree parent is still pending
+# How long a requested teardown of an idle stack waits for it to be free (a heartbeat holds it).
+IDLE_TEARDOWN_S = 10.0
 
 
 class Virtman:
@@ -196,6 +198,42 @@ class Virtman:
         finally:
             with self.lock:
                 self._captures.pop(image, None)
+
+    def drop_idle_image(self, image_name: str, *, timeout_s: float = IDLE_TEARDOWN_S) -> str | None:
+        """Tear down this node's stack of ``image_name`` now if nothing uses it (what the
+        heartbeat would do soon), so that the image's target can be deleted at once. None:
+        no stack of it is left; otherwise why it stays (its instances, or the other nodes
+        that read it through this node's relay: never cut off here)."""
+        image = validation.image_name(image_name)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                base = self.images.get(image)
+                users = sorted(i for i, m in self.instance_names.items() if m == image)
+            if base is None:
+                return None
+            if users or base.instances:
+                return f"instances of this node on it: {', '.join(users or base.instances)}"
+            children = (
+                self.driver.relay.readers(base.name, base.iqn)
+                if base.relay is not None and base.status != Status.EMPTY
+                else 0
+            )
+            if children:
+                return (
+                    f"{children} other node(s) read it through this node's relay (children "
+                    "in the tree): delete it once they are gone"
+                )
+            if base.teardown_if_unused():
+                with self.lock:
+                    if not base.instances and self.images.get(image) is base:
+                        del self.images[image]
+                LOG.info("%s: idle stack torn down on request", image)
+                return None
+            if time.monotonic() >= deadline:
+                return f"this node's stack of it is busy ({base.status.value}): retry"
+            if self._stop.wait(0.2):  # building, or the heartbeat holds it right now
+                return "this node is stopping: retry"
 
     def close(self) -> None:
         """Stop the heartbeat and the supervisor; the stacks stay up (a restart adopts

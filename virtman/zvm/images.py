@@ -7,9 +7,10 @@ boot it) and recorded with its metadata. Nothing is copied on import. A captured
 (``GuestBackend.capture``: a guest's disk flattened into a new file, exported by this node)
 is recorded the same way, with the metadata of the image the guest ran on. Export copies the file
 to a new file in one of ``image_dirs`` (never over an existing one). Delete removes the
-target and the record (the file stays: it is the operator's), and is refused while an
-instance of this node runs on the image; a captured image's file, made by this node, is
-deleted with it.
+target and the record (the file stays: it is the operator's); this node's own idle stack of
+the image is torn down first; it is refused (409, naming them) while a real user remains: an
+instance of this node, another node reading it through this node's relay or straight from its
+target. A captured image's file, made by this node, is deleted with it.
 """
 
 from __future__ import annotations
@@ -89,11 +90,15 @@ class Catalogue:
         store: Store,
         service: ImageService,
         instances_of: Callable[[str], list[str]],
+        drop_idle: Callable[[str], str | None] = lambda target: None,
     ) -> None:
-        """``instances_of(target)``: the instances of this node on image target ``target``."""
+        """``instances_of(target)``: the instances of this node on image target ``target``;
+        ``drop_idle(target)``: tear down this node's unused stack of it (None: none left,
+        else why it stays: ``Virtman.drop_idle_image``)."""
         self.store = store
         self.service = service
         self.instances_of = instances_of
+        self.drop_idle = drop_idle
 
     # -- verbs -------------------------------------------------------------------------------
     def import_(self, name: str, url: str, meta: dict[str, Any]) -> None:
@@ -221,14 +226,18 @@ class Catalogue:
             users = self.instances_of(record["target"])
             if users:
                 raise ImageInUse(name, users)
+            # this node's own stack of the image, idle since its last instance went, reads
+            # the target until the heartbeat tears it down: torn down now instead
+            why = self.drop_idle(record["target"])
+            if why:
+                raise ImageInUse(name, [], why)
             readers = self.service.readers(record["target"])
-            if readers:  # other nodes boot it from this node's target, or our own stack
+            if readers:  # other nodes boot it straight from this node's target
                 raise ImageInUse(
                     name,
                     [],
-                    f"read from this node's target by {', '.join(readers)} (nodes booting it, "
-                    "or this node's own stack of it until the heartbeat tears it down after "
-                    "its last instance): retry once they are gone",
+                    f"read from this node's target by {', '.join(readers)} (other nodes' "
+                    "stacks of it): delete it once they are gone",
                 )
             result = self.service.destroy_image_target(record["target"])
             if result.partition(":")[0] not in ("0", "1"):

@@ -42,7 +42,9 @@ def build_app(
     peers: PeerUids | None = None,
 ) -> ZvmApi:
     store = Store(state_dir / "zvm.json")
-    catalogue = Catalogue(store, images, lambda target: instances_on(virtman, target))
+    catalogue = Catalogue(
+        store, images, lambda target: instances_on(virtman, target), virtman.drop_idle_image
+    )
     api = ZvmApi(
         backend,
         catalogue,

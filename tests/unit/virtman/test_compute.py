@@ -42,6 +42,24 @@ def test_create_list_destroy_and_lazy_teardown(tmp_path: Path) -> None:
     assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls
 
 
+def test_drop_idle_image_tears_down_an_unused_stack_only(tmp_path: Path) -> None:
+    """What the z/VM image_delete calls first: the node's own idle stack goes at once; its
+    instances or other nodes reading its relay keep it, named, nothing torn down."""
+    vm, driver, volt = make(tmp_path)
+    assert vm.drop_idle_image("volume-img") is None  # no stack of it: nothing to do
+    vm.create("vm1", "img", CONN)
+    assert vm.drop_idle_image("volume-img") == "instances of this node on it: vm1"
+    vm.destroy("vm1")
+    driver.state.readers_of["volume-img"] = 2  # children in the tree
+    why = vm.drop_idle_image("volume-img")
+    assert why is not None and why.startswith("2 other node(s) read it through this node's relay")
+    assert driver.state.relays and ("leave", "volume-img", "10.0.0.9:volume-img") not in volt.calls
+    driver.state.readers_of["volume-img"] = 0
+    assert vm.drop_idle_image("volume-img") is None  # no heartbeat needed
+    assert driver.empty() and "volume-img" not in vm.images
+    assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls
+
+
 def test_original_warnings(tmp_path: Path) -> None:
     vm, _, _ = make(tmp_path)
     vm.create("vm1", "img", [CONN])
