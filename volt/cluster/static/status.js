@@ -146,6 +146,8 @@ function render(data) {
   }
   if (!blocks.length) blocks.push(el("p", {}, "no image has a tree"));
   if (data.images_hidden) blocks.push(el("p", {}, data.images_hidden + " more images"));
+  blocks.push(el("p", { class: "note" }, "green: OK (serving its relay), amber: pending, " +
+    "red: any other status; solid: tree parent, dashed: the other parents a node reads from"));
   blocks.push(el("p", { class: "note" }, "bytes served per source: " +
     (data.bytes_served === null ? "not reported to Volt" : JSON.stringify(data.bytes_served))));
   images.replaceChildren(...blocks);
