@@ -15,6 +15,7 @@ SYSTEM_PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
     busybox-static cpio e2fsprogs iproute2 postgresql util-linux python3-venv debootstrap
     systemd rabbitmq-server
+    chromium  # the status page's browser test (tests/functional/test_status_page.py)
 )
 packages=()
 for p in "${SYSTEM_PACKAGES[@]}"; do

@@ -1,5 +1,6 @@
 """A stand-in virtmanserver guest API (XML-RPC, in memory) for controller tests that need
-no real guests: ``python -m tests.functional.fakenode PORT [VCPUS MEMORY_MB]``."""
+no real guests: ``python -m tests.functional.fakenode PORT [VCPUS MEMORY_MB [HOST]]`` (HOST:
+an address in 127.0.0.0/8, default 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class Guests:
 def main() -> None:
     port = int(sys.argv[1])
     vcpus, memory = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (4, 4096)
-    server = SimpleXMLRPCServer(("127.0.0.1", port), logRequests=False, allow_none=True)
+    host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
+    server = SimpleXMLRPCServer((host, port), logRequests=False, allow_none=True)
     server.register_instance(Guests(vcpus, memory))
     print("fakenode ready", flush=True)
     server.serve_forever()

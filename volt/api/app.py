@@ -74,8 +74,11 @@ def cluster_routes(app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
     """The cluster controller's operations (docs/cluster.rst), when it is configured."""
     if app.cluster is None:
         return []
-    c = ClusterHandlers(app.cluster)
+    c = ClusterHandlers(app.cluster, app.service)
     return [
+        ("/status", {"GET": c.page}),  # the live status page (docs/cluster.rst)
+        ("/status/{name}", {"GET": c.page_file}),
+        ("/v1/status", {"GET": c.status}),
         ("/v1/clusters", {"POST": c.create}),
         ("/v1/clusters/{task_id}", {"GET": c.show, "DELETE": c.delete}),
         ("/v1/vms/{vm_id}", {"GET": c.show_vm}),
@@ -87,8 +90,9 @@ def cluster_routes(app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
     ]
 
 
-# Readable without a credential; they never read a body.
-OPEN_PATHS = frozenset({"/", "/openapi.json"})
+# Readable without a credential; they never read a body. The status page's files hold no
+# data: the page asks for the admin token and sends it to /v1/status in a header.
+OPEN_PATHS = frozenset({"/", "/openapi.json", "/status", "/status/{name}"})
 # (method, template) of the operations only the admin credential may call.
 ADMIN_ONLY = frozenset(
     {
@@ -105,6 +109,7 @@ ADMIN_ONLY = frozenset(
         ("POST", "/groupmanager"),
         ("GET", "/bootstrap"),
         ("POST", "/bootstrap"),
+        ("GET", "/v1/status"),
     }
 )
 # The only operations whose body is read; every other one ignores a body it is sent.

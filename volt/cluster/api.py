@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 from volt.api.request import Request, Response, parse_json
-from volt.cluster import model, snooze
+from volt.cluster import model, snooze, status
 from volt.cluster.controller import ACTIONS, Controller
 from volt.cluster.model import VMSpec
 from volt.errors import InvalidInput, RouteNotFound
+from volt.service import VoltService
 
 MAX_COUNT = 256
 CLUSTER_KEYS = {"image", "count", "flavor", "nodes", "name"}
+# The status page's files (volt/cluster/static): public, they hold no data.
+PAGE_FILES = {
+    "status.html": "text/html; charset=utf-8",
+    "status.js": "text/javascript; charset=utf-8",
+    "status.css": "text/css; charset=utf-8",
+}
+# Scripts, styles and fetches from volt-api only, no inline script, no framing, no referrer.
+PAGE_HEADERS = [
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+]
 
 
 def vm_id(value: str) -> str:
@@ -65,8 +84,11 @@ def cluster_request(body: Any) -> tuple[list[VMSpec], list[str] | None]:
 
 
 class ClusterHandlers:
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, service: VoltService) -> None:
         self.controller = controller
+        self.service = service
+        static = resources.files("volt.cluster").joinpath("static")
+        self.page_files = {name: static.joinpath(name).read_bytes() for name in PAGE_FILES}
 
     # -- /v1 ------------------------------------------------------------------------------------
     def create(self, req: Request) -> Response:
@@ -106,6 +128,31 @@ class ClusterHandlers:
 
     def nodes(self, req: Request) -> Response:
         return Response(200, self.controller.node_states())
+
+    # -- the status page ---------------------------------------------------------------------
+    def status(self, req: Request) -> Response:
+        return Response(
+            200,
+            status.snapshot(self.service, self.controller),
+            headers=[("Cache-Control", "no-store")],
+        )
+
+    def page(self, req: Request) -> Response:
+        return self._file("status.html")
+
+    def page_file(self, req: Request) -> Response:
+        name = req.params["name"]
+        if name not in PAGE_FILES:
+            raise RouteNotFound(f"no such status page file: {name!r}")
+        return self._file(name)
+
+    def _file(self, name: str) -> Response:
+        return Response(
+            200,
+            raw=self.page_files[name],
+            content_type=PAGE_FILES[name],
+            headers=list(PAGE_HEADERS),
+        )
 
     # -- Snooze ---------------------------------------------------------------------------------
     def groupmanager(self, req: Request) -> Response:

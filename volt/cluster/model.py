@@ -200,6 +200,12 @@ class Records:
             raise TaskNotFound(task_id)
         return str(row.origin)
 
+    def task_times(self) -> dict[str, float]:
+        """Every task's creation time (epoch seconds)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(cluster_tasks.c.id, cluster_tasks.c.created_at))
+            return {r.id: float(r.created_at) for r in rows}
+
     def all_vms(self) -> list[VM]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(cluster_vms).order_by(cluster_vms.c.task_id))

@@ -31,7 +31,7 @@ from volt.store import Store
 from volt.topology import load_executor
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-OPEN_PATHS = {"/", "/openapi.json"}
+OPEN_PATHS = {"/", "/openapi.json", "/status", "/status/{name}"}  # the page holds no data
 # Statuses an operation can answer (besides 405, which no declared method answers). Only
 # query, register and heartbeat read a body (400 for a bad one, 413, 408).
 EXPECTED_STATUSES = {
@@ -58,6 +58,9 @@ EXPECTED_STATUSES = {
     ("/groupmanager", "post"): {"200", "400", "401", "403", "404", "408", "409", "413"},
     ("/bootstrap", "get"): {"200", "401", "403", "404"},
     ("/bootstrap", "post"): {"200", "400", "401", "403", "404", "408", "409", "413"},
+    ("/v1/status", "get"): {"200", "401", "403"},
+    ("/status", "get"): {"200"},
+    ("/status/{name}", "get"): {"200", "404"},
 }
 SNOOZE_PATHS = {"/groupmanager", "/bootstrap"}
 
@@ -171,6 +174,10 @@ def test_responses_have_the_right_content_and_headers(doc: dict[str, Any]) -> No
                 assert not content, (path, method, status)  # empty bodies
             elif path == "/metrics" and status == "200":
                 assert list(content) == ["text/plain"]
+            elif path == "/status" and status == "200":
+                assert list(content) == ["text/html"]
+            elif path == "/status/{name}" and status == "200":
+                assert list(content) == ["text/javascript", "text/css"]
             elif path == "/groupmanager" and status == "200":  # a task id is text/plain
                 assert list(content) == ["application/json", "text/plain"]
             else:

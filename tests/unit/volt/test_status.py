@@ -1,0 +1,96 @@
+"""The status page's data (volt/cluster/status.py) and files, through volt-api's RSGI app
+with fake nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from brick.wait import wait_until
+from tests.unit.volt.cluster_fakes import FakeNode, call, client_factory
+from volt.api.app import VoltApp
+from volt.cluster.controller import Controller
+from volt.service import VoltService
+from volt.store import Store
+from volt.topology import load_executor
+
+VOLUME = "volume-tiny"
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        nodes = [FakeNode("n1"), FakeNode("n2")]
+        self.nodes = {n.endpoint.id: n for n in nodes}
+        self.store = Store(f"sqlite:///{tmp_path / 'volt.sqlite'}")
+        self.controller = Controller(
+            self.store, [n.endpoint for n in nodes], workers=2,
+            client_factory=client_factory(self.nodes),
+        )  # fmt: skip
+        self.service = VoltService(self.store, load_executor("balanced"), node_timeout=60)
+        self.app = VoltApp(self.service, auth_token="admin", cluster=self.controller)
+
+    def close(self) -> None:
+        self.controller.close()
+        self.store.dispose()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_status_needs_the_admin_token_and_shows_trees_nodes_and_tasks(rig: Rig) -> None:
+    hosts = ["127.0.0.1", "10.0.0.2", "10.0.0.3"]  # the first is both n1's and n2's address
+    for host in hosts:
+        peer = rig.service.query(VOLUME, host).node
+        assert peer is not None
+    rig.service.register(VOLUME, f"{hosts[0]}:{VOLUME}", hosts[0], "3260", "iqn.x:a", "1")
+    burst = {"image": "tiny", "count": 2, "flavor": {"vcpus": 1, "memory_mb": 64}}
+    status, task, _ = call(rig.app, "POST", "/v1/clusters", burst)
+    assert status == 202
+    wait_until(
+        lambda: all(vm.status == "RUNNING" for vm in rig.controller.vms(task["task"])),
+        timeout_s=10, what="the burst",
+    )  # fmt: skip
+
+    status, body, _ = call(rig.app, "GET", "/v1/status", token=None)
+    assert status == 401 and set(body) == {"errors"}
+    assert call(rig.app, "GET", "/v1/status", token="wrong")[0] == 401
+
+    status, snap, _ = call(rig.app, "GET", "/v1/status")
+    assert status == 200
+    (image,) = snap["images"]
+    assert (image["id"], image["count"], image["truncated"]) == (VOLUME, 3, False)
+    by_peer = {n["peer_id"]: n for n in image["nodes"]}
+    views = {e["peer_id"]: e for e in call(rig.app, "GET", f"/v1/volumes/{VOLUME}")[1]}
+    assert set(by_peer) == set(views)
+    for peer_id, view in views.items():
+        assert by_peer[peer_id]["parent"] == view["parent"]
+        assert by_peer[peer_id]["depth"] == view["depth"]
+        assert by_peer[peer_id]["status"] == view["status"]
+    assert image["depth"] == max(v["depth"] for v in views.values())
+    assert snap["bytes_served"] is None
+
+    nodes = {n["id"]: n for n in snap["nodes"]}
+    assert set(nodes) == {"n1", "n2", "10.0.0.2", "10.0.0.3"}
+    assert nodes["n1"]["cache"] == [VOLUME] and nodes["10.0.0.2"]["status"] == "member"
+    assert sorted(len(nodes[n]["vms"]) for n in ("n1", "n2")) == [1, 1]
+    (shown,) = snap["tasks"]
+    assert (shown["task"], shown["status"], shown["counts"]) == (
+        task["task"], "DONE", {"RUNNING": 2})  # fmt: skip
+
+
+def test_page_files_are_public_hold_no_data_and_forbid_inline_script(rig: Rig) -> None:
+    rig.service.query(VOLUME, "10.9.9.9")
+    for path, kind in [("/status", "text/html"), ("/status/status.js", "text/javascript"),
+                       ("/status/status.css", "text/css")]:  # fmt: skip
+        status, text, got = call(rig.app, "GET", path, token=None)
+        assert status == 200 and got.startswith(kind), path
+        assert "10.9.9.9" not in text
+    status, _, _ = call(rig.app, "GET", "/status/../volt.sqlite", token=None)
+    assert status == 404
+    assert call(rig.app, "GET", "/status/nope.js", token=None)[0] == 404

@@ -1,0 +1,163 @@
+"""The live status page's data: every image's tree, every node's VMs and cache, the tasks.
+
+``GET /v1/status`` (admin credential) answers one JSON snapshot; the page (``static/``)
+polls it. Volt's trees come from memory (or the store, on a shared store); node capacity
+comes from the controller's capacity cache, which a background thread refreshes, so that a
+poll never waits on a silent node (handlers run on volt-api's event loop). Volt does not count the
+bytes a relay serves: nodes report none to it, so the snapshot has no per-source bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from volt import validation
+from volt.cluster import model
+from volt.cluster.controller import Controller
+from volt.errors import InvalidInput, VolumeNotFound
+from volt.service import VoltService
+
+LOG = logging.getLogger(__name__)
+MAX_IMAGES = 50  # trees shown; the others are counted in "images_hidden"
+MAX_TREE_NODES = 500  # nodes drawn per tree (breadth-first: the top of the tree)
+MAX_TASKS = 20  # the most recent tasks that are not wholly DELETED
+
+
+def _tree(service: VoltService, volume_id: str) -> dict[str, Any] | None:
+    try:
+        entries = service.volume_nodes(volume_id)
+    except VolumeNotFound:  # deleted since it was listed
+        return None
+    nodes = []
+    for node, parents in entries[:MAX_TREE_NODES]:
+        assert node.parent is not None
+        nodes.append(
+            {
+                "peer_id": node.peer_id,
+                "host": node.host,
+                "member": node.member,
+                "parent": node.parent.peer_id,  # None: the image server
+                "depth": node.depth,
+                "status": node.status,
+                "parents": [p.peer_id for p in parents],
+            }
+        )
+    return {
+        "id": volume_id,
+        "count": len(entries),
+        "depth": max((n.depth for n, _ in entries), default=0),
+        "truncated": len(entries) > MAX_TREE_NODES,
+        "nodes": nodes,
+    }
+
+
+def _cache_of(service: VoltService) -> dict[str, dict[str, Any]]:
+    """Per Volt member host: its heartbeat age and the images it holds (its tree nodes)."""
+    found: dict[str, dict[str, Any]] = {}
+    for member in service.member_list():
+        images = []
+        for peer_id in member.peer_ids:
+            try:
+                images.append(validation.split_peer_id(peer_id)[1])
+            except InvalidInput:
+                continue
+        found[member.host] = {
+            "heartbeat_age_s": round(member.seconds_since_heartbeat, 1),
+            "images": sorted(set(images)),
+        }
+    return found
+
+
+def _nodes(
+    states: list[dict[str, Any]],
+    controller: Controller,
+    cache: dict[str, dict[str, Any]],
+    vms: list[model.VM],
+) -> list[dict[str, Any]]:
+    """The controller's nodes (with their VMs and the cache of the Volt member at their
+    address), then the Volt members that are no controller node."""
+    by_id = {s["id"]: s for s in states}
+    out = []
+    matched = set()
+    for node_id, endpoint in controller.nodes.items():
+        host = endpoint.address[0]
+        state = by_id.get(node_id, {})
+        member = cache.get(host)
+        matched.add(host)
+        out.append(
+            {
+                "id": node_id,
+                "host": host,
+                "status": state.get("status", "unknown"),
+                "capacity": state.get("capacity"),
+                "used": state.get("used"),
+                "vms": [
+                    {"name": vm.name, "status": vm.status, "image": vm.image}
+                    for vm in vms
+                    if vm.node == node_id and vm.status != model.DELETED
+                ],
+                "cache": member["images"] if member else [],
+                "heartbeat_age_s": member["heartbeat_age_s"] if member else None,
+            }
+        )
+    for host, member in sorted(cache.items()):
+        if host in matched:
+            continue
+        out.append(
+            {
+                "id": host,
+                "host": host,
+                "status": "member",
+                "capacity": None,
+                "used": None,
+                "vms": [],
+                "cache": member["images"],
+                "heartbeat_age_s": member["heartbeat_age_s"],
+            }
+        )
+    return out
+
+
+def _tasks(controller: Controller, vms: list[model.VM]) -> list[dict[str, Any]]:
+    by_task: dict[str, list[model.VM]] = {}
+    for vm in vms:
+        by_task.setdefault(vm.task_id, []).append(vm)
+    created = controller.records.task_times()
+    live = [t for t, mine in by_task.items() if model.task_status(mine) != "DELETED"]
+    live.sort(key=lambda t: created.get(t, 0.0), reverse=True)
+    out = []
+    for task_id in live[:MAX_TASKS]:
+        mine = sorted(by_task[task_id], key=lambda vm: vm.idx)
+        counts: dict[str, int] = {}
+        for vm in mine:
+            counts[vm.status] = counts.get(vm.status, 0) + 1
+        out.append(
+            {
+                "task": task_id,
+                "created_at": created.get(task_id),
+                "status": model.task_status(mine),
+                "counts": counts,
+                "vms": [
+                    {"name": vm.name, "node": vm.node, "status": vm.status, "error": vm.error}
+                    for vm in mine
+                ],
+            }
+        )
+    return out
+
+
+def snapshot(service: VoltService, controller: Controller) -> dict[str, Any]:
+    counts = service.volume_counts()
+    images = [t for vid, _ in counts[:MAX_IMAGES] if (t := _tree(service, vid)) is not None]
+    vms = controller.records.all_vms()
+    return {
+        "generated_at": time.time(),
+        "executor": service.executor.name,
+        "images": images,
+        "images_hidden": max(0, len(counts) - MAX_IMAGES),
+        "nodes": _nodes(controller.node_states(), controller, _cache_of(service), vms),
+        "tasks": _tasks(controller, vms),
+        "bytes_served": None,  # not reported to Volt (see the module docstring)
+    }
