@@ -165,6 +165,8 @@ class Result:
     events: int
     wall_s: float
     boot_times: list[float]
+    profile: list[dict[str, float]]  # per final tree depth (tree variants; see ``profile``)
+    volt_waits: dict[str, tuple[int, float, float]]  # kind -> (requests, mean, max wait)
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
@@ -416,6 +418,9 @@ class Sim:
         self.volt_free = 0.0
         self.volt_requests = 0
         self.volt_max_wait = 0.0
+        self.volt_waits: dict[str, list[float]] = {}  # kind -> [requests, total, max wait]
+        self.placed_t = [math.nan] * nodes
+        self.booted_t = [math.nan] * nodes
         self.volt_s = p.volt_service_ms / 1e3
         self.pf_next = [0] * nodes
         self.pf_out = [0] * nodes
@@ -485,7 +490,30 @@ class Sim:
             events=events,
             wall_s=time.perf_counter() - wall,
             boot_times=ordered,
-        )
+            profile=self.profile(),
+            volt_waits={k: (int(n), total / n, top) for k, (n, total, top) in
+                        self.volt_waits.items()},
+        )  # fmt: skip
+
+    def profile(self) -> list[dict[str, float]]:
+        """Where a node's time went, per final tree depth: when it was placed, when it was
+        registered (its VMs start), when its VMs had booted (means and maxima, from the
+        burst's start)."""
+        if self.tree is None:
+            return []
+        by_depth: dict[int, list[int]] = {}
+        for v in range(self.nodes):
+            by_depth.setdefault(self.tnode[v].depth, []).append(v)
+        rows = []
+        for depth, members in sorted(by_depth.items()):
+            row: dict[str, float] = {"depth": depth, "nodes": len(members)}
+            for name, times in (("placed", self.placed_t), ("registered", self.vm_start),
+                                ("booted", self.booted_t)):  # fmt: skip
+                values = [times[v] - self.start[v] for v in members]
+                row[f"{name}_mean"] = sum(values) / len(values)
+                row[f"{name}_max"] = max(values)
+            rows.append(row)
+        return rows
 
     def account(self, server: int, size: float) -> None:
         if server == self.root:
@@ -524,7 +552,12 @@ class Sim:
         start = max(self.now, self.volt_free)
         self.volt_free = start + self.volt_s
         self.volt_requests += 1
-        self.volt_max_wait = max(self.volt_max_wait, start - self.now)
+        wait = start - self.now
+        self.volt_max_wait = max(self.volt_max_wait, wait)
+        kind = self.volt_waits.setdefault(fn.__name__.strip("_"), [0, 0.0, 0.0])
+        kind[0] += 1
+        kind[1] += wait
+        kind[2] = max(kind[2], wait)
         self.at(start, fn, v, None)
 
     def query(self, v: int, _: Any) -> None:
@@ -538,6 +571,7 @@ class Sim:
             return
         self.tree_version += 1
         self.tnode[v] = node
+        self.placed_t[v] = self.now
         self.choose(v, self.executor.parents(self.tree, node))
         self.at(self.now + self.build[v], self._register, v, None)
 
@@ -628,6 +662,7 @@ class Sim:
         v = vm // self.vpn
         if i == self.nchunks:
             self.boot_times.append(self.now - self.start[v])
+            self.booted_t[v] = self.now
             since = self.now - self.vm_start[v]
             self.since_vm_start += since
             self.max_since_vm_start = max(self.max_since_vm_start, since)
@@ -829,6 +864,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the others, compared with the published result")  # fmt: skip
     parser.add_argument("--calibration", type=Path, help="JSON file of measured defaults")
     parser.add_argument("--json", type=Path, help="write every result to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each tree run's breakdown (Volt's queue, per depth: "
+                        "placed, registered, booted)")  # fmt: skip
     defaults = Params()
     for f in fields(Params):
         flag = "--" + f.name.replace("_", "-")
@@ -903,6 +941,23 @@ def format_table(results: list[Result], single: float) -> str:
     return "\n".join(lines)
 
 
+def format_profile(r: Result) -> str:
+    """The tree variants' breakdown: Volt's queue per request kind, then per final depth
+    when nodes were placed, registered (VMs start) and booted, from the burst's start."""
+    lines = [f"profile of {r.variant}, {r.nodes} nodes:"]
+    for kind, (n, mean, top) in sorted(r.volt_waits.items()):
+        lines.append(f"  Volt {kind:<16} {n:7d} requests, wait mean {mean:6.2f} s, "
+                     f"max {top:6.2f} s")  # fmt: skip
+    lines.append("  depth  nodes  placed mean/max  registered mean/max  booted mean/max")
+    for row in r.profile:
+        lines.append(
+            f"  {row['depth']:5.0f} {row['nodes']:6.0f}  {row['placed_mean']:6.2f} "
+            f"{row['placed_max']:6.2f}   {row['registered_mean']:6.2f} "
+            f"{row['registered_max']:6.2f}       {row['booted_mean']:6.2f} {row['booted_max']:6.2f}"
+        )
+    return "\n".join(lines)
+
+
 def run_specs(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     """The scales and variant specs to run."""
     if args.preset == "original":
@@ -961,6 +1016,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_table(scale[-1:], single).splitlines()[-1] if len(scale) > 1 else
                   format_table(scale, single), flush=True)  # fmt: skip
         results += scale
+        if args.profile:
+            for r in scale:
+                if r.profile:
+                    print(format_profile(r))
     print(f"\nwall {time.perf_counter() - wall:.1f} s")
     if args.preset == "original":
         print(original_line(results))

@@ -236,3 +236,15 @@ def test_the_paced_prefetch_pauses_behind_a_queueing_link_and_never_fetches_twic
     plain = simulate(link_bound, "balanced+wake", 4)
     assert paced.server_bytes <= plain.server_bytes * 1.05  # at most 5 % over no prefetch
     assert paced.p99_s <= plain.p99_s
+
+
+def test_profile_splits_the_burst_by_depth_and_volt_request_kind():
+    r = simulate(FAST, "balanced", 30)
+    assert [row["depth"] for row in r.profile] == [1, 2, 3, 4]
+    assert sum(row["nodes"] for row in r.profile) == 30
+    for row in r.profile:
+        assert row["placed_max"] <= row["registered_max"] <= row["booted_max"]
+    assert r.volt_waits["query"][0] == 30 and r.volt_waits["register"][0] == 30
+    assert max(w[2] for w in r.volt_waits.values()) == r.volt_max_wait_s
+    text = sim.format_profile(r)
+    assert "Volt query" in text and text.count("\n") == 2 + len(r.volt_waits) + len(r.profile) - 1
