@@ -24,7 +24,11 @@ since this simulation found the delay; without it, the behaviour before).
 
 The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
 ``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
-(``--volt-service-ms`` per request: queries, registrations, heartbeats). Nodes follow
+(``--volt-service-ms`` per request: registrations, queries, heartbeats). A node builds its
+stack reading from the image server and its registration places it (``place``: one request
+per node, as virtman does since issue 15; a btree "not placeable" falls back to queries
+every ``--btree-retry-s``); ``--query-before-register``: the behaviour before (a query
+places the node, then its stack is built and registered). Nodes follow
 parent changes as virtman does: at their registration (the register answer carries the
 node's parents; ``--register-without-parents``: the behaviour before), and on each
 heartbeat, every ``--heartbeat-s`` (20 s), or every ``--follow-s`` (1 s) while a parent is
@@ -132,6 +136,7 @@ class Params:
     follow_s: float = 1.0
     wake_on_create: bool = False
     register_without_parents: bool = False  # before issue 15: register answered no parents
+    query_before_register: bool = False  # before issue 15: a query placed the node first
     fanout: int = 2
     parents_per_node: int = 2
     prefetch_depth: int = 1
@@ -420,6 +425,7 @@ class Sim:
         self.volt_max_wait = 0.0
         self.volt_waits: dict[str, list[float]] = {}  # kind -> [requests, total, max wait]
         self.placed_t = [math.nan] * nodes
+        self.built = bytearray(nodes)  # stack built before the node was placed
         self.booted_t = [math.nan] * nodes
         self.volt_s = p.volt_service_ms / 1e3
         self.pf_next = [0] * nodes
@@ -543,8 +549,10 @@ class Sim:
             self.read_server[v] = 1
             self.request(self.root, self._copy_arrive, v, None, self.p.hop_latency_ms / 2e3,
                          self.p.service_ms / 1e3)  # fmt: skip
-        else:
+        elif self.p.query_before_register:
             self.volt(self.query, v)
+        else:  # virtman builds reading from the image server; its registration places it
+            self.at(self.now + self.build[v], self._register, v, None)
 
     def volt(self, fn: Callable[[Any, Any], None], v: int) -> None:
         """One request to Volt (FIFO). ``stack_build_s`` already holds one uncontended
@@ -573,7 +581,7 @@ class Sim:
         self.tnode[v] = node
         self.placed_t[v] = self.now
         self.choose(v, self.executor.parents(self.tree, node))
-        self.at(self.now + self.build[v], self._register, v, None)
+        self.at(self.now + (0.0 if self.built[v] else self.build[v]), self._register, v, None)
 
     def _requery(self, v: int, _: Any) -> None:
         self.volt(self.query, v)
@@ -584,6 +592,17 @@ class Sim:
     def register(self, v: int, _: Any) -> None:
         assert self.executor is not None and self.tree is not None
         node = self.tnode[v]
+        if node is None:  # placed by its registration (issue 15): join, then register
+            if self.failed_version != self.tree_version:
+                node = self.executor.join(self.tree, str(v), str(v))
+            if node is None:  # not placeable (btree): virtman queries, retrying, as before
+                self.failed_version = self.tree_version
+                self.built[v] = 1
+                self.at(self.now + self.p.btree_retry_s, self._requery, v, None)
+                return
+            self.tree_version += 1
+            self.tnode[v] = node
+            self.placed_t[v] = self.now
         self.tree.set_status(node, OK)
         self.executor.registered(self.tree, node)
         self.tree_version += 1
@@ -835,6 +854,8 @@ OPTION_HELP = {
     "wake_on_create": "virtman heartbeats right after a build that left a parent pending",
     "register_without_parents": "the behaviour before issue 15: the register answer carries "
     "no parents, a node reaches its tree parent at a heartbeat",
+    "query_before_register": "the behaviour before issue 15's place-on-register: a query "
+    "places the node before its build, then it registers (two Volt requests per node)",
     "fanout": "balanced: children per node",
     "parents_per_node": "balanced: parents per node (1 carries the reads)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",
