@@ -24,7 +24,11 @@ since this simulation found the delay; without it, the behaviour before).
 
 The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
 ``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
-(``--volt-service-ms`` per request: queries, registrations, heartbeats). Nodes follow
+(``--volt-service-ms`` per request: registrations, queries, heartbeats). A node builds its
+stack reading from the image server and its registration places it (``place``: one request
+per node, as virtman does since issue 15; a btree "not placeable" falls back to queries
+every ``--btree-retry-s``); ``--query-before-register``: the behaviour before (a query
+places the node, then its stack is built and registered). Nodes follow
 parent changes as virtman does: at their registration (the register answer carries the
 node's parents; ``--register-without-parents``: the behaviour before), and on each
 heartbeat, every ``--heartbeat-s`` (20 s), or every ``--follow-s`` (1 s) while a parent is
@@ -132,6 +136,7 @@ class Params:
     follow_s: float = 1.0
     wake_on_create: bool = False
     register_without_parents: bool = False  # before issue 15: register answered no parents
+    query_before_register: bool = False  # before issue 15: a query placed the node first
     fanout: int = 2
     parents_per_node: int = 2
     prefetch_depth: int = 1
@@ -165,6 +170,8 @@ class Result:
     events: int
     wall_s: float
     boot_times: list[float]
+    profile: list[dict[str, float]]  # per final tree depth (tree variants; see ``profile``)
+    volt_waits: dict[str, tuple[int, float, float]]  # kind -> (requests, mean, max wait)
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
@@ -416,6 +423,10 @@ class Sim:
         self.volt_free = 0.0
         self.volt_requests = 0
         self.volt_max_wait = 0.0
+        self.volt_waits: dict[str, list[float]] = {}  # kind -> [requests, total, max wait]
+        self.placed_t = [math.nan] * nodes
+        self.built = bytearray(nodes)  # stack built before the node was placed
+        self.booted_t = [math.nan] * nodes
         self.volt_s = p.volt_service_ms / 1e3
         self.pf_next = [0] * nodes
         self.pf_out = [0] * nodes
@@ -485,7 +496,30 @@ class Sim:
             events=events,
             wall_s=time.perf_counter() - wall,
             boot_times=ordered,
-        )
+            profile=self.profile(),
+            volt_waits={k: (int(n), total / n, top) for k, (n, total, top) in
+                        self.volt_waits.items()},
+        )  # fmt: skip
+
+    def profile(self) -> list[dict[str, float]]:
+        """Where a node's time went, per final tree depth: when it was placed, when it was
+        registered (its VMs start), when its VMs had booted (means and maxima, from the
+        burst's start)."""
+        if self.tree is None:
+            return []
+        by_depth: dict[int, list[int]] = {}
+        for v in range(self.nodes):
+            by_depth.setdefault(self.tnode[v].depth, []).append(v)
+        rows = []
+        for depth, members in sorted(by_depth.items()):
+            row: dict[str, float] = {"depth": depth, "nodes": len(members)}
+            for name, times in (("placed", self.placed_t), ("registered", self.vm_start),
+                                ("booted", self.booted_t)):  # fmt: skip
+                values = [times[v] - self.start[v] for v in members]
+                row[f"{name}_mean"] = sum(values) / len(values)
+                row[f"{name}_max"] = max(values)
+            rows.append(row)
+        return rows
 
     def account(self, server: int, size: float) -> None:
         if server == self.root:
@@ -515,8 +549,10 @@ class Sim:
             self.read_server[v] = 1
             self.request(self.root, self._copy_arrive, v, None, self.p.hop_latency_ms / 2e3,
                          self.p.service_ms / 1e3)  # fmt: skip
-        else:
+        elif self.p.query_before_register:
             self.volt(self.query, v)
+        else:  # virtman builds reading from the image server; its registration places it
+            self.at(self.now + self.build[v], self._register, v, None)
 
     def volt(self, fn: Callable[[Any, Any], None], v: int) -> None:
         """One request to Volt (FIFO). ``stack_build_s`` already holds one uncontended
@@ -524,7 +560,12 @@ class Sim:
         start = max(self.now, self.volt_free)
         self.volt_free = start + self.volt_s
         self.volt_requests += 1
-        self.volt_max_wait = max(self.volt_max_wait, start - self.now)
+        wait = start - self.now
+        self.volt_max_wait = max(self.volt_max_wait, wait)
+        kind = self.volt_waits.setdefault(fn.__name__.strip("_"), [0, 0.0, 0.0])
+        kind[0] += 1
+        kind[1] += wait
+        kind[2] = max(kind[2], wait)
         self.at(start, fn, v, None)
 
     def query(self, v: int, _: Any) -> None:
@@ -538,8 +579,9 @@ class Sim:
             return
         self.tree_version += 1
         self.tnode[v] = node
+        self.placed_t[v] = self.now
         self.choose(v, self.executor.parents(self.tree, node))
-        self.at(self.now + self.build[v], self._register, v, None)
+        self.at(self.now + (0.0 if self.built[v] else self.build[v]), self._register, v, None)
 
     def _requery(self, v: int, _: Any) -> None:
         self.volt(self.query, v)
@@ -550,6 +592,17 @@ class Sim:
     def register(self, v: int, _: Any) -> None:
         assert self.executor is not None and self.tree is not None
         node = self.tnode[v]
+        if node is None:  # placed by its registration (issue 15): join, then register
+            if self.failed_version != self.tree_version:
+                node = self.executor.join(self.tree, str(v), str(v))
+            if node is None:  # not placeable (btree): virtman queries, retrying, as before
+                self.failed_version = self.tree_version
+                self.built[v] = 1
+                self.at(self.now + self.p.btree_retry_s, self._requery, v, None)
+                return
+            self.tree_version += 1
+            self.tnode[v] = node
+            self.placed_t[v] = self.now
         self.tree.set_status(node, OK)
         self.executor.registered(self.tree, node)
         self.tree_version += 1
@@ -628,6 +681,7 @@ class Sim:
         v = vm // self.vpn
         if i == self.nchunks:
             self.boot_times.append(self.now - self.start[v])
+            self.booted_t[v] = self.now
             since = self.now - self.vm_start[v]
             self.since_vm_start += since
             self.max_since_vm_start = max(self.max_since_vm_start, since)
@@ -800,6 +854,8 @@ OPTION_HELP = {
     "wake_on_create": "virtman heartbeats right after a build that left a parent pending",
     "register_without_parents": "the behaviour before issue 15: the register answer carries "
     "no parents, a node reaches its tree parent at a heartbeat",
+    "query_before_register": "the behaviour before issue 15's place-on-register: a query "
+    "places the node before its build, then it registers (two Volt requests per node)",
     "fanout": "balanced: children per node",
     "parents_per_node": "balanced: parents per node (1 carries the reads)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",
@@ -829,6 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the others, compared with the published result")  # fmt: skip
     parser.add_argument("--calibration", type=Path, help="JSON file of measured defaults")
     parser.add_argument("--json", type=Path, help="write every result to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each tree run's breakdown (Volt's queue, per depth: "
+                        "placed, registered, booted)")  # fmt: skip
     defaults = Params()
     for f in fields(Params):
         flag = "--" + f.name.replace("_", "-")
@@ -903,6 +962,23 @@ def format_table(results: list[Result], single: float) -> str:
     return "\n".join(lines)
 
 
+def format_profile(r: Result) -> str:
+    """The tree variants' breakdown: Volt's queue per request kind, then per final depth
+    when nodes were placed, registered (VMs start) and booted, from the burst's start."""
+    lines = [f"profile of {r.variant}, {r.nodes} nodes:"]
+    for kind, (n, mean, top) in sorted(r.volt_waits.items()):
+        lines.append(f"  Volt {kind:<16} {n:7d} requests, wait mean {mean:6.2f} s, "
+                     f"max {top:6.2f} s")  # fmt: skip
+    lines.append("  depth  nodes  placed mean/max  registered mean/max  booted mean/max")
+    for row in r.profile:
+        lines.append(
+            f"  {row['depth']:5.0f} {row['nodes']:6.0f}  {row['placed_mean']:6.2f} "
+            f"{row['placed_max']:6.2f}   {row['registered_mean']:6.2f} "
+            f"{row['registered_max']:6.2f}       {row['booted_mean']:6.2f} {row['booted_max']:6.2f}"
+        )
+    return "\n".join(lines)
+
+
 def run_specs(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     """The scales and variant specs to run."""
     if args.preset == "original":
@@ -961,6 +1037,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_table(scale[-1:], single).splitlines()[-1] if len(scale) > 1 else
                   format_table(scale, single), flush=True)  # fmt: skip
         results += scale
+        if args.profile:
+            for r in scale:
+                if r.profile:
+                    print(format_profile(r))
     print(f"\nwall {time.perf_counter() - wall:.1f} s")
     if args.preset == "original":
         print(original_line(results))

@@ -11,6 +11,9 @@ sends, on it:
 2. ``POST /v1/volumes/{volume}/{peer_id}`` (its relay target is ready),
 3. ``--heartbeats`` times ``PUT /v1/members/heartbeat``,
 
+(``--place-on-register``: no query; the registration carries ``"place": true`` and places the
+node, as virtman does since issue 15: one request per node of a burst),
+
 then closes the connection. ``--concurrency`` nodes are in flight at any time. Every request's
 latency is measured (write of the request to the last byte of the answer); any answer other
 than 200 is an error. At the end ``GET /v1/volumes`` and ``GET /v1/members`` must account for
@@ -225,6 +228,7 @@ class ShardConfig:
     heartbeats: int
     concurrency: int
     timeout: float
+    place_on_register: bool = False
 
 
 @dataclass
@@ -348,7 +352,7 @@ async def run_node(i: int, cfg: ShardConfig, result: ShardResult) -> None:
     try:
         kind = "query"
         query = build_request("GET", f"/v1/volumes/query/{volume}", port)
-        for _ in range(QUERY_MAX_ATTEMPTS):
+        for _ in range(0 if cfg.place_on_register else QUERY_MAX_ATTEMPTS):
             status, body = await conn.call(kind, query)
             if status != 200:
                 result.error(f"{kind} {peer_id}: HTTP {status} {body[:200]!r}")
@@ -362,16 +366,19 @@ async def run_node(i: int, cfg: ShardConfig, result: ShardResult) -> None:
             result.not_placeable += 1
             await asyncio.sleep(QUERY_RETRY_DELAY)
         else:
-            result.error(f"{kind} {peer_id}: not placed after {QUERY_MAX_ATTEMPTS} queries")
-            return
+            if not cfg.place_on_register:
+                result.error(f"{kind} {peer_id}: not placed after {QUERY_MAX_ATTEMPTS} queries")
+                return
 
         kind = "register"
-        relay = {
+        relay: dict[str, object] = {
             "host": address,
             "port": "3260",
             "iqn": f"iqn.2010-10.org.openstack:{volume}",
             "lun": "1",
         }
+        if cfg.place_on_register:
+            relay["place"] = True
         register = build_request(
             "POST", f"/v1/volumes/{volume}/{peer_id}", port, json.dumps(relay).encode()
         )
@@ -561,6 +568,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--heartbeats", type=int, default=3, help="heartbeats each node sends after registering"
     )
     parser.add_argument(
+        "--place-on-register",
+        action="store_true",
+        help="no query: each registration places its node (virtman since issue 15)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=32,
@@ -662,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
             f"group commit {'off' if args.no_group_commit else 'on'}"
         )
         print(
-            f"load: {args.nodes} nodes x (query + register + {args.heartbeats} heartbeats) "
+            f"load: {args.nodes} nodes x ("
+            f"{'placing register' if args.place_on_register else 'query + register'} + "
+            f"{args.heartbeats} heartbeats) "
             f"over {args.images} image(s), concurrency {args.concurrency}, "
             f"client process(es) {args.client_procs}"
         )
@@ -675,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
                 heartbeats=args.heartbeats,
                 concurrency=split(args.concurrency, procs, k),
                 timeout=args.timeout,
+                place_on_register=args.place_on_register,
             )
             for k in range(procs)
         ]

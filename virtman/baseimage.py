@@ -139,17 +139,14 @@ class BaseImage:
             joined = False
             try:
                 self._record()
+                # Not placed yet: the stack reads from the image servers until the register
+                # answer places the node and names its parents (one Volt request, issue 15).
                 endpoints = self.connections
-                if not self.local:
-                    self.peer_id, parents = self.volt.join(
-                        self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
-                    )
-                    joined = True
-                    endpoints = self._choose(parents)
+                joined = not self.local  # the register may place it: undo with a leave
                 built = self.stack().build(
                     endpoints,
                     keep_cache_file=repair,
-                    then=lambda built: self._built(built, endpoints),
+                    then=lambda built: self._built(built, endpoints, quiet=quiet),
                 )
                 LOG.info(
                     "%s: built (%s, reading from %s)",
@@ -174,13 +171,19 @@ class BaseImage:
         """This image's block stack (no relay for an image this node serves itself)."""
         return ImageStack(self.driver, self.name, iqn=self.iqn, export=not self.local)
 
-    def _built(self, built: Built, endpoints: list[Endpoint]) -> None:
+    def _built(self, built: Built, endpoints: list[Endpoint], *, quiet: bool = False) -> None:
         """The last step of a build, after the layers (a failure here undoes them too)."""
         self.upstream = list(endpoints)
         if built.relay is not None:
             self.relay = built.relay
-            assert self.peer_id is not None
-            parents = self.volt.register(self.name, self.peer_id, built.relay)
+            placed = self.volt.place_and_register(self.name, built.relay)
+            if placed is None:  # Volt cannot place on register: query, then register
+                self.peer_id, _ = self.volt.join(
+                    self.name, timeout_s=self.parent_wait_timeout, quiet=quiet
+                )
+                parents = self.volt.register(self.name, self.peer_id, built.relay)
+            else:
+                self.peer_id, parents = placed
             if parents is not None:
                 self._follow_registered(parents)
         self.origin = built.origin

@@ -102,12 +102,37 @@ class VoltLink:
     def register(self, image: str, peer_id: str, relay: Relay) -> list[Volume] | None:
         """Register the relay; returns the node's parents now (None from a Volt that does
         not answer them): registering can lift the node above pending ancestors."""
+        _, parents = self._login(image, peer_id, relay, place=False)
+        return parents
+
+    def _login(
+        self, image: str, peer_id: str, relay: Relay, *, place: bool
+    ) -> tuple[Volume, list[Volume] | None]:
         where = values.Portal.parse(relay.portal, names=True)
         nbd_port = values.Portal.parse(relay.nbd, names=True).port if relay.nbd else None
-        _, parents = self.client.volumes.login_with_parents(
-            image, peer_id, where.host, where.port, relay.iqn, 1, nbd_port
+        return self.client.volumes.login_with_parents(
+            image, peer_id, where.host, where.port, relay.iqn, 1, nbd_port, place=place
         )
-        return parents
+
+    def place_and_register(self, image: str, relay: Relay) -> tuple[str, list[Volume]] | None:
+        """Register the relay of a node not placed yet: Volt places it in the same request
+        (issue 15: one request per node of a burst, not a query and then a registration).
+        Returns (peer id, parents now), or None when Volt cannot place it so (a btree
+        executor: 409 ``volt.peer.not_placeable``; a Volt without the extension: 400 on
+        ``place``): the caller then joins and registers as before."""
+        peer_id = values.join_host_port(self.host_ip, image)
+        try:
+            node, parents = self._login(image, peer_id, relay, place=True)
+        except VoltClientError as exc:
+            if exc.code == "volt.peer.not_placeable" or (
+                exc.code == "volt.invalid_input" and "place" in exc.detail
+            ):
+                LOG.debug("%s: Volt does not place on register: %s", image, exc.detail)
+                return None
+            raise
+        if parents is None or node.peer_id is None:
+            return None  # an original volt-api ignored the extension
+        return node.peer_id, parents
 
     def leave(self, image: str, peer_id: str) -> None:
         self.client.volumes.logout(image, peer_id)

@@ -64,6 +64,18 @@ class PeerNotFound(VoltError):
         super().__init__(f"peer {peer_id!r} is not in the tree of volume {volume_id!r}")
 
 
+class NotPlaceable(VoltError):
+    """A register that places (``place``) found no place yet (btree executors): query and
+    retry as before."""
+
+    status = 409
+    code = "volt.peer.not_placeable"
+    title = "Conflict"
+
+    def __init__(self, volume_id: str, peer_id: str) -> None:
+        super().__init__(f"peer {peer_id!r} cannot be placed in volume {volume_id!r} yet")
+
+
 class RouteNotFound(VoltError):
     status = 404
     code = "volt.route.not_found"

@@ -74,6 +74,13 @@ def lun(value: object, field: str = "lun") -> str:
     return _bounded_int(value, field, 0, MAX_LUN)
 
 
+def flag(value: object, field: str) -> bool:
+    """A JSON boolean (no 0/1 or strings: a typo must not turn a flag on)."""
+    if not isinstance(value, bool):
+        raise InvalidInput(field, f"must be true or false, got {value!r}")
+    return value
+
+
 def iqn(value: object, field: str = "iqn") -> str:
     if not values.IQN.is_valid(value, forms=values.IQN.FORMS):
         raise InvalidInput(

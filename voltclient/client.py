@@ -297,13 +297,19 @@ class VolumeManager:
         iqn: str,
         lun: int | str,
         nbd_port: int | str | None = None,
+        *,
+        place: bool = False,
     ) -> tuple[Volume, Parents | None]:
         """:meth:`login`, and the node's parents now (ordered as :meth:`get` answers them),
-        or None from a volt-api that does not answer them (the original's)."""
+        or None from a volt-api that does not answer them (the original's). ``place``: a
+        peer not in the tree yet is placed first (no query before; 409
+        ``volt.peer.not_placeable`` when it cannot be placed yet)."""
         path = _peer_path(session_name, peer_id)
         body: dict[str, Any] = {"host": host, "port": port, "iqn": iqn, "lun": lun}
         if nbd_port is not None:
             body["nbd_port"] = nbd_port
+        if place:
+            body["place"] = True
         answer = self.api.request("POST", path, body)
         if not isinstance(answer, dict):
             raise _unexpected("POST", path, answer)

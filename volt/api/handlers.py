@@ -74,6 +74,7 @@ class Handlers:
             body["iqn"],
             body["lun"],
             nbd_port=body.get("nbd_port"),
+            place=body.get("place", False),
         )
         assert placement.node is not None
         # the original's identity dict, plus the node's parents now (clients that do not

@@ -17,12 +17,13 @@ QUERY = {
     "lun": validation.lun,
     "peer_id": validation.split_peer_id,
 }
-REGISTER = {
+REGISTER: dict[str, Callable[..., Any]] = {
     "host": validation.host,
     "port": validation.port,
     "iqn": validation.iqn,
     "lun": validation.lun,
     "nbd_port": validation.port,
+    "place": validation.flag,
 }
 # ``host`` too, except with a node token: its own host is the default (handlers.register).
 REGISTER_REQUIRED = ("port", "iqn", "lun")

@@ -78,8 +78,8 @@ def test_tree_image_server_egress_is_bounded_and_flat_as_n_grows():
         # its VM reads anything, so again only the top-level nodes read from the server.
         for spec in ("balanced", "balanced+wake"):
             assert simulate(p, spec, nodes).server_bytes == pytest.approx(top * boot), spec
-    # Before issue 15 (the register answer carried no parents):
-    p = replace(p, register_without_parents=True)
+    # Before issue 15 (a query placed the node, the register answer carried no parents):
+    p = replace(p, register_without_parents=True, query_before_register=True)
     woken = [simulate(p, "balanced+wake", n).server_bytes for n in scales]
     assert max(woken) <= (top + 1) * boot
     assert woken[-1] <= 1.5 * woken[1]
@@ -101,9 +101,12 @@ def test_balanced_tree_depth_is_logarithmic(fanout):
 
 
 def test_btree_is_slower_than_balanced_for_a_burst():
-    btree = simulate(FAST, "btree", 60)
+    """With a query before the registration: placed by its registration, a btree node has
+    a ready node to go under (the ones before registered as they were placed)."""
+    before = replace(FAST, query_before_register=True)
+    btree = simulate(before, "btree", 60)
     for spec in ("balanced", "balanced+wake"):
-        balanced = simulate(FAST, spec, 60)
+        balanced = simulate(before, spec, 60)
         assert btree.p99_s > balanced.p99_s and btree.max_s > balanced.max_s, spec
     assert btree.depth > 1 and btree.server_readers == FAST.fanout
 
@@ -225,7 +228,7 @@ def test_command_line_calibration_and_last_line(tmp_path, capsys):
 def test_the_paced_prefetch_pauses_behind_a_queueing_link_and_never_fetches_twice():
     """As virtman.prefetch.Pacer: a fetch over 2x the node's fastest recent one pauses the
     prefetch; the egress is the same paced or not (it skips chunks cached or in flight)."""
-    link_bound = replace(FAST, server_mbps=200.0, prefetch_depth=2)
+    link_bound = replace(FAST, server_mbps=200.0, prefetch_depth=2, query_before_register=True)
     paced_sim = sim.Sim(link_bound, "balanced+wake+prefetch", 4)
     paced = paced_sim.run()
     assert paced_sim.pf_paused_s > 0  # 4 nodes share the thin link: fetches queued
@@ -236,3 +239,29 @@ def test_the_paced_prefetch_pauses_behind_a_queueing_link_and_never_fetches_twic
     plain = simulate(link_bound, "balanced+wake", 4)
     assert paced.server_bytes <= plain.server_bytes * 1.05  # at most 5 % over no prefetch
     assert paced.p99_s <= plain.p99_s
+
+
+def test_profile_splits_the_burst_by_depth_and_volt_request_kind():
+    r = simulate(FAST, "balanced", 30)
+    assert [row["depth"] for row in r.profile] == [1, 2, 3, 4]
+    assert sum(row["nodes"] for row in r.profile) == 30
+    for row in r.profile:
+        assert row["placed_max"] <= row["registered_max"] <= row["booted_max"]
+    assert r.volt_waits["register"][0] == 30 and "query" not in r.volt_waits  # placed so
+    before = simulate(replace(FAST, query_before_register=True), "balanced", 30)
+    assert before.volt_waits["query"][0] == 30 and before.volt_waits["register"][0] == 30
+    assert max(w[2] for w in r.volt_waits.values()) == r.volt_max_wait_s
+    text = sim.format_profile(r)
+    lines = 2 + len(r.volt_waits) + len(r.profile)
+    assert "Volt register" in text and text.count("\n") == lines - 1
+
+
+def test_place_on_register_halves_volts_requests_and_shortens_the_burst():
+    """Issue 15: one Volt request per node (its registration places it)."""
+    slow_volt = replace(FAST, volt_service_ms=5.0, heartbeat_s=1000.0)
+    now = simulate(slow_volt, "balanced", 200)
+    before = simulate(replace(slow_volt, query_before_register=True), "balanced", 200)
+    assert now.volt_waits["register"][0] == 200 and "query" not in now.volt_waits
+    assert before.volt_waits["query"][0] == 200 and before.volt_waits["register"][0] == 200
+    assert now.p99_s < before.p99_s - 0.5
+    assert now.server_bytes == pytest.approx(FAST.fanout * BOOT)

@@ -25,6 +25,7 @@ class FakeVolt:
         # what a register answers as the node's parents (absent: None, as the original's)
         self.registered_parents: dict[str, list[Volume]] = {}
         self.down = False  # unreachable: every call fails as the real link's do
+        self.places = True  # registers place the node (False: a btree Volt, or the original)
 
     def _reach(self, what: str) -> None:
         if self.down:
@@ -46,6 +47,16 @@ class FakeVolt:
         self._reach("register")
         self.calls.append(("register", image, peer_id, relay.nbd or ""))
         return self.registered_parents.get(image)
+
+    def place_and_register(self, image: str, relay: Relay) -> tuple[str, list[Volume]] | None:
+        self._reach("place_and_register")
+        if not self.places:
+            self.calls.append(("not_placed", image))
+            return None
+        peer_id = f"{self.host_ip}:{image}"
+        self.calls.append(("place_and_register", image, peer_id, relay.nbd or ""))
+        self.known[peer_id] = image
+        return peer_id, self.registered_parents.get(image, self.parents.get(image, []))
 
     def leave(self, image: str, peer_id: str) -> None:
         self._reach("leave")

@@ -33,7 +33,9 @@ def test_create_list_destroy_and_lazy_teardown(tmp_path: Path) -> None:
     vm, driver, volt = make(tmp_path)
     assert vm.create("vm1", "img", CONN) == "0:/fake/instances/vm1.qcow2"
     assert vm.list() == ["vm1:volume-img"]
-    assert ("register", "volume-img", "10.0.0.9:volume-img", "10.0.0.9:10809") in volt.calls
+    # one request places and registers the node (issue 15): no query before
+    assert volt.calls == [("place_and_register", "volume-img", "10.0.0.9:volume-img",
+                           "10.0.0.9:10809")]  # fmt: skip
     assert vm.destroy("vm1") == "0:"
     assert vm.list() == []
     assert driver.state.relays  # the relay stays until the heartbeat finds it unused
@@ -96,7 +98,11 @@ def test_a_failed_create_leaves_nothing_and_frees_the_name(tmp_path, layer) -> N
     vm.heartbeat()
     assert driver.empty() and vm.list() == []
     assert not driver.state.cache_files
-    assert ("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls
+    # a node is placed by its registration, the build's last step: only a failure after
+    # it (the snapshot) has a place in Volt to leave
+    placed = any(call[0] == "place_and_register" for call in volt.calls)
+    assert placed == (layer == "snapshot")
+    assert (("leave", "volume-img", "10.0.0.9:volume-img") in volt.calls) == placed
     driver.state.fail.clear()
     assert vm.create("vm1", "img", CONN).startswith("0:")
 
@@ -168,14 +174,30 @@ def test_heartbeat_follows_new_parents_in_order(tmp_path: Path) -> None:
     ]
 
 
+def test_a_volt_that_cannot_place_on_register_gets_a_query_then_a_registration(
+    tmp_path: Path,
+) -> None:
+    vm, driver, volt = make(tmp_path)
+    volt.places = False  # a btree executor, or a Volt without the extension
+    volt.registered_parents["volume-img"] = [ready("10.0.0.3", "volume-img")]
+    assert vm.create("vm1", "img", CONN).startswith("0:")
+    assert volt.calls == [
+        ("not_placed", "volume-img"),
+        ("join", "volume-img"),
+        ("register", "volume-img", "10.0.0.9:volume-img", "10.0.0.9:10809"),
+    ]
+    assert [e.peer_id for e in driver.state.upstreams["volume-img"]] == ["10.0.0.3:volume-img"]
+
+
 def test_a_node_volt_forgot_joins_again(tmp_path: Path) -> None:
     vm, _, volt = make(tmp_path)
     vm.create("vm1", "img", CONN)
     volt.known.clear()  # evicted while away
     vm.heartbeat()
-    assert volt.calls.count(("join", "volume-img")) == 2
+    # placed by its first registration; joined again by a query and a registration
+    assert volt.calls.count(("join", "volume-img")) == 1
     assert (
-        volt.calls.count(("register", "volume-img", "10.0.0.9:volume-img", "10.0.0.9:10809")) == 2
+        volt.calls.count(("register", "volume-img", "10.0.0.9:volume-img", "10.0.0.9:10809")) == 1
     )
 
 

@@ -958,7 +958,7 @@ def test_with_nbd_the_relay_also_exports_the_cached_device_over_nbd(nbd_rig: Rig
     assert qsd.server == "10.0.0.9:10809"
     assert list(qsd.exported.values()) == [(next(iter(qsd.devices)), IMAGE)]
     assert list(qsd.devices.values()) == ["/dev/mapper/cached_volume-img"]
-    assert ("register", IMAGE, "10.0.0.9:volume-img", "10.0.0.9:10809") in volt.calls
+    assert ("place_and_register", IMAGE, "10.0.0.9:volume-img", "10.0.0.9:10809") in volt.calls
     with pytest.raises(CommandFailed, match="busy"):  # the export holds the cached device
         nbd_rig.kernel(["dmsetup", "remove", "cached_volume-img"])
     assert virtman.destroy("vm1") == "0:"

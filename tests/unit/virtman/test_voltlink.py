@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from virtman.errors import ParentsUnavailable
+from virtman.layers.base import Relay
 from virtman.voltlink import VoltLink
 from voltclient.client import Volume
-from voltclient.exceptions import ConnectionFailed
+from voltclient.exceptions import ConnectionFailed, VoltClientError
 
 pytestmark = pytest.mark.unit
 
@@ -97,3 +98,44 @@ def test_a_stop_wakes_a_waiting_join() -> None:
     assert time.monotonic() - started < 5
     assert len(errors) == 1 and isinstance(errors[0], ParentsUnavailable)
     assert "virtman is stopping" in str(errors[0])
+
+
+class FakeLogins:
+    """``login_with_parents`` answering from a script (a tuple, or an exception raised)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.seen: list[tuple[Any, ...]] = []
+
+    def login_with_parents(self, *args: Any, place: bool = False) -> Any:
+        self.seen.append((*args, place))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("error", "falls_back"),
+    [
+        (VoltClientError(409, "volt.peer.not_placeable", "cannot be placed yet"), True),
+        (VoltClientError(400, "volt.invalid_input", "place: unknown field; allowed: host"), True),
+        (VoltClientError(503, "volt.store.unavailable", "store write failed"), False),
+    ],
+)
+def test_place_and_register_falls_back_only_when_volt_cannot_place(error, falls_back) -> None:
+    relay = Relay(name="r", path="/dev/r", size=1, iqn="iqn.x:volume-img",
+                  portal="10.0.0.5:3260", nbd="10.0.0.5:10809")  # fmt: skip
+    logins = FakeLogins((Volume(peer_id="10.0.0.5:volume-img"), [PARENT]))
+    volt = link(FakeVolumes([]))
+    volt.client = FakeClient(logins)  # type: ignore[arg-type]
+    assert volt.place_and_register("volume-img", relay) == ("10.0.0.5:volume-img", [PARENT])
+    assert logins.seen == [
+        ("volume-img", "10.0.0.5:volume-img", "10.0.0.5", 3260, "iqn.x:volume-img", 1, 10809,
+         True)
+    ]  # fmt: skip
+    logins.answer = error
+    if falls_back:
+        assert volt.place_and_register("volume-img", relay) is None
+    else:
+        with pytest.raises(VoltClientError):
+            volt.place_and_register("volume-img", relay)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tests.unit.fakes.clock import Clock
 from tests.unit.volt.invariants import check_tree
 from tests.unit.volt.rig import make
-from volt.errors import PeerNotFound, StoreUnavailable, VolumeNotFound
+from volt.errors import NotPlaceable, PeerNotFound, StoreUnavailable, VolumeNotFound
 from volt.service import VoltService
 from volt.store import Store
 from volt.topology import load_executor
@@ -241,3 +241,57 @@ def test_register_answers_ready_parents_in_a_burst(tmp_path, fanout):
         [(same, beat)] = service.heartbeat(host)
         assert same is node and beat == placement.parents
         check_tree(service.trees["volume-a"], service.executor, depth_bound=True)
+
+
+def test_register_with_place_places_and_registers_in_one_request(tmp_path):
+    """Issue 15: one request per node of a burst. Each register with ``place`` places the
+    node and registers it: the tree is the same shape as query + register would build, the
+    answer names only ready parents, and the store holds it all (a restart sees it)."""
+    service = make(tmp_path)
+    hosts = [f"10.2.0.{i}" for i in range(1, 40)]
+    for host in hosts:
+        peer_id = make_peer_id(host, "volume-a")
+        placement = service.register(
+            "volume-a", peer_id, host, "3260", IQN + "volume-a", "1", place=True
+        )
+        node = placement.node
+        assert node is not None and node.peer_id == peer_id and node.ready
+        assert all(p.ready for p in placement.parents)
+        assert placement.parents[:1] == ([] if node.parent.is_root else [node.parent])
+        check_tree(service.trees["volume-a"], service.executor, depth_bound=True)
+    assert service.volume_counts() == [("volume-a", len(hosts))]
+    again = service.register(
+        "volume-a", make_peer_id(hosts[5], "volume-a"), hosts[5], "3260", IQN + "volume-a", "1",
+        place=True,
+    )  # fmt: skip
+    assert service.volume_counts() == [("volume-a", len(hosts))]  # idempotent
+    assert again.node is service.trees["volume-a"].nodes[make_peer_id(hosts[5], "volume-a")]
+    assert snapshot(make(tmp_path)) == snapshot(service)
+
+
+def test_register_without_place_still_needs_a_query(tmp_path):
+    service = make(tmp_path)
+    with pytest.raises(VolumeNotFound):
+        register(service, "volume-a", "10.0.0.1")
+    service.query("volume-a", "10.0.0.1")
+    with pytest.raises(PeerNotFound):
+        register(service, "volume-a", "10.0.0.2")
+    assert service.volume_counts() == [("volume-a", 1)]
+
+
+def test_register_with_place_when_btree_cannot_place_changes_nothing(tmp_path):
+    service = VoltService(
+        Store(f"sqlite:///{tmp_path / 'volt.sqlite'}"),
+        load_executor("btree"),
+        node_timeout=60,
+        clock=Clock(),
+    )
+    for host in ("10.0.0.1", "10.0.0.2"):  # the root's two slots, both pending
+        service.query("volume-a", host)
+    before = snapshot(service)
+    peer_id = make_peer_id("10.0.0.3", "volume-a")
+    with pytest.raises(NotPlaceable) as err:
+        service.register("volume-a", peer_id, "10.0.0.3", "3260", IQN + "a", "1", place=True)
+    assert err.value.status == 409 and err.value.code == "volt.peer.not_placeable"
+    assert str(err.value) == f"peer {peer_id!r} cannot be placed in volume 'volume-a' yet"
+    assert snapshot(service) == before
