@@ -82,13 +82,16 @@ def attach(storage: HostStorage, export: IscsiExport) -> str:
     return device
 
 
-def rdm_disk_change(factory: Any, device: str, *, controller_key: int, unit: int = 0) -> Any:
-    """The ``deviceChange`` entry adding a physical-mode RDM disk on ``device``."""
+def rdm_disk_change(
+    factory: Any, device: str, mapping_file: str, *, controller_key: int, unit: int = 0
+) -> Any:
+    """The ``deviceChange`` entry adding a physical-mode RDM disk on ``device``; its mapping
+    file (``[datastore] dir/name.vmdk``) is created beside the VM's files."""
     backing = factory.create("ns0:VirtualDiskRawDiskMappingVer1BackingInfo")
     backing.deviceName = device
     backing.compatibilityMode = "physicalMode"
     backing.diskMode = "independent_persistent"
-    backing.fileName = ""
+    backing.fileName = mapping_file
     disk = factory.create("ns0:VirtualDisk")
     disk.key = -100 - unit
     disk.controllerKey = controller_key

@@ -77,7 +77,9 @@ def test_export_bad_field_is_named(field: str, args: tuple[Any, ...]) -> None:
 
 
 def test_rdm_disk_change_backs_disk_with_device() -> None:
-    change = rdm_disk_change(Factory(), "/vmfs/devices/disks/naa.1", controller_key=1000)
+    change = rdm_disk_change(
+        Factory(), "/vmfs/devices/disks/naa.1", "[ds] vmt-a/vmt-a-rdm.vmdk", controller_key=1000
+    )
     assert (change.kind, change.operation, change.fileOperation) == (
         "VirtualDeviceConfigSpec", "add", "create",
     )  # fmt: skip
@@ -85,6 +87,6 @@ def test_rdm_disk_change_backs_disk_with_device() -> None:
     assert (disk.kind, disk.controllerKey, disk.unitNumber) == ("VirtualDisk", 1000, 0)
     backing = disk.backing
     assert backing.kind == "VirtualDiskRawDiskMappingVer1BackingInfo"
-    assert (backing.deviceName, backing.compatibilityMode) == (
-        "/vmfs/devices/disks/naa.1", "physicalMode",
+    assert (backing.deviceName, backing.compatibilityMode, backing.fileName) == (
+        "/vmfs/devices/disks/naa.1", "physicalMode", "[ds] vmt-a/vmt-a-rdm.vmdk",
     )  # fmt: skip
