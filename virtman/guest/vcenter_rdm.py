@@ -1,0 +1,104 @@
+"""The VMThunder disk of a vCenter VM: the node's iSCSI export as a raw device mapping.
+
+An ESXi host reaches the node's export (portal, IQN, LUN) through its software iSCSI adapter:
+``HostStorageSystem.AddInternetScsiSendTargets`` (the portal), ``RescanAllHba`` (the LUN shows
+up as a ScsiLun with a device name), then the VM's disk is a
+``VirtualDiskRawDiskMappingVer1BackingInfo`` on that device. govmomi's simulator has no iSCSI
+adapter to rescan, so those host calls sit behind ``HostStorage`` (tested against an in-process
+fake); ``rdm_disk_change`` builds the device spec the VM keeps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from virtman.errors import HypervisorError
+from virtman.guest.domains import InvalidVMInput
+
+IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?")
+MAX_LUN = 16383  # SAM-2 flat addressing
+
+
+@dataclass(frozen=True)
+class IscsiExport:
+    """What a node exports for one snapshot: the portal and the target's LUN."""
+
+    host: str
+    port: int
+    iqn: str
+    lun: int
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise InvalidVMInput("portal host", self.host, "must be an IP address") from None
+        _integer("portal port", self.port, 1, 65535)
+        if not isinstance(self.iqn, str) or not IQN.fullmatch(self.iqn):
+            raise InvalidVMInput("iqn", self.iqn, "must be an iSCSI qualified name (iqn.YYYY-MM.…)")
+        _integer("lun", self.lun, 0, MAX_LUN)
+
+
+def _integer(field: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidVMInput(field, value, f"must be an integer in {low}..{high}")
+
+
+class HostStorage(Protocol):
+    """The ESXi host's storage calls the simulator cannot do for real."""
+
+    def add_send_target(self, host: str, port: int) -> None: ...
+
+    def rescan(self) -> None: ...
+
+    def device_of(self, iqn: str, lun: int) -> str | None:
+        """The ScsiLun's device name (``/vmfs/devices/disks/…``) once the host sees it."""
+        ...
+
+
+class LunNotVisible(HypervisorError):
+    """The host rescanned and still does not see the export's LUN."""
+
+    def __init__(self, export: IscsiExport) -> None:
+        self.export = export
+        super().__init__(
+            f"ESXi host does not see {export.iqn} lun {export.lun} after adding "
+            f"{export.host}:{export.port} and a rescan"
+        )
+
+
+def attach(storage: HostStorage, export: IscsiExport) -> str:
+    """Make the host see ``export``; its device name. Rescans only when it is not seen yet."""
+    device = storage.device_of(export.iqn, export.lun)
+    if device is None:
+        storage.add_send_target(export.host, export.port)
+        storage.rescan()
+        device = storage.device_of(export.iqn, export.lun)
+    if device is None:
+        raise LunNotVisible(export)
+    return device
+
+
+def rdm_disk_change(
+    factory: Any, device: str, mapping_file: str, *, controller_key: int, unit: int = 0
+) -> Any:
+    """The ``deviceChange`` entry adding a physical-mode RDM disk on ``device``; its mapping
+    file (``[datastore] dir/name.vmdk``) is created beside the VM's files."""
+    backing = factory.create("ns0:VirtualDiskRawDiskMappingVer1BackingInfo")
+    backing.deviceName = device
+    backing.compatibilityMode = "physicalMode"
+    backing.diskMode = "independent_persistent"
+    backing.fileName = mapping_file
+    disk = factory.create("ns0:VirtualDisk")
+    disk.key = -100 - unit
+    disk.controllerKey = controller_key
+    disk.unitNumber = unit
+    disk.backing = backing
+    change = factory.create("ns0:VirtualDeviceConfigSpec")
+    change.operation = "add"
+    change.fileOperation = "create"
+    change.device = disk
+    return change
