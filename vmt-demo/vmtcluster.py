@@ -258,6 +258,17 @@ class Demo:
             f"--keep: left running in {self.workdir} (lab {LAB}); remove it all with "
             f"'{sys.argv[0]} --clean'"
         )
+        # The page is only reachable inside the lab's namespaces; the token goes to a 0600
+        # file rather than the terminal.
+        volt = self.cluster.hosts["volt"]
+        token_file = self.workdir / "admin-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.cluster.token)
+        say(
+            f"status page: http://{volt.address}:7447/status from namespace {volt.netns} "
+            f"('ip netns exec {volt.netns} ...'); log in with the admin token "
+            f"(X-Auth-Token, docs/cluster.rst) in {token_file}"
+        )
 
     # -- teardown ----------------------------------------------------------------------------
     def teardown(self) -> None:
