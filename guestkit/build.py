@@ -545,6 +545,47 @@ def _build(
     _write_json(entry / "manifest.json", manifest)
 
 
+def cached_build(
+    cache_dir: Path,
+    entry: Path,
+    key: str,
+    build: Callable[[Path, Path], None],
+    *,
+    kernel: str,
+) -> Guest:
+    """The guest of cache ``entry`` (for ``key``), built by ``build(into, work)`` into a
+    temporary folder and renamed into place under the cache's lock if it is missing or
+    stale; a concurrent builder's result is taken as is."""
+    guest = _cached(entry, key)
+    if guest is not None:
+        return guest
+    for tool in ("debootstrap", "apt-get", "dpkg", "chroot", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            raise NotFound("build tool", tool)
+    with _locked(cache_dir / ".build.lock"):
+        guest = _cached(entry, key)  # a concurrent builder may have made it meanwhile
+        if guest is not None:
+            return guest
+        for stale in cache_dir.glob(".*-*"):  # a killed build's temporary folders
+            if stale.is_dir() and stale.name.split("-")[0] in (".build", ".rootfs"):
+                LOG.warning("guestkit: removing %s, left by a killed build", stale)
+                _remove_tree(stale)
+        LOG.info("guestkit: building %s (kernel %s)", entry.name, kernel)
+        work = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=cache_dir))
+        try:
+            (work / "entry").mkdir()
+            build(work / "entry", work)
+            _remove_tree(entry)
+            (work / "entry").rename(entry)
+        finally:
+            _remove_tree(work)
+        guest = _cached(entry, key)
+        if guest is None:
+            raise NotFound("guest cache entry", str(entry))
+        LOG.info("guestkit: built %s", entry)
+        return guest
+
+
 def build_guest(
     cache_dir: Path | str | None = None,
     *,
@@ -570,40 +611,22 @@ def build_guest(
     versions = resolve_versions(cache_dir, packages)
     key = base_key(versions, packages, mirror, requirements)
     entry = cache_dir / f"base-{key[:16]}"
-    guest = _cached(entry, key)
-    if guest is None:
-        for tool in ("debootstrap", "apt-get", "dpkg", "chroot", "mkfs.ext4"):
-            if shutil.which(tool) is None:
-                raise NotFound("build tool", tool)
-        with _locked(cache_dir / ".build.lock"):
-            guest = _cached(entry, key)  # a concurrent builder may have made it meanwhile
-            if guest is None:
-                for stale in cache_dir.glob(".*-*"):  # a killed build's temporary folders
-                    if stale.is_dir() and stale.name.split("-")[0] in (".build", ".rootfs"):
-                        LOG.warning("guestkit: removing %s, left by a killed build", stale)
-                        _remove_tree(stale)
-                LOG.info("guestkit: building guest %s (kernel %s)", key[:16], versions["kernel"])
-                work = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=cache_dir))
-                try:
-                    (work / "entry").mkdir()
-                    _build(
-                        work / "entry",
-                        work,
-                        key=key,
-                        versions=versions,
-                        packages=packages,
-                        mirror=mirror,
-                        wheels=lambda: wheelhouse(cache_dir, requirements, host_python),
-                        requirements=requirements,
-                    )
-                    _remove_tree(entry)
-                    (work / "entry").rename(entry)
-                finally:
-                    _remove_tree(work)
-                guest = _cached(entry, key)
-                if guest is None:
-                    raise NotFound("guest cache entry", str(entry))
-                LOG.info("guestkit: built %s", entry)
+    guest = cached_build(
+        cache_dir,
+        entry,
+        key,
+        lambda into, work: _build(
+            into,
+            work,
+            key=key,
+            versions=versions,
+            packages=packages,
+            mirror=mirror,
+            wheels=lambda: wheelhouse(cache_dir, requirements, host_python),
+            requirements=requirements,
+        ),
+        kernel=versions["kernel"],
+    )
     os.utime(entry)  # most recently used: pruned last
     _prune(cache_dir, "base-", keep, entry)
     return guest

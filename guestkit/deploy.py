@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -43,20 +42,18 @@ from guestkit.build import (
     GUEST_FILES,
     PACKAGES,
     Guest,
-    _cached,
     _chroot,
     _fetch_kernel,
     _install_kernel_modules,
     _installed_versions,
-    _locked,
     _make_image,
     _make_initrd,
     _path_in,
     _prune,
-    _remove_tree,
     _timed,
     _write_json,
     base_key,
+    cached_build,
     debootstrap_layer,
     default_cache_dir,
     resolve_versions,
@@ -204,35 +201,22 @@ def build_deploy_guest(
     versions = resolve_versions(cache_dir, packages)
     key = deploy_key(base_key(versions, packages, mirror, requirements), wheel)
     entry = cache_dir / f"deploy-{key[:16]}"
-    guest = _cached(entry, key)
-    if guest is None:
-        for tool in ("debootstrap", "apt-get", "dpkg", "chroot", "mkfs.ext4"):
-            if shutil.which(tool) is None:
-                raise NotFound("build tool", tool)
-        with _locked(cache_dir / ".build.lock"):
-            guest = _cached(entry, key)
-            if guest is None:
-                wheels = wheelhouse(cache_dir, requirements, host_python)
-                work = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=cache_dir))
-                try:
-                    (work / "entry").mkdir()
-                    _build(
-                        work / "entry",
-                        work,
-                        key=key,
-                        versions=versions,
-                        packages=packages,
-                        mirror=mirror,
-                        wheels=wheels,
-                        wheel=wheel,
-                    )
-                    _remove_tree(entry)
-                    (work / "entry").rename(entry)
-                finally:
-                    _remove_tree(work)
-                guest = _cached(entry, key)
-                if guest is None:
-                    raise NotFound("guest cache entry", str(entry))
+    guest = cached_build(
+        cache_dir,
+        entry,
+        key,
+        lambda into, work: _build(
+            into,
+            work,
+            key=key,
+            versions=versions,
+            packages=packages,
+            mirror=mirror,
+            wheels=wheelhouse(cache_dir, requirements, host_python),
+            wheel=wheel,
+        ),
+        kernel=versions["kernel"],
+    )
     os.utime(entry)
     _prune(cache_dir, "deploy-", keep, entry)
     return dataclasses.replace(guest, venv_python=f"{VENV}/bin/python")
