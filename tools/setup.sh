@@ -16,6 +16,7 @@ SYSTEM_PACKAGES=(
     busybox-static cpio e2fsprogs iproute2 postgresql util-linux python3-venv debootstrap
     systemd rabbitmq-server
     chromium  # the status page's browser test (tests/functional/test_status_page.py)
+    golang-go golang-github-vmware-govmomi-dev  # the vCenter simulator (tools/vcsim)
 )
 packages=()
 for p in "${SYSTEM_PACKAGES[@]}"; do

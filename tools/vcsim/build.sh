@@ -4,17 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-PACKAGES=(golang-go golang-github-vmware-govmomi-dev)
-missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+# tools/setup.sh installs golang-go and golang-github-vmware-govmomi-dev (its package list)
+for p in golang-go golang-github-vmware-govmomi-dev; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
+        || { echo "vcsim: package $p is missing: run tools/setup.sh" >&2; exit 1; }
 done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "vcsim: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -o DPkg::Lock::Timeout=900 -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
 
 out=.work/bin/vmt-vcsim
 stamp=$( (cat tools/vcsim/main.go; dpkg-query -W -f '${Version}' golang-go golang-github-vmware-govmomi-dev) \
