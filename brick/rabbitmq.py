@@ -30,6 +30,7 @@ from brick import proc, values
 from brick.daemon import Supervisor, start_time
 from brick.exception import CommandFailed, NotFound
 from brick.executor import execute
+from brick.wait import wait_until
 
 LOG = logging.getLogger(__name__)
 
@@ -259,5 +260,8 @@ class RabbitMQ:
         if pid is None:
             return None
         os.kill(pid, signal.SIGKILL)  # find() checked it is ours
+        # An exiting beam (hundreds of threads) has already dropped its command line, so
+        # find() no longer calls it ours: wait for the exit itself before reaping.
+        wait_until(lambda: proc.is_gone(pid), timeout_s=10, what=f"beam pid {pid} to exit")
         self.broker.stop(timeout_s=5.0)  # reaps it and removes the pidfile
         return pid
