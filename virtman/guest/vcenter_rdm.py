@@ -11,14 +11,13 @@ fake); ``rdm_disk_change`` builds the device spec the VM keeps.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from brick.values import IQN
 from virtman.errors import HypervisorError
 from virtman.guest.domains import InvalidVMInput
 
-IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?")
 MAX_LUN = 16383  # SAM-2 flat addressing
 
 
@@ -37,7 +36,7 @@ class IscsiExport:
         except ValueError:
             raise InvalidVMInput("portal host", self.host, "must be an IP address") from None
         _integer("portal port", self.port, 1, 65535)
-        if not isinstance(self.iqn, str) or not IQN.fullmatch(self.iqn):
+        if not IQN.is_valid(self.iqn, ("iqn",)):
             raise InvalidVMInput("iqn", self.iqn, "must be an iSCSI qualified name (iqn.YYYY-MM.…)")
         _integer("lun", self.lun, 0, MAX_LUN)
 
