@@ -46,9 +46,11 @@ def test_vmtcluster_three_nodes_one_vm_each(tmp_path: Path, libvirt_daemons) -> 
     image_sent, peers_sent = (int(g) for g in match.groups())
     assert image_sent > 0 and peers_sent > 0, last  # the third node read from its peers
     assert run.stdout.count("vmtburst: POST /v1/clusters: 3 VMs") == 1, output  # one call
-    progress = re.findall(r"^vmtburst: (3 VMs: .*) \(", run.stdout, re.M)
+    burst, _, teardown = run.stdout.partition(" DONE\n")  # the burst's task, then its destroy
+    progress = re.findall(r"^vmtburst: (3 VMs: .*) \(", burst, re.M)
     assert progress[-1] == "3 VMs: 0 placed, 0 deploying, 3 running, 0 failed", output
     assert len(progress) >= 2, output  # seen on the way, not only at the end
+    assert re.search(r"^vmtburst: task \S+ DELETED$", teardown, re.M), output
     booted_on = re.findall(r"^vmtcluster: vm-([0-2]) booted on (n[1-3]) ", run.stdout, re.M)
     assert sorted(vm for vm, _ in booted_on) == ["0", "1", "2"], output
     assert sorted(node for _, node in booted_on) == ["n1", "n2", "n3"], output  # spread
