@@ -372,6 +372,14 @@ guest_opts: list[cfg.Opt] = [
         "VMThunder snapshot (/dev/vda). Unset: deploy is refused.",
     ),
     cfg.StrOpt("guest_initrd", help="Initramfs of guest_kernel. Unset: deploy is refused."),
+    cfg.ListOpt(
+        "guest_image_servers",
+        default=[],
+        help="Image servers (host or host:port of their iSCSI portal, default port 3260) a "
+        "guest's deploy reads an image from when this node does not export it itself: "
+        "through Volt's tree of the image, as any instance. Empty: only images this node "
+        "exports can be deployed.",
+    ),
     cfg.StrOpt(
         "guest_cmdline",
         default="root=/dev/vda console=ttyS0 ro panic=-1",

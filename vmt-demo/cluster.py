@@ -98,6 +98,7 @@ class LocalCluster:
         rpc_ca_file: Path | None = None,
         bus: bool = False,
         node_conf: dict[str, str] | None = None,
+        controller: bool = False,
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -132,6 +133,11 @@ class LocalCluster:
         # every daemon's transport_url pointing at it (docs/bus.rst).
         self.bus = bus
         self.rabbitmq: RabbitMQ | None = None
+        # With ``controller``: volt-api runs the cluster controller over the compute nodes
+        # (docs/cluster.rst); a guest it deploys reads its image from the image server.
+        if controller and rpc_ca_file is not None:
+            raise ValueError("the cluster controller calls the nodes over http only here")
+        self.controller = controller
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -245,7 +251,7 @@ class LocalCluster:
             + self._bus_conf()
             + self._bus_sections(self.bus)
             + f"[auth]\ntoken = {self.token}\nnode_secret = {self.node_secret}\n"
-            f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n"
+            f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n" + self._cluster_section(d)
         )
         log = d / "volt-api.log"
         extra: dict[str, Any] = {"log_offset": log.stat().st_size if log.exists() else 0}
@@ -253,6 +259,20 @@ class LocalCluster:
         daemon = self.daemons["volt"] = Daemon("volt", host, proc, log, extra)
         self._wait_log(daemon, "volt-api ready")
         return daemon
+
+    def _cluster_section(self, d: Path) -> str:
+        """[cluster]: the nodes file of every compute node's virtmanserver (0600: it holds
+        their token), capacity asked every second."""
+        if not self.controller:
+            return ""
+        nodes = [
+            {"id": n, "url": f"http://{self.hosts[n].address}:7774/RPC2", "token": self.token}
+            for n in self.node_names
+        ]
+        nodes_file = d / "nodes.json"
+        nodes_file.touch(mode=0o600)
+        nodes_file.write_text(json.dumps(nodes, indent=1) + "\n")
+        return f"[cluster]\nnodes_file = {nodes_file}\ncapacity_interval = 1.0\n"
 
     def restart_volt(self, *, executor: str | None = None, fresh: bool = False) -> Daemon:
         """Stop volt-api and start it again (with another placement executor, and with an
@@ -279,6 +299,9 @@ class LocalCluster:
             chap += f"nbd_psk_file = {self.psk_file}\n"
         if self.chap is None or self.psk_file is None:
             chap += "insecure_targets = true\n"
+        images = ""  # where the controller's guests read their image: the image server
+        if self.controller and host_name != "img":
+            images = f"guest_image_servers = {self.hosts['img'].address}\n"
         conf.write_text(
             "[DEFAULT]\n"
             f"host_ip = {host.address}\nmaster_ip = {self.hosts['volt'].address}\n"
@@ -291,6 +314,7 @@ class LocalCluster:
             f"image_dirs = {','.join(str(p) for p in self.image_dirs)}\n"
             f"log_file = {d / 'virtman.log'}\n"
             + chap
+            + images
             + self._bus_conf()
             + self.extra_conf
             + self.node_conf.get(host_name, "")

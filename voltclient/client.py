@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import threading
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -32,6 +35,10 @@ QUERY_FIELDS = ("host", "port", "iqn", "lun", "peer_id")
 FAILOVER_CONNECT_TIMEOUT = 3.0  # seconds to connect to one of several endpoints
 # Aliases: the managers' ``list`` methods shadow the builtin inside their classes.
 Records = list[dict[str, Any]]
+# What volt-api's cluster controller accepts (docs/cluster.rst), checked before sending.
+CLUSTER_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,55}")
+CLUSTER_LIMITS = {"count": (1, 256), "vcpus": (1, 256), "memory_mb": (16, 1 << 24)}
 
 
 @dataclass
@@ -368,6 +375,94 @@ class MemberManager:
         return answer
 
 
+class ClusterManager:
+    """Bursts of VMs through volt-api's cluster controller (docs/cluster.rst): one request
+    places and starts a whole burst; its task is then followed until it is done.
+
+    Every argument is checked before anything is sent (``ValueError`` naming the field)."""
+
+    def __init__(self, api: HTTPClient) -> None:
+        self.api = api
+
+    def create(
+        self,
+        image: str,
+        count: int,
+        vcpus: int,
+        memory_mb: int,
+        *,
+        name: str | None = None,
+        nodes: Sequence[str] | None = None,
+    ) -> str:
+        """Start ``count`` VMs of ``image`` (``name``-0, ``name``-1, ...; default name: the
+        image), on ``nodes`` only if given; returns the task id. A burst larger than the
+        free room is refused whole (:class:`~voltclient.exceptions.Conflict`)."""
+        body: dict[str, Any] = {
+            "image": _matching(image, CLUSTER_IMAGE_RE, "image"),
+            "count": _bounded(count, "count"),
+            "flavor": {
+                "vcpus": _bounded(vcpus, "vcpus"),
+                "memory_mb": _bounded(memory_mb, "memory_mb"),
+            },
+        }
+        if name is not None:
+            body["name"] = _matching(name, CLUSTER_NAME_RE, "name")
+        if nodes is not None:
+            if (
+                isinstance(nodes, str)
+                or not nodes
+                or not all(isinstance(n, str) and n for n in nodes)
+            ):
+                raise ValueError("nodes must be a non-empty list of node ids")
+            body["nodes"] = list(nodes)
+        answer = self.api.request("POST", "/v1/clusters", body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("task"), str):
+            raise _unexpected("POST", "/v1/clusters", answer)
+        return str(answer["task"])
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        """``{"task", "status", "vms": [...]}``; status ``IN_PROGRESS``, ``DONE``, ``FAILED``,
+        ``DELETING`` or ``DELETED``; each VM's status ``PENDING`` ... ``RUNNING`` or ``ERROR``."""
+        path = _task_path(task_id)
+        answer = self.api.request("GET", path)
+        if not isinstance(answer, dict) or not isinstance(answer.get("vms"), list):
+            raise _unexpected("GET", path, answer)
+        return answer
+
+    def delete(self, task_id: str) -> None:
+        """Destroy every VM of a finished task (in the background: follow it with get)."""
+        self.api.request("DELETE", _task_path(task_id))
+
+    def nodes(self) -> Records:
+        """The controller's nodes: ``[{"id", "status", "capacity", "used", "vms", ...}]``;
+        only those ``up`` and not ``stale`` get VMs."""
+        answer = self.api.request("GET", "/v1/nodes")
+        if not isinstance(answer, list):
+            raise _unexpected("GET", "/v1/nodes", answer)
+        return answer
+
+
+def _matching(value: object, pattern: re.Pattern[str], field: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{field} must match {pattern.pattern}, not {value!r}")
+    return value
+
+
+def _bounded(value: object, field: str) -> int:
+    low, high = CLUSTER_LIMITS[field]
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{field} must be an integer in [{low}, {high}], not {value!r}")
+    return value
+
+
+def _task_path(task_id: object) -> str:
+    try:
+        text = str(uuid.UUID(str(task_id)))
+    except ValueError:
+        raise ValueError(f"task_id must be a UUID, not {task_id!r}") from None
+    return f"/v1/clusters/{text}"
+
+
 def _unexpected(method: str, path: str, answer: Any) -> exceptions.InvalidResponse:
     text = json.dumps(answer)[:200]
     return exceptions.InvalidResponse(
@@ -376,7 +471,7 @@ def _unexpected(method: str, path: str, answer: Any) -> exceptions.InvalidRespon
 
 
 class Client:
-    """Client of volt-api: ``client.volumes`` and ``client.members``.
+    """Client of volt-api: ``client.volumes``, ``client.members`` and ``client.clusters``.
 
     ``endpoint``: ``http://`` or ``https://`` URL, or several comma-separated (volt-api
     processes sharing one PostgreSQL store: failover, see above); ``ca_file``: PEM CA
@@ -393,6 +488,7 @@ class Client:
         self.http_client = HTTPClient(endpoint, token, timeout, ca_file)
         self.volumes = VolumeManager(self.http_client)
         self.members = MemberManager(self.http_client)
+        self.clusters = ClusterManager(self.http_client)
 
     def close(self) -> None:
         """Close the pooled connections."""

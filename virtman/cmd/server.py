@@ -8,9 +8,7 @@ import signal
 import ssl
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import brick.privileged
 import brick.privileged.process
@@ -20,11 +18,11 @@ from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.conf import Settings
 from virtman.drivers import load_driver
-from virtman.errors import InvalidInput, JournalCorrupt, VirtmanError
+from virtman.errors import JournalCorrupt, VirtmanError
+from virtman.guest import sources
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
 from virtman.imageservice import ImageService
-from virtman.journal import Journal
 from virtman.server import Limits, build_server
 from virtman.zvm import service as zvm_service
 
@@ -65,26 +63,19 @@ def tls_context() -> ssl.SSLContext | None:
     return context
 
 
-def export_connection(journal: Journal, settings: Settings) -> Callable[[str], dict[str, Any]]:
-    """The connection of an image this node exports (create_image_target): what a guest's
-    deploy gives Virtman.create by default (read locally: no relay, no Volt)."""
-
-    def connection(image: str) -> dict[str, Any]:
-        record = journal.exports().get(image)
-        if record is None or not isinstance(record.get("iqn"), str):
-            raise InvalidInput("image", image, "not exported by this node (create_image_target)")
-        portal = f"{values.bracket(settings.host_ip)}:{settings.iscsi_port}"
-        return {"target_portal": portal, "target_iqn": record["iqn"], "target_lun": 1}
-
-    return connection
-
-
 def build_guests(virtman: Virtman, settings: Settings) -> Guests:
     """The node's guests, adopted from the journal and libvirt (never restarted)."""
+    try:
+        image_servers = sources.parse_image_servers(CONF.guest_image_servers)
+    except ValueError as exc:
+        raise SystemExit(f"virtmanserver: {exc}") from None
+    local = values.Portal(values.unbracket(settings.host_ip), settings.iscsi_port)
     guests = Guests(
         virtman,
         VirtualMachines(CONF.guest_libvirt_uri),
-        connections=export_connection(virtman.journal, settings),
+        connections=sources.image_source(
+            virtman.journal.exports, local, image_servers, settings.iqn_prefix
+        ),
         console_dir=settings.state_dir / "guests",
         kernel=CONF.guest_kernel,
         initrd=CONF.guest_initrd,
