@@ -36,11 +36,11 @@ import string
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from xml.sax.saxutils import escape
 
 import libvirt
 
+from brick.closing import Closing
 from brick.exception import Timeout
 from brick.libvirtd import SYSTEM_URI, quiet_libvirt
 from brick.wait import wait_until
@@ -166,7 +166,7 @@ def _code(err: libvirt.libvirtError) -> int | None:
     return err.get_error_code()
 
 
-class VirtualMachines:
+class VirtualMachines(Closing):
     """Boot, stop, destroy, inspect and list virtman's domains on ``uri``.
 
     The connection opens on first use (and again if libvirtd restarted); ``close`` it, or use
@@ -204,17 +204,6 @@ class VirtualMachines:
 
     def __repr__(self) -> str:
         return f"VirtualMachines({self.uri!r}, prefix={self.prefix!r}, type={self.domain_type})"
-
-    def __enter__(self) -> VirtualMachines:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._conn is not None:
