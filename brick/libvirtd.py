@@ -47,10 +47,11 @@ import socket
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import libvirt
 
+from brick.closing import Closing
 from brick.daemon import Supervisor
 from brick.exception import InvalidArgument
 from brick.wait import wait_until
@@ -132,7 +133,7 @@ def _virtlogd_answers() -> bool:
     return True
 
 
-class LibvirtDaemons:
+class LibvirtDaemons(Closing):
     """virtlogd and libvirtd serving ``qemu:///system``, started or adopted; see the module
     docstring. Usable as a context manager (``stop`` on exit)."""
 
@@ -160,16 +161,12 @@ class LibvirtDaemons:
     def __repr__(self) -> str:
         return f"LibvirtDaemons({str(self.run_dir)!r}, owned={self._owned})"
 
-    def __enter__(self) -> LibvirtDaemons:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """The ``with`` block's end: :meth:`stop` with its default timeout."""
         self.stop()
 
     def pidfile(self, daemon: str) -> Path:

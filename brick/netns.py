@@ -36,10 +36,10 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from brick import values
+from brick.closing import Closing
 from brick.exception import BrickError, CommandFailed, Conflict, InvalidArgument, Timeout
 from brick.executor import Result, execute
 from brick.wait import wait_until
@@ -283,7 +283,7 @@ class Host:
         return proc
 
 
-class Lab:
+class Lab(Closing):
     """A private L2 network of hosts; see the module docstring.
 
     The constructor only validates. The switch is created by the first ``add_host``; ``close``
@@ -447,17 +447,6 @@ class Lab:
         with contextlib.suppress(FileNotFoundError):
             self._state_file.unlink()
         LOG.info("lab %s: closed", self.name)
-
-    def __enter__(self) -> Lab:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @classmethod
     def cleanup(cls, name: str, state_dir: Path | str) -> bool:

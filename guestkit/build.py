@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -489,17 +490,8 @@ def _installed_versions(root: Path) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
-def _build(
-    entry: Path,
-    work: Path,
-    *,
-    key: str,
-    versions: dict[str, str],
-    packages: Sequence[str],
-    mirror: str,
-    wheels: Callable[[], Path],
-    requirements: Path,
-) -> None:
+def _build(entry: Path, work: Path, inputs: Inputs, key: str, wheels: Callable[[], Path]) -> None:
+    versions, packages, mirror = inputs.versions, inputs.packages, inputs.mirror
     timings: dict[str, float] = {}
     started = time.monotonic()
     root = work / "rootfs"
@@ -519,7 +511,7 @@ def _build(
     shutil.copyfile(layer / "debootstrap.log", entry / "debootstrap.log")
     shutil.copyfile(vmlinuz, entry / "vmlinuz")
     version = _timed(timings, "modules", lambda: _install_kernel_modules(root, moddir))
-    _timed(timings, "venv", lambda: _install_venv(root, wheel_dir, requirements))
+    _timed(timings, "venv", lambda: _install_venv(root, wheel_dir, inputs.requirements))
     _install_init(root)
     initrd_modules = _timed(
         timings, "initrd", lambda: _make_initrd(root, version, entry / "initrd.gz")
@@ -543,6 +535,47 @@ def _build(
         "timings_s": timings,
     }
     _write_json(entry / "manifest.json", manifest)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a guest is built from, resolved once: the cache folder (made), the requirements
+    file, the Debian mirror, the packages and their versions (``versions["kernel"]`` names
+    the kernel package)."""
+
+    cache_dir: Path
+    requirements: Path
+    mirror: str
+    packages: list[str]
+    versions: dict[str, str]
+
+    def key(self) -> str:
+        """The base guest's key (``base_key``)."""
+        return base_key(self.versions, self.packages, self.mirror, self.requirements)
+
+
+def resolve_inputs(
+    cache_dir: Path | str | None, requirements: Path | str, mirror: str | None, packages: list[str]
+) -> Inputs:
+    """The inputs of a build: defaults filled in (the cache folder, ``GUESTKIT_MIRROR`` or
+    the host's mirror), the cache folder made, the packages' versions resolved."""
+    cache = Path(cache_dir or default_cache_dir()).absolute()
+    requirements = Path(requirements).absolute()
+    mirror = mirror or os.environ.get("GUESTKIT_MIRROR") or apt.mirror()
+    cache.mkdir(parents=True, exist_ok=True)
+    return Inputs(cache, requirements, mirror, packages, resolve_versions(cache, packages))
+
+
+def build_entry(
+    inputs: Inputs, prefix: str, key: str, keep: int, build: Callable[[Path, Path], None]
+) -> Guest:
+    """The guest of cache entry ``<prefix><key[:16]>`` (see ``cached_build``), marked most
+    recently used; the ``<prefix>`` entries beyond the ``keep`` newest are removed."""
+    entry = inputs.cache_dir / f"{prefix}{key[:16]}"
+    guest = cached_build(inputs.cache_dir, entry, key, build, kernel=inputs.versions["kernel"])
+    os.utime(entry)  # most recently used: pruned last
+    _prune(inputs.cache_dir, prefix, keep, entry)
+    return guest
 
 
 def cached_build(
@@ -602,31 +635,11 @@ def build_guest(
     (each variant is its own cache entry). Raises ``NotFound`` for a missing tool or package,
     ``CommandFailed`` if a build step fails (debootstrap's log is named in a note).
     """
-    cache_dir = Path(cache_dir or default_cache_dir()).absolute()
-    requirements = Path(requirements).absolute()
-    mirror = mirror or os.environ.get("GUESTKIT_MIRROR") or apt.mirror()
     packages = [*PACKAGES, *([MULTIPATH_TOOLS] if multipath_tools else []), *extra_packages]
     packages = sorted(set(packages), key=packages.index)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    versions = resolve_versions(cache_dir, packages)
-    key = base_key(versions, packages, mirror, requirements)
-    entry = cache_dir / f"base-{key[:16]}"
-    guest = cached_build(
-        cache_dir,
-        entry,
-        key,
-        lambda into, work: _build(
-            into,
-            work,
-            key=key,
-            versions=versions,
-            packages=packages,
-            mirror=mirror,
-            wheels=lambda: wheelhouse(cache_dir, requirements, host_python),
-            requirements=requirements,
-        ),
-        kernel=versions["kernel"],
+    inputs = resolve_inputs(cache_dir, requirements, mirror, packages)
+    key = inputs.key()
+    wheels = partial(wheelhouse, inputs.cache_dir, inputs.requirements, host_python)
+    return build_entry(
+        inputs, "base-", key, keep, lambda into, work: _build(into, work, inputs, key, wheels)
     )
-    os.utime(entry)  # most recently used: pruned last
-    _prune(cache_dir, "base-", keep, entry)
-    return guest

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -36,12 +35,12 @@ from pathlib import Path
 
 from brick.exception import NotFound
 from brick.executor import execute
-from guestkit import apt
 from guestkit.build import (
     CHECKOUT,
     GUEST_FILES,
     PACKAGES,
     Guest,
+    Inputs,
     _chroot,
     _fetch_kernel,
     _install_kernel_modules,
@@ -49,14 +48,11 @@ from guestkit.build import (
     _make_image,
     _make_initrd,
     _path_in,
-    _prune,
     _timed,
     _write_json,
-    base_key,
-    cached_build,
+    build_entry,
     debootstrap_layer,
-    default_cache_dir,
-    resolve_versions,
+    resolve_inputs,
     wheelhouse,
 )
 
@@ -137,17 +133,8 @@ def _install_systemd_glue(root: Path) -> None:
     _path_in(root, "/etc/machine-id").write_text("")  # each boot gets its own
 
 
-def _build(
-    entry: Path,
-    work: Path,
-    *,
-    key: str,
-    versions: dict[str, str],
-    packages: list[str],
-    mirror: str,
-    wheels: Path,
-    wheel: Path,
-) -> None:
+def _build(entry: Path, work: Path, inputs: Inputs, key: str, wheels: Path, wheel: Path) -> None:
+    versions, packages, mirror = inputs.versions, inputs.packages, inputs.mirror
     timings: dict[str, float] = {}
     started = time.monotonic()
     root = work / "rootfs"
@@ -193,30 +180,12 @@ def build_deploy_guest(
     wheel = Path(wheel).absolute()
     if not wheel.is_file():
         raise NotFound("wheel", str(wheel))
-    cache_dir = Path(cache_dir or default_cache_dir()).absolute()
-    requirements = Path(requirements).absolute()
-    mirror = mirror or os.environ.get("GUESTKIT_MIRROR") or apt.mirror()
-    packages = [*PACKAGES, *SYSTEMD_PACKAGES]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    versions = resolve_versions(cache_dir, packages)
-    key = deploy_key(base_key(versions, packages, mirror, requirements), wheel)
-    entry = cache_dir / f"deploy-{key[:16]}"
-    guest = cached_build(
-        cache_dir,
-        entry,
-        key,
-        lambda into, work: _build(
-            into,
-            work,
-            key=key,
-            versions=versions,
-            packages=packages,
-            mirror=mirror,
-            wheels=wheelhouse(cache_dir, requirements, host_python),
-            wheel=wheel,
-        ),
-        kernel=versions["kernel"],
-    )
-    os.utime(entry)
-    _prune(cache_dir, "deploy-", keep, entry)
+    inputs = resolve_inputs(cache_dir, requirements, mirror, [*PACKAGES, *SYSTEMD_PACKAGES])
+    key = deploy_key(inputs.key(), wheel)
+
+    def build(into: Path, work: Path) -> None:
+        wheels = wheelhouse(inputs.cache_dir, inputs.requirements, host_python)
+        _build(into, work, inputs, key, wheels, wheel)
+
+    guest = build_entry(inputs, "deploy-", key, keep, build)
     return dataclasses.replace(guest, venv_python=f"{VENV}/bin/python")

@@ -419,14 +419,8 @@ class Methods:
         """A new image from an instance's disk (quiesced by the caller), exported here."""
         return self._virtman.capture(instance_name, image_name)
 
-    def create_image_target(
-        self,
-        image_name: str,
-        file_path: str,
-        loop_dev: str | None = None,
-        iqn_prefix: str | None = None,
-    ) -> str:
-        return self._images.create_image_target(image_name, file_path, loop_dev, iqn_prefix)
+    def create_image_target(self, *args: Any) -> str:  # ImageService's own arguments
+        return self._images.create_image_target(*args)
 
     def destroy_image_target(self, image_name: str) -> str:
         return self._images.destroy_image_target(image_name)

@@ -29,17 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
 from brick import values
-from virtmanclient.exceptions import (
-    AlreadyExists,
-    ConnectionFailed,
-    DoesNotExist,
-    Failed,
-    InvalidResponse,
-    RemoteFault,
-    RequestFailed,
-    ResultError,
-    Unauthorized,
-)
+from virtmanclient import exceptions
 from virtmanclient.validation import DEFAULT_IQN_PREFIX, normalise_image_name
 
 if TYPE_CHECKING:
@@ -88,19 +78,21 @@ class Result:
 def parse_result(raw: object) -> Result:
     """Split a result string at its first ``:``; raise InvalidResponse if it is not one."""
     if not isinstance(raw, str):
-        raise InvalidResponse(f"expected a result string '<code>:<info>', got {raw!r:.200}")
+        raise exceptions.InvalidResponse(
+            f"expected a result string '<code>:<info>', got {raw!r:.200}"
+        )
     code_text, sep, info = raw.partition(":")
     code_text = code_text.strip()
     if not sep or not (code_text.isascii() and code_text.isdigit()):
-        raise InvalidResponse(f"not a result string '<code>:<info>': {raw!r:.200}")
+        raise exceptions.InvalidResponse(f"not a result string '<code>:<info>': {raw!r:.200}")
     return Result(int(code_text), info)
 
 
-WARNING_ERRORS: dict[str, type[ResultError]] = {
-    "create": AlreadyExists,
-    "create_image_target": AlreadyExists,
-    "destroy": DoesNotExist,
-    "destroy_image_target": DoesNotExist,
+WARNING_ERRORS: dict[str, type[exceptions.ResultError]] = {
+    "create": exceptions.AlreadyExists,
+    "create_image_target": exceptions.AlreadyExists,
+    "destroy": exceptions.DoesNotExist,
+    "destroy_image_target": exceptions.DoesNotExist,
 }
 
 
@@ -110,8 +102,8 @@ def check_result(method: str, raw: object) -> Result:
     if result.code == 0:
         return result
     if result.code == 1:
-        raise WARNING_ERRORS.get(method, Failed)(method, result.code, result.info)
-    raise Failed(method, result.code, result.info)
+        raise WARNING_ERRORS.get(method, exceptions.Failed)(method, result.code, result.info)
+    raise exceptions.Failed(method, result.code, result.info)
 
 
 DEGRADED_SUFFIX = ":degraded"
@@ -140,12 +132,14 @@ def parse_instance_list(raw: object) -> list[Instance]:
     """``["<instance>:<image>", ...]`` as :class:`Instance` objects (an entry
     ``"<instance>:<image>:degraded"`` is an instance of a degraded image)."""
     if not isinstance(raw, list | tuple):
-        raise InvalidResponse(f"expected a list of '<instance>:<image>', got {raw!r:.200}")
+        raise exceptions.InvalidResponse(
+            f"expected a list of '<instance>:<image>', got {raw!r:.200}"
+        )
     instances = []
     for item in raw:
         name, sep, image = item.partition(":") if isinstance(item, str) else ("", "", "")
         if not (name and sep and image):
-            raise InvalidResponse(f"not an '<instance>:<image>' entry: {item!r:.200}")
+            raise exceptions.InvalidResponse(f"not an '<instance>:<image>' entry: {item!r:.200}")
         degraded = image.endswith(DEGRADED_SUFFIX) and len(image) > len(DEGRADED_SUFFIX)
         if degraded:
             image = image[: -len(DEGRADED_SUFFIX)]
@@ -162,15 +156,19 @@ def parse_target_list(raw: object) -> list[ImageTarget]:
         pairs = []
         for item in raw:
             if not isinstance(item, str) or ":" not in item:
-                raise InvalidResponse(f"not an '<image>:<tid>:<loop_dev>' entry: {item!r:.200}")
+                raise exceptions.InvalidResponse(
+                    f"not an '<image>:<tid>:<loop_dev>' entry: {item!r:.200}"
+                )
             image, _, rest = item.partition(":")
             pairs.append((image, rest))
     else:
-        raise InvalidResponse(f"expected a dict of image targets, got {raw!r:.200}")
+        raise exceptions.InvalidResponse(f"expected a dict of image targets, got {raw!r:.200}")
     targets = []
     for image, value in sorted(pairs):
         if not isinstance(value, str):
-            raise InvalidResponse(f"image target {image!r}: not '<tid>:<loop_dev>': {value!r:.200}")
+            raise exceptions.InvalidResponse(
+                f"image target {image!r}: not '<tid>:<loop_dev>': {value!r:.200}"
+            )
         tid, _, loop_dev = value.partition(":")
         targets.append(ImageTarget(image, tid, loop_dev))
     return targets
@@ -347,17 +345,23 @@ class Client:
             ) as proxy:
                 return getattr(proxy, method)(*args)
         except xmlrpc.client.Fault as exc:
-            raise RemoteFault(method, exc.faultCode, str(exc.faultString)) from None
+            raise exceptions.RemoteFault(method, exc.faultCode, str(exc.faultString)) from None
         except xmlrpc.client.ProtocolError as exc:
             if exc.errcode == 401:
-                raise Unauthorized(self.url) from None
-            raise RequestFailed(self.url, exc.errcode, exc.errmsg) from None
+                raise exceptions.Unauthorized(self.url) from None
+            raise exceptions.RequestFailed(self.url, exc.errcode, exc.errmsg) from None
         except TimeoutError:
-            raise ConnectionFailed(self.url, f"no answer within {self.timeout:g} s") from None
+            raise exceptions.ConnectionFailed(
+                self.url, f"no answer within {self.timeout:g} s"
+            ) from None
         except OSError as exc:
-            raise ConnectionFailed(self.url, exc.strerror or str(exc) or repr(exc)) from None
+            raise exceptions.ConnectionFailed(
+                self.url, exc.strerror or str(exc) or repr(exc)
+            ) from None
         except (xmlrpc.client.ResponseError, ExpatError, http.client.HTTPException) as exc:
-            raise InvalidResponse(f"{method}: unexpected answer from {self.url}: {exc}") from None
+            raise exceptions.InvalidResponse(
+                f"{method}: unexpected answer from {self.url}: {exc}"
+            ) from None
 
     def _result(self, method: str, checked: bool, *args: Any) -> Any:
         raw = self.call(method, *args)

@@ -57,16 +57,8 @@ class Export:
 
 
 class DaemonCore:
-    """One ``qemu-storage-daemon`` with a QMP monitor on ``run_dir/<name>.qmp``.
-
-    With ``netns``, the daemon is started through ``nsenter --net=/var/run/netns/<netns>``: it
-    joins only that network namespace and keeps the root mount namespace, so its FUSE exports
-    are visible to tgtd and libvirt (``ip netns exec`` would hide them in a private one).
-
-    Every helper validates its arguments before anything runs (``InvalidArgument``), is
-    idempotent where that makes sense (the same request again is a no-op; an object with our
-    name but other parameters raises ``Conflict``), and raises ``QMPError`` when QEMU refuses.
-    """
+    """The process, QMP link, state file and queries of one ``qemu-storage-daemon``; the
+    class to use, and the contract of its helpers, is ``brick.qsd.daemon.StorageDaemon``."""
 
     def __init__(
         self,

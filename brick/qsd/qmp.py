@@ -29,9 +29,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from brick.closing import Closing
 from brick.exception import BrickError, Timeout
 from brick.wait import wait_until
 
@@ -69,7 +69,7 @@ def masked(value: Any) -> Any:
     return value
 
 
-class QMPClient:
+class QMPClient(Closing):
     """A connection to one QMP monitor socket.
 
     ``QMPClient(path).connect()`` reads the greeting and negotiates ``qmp_capabilities``.
@@ -99,17 +99,6 @@ class QMPClient:
 
     def __repr__(self) -> str:
         return f"QMPClient({self.path!r}, {'closed' if self._closed else 'open'})"
-
-    def __enter__(self) -> QMPClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- connection ----------------------------------------------------------------------
     @property

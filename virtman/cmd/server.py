@@ -9,6 +9,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 import brick.privileged
 import brick.privileged.process
@@ -152,17 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     capture.sweep_partials(images)  # a capture a crash interrupted
     virtman.supervisor.listeners.append(images.restore)
     guests = build_guests(virtman, settings)
+
+    def fail(reason: str) -> NoReturn:
+        """Undo the start so far (what Virtman holds, the pid file) and exit with ``reason``."""
+        virtman.shutdown()
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
+        raise SystemExit(f"virtmanserver: {reason}") from None
+
     try:
         server = build_server(
             (listen_host, CONF.listen_port), limits, virtman, images, context, guests=guests
         )
     except OSError as exc:
-        virtman.shutdown()
-        if pid_file:
-            pid_file.unlink(missing_ok=True)
-        raise SystemExit(
-            f"virtmanserver: cannot listen on {listen_host}:{CONF.listen_port}: {exc}"
-        ) from None
+        fail(f"cannot listen on {listen_host}:{CONF.listen_port}: {exc}")
     zvm_server = None
     if CONF.zvm_api_enabled:
         try:
@@ -178,12 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         except (OSError, JournalCorrupt, ValueError) as exc:
             server.server_close()
-            virtman.shutdown()
-            if pid_file:
-                pid_file.unlink(missing_ok=True)
-            raise SystemExit(
-                f"virtmanserver: z/VM API on {CONF.zvm_api_listen_host}:{CONF.zvm_api_port}: {exc}"
-            ) from None
+            fail(f"z/VM API on {CONF.zvm_api_listen_host}:{CONF.zvm_api_port}: {exc}")
         zvm_server.start()
         LOG.info(
             "virtmanserver: z/VM Cloud Connector API on %s (auth %s%s)",

@@ -36,11 +36,12 @@ import string
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from typing import NotRequired, TypedDict, Unpack
 from xml.sax.saxutils import escape
 
 import libvirt
 
+from brick.closing import Closing
 from brick.exception import Timeout
 from brick.libvirtd import SYSTEM_URI, quiet_libvirt
 from brick.wait import wait_until
@@ -58,6 +59,7 @@ METADATA_NS = "http://vmthunder.org/xmlns/virtman/vm/1.0"
 DEFAULT_TEMPLATE = Path(__file__).with_name("domain.xml.template")  # package data
 DEFAULT_PREFIX = "vmt-"
 DISK_FORMATS = frozenset({"qcow2", "raw"})
+DEFAULT_MEMORY_MIB = 128
 KVM_DEVICE = "/dev/kvm"
 _KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00); the stable API answers 12
 _INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -80,6 +82,17 @@ STATES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
 ET.register_namespace("vmt", METADATA_NS)
+
+
+class DomainSpec(TypedDict):
+    """What ``render`` (and so ``boot``) takes besides the instance and its disk."""
+
+    kernel: Path | str
+    initrd: Path | str
+    cmdline: str
+    console_log: Path | str
+    memory_mib: NotRequired[int]
+    disk_format: NotRequired[str]
 
 
 class InvalidVMInput(InvalidInput, ValueError):
@@ -166,7 +179,7 @@ def _code(err: libvirt.libvirtError) -> int | None:
     return err.get_error_code()
 
 
-class VirtualMachines:
+class VirtualMachines(Closing):
     """Boot, stop, destroy, inspect and list virtman's domains on ``uri``.
 
     The connection opens on first use (and again if libvirtd restarted); ``close`` it, or use
@@ -204,17 +217,6 @@ class VirtualMachines:
 
     def __repr__(self) -> str:
         return f"VirtualMachines({self.uri!r}, prefix={self.prefix!r}, type={self.domain_type})"
-
-    def __enter__(self) -> VirtualMachines:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -259,7 +261,7 @@ class VirtualMachines:
         kernel: Path | str,
         initrd: Path | str,
         cmdline: str,
-        memory_mib: int = 128,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
         console_log: Path | str,
         disk_format: str = "qcow2",
     ) -> str:
@@ -362,29 +364,16 @@ class VirtualMachines:
         )
 
     # -- the API ---------------------------------------------------------------------------
-    def boot(
-        self,
-        instance_name: str,
-        disk_path: Path | str,
-        *,
-        kernel: Path | str,
-        initrd: Path | str,
-        cmdline: str,
-        memory_mib: int = 128,
-        console_log: Path | str,
-        disk_format: str = "qcow2",
-    ) -> VMInfo:
+    def boot(self, instance_name: str, disk_path: Path | str, **spec: Unpack[DomainSpec]) -> VMInfo:
         """Define and start ``<prefix><instance_name>`` on ``disk_path`` (virtio ``vda``),
         booting ``kernel``/``initrd`` with ``cmdline``; the serial console goes to
-        ``console_log`` (truncated first). An inactive domain of this instance is redefined.
+        ``console_log`` (truncated first). ``spec``: the keywords of :meth:`render`. An inactive
+        domain of this instance is redefined.
 
         Raises ``InvalidVMInput`` (nothing touched), ``InstanceExists`` if it runs,
         ``ForeignDomain``, or ``VMError`` if libvirt fails (the definition is then removed).
         """
-        xml = self.render(
-            instance_name, disk_path, kernel=kernel, initrd=initrd, cmdline=cmdline,
-            memory_mib=memory_mib, console_log=console_log, disk_format=disk_format,
-        )  # fmt: skip
+        xml = self.render(instance_name, disk_path, **spec)
         existing = self._owned(instance_name)
         if existing is not None:
             if self._active(existing):
@@ -393,7 +382,7 @@ class VirtualMachines:
                 existing.undefineFlags(_UNDEFINE_FLAGS)
             except libvirt.libvirtError as err:
                 raise VMError(f"removing the old definition of {instance_name}: {err}") from err
-        log = _abs_path(console_log, "console_log")
+        log = _abs_path(spec["console_log"], "console_log")
         if log.is_file():
             log.unlink()  # no stale marker from an earlier boot
         name = self.domain_name(instance_name)
@@ -407,6 +396,7 @@ class VirtualMachines:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.undefineFlags(_UNDEFINE_FLAGS)
             raise VMError(f"starting {name}: {err}") from err
+        memory_mib = spec.get("memory_mib", DEFAULT_MEMORY_MIB)
         LOG.info("booted %s (%s, %d MiB) on %s", name, self.domain_type, memory_mib, disk_path)
         return self._info(dom, instance_name)
 

@@ -32,12 +32,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from oslo_vmware import api, vim_util
 from oslo_vmware import exceptions as vexc
 
+from brick.closing import Closing
 from virtman.errors import HypervisorError, HypervisorUnreachable, InstanceExists, InstanceNotFound
 from virtman.guest import vimwsdl
 from virtman.guest.domains import DEFAULT_PREFIX, InvalidVMInput, validate_instance
@@ -151,7 +151,7 @@ class _Inventory:
     datastore: str
 
 
-class VCenterMachines:
+class VCenterMachines(Closing):
     """Our VMs in one vCenter: one session, opened at construction (``VCenterLoginFailed``,
     ``VCenterUnreachable``, ``InvalidVMInput`` for a datastore it lacks), closed by ``close``."""
 
@@ -199,14 +199,6 @@ class VCenterMachines:
 
     def __repr__(self) -> str:
         return f"VCenterMachines({self.settings.endpoint!r})"
-
-    def __enter__(self) -> VCenterMachines:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         with contextlib.suppress(vexc.VMwareDriverException):

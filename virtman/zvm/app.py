@@ -97,33 +97,31 @@ def not_supported(what: str, mod: int) -> ApiError:
     )
 
 
+# The connector's answer to each of our errors, the first match winning (subclasses first):
+# (error, HTTP status, overallRC, rc, rs, module, errmsg with the error as ``exc``).
+_ERRORS: tuple[tuple[type[Exception], int, int, int, int, int, str], ...] = (
+    (GuestNotFound, 404, 404, 404, 1, MOD_GUEST, "Guest '{exc.name}' does not exist."),
+    (GuestExists, 409, 409, 409, 1, MOD_GUEST, "Guest '{exc.name}' already exists."),
+    (GuestStateError, 409, 409, 409, 1, MOD_GUEST, "{exc}"),
+    (ImageNotFound, 404, 404, 404, 1, MOD_IMAGE, "{exc}"),
+    (ImageExists, 409, 300, 300, 13, MOD_IMAGE, "{exc}"),
+    (ImageInUse, 409, 409, 409, 1, MOD_IMAGE, "{exc}"),
+    (CaptureExists, 409, 300, 300, 13, MOD_IMAGE, "{exc}"),
+    (CaptureFailed, 500, 300, 300, 22, MOD_IMAGE, "{exc}"),
+    (ImageFailed, 500, 300, 300, 22, MOD_IMAGE, "{exc}"),
+    # the connector's "service unavailable"
+    (HypervisorUnreachable, 503, 503, 503, 2, MOD_GUEST, "Guest manager unavailable: {exc}"),
+    (HypervisorError, 500, 500, 500, 2, MOD_GUEST, "libvirt failed: {exc}"),
+    (VirtmanError, 500, 500, 500, 3, MOD_GUEST, "Guest manager failed: {exc}"),
+)
+
+
 def _error_of(exc: Exception) -> ApiError | None:
     if isinstance(exc, InvalidInput):
         return request_error(400, f"Validation error: {exc}")
-    if isinstance(exc, GuestNotFound):
-        return ApiError(404, 404, 404, 1, MOD_GUEST, f"Guest '{exc.name}' does not exist.")
-    if isinstance(exc, GuestExists):
-        return ApiError(409, 409, 409, 1, MOD_GUEST, f"Guest '{exc.name}' already exists.")
-    if isinstance(exc, GuestStateError):
-        return ApiError(409, 409, 409, 1, MOD_GUEST, str(exc))
-    if isinstance(exc, ImageNotFound):
-        return ApiError(404, 404, 404, 1, MOD_IMAGE, str(exc))
-    if isinstance(exc, ImageExists):
-        return ApiError(409, 300, 300, 13, MOD_IMAGE, str(exc))
-    if isinstance(exc, ImageInUse):
-        return ApiError(409, 409, 409, 1, MOD_IMAGE, str(exc))
-    if isinstance(exc, CaptureExists):
-        return ApiError(409, 300, 300, 13, MOD_IMAGE, str(exc))
-    if isinstance(exc, CaptureFailed):
-        return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
-    if isinstance(exc, ImageFailed):
-        return ApiError(500, 300, 300, 22, MOD_IMAGE, str(exc))
-    if isinstance(exc, HypervisorUnreachable):  # the connector's "service unavailable"
-        return ApiError(503, 503, 503, 2, MOD_GUEST, f"Guest manager unavailable: {exc}")
-    if isinstance(exc, HypervisorError):
-        return ApiError(500, 500, 500, 2, MOD_GUEST, f"libvirt failed: {exc}")
-    if isinstance(exc, VirtmanError):
-        return ApiError(500, 500, 500, 3, MOD_GUEST, f"Guest manager failed: {exc}")
+    for kind, status, overall, rc, rs, mod, errmsg in _ERRORS:
+        if isinstance(exc, kind):
+            return ApiError(status, overall, rc, rs, mod, errmsg.format(exc=exc))
     return None
 
 

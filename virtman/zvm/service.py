@@ -28,37 +28,6 @@ def instances_on(virtman: Virtman, target: str) -> list[str]:
     return sorted(found)
 
 
-def build_app(
-    *,
-    state_dir: Path,
-    disk_dir: Path,
-    virtman: Virtman,
-    images: ImageService,
-    backend: GuestBackend | None,
-    token: str | None,
-    token_ttl_s: int = 3600,
-    bridge: str = "virbr0",
-    max_request_bytes: int = 1 << 20,
-    peers: PeerUids | None = None,
-) -> ZvmApi:
-    store = Store(state_dir / "zvm.json")
-    catalogue = Catalogue(
-        store, images, lambda target: instances_on(virtman, target), virtman.drop_idle_image
-    )
-    api = ZvmApi(
-        backend,
-        catalogue,
-        store,
-        auth=None if token is None else TokenAuth(token, token_ttl_s),
-        disk_dir=disk_dir,
-        bridge=bridge,
-        max_request_bytes=max_request_bytes,
-        peers=peers,
-    )
-    api.host_info = lambda: local_host_info(api.diskpool)
-    return api
-
-
 def build_server(
     conf: Any,
     *,
@@ -72,21 +41,25 @@ def build_server(
 ) -> ZvmServer:
     """The server of ``zvm_api_*`` options (not started); ``OSError`` if it cannot listen,
     ``ValueError`` if ``zvm_api_auth`` cannot be honoured."""
-    app = build_app(
-        state_dir=state_dir,
+    peers = peer_auth(conf) if token is not None else None  # refused before any state is read
+    store = Store(state_dir / "zvm.json")
+    catalogue = Catalogue(
+        store, images, lambda target: instances_on(virtman, target), virtman.drop_idle_image
+    )
+    api = ZvmApi(
+        backend,
+        catalogue,
+        store,
+        auth=None if token is None else TokenAuth(token, conf.zvm_api_token_ttl),
         disk_dir=disk_dir,
-        virtman=virtman,
-        images=images,
-        backend=backend,
-        token=token,
-        token_ttl_s=conf.zvm_api_token_ttl,
         bridge=conf.zvm_bridge,
         max_request_bytes=conf.max_request_bytes,
-        peers=peer_auth(conf) if token is not None else None,
+        peers=peers,
     )
+    api.host_info = lambda: local_host_info(api.diskpool)
     return ZvmServer(
         (conf.zvm_api_listen_host, conf.zvm_api_port),
-        app,
+        api,
         connections=conf.zvm_api_connections,
         request_timeout=conf.request_timeout,
         ssl_context=ssl_context,

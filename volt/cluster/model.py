@@ -232,17 +232,7 @@ class Records:
 
     def note(self, vm: VM, **values: Any) -> VM:
         """Change ``values`` of ``vm`` while its status stays what it was."""
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                cluster_vms.update()
-                .where(cluster_vms.c.task_id == vm.task_id)
-                .where(cluster_vms.c.idx == vm.idx)
-                .where(cluster_vms.c.status == vm.status)
-                .values(**{k: json.dumps(v) if k == "extra" else v for k, v in values.items()})
-            )
-            if done.rowcount != 1:
-                raise Conflict(f"VM {vm.name} of task {vm.task_id} changed meanwhile")
-        return VM(**{**vm.__dict__, **values})
+        return self._write(vm, values)
 
     def userids(self) -> set[str]:
         with self.engine.connect() as conn:
@@ -251,15 +241,20 @@ class Records:
     def update(self, vm: VM, status: str, **values: Any) -> VM:
         """Move ``vm`` to ``status`` (checked against the state machine) with ``values``."""
         check_transition(vm.status, status)
+        return self._write(vm, {"status": status, **values})
+
+    def _write(self, vm: VM, values: dict[str, Any]) -> VM:
+        """Write ``values`` (``extra`` as JSON) to ``vm``'s row if its status is still
+        ``vm.status``: ``Conflict`` if another writer moved it meanwhile."""
+        columns = {k: json.dumps(v) if k == "extra" else v for k, v in values.items()}
         with self.engine.begin() as conn:
             done = conn.execute(
                 cluster_vms.update()
                 .where(cluster_vms.c.task_id == vm.task_id)
                 .where(cluster_vms.c.idx == vm.idx)
                 .where(cluster_vms.c.status == vm.status)
-                .values(status=status, **values)
+                .values(**columns)
             )
             if done.rowcount != 1:
                 raise Conflict(f"VM {vm.name} of task {vm.task_id} changed meanwhile")
-        fields = {**vm.__dict__, "status": status, **values}
-        return VM(**fields)
+        return VM(**{**vm.__dict__, **values})

@@ -47,15 +47,7 @@ from virtman.drivers.dm.context import DmContext, Host, Loops
 from virtman.drivers.dm.names import SNAPSHOT, ImageNames, snapshot_name, uuid_of
 from virtman.drivers.dm.nbd import NbdRelay
 from virtman.errors import Conflict, DiskExists, adopting
-from virtman.layers.base import (
-    Device,
-    Endpoint,
-    Relay,
-    RelaySpec,
-    Revived,
-    SnapshotSpec,
-    UpstreamSpec,
-)
+from virtman.layers import base as layer
 from virtman.layers.pathsfile import PathsFiles
 
 __all__ = ["DmDriver", "FailoverMultipath", "Host", "Loops"]
@@ -165,17 +157,17 @@ class DmDriver:
             self._thread.daemon = True
             self._thread.start()
 
-    def revive(self) -> Revived:
+    def revive(self) -> layer.Revived:
         """The kernel holds the stacks; only tgtd (a relay with ``dm_relay = tgt``, the
         image targets) can die. (The NBD relay's daemon is revived by the monitor.)"""
         if self.tgtd is None or self.tgtd.alive():
-            return Revived()
+            return layer.Revived()
         LOG.error(
             "tgtd (control port %d) died: starting it again; its targets are exported again",
             self.tgtd.control_port,
         )
         self.tgtd.start()
-        return Revived(targets=True)
+        return layer.Revived(targets=True)
 
     def stop(self) -> None:
         """Stop the monitor; remove the cache set and stop tgtd if nothing uses them."""
@@ -193,7 +185,7 @@ class DmDriver:
     def images(self) -> set[str]:
         return stack.images(self)
 
-    def origin(self, image: str) -> Device | None:
+    def origin(self, image: str) -> layer.Device | None:
         if not self.is_ours(ImageNames(image).multipath, "multipath", image):
             return None
         return self.cache.inspect(image)
@@ -257,7 +249,7 @@ def _bracket(host: str) -> str:
     return values.bracket(host)
 
 
-def _target(endpoint: Endpoint) -> tuple[str, str, int]:
+def _target(endpoint: layer.Endpoint) -> tuple[str, str, int]:
     """An endpoint's iSCSI target, validated (NBD addresses are not used by this driver)."""
     return (
         validate_portal(endpoint.portal),
@@ -272,27 +264,27 @@ class DmUpstream:
     def __init__(self, driver: DmDriver) -> None:
         self.d = driver
 
-    def endpoints(self, image: str) -> list[Endpoint]:
+    def endpoints(self, image: str) -> list[layer.Endpoint]:
         return self.d.paths.load(image)
 
-    def _save(self, image: str, endpoints: Sequence[Endpoint]) -> None:
+    def _save(self, image: str, endpoints: Sequence[layer.Endpoint]) -> None:
         self.d.paths.save(image, endpoints)
 
-    def inspect(self, image: str) -> Device | None:
+    def inspect(self, image: str) -> layer.Device | None:
         n = ImageNames(image)
         if not self.d.is_ours(n.multipath, "multipath", image):
             return None
         path = n.path(n.multipath)
-        return Device(n.multipath, path, self.d.dm.size(path) * 512)
+        return layer.Device(n.multipath, path, self.d.dm.size(path) * 512)
 
     def list_owned(self) -> list[str]:
         return sorted(set(self.d.owned("multipath")) | self.d.paths.images())
 
-    def ensure(self, spec: UpstreamSpec) -> Device:
+    def ensure(self, spec: layer.UpstreamSpec) -> layer.Device:
         image, endpoints = spec.image, spec.endpoints
         n = ImageNames(image)
         d = self.d
-        wanted: list[Endpoint] = []
+        wanted: list[layer.Endpoint] = []
         for endpoint in endpoints:  # validate all first; one endpoint per target
             if _target(endpoint) not in {_target(e) for e in wanted}:
                 wanted.append(endpoint)
@@ -300,7 +292,7 @@ class DmUpstream:
         known = {_target(e) for e in current}
         # record the paths before connecting them: a crash leaves nothing unrecorded
         self._save(image, [*current, *(e for e in wanted if _target(e) not in known)])
-        usable: list[tuple[Endpoint, str]] = []
+        usable: list[tuple[layer.Endpoint, str]] = []
         for endpoint in wanted:
             portal, iqn, lun = _target(endpoint)
             try:
@@ -328,11 +320,11 @@ class DmUpstream:
         kept = {_target(e) for e, _ in usable}
         self._save(image, [e for e, _ in usable])
         self._disconnect(image, [e for e in [*current, *wanted] if _target(e) not in kept])
-        return Device(n.multipath, n.path(n.multipath), size * 512)
+        return layer.Device(n.multipath, n.path(n.multipath), size * 512)
 
     def _sized(
-        self, image: str, usable: list[tuple[Endpoint, str]]
-    ) -> tuple[list[tuple[Endpoint, str]], int]:
+        self, image: str, usable: list[tuple[layer.Endpoint, str]]
+    ) -> tuple[list[tuple[layer.Endpoint, str]], int]:
         """Keep the paths as big as the first (a parent exporting something else is
         dropped); returns them and the size in sectors."""
         size = self.d.dm.size(usable[0][1])
@@ -342,7 +334,7 @@ class DmUpstream:
                 LOG.warning("%s: path %s has another size: not used", image, endpoint.key)
         return same, size
 
-    def _disconnect(self, image: str, endpoints: Sequence[Endpoint]) -> None:
+    def _disconnect(self, image: str, endpoints: Sequence[layer.Endpoint]) -> None:
         for endpoint in endpoints:
             try:
                 self.d.iscsi.disconnect(*_target(endpoint))
@@ -364,12 +356,12 @@ class LioRelay:
     def __init__(self, driver: DmDriver) -> None:
         self.d = driver
 
-    def _view(self, image: str, cached: Device) -> str:
+    def _view(self, image: str, cached: layer.Device) -> str:
         n = ImageNames(image)
         table = Table.of(Linear(length=cached.size // 512, device=cached.path))
         return self.d.dm.create(n.relay, table, uuid=n.uuid("relay"))
 
-    def ensure(self, spec: RelaySpec) -> Relay:
+    def ensure(self, spec: layer.RelaySpec) -> layer.Relay:
         image, iqn, cached = spec.image, spec.iqn, spec.origin
         with adopting(image):  # a view over another device, or a target of that IQN elsewhere
             view = self._view(image, cached)
@@ -378,7 +370,7 @@ class LioRelay:
         nbd = None
         if self.d.nbd is not None and not self.d.nbd.draining:
             nbd = self.d.nbd.export(image, cached.path)
-        return Relay(
+        return layer.Relay(
             name=ImageNames(image).relay,
             path=view,
             size=cached.size,
@@ -387,7 +379,7 @@ class LioRelay:
             nbd=nbd,
         )
 
-    def inspect(self, image: str) -> Relay | None:
+    def inspect(self, image: str) -> layer.Relay | None:
         n = ImageNames(image)
         if not self.d.is_ours(n.relay, "relay", image):
             return None
@@ -398,7 +390,7 @@ class LioRelay:
         nbd = None
         if self.d.nbd is not None and self.d.nbd.exported(image):
             nbd = self.d.nbd.address
-        return Relay(
+        return layer.Relay(
             name=n.relay,
             path=path,
             size=self.d.dm.size(path) * 512,
@@ -508,14 +500,14 @@ class DmSnapshot:
     def _file(self, instance: str) -> Path:
         return self.d.settings.instances_dir / f"{instance}.cow"
 
-    def inspect(self, instance: str) -> Device | None:
+    def inspect(self, instance: str) -> layer.Device | None:
         name = snapshot_name(instance)
         if not self.d.is_ours(name, SNAPSHOT, instance):
             return None
         path = f"/dev/mapper/{name}"
-        return Device(name, path, self.d.dm.size(path) * 512)
+        return layer.Device(name, path, self.d.dm.size(path) * 512)
 
-    def ensure(self, spec: SnapshotSpec) -> Device:
+    def ensure(self, spec: layer.SnapshotSpec) -> layer.Device:
         d = self.d
         instance, origin = spec.instance, spec.origin
         name = snapshot_name(instance)
@@ -533,7 +525,7 @@ class DmSnapshot:
                 != want
             ):
                 raise Conflict(instance, f"{name} is not a snapshot of {origin.path}")
-            return Device(name, f"/dev/mapper/{name}", origin.size)
+            return layer.Device(name, f"/dev/mapper/{name}", origin.size)
         if cow.exists():  # an earlier run's disk (e.g. before a reboot): never overwritten
             raise DiskExists(instance)
         for stale in d.loops.find(str(cow)):  # a create that died half way
@@ -550,7 +542,7 @@ class DmSnapshot:
                 Snapshot(length=origin.size // 512, origin=origin.path, cow=loop, persistent=True)
             )
             path = d.dm.create(name, table, uuid=uuid_of(SNAPSHOT, instance))
-            return Device(name, path, origin.size)
+            return layer.Device(name, path, origin.size)
         except BaseException:
             if loop is not None:
                 d.loops.detach(loop)

@@ -32,16 +32,7 @@ from virtman import stack
 from virtman.conf import Settings
 from virtman.drivers.qemu.names import NODE, ImageNames, image_tag
 from virtman.errors import Conflict, adopting
-from virtman.layers.base import (
-    CacheSpec,
-    Device,
-    Endpoint,
-    Relay,
-    RelaySpec,
-    Revived,
-    SnapshotSpec,
-    UpstreamSpec,
-)
+from virtman.layers import base as layer
 from virtman.layers.pathsfile import PathsFiles
 
 LOG = logging.getLogger(__name__)
@@ -82,7 +73,7 @@ class QemuDriver:
         )
         self.tgt = TgtAdm(settings.tgt_control_port)
         self._daemons = threading.Lock()  # start, revive and stop of the two daemons
-        self._lost = Revived()  # what died with a daemon whose restart has not succeeded
+        self._lost = layer.Revived()  # what died with a daemon whose restart has not succeeded
         self.chap = (
             Chap(settings.chap_user, settings.chap_password)
             if settings.chap_user and settings.chap_password
@@ -108,7 +99,7 @@ class QemuDriver:
                 self.tgtd.start()
             self._start_nbd()
 
-    def revive(self) -> Revived:
+    def revive(self) -> layer.Revived:
         """qemu-storage-daemon holds every stack (its FUSE origins are what the relays
         export and the VMs' overlays are backed by); tgtd holds every target. What a daemon
         took with it is reported once that daemon serves again (a failed start is retried
@@ -122,7 +113,7 @@ class QemuDriver:
                         "I/O errors until they are restarted)",
                         self.qsd.name,
                     )
-                self._lost = Revived(stacks=True, targets=self._lost.targets)
+                self._lost = layer.Revived(stacks=True, targets=self._lost.targets)
             if self._lost.stacks:
                 self.qsd.start()  # unmounts the dead FUSE origins first
                 self._start_nbd()
@@ -133,10 +124,10 @@ class QemuDriver:
                         "exported again",
                         self.tgtd.control_port,
                     )
-                self._lost = Revived(stacks=self._lost.stacks, targets=True)
+                self._lost = layer.Revived(stacks=self._lost.stacks, targets=True)
             if self._lost.targets:
                 self.tgtd.start()
-            lost, self._lost = self._lost, Revived()
+            lost, self._lost = self._lost, layer.Revived()
             return lost
 
     def _start_nbd(self) -> None:
@@ -182,7 +173,7 @@ class QemuDriver:
     def images(self) -> set[str]:
         return stack.images(self)
 
-    def origin(self, image: str) -> Device | None:
+    def origin(self, image: str) -> layer.Device | None:
         return self.cache.inspect(image)
 
     def cached_extents(self, image: str) -> list[tuple[int, int]]:
@@ -225,13 +216,13 @@ class QemuUpstream:
     def __init__(self, driver: QemuDriver) -> None:
         self.d = driver
 
-    def ensure(self, spec: UpstreamSpec) -> Device:
+    def ensure(self, spec: layer.UpstreamSpec) -> layer.Device:
         image, endpoints = spec.image, spec.endpoints
         n = self.d.names(image)
         qsd = self.d.qsd
         present = qsd.nodes()
         current = self.endpoints(image)
-        wanted: list[Endpoint] = []
+        wanted: list[layer.Endpoint] = []
         for endpoint in endpoints:
             node = n.path(endpoint)
             if node not in present:
@@ -251,9 +242,11 @@ class QemuUpstream:
         for endpoint in current:
             if endpoint.key not in {e.key for e in wanted}:
                 self._disconnect(n.path(endpoint))
-        return Device(n.quorum, "", qsd.node_size(n.quorum))
+        return layer.Device(n.quorum, "", qsd.node_size(n.quorum))
 
-    def _reorder(self, n: ImageNames, current: list[Endpoint], wanted: list[Endpoint]) -> None:
+    def _reorder(
+        self, n: ImageNames, current: list[layer.Endpoint], wanted: list[layer.Endpoint]
+    ) -> None:
         """Make the quorum's children ``wanted`` in order: add first, then drop, so that a
         path always remains (x-blockdev-change appends; fifo reads the first child)."""
         qsd = self.d.qsd
@@ -272,7 +265,7 @@ class QemuUpstream:
         for node in children[len(goal) :]:
             qsd.quorum_remove_child(n.quorum, node)
 
-    def _connect(self, node: str, endpoint: Endpoint, image: str) -> None:
+    def _connect(self, node: str, endpoint: layer.Endpoint, image: str) -> None:
         qsd = self.d.qsd
         if endpoint.nbd:
             host, port = _split(endpoint.nbd)
@@ -302,14 +295,14 @@ class QemuUpstream:
         except BrickError as exc:
             LOG.warning("could not remove path node %s: %s", node, exc)
 
-    def endpoints(self, image: str) -> list[Endpoint]:
+    def endpoints(self, image: str) -> list[layer.Endpoint]:
         return self.d.paths.load(image)
 
-    def inspect(self, image: str) -> Device | None:
+    def inspect(self, image: str) -> layer.Device | None:
         n = self.d.names(image)
         if n.quorum not in self.d.qsd.nodes():
             return None
-        return Device(n.quorum, "", self.d.qsd.node_size(n.quorum))
+        return layer.Device(n.quorum, "", self.d.qsd.node_size(n.quorum))
 
     def list_owned(self) -> list[str]:
         """Images with a paths file (the quorum's node name is a hash of the image's)."""
@@ -330,7 +323,7 @@ class QemuCache:
     def __init__(self, driver: QemuDriver) -> None:
         self.d = driver
 
-    def ensure(self, spec: CacheSpec) -> Device:
+    def ensure(self, spec: layer.CacheSpec) -> layer.Device:
         image, upstream = spec.image, spec.upstream
         n = self.d.names(image)
         qsd = self.d.qsd
@@ -349,14 +342,14 @@ class QemuCache:
                 n.fuse_file,
                 readahead_kib=self.d.settings.qemu_fuse_readahead_kib or None,
             )
-        return Device(n.cor, str(n.fuse_file), upstream.size)
+        return layer.Device(n.cor, str(n.fuse_file), upstream.size)
 
-    def inspect(self, image: str) -> Device | None:
+    def inspect(self, image: str) -> layer.Device | None:
         n = self.d.names(image)
         exports = {e.id for e in self.d.qsd.exports()}
         if n.fuse_export not in exports or n.cor not in self.d.qsd.nodes():
             return None
-        return Device(n.cor, str(n.fuse_file), self.d.qsd.node_size(n.cor))
+        return layer.Device(n.cor, str(n.fuse_file), self.d.qsd.node_size(n.cor))
 
     def list_owned(self) -> list[str]:
         return sorted(p.stem for p in self.d.settings.cache_dir.glob("*.qcow2"))
@@ -379,7 +372,7 @@ class QemuRelay:
     def __init__(self, driver: QemuDriver) -> None:
         self.d = driver
 
-    def ensure(self, spec: RelaySpec) -> Relay:
+    def ensure(self, spec: layer.RelaySpec) -> layer.Relay:
         image, iqn, cached = spec.image, spec.iqn, spec.origin
         n = self.d.names(image)
         with adopting(image):  # a target of that IQN over another file
@@ -388,22 +381,22 @@ class QemuRelay:
             self.d.qsd.export_nbd(n.nbd_export, cached.name, image)
         return self._relay(image, iqn, cached)
 
-    def _relay(self, image: str, iqn: str, cached: Device) -> Relay:
+    def _relay(self, image: str, iqn: str, cached: layer.Device) -> layer.Relay:
         s = self.d.settings
         nbd = f"{_host(self.d.host)}:{s.nbd_port}" if s.nbd_port else None
         portal = f"{_host(self.d.host)}:{s.iscsi_port}"
-        return Relay(
+        return layer.Relay(
             name=image, path=cached.path, size=cached.size, iqn=iqn, portal=portal, nbd=nbd
         )
 
-    def inspect(self, image: str) -> Relay | None:
+    def inspect(self, image: str) -> layer.Relay | None:
         fuse = str(self.d.names(image).fuse_file)
         for target in self.d.tgt.targets():
             for lun in target.luns:
                 if lun.backing_path == fuse:
                     origin = self.d.cache.inspect(image)
                     size = origin.size if origin is not None else 0
-                    return self._relay(image, target.iqn, Device(image, fuse, size))
+                    return self._relay(image, target.iqn, layer.Device(image, fuse, size))
         return None
 
     def list_owned(self) -> list[str]:
@@ -452,15 +445,15 @@ class QemuSnapshot:
             return None
         return info if isinstance(info, dict) else None
 
-    def inspect(self, instance: str) -> Device | None:
+    def inspect(self, instance: str) -> layer.Device | None:
         path = self._file(instance)
         if not path.exists():
             return None
         info = self._info(path) or {}
         size = info.get("virtual-size")
-        return Device(instance, str(path), size if isinstance(size, int) else 0)
+        return layer.Device(instance, str(path), size if isinstance(size, int) else 0)
 
-    def ensure(self, spec: SnapshotSpec) -> Device:
+    def ensure(self, spec: layer.SnapshotSpec) -> layer.Device:
         instance, origin = spec.instance, spec.origin
         path = self._file(instance)
         if path.exists():  # adopted if identical; never overwritten
@@ -473,7 +466,7 @@ class QemuSnapshot:
                     f"its disk {path} is not an overlay of {origin.path} "
                     f"(backing {backing!r}, {size} bytes)",
                 )
-            return Device(instance, str(path), origin.size)
+            return layer.Device(instance, str(path), origin.size)
         tmp = path.with_suffix(".part")
         execute(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", origin.path, str(tmp)]
@@ -483,7 +476,7 @@ class QemuSnapshot:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-        return Device(instance, str(path), origin.size)
+        return layer.Device(instance, str(path), origin.size)
 
     def teardown(self, instance: str) -> None:
         self._file(instance).unlink(missing_ok=True)
