@@ -19,9 +19,12 @@ USERNAME = "vmt-admin"
 
 class VCSim:
     """One simulator on 127.0.0.1 on a free port, its own random password, a pidfile; stopped
-    by the PID it wrote (SIGTERM, then SIGKILL after 5 s)."""
+    by the PID it wrote (SIGTERM, then SIGKILL after 5 s). ``fail_create_every`` N > 0: every
+    Nth ``CreateVM_Task`` fails as a task (``InsufficientResourcesFault``)."""
 
-    def __init__(self, workdir: Path, *, cluster_hosts: int = 3) -> None:
+    def __init__(
+        self, workdir: Path, *, cluster_hosts: int = 3, fail_create_every: int = 0
+    ) -> None:
         if not BINARY.is_file():
             raise RuntimeError(f"{BINARY} missing: run tools/setup.sh (tools/vcsim/build.sh)")
         self.workdir = workdir
@@ -32,6 +35,7 @@ class VCSim:
         self.pidfile = workdir / "vcsim.pid"
         self.log_path = workdir / "vcsim.log"
         self.cluster_hosts = cluster_hosts
+        self.fail_create_every = fail_create_every
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 15.0) -> VCSim:
@@ -41,6 +45,7 @@ class VCSim:
             "-listen", f"{self.host}:{self.port}",
             "-pidfile", str(self.pidfile),
             "-cluster-hosts", str(self.cluster_hosts),
+            "-fail-create-every", str(self.fail_create_every),
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
