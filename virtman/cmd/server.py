@@ -21,8 +21,12 @@ from virtman.compute import Virtman
 from virtman.conf import Settings
 from virtman.drivers import load_driver
 from virtman.errors import InvalidInput, JournalCorrupt, VirtmanError
+from virtman.guest.disk_export import DiskExports
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
+from virtman.guest.vcenter import VCenterMachines, VCenterSettings
+from virtman.guest.vcenter_guests import VCenterGuests
+from virtman.guest.vcenter_rdm import RecordedHost
 from virtman.imageservice import ImageService
 from virtman.journal import Journal
 from virtman.server import Limits, build_server
@@ -79,8 +83,48 @@ def export_connection(journal: Journal, settings: Settings) -> Callable[[str], d
     return connection
 
 
-def build_guests(virtman: Virtman, settings: Settings) -> Guests:
+def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
+    """``guest_backend = vcenter``: the guests as VMs of ``[vcenter]``; SystemExit naming
+    what is wrong when vCenter cannot be used."""
+    group = CONF.vcenter
+    if group.esx_host != "recorded":
+        raise SystemExit(
+            "virtmanserver: guest_backend = vcenter needs [vcenter] esx_host (only "
+            "'recorded' exists: docs/vcenter.rst)"
+        )
+    try:
+        machines = VCenterMachines(VCenterSettings.from_conf(group), state_dir=settings.state_dir)
+    except (VirtmanError, ValueError) as exc:
+        raise SystemExit(f"virtmanserver: [vcenter]: {exc}") from None
+    driver = virtman.driver
+    host = RecordedHost(settings.state_dir / "vcenter-esx-host.json")
+    guests = VCenterGuests(
+        virtman,
+        machines,
+        host,
+        DiskExports(driver.tgt, driver.chap, settings.iqn_prefix, settings.host_ip,
+                    settings.iscsi_port),
+        connections=export_connection(virtman.journal, settings),
+        name_prefix=CONF.guest_name_prefix,
+        cpu_allocation_ratio=group.cpu_allocation_ratio,
+    )  # fmt: skip
+    LOG.warning(
+        "virtmanserver: guests are VMs of vCenter %s; the ESXi host's iSCSI and RDM steps "
+        "are recorded in %s, not done ([vcenter] esx_host = recorded)",
+        machines.settings.endpoint,
+        host.path,
+    )
+    try:
+        guests.adopt()
+    except VirtmanError as exc:
+        LOG.error("virtmanserver: guests not adopted (vCenter: %s)", exc)
+    return guests
+
+
+def build_guests(virtman: Virtman, settings: Settings) -> Guests | VCenterGuests:
     """The node's guests, adopted from the journal and libvirt (never restarted)."""
+    if CONF.guest_backend == "vcenter":
+        return build_vcenter_guests(virtman, settings)
     guests = Guests(
         virtman,
         VirtualMachines(CONF.guest_libvirt_uri),
@@ -160,7 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     images.restore()  # what a tgtd that died with the host (or alone) held
     capture.sweep_partials(images)  # a capture a crash interrupted
     virtman.supervisor.listeners.append(images.restore)
-    guests = build_guests(virtman, settings)
+    try:
+        guests = build_guests(virtman, settings)
+    except SystemExit:  # a [vcenter] that cannot be used
+        virtman.shutdown()
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
+        raise
     try:
         server = build_server(
             (listen_host, CONF.listen_port), limits, virtman, images, context, guests=guests
