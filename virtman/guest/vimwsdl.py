@@ -34,7 +34,6 @@ METHODS: dict[str, tuple[list[tuple[str, str, bool, bool]], tuple[str, bool] | N
     "PowerOnVM_Task": ([("host", MOR, True, False)], (MOR, False)),
     "PowerOffVM_Task": ([], (MOR, False)),
     "Destroy_Task": ([], (MOR, False)),
-    "ReconfigVM_Task": ([("spec", "vim25:VirtualMachineConfigSpec", False, False)], (MOR, False)),
     "ResetVM_Task": ([], (MOR, False)),
     "SuspendVM_Task": ([], (MOR, False)),
     "FindByUuid": (
