@@ -95,10 +95,12 @@ class Rig:
             assert vms.list() == []
 
 
-@contextlib.contextmanager
-def rig(workdir: Path, *, fail_create_every: int = 0) -> Iterator[Rig]:
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """One simulator (its fault injection disarmed), one node, one volt-api for the module."""
+    workdir = tmp_path_factory.mktemp("vcenter-cluster")
     (workdir / "sim").mkdir(parents=True)
-    sim = VCSim(workdir / "sim", fail_create_every=fail_create_every).start()
+    sim = VCSim(workdir / "sim", fail_create_every=4).start()
     prefix = f"{LAB}{os.getpid() % 100000}-"
     node = VirtmanProcess(
         workdir / "node",
@@ -179,34 +181,33 @@ def _check_running(r: Rig, vm: dict[str, Any], hosts: set[str]) -> str:
     return str(found["host"])
 
 
-def test_burst_of_10_on_the_simulated_hosts_then_destroyed(tmp_path: Path) -> None:
-    started = time.monotonic()
-    with rig(tmp_path) as r:
-        node = _node_up(r)
-        with r.vcenter(tmp_path) as vms:
-            hosts = [h for h in vms.hosts() if h.connected]
-        assert node["backend"] == "vcenter"
-        assert node["capacity"] == {
-            "vcpus": int(4 * sum(h.cpu_threads for h in hosts)),
-            "memory_mb": sum(h.memory_mb for h in hosts),
-        }
-        assert len(hosts) == 3  # the simulator's cluster
+def test_burst_of_10_on_the_simulated_hosts_then_destroyed(rig: Rig, tmp_path: Path) -> None:
+    started, r = time.monotonic(), rig
+    node = _node_up(r)
+    with r.vcenter(tmp_path) as vms:
+        hosts = [h for h in vms.hosts() if h.connected]
+    assert node["backend"] == "vcenter"
+    assert node["capacity"] == {
+        "vcpus": int(4 * sum(h.cpu_threads for h in hosts)),
+        "memory_mb": sum(h.memory_mb for h in hosts),
+    }
+    assert len(hosts) == 3  # the simulator's cluster
 
-        task, view, burst_s = r.burst()
-        assert view["status"] == "DONE", view
-        assert [vm["status"] for vm in view["vms"]] == ["RUNNING"] * COUNT
-        on = [_check_running(r, vm, {h.name for h in hosts}) for vm in view["vms"]]
-        with r.vcenter(tmp_path) as vms:
-            listed = vms.list()
-        assert sorted(i.instance for i in listed) == sorted(
-            r.prefix + vm["userid"] for vm in view["vms"]
-        )
-        assert {i.state for i in listed} == {"running"}
-        _, nodes = r.volt.request("GET", "/v1/nodes")
-        assert nodes[0]["used"] == {"vcpus": COUNT, "memory_mb": 64 * COUNT}
+    task, view, burst_s = r.burst()
+    assert view["status"] == "DONE", view
+    assert [vm["status"] for vm in view["vms"]] == ["RUNNING"] * COUNT
+    on = [_check_running(r, vm, {h.name for h in hosts}) for vm in view["vms"]]
+    with r.vcenter(tmp_path) as vms:
+        listed = vms.list()
+    assert sorted(i.instance for i in listed) == sorted(
+        r.prefix + vm["userid"] for vm in view["vms"]
+    )
+    assert {i.state for i in listed} == {"running"}
+    _, nodes = r.volt.request("GET", "/v1/nodes")
+    assert nodes[0]["used"] == {"vcpus": COUNT, "memory_mb": 64 * COUNT}
 
-        destroy_s = r.destroy(task)
-        r.assert_nothing_left(tmp_path)
+    destroy_s = r.destroy(task)
+    r.assert_nothing_left(tmp_path)
     print(
         f"\nvCenter burst: {COUNT} guests RUNNING in {burst_s:.1f} s (POST to DONE) on "
         f"{len(set(on))} of {len(hosts)} simulated hosts; destroyed in {destroy_s:.1f} s; "
@@ -214,12 +215,13 @@ def test_burst_of_10_on_the_simulated_hosts_then_destroyed(tmp_path: Path) -> No
     )
 
 
-def test_a_task_fault_mid_burst_is_reported_and_cleaned_up(tmp_path: Path) -> None:
+def test_a_task_fault_mid_burst_is_reported_and_cleaned_up(rig: Rig, tmp_path: Path) -> None:
     """The simulator fails every 4th ``CreateVM_Task`` as a task: guests 4 and 8 of the 10
     (in the order their creates reach it) are ERROR naming the fault, nothing of theirs is
     left on the node or in vCenter; the 8 others run; the destroy leaves nothing."""
-    started = time.monotonic()
-    with rig(tmp_path, fail_create_every=4) as r:
+    started, r = time.monotonic(), rig
+    r.sim.faults(True)
+    try:
         _node_up(r)
         with r.vcenter(tmp_path) as vms:
             hosts = {h.name for h in vms.hosts()}
@@ -245,6 +247,8 @@ def test_a_task_fault_mid_burst_is_reported_and_cleaned_up(tmp_path: Path) -> No
 
         destroy_s = r.destroy(task)
         r.assert_nothing_left(tmp_path)
+    finally:
+        r.sim.faults(False)
     print(
         f"\nvCenter burst with a task fault every 4th create: {len(failed)} of {COUNT} "
         f"reported and cleaned up, {len(running)} running, in {burst_s:.1f} s; destroyed in "

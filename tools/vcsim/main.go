@@ -4,9 +4,10 @@
 // (VMT_VCSIM_USERNAME, VMT_VCSIM_PASSWORD: never on the command line, where ps shows them),
 // writes its PID to -pidfile once it answers, and stops on SIGTERM or SIGINT.
 //
-// -fail-create-every N (tests' fault injection, govmomi 0.24 has none of its own): every Nth
-// CreateVM_Task of the datacenter's VM folder returns a task that fails with
-// InsufficientResourcesFault, creating nothing.
+// -fail-create-every N (tests' fault injection, govmomi 0.24 has none of its own): once armed
+// by SIGUSR1 (which restarts the count), every Nth CreateVM_Task of the datacenter's VM folder
+// returns a task that fails with InsufficientResourcesFault, creating nothing; SIGUSR2
+// disarms it. Each change is logged ("vmt-vcsim: faults armed" / "disarmed").
 package main
 
 import (
@@ -34,13 +35,20 @@ type faultyFolder struct {
 	simulator.Folder
 	every int
 	mu    sync.Mutex
+	armed bool
 	calls int
+}
+
+func (f *faultyFolder) arm(armed bool) {
+	f.mu.Lock()
+	f.armed, f.calls = armed, 0
+	f.mu.Unlock()
 }
 
 func (f *faultyFolder) CreateVMTask(ctx *simulator.Context, c *types.CreateVM_Task) soap.HasFault {
 	f.mu.Lock()
 	f.calls++
-	fail := f.calls%f.every == 0
+	fail := f.armed && f.calls%f.every == 0
 	f.mu.Unlock()
 	if !fail {
 		return f.Folder.CreateVMTask(ctx, c)
@@ -78,10 +86,12 @@ func main() {
 		log.Fatalf("creating the inventory: %v", err)
 	}
 	defer model.Remove()
+	var faulty *faultyFolder
 	if *failEvery > 0 {
 		dc := simulator.Map.Any("Datacenter").(*simulator.Datacenter)
 		folder := simulator.Map.Get(dc.VmFolder).(*simulator.Folder)
-		simulator.Map.Put(&faultyFolder{Folder: *folder, every: *failEvery}) // copied before any use
+		faulty = &faultyFolder{Folder: *folder, every: *failEvery} // copied before any use
+		simulator.Map.Put(faulty)
 	}
 	model.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(user, pass)}
 	server := model.Service.NewServer()
@@ -96,5 +106,22 @@ func main() {
 
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	<-stop
+	faults := make(chan os.Signal, 1)
+	if faulty != nil {
+		signal.Notify(faults, syscall.SIGUSR1, syscall.SIGUSR2)
+	}
+	for {
+		select {
+		case <-stop:
+			return
+		case sig := <-faults:
+			armed := sig == syscall.SIGUSR1
+			faulty.arm(armed)
+			if armed {
+				fmt.Println("vmt-vcsim: faults armed")
+			} else {
+				fmt.Println("vmt-vcsim: faults disarmed")
+			}
+		}
+	}
 }
