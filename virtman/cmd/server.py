@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         if zvm_server is not None:
             zvm_server.stop()
         server.server_close()
+        if isinstance(guests, VCenterGuests):
+            guests.close()
         virtman.shutdown()
         if pid_file:
             pid_file.unlink(missing_ok=True)

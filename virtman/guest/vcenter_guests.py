@@ -72,6 +72,11 @@ class VCenterGuests(GuestRecords):
         self._vc_lock = threading.Lock()
         self._orphans: builtins.list[str] = []
 
+    def close(self) -> None:
+        """Log out of vCenter (the daemon's exit)."""
+        with self._vc() as vms:
+            vms.close()
+
     @contextlib.contextmanager
     def _vc(self) -> Iterator[VCenterMachines]:
         with self._vc_lock:

@@ -29,6 +29,7 @@ class FakeMachines:
 
     def __init__(self) -> None:
         self.vms: dict[str, dict[str, Any]] = {}
+        self.closed = False
         self.fail: dict[str, Exception] = {}
         self.settings = SimpleNamespace(endpoint="https://vc.example:443")
         self.host_list = [
@@ -93,6 +94,9 @@ class FakeMachines:
     def destroy(self, instance: str) -> None:
         self._check("destroy")
         self.vms.pop(instance, None)
+
+    def close(self) -> None:
+        self.closed = True
 
     def hosts(self) -> list[VCenterHost]:
         return self.host_list
@@ -234,6 +238,8 @@ def test_delete_removes_everything_and_an_unreachable_vcenter_keeps_the_record(r
     assert rig.virtman.list() == [] and rig.recorded()["rdms"] == {}
     with pytest.raises(GuestNotFound):
         guests.delete("g1")
+    guests.close()
+    assert rig.machines.closed
 
 
 def test_power_verbs_follow_the_vm(rig: Rig) -> None:
