@@ -118,6 +118,7 @@ def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
         guests.adopt()
     except VirtmanError as exc:
         LOG.error("virtmanserver: guests not adopted (vCenter: %s)", exc)
+    virtman.supervisor.listeners.append(guests.restore_exports)  # tgtd restarted
     return guests
 
 

@@ -13,8 +13,9 @@ nothing was deployed.
 
 ``delete`` powers off and destroys the VM, unmaps the RDM, removes the export, releases the
 snapshot and forgets the guest; a vCenter that does not answer fails it, record kept, so a
-later delete finishes it. ``adopt`` (at start) exports again what tgtd lost, undoes an
-interrupted deploy, and lists our VMs without a record as orphans (never destroyed).
+later delete finishes it. ``adopt`` (at start) undoes an interrupted deploy, exports again
+what tgtd lost (``restore_exports``, also after the supervisor restarted tgtd), and lists our
+VMs without a record as orphans (never destroyed).
 
 Calls to vCenter go one at a time (one oslo.vmware session; suds is not thread-safe).
 """
@@ -32,12 +33,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
+from brick.exception import BrickError
 from virtman import validation
 from virtman.errors import GuestStateError, InstanceNotFound, InvalidInput, VirtmanError
 from virtman.guest.disk_export import DiskExports
-from virtman.guest.records import GuestRecords, boot_time, result_of, validate_userid
+from virtman.guest.records import KIND, GuestRecords, boot_time, result_of, validate_userid
 from virtman.guest.vcenter import VCenterError, VCenterMachines
 from virtman.guest.vcenter_rdm import EsxHost, IscsiExport, attach
+from virtman.layers.base import Revived
 
 LOG = logging.getLogger(__name__)
 
@@ -162,7 +165,7 @@ class VCenterGuests(GuestRecords):
                 code, info = result_of(self.virtman.destroy(instance))
                 if code == 2:
                     raise VirtmanError(f"delete of {uid}: releasing its snapshot failed: {info}")
-            self.journal.drop("guests", uid)
+            self.journal.drop(KIND, uid)
         LOG.info("guest %s deleted", uid)
 
     # -- power -------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ class VCenterGuests(GuestRecords):
             endpoint = vms.settings.endpoint
         threads = sum(h.cpu_threads for h in hosts)
         memory_mb = sum(h.memory_mb for h in hosts)
-        records = self.journal.records("guests").values()
+        records = self.journal.records(KIND).values()
         disk = shutil.disk_usage(self.state_dir)
         return {
             "backend": "vcenter",
@@ -293,22 +296,36 @@ class VCenterGuests(GuestRecords):
     def adopt(self) -> None:
         """At start: a deploy a crash interrupted is undone; a deployed guest's export is
         made again if tgtd lost it; our VMs with no record are orphans (left alone)."""
-        for uid, record in sorted(self.journal.records("guests").items()):
-            instance = self.instance_name(uid)
+        for uid, record in sorted(self.journal.records(KIND).items()):
             if record.get("deploying") and not record.get("disk"):
                 LOG.warning("guest %s: its deploy was interrupted: undone", uid)
-                self._undo(uid, instance)
+                self._undo(uid, self.instance_name(uid))
                 self._save(uid, record, deploying=None)
-            elif record.get("disk") and not self.exports.exported(instance):
-                LOG.warning("guest %s: its export was lost: exported again", uid)
-                self.exports.export(instance, record["disk"])
+        self.restore_exports()
         self.orphans()
         for instance in self._orphans:
             LOG.warning("orphan: a VM of ours in vCenter for %s, no guest recorded", instance)
 
+    def restore_exports(self, revived: Revived | None = None) -> int:
+        """Export again every deployed guest's disk tgtd does not have (at start, or after
+        tgtd died: a supervisor listener); how many. A failure is logged per guest."""
+        if revived is not None and not revived.targets:
+            return 0
+        restored = 0
+        for uid, record in sorted(self.journal.records(KIND).items()):
+            instance = self.instance_name(uid)
+            try:
+                if record.get("disk") and not self.exports.exported(instance):
+                    self.exports.export(instance, record["disk"])
+                    LOG.warning("guest %s: its disk's export was lost: exported again", uid)
+                    restored += 1
+            except (BrickError, VirtmanError) as err:
+                LOG.error("guest %s: its disk is not exported again: %s", uid, err)
+        return restored
+
     def orphans(self) -> builtins.list[str]:
         """Instances of our VMs in vCenter with no guest record (never destroyed)."""
-        known = [self.instance_name(u) for u in self.journal.records("guests")]
+        known = [self.instance_name(u) for u in self.journal.records(KIND)]
         with contextlib.suppress(VCenterError), self._vc() as vms:
             found = vms.orphans(known)
             self._orphans = sorted(

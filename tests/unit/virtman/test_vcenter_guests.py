@@ -19,6 +19,7 @@ from virtman.guest.vcenter import VCenterHost, VCenterTaskFailed, VCenterUnreach
 from virtman.guest.vcenter_guests import VCenterGuests
 from virtman.guest.vcenter_rdm import LunNotVisible, RecordedHost
 from virtman.journal import Journal
+from virtman.layers.base import Revived
 
 PREFIX = "guest-"
 PORTAL = ("127.0.0.1", 3260)
@@ -300,6 +301,19 @@ def test_adopt_undoes_an_interrupted_deploy_exports_again_and_lists_orphans(rig:
     assert rig.journal.records("guests")["G2"]["deploying"] is None
     assert restarted.orphans() == ["guest-LOST"]
     assert "guest-LOST" in rig.machines.vms  # reported, never destroyed
+
+
+def test_disks_are_exported_again_when_tgtd_lost_them(rig: Rig) -> None:
+    guests = rig.guests()
+    for userid in ("g1", "g2"):
+        guests.create(userid, vcpus=1, memory_mb=64)
+    guests.deploy("g1", "tiny")
+    exported = dict(rig.tgt.targets)
+    rig.tgt.targets.clear()  # tgtd died and was started again
+    assert guests.restore_exports(Revived(stacks=True)) == 0  # its targets were not lost
+    assert guests.restore_exports(Revived(targets=True)) == 1  # g1 only: g2 has no disk
+    assert rig.tgt.targets == exported
+    assert guests.restore_exports(Revived(targets=True)) == 0
 
 
 def test_disk_exports_name_targets_in_lower_case_apart_from_images() -> None:
