@@ -43,7 +43,6 @@ from brick.wait import wait_until
 from virtman import validation
 from virtman.errors import (
     GuestStateError,
-    InvalidInput,
     VirtmanError,
 )
 from virtman.guest.domains import VirtualMachines, VMError
@@ -51,6 +50,7 @@ from virtman.guest.records import (
     KIND,
     GuestRecords,
     boot_time,
+    check_softstop,
     result_of,
     validate_userid,
 )
@@ -211,9 +211,7 @@ class Guests(GuestRecords):
         self, userid: str, *, timeout_s: float = 300.0, poll_interval_s: float = 10.0
     ) -> None:
         """ACPI shutdown; after ``timeout_s`` without it the guest is powered off."""
-        for field, value in (("timeout", timeout_s), ("poll_interval", poll_interval_s)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidInput(field, value, "must be a number >= 0")
+        check_softstop(timeout_s, poll_interval_s)
         with self._locked(userid) as uid:
             record, dom = self._deployed(uid)
             if dom.isActive():

@@ -42,6 +42,13 @@ def integer(field: str, value: object, low: int, high: int) -> int:
     return value
 
 
+def check_softstop(timeout_s: object, poll_interval_s: object) -> None:
+    """``InvalidInput`` unless both of softstop's options are numbers >= 0."""
+    for field, value in (("timeout", timeout_s), ("poll_interval", poll_interval_s)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise InvalidInput(field, value, "must be a number >= 0")
+
+
 def result_of(answer: str) -> tuple[int, str]:
     """Virtman's ``"<code>:<info>"``."""
     code, _, info = answer.partition(":")

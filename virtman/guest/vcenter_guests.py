@@ -35,9 +35,16 @@ from typing import Any
 
 from brick.exception import BrickError
 from virtman import validation
-from virtman.errors import GuestStateError, InstanceNotFound, InvalidInput, VirtmanError
+from virtman.errors import GuestStateError, InstanceNotFound, VirtmanError
 from virtman.guest.disk_export import DiskExports
-from virtman.guest.records import KIND, GuestRecords, boot_time, result_of, validate_userid
+from virtman.guest.records import (
+    KIND,
+    GuestRecords,
+    boot_time,
+    check_softstop,
+    result_of,
+    validate_userid,
+)
 from virtman.guest.vcenter import VCenterError, VCenterMachines
 from virtman.guest.vcenter_rdm import EsxHost, IscsiExport, attach
 from virtman.layers.base import Revived
@@ -191,9 +198,7 @@ class VCenterGuests(GuestRecords):
         self, userid: str, *, timeout_s: float = 300.0, poll_interval_s: float = 10.0
     ) -> None:
         """A power off: the VMs have no VMware Tools to take a guest shutdown."""
-        for field, value in (("timeout", timeout_s), ("poll_interval", poll_interval_s)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidInput(field, value, "must be a number >= 0")
+        check_softstop(timeout_s, poll_interval_s)
         self.stop(userid)
 
     def pause(self, userid: str) -> None:
