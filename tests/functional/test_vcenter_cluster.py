@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from brick.tgt import TgtAdm
 from brick.wait import wait_until
 from tests.functional.vcsimproc import VCSim
 from tests.functional.virtmanproc import VirtmanProcess
@@ -254,3 +256,37 @@ def test_a_task_fault_mid_burst_is_reported_and_cleaned_up(rig: Rig, tmp_path: P
         f"reported and cleaned up, {len(running)} running, in {burst_s:.1f} s; destroyed in "
         f"{destroy_s:.1f} s; whole test {time.monotonic() - started:.1f} s"
     )
+
+
+def test_a_restarted_node_exports_its_guests_disks_again(rig: Rig, tmp_path: Path) -> None:
+    """virtmanserver stopped, one guest's target removed from its tgtd meanwhile (tgtd
+    outlives the daemon and is adopted), started again: the guests are adopted, the lost disk
+    exported again under the same IQN, the VMs untouched; then destroyed."""
+    r = rig
+    _node_up(r)
+    status, answer = r.volt.request("POST", "/v1/clusters", {**BURST, "count": 2})
+    assert status == 202, answer
+    task = answer["task"]
+    view = wait_until(
+        lambda: (v := r.volt.request("GET", f"/v1/clusters/{task}")[1])["status"]
+        != "IN_PROGRESS" and v,
+        timeout_s=30, what="the burst", max_interval_s=0.1,
+    )  # fmt: skip
+    assert view["status"] == "DONE", view
+    before = r.disk_targets()
+    assert len(before) == 2
+
+    assert r.node.proc is not None
+    r.node.proc.send_signal(signal.SIGTERM)  # not node.stop(): that empties the node first
+    assert r.node.proc.wait(timeout=60) == 0
+    lost = sorted(before)[0]
+    TgtAdm(r.node.tgt_control_port).delete_target(lost)
+    assert lost not in r.disk_targets()
+    r.node.start()
+    assert r.disk_targets() == before  # same IQNs, same snapshots behind them
+    hosts = {h.name for h in r.vcenter(tmp_path).hosts()}
+    for vm in view["vms"]:
+        _check_running(r, vm, hosts)
+    assert r.node.client().call("guest_orphans") == []
+    r.destroy(task)
+    r.assert_nothing_left(tmp_path)
