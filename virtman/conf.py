@@ -362,6 +362,14 @@ api_opts = [
 # The guests virtmanserver owns (virtman/guest/manager.py): how their domains boot.
 guest_opts: list[cfg.Opt] = [
     cfg.StrOpt(
+        "guest_backend",
+        default="libvirt",
+        choices=["libvirt", "vcenter"],
+        help="Where the guests run. libvirt: domains on this host (guest_libvirt_uri). "
+        "vcenter: VMs of the vCenter in [vcenter], each on its VMThunder snapshot exported "
+        "by this node over iSCSI as a raw device mapping (docs/vcenter.rst).",
+    ),
+    cfg.StrOpt(
         "guest_libvirt_uri",
         default="qemu:///system",
         help="libvirt URI of the guests' domains (QEMU; TCG unless /dev/kvm is usable).",
@@ -494,6 +502,20 @@ vcenter_opts = [
     ),
     cfg.IntOpt("api_retry_count", default=3, min=0, help="Retries of a failed vSphere call."),
     cfg.FloatOpt("task_poll_interval", default=0.2, min=0.01, help="Seconds between task polls."),
+    cfg.StrOpt(
+        "esx_host",
+        choices=["recorded"],
+        help="How the ESXi host's side of a guest's disk is done (its software iSCSI adapter "
+        "pointed at this node, a rescan, the RDM's ReconfigVM_Task). recorded: written to "
+        "<state_dir>/vcenter-esx-host.json, not done (govmomi's simulator can do none of it). "
+        "No other way is written yet; unset: guest_backend = vcenter refuses to start.",
+    ),
+    cfg.FloatOpt(
+        "cpu_allocation_ratio",
+        default=4.0,
+        min=0.1,
+        help="vCPUs reported as capacity per CPU thread of the connected ESXi hosts.",
+    ),
 ]
 
 

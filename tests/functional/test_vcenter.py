@@ -90,6 +90,33 @@ def test_lifecycle_of_three_guests(machines: VCenterMachines, vcsim: VCSim, tmp_
         machines.info("g0")
 
 
+def test_vms_go_to_the_cluster_with_a_scsi_controller_for_their_rdm(
+    machines: VCenterMachines,
+) -> None:
+    """The simulator's cluster (3 hosts, not the standalone one) takes the VMs; each has the
+    controller its RDM disk goes on; reset and suspend act on it."""
+    hosts = machines.hosts()
+    assert [h.name for h in hosts] == ["DC0_C0_H0", "DC0_C0_H1", "DC0_C0_H2"]
+    assert all(h.connected and h.cpu_threads > 0 and h.memory_mb > 0 for h in hosts)
+    on = {machines.host_of(machines.boot(f"h{i}", memory_mb=64).instance) for i in range(4)}
+    assert on <= {h.name for h in hosts}
+
+    change = machines.rdm_change("h0", "/vmfs/devices/disks/naa.6000")
+    vm, _ = machines._owned("h0") or (None, None)
+    devices = machines._prop(vm, "config.hardware.device").VirtualDevice
+    (controller,) = [d for d in devices if type(d).__name__ == "ParaVirtualSCSIController"]
+    assert change.device.controllerKey == controller.key
+    assert change.device.backing.deviceName == "/vmfs/devices/disks/naa.6000"
+    assert change.device.backing.fileName == "[LocalDS_0] vmt-h0/vmt-h0-rdm.vmdk"
+
+    machines.suspend("h0")
+    assert machines.info("h0").state == "paused"
+    machines.start("h0")  # resumes
+    assert machines.info("h0").state == "running"
+    machines.reset("h0")
+    assert machines.info("h0").state == "running"
+
+
 def test_wrong_password_is_named(vcsim: VCSim, tmp_path: Path) -> None:
     with pytest.raises(VCenterLoginFailed) as err:
         VCenterMachines(settings(vcsim, password="wrong"), state_dir=tmp_path)

@@ -19,9 +19,13 @@ USERNAME = "vmt-admin"
 
 class VCSim:
     """One simulator on 127.0.0.1 on a free port, its own random password, a pidfile; stopped
-    by the PID it wrote (SIGTERM, then SIGKILL after 5 s)."""
+    by the PID it wrote (SIGTERM, then SIGKILL after 5 s). ``fail_create_every`` N > 0: while
+    armed (``faults(True)``), every Nth ``CreateVM_Task`` fails as a task
+    (``InsufficientResourcesFault``)."""
 
-    def __init__(self, workdir: Path, *, cluster_hosts: int = 3) -> None:
+    def __init__(
+        self, workdir: Path, *, cluster_hosts: int = 3, fail_create_every: int = 0
+    ) -> None:
         if not BINARY.is_file():
             raise RuntimeError(f"{BINARY} missing: run tools/setup.sh (tools/vcsim/build.sh)")
         self.workdir = workdir
@@ -32,6 +36,7 @@ class VCSim:
         self.pidfile = workdir / "vcsim.pid"
         self.log_path = workdir / "vcsim.log"
         self.cluster_hosts = cluster_hosts
+        self.fail_create_every = fail_create_every
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 15.0) -> VCSim:
@@ -41,6 +46,7 @@ class VCSim:
             "-listen", f"{self.host}:{self.port}",
             "-pidfile", str(self.pidfile),
             "-cluster-hosts", str(self.cluster_hosts),
+            "-fail-create-every", str(self.fail_create_every),
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -64,6 +70,18 @@ class VCSim:
                 return True
         except OSError:
             return False
+
+    def faults(self, armed: bool) -> None:
+        """Arm (the count starts again) or disarm the fault injection; returns once the
+        simulator says it did."""
+        assert self.proc is not None and self.fail_create_every > 0
+        word = "armed" if armed else "disarmed"
+        before = self.log_path.read_text().count(f"faults {word}\n")
+        os.kill(self.proc.pid, signal.SIGUSR1 if armed else signal.SIGUSR2)
+        wait_until(
+            lambda: self.log_path.read_text().count(f"faults {word}\n") > before,
+            timeout_s=5, what=f"vmt-vcsim faults {word}", max_interval_s=0.02,
+        )  # fmt: skip
 
     @property
     def pid(self) -> int:

@@ -39,7 +39,8 @@ def status_field(pid: int, name: str) -> int:
 
 
 class VirtmanProcess:
-    """A virtmanserver whose host_ip is ``host_ip``; ``options`` are [DEFAULT] lines."""
+    """A virtmanserver whose host_ip is ``host_ip``; ``options`` are [DEFAULT] lines,
+    ``sections`` other groups' (``{"vcenter": {"host": ...}}``)."""
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class VirtmanProcess:
         *,
         host_ip: str = "127.0.0.1",
         token: str | None = "test-api-token",
+        sections: dict[str, dict[str, Any]] | None = None,
         **options: Any,
     ) -> None:
         self.workdir = workdir
@@ -87,6 +89,8 @@ class VirtmanProcess:
         )
         values.update(options)
         lines = [f"{k} = {v}" for k, v in values.items() if v is not None]
+        for section, section_options in (sections or {}).items():
+            lines += [f"[{section}]", *(f"{k} = {v}" for k, v in section_options.items())]
         self.config_path.write_text("[DEFAULT]\n" + "\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.scheme = "https" if "tls_cert_file" in options else "http"

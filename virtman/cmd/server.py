@@ -8,8 +8,9 @@ import signal
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import brick.privileged
 import brick.privileged.process
@@ -21,8 +22,12 @@ from virtman.conf import Settings
 from virtman.drivers import load_driver
 from virtman.errors import JournalCorrupt, VirtmanError
 from virtman.guest import sources
+from virtman.guest.disk_export import DiskExports
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
+from virtman.guest.vcenter import VCenterMachines, VCenterSettings
+from virtman.guest.vcenter_guests import VCenterGuests
+from virtman.guest.vcenter_rdm import RecordedHost
 from virtman.imageservice import ImageService
 from virtman.server import Limits, build_server
 from virtman.zvm import service as zvm_service
@@ -64,19 +69,64 @@ def tls_context() -> ssl.SSLContext | None:
     return context
 
 
-def build_guests(virtman: Virtman, settings: Settings) -> Guests:
-    """The node's guests, adopted from the journal and libvirt (never restarted)."""
+def guest_image_source(virtman: Virtman, settings: Settings) -> Callable[[str], Any]:
+    """Where a guest's deploy reads its image: this node's export, else the image servers of
+    ``guest_image_servers`` through Volt's tree; SystemExit naming a bad entry."""
     try:
         image_servers = sources.parse_image_servers(CONF.guest_image_servers)
     except ValueError as exc:
         raise SystemExit(f"virtmanserver: {exc}") from None
     local = values.Portal(values.unbracket(settings.host_ip), settings.iscsi_port)
+    return sources.image_source(virtman.journal.exports, local, image_servers, settings.iqn_prefix)
+
+
+def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
+    """``guest_backend = vcenter``: the guests as VMs of ``[vcenter]``; SystemExit naming
+    what is wrong when vCenter cannot be used."""
+    group = CONF.vcenter
+    if group.esx_host != "recorded":
+        raise SystemExit(
+            "virtmanserver: guest_backend = vcenter needs [vcenter] esx_host (only "
+            "'recorded' exists: docs/vcenter.rst)"
+        )
+    try:
+        machines = VCenterMachines(VCenterSettings.from_conf(group), state_dir=settings.state_dir)
+    except (VirtmanError, ValueError) as exc:
+        raise SystemExit(f"virtmanserver: [vcenter]: {exc}") from None
+    driver = virtman.driver
+    host = RecordedHost(settings.state_dir / "vcenter-esx-host.json")
+    guests = VCenterGuests(
+        virtman,
+        machines,
+        host,
+        DiskExports(driver.tgt, driver.chap, settings.iqn_prefix, settings.host_ip,
+                    settings.iscsi_port),
+        connections=guest_image_source(virtman, settings),
+        name_prefix=CONF.guest_name_prefix,
+        cpu_allocation_ratio=group.cpu_allocation_ratio,
+    )  # fmt: skip
+    LOG.warning(
+        "virtmanserver: guests are VMs of vCenter %s; the ESXi host's iSCSI and RDM steps "
+        "are recorded in %s, not done ([vcenter] esx_host = recorded)",
+        machines.settings.endpoint,
+        host.path,
+    )
+    try:
+        guests.adopt()
+    except VirtmanError as exc:
+        LOG.error("virtmanserver: guests not adopted (vCenter: %s)", exc)
+    virtman.supervisor.listeners.append(guests.restore_exports)  # tgtd restarted
+    return guests
+
+
+def build_guests(virtman: Virtman, settings: Settings) -> Guests | VCenterGuests:
+    """The node's guests, adopted from the journal and libvirt (never restarted)."""
+    if CONF.guest_backend == "vcenter":
+        return build_vcenter_guests(virtman, settings)
     guests = Guests(
         virtman,
         VirtualMachines(CONF.guest_libvirt_uri),
-        connections=sources.image_source(
-            virtman.journal.exports, local, image_servers, settings.iqn_prefix
-        ),
+        connections=guest_image_source(virtman, settings),
         console_dir=settings.state_dir / "guests",
         kernel=CONF.guest_kernel,
         initrd=CONF.guest_initrd,
@@ -152,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
     images.restore()  # what a tgtd that died with the host (or alone) held
     capture.sweep_partials(images)  # a capture a crash interrupted
     virtman.supervisor.listeners.append(images.restore)
-    guests = build_guests(virtman, settings)
 
     def fail(reason: str) -> NoReturn:
         """Undo the start so far (what Virtman holds, the pid file) and exit with ``reason``."""
@@ -161,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
             pid_file.unlink(missing_ok=True)
         raise SystemExit(f"virtmanserver: {reason}") from None
 
+    try:
+        guests = build_guests(virtman, settings)
+    except SystemExit as exc:  # guest options that cannot be used ([vcenter], image servers)
+        fail(str(exc.code).removeprefix("virtmanserver: "))
     try:
         server = build_server(
             (listen_host, CONF.listen_port), limits, virtman, images, context, guests=guests
@@ -220,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         if zvm_server is not None:
             zvm_server.stop()
         server.server_close()
+        if isinstance(guests, VCenterGuests):
+            guests.close()
         virtman.shutdown()
         if pid_file:
             pid_file.unlink(missing_ok=True)

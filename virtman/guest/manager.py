@@ -27,13 +27,12 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import shutil
 import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +42,21 @@ from brick.exception import Timeout
 from brick.wait import wait_until
 from virtman import validation
 from virtman.errors import (
-    GuestExists,
-    GuestNotFound,
     GuestStateError,
-    InvalidInput,
     VirtmanError,
 )
 from virtman.guest.domains import VirtualMachines, VMError
+from virtman.guest.records import (
+    KIND,
+    GuestRecords,
+    boot_time,
+    check_softstop,
+    result_of,
+    validate_userid,
+)
 
 LOG = logging.getLogger(__name__)
 
-KIND = "guests"  # the journal section
-USERID = re.compile(r"[A-Za-z0-9]{1,8}")
-MAX_VCPUS = 64
-MEMORY_MB = (32, 1 << 20)
-MAX_DISK_GB = 1 << 16
 CONSOLE_MAX_BYTES = 1 << 20  # console_output returns at most the last MiB
 _ON = {libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_SHUTDOWN}
 _PAUSED = {libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED}
@@ -72,19 +71,6 @@ NIC_COUNTERS = (  # libvirt's interfaceStats, in its order
 Connections = Callable[[str], Any]  # image name -> the connection dict(s) of Virtman.create
 
 
-def validate_userid(value: object) -> str:
-    """The userid upper-cased; ``InvalidInput`` unless 1-8 of ``[A-Za-z0-9]``."""
-    if not isinstance(value, str) or not USERID.fullmatch(value):
-        raise InvalidInput("userid", value, "must be 1-8 of A-Z a-z 0-9")
-    return value.upper()
-
-
-def _integer(field: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInput(field, value, f"must be an integer {low}-{high}")
-    return value
-
-
 def power_state_of(state: int) -> str:
     """libvirt's domain state as the API's power state: "on", "paused" or "off"."""
     if state in _ON:
@@ -94,13 +80,7 @@ def power_state_of(state: int) -> str:
     return "off"
 
 
-def _result(answer: str) -> tuple[int, str]:
-    """Virtman's ``"<code>:<info>"``."""
-    code, _, info = answer.partition(":")
-    return int(code), info
-
-
-class Guests:
+class Guests(GuestRecords):
     """The guests of one node. ``virtman`` is its ``Virtman`` (snapshots and the journal);
     ``connections(image)`` gives an image's connection dict(s) for ``Virtman.create``."""
 
@@ -117,41 +97,15 @@ class Guests:
         name_prefix: str = "guest-",
         state_dir: Path | None = None,
     ) -> None:
+        super().__init__(virtman.journal, name_prefix)
         self.virtman = virtman
-        self.journal = virtman.journal
         self.vms = vms
         self.connections = connections
         self.console_dir = console_dir
         self.kernel, self.initrd, self.cmdline = kernel, initrd, cmdline
-        self.name_prefix = name_prefix
         self.state_dir = state_dir or console_dir
         self._vms_lock = threading.Lock()  # VirtualMachines opens its connection lazily
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
         self._orphans: builtins.list[str] = []
-
-    # -- names and records -----------------------------------------------------------------
-    def instance_name(self, userid: str) -> str:
-        return self.name_prefix + validate_userid(userid)
-
-    @contextlib.contextmanager
-    def _locked(self, userid: str) -> Iterator[str]:
-        uid = validate_userid(userid)
-        with self._locks_lock:
-            lock = self._locks.setdefault(uid, threading.Lock())
-        with lock:
-            yield uid
-
-    def _record(self, uid: str) -> dict[str, Any]:
-        record = self.journal.records(KIND).get(uid)
-        if record is None:
-            raise GuestNotFound(uid)
-        return record
-
-    def _save(self, uid: str, record: dict[str, Any], **changes: Any) -> dict[str, Any]:
-        record = {**record, **changes}
-        self.journal.put(KIND, uid, record)
-        return record
 
     def _domain(self, uid: str) -> libvirt.virDomain | None:
         with self._vms_lock:
@@ -174,28 +128,6 @@ class Guests:
         return self.console_dir / f"{self.instance_name(uid)}.log"
 
     # -- the API -----------------------------------------------------------------------------
-    def list(self) -> builtins.list[str]:
-        return sorted(self.journal.records(KIND))
-
-    def create(self, userid: str, *, vcpus: int, memory_mb: int, disk_gb: int = 0) -> None:
-        """Record a guest (no domain yet). ``GuestExists`` if recorded; ``InvalidInput``."""
-        uid = validate_userid(userid)
-        record = {
-            "userid": uid,
-            "instance": self.instance_name(uid),
-            "vcpus": _integer("vcpus", vcpus, 1, MAX_VCPUS),
-            "memory_mb": _integer("memory_mb", memory_mb, *MEMORY_MB),
-            "disk_gb": _integer("disk_gb", disk_gb, 0, MAX_DISK_GB),
-            "image": None,
-            "disk": None,
-            "state": "off",
-        }
-        with self._locked(uid):
-            if uid in self.journal.records(KIND):
-                raise GuestExists(uid)
-            self.journal.put(KIND, uid, record)
-        LOG.info("guest %s created (%d vcpu, %d MB)", uid, vcpus, memory_mb)
-
     def deploy(self, userid: str, image: str) -> None:
         """The guest's root disk becomes a VMThunder snapshot of ``image`` and its domain is
         defined on it (not started). ``GuestStateError`` if it has a disk already."""
@@ -210,7 +142,7 @@ class Guests:
             instance = self.instance_name(uid)
             # Recorded first: a crash in between leaves a record adopt() can undo.
             record = self._save(uid, record, deploying=name)
-            code, info = _result(self.virtman.create(instance, name, connections, None))
+            code, info = result_of(self.virtman.create(instance, name, connections, None))
             if code != 0:
                 self._save(uid, record, deploying=None)
                 raise VirtmanError(f"deploy of {uid}: the snapshot of {name} failed: {info}")
@@ -279,9 +211,7 @@ class Guests:
         self, userid: str, *, timeout_s: float = 300.0, poll_interval_s: float = 10.0
     ) -> None:
         """ACPI shutdown; after ``timeout_s`` without it the guest is powered off."""
-        for field, value in (("timeout", timeout_s), ("poll_interval", poll_interval_s)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidInput(field, value, "must be a number >= 0")
+        check_softstop(timeout_s, poll_interval_s)
         with self._locked(userid) as uid:
             record, dom = self._deployed(uid)
             if dom.isActive():
@@ -429,7 +359,7 @@ class Guests:
             with self._vms_lock:
                 self.vms.destroy(instance)  # no domain: nothing to do
             if record.get("disk") or record.get("deploying"):
-                code, info = _result(self.virtman.destroy(instance))
+                code, info = result_of(self.virtman.destroy(instance))
                 if code == 2:
                     raise VirtmanError(f"delete of {uid}: releasing its snapshot failed: {info}")
             self._console(uid).unlink(missing_ok=True)
@@ -463,7 +393,7 @@ class Guests:
             "disk_used": disk.used >> 30,
             "disk_available": disk.free >> 30,
             "cpu_info": {"architecture": model, "cpus": cpus, "mhz": mhz},
-            "ipl_time": time.strftime("IPL at %m/%d/%y %H:%M:%S UTC", time.gmtime(_boot_time())),
+            "ipl_time": time.strftime("IPL at %m/%d/%y %H:%M:%S UTC", time.gmtime(boot_time())),
         }
 
     # -- restart -------------------------------------------------------------------------------
@@ -568,11 +498,3 @@ class Guests:
             code = err.get_error_code()
             if code not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
                 raise VMError(f"guest {uid}: power off: {err}") from err
-
-
-def _boot_time() -> float:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    return time.time() - time.monotonic()

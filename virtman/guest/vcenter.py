@@ -16,11 +16,13 @@
   govmomi's simulator does not implement it, and an instance UUID is unique in one vCenter.
 - Inventory walk: ``get_object_property`` from ``rootFolder`` down, not ``vim_util.get_objects``
   (its resource-pool traversal specs overflow the simulator's stack).
-- Placement: the first cluster's root resource pool, vCenter (DRS) picks the host. The cluster
-  API's placement on given hosts goes to ``_placement`` (a later slice, issue 16 item 3).
-- Disks: none yet. The VMThunder disk (the node's iSCSI export as a raw device mapping on the
-  ESXi host's software iSCSI adapter) is added to the config spec in ``_config_spec``
-  (issue 16 item 2).
+- Placement: the first cluster's root resource pool (a standalone host's if there is no
+  cluster), vCenter (DRS) picks the host; ``hosts`` reports that compute resource's hosts,
+  which is the capacity the cluster API places on (this node is one node to it).
+- Disks: every VM gets a paravirtual SCSI controller at creation; ``rdm_change`` builds the
+  device spec of the VMThunder disk on it (the node's iSCSI export as a raw device mapping,
+  ``virtman.guest.vcenter_rdm``). Applying it is the ESXi host seam's job
+  (``virtman.guest.vcenter_guests``): govmomi's simulator cannot hold an RDM disk.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from brick.closing import Closing
 from virtman.errors import HypervisorError, HypervisorUnreachable, InstanceExists, InstanceNotFound
 from virtman.guest import vimwsdl
 from virtman.guest.domains import DEFAULT_PREFIX, InvalidVMInput, validate_instance
+from virtman.guest.vcenter_rdm import rdm_disk_change
 
 LOG = logging.getLogger(__name__)
 
@@ -144,9 +147,21 @@ class VCenterVMInfo:
 
 
 @dataclass(frozen=True)
+class VCenterHost:
+    """One ESXi host of the compute resource VMs are placed in (read live)."""
+
+    name: str
+    cpu_threads: int
+    memory_mb: int
+    memory_mb_used: int
+    connected: bool
+
+
+@dataclass(frozen=True)
 class _Inventory:
     datacenter: Any
     vm_folder: Any
+    compute: Any
     pool: Any
     datastore: str
 
@@ -245,20 +260,45 @@ class VCenterMachines(Closing):
             if not datacenters:
                 raise VCenterError(f"vCenter at {self.settings.endpoint} has no datacenter")
             dc = datacenters[0]
+            compute = self._placement(dc)
             self._inventory = _Inventory(
                 datacenter=dc,
                 vm_folder=self._prop(dc, "vmFolder"),
-                pool=self._placement(dc),
+                compute=compute,
+                pool=self._prop(compute, "resourcePool"),
                 datastore=self._datastore(dc),
             )
         return self._inventory
 
     def _placement(self, dc: Any) -> Any:
-        """The first compute resource's root pool (the cluster API's choice goes here)."""
-        for child in _morefs(self._prop(self._prop(dc, "hostFolder"), "childEntity")):
-            if child._type in ("ClusterComputeResource", "ComputeResource"):
-                return self._prop(child, "resourcePool")
+        """The first cluster, else the first standalone host (its compute resource)."""
+        children = _morefs(self._prop(self._prop(dc, "hostFolder"), "childEntity"))
+        for kind in ("ClusterComputeResource", "ComputeResource"):
+            for child in children:
+                if child._type == kind:
+                    return child
         raise VCenterError(f"vCenter at {self.settings.endpoint} has no cluster or host")
+
+    def hosts(self) -> builtins.list[VCenterHost]:
+        """The hosts VMs are placed on, with their size and memory in use, by name."""
+        found = []
+        for host in _morefs(self._prop(self._inv().compute, "host")):
+            summary = self._prop(host, "summary")
+            found.append(
+                VCenterHost(
+                    name=str(summary.config.name),
+                    cpu_threads=int(summary.hardware.numCpuThreads),
+                    memory_mb=int(summary.hardware.memorySize) >> 20,
+                    memory_mb_used=int(getattr(summary.quickStats, "overallMemoryUsage", 0) or 0),
+                    connected=str(summary.runtime.connectionState) == "connected",
+                )
+            )
+        return sorted(found, key=lambda h: h.name)
+
+    def host_of(self, instance_name: str) -> str:
+        """The name of the ESXi host our VM of that instance is on."""
+        vm, _ = self._require(instance_name)
+        return str(self._prop(self._prop(vm, "runtime.host"), "name"))
 
     def _datastore(self, dc: Any) -> str:
         names = [str(self._prop(ds, "name")) for ds in _morefs(self._prop(dc, "datastore"))]
@@ -326,8 +366,25 @@ class VCenterMachines(Closing):
         tag = factory.create("ns0:OptionValue")
         tag.key, tag.value = TAG_KEY, instance
         spec.extraConfig = [tag]
-        # issue 16 item 2: spec.deviceChange gets the RDM of the node's iSCSI LUN here.
+        controller = factory.create("ns0:ParaVirtualSCSIController")
+        controller.key, controller.busNumber, controller.sharedBus = -101, 0, "noSharing"
+        add = factory.create("ns0:VirtualDeviceConfigSpec")
+        add.operation, add.device = "add", controller
+        spec.deviceChange = [add]  # the RDM disk goes on it (rdm_change)
         return spec
+
+    def rdm_change(self, instance_name: str, device: str) -> Any:
+        """The ``deviceChange`` that maps ``device`` (the host's ScsiLun of the node's
+        export) into our VM as a physical-mode RDM disk on its SCSI controller."""
+        vm, info = self._require(instance_name)
+        devices = getattr(self._prop(vm, "config.hardware.device"), "VirtualDevice", [])
+        keys = [d.key for d in devices if type(d).__name__ == "ParaVirtualSCSIController"]
+        if not keys:
+            raise VCenterError(f"{info.domain} has no paravirtual SCSI controller for its disk")
+        mapping = f"[{self._inv().datastore}] {info.domain}/{info.domain}-rdm.vmdk"
+        return rdm_disk_change(
+            self._session.vim.client.factory, device, mapping, controller_key=keys[0]
+        )
 
     def boot(
         self, instance_name: str, *, vcpus: int = 1, memory_mb: int = 256, power_on: bool = True
@@ -404,7 +461,7 @@ class VCenterMachines(Closing):
 
     def start(self, instance_name: str) -> None:
         vm, info = self._require(instance_name)
-        if not info.active:
+        if info.state != "running":  # off, or suspended (powering on resumes it)
             self._task("PowerOnVM_Task", info.domain, vm)
 
     def stop(self, instance_name: str) -> bool:
@@ -413,6 +470,17 @@ class VCenterMachines(Closing):
         if info.active:
             self._task("PowerOffVM_Task", info.domain, vm)
         return True
+
+    def reset(self, instance_name: str) -> None:
+        """Hard reset (``ResetVM_Task``) of a VM that is on."""
+        vm, info = self._require(instance_name)
+        self._task("ResetVM_Task", info.domain, vm)
+
+    def suspend(self, instance_name: str) -> None:
+        """``SuspendVM_Task`` of a VM that is on; ``start`` resumes it."""
+        vm, info = self._require(instance_name)
+        if info.state == "running":
+            self._task("SuspendVM_Task", info.domain, vm)
 
     def destroy(self, instance_name: str) -> None:
         """Power off and ``Destroy_Task``; an instance without a VM is success."""

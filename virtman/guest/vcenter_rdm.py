@@ -10,8 +10,13 @@ fake); ``rdm_disk_change`` builds the device spec the VM keeps.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
+import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from brick.values import IQN
@@ -101,3 +106,91 @@ def rdm_disk_change(
     change.fileOperation = "create"
     change.device = disk
     return change
+
+
+class EsxHost(HostStorage, Protocol):
+    """The ESXi host's side of a VMThunder disk: its iSCSI adapter (``HostStorage``) and the
+    ``ReconfigVM_Task`` that maps the LUN into a VM (a ``deviceChange`` from
+    ``VCenterMachines.rdm_change``), undone by ``unmap_rdm``."""
+
+    def map_rdm(self, vm_name: str, change: Any) -> None: ...
+
+    def unmap_rdm(self, vm_name: str) -> None: ...
+
+
+class RecordedHost:
+    """An ``EsxHost`` that records its calls in a JSON file instead of making them: the
+    seam for govmomi's simulator, which has no iSCSI adapter to rescan and cannot hold an RDM
+    disk (``ReconfigVM_Task`` answers ``InvalidDeviceSpec``; ``Destroy_Task`` of a VM with one
+    panics). The file is what a test reads to check that each VM's disk points at the right
+    portal, IQN and LUN."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            state = {}
+        self._state: dict[str, Any] = {
+            "send_targets": state.get("send_targets", []),
+            "seen": state.get("seen", []),  # portals a rescan found
+            "luns": state.get("luns", {}),  # device -> the iqn and lun it was seen as
+            "rdms": state.get("rdms", {}),
+        }
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._state, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def add_send_target(self, host: str, port: int) -> None:
+        with self._lock:
+            if [host, port] not in self._state["send_targets"]:
+                self._state["send_targets"].append([host, port])
+                self._save()
+
+    def rescan(self) -> None:
+        with self._lock:
+            self._state["seen"] = list(self._state["send_targets"])
+            self._save()
+
+    def device_of(self, iqn: str, lun: int) -> str | None:
+        """Seen once a rescan found a portal: the recording cannot ask a portal which
+        targets it has."""
+        digest = hashlib.sha256(f"{iqn}:{lun}".encode()).hexdigest()[:31]
+        device = f"/vmfs/devices/disks/naa.6{digest}"
+        with self._lock:
+            if not self._state["seen"]:
+                return None
+            if device not in self._state["luns"]:
+                self._state["luns"][device] = {"iqn": iqn, "lun": lun}
+                self._save()
+        return device
+
+    def map_rdm(self, vm_name: str, change: Any) -> None:
+        disk = change.device
+        with self._lock:
+            self._state["rdms"][vm_name] = {
+                **self._state["luns"].get(disk.backing.deviceName, {}),
+                "device": disk.backing.deviceName,
+                "mapping_file": disk.backing.fileName,
+                "mode": disk.backing.compatibilityMode,
+                "controller_key": disk.controllerKey,
+                "unit": disk.unitNumber,
+            }
+            self._save()
+
+    def unmap_rdm(self, vm_name: str) -> None:
+        with self._lock:
+            if self._state["rdms"].pop(vm_name, None) is not None:
+                self._save()
+
+    def rdms(self) -> dict[str, dict[str, Any]]:
+        """VM name -> its RDM disk: device, iqn, lun, mapping file, mode, controller."""
+        with self._lock:
+            return dict(self._state["rdms"])
+
+    def send_targets(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return [(h, p) for h, p in self._state["send_targets"]]

@@ -34,6 +34,8 @@ METHODS: dict[str, tuple[list[tuple[str, str, bool, bool]], tuple[str, bool] | N
     "PowerOnVM_Task": ([("host", MOR, True, False)], (MOR, False)),
     "PowerOffVM_Task": ([], (MOR, False)),
     "Destroy_Task": ([], (MOR, False)),
+    "ResetVM_Task": ([], (MOR, False)),
+    "SuspendVM_Task": ([], (MOR, False)),
     "FindByUuid": (
         [("datacenter", MOR, True, False), ("uuid", "xsd:string", False, False),
          ("vmSearch", "xsd:boolean", False, False), ("instanceUuid", "xsd:boolean", True, False)],

@@ -82,8 +82,8 @@ class Controller:
 
     def node_states(self) -> list[dict[str, Any]]:
         """Per node, from the capacity cache (never asks a node): up, down or unknown,
-        stale or not, capacity (host info capped by the nodes file), what the controller
-        placed there, its VMs."""
+        its backend (libvirt or vcenter), stale or not, capacity (host info capped by the
+        nodes file), what the controller placed there, its VMs."""
         vms = [vm for vm in self.records.all_vms() if vm.status in model.HOLDS_ROOM]
         now = self.capacity.clock()
         states = []
@@ -103,6 +103,8 @@ class Controller:
                     "id": node_id,
                     "address": "{}:{}".format(*node.address),
                     "status": "unknown" if probe is None else "up" if info is not None else "down",
+                    # what runs its guests: a node that does not say is a libvirt one
+                    "backend": None if info is None else str(info.get("backend", "libvirt")),
                     "stale": probe is not None and self.capacity.stale(probe),
                     "checked_s_ago": None if probe is None else round(now - probe.at, 1),
                     "error": None if probe is None else probe.error,

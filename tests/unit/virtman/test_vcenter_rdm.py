@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from virtman.guest.domains import InvalidVMInput
-from virtman.guest.vcenter_rdm import IscsiExport, LunNotVisible, attach, rdm_disk_change
+from virtman.guest.vcenter_rdm import (
+    IscsiExport,
+    LunNotVisible,
+    RecordedHost,
+    attach,
+    rdm_disk_change,
+)
 
 IQN = "iqn.2010-10.org.openstack:volume-snap-a"
 EXPORT = IscsiExport("127.0.0.1", 3260, IQN, 1)
@@ -90,3 +97,24 @@ def test_rdm_disk_change_backs_disk_with_device() -> None:
     assert (backing.deviceName, backing.compatibilityMode, backing.fileName) == (
         "/vmfs/devices/disks/naa.1", "physicalMode", "[ds] vmt-a/vmt-a-rdm.vmdk",
     )  # fmt: skip
+
+
+def test_recorded_host_sees_a_lun_after_a_rescan_and_keeps_its_record(tmp_path: Path) -> None:
+    path = tmp_path / "esx.json"
+    host = RecordedHost(path)
+    assert host.device_of(IQN, 1) is None  # no portal rescanned yet
+    device = attach(host, EXPORT)
+    assert device.startswith("/vmfs/devices/disks/naa.6") and len(device) == 56  # 32 hex
+    assert attach(host, IscsiExport("127.0.0.1", 3260, IQN, 2)) != device  # one per LUN
+    change = rdm_disk_change(Factory(), device, "[ds] vm/vm-rdm.vmdk", controller_key=1000)
+    host.map_rdm("vmt-a", change)
+
+    restarted = RecordedHost(path)  # what a restarted node (or a test) reads
+    assert restarted.send_targets() == [("127.0.0.1", 3260)]
+    assert restarted.rdms() == {
+        "vmt-a": {"iqn": IQN, "lun": 1, "device": device, "mode": "physicalMode",
+                  "mapping_file": "[ds] vm/vm-rdm.vmdk", "controller_key": 1000, "unit": 0}
+    }  # fmt: skip
+    restarted.unmap_rdm("vmt-a")
+    restarted.unmap_rdm("vmt-a")  # unmapped already: no error
+    assert RecordedHost(path).rdms() == {}

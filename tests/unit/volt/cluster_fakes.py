@@ -15,12 +15,16 @@ class NodeDown(OSError):
 
 
 class FakeNode:
-    """A virtmanserver's guest API in memory; ``fail`` = the method that raises."""
+    """A virtmanserver's guest API in memory; ``fail`` = the method that raises;
+    ``backend``: what its host info says runs its guests (``vcenter``), or nothing."""
 
-    def __init__(self, node_id: str, vcpus: int = 4, memory_mb: int = 4096) -> None:
+    def __init__(
+        self, node_id: str, vcpus: int = 4, memory_mb: int = 4096, backend: str | None = None
+    ) -> None:
         port = 7000 + int(node_id[1:])
         self.endpoint = NodeEndpoint(node_id, f"http://127.0.0.1:{port}/RPC2")
         self.vcpus, self.memory_mb = vcpus, memory_mb
+        self.backend = backend  # None: says none, as a libvirt node does
         self.guests: dict[str, dict[str, Any]] = {}
         self.fail: str | None = None
         self.calls: list[str] = []
@@ -32,8 +36,9 @@ class FakeNode:
             if self.fail in (method, "*"):
                 raise NodeDown(f"{self.endpoint.id} is down")
             if method == "guest_host_info":
-                return {"hypervisor_hostname": "fake", "vcpus": self.vcpus,
+                info = {"hypervisor_hostname": "fake", "vcpus": self.vcpus,
                         "memory_mb": self.memory_mb, "vcpus_used": 0}  # fmt: skip
+                return info if self.backend is None else {**info, "backend": self.backend}
             userid = args[0]
             if method == "guest_create":
                 self.guests[userid] = {"state": "off", "vcpus": args[1], "memory_mb": args[2]}

@@ -237,6 +237,25 @@ def test_burst_spreads_runs_and_destroys(rig):
     assert all(n["used"]["vcpus"] == 0 for n in rig.call("GET", "/v1/nodes")[1])
 
 
+def test_a_vcenter_node_is_listed_with_its_backend_and_placed_on_as_a_kvm_node(tmp_path):
+    nodes = [FakeNode("n1", 2, 1024), FakeNode("n2", 2, 1024, backend="vcenter"), FakeNode("n3")]
+    nodes[2].fail = "*"
+    r = Rig(tmp_path, nodes)
+    try:
+        status, listed, _ = r.call("GET", "/v1/nodes")
+        assert status == 200
+        assert [(n["id"], n["status"], n["backend"]) for n in listed] == [
+            ("n1", "up", "libvirt"), ("n2", "up", "vcenter"), ("n3", "down", None)]  # fmt: skip
+        status, answer, _ = r.call("POST", "/v1/clusters", BURST)
+        assert status == 202, answer
+        view = r.wait_done(answer["task"])
+        assert view["status"] == "DONE"
+        assert Counter(vm["node"] for vm in view["vms"]) == {"n1": 2, "n2": 2}
+        assert [g["state"] for g in r.nodes["n2"].guests.values()] == ["on", "on"]
+    finally:
+        r.close()
+
+
 def test_node_failure_mid_burst_retries_on_another_node(tmp_path):
     nodes = [FakeNode("n1", 4, 4096), FakeNode("n2", 4, 4096), FakeNode("n3", 1, 128)]
     r = Rig(tmp_path, nodes)
