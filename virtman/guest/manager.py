@@ -48,6 +48,7 @@ from virtman.errors import (
 from virtman.guest.domains import VirtualMachines, VMError
 from virtman.guest.records import (
     KIND,
+    Connections,
     GuestRecords,
     boot_time,
     check_softstop,
@@ -68,7 +69,6 @@ HOST_INFO_KEYS = (
 NIC_COUNTERS = (  # libvirt's interfaceStats, in its order
     "rx_bytes", "rx_packets", "rx_errs", "rx_drop", "tx_bytes", "tx_packets", "tx_errs", "tx_drop",
 )  # fmt: skip
-Connections = Callable[[str], Any]  # image name -> the connection dict(s) of Virtman.create
 
 
 def power_state_of(state: int) -> str:

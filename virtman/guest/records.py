@@ -14,7 +14,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from virtman.errors import GuestExists, GuestNotFound, InvalidInput
 LOG = logging.getLogger(__name__)
 
 KIND = "guests"  # the journal section
+Connections = Callable[[str], Any]  # image name -> the connection dict(s) of Virtman.create
 USERID = re.compile(r"[A-Za-z0-9]{1,8}")
 MAX_VCPUS = 64
 MEMORY_MB = (32, 1 << 20)

@@ -29,22 +29,16 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
 from brick.exception import BrickError
 from virtman import validation
 from virtman.errors import GuestStateError, InstanceNotFound, VirtmanError
+from virtman.guest import records
 from virtman.guest.disk_export import DiskExports
-from virtman.guest.records import (
-    KIND,
-    GuestRecords,
-    boot_time,
-    check_softstop,
-    result_of,
-    validate_userid,
-)
+from virtman.guest.records import Connections, GuestRecords
 from virtman.guest.vcenter import VCenterError, VCenterMachines
 from virtman.guest.vcenter_rdm import EsxHost, IscsiExport, attach
 from virtman.layers.base import Revived
@@ -52,7 +46,6 @@ from virtman.layers.base import Revived
 LOG = logging.getLogger(__name__)
 
 POWER = {"running": "on", "paused": "paused"}  # VCenterVMInfo.state -> the API's power
-Connections = Callable[[str], Any]
 
 
 class VCenterGuests(GuestRecords):
@@ -110,7 +103,7 @@ class VCenterGuests(GuestRecords):
             connections = self.connections(name)
             instance = self.instance_name(uid)
             record = self._save(uid, record, deploying=name)  # first: adopt() can undo
-            code, disk = result_of(self.virtman.create(instance, name, connections, None))
+            code, disk = records.result_of(self.virtman.create(instance, name, connections, None))
             if code != 0:
                 self._save(uid, record, deploying=None)
                 raise VirtmanError(f"deploy of {uid}: the snapshot of {name} failed: {disk}")
@@ -154,7 +147,7 @@ class VCenterGuests(GuestRecords):
             self.exports.remove(instance)
         except Exception as err:  # tgtd's error: logged, the target is found again by adopt
             LOG.error("guest %s: its export is not removed: %s", uid, err)
-        code, info = result_of(self.virtman.destroy(instance))
+        code, info = records.result_of(self.virtman.destroy(instance))
         if code == 2:
             LOG.error("guest %s: its snapshot is not released: %s", uid, info)
 
@@ -169,10 +162,10 @@ class VCenterGuests(GuestRecords):
                 self.host.unmap_rdm(vms.domain_name(instance))
             self.exports.remove(instance)
             if record.get("disk") or record.get("deploying"):
-                code, info = result_of(self.virtman.destroy(instance))
+                code, info = records.result_of(self.virtman.destroy(instance))
                 if code == 2:
                     raise VirtmanError(f"delete of {uid}: releasing its snapshot failed: {info}")
-            self.journal.drop(KIND, uid)
+            self.journal.drop(records.KIND, uid)
         LOG.info("guest %s deleted", uid)
 
     # -- power -------------------------------------------------------------------------------
@@ -198,7 +191,7 @@ class VCenterGuests(GuestRecords):
         self, userid: str, *, timeout_s: float = 300.0, poll_interval_s: float = 10.0
     ) -> None:
         """A power off: the VMs have no VMware Tools to take a guest shutdown."""
-        check_softstop(timeout_s, poll_interval_s)
+        records.check_softstop(timeout_s, poll_interval_s)
         self.stop(userid)
 
     def pause(self, userid: str) -> None:
@@ -218,10 +211,12 @@ class VCenterGuests(GuestRecords):
 
     def _running(self, userid: str, what: str) -> None:
         if self.power_state(userid) != "on":
-            raise GuestStateError(validate_userid(userid), f"cannot {what}: it is not on")
+            raise GuestStateError(records.validate_userid(userid), f"cannot {what}: it is not on")
 
     def capture(self, userid: str, image: str) -> dict[str, Any]:
-        raise GuestStateError(validate_userid(userid), "capture is not on the vcenter backend")
+        raise GuestStateError(
+            records.validate_userid(userid), "capture is not on the vcenter backend"
+        )
 
     # -- reading -----------------------------------------------------------------------------
     def _vm_state(self, uid: str) -> str | None:
@@ -235,11 +230,11 @@ class VCenterGuests(GuestRecords):
                 return None
 
     def power_state(self, userid: str) -> str:
-        state = self._vm_state(validate_userid(userid))
+        state = self._vm_state(records.validate_userid(userid))
         return POWER.get(state or "", "off")
 
     def info(self, userid: str) -> dict[str, Any]:
-        uid = validate_userid(userid)
+        uid = records.validate_userid(userid)
         record = self._record(uid)
         power = POWER.get(self._vm_state(uid) or "", "off")
         return {
@@ -252,7 +247,7 @@ class VCenterGuests(GuestRecords):
 
     def definition(self, userid: str) -> str:
         """The VM as vCenter has it, its host and its disk's export, as JSON."""
-        uid = validate_userid(userid)
+        uid = records.validate_userid(userid)
         record = self._deployed(uid)
         instance = self.instance_name(uid)
         with self._vc() as vms:
@@ -263,12 +258,12 @@ class VCenterGuests(GuestRecords):
         return json.dumps({**asdict(info), "host": host, "export": record.get("export")})
 
     def stats(self, userid: str) -> dict[str, Any]:
-        self._deployed(validate_userid(userid))
+        self._deployed(records.validate_userid(userid))
         return {"cpu": {}, "mem": {}, "nics": []}
 
     def console_output(self, userid: str) -> str:
         """Empty: a vCenter VM's console is not a file on this node."""
-        self._record(validate_userid(userid))
+        self._record(records.validate_userid(userid))
         return ""
 
     def host_info(self) -> dict[str, Any]:
@@ -279,7 +274,7 @@ class VCenterGuests(GuestRecords):
             endpoint = vms.settings.endpoint
         threads = sum(h.cpu_threads for h in hosts)
         memory_mb = sum(h.memory_mb for h in hosts)
-        records = self.journal.records(KIND).values()
+        guests = self.journal.records(records.KIND).values()
         disk = shutil.disk_usage(self.state_dir)
         return {
             "backend": "vcenter",
@@ -287,21 +282,23 @@ class VCenterGuests(GuestRecords):
             "hypervisor_type": "vcenter",
             "hypervisor_version": 0,
             "vcpus": int(threads * self.cpu_allocation_ratio),
-            "vcpus_used": sum(r["vcpus"] for r in records if r.get("state") != "off"),
+            "vcpus_used": sum(r["vcpus"] for r in guests if r.get("state") != "off"),
             "memory_mb": memory_mb,
             "memory_mb_used": min(memory_mb, sum(h.memory_mb_used for h in hosts)),
             "disk_total": disk.total >> 30,
             "disk_used": disk.used >> 30,
             "disk_available": disk.free >> 30,
             "cpu_info": {"hosts": [h.name for h in hosts], "threads": threads},
-            "ipl_time": time.strftime("IPL at %m/%d/%y %H:%M:%S UTC", time.gmtime(boot_time())),
+            "ipl_time": time.strftime(
+                "IPL at %m/%d/%y %H:%M:%S UTC", time.gmtime(records.boot_time())
+            ),
         }
 
     # -- restart -------------------------------------------------------------------------------
     def adopt(self) -> None:
         """At start: a deploy a crash interrupted is undone; a deployed guest's export is
         made again if tgtd lost it; our VMs with no record are orphans (left alone)."""
-        for uid, record in sorted(self.journal.records(KIND).items()):
+        for uid, record in sorted(self.journal.records(records.KIND).items()):
             if record.get("deploying") and not record.get("disk"):
                 LOG.warning("guest %s: its deploy was interrupted: undone", uid)
                 self._undo(uid, self.instance_name(uid))
@@ -317,7 +314,7 @@ class VCenterGuests(GuestRecords):
         if revived is not None and not revived.targets:
             return 0
         restored = 0
-        for uid, record in sorted(self.journal.records(KIND).items()):
+        for uid, record in sorted(self.journal.records(records.KIND).items()):
             instance = self.instance_name(uid)
             try:
                 if record.get("disk") and not self.exports.exported(instance):
@@ -330,7 +327,7 @@ class VCenterGuests(GuestRecords):
 
     def orphans(self) -> builtins.list[str]:
         """Instances of our VMs in vCenter with no guest record (never destroyed)."""
-        known = [self.instance_name(u) for u in self.journal.records(KIND)]
+        known = [self.instance_name(u) for u in self.journal.records(records.KIND)]
         with contextlib.suppress(VCenterError), self._vc() as vms:
             found = vms.orphans(known)
             self._orphans = sorted(
