@@ -298,6 +298,11 @@ class QemuUpstream:
     def endpoints(self, image: str) -> list[layer.Endpoint]:
         return self.d.paths.load(image)
 
+    def read_counters(self, image: str) -> dict[layer.Endpoint, int]:
+        """None counted: QEMU accounts reads per BlockBackend only, and a path is a bare
+        node under the quorum (``query-blockstats`` gives it no ``rd_bytes``)."""
+        return {}
+
     def inspect(self, image: str) -> layer.Device | None:
         n = self.d.names(image)
         if n.quorum not in self.d.qsd.nodes():

@@ -77,8 +77,28 @@ function layout(image) {
   return { pos: pos, columns: Math.max(column, 1) };
 }
 
+// Bytes served by each source (peer id; "" for the image server) to this image's nodes.
+function servedBy(image) {
+  const served = new Map();
+  for (const n of image.nodes) {
+    for (const r of n.bytes_read || []) {
+      const key = r.source || "";
+      served.set(key, (served.get(key) || 0) + r.bytes);
+    }
+  }
+  return served;
+}
+
+function human(bytes) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes, i = 0;
+  while (value >= 1024 && i < units.length - 1) { value /= 1024; i += 1; }
+  return (i ? value.toFixed(1) : String(value)) + " " + units[i];
+}
+
 function drawTree(image) {
   const { pos, columns } = layout(image);
+  const served = servedBy(image);
   const depth = image.nodes.reduce((d, n) => Math.max(d, pos.get(n.peer_id).depth), 0);
   const xy = (id) => [MARGIN + pos.get(id).x * DX, MARGIN + pos.get(id).depth * DY];
   const svg = el("svg:svg", {
@@ -88,6 +108,7 @@ function drawTree(image) {
   const edges = el("svg:g", { class: "edges" });
   const nodes = el("svg:g", { class: "nodes" });
   svg.append(edges, nodes);
+  const labels = el("svg:g", { class: "edge-labels" });
   for (const n of image.nodes) {
     const [x2, y2] = xy(n.peer_id);
     const [x1, y1] = xy(pos.has(n.parent) ? n.parent : null);
@@ -103,7 +124,17 @@ function drawTree(image) {
         x1: sx, y1: sy, x2: x2, y2: y2,
       }));
     }
+    // Bytes this node read from each source it reported, on the edge from that source.
+    for (const r of n.bytes_read || []) {
+      if (r.source !== null && !pos.has(r.source)) continue;
+      const [sx, sy] = xy(r.source);
+      labels.append(el("svg:text", {
+        class: "edge-bytes", "data-source": r.source || "", "data-child": n.peer_id,
+        "data-bytes": r.bytes, x: (sx + x2) / 2, y: (sy + y2) / 2 - 3,
+      }, human(r.bytes)));
+    }
   }
+  svg.append(labels);
   const root = el("svg:g", { class: "node root", "data-peer": "" });
   const [rx, ry] = xy(null);
   root.append(el("svg:circle", { cx: rx, cy: ry, r: R + 2 }),
@@ -116,7 +147,10 @@ function drawTree(image) {
       "data-depth": n.depth, "data-status": n.status,
     });
     g.append(el("svg:title", {}, n.peer_id + " (" + n.status + ", depth " + n.depth +
-      ", parents: " + n.parents.map((p) => p || "image server").join(", ") + ")"));
+      ", parents: " + n.parents.map((p) => p || "image server").join(", ") + "; read: " +
+      (n.bytes_read ? n.bytes_read.map((r) => (r.source || "image server") + " " +
+        human(r.bytes)).join(", ") : "not reported") +
+      "; served to children: " + human(served.get(n.peer_id) || 0) + ")"));
     g.append(el("svg:circle", { cx: x, cy: y, r: R }));
     g.append(el("svg:text", { x: x, y: y + R + 12 }, n.host || n.member || "?"));
     nodes.append(g);
@@ -141,6 +175,13 @@ function render(data) {
     const block = el("div", { class: "image", "data-image": image.id });
     block.append(el("h3", {}, image.id + ": " + image.count + " nodes, depth " + image.depth +
       (image.truncated ? " (first " + image.nodes.length + " drawn)" : "")));
+    const b = image.bytes_read;
+    block.append(el("p", {
+      class: "bytes", "data-image-server": b.image_server, "data-peers": b.peers,
+      "data-reporting": b.nodes_reporting,
+    }, "read by the nodes: " + human(b.image_server) + " from the image server, " +
+      human(b.peers) + " from peers (" + b.nodes_reporting + " of " + image.count +
+      " nodes reporting)"));
     block.append(drawTree(image));
     blocks.push(block);
   }
@@ -148,8 +189,8 @@ function render(data) {
   if (data.images_hidden) blocks.push(el("p", {}, data.images_hidden + " more images"));
   blocks.push(el("p", { class: "note" }, "green: OK (serving its relay), amber: pending, " +
     "red: any other status; solid: tree parent, dashed: the other parents a node reads from"));
-  blocks.push(el("p", { class: "note" }, "bytes served per source: " +
-    (data.bytes_served === null ? "not reported to Volt" : JSON.stringify(data.bytes_served))));
+  blocks.push(el("p", { class: "note" }, "edge labels: bytes the lower node read from that " +
+    "source, as its last heartbeat reported (a path's counter restarts when it reconnects)"));
   images.replaceChildren(...blocks);
 
   const nodeRows = data.nodes.map((n) => {
