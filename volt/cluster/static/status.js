@@ -124,17 +124,35 @@ function drawTree(image) {
         x1: sx, y1: sy, x2: x2, y2: y2,
       }));
     }
-    // Bytes this node read from each source it reported, on the edge from that source.
+    // Bytes this node read from each source it reported: on the edge from that source
+    // (near the child, clear of the source's name), or, with no edge drawn from it (a
+    // source that is no parent now), under the node's name.
+    let below = 0;
     for (const r of n.bytes_read || []) {
-      if (r.source !== null && !pos.has(r.source)) continue;
-      const [sx, sy] = xy(r.source);
-      labels.append(el("svg:text", {
+      const attrs = {
         class: "edge-bytes", "data-source": r.source || "", "data-child": n.peer_id,
-        "data-bytes": r.bytes, x: (sx + x2) / 2, y: (sy + y2) / 2 - 3,
-      }, human(r.bytes)));
+        "data-bytes": r.bytes,
+      };
+      const onEdge = pos.has(r.source) && (r.source === n.parent || n.parents.includes(r.source));
+      if (onEdge) {
+        const [sx, sy] = xy(r.source);
+        attrs.x = sx + 0.65 * (x2 - sx);
+        attrs.y = sy + 0.65 * (y2 - sy);
+      } else {
+        below += 1;
+        attrs.x = x2;
+        attrs.y = y2 + R + 12 + 10 * below;
+        attrs.class += " off-edge";
+      }
+      const label = el("svg:text", attrs, (onEdge ? "" : "+") + human(r.bytes));
+      label.append(el("svg:title", {}, "read from " + (r.source || "the image server")));
+      labels.append(label);
     }
   }
   svg.append(labels);
+  const offEdge = [...labels.querySelectorAll("text.off-edge")].map((t) => Number(t.getAttribute("y")));
+  svg.setAttribute("height", String(Math.max(Number(svg.getAttribute("height")),
+    ...offEdge.map((y) => y + 6))));
   const root = el("svg:g", { class: "node root", "data-peer": "" });
   const [rx, ry] = xy(null);
   root.append(el("svg:circle", { cx: rx, cy: ry, r: R + 2 }),
@@ -190,7 +208,8 @@ function render(data) {
   blocks.push(el("p", { class: "note" }, "green: OK (serving its relay), amber: pending, " +
     "red: any other status; solid: tree parent, dashed: the other parents a node reads from"));
   blocks.push(el("p", { class: "note" }, "edge labels: bytes the lower node read from that " +
-    "source, as its last heartbeat reported (a path's counter restarts when it reconnects)"));
+    "source, as its last heartbeat reported (a path's counter restarts when it reconnects); " +
+    "+N under a node: read from a source that is not its parent now (hover for which)"));
   images.replaceChildren(...blocks);
 
   const nodeRows = data.nodes.map((n) => {
