@@ -756,6 +756,7 @@ class VoltService:
             self._store_call(self.store.forget_member, member)
             with self.lock:
                 self.written.pop(member, None)
+            self.traffic.forget(member)
             self.metrics.evictions.inc()
         return expired
 

@@ -94,7 +94,15 @@ LABELS_JS = """[...document.querySelectorAll(
   .map(t => [t.dataset.child, t.dataset.source, Number(t.dataset.bytes)]).sort()"""
 TOTALS_JS = """(p => [p.dataset.imageServer, p.dataset.peers, p.dataset.reporting].map(Number))(
   document.querySelector('div.image[data-image="volume-image1"] p.bytes'))"""
+SERVED_JS = """Object.fromEntries([...document.querySelectorAll(
+  'svg.tree[data-image="volume-image1"] g.node.peer')]
+  .map(g => [g.dataset.peer, g.querySelector('title').textContent]))"""
 READ_EACH = 8 << 20  # what every node says it read, over its sources
+
+
+def human(n: int) -> str:
+    """The page's way to write a byte count (status.js ``human``) for whole MiB and 0."""
+    return f"{n / (1 << 20):.1f} MiB" if n else "0 B"
 
 
 def report_reads(volt, tree: list[list[object]]) -> list[tuple[str, str, int]]:
@@ -180,6 +188,10 @@ def test_status_page_renders_the_tree_live_behind_the_token(
         6,
     ]
     assert all(n > 0 for _, src, n in reported if src == "")
+    served = browser.evaluate(SERVED_JS)  # each node's tooltip: what the others read from it
+    for peer, *_ in expected:
+        mine = sum(n for _, src, n in reported if src == peer)
+        assert served[peer].endswith(f"served to other nodes: {human(mine)})"), served[peer]
     rows = browser.evaluate(
         "[...document.querySelectorAll('#nodes tbody tr')].map(r => "
         "[...r.cells].map(c => c.textContent))"

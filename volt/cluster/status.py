@@ -5,8 +5,8 @@ polls it. Volt's trees come from memory (or the store, on a shared store); node 
 comes from the controller's capacity cache, which a background thread refreshes, so that a
 poll never waits on a silent node (handlers run on volt-api's event loop). Bytes per source
 are the nodes' own read counters, as their last heartbeat reported them (volt.traffic): per
-node ``bytes_read`` (null: not reported), per image the totals read from the image server and
-from peers over the nodes that reported.
+node ``bytes_read`` (null: not reported) and ``bytes_served`` (what the nodes that reported
+read from it), per image the totals read from the image server and from peers.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def _tree(service: VoltService, volume_id: str) -> dict[str, Any] | None:
         return None
     reads = {n.peer_id: service.traffic.of(n.peer_id) for n, _ in entries if n.peer_id}
     totals = {"image_server": 0, "peers": 0, "nodes_reporting": 0}
+    served: dict[str, int] = {}  # per source peer: what the nodes that reported read from it
     for counts in reads.values():
         if counts is None:
             continue
         totals["nodes_reporting"] += 1
         for source, count in counts.items():
             totals["image_server" if source is None else "peers"] += count
+            if source is not None:
+                served[source] = served.get(source, 0) + count
     nodes = []
     for node, parents in entries[:MAX_TREE_NODES]:
         assert node.parent is not None
@@ -53,6 +56,7 @@ def _tree(service: VoltService, volume_id: str) -> dict[str, Any] | None:
                 "status": node.status,
                 "parents": [p.peer_id for p in parents],
                 "bytes_read": traffic.as_json(reads.get(node.peer_id or "")),
+                "bytes_served": served.get(node.peer_id or "", 0),
             }
         )
     return {

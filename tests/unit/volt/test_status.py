@@ -125,6 +125,7 @@ def test_status_shows_the_bytes_each_node_read_per_source_from_its_heartbeat(rig
     assert nodes[low]["bytes_read"] == [
         {"source": None, "bytes": 1 << 20}, {"source": high, "bytes": 4 << 20}]  # fmt: skip
     assert nodes[high]["bytes_read"] == [{"source": None, "bytes": 5 << 20}]
+    assert (nodes[high]["bytes_served"], nodes[low]["bytes_served"]) == (4 << 20, 0)
     assert image["bytes_read"] == {"image_server": 6 << 20, "peers": 4 << 20,
                                    "nodes_reporting": 2}  # fmt: skip
 

@@ -77,18 +77,6 @@ function layout(image) {
   return { pos: pos, columns: Math.max(column, 1) };
 }
 
-// Bytes served by each source (peer id; "" for the image server) to this image's nodes.
-function servedBy(image) {
-  const served = new Map();
-  for (const n of image.nodes) {
-    for (const r of n.bytes_read || []) {
-      const key = r.source || "";
-      served.set(key, (served.get(key) || 0) + r.bytes);
-    }
-  }
-  return served;
-}
-
 function human(bytes) {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let value = bytes, i = 0;
@@ -98,7 +86,6 @@ function human(bytes) {
 
 function drawTree(image) {
   const { pos, columns } = layout(image);
-  const served = servedBy(image);
   const depth = image.nodes.reduce((d, n) => Math.max(d, pos.get(n.peer_id).depth), 0);
   const xy = (id) => [MARGIN + pos.get(id).x * DX, MARGIN + pos.get(id).depth * DY];
   const svg = el("svg:svg", {
@@ -168,7 +155,7 @@ function drawTree(image) {
       ", parents: " + n.parents.map((p) => p || "image server").join(", ") + "; read: " +
       (n.bytes_read ? n.bytes_read.map((r) => (r.source || "image server") + " " +
         human(r.bytes)).join(", ") : "not reported") +
-      "; served to children: " + human(served.get(n.peer_id) || 0) + ")"));
+      "; served to other nodes: " + human(n.bytes_served) + ")"));
     g.append(el("svg:circle", { cx: x, cy: y, r: R }));
     g.append(el("svg:text", { x: x, y: y + R + 12 }, n.host || n.member || "?"));
     nodes.append(g);
