@@ -22,7 +22,7 @@ from typing import Any
 from brick.exception import Timeout
 from brick.wait import wait_until
 from virtman import capture as capturing
-from virtman import conf, prefetch, stack, validation
+from virtman import conf, prefetch, readcounts, stack, validation
 from virtman.backoff import Backoff
 from virtman.baseimage import BaseImage, Status
 from virtman.bus import NodeBus
@@ -429,7 +429,7 @@ class Virtman:
         for base in images:
             if base.status == Status.DEGRADED and base.retry.remaining() == 0:
                 base.heal_in_background()
-        answer = self.volt.heartbeat()
+        answer = self.volt.heartbeat(readcounts.collect(self.driver, images))
         if self._volt_down:
             LOG.warning("Volt reachable again")
             self._volt_down = False

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from brick import values
 from brick.exception import Timeout
@@ -50,6 +51,7 @@ class VoltLink:
         self.client = Client(url, token=token, timeout=timeout, ca_file=ca_file)
         self.host_ip = host_ip
         self.stop = stop or threading.Event()  # set: every join waiting for Volt ends now
+        self.counters_refused = False  # this Volt answered 400 on a heartbeat's bytes_read
 
     def join(
         self,
@@ -137,8 +139,20 @@ class VoltLink:
     def leave(self, image: str, peer_id: str) -> None:
         self.client.volumes.logout(image, peer_id)
 
-    def heartbeat(self) -> dict[str, list[Volume]]:
-        """{peer_id: parents} for every node of this host that Volt knows."""
-        return {
-            item["peer_id"]: item["parents"] for item in self.client.members.heartbeat(self.host_ip)
-        }
+    def heartbeat(self, bytes_read: list[dict[str, Any]] | None = None) -> dict[str, list[Volume]]:
+        """{peer_id: parents} for every node of this host that Volt knows. ``bytes_read``
+        (the nodes' read counters) goes along unless this Volt refused it once (a Volt
+        without the extension): then it is never sent again."""
+        if self.counters_refused:
+            bytes_read = None
+        try:
+            answer = self.client.members.heartbeat(self.host_ip, bytes_read)
+        except VoltClientError as exc:
+            if bytes_read is None or not (
+                exc.code == "volt.invalid_input" and "bytes_read" in exc.detail
+            ):
+                raise
+            LOG.info("Volt does not take read counters (%s): heartbeats without them", exc.detail)
+            self.counters_refused = True
+            answer = self.client.members.heartbeat(self.host_ip)
+        return {item["peer_id"]: item["parents"] for item in answer}

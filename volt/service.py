@@ -40,6 +40,7 @@ from volt.errors import NotPlaceable, PeerNotFound, StoreUnavailable, VolumeNotF
 from volt.metrics import Metrics
 from volt.store import Store, TreeWrite, VolumeRows, node_values
 from volt.topology import OK, Executor, Node, Tree
+from volt.traffic import ReadCounters
 from volt.validation import make_peer_id, split_peer_id
 
 LOG = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class VoltService:
         self.trees: dict[str, Tree] = {}
         self.members: dict[str, set[tuple[str, str]]] = {}  # host -> {(volume_id, peer_id)}
         self.last_seen: dict[str, float] = {}
+        self.traffic = ReadCounters()  # the nodes' read counters (heartbeat ``bytes_read``)
         self.unloaded: set[str] = set()  # trees to reload once the store answers again
         # The control bus (volt.bus): called with {host: [{"peer_id", "parents"}, ...]} for
         # the nodes whose parents a leave, an eviction or a registration changed. None: no
@@ -447,6 +449,7 @@ class VoltService:
             touched[volume_id] = tree
         self.members.pop(member, None)
         self.last_seen.pop(member, None)
+        self.traffic.forget(member)
         self.metrics.evictions.inc()
         for tree in touched.values():
             try:
@@ -753,6 +756,7 @@ class VoltService:
             self._store_call(self.store.forget_member, member)
             with self.lock:
                 self.written.pop(member, None)
+            self.traffic.forget(member)
             self.metrics.evictions.inc()
         return expired
 

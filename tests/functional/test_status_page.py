@@ -89,6 +89,41 @@ LINES_JS = """[...document.querySelectorAll('svg.tree[data-image="volume-image1"
 PEERS_JS = "document.querySelectorAll('svg.tree g.node.peer').length"
 
 
+LABELS_JS = """[...document.querySelectorAll(
+  'svg.tree[data-image="volume-image1"] text.edge-bytes')]
+  .map(t => [t.dataset.child, t.dataset.source, Number(t.dataset.bytes)]).sort()"""
+TOTALS_JS = """(p => [p.dataset.imageServer, p.dataset.peers, p.dataset.reporting].map(Number))(
+  document.querySelector('div.image[data-image="volume-image1"] p.bytes'))"""
+SERVED_JS = """Object.fromEntries([...document.querySelectorAll(
+  'svg.tree[data-image="volume-image1"] g.node.peer')]
+  .map(g => [g.dataset.peer, g.querySelector('title').textContent]))"""
+READ_EACH = 8 << 20  # what every node says it read, over its sources
+
+
+def human(n: int) -> str:
+    """The page's way to write a byte count (status.js ``human``) for whole MiB and 0."""
+    return f"{n / (1 << 20):.1f} MiB" if n else "0 B"
+
+
+def report_reads(volt, tree: list[list[object]]) -> list[tuple[str, str, int]]:
+    """Each node's heartbeat says it read READ_EACH: 3/4 from its tree parent, the rest from
+    the image server (all of it when the image server is its parent). Returns
+    (child, source or "", bytes) as the page should draw them."""
+    drawn = []
+    for peer, parent, _, _ in tree:
+        assert isinstance(peer, str) and isinstance(parent, str)
+        reads = {parent: READ_EACH * 3 // 4}
+        reads[""] = reads.get("", 0) + READ_EACH // 4
+        counters = [
+            {"peer_id": peer, "source": src or None, "bytes": n} for src, n in reads.items()
+        ]
+        body = {"host": peer.split(":")[0], "bytes_read": counters}
+        status, answer = volt.request("PUT", "/v1/members/heartbeat", body)
+        assert status == 200, answer
+        drawn += [(peer, src, n) for src, n in reads.items()]
+    return drawn
+
+
 def volts_tree(volt) -> list[list[object]]:
     status, nodes = volt.request("GET", f"/v1/volumes/{VOLUME}")
     assert status == 200
@@ -115,6 +150,7 @@ def test_status_page_renders_the_tree_live_behind_the_token(
     )  # fmt: skip
     expected = volts_tree(volt)
     assert len(expected) == 6 and max(depth for _, _, depth, _ in expected) >= 2
+    reported = report_reads(volt, expected)
 
     # Without the token: 401 and no data; the page's own files hold none either.
     status, body = volt.request("GET", "/v1/status", token="")
@@ -140,6 +176,22 @@ def test_status_page_renders_the_tree_live_behind_the_token(
     browser.wait_for(f"{PEERS_JS} === 6")
     assert browser.evaluate(EDGES_JS) == expected
     assert browser.evaluate(LINES_JS) == sorted([p, parent] for p, parent, _, _ in expected)
+    # Bytes per source: on each edge what the child read from that source, and per image
+    # the totals; every node's sources add up to what it read (READ_EACH).
+    labels = sorted(browser.evaluate(LABELS_JS))
+    assert labels == sorted([c, src, n] for c, src, n in reported)
+    for peer, *_ in expected:
+        assert sum(n for c, _, n in labels if c == peer) == READ_EACH
+    assert browser.evaluate(TOTALS_JS) == [
+        sum(n for _, src, n in reported if src == ""),
+        sum(n for _, src, n in reported if src != ""),
+        6,
+    ]
+    assert all(n > 0 for _, src, n in reported if src == "")
+    served = browser.evaluate(SERVED_JS)  # each node's tooltip: what the others read from it
+    for peer, *_ in expected:
+        mine = sum(n for _, src, n in reported if src == peer)
+        assert served[peer].endswith(f"served to other nodes: {human(mine)})"), served[peer]
     rows = browser.evaluate(
         "[...document.querySelectorAll('#nodes tbody tr')].map(r => "
         "[...r.cells].map(c => c.textContent))"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from volt import validation
+from volt import traffic, validation
 from volt.errors import InvalidInput, MalformedBody
 
 Validator = Callable[[object, str], str]
@@ -27,7 +27,7 @@ REGISTER: dict[str, Callable[..., Any]] = {
 }
 # ``host`` too, except with a node token: its own host is the default (handlers.register).
 REGISTER_REQUIRED = ("port", "iqn", "lun")
-HEARTBEAT = {"host": validation.host}
+HEARTBEAT: dict[str, Callable[..., Any]] = {"host": validation.host, "bytes_read": traffic.entries}
 
 
 def extract(

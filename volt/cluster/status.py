@@ -3,8 +3,10 @@
 ``GET /v1/status`` (admin credential) answers one JSON snapshot; the page (``static/``)
 polls it. Volt's trees come from memory (or the store, on a shared store); node capacity
 comes from the controller's capacity cache, which a background thread refreshes, so that a
-poll never waits on a silent node (handlers run on volt-api's event loop). Volt does not count the
-bytes a relay serves: nodes report none to it, so the snapshot has no per-source bytes.
+poll never waits on a silent node (handlers run on volt-api's event loop). Bytes per source
+are the nodes' own read counters, as their last heartbeat reported them (volt.traffic): per
+node ``bytes_read`` (null: not reported) and ``bytes_served`` (what the nodes that reported
+read from it), per image the totals read from the image server and from peers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from volt import validation
+from volt import traffic, validation
 from volt.cluster import model
 from volt.cluster.controller import Controller
 from volt.errors import InvalidInput, VolumeNotFound
@@ -30,6 +32,17 @@ def _tree(service: VoltService, volume_id: str) -> dict[str, Any] | None:
         entries = service.volume_nodes(volume_id)
     except VolumeNotFound:  # deleted since it was listed
         return None
+    reads = {n.peer_id: service.traffic.of(n.peer_id) for n, _ in entries if n.peer_id}
+    totals = {"image_server": 0, "peers": 0, "nodes_reporting": 0}
+    served: dict[str, int] = {}  # per source peer: what the nodes that reported read from it
+    for counts in reads.values():
+        if counts is None:
+            continue
+        totals["nodes_reporting"] += 1
+        for source, count in counts.items():
+            totals["image_server" if source is None else "peers"] += count
+            if source is not None:
+                served[source] = served.get(source, 0) + count
     nodes = []
     for node, parents in entries[:MAX_TREE_NODES]:
         assert node.parent is not None
@@ -42,6 +55,8 @@ def _tree(service: VoltService, volume_id: str) -> dict[str, Any] | None:
                 "depth": node.depth,
                 "status": node.status,
                 "parents": [p.peer_id for p in parents],
+                "bytes_read": traffic.as_json(reads.get(node.peer_id or "")),
+                "bytes_served": served.get(node.peer_id or "", 0),
             }
         )
     return {
@@ -50,6 +65,7 @@ def _tree(service: VoltService, volume_id: str) -> dict[str, Any] | None:
         "depth": max((n.depth for n, _ in entries), default=0),
         "truncated": len(entries) > MAX_TREE_NODES,
         "nodes": nodes,
+        "bytes_read": totals,
     }
 
 
@@ -159,5 +175,4 @@ def snapshot(service: VoltService, controller: Controller) -> dict[str, Any]:
         "images_hidden": max(0, len(counts) - MAX_IMAGES),
         "nodes": _nodes(controller.node_states(), controller, _cache_of(service), vms),
         "tasks": _tasks(controller, vms),
-        "bytes_served": None,  # not reported to Volt (see the module docstring)
     }

@@ -23,6 +23,7 @@ class Layers:
         self.gate = gate
         self.at_gate = threading.Event()  # set once a build waits on ``gate``
         self.upstreams: dict[str, list[Endpoint]] = {}
+        self.read_counts: dict[Endpoint, int] = {}  # what read_counters answers, per path
         self.caches: dict[str, Device] = {}
         self.cache_files: set[str] = set()  # what a qemu cache keeps on disk
         self.relays: dict[str, str] = {}
@@ -101,6 +102,9 @@ class _Upstream:
 
     def endpoints(self, image: str) -> list[Endpoint]:
         return list(self.s.upstreams.get(image, []))
+
+    def read_counters(self, image: str) -> dict[Endpoint, int]:
+        return {e: n for e, n in self.s.read_counts.items() if e in self.s.upstreams.get(image, [])}
 
     def inspect(self, image: str) -> Device | None:
         return Device(f"{image}-mp", "", 1 << 20) if image in self.s.upstreams else None

@@ -26,6 +26,7 @@ class FakeVolt:
         self.registered_parents: dict[str, list[Volume]] = {}
         self.down = False  # unreachable: every call fails as the real link's do
         self.places = True  # registers place the node (False: a btree Volt, or the original)
+        self.bytes_read: list[dict[str, object]] | None = None  # the last heartbeat's
 
     def _reach(self, what: str) -> None:
         if self.down:
@@ -63,7 +64,10 @@ class FakeVolt:
         self.calls.append(("leave", image, peer_id))
         self.known.pop(peer_id, None)
 
-    def heartbeat(self) -> dict[str, list[Volume]]:
+    def heartbeat(
+        self, bytes_read: list[dict[str, object]] | None = None
+    ) -> dict[str, list[Volume]]:
         self._reach("heartbeat")
         self.calls.append(("heartbeat",))
+        self.bytes_read = bytes_read
         return {p: self.parents.get(image, []) for p, image in self.known.items()}

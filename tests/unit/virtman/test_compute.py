@@ -389,9 +389,11 @@ class GatedVolt(FakeVolt):
         super().__init__()
         self.first = threading.Event()
 
-    def heartbeat(self) -> dict[str, list[Volume]]:
+    def heartbeat(
+        self, bytes_read: list[dict[str, object]] | None = None
+    ) -> dict[str, list[Volume]]:
         assert self.first.wait(10)
-        return super().heartbeat()
+        return super().heartbeat(bytes_read)
 
 
 def test_a_create_under_a_pending_parent_wakes_the_heartbeat(tmp_path: Path) -> None:
@@ -535,3 +537,20 @@ def test_a_register_answer_without_parents_keeps_the_built_paths(tmp_path: Path)
     assert vm.create("vm1", "img", CONN).startswith("0:")
     assert [e.portal for e in driver.state.upstreams["volume-img"]] == [CONN["target_portal"]]
     assert vm.images["volume-img"].following is True
+
+
+def test_the_heartbeat_carries_the_bytes_read_per_source(tmp_path: Path) -> None:
+    vm, driver, volt = make(tmp_path)
+    vm.create("vm1", "img", CONN)
+    (server,) = driver.state.upstreams["volume-img"]
+    driver.state.read_counts[server] = 7 << 20
+    vm.heartbeat()
+    assert volt.bytes_read == [{"peer_id": "10.0.0.9:volume-img", "source": None,
+                                "bytes": 7 << 20}]  # fmt: skip
+    volt.parents["volume-img"] = [ready("10.0.0.3", "volume-img")]
+    vm.heartbeat()  # follows its parent: the image server's path is gone
+    (parent,) = driver.state.upstreams["volume-img"]
+    driver.state.read_counts[parent] = 3 << 20
+    vm.heartbeat()
+    assert volt.bytes_read == [{"peer_id": "10.0.0.9:volume-img", "source": "10.0.0.3:volume-img",
+                                "bytes": 3 << 20}]  # fmt: skip

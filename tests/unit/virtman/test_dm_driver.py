@@ -674,6 +674,28 @@ def test_a_parent_change_adds_the_new_paths_reloads_then_drops_the_old(rig: Rig)
     assert not [a for a, _ in k.calls if "--login" in a or a[1:2] == ["reload"]]
 
 
+def test_the_heartbeat_reports_the_sectors_read_through_each_path(rig: Rig) -> None:
+    """Per source, the kernel's count of sectors read from that path's SCSI disk."""
+    driver, virtman, volt = build(rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    for host in ("10.0.0.2", "10.0.0.3"):
+        rig.kernel.targets[(f"{host}:3260", IQN)] = SIZE
+    volt.parents[IMAGE] = [ready("10.0.0.2", IMAGE), ready("10.0.0.3", IMAGE)]
+    virtman.heartbeat()  # now on /dev/sdb (10.0.0.2) and /dev/sdc (10.0.0.3)
+    stat = "{} 0 {} 5 0 0 0 0 0 6 5 0 0 0 0 0 0\n"
+    (rig.kernel.sysfs / "block" / "sdb" / "stat").write_text(stat.format(40, 2048))
+    (rig.kernel.sysfs / "block" / "sdc" / "stat").write_text(stat.format(0, 0))
+    counted = {e.peer_id: n for e, n in driver.upstream.read_counters(IMAGE).items()}
+    assert counted == {f"10.0.0.2:{IMAGE}": 2048 * 512, f"10.0.0.3:{IMAGE}": 0}
+    virtman.heartbeat()
+    assert volt.bytes_read == [
+        {"peer_id": f"10.0.0.9:{IMAGE}", "source": f"10.0.0.2:{IMAGE}", "bytes": 2048 * 512},
+        {"peer_id": f"10.0.0.9:{IMAGE}", "source": f"10.0.0.3:{IMAGE}", "bytes": 0},
+    ]
+    (rig.kernel.sysfs / "block" / "sdc" / "stat").unlink()  # a path not counted: left out
+    assert [e.peer_id for e in driver.upstream.read_counters(IMAGE)] == [f"10.0.0.2:{IMAGE}"]
+
+
 def test_a_parent_that_cannot_be_reached_is_skipped(rig: Rig) -> None:
     driver, virtman, volt = build(rig)
     assert virtman.create("vm1", "img", CONNECTION).startswith("0:")

@@ -158,3 +158,25 @@ def test_an_ipv6_host_is_bracketed_in_its_portals(
 def _upstream(driver: QemuDriver) -> Device:
     driver.tgt = FakeTgt()  # type: ignore[assignment]
     return driver.upstream.ensure(UpstreamSpec(IMAGE, (ISCSI,)))
+
+
+def test_read_counters_are_each_paths_tcp_bytes_unless_its_peer_is_shared(
+    driver: QemuDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build(driver)  # NBD (10.0.0.2:10809) then iSCSI (10.0.0.1:3260)
+    monkeypatch.setattr(type(driver.qsd), "pid", property(lambda self: 4242))
+    asked = []
+
+    def received(pid: int) -> dict[tuple[str, int], list[int]]:
+        asked.append(pid)
+        return {("10.0.0.2", 10809): [1000, 24], ("10.0.0.1", 3260): [5], ("10.0.0.7", 1): [9]}
+
+    monkeypatch.setattr("virtman.drivers.qemu.driver.tcpinfo.received", received)
+    assert driver.upstream.read_counters(IMAGE) == {NBD: 1024, ISCSI: 5}
+    assert asked == [4242]
+    # A second image read from the same image server portal: its sockets and this image's
+    # cannot be told apart, so neither is counted; the NBD path still is.
+    other = Endpoint("10.0.0.1:3260", "iqn.2010-10.org.openstack:volume-two", 1)
+    ImageStack(driver, "volume-two", iqn=other.iqn).build([other])
+    assert driver.upstream.read_counters(IMAGE) == {NBD: 1024}
+    assert driver.upstream.read_counters("volume-two") == {}

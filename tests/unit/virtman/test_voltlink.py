@@ -139,3 +139,27 @@ def test_place_and_register_falls_back_only_when_volt_cannot_place(error, falls_
     else:
         with pytest.raises(VoltClientError):
             volt.place_and_register("volume-img", relay)
+
+
+class FakeMembers:
+    """``members.heartbeat`` of a Volt that refuses ``bytes_read`` (400), as one without
+    the extension does; records what each call sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def heartbeat(self, host: str, bytes_read: object = None) -> list[dict[str, Any]]:
+        self.sent.append(bytes_read)
+        if bytes_read is not None:
+            raise VoltClientError(400, "volt.invalid_input", "invalid 'bytes_read': unknown field")
+        return [{"peer_id": "10.0.0.5:volume-img", "parents": [PARENT]}]
+
+
+def test_a_volt_that_refuses_read_counters_gets_heartbeats_without_them() -> None:
+    volt = VoltLink("http://127.0.0.1:9", None, "10.0.0.5")
+    members = FakeMembers()
+    volt.client = type("C", (), {"members": members})()  # type: ignore[assignment]
+    counters = [{"peer_id": "10.0.0.5:volume-img", "source": None, "bytes": 1}]
+    assert volt.heartbeat(counters) == {"10.0.0.5:volume-img": [PARENT]}
+    assert volt.heartbeat(counters) == {"10.0.0.5:volume-img": [PARENT]}
+    assert members.sent == [counters, None, None]  # refused once, then never sent again

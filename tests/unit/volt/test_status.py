@@ -73,7 +73,8 @@ def test_status_needs_the_admin_token_and_shows_trees_nodes_and_tasks(rig: Rig) 
         assert by_peer[peer_id]["depth"] == view["depth"]
         assert by_peer[peer_id]["status"] == view["status"]
     assert image["depth"] == max(v["depth"] for v in views.values())
-    assert snap["bytes_served"] is None
+    assert all(n["bytes_read"] is None for n in image["nodes"])  # no node reported any
+    assert image["bytes_read"] == {"image_server": 0, "peers": 0, "nodes_reporting": 0}
 
     nodes = {n["id"]: n for n in snap["nodes"]}
     assert set(nodes) == {"n1", "n2", "10.0.0.2", "10.0.0.3"}
@@ -94,3 +95,66 @@ def test_page_files_are_public_hold_no_data_and_forbid_inline_script(rig: Rig) -
     status, _, _ = call(rig.app, "GET", "/status/../volt.sqlite", token=None)
     assert status == 404
     assert call(rig.app, "GET", "/status/nope.js", token=None)[0] == 404
+
+
+def heartbeat(rig: Rig, host: str, bytes_read: object) -> tuple[int, object]:
+    status, body, _ = call(
+        rig.app, "PUT", "/v1/members/heartbeat", {"host": host, "bytes_read": bytes_read}
+    )
+    return status, body
+
+
+def test_status_shows_the_bytes_each_node_read_per_source_from_its_heartbeat(rig: Rig) -> None:
+    root, child = "10.0.0.2", "10.0.0.3"
+    for host in (root, child):
+        rig.service.query(VOLUME, host)
+        rig.service.register(VOLUME, f"{host}:{VOLUME}", host, "3260", f"iqn.x:{host}", "1")
+    # "low" read from "high" (once its parent, say) and from the image server
+    low_host, high_host = child, root
+    low, high = f"{child}:{VOLUME}", f"{root}:{VOLUME}"
+    assert heartbeat(rig, high_host, [
+        {"peer_id": high, "source": None, "bytes": 5 << 20}])[0] == 200  # fmt: skip
+    assert heartbeat(rig, low_host, [
+        {"peer_id": low, "source": None, "bytes": 1 << 20},
+        {"peer_id": low, "source": high, "bytes": 4 << 20},
+    ])[0] == 200  # fmt: skip
+
+    _, snap, _ = call(rig.app, "GET", "/v1/status")
+    (image,) = snap["images"]
+    nodes = {n["peer_id"]: n for n in image["nodes"]}
+    assert nodes[low]["bytes_read"] == [
+        {"source": None, "bytes": 1 << 20}, {"source": high, "bytes": 4 << 20}]  # fmt: skip
+    assert nodes[high]["bytes_read"] == [{"source": None, "bytes": 5 << 20}]
+    assert (nodes[high]["bytes_served"], nodes[low]["bytes_served"]) == (4 << 20, 0)
+    assert image["bytes_read"] == {"image_server": 6 << 20, "peers": 4 << 20,
+                                   "nodes_reporting": 2}  # fmt: skip
+
+    # The latest report replaces the host's previous one; an empty one clears it.
+    assert heartbeat(rig, low_host, [])[0] == 200
+    _, snap, _ = call(rig.app, "GET", "/v1/status")
+    assert snap["images"][0]["bytes_read"]["peers"] == 0
+    # A heartbeat without bytes_read (the original's nodes) leaves the counters alone.
+    assert call(rig.app, "PUT", "/v1/members/heartbeat", {"host": high_host})[0] == 200
+    _, snap, _ = call(rig.app, "GET", "/v1/status")
+    assert snap["images"][0]["bytes_read"]["image_server"] == 5 << 20
+
+
+@pytest.mark.parametrize(
+    ("bytes_read", "names"),
+    [
+        ({"peer_id": "x"}, "bytes_read"),
+        ([{"peer_id": "10.0.0.2:v", "source": None}], "bytes_read[0]"),
+        ([{"peer_id": "10.0.0.2:v", "source": None, "bytes": -1}], "bytes_read[0]"),
+        ([{"peer_id": "10.0.0.2:v", "source": None, "bytes": True}], "bytes_read[0]"),
+        ([{"peer_id": "10.0.0.2:v", "source": "nope", "bytes": 1}], "bytes_read[0]"),
+        ([{"peer_id": "10.0.0.9:v", "source": None, "bytes": 1}], "bytes_read"),  # not its own
+    ],
+)
+def test_a_heartbeat_with_bad_read_counters_is_refused_naming_the_field(
+    rig: Rig, bytes_read: object, names: str
+) -> None:
+    rig.service.query(VOLUME, "10.0.0.2")
+    status, body = heartbeat(rig, "10.0.0.2", bytes_read)
+    assert status == 400, body
+    assert body["errors"][0]["detail"].startswith(f"invalid {names!r}"), body  # type: ignore[index]
+    assert rig.service.traffic.of("10.0.0.9:v") is None

@@ -270,6 +270,21 @@ class DmUpstream:
     def _save(self, image: str, endpoints: Sequence[layer.Endpoint]) -> None:
         self.d.paths.save(image, endpoints)
 
+    def read_counters(self, image: str) -> dict[layer.Endpoint, int]:
+        """Sectors read from each path's SCSI disk (``/sys/block/sdX/stat``, field 3), in
+        bytes: the kernel's own count of what multipath read through that path."""
+        found = {}
+        for endpoint in self.endpoints(image):
+            disk = os.path.basename(
+                self.d.host.realpath(self.d.iscsi.device_path(*_target(endpoint)))
+            )
+            try:
+                fields = (self.d.host.sysfs / "block" / disk / "stat").read_text().split()
+                found[endpoint] = int(fields[2]) * 512
+            except (OSError, IndexError, ValueError):
+                continue  # not connected now (or not a disk): nothing to count
+        return found
+
     def inspect(self, image: str) -> layer.Device | None:
         n = ImageNames(image)
         if not self.d.is_ours(n.multipath, "multipath", image):

@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from pathlib import Path
 
-from brick import psk, values
+from brick import psk, tcpinfo, values
 from brick.exception import BrickError, PathsUnavailable
 from brick.executor import execute
 from brick.fileio import FILE_MODE, fsync_dir, private_dir
@@ -49,6 +50,14 @@ def psk_client_id(identity: str) -> str:
 def _split(address: str) -> tuple[str, int]:
     where = values.Portal.parse(address, names=True)
     return where.host, where.port
+
+
+def _peer(endpoint: layer.Endpoint) -> tcpinfo.Peer | None:
+    """The (address, port) a path's socket is connected to: NBD when the endpoint offers
+    it (``QemuUpstream._connect``), else its iSCSI portal; None for a host name."""
+    host, port = _split(endpoint.nbd or endpoint.portal)
+    address = tcpinfo.canonical(host)
+    return (address, port) if address is not None else None
 
 
 class QemuDriver:
@@ -297,6 +306,23 @@ class QemuUpstream:
 
     def endpoints(self, image: str) -> list[layer.Endpoint]:
         return self.d.paths.load(image)
+
+    def read_counters(self, image: str) -> dict[layer.Endpoint, int]:
+        """Bytes received on each path's TCP connection (``brick.tcpinfo``): QEMU accounts
+        reads per BlockBackend only, and a path is a bare node under the quorum, with no
+        ``rd_bytes`` of its own. A peer address that another of this node's paths also
+        uses (two images from one parent) cannot be told apart by socket: not counted."""
+        pid = self.d.qsd.pid
+        if pid is None:
+            return {}
+        peers = {e: _peer(e) for e in self.endpoints(image)}
+        shared = Counter(_peer(e) for other in self.d.paths.images() for e in self.endpoints(other))
+        sockets = tcpinfo.received(pid)
+        return {
+            e: sum(sockets[peer])
+            for e, peer in peers.items()
+            if peer is not None and shared[peer] == 1 and peer in sockets
+        }
 
     def inspect(self, image: str) -> layer.Device | None:
         n = self.d.names(image)

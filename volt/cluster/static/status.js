@@ -77,6 +77,13 @@ function layout(image) {
   return { pos: pos, columns: Math.max(column, 1) };
 }
 
+function human(bytes) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes, i = 0;
+  while (value >= 1024 && i < units.length - 1) { value /= 1024; i += 1; }
+  return (i ? value.toFixed(1) : String(value)) + " " + units[i];
+}
+
 function drawTree(image) {
   const { pos, columns } = layout(image);
   const depth = image.nodes.reduce((d, n) => Math.max(d, pos.get(n.peer_id).depth), 0);
@@ -88,6 +95,7 @@ function drawTree(image) {
   const edges = el("svg:g", { class: "edges" });
   const nodes = el("svg:g", { class: "nodes" });
   svg.append(edges, nodes);
+  const labels = el("svg:g", { class: "edge-labels" });
   for (const n of image.nodes) {
     const [x2, y2] = xy(n.peer_id);
     const [x1, y1] = xy(pos.has(n.parent) ? n.parent : null);
@@ -103,7 +111,35 @@ function drawTree(image) {
         x1: sx, y1: sy, x2: x2, y2: y2,
       }));
     }
+    // Bytes this node read from each source it reported: on the edge from that source
+    // (near the child, clear of the source's name), or, with no edge drawn from it (a
+    // source that is no parent now), under the node's name.
+    let below = 0;
+    for (const r of n.bytes_read || []) {
+      const attrs = {
+        class: "edge-bytes", "data-source": r.source || "", "data-child": n.peer_id,
+        "data-bytes": r.bytes,
+      };
+      const onEdge = pos.has(r.source) && (r.source === n.parent || n.parents.includes(r.source));
+      if (onEdge) {
+        const [sx, sy] = xy(r.source);
+        attrs.x = sx + 0.65 * (x2 - sx);
+        attrs.y = sy + 0.65 * (y2 - sy);
+      } else {
+        below += 1;
+        attrs.x = x2;
+        attrs.y = y2 + R + 12 + 10 * below;
+        attrs.class += " off-edge";
+      }
+      const label = el("svg:text", attrs, (onEdge ? "" : "+") + human(r.bytes));
+      label.append(el("svg:title", {}, "read from " + (r.source || "the image server")));
+      labels.append(label);
+    }
   }
+  svg.append(labels);
+  const offEdge = [...labels.querySelectorAll("text.off-edge")].map((t) => Number(t.getAttribute("y")));
+  svg.setAttribute("height", String(Math.max(Number(svg.getAttribute("height")),
+    ...offEdge.map((y) => y + 6))));
   const root = el("svg:g", { class: "node root", "data-peer": "" });
   const [rx, ry] = xy(null);
   root.append(el("svg:circle", { cx: rx, cy: ry, r: R + 2 }),
@@ -116,7 +152,10 @@ function drawTree(image) {
       "data-depth": n.depth, "data-status": n.status,
     });
     g.append(el("svg:title", {}, n.peer_id + " (" + n.status + ", depth " + n.depth +
-      ", parents: " + n.parents.map((p) => p || "image server").join(", ") + ")"));
+      ", parents: " + n.parents.map((p) => p || "image server").join(", ") + "; read: " +
+      (n.bytes_read ? n.bytes_read.map((r) => (r.source || "image server") + " " +
+        human(r.bytes)).join(", ") : "not reported") +
+      "; served to other nodes: " + human(n.bytes_served) + ")"));
     g.append(el("svg:circle", { cx: x, cy: y, r: R }));
     g.append(el("svg:text", { x: x, y: y + R + 12 }, n.host || n.member || "?"));
     nodes.append(g);
@@ -141,6 +180,13 @@ function render(data) {
     const block = el("div", { class: "image", "data-image": image.id });
     block.append(el("h3", {}, image.id + ": " + image.count + " nodes, depth " + image.depth +
       (image.truncated ? " (first " + image.nodes.length + " drawn)" : "")));
+    const b = image.bytes_read;
+    block.append(el("p", {
+      class: "bytes", "data-image-server": b.image_server, "data-peers": b.peers,
+      "data-reporting": b.nodes_reporting,
+    }, "read by the nodes: " + human(b.image_server) + " from the image server, " +
+      human(b.peers) + " from peers (" + b.nodes_reporting + " of " + image.count +
+      " nodes reporting)"));
     block.append(drawTree(image));
     blocks.push(block);
   }
@@ -148,8 +194,9 @@ function render(data) {
   if (data.images_hidden) blocks.push(el("p", {}, data.images_hidden + " more images"));
   blocks.push(el("p", { class: "note" }, "green: OK (serving its relay), amber: pending, " +
     "red: any other status; solid: tree parent, dashed: the other parents a node reads from"));
-  blocks.push(el("p", { class: "note" }, "bytes served per source: " +
-    (data.bytes_served === null ? "not reported to Volt" : JSON.stringify(data.bytes_served))));
+  blocks.push(el("p", { class: "note" }, "edge labels: bytes the lower node read from that " +
+    "source, as its last heartbeat reported (a path's counter restarts when it reconnects); " +
+    "+N under a node: read from a source that is not its parent now (hover for which)"));
   images.replaceChildren(...blocks);
 
   const nodeRows = data.nodes.map((n) => {
