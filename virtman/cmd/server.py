@@ -97,7 +97,7 @@ def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
     driver = virtman.driver
     host: EsxHost
     if group.esx_host == "vsphere":
-        host = VSphereHost(machines)
+        host = VSphereHost(machines, driver.chap)
         LOG.info("virtmanserver: guests are VMs of vCenter %s", machines.settings.endpoint)
     else:
         host = RecordedHost(settings.state_dir / "vcenter-esx-host.json")

@@ -5,8 +5,9 @@ Over the oslo.vmware session of ``VCenterMachines``, on the host the VM runs on
 
 - the software iSCSI adapter: the ``HostInternetScsiHba`` with ``isSoftwareBased`` in
   ``storageDeviceInfo.hostBusAdapter`` (none: ``NoSoftwareIscsi`` naming the host);
-- ``AddInternetScsiSendTargets`` with the node's portal (only if not configured yet), then
-  ``RescanHba`` of that adapter;
+- ``AddInternetScsiSendTargets`` with the node's portal (only if not configured yet; with the
+  node's CHAP account, ``chapRequired``, when its targets ask for one), then ``RescanHba`` of
+  that adapter;
 - the LUN: in ``storageDeviceInfo.scsiTopology`` the adapter's target whose
   ``HostInternetScsiTargetTransport.iScsiName`` is the export's IQN, its ``lun`` of that
   number, whose ``scsiLun`` key names the ``ScsiLun`` whose ``deviceName``
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from brick.tgt import Chap
 from virtman.errors import HypervisorError, InstanceNotFound
 from virtman.guest.vcenter import VCenterError, VCenterMachines
 
@@ -61,10 +63,13 @@ def _kind(value: Any) -> str:
 
 
 class EsxStorage:
-    """``HostStorage`` of one ESXi host: its ``HostStorageSystem``, read live at each call."""
+    """``HostStorage`` of one ESXi host: its ``HostStorageSystem``, read live at each call;
+    ``chap``: the account the node's targets ask for (None: none)."""
 
-    def __init__(self, vc: VCenterMachines, host_ref: Any, host_name: str) -> None:
-        self.vc, self.host_name = vc, host_name
+    def __init__(
+        self, vc: VCenterMachines, host_ref: Any, host_name: str, chap: Chap | None = None
+    ) -> None:
+        self.vc, self.host_name, self.chap = vc, host_name, chap
         self.system = vc.prop(host_ref, "configManager.storageSystem")
 
     def _device_info(self) -> Any:
@@ -83,6 +88,12 @@ class EsxStorage:
                 return
         target = self.vc.factory.create("ns0:HostInternetScsiHbaSendTarget")
         target.address, target.port = host, port
+        if self.chap is not None:
+            auth = self.vc.factory.create("ns0:HostInternetScsiHbaAuthenticationProperties")
+            auth.chapAuthEnabled, auth.chapInherited = True, False
+            auth.chapAuthenticationType = "chapRequired"
+            auth.chapName, auth.chapSecret = self.chap.user, self.chap.password
+            target.authenticationProperties = auth
         self.vc.call("AddInternetScsiSendTargets", self.system,
                      iScsiHbaDevice=hba.device, targets=[target])  # fmt: skip
         LOG.info("ESXi host %s: send target %s:%d on %s", self.host_name, host, port, hba.device)
@@ -112,11 +123,12 @@ class EsxStorage:
 
 
 class VSphereHost:
-    """``EsxHost`` made on vSphere through ``vc``'s session. Its callers hold the vCenter
-    lock (``VCenterGuests._vc``): one call at a time on the session."""
+    """``EsxHost`` made on vSphere through ``vc``'s session; ``chap`` as for ``EsxStorage``.
+    Its callers hold the vCenter lock (``VCenterGuests._vc``): one call at a time on the
+    session."""
 
-    def __init__(self, vc: VCenterMachines) -> None:
-        self.vc = vc
+    def __init__(self, vc: VCenterMachines, chap: Chap | None = None) -> None:
+        self.vc, self.chap = vc, chap
 
     def _vm(self, vm_name: str) -> Any:
         vm = self.vc.vm_named(vm_name)
@@ -126,7 +138,7 @@ class VSphereHost:
 
     def storage_for(self, vm_name: str) -> EsxStorage:
         host = self.vc.prop(self._vm(vm_name), "runtime.host")
-        return EsxStorage(self.vc, host, str(self.vc.prop(host, "name")))
+        return EsxStorage(self.vc, host, str(self.vc.prop(host, "name")), self.chap)
 
     def _reconfigure(self, vm_name: str, vm: Any, changes: list[Any]) -> None:
         spec = self.vc.factory.create("ns0:VirtualMachineConfigSpec")

@@ -15,6 +15,7 @@ import pytest
 from oslo_vmware import exceptions as vexc
 from oslo_vmware import vim_util
 
+from brick.tgt import Chap
 from virtman.errors import InstanceNotFound
 from virtman.guest.vcenter import (
     TAG_KEY,
@@ -246,6 +247,19 @@ def test_the_lun_is_found_on_the_vms_host_and_mapped_as_its_rdm() -> None:
         "fileName": "[ds1] vmt-g1/vmt-g1-rdm.vmdk",
     }  # fmt: skip
     assert fake.rdms() == [device]
+
+
+def test_a_node_with_chap_gives_the_send_target_its_account() -> None:
+    luns = {PORTAL: {(IQN, 1): "naa.600c"}}
+    fake = FakeVSphere(luns)
+    host = VSphereHost(machines(fake), Chap("vmt-node", "secret-of-12+"))
+    attach(host.storage_for("vmt-g1"), EXPORT)
+    (target,) = fake.calls[0][2]["targets"]
+    assert target["authenticationProperties"] == {
+        "type": "HostInternetScsiHbaAuthenticationProperties", "chapAuthEnabled": True,
+        "chapInherited": False, "chapAuthenticationType": "chapRequired",
+        "chapName": "vmt-node", "chapSecret": "secret-of-12+",
+    }  # fmt: skip
 
 
 def test_a_configured_portal_is_not_added_again_and_a_seen_lun_needs_no_call() -> None:
