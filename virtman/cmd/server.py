@@ -90,6 +90,12 @@ def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
             "virtmanserver: guest_backend = vcenter needs [vcenter] esx_host: vsphere or "
             "recorded (docs/vcenter.rst)"
         )
+    if group.esx_host == "vsphere" and CONF.driver != "dm":
+        raise SystemExit(
+            f"virtmanserver: [vcenter] esx_host = vsphere needs driver = dm: the {CONF.driver} "
+            "driver's guest disk is a qcow2 file, which an ESXi host cannot map as a raw disk "
+            "(docs/vcenter.rst)"
+        )
     try:
         machines = VCenterMachines(VCenterSettings.from_conf(group), state_dir=settings.state_dir)
     except (VirtmanError, ValueError) as exc:

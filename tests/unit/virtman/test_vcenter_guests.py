@@ -347,6 +347,7 @@ def vcenter_conf() -> Iterator[Any]:
     from virtman.conf import CONF
 
     yield CONF
+    CONF.clear_override("driver")
     CONF.clear_override("esx_host", group="vcenter")
     for name in ("host", "port", "scheme", "username", "password", "generate_wsdl"):
         CONF.clear_override(name, group="vcenter")
@@ -368,6 +369,10 @@ def test_the_node_refuses_a_vcenter_backend_it_cannot_use(
                      "username": "vmt", "password": "secret", "generate_wsdl": True}  # fmt: skip
         for name, value in overrides.items():
             vcenter_conf.set_override(name, value, group="vcenter")
+        vcenter_conf.set_override("esx_host", "vsphere", group="vcenter")
+        with pytest.raises(SystemExit, match="esx_host = vsphere needs driver = dm: the qemu"):
+            build_vcenter_guests(None, settings)  # type: ignore[arg-type]
+        vcenter_conf.set_override("driver", "dm")
         for esx_host in ("recorded", "vsphere"):  # both accepted: vCenter is tried next
             vcenter_conf.set_override("esx_host", esx_host, group="vcenter")
             with pytest.raises(SystemExit, match=rf"\[vcenter\]: vCenter at "
