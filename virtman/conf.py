@@ -504,11 +504,13 @@ vcenter_opts = [
     cfg.FloatOpt("task_poll_interval", default=0.2, min=0.01, help="Seconds between task polls."),
     cfg.StrOpt(
         "esx_host",
-        choices=["recorded"],
+        choices=["vsphere", "recorded"],
         help="How the ESXi host's side of a guest's disk is done (its software iSCSI adapter "
-        "pointed at this node, a rescan, the RDM's ReconfigVM_Task). recorded: written to "
-        "<state_dir>/vcenter-esx-host.json, not done (govmomi's simulator can do none of it). "
-        "No other way is written yet; unset: guest_backend = vcenter refuses to start.",
+        "pointed at this node, a rescan, the RDM's ReconfigVM_Task). vsphere: made through "
+        "vCenter on the host each VM runs on (HostStorageSystem; tested against a fake only, "
+        "docs/vcenter.rst); needs driver = dm (the qemu driver's disks are qcow2). "
+        "recorded: written to <state_dir>/vcenter-esx-host.json, not done (govmomi's "
+        "simulator can do none of it). Unset: guest_backend = vcenter refuses to start.",
     ),
     cfg.FloatOpt(
         "cpu_allocation_ratio",

@@ -26,8 +26,9 @@ from virtman.guest.disk_export import DiskExports
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
 from virtman.guest.vcenter import VCenterMachines, VCenterSettings
+from virtman.guest.vcenter_esx import VSphereHost
 from virtman.guest.vcenter_guests import VCenterGuests
-from virtman.guest.vcenter_rdm import RecordedHost
+from virtman.guest.vcenter_rdm import EsxHost, RecordedHost
 from virtman.imageservice import ImageService
 from virtman.server import Limits, build_server
 from virtman.zvm import service as zvm_service
@@ -84,17 +85,34 @@ def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
     """``guest_backend = vcenter``: the guests as VMs of ``[vcenter]``; SystemExit naming
     what is wrong when vCenter cannot be used."""
     group = CONF.vcenter
-    if group.esx_host != "recorded":
+    if group.esx_host not in ("vsphere", "recorded"):
         raise SystemExit(
-            "virtmanserver: guest_backend = vcenter needs [vcenter] esx_host (only "
-            "'recorded' exists: docs/vcenter.rst)"
+            "virtmanserver: guest_backend = vcenter needs [vcenter] esx_host: vsphere or "
+            "recorded (docs/vcenter.rst)"
+        )
+    if group.esx_host == "vsphere" and CONF.driver != "dm":
+        raise SystemExit(
+            f"virtmanserver: [vcenter] esx_host = vsphere needs driver = dm: the {CONF.driver} "
+            "driver's guest disk is a qcow2 file, which an ESXi host cannot map as a raw disk "
+            "(docs/vcenter.rst)"
         )
     try:
         machines = VCenterMachines(VCenterSettings.from_conf(group), state_dir=settings.state_dir)
     except (VirtmanError, ValueError) as exc:
         raise SystemExit(f"virtmanserver: [vcenter]: {exc}") from None
     driver = virtman.driver
-    host = RecordedHost(settings.state_dir / "vcenter-esx-host.json")
+    host: EsxHost
+    if group.esx_host == "vsphere":
+        host = VSphereHost(machines, driver.chap)
+        LOG.info("virtmanserver: guests are VMs of vCenter %s", machines.settings.endpoint)
+    else:
+        host = RecordedHost(settings.state_dir / "vcenter-esx-host.json")
+        LOG.warning(
+            "virtmanserver: guests are VMs of vCenter %s; the ESXi host's iSCSI and RDM "
+            "steps are recorded in %s, not done ([vcenter] esx_host = recorded)",
+            machines.settings.endpoint,
+            host.path,
+        )
     guests = VCenterGuests(
         virtman,
         machines,
@@ -105,12 +123,6 @@ def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
         name_prefix=CONF.guest_name_prefix,
         cpu_allocation_ratio=group.cpu_allocation_ratio,
     )  # fmt: skip
-    LOG.warning(
-        "virtmanserver: guests are VMs of vCenter %s; the ESXi host's iSCSI and RDM steps "
-        "are recorded in %s, not done ([vcenter] esx_host = recorded)",
-        machines.settings.endpoint,
-        host.path,
-    )
     try:
         guests.adopt()
     except VirtmanError as exc:

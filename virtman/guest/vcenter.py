@@ -233,6 +233,23 @@ class VCenterMachines(Closing):
                 raise VCenterObjectGone(f"vCenter {what}: the object vanished: {err}") from err
             raise VCenterError(f"vCenter {what} failed: {err}") from err
 
+    def call(self, method: str, moref: Any, **kwargs: Any) -> Any:
+        """One vSphere method on ``moref`` over this session (errors as ``_call``)."""
+        return self._call(method, self._session.vim, method, moref, **kwargs)
+
+    def prop(self, moref: Any, name: str) -> Any:
+        """One property of ``moref``, read live."""
+        return self._prop(moref, name)
+
+    def task(self, method: str, target: str, moref: Any, **kwargs: Any) -> Any:
+        """A ``*_Task`` method, waited for; ``VCenterTaskFailed`` names it and ``target``."""
+        return self._task(method, target, moref, **kwargs)
+
+    @property
+    def factory(self) -> Any:
+        """The suds factory of this session's data objects (``ns0:<type>``)."""
+        return self._session.vim.client.factory
+
     def _prop(self, moref: Any, name: str) -> Any:
         return self._call(f"reading {name}", vim_util, "get_object_property",
                           self._session.vim, moref, name)  # fmt: skip
@@ -492,6 +509,14 @@ class VCenterMachines(Closing):
             self._task("PowerOffVM_Task", info.domain, vm)
         self._task("Destroy_Task", info.domain, vm)
         LOG.info("destroyed %s in vCenter", info.domain)
+
+    def vm_named(self, domain: str) -> Any | None:
+        """The moref of our VM called ``domain`` (see ``list``); None if there is none."""
+        for vm in self._all_vms(self._inv().vm_folder):
+            info = self._describe(vm)
+            if info is not None and info.domain == domain:
+                return vm
+        return None
 
     def _require(self, instance_name: str) -> tuple[Any, VCenterVMInfo]:
         found = self._owned(validate_instance(instance_name))

@@ -127,7 +127,7 @@ class VCenterGuests(GuestRecords):
                 instance, vcpus=record["vcpus"], memory_mb=record["memory_mb"], power_on=False
             )
             try:
-                device = attach(self.host, export)
+                device = attach(self.host.storage_for(info.domain), export)
                 self.host.map_rdm(info.domain, vms.rdm_change(instance, device))
             except BaseException:
                 with contextlib.suppress(VCenterError):
@@ -140,7 +140,7 @@ class VCenterGuests(GuestRecords):
         try:
             with self._vc() as vms:
                 vms.destroy(instance)
-            self.host.unmap_rdm(vms.domain_name(instance))
+                self.host.unmap_rdm(vms.domain_name(instance))
         except VirtmanError as err:
             LOG.error("guest %s: its VM is not undone (listed in orphans): %s", uid, err)
         try:

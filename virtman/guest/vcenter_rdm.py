@@ -1,11 +1,12 @@
 """The VMThunder disk of a vCenter VM: the node's iSCSI export as a raw device mapping.
 
 An ESXi host reaches the node's export (portal, IQN, LUN) through its software iSCSI adapter:
-``HostStorageSystem.AddInternetScsiSendTargets`` (the portal), ``RescanAllHba`` (the LUN shows
+``HostStorageSystem.AddInternetScsiSendTargets`` (the portal), ``RescanHba`` (the LUN shows
 up as a ScsiLun with a device name), then the VM's disk is a
 ``VirtualDiskRawDiskMappingVer1BackingInfo`` on that device. govmomi's simulator has no iSCSI
-adapter to rescan, so those host calls sit behind ``HostStorage`` (tested against an in-process
-fake); ``rdm_disk_change`` builds the device spec the VM keeps.
+adapter to rescan, so those host calls sit behind ``HostStorage`` and ``EsxHost``: recorded
+(``RecordedHost``) or made on vSphere (``virtman.guest.vcenter_esx``, tested against an
+in-process fake of the vim calls); ``rdm_disk_change`` builds the device spec the VM keeps.
 """
 
 from __future__ import annotations
@@ -108,14 +109,20 @@ def rdm_disk_change(
     return change
 
 
-class EsxHost(HostStorage, Protocol):
-    """The ESXi host's side of a VMThunder disk: its iSCSI adapter (``HostStorage``) and the
-    ``ReconfigVM_Task`` that maps the LUN into a VM (a ``deviceChange`` from
-    ``VCenterMachines.rdm_change``), undone by ``unmap_rdm``."""
+class EsxHost(Protocol):
+    """The ESXi host's side of a VMThunder disk: the iSCSI adapter (``HostStorage``) of the
+    host a VM runs on, and the ``ReconfigVM_Task`` that maps the LUN into that VM (a
+    ``deviceChange`` from ``VCenterMachines.rdm_change``), undone by ``unmap_rdm``."""
+
+    def storage_for(self, vm_name: str) -> HostStorage:
+        """The storage of the host ``vm_name`` runs on (``vm.runtime.host``)."""
+        ...
 
     def map_rdm(self, vm_name: str, change: Any) -> None: ...
 
-    def unmap_rdm(self, vm_name: str) -> None: ...
+    def unmap_rdm(self, vm_name: str) -> None:
+        """No RDM disk left in ``vm_name``; a VM without one, or no VM, is success."""
+        ...
 
 
 class RecordedHost:
@@ -143,6 +150,10 @@ class RecordedHost:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._state, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
+
+    def storage_for(self, vm_name: str) -> RecordedHost:
+        """One recorded host holds every VM."""
+        return self
 
     def add_send_target(self, host: str, port: int) -> None:
         with self._lock:

@@ -36,6 +36,13 @@ METHODS: dict[str, tuple[list[tuple[str, str, bool, bool]], tuple[str, bool] | N
     "Destroy_Task": ([], (MOR, False)),
     "ResetVM_Task": ([], (MOR, False)),
     "SuspendVM_Task": ([], (MOR, False)),
+    "ReconfigVM_Task": ([("spec", "vim25:VirtualMachineConfigSpec", False, False)], (MOR, False)),
+    "AddInternetScsiSendTargets": (
+        [("iScsiHbaDevice", "xsd:string", False, False),
+         ("targets", "vim25:HostInternetScsiHbaSendTarget", False, True)],
+        None,
+    ),
+    "RescanHba": ([("hbaDevice", "xsd:string", False, False)], None),
     "FindByUuid": (
         [("datacenter", MOR, True, False), ("uuid", "xsd:string", False, False),
          ("vmSearch", "xsd:boolean", False, False), ("instanceUuid", "xsd:boolean", True, False)],

@@ -225,6 +225,20 @@ def test_a_lun_the_host_does_not_see_fails_the_deploy_and_destroys_the_vm(rig: R
     assert rig.machines.vms == {} and rig.tgt.targets == {} and rig.virtman.list() == []
 
 
+def test_the_disk_is_attached_on_the_storage_of_the_new_vms_host(rig: Rig) -> None:
+    asked: list[tuple[str, list[str]]] = []
+
+    class PerVm(RecordedHost):
+        def storage_for(self, vm_name: str) -> RecordedHost:
+            asked.append((vm_name, sorted(rig.machines.vms)))
+            return super().storage_for(vm_name)
+
+    guests = rig.guests(PerVm(rig.host_file))
+    guests.create("g1", vcpus=1, memory_mb=64)
+    guests.deploy("g1", "tiny")
+    assert asked == [("vmt-guest-G1", ["guest-G1"])]  # asked once its VM exists (placed)
+
+
 def test_delete_removes_everything_and_an_unreachable_vcenter_keeps_the_record(rig: Rig) -> None:
     guests = rig.guests()
     guests.create("g1", vcpus=1, memory_mb=64)
@@ -333,6 +347,7 @@ def vcenter_conf() -> Iterator[Any]:
     from virtman.conf import CONF
 
     yield CONF
+    CONF.clear_override("driver")
     CONF.clear_override("esx_host", group="vcenter")
     for name in ("host", "port", "scheme", "username", "password", "generate_wsdl"):
         CONF.clear_override(name, group="vcenter")
@@ -350,10 +365,16 @@ def test_the_node_refuses_a_vcenter_backend_it_cannot_use(
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-        overrides = {"esx_host": "recorded", "host": "127.0.0.1", "port": port, "scheme": "http",
+        overrides = {"host": "127.0.0.1", "port": port, "scheme": "http",
                      "username": "vmt", "password": "secret", "generate_wsdl": True}  # fmt: skip
         for name, value in overrides.items():
             vcenter_conf.set_override(name, value, group="vcenter")
-        with pytest.raises(SystemExit, match=rf"\[vcenter\]: vCenter at http://127.0.0.1:{port} "
-                           "unreachable"):  # fmt: skip
+        vcenter_conf.set_override("esx_host", "vsphere", group="vcenter")
+        with pytest.raises(SystemExit, match="esx_host = vsphere needs driver = dm: the qemu"):
             build_vcenter_guests(None, settings)  # type: ignore[arg-type]
+        vcenter_conf.set_override("driver", "dm")
+        for esx_host in ("recorded", "vsphere"):  # both accepted: vCenter is tried next
+            vcenter_conf.set_override("esx_host", esx_host, group="vcenter")
+            with pytest.raises(SystemExit, match=rf"\[vcenter\]: vCenter at "
+                               rf"http://127.0.0.1:{port} unreachable"):  # fmt: skip
+                build_vcenter_guests(None, settings)  # type: ignore[arg-type]
