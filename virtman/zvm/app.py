@@ -20,27 +20,29 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from virtman.capture import CaptureExists, CaptureFailed
-from virtman.errors import (
-    GuestExists,
-    GuestNotFound,
-    GuestStateError,
-    HypervisorError,
-    HypervisorUnreachable,
-    InvalidInput,
-    VirtmanError,
-)
+from virtman.errors import GuestNotFound, InvalidInput
 from virtman.zvm import validate as v
 from virtman.zvm.auth import TokenAuth
 from virtman.zvm.backend import GuestBackend
-from virtman.zvm.images import Catalogue, ImageExists, ImageFailed, ImageInUse, ImageNotFound
+from virtman.zvm.envelope import (
+    MOD_FILE,
+    MOD_GUEST,
+    MOD_IMAGE,
+    MOD_NETWORK,
+    MOD_VOLUME,
+    ApiError,
+    envelope,
+    error_of,
+    failure,
+    not_supported,
+    request_error,
+)
+from virtman.zvm.images import Catalogue
 from virtman.zvm.peer import PeerUids
 from virtman.zvm.store import Store
 
 LOG = logging.getLogger(__name__)
 
-# Module ids of the connector's envelope (zvmsdk/returncode.py ModRCs).
-MOD_GUEST, MOD_NETWORK, MOD_VOLUME, MOD_IMAGE, MOD_FILE, MOD_WSGI = 10, 20, 30, 40, 60, 120
 NIC_BASE, NIC_STEP = 0x1000, 3  # the connector's default NIC vdevs: 1000, 1003, ...
 REASONS = {
     200: "OK",
@@ -66,63 +68,6 @@ GUEST_ACTIONS_NOT_HERE = {
     "resize_mem",
     "grow_root_volume",
 }
-
-
-class ApiError(Exception):
-    """An answer other than success: HTTP status and the connector's codes."""
-
-    def __init__(
-        self, status: int, overall: int, rc: int, rs: int, mod: int | None, errmsg: str
-    ) -> None:
-        super().__init__(errmsg)
-        self.status, self.overall, self.rc, self.rs, self.mod = status, overall, rc, rs, mod
-        self.errmsg = errmsg
-        self.headers: list[tuple[str, str]] = []
-
-
-def request_error(status: int, errmsg: str) -> ApiError:
-    """The connector's REST-layer error: HTTP ``status``, overallRC/rc 400, rs = status."""
-    return ApiError(status, 400, 400, status, MOD_WSGI, errmsg)
-
-
-def not_supported(what: str, mod: int) -> ApiError:
-    return ApiError(
-        501,
-        501,
-        501,
-        1,
-        mod,
-        f"The requested function: {what} has not been implemented in current release "
-        "(no z/VM here: a Linux/KVM node of VMThunder)",
-    )
-
-
-# The connector's answer to each of our errors, the first match winning (subclasses first):
-# (error, HTTP status, overallRC, rc, rs, module, errmsg with the error as ``exc``).
-_ERRORS: tuple[tuple[type[Exception], int, int, int, int, int, str], ...] = (
-    (GuestNotFound, 404, 404, 404, 1, MOD_GUEST, "Guest '{exc.name}' does not exist."),
-    (GuestExists, 409, 409, 409, 1, MOD_GUEST, "Guest '{exc.name}' already exists."),
-    (GuestStateError, 409, 409, 409, 1, MOD_GUEST, "{exc}"),
-    (ImageNotFound, 404, 404, 404, 1, MOD_IMAGE, "{exc}"),
-    (ImageExists, 409, 300, 300, 13, MOD_IMAGE, "{exc}"),
-    (ImageInUse, 409, 409, 409, 1, MOD_IMAGE, "{exc}"),
-    (CaptureExists, 409, 300, 300, 13, MOD_IMAGE, "{exc}"),
-    (CaptureFailed, 500, 300, 300, 22, MOD_IMAGE, "{exc}"),
-    (ImageFailed, 500, 300, 300, 22, MOD_IMAGE, "{exc}"),
-    # the connector's "service unavailable"
-    (HypervisorUnreachable, 503, 503, 503, 2, MOD_GUEST, "Guest manager unavailable: {exc}"),
-    (HypervisorError, 500, 500, 500, 2, MOD_GUEST, "libvirt failed: {exc}"),
-    (VirtmanError, 500, 500, 500, 3, MOD_GUEST, "Guest manager failed: {exc}"),
-)
-
-
-def _error_of(exc: Exception) -> ApiError | None:
-    if isinstance(exc, InvalidInput):
-        return request_error(400, f"Validation error: {exc}")
-    for kind, status, overall, rc, rs, mod, errmsg in _ERRORS:
-        if isinstance(exc, kind):
-            return ApiError(status, overall, rc, rs, mod, errmsg.format(exc=exc))
-    return None
 
 
 @dataclass
@@ -195,27 +140,14 @@ class ZvmApi:
             body = envelope(output)
         except ApiError as err:
             status, headers = err.status, err.headers
-            body = {
-                "overallRC": err.overall,
-                "rc": err.rc,
-                "rs": err.rs,
-                "modID": err.mod,
-                "output": "",
-                "errmsg": err.errmsg,
-            }
+            body = failure(err)
             log = LOG.warning if err.status < 500 else LOG.error
             log("z/VM API: %s %s -> %d: %s", method, path[:120], err.status, err.errmsg)
         except Exception as exc:  # a bug of ours: answered in the envelope, logged whole
             LOG.exception("z/VM API: %s %s failed", method, path[:120])
             status, headers = 500, []
-            body = {
-                "overallRC": 500,
-                "rc": 500,
-                "rs": 1,
-                "modID": None,
-                "output": "",
-                "errmsg": f"Unexpected internal error: {type(exc).__name__}: {exc}",
-            }
+            why = f"Unexpected internal error: {type(exc).__name__}: {exc}"
+            body = failure(ApiError(500, 500, 500, 1, None, why))
         data = json.dumps(body).encode()
         start_response(
             f"{status} {REASONS.get(status, 'Error')}",
@@ -249,7 +181,7 @@ class ZvmApi:
         except ApiError:
             raise
         except Exception as exc:
-            mapped = _error_of(exc)
+            mapped = error_of(exc)
             if mapped is None:
                 raise
             raise mapped from None
@@ -317,10 +249,6 @@ class ZvmApi:
             "disk_used": (usage.total - usage.free) // gib,
             "disk_available": usage.free // gib,
         }
-
-
-def envelope(output: Any) -> dict[str, Any]:
-    return {"overallRC": 0, "rc": 0, "rs": 0, "modID": None, "output": output, "errmsg": ""}
 
 
 def _not_allowed(methods: list[str]) -> ApiError:
