@@ -25,9 +25,10 @@ from brick.wait import wait_until
 from tests.unit.fakes.guests import FakeGuests
 from virtman.guest.domains import VirtualMachines, VMError
 from virtman.imageservice import ImageService
-from virtman.zvm.app import ZvmApi, match
+from virtman.zvm.app import ZvmApi
 from virtman.zvm.auth import TokenAuth
 from virtman.zvm.images import Catalogue
+from virtman.zvm.routes import match
 from virtman.zvm.server import ZvmServer
 from virtman.zvm.store import Store
 

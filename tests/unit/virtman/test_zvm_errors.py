@@ -1,4 +1,4 @@
-"""The connector's envelope for each of our errors (virtman.zvm.app._error_of): the first
+"""The connector's envelope for each of our errors (virtman.zvm.envelope.error_of): the first
 match wins, so a subclass keeps its own answer."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from virtman.errors import (
     InvalidInput,
     VirtmanError,
 )
-from virtman.zvm.app import MOD_GUEST, MOD_IMAGE, _error_of
+from virtman.zvm.envelope import MOD_GUEST, MOD_IMAGE, error_of
 from virtman.zvm.images import ImageExists, ImageFailed, ImageInUse, ImageNotFound
 
 pytestmark = pytest.mark.unit
@@ -46,14 +46,14 @@ pytestmark = pytest.mark.unit
 def test_each_error_has_its_answer(
     exc: Exception, codes: tuple[int, ...], errmsg: str | None
 ) -> None:
-    answer = _error_of(exc)
+    answer = error_of(exc)
     assert answer is not None
     assert (answer.status, answer.overall, answer.rc, answer.rs, answer.mod) == codes
     assert answer.errmsg == (str(exc) if errmsg is None else errmsg)
 
 
 def test_invalid_input_is_a_validation_error_and_others_are_not_ours() -> None:
-    answer = _error_of(InvalidInput("userid", "x y", "must be a name"))
+    answer = error_of(InvalidInput("userid", "x y", "must be a name"))
     assert answer is not None and answer.status == 400
     assert answer.errmsg.startswith("Validation error: ")
-    assert _error_of(KeyError("x")) is None
+    assert error_of(KeyError("x")) is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from virtman.zvm.app import is_this_host
+from virtman.zvm.host_handlers import is_this_host
 
 pytestmark = pytest.mark.unit
 
