@@ -21,12 +21,12 @@ def test_a_listening_port_is_not_free_and_a_closed_one_is() -> None:
     assert not net.port_free(port)
     with pytest.raises(Timeout, match=f"port {port} on 127.0.0.1 to be free"):
         net.wait_port_free(port, timeout_s=0.1)
-    closed = threading.Event()
+    closing = threading.Event()
 
     def close_soon() -> None:
+        closing.set()  # before close: the wait may see the port free before a set after it
         listener.close()
-        closed.set()
 
     threading.Timer(0.05, close_soon).start()
     net.wait_port_free(port, timeout_s=5)
-    assert closed.is_set() and net.port_free(port)
+    assert closing.is_set() and net.port_free(port)
