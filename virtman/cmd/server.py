@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import brick.privileged
 import brick.privileged.process
@@ -25,13 +25,13 @@ from virtman.guest import sources
 from virtman.guest.disk_export import DiskExports
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
-from virtman.guest.vcenter import VCenterMachines, VCenterSettings
-from virtman.guest.vcenter_esx import VSphereHost
-from virtman.guest.vcenter_guests import VCenterGuests
 from virtman.guest.vcenter_rdm import EsxHost, RecordedHost
 from virtman.imageservice import ImageService
 from virtman.server import Limits, build_server
 from virtman.zvm import service as zvm_service
+
+if TYPE_CHECKING:  # oslo.vmware is the optional extra vmthunder[vcenter]: imported when used
+    from virtman.guest.vcenter_guests import VCenterGuests
 
 LOG = logging.getLogger(__name__)
 CONF = virtman_conf.CONF
@@ -96,6 +96,15 @@ def build_vcenter_guests(virtman: Virtman, settings: Settings) -> VCenterGuests:
             "driver's guest disk is a qcow2 file, which an ESXi host cannot map as a raw disk "
             "(docs/vcenter.rst)"
         )
+    try:  # here, not at the top: only this backend needs oslo.vmware
+        from virtman.guest.vcenter import VCenterMachines, VCenterSettings
+        from virtman.guest.vcenter_esx import VSphereHost
+        from virtman.guest.vcenter_guests import VCenterGuests
+    except ImportError as exc:
+        raise SystemExit(
+            f"virtmanserver: guest_backend = vcenter needs oslo.vmware ({exc}); install "
+            "the extra: pip install 'vmthunder[vcenter]'"
+        ) from None
     try:
         machines = VCenterMachines(VCenterSettings.from_conf(group), state_dir=settings.state_dir)
     except (VirtmanError, ValueError) as exc:
@@ -285,8 +294,9 @@ def main(argv: list[str] | None = None) -> None:
         if zvm_server is not None:
             zvm_server.stop()
         server.server_close()
-        if isinstance(guests, VCenterGuests):
-            guests.close()
+        close = getattr(guests, "close", None)  # the vCenter session; libvirt's has none
+        if close is not None:
+            close()
         virtman.shutdown()
         if pid_file:
             pid_file.unlink(missing_ok=True)
