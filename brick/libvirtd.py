@@ -12,6 +12,9 @@ idempotent and never starts a second copy:
 
 ``stop`` ends only the processes this object started or adopted, by PID, after checking the
 PID's command line (a reused PID is left alone): SIGTERM, then SIGKILL after the timeout.
+With ``shared=True`` (processes that use one ``run_dir`` at the same time, e.g. test sessions)
+each process counts itself a user in ``run_dir/users`` (``brick.sharing``) and ``stop`` ends
+the daemons only if no other live user is left: the last one out stops them.
 Running QEMU processes outlive libvirtd (that is libvirt's design): destroy the domains first.
 
 Facts of libvirt 9.0 (Debian 12) that shape this module:
@@ -54,6 +57,7 @@ import libvirt
 from brick.closing import Closing
 from brick.daemon import Supervisor
 from brick.exception import InvalidArgument
+from brick.sharing import SharedUse
 from brick.wait import wait_until
 
 LOG = logging.getLogger(__name__)
@@ -144,6 +148,7 @@ class LibvirtDaemons(Closing):
         uri: str = SYSTEM_URI,
         start_timeout_s: float = 60.0,
         fix_kvm_device: bool = False,
+        shared: bool = False,
     ) -> None:
         text = os.fspath(run_dir)
         if not isinstance(text, str) or not os.path.isabs(text):
@@ -157,6 +162,7 @@ class LibvirtDaemons(Closing):
             daemon: Supervisor(daemon, self.pidfile(daemon), self._matcher(daemon))
             for daemon in DAEMONS
         }
+        self._use = SharedUse(self.run_dir / "users") if shared else None
 
     def __repr__(self) -> str:
         return f"LibvirtDaemons({str(self.run_dir)!r}, owned={self._owned})"
@@ -230,29 +236,44 @@ class LibvirtDaemons(Closing):
     def start(self) -> None:
         """Make ``uri`` answer: adopt, use or start each daemon, then wait (``start_timeout_s``)
         until libvirtd answers. With ``fix_kvm_device``, fix /dev/kvm's group first. On failure
-        the daemons started here are stopped again. Raises ``CommandFailed`` if a daemon does
-        not start, ``Timeout`` if it never answers."""
+        the daemons started here are stopped again (shared: unless another user is left).
+        Raises ``CommandFailed`` if a daemon does not start, ``Timeout`` if it never answers."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.fix_kvm_device:
             fix_kvm_device()
         elif (problem := kvm_device_problem()) is not None:
             LOG.warning("%s: libvirt will re-probe QEMU on every call (slow)", problem)
-        try:
-            for daemon in DAEMONS:
-                self._ensure(daemon)
-            wait_until(
-                lambda: libvirt_answers(self.uri),
-                timeout_s=self.start_timeout_s,
-                what=f"libvirtd to answer on {self.uri}",
-                interval_s=0.05,
-            )
-        except BaseException:
-            self.stop()
-            raise
+        with self._exclusive():
+            if self._use is not None:
+                self._use.join()
+            try:
+                for daemon in DAEMONS:
+                    self._ensure(daemon)
+                wait_until(
+                    lambda: libvirt_answers(self.uri),
+                    timeout_s=self.start_timeout_s,
+                    what=f"libvirtd to answer on {self.uri}",
+                    interval_s=0.05,
+                )
+            except BaseException:
+                self._stop()
+                raise
 
     def stop(self, *, timeout_s: float = 15.0) -> None:
-        """End the daemons we own, libvirtd first, by PID; idempotent. ``Timeout`` only if a
+        """End the daemons we own, libvirtd first, by PID (shared: only if no other live
+        user is left; else they are no longer ours); idempotent. ``Timeout`` only if a
         process outlives SIGKILL."""
+        with self._exclusive():
+            self._stop(timeout_s)
+
+    def _exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return self._use.locked() if self._use is not None else contextlib.nullcontext()
+
+    def _stop(self, timeout_s: float = 15.0) -> None:
+        if self._use is not None and not self._use.leave():
+            LOG.info("libvirt daemons %s left running for pids %s", self._owned, self._use.others())
+            self._owned.clear()
+            return
         for daemon in reversed(DAEMONS):
             pid = self._owned.pop(daemon, None)
             if pid is None or not self._is_ours(daemon, pid):

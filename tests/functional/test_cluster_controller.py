@@ -162,7 +162,7 @@ def test_cluster_burst_of_4_on_2_nodes_runs_spread_2_2_then_destroys(
             and v,
             timeout_s=60, what="the destroy", max_interval_s=0.2,
         )  # fmt: skip
-        assert view["status"] == "DELETED", view
+        assert view["status"] == "DELETED", not_deleted(view)
         for name, node in nodes.items():
             client = node.client()
             assert client.call("guest_list") == []
@@ -185,6 +185,14 @@ def test_cluster_burst_of_4_on_2_nodes_runs_spread_2_2_then_destroys(
             if node.proc is not None:
                 delete_guests(node)
                 node.stop()
+
+
+def not_deleted(view: dict) -> str:
+    """Each VM the destroy left, with its node and whole error: a string, since pytest cuts
+    a non-string assertion message to 240 characters."""
+    lines = [f"{vm['name']} ({vm['userid']}) on {vm['node']}: {vm['status']}: {vm['error']}"
+             for vm in view["vms"] if vm["status"] != "DELETED"]  # fmt: skip
+    return f"task {view['task']} is {view['status']}:\n" + "\n".join(lines)
 
 
 def delete_guests(node: VirtmanProcess) -> None:

@@ -3,8 +3,10 @@
 Import the fixtures into a test module (``from tests.functional.vmfixtures import ...``):
 
 - ``libvirt_daemons`` (session): virtlogd + libvirtd on ``qemu:///system``, started (or adopted
-  from a killed run: the run folder is fixed) and stopped by PID at the end; a daemon that
-  already answered and is not ours is used and left running. It makes ``/dev/kvm``
+  from a killed run or shared with another session: the run folder is fixed) and stopped by
+  PID at the end of the last session using it (``shared``: one running at the same time, e.g.
+  another checkout's or CI's, keeps it); a daemon that already answered and is not ours is
+  used and left running. It makes ``/dev/kvm``
   ``root:kvm 0660`` if it is not usable by libvirt's QEMU user: otherwise libvirt re-probes
   QEMU on every call and a boot takes ~50 s instead of ~1 s (brick/libvirtd.py).
 - ``guest_image`` (session): ``vmt-demo/guestimage.py``'s guest, cached in ``.work/guest-cache``
@@ -75,14 +77,14 @@ def make_overlay(backing: Path, overlay: Path, backing_format: str = "raw") -> P
 def libvirt_daemons() -> Iterator[LibvirtDaemons]:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     assert not missing, f"missing {missing}: run tools/setup.sh (libvirt-daemon-system, ...)"
-    daemons = LibvirtDaemons(LIBVIRT_RUN, fix_kvm_device=True)
+    # shared: other sessions (other checkouts, CI) use the same libvirtd; the last one out
+    # stops it. The folder stays: its lock file is what they queue on.
+    daemons = LibvirtDaemons(LIBVIRT_RUN, fix_kvm_device=True, shared=True)
     daemons.start()
     try:
         yield daemons
     finally:
         daemons.stop()
-        if not daemons.owned:
-            shutil.rmtree(LIBVIRT_RUN, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

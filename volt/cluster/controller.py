@@ -291,6 +291,7 @@ class Controller:
                 if "does not exist" not in str(exc):
                     raise
             self.records.update(vm, model.DELETED)
-        except Exception as exc:
-            LOG.warning("cluster: destroy of %s on %s failed: %s", vm.userid, vm.node, exc)
-            self.records.update(vm, model.ERROR, error=f"destroy: {exc}")
+        except Exception as exc:  # ERROR names the node and the whole reason: destroy again
+            reason = f"destroy on {vm.node}: {exc}"
+            LOG.warning("cluster: VM %s of task %s: %s", vm.name, vm.task_id, reason)
+            self.records.update(vm, model.ERROR, error=reason)

@@ -449,6 +449,28 @@ def test_a_failed_action_is_shown_on_the_vm(rig):
     assert shown["power"] == "on" and shown["status"] == "RUNNING"
 
 
+def test_a_failed_destroy_names_the_node_and_reason_and_can_be_destroyed_again(rig):
+    """A node that cannot delete its guest (say its libvirtd is restarting): that VM ends
+    ERROR, its error naming the node and the node's answer whole, the task FAILED; once the
+    node answers again a second DELETE finishes the job."""
+    vms = _running(rig)
+    task, bad = vms[0]["task"], vms[0]["node"]
+    assert vms[1]["node"] != bad
+    rig.nodes[bad].fail = "guest_delete"
+    assert rig.call("DELETE", f"/v1/clusters/{task}")[0] == 202
+    view = rig.wait_done(task)
+    assert view["status"] == "FAILED", view
+    assert [(vm["status"], vm["error"]) for vm in view["vms"]] == [
+        ("ERROR", f"destroy on {bad}: {bad} is down"),
+        ("DELETED", None),
+    ]
+    assert _guest(rig, vms[0]) != {}  # still there: the node did not delete it
+    rig.nodes[bad].fail = None
+    assert rig.call("DELETE", f"/v1/clusters/{task}")[0] == 202
+    assert rig.wait_done(task)["status"] == "DELETED"
+    assert _guest(rig, vms[0]) == {}
+
+
 @pytest.mark.parametrize(
     ("url", "body", "status", "field"),
     [
