@@ -10,6 +10,7 @@ together with a version counter per tree and advisory locks that serialise tree 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -525,8 +526,14 @@ class EvictorLease:
             return False
 
     def release(self) -> None:
-        self.held = False
+        held, self.held = self.held, False
         if self.conn is not None:
+            if held:  # freed now: a closed session frees it only once its backend has ended
+                with contextlib.suppress(sa.exc.SQLAlchemyError):
+                    self.conn.execute(
+                        sa.text("SELECT pg_advisory_unlock(:a, :b)"),
+                        {"a": EVICTOR_LOCK[0], "b": EVICTOR_LOCK[1]},
+                    )
             try:
                 self.conn.invalidate()  # the session ends: the lock is freed
                 self.conn.close()
