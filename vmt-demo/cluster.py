@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from brick import psk
+from brick.exception import BrickError
 from brick.netns import Host, Lab, netns_inode, pids_in_netns
+from brick.qsd.mounts import unmount_dead_fuse_exports
 from brick.rabbitmq import RabbitMQ
 from brick.wait import wait_until
 from volt.auth import node_token
@@ -178,6 +180,10 @@ class LocalCluster:
             except Exception as exc:  # the namespace goes anyway, and the broker with it
                 print(f"cluster: could not stop rabbitmq-server: {exc}", file=sys.stderr)
         self.lab.close()
+        try:  # exports of daemons the lab's sweep ended (a node that failed half way)
+            unmount_dead_fuse_exports(self.workdir)
+        except BrickError as exc:
+            print(f"cluster: {exc}", file=sys.stderr)
 
     def destroy_all(self) -> None:
         """Destroy the instances of every running node, then the image server's targets.

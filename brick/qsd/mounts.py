@@ -4,9 +4,15 @@ regular files that serve as FUSE mountpoints."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from pathlib import Path
+
+from brick.exception import BrickError
+from brick.executor import execute
+
+LOG = logging.getLogger(__name__)
 
 
 # -- /proc helpers ---------------------------------------------------------------------------
@@ -37,6 +43,44 @@ def mounted_paths() -> set[str]:
     except OSError:
         return set()
     return {_unescape_mount_field(line.split()[1]) for line in lines if len(line.split()) > 1}
+
+
+def fuse_mounts_under(root: Path) -> list[str]:
+    """FUSE mount points at or below ``root`` (deepest first), e.g. the exports of
+    qemu-storage-daemons that died without unmounting them."""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    prefix = str(root).rstrip("/") + "/"
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3 or not fields[2].startswith("fuse"):
+            continue
+        path = _unescape_mount_field(fields[1])
+        if path == str(root) or path.startswith(prefix):
+            found.append(path)
+    return sorted(found, key=len, reverse=True)
+
+
+def unmount_dead_fuse_exports(root: Path) -> list[str]:
+    """Lazily unmount (``fusermount3 -u -z``) every FUSE mount at or below ``root``: for a
+    folder whose qemu-storage-daemons were ended without tearing their exports down (a lab's
+    sweep, a crash). Returns the mount points; the first failure is raised after trying all."""
+    found = fuse_mounts_under(root)
+    errors: list[BrickError] = []
+    for mountpoint in found:
+        LOG.warning("unmounting %s: its FUSE export's daemon is gone", mountpoint)
+        try:
+            execute(["fusermount3", "-u", "-z", mountpoint], timeout_s=30)
+        except BrickError as exc:
+            errors.append(exc)
+    if errors:
+        for other in errors[1:]:
+            errors[0].add_note(f"also: {other}")
+        raise errors[0]
+    return found
 
 
 def remove_empty_file(path: str) -> None:

@@ -30,6 +30,7 @@ from brick.exception import Conflict, InvalidArgument, NotFound, Timeout
 from brick.executor import execute
 from brick.qsd import QMPClient, QMPDisconnected, QMPError, StorageDaemon
 from brick.qsd.daemon import mounted_paths
+from brick.qsd.mounts import fuse_mounts_under, unmount_dead_fuse_exports
 
 MIB = 1 << 20
 IMAGE_SIZE = 32 * MIB
@@ -348,6 +349,31 @@ def test_adopt_cleans_up_after_a_dead_daemon(daemons: MakeDaemon, tmp_path: Path
     assert fresh.adopt() is False
     assert_gone(fresh, pid, [fuse])
     assert not fuse.exists()
+
+
+def test_a_folders_dead_exports_are_unmounted_without_their_state(
+    daemons: MakeDaemon, tmp_path: Path
+) -> None:
+    """A lab's sweep ends daemons whose state files nobody reads again: the folder's FUSE
+    mounts are found and unmounted from /proc/mounts alone; other folders' mounts stay."""
+    src = tmp_path / "small.raw"
+    src.write_bytes(b"\x3c" * MIB)
+    (tmp_path / "node").mkdir()
+    inside, outside = tmp_path / "node" / "a.fuse", tmp_path / "b.fuse"
+    dead, alive = daemons("dead2"), daemons("alive2")
+    for daemon, mountpoint in ((dead, inside), (alive, outside)):
+        daemon.add_file("f", src)
+        daemon.export_fuse("fuse0", "f", mountpoint)
+    pid = dead.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert fuse_mounts_under(tmp_path / "node") == [str(inside)]
+    assert fuse_mounts_under(tmp_path) == [str(inside), str(outside)]
+    assert unmount_dead_fuse_exports(tmp_path / "node") == [str(inside)]
+    mounted = mounted_paths()
+    assert str(inside) not in mounted and str(outside) in mounted
+    assert read_uncached(outside, 0, MIB) == b"\x3c" * MIB
+    assert unmount_dead_fuse_exports(tmp_path / "node") == []
 
 
 # -- (d) stop --------------------------------------------------------------------------------
