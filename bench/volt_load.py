@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from volt.connlimit import raise_open_files
+
 TOKEN = "volt-load-token"  # a throw-away secret of a private test daemon
 SERVER_HOST = "127.0.0.1"
 KINDS = ("query", "register", "heartbeat")
@@ -63,6 +65,7 @@ MAX_NODES = 254 * 254 * 120  # distinct source addresses 127.1.1.1 ... 127.120.2
 QUERY_RETRY_DELAY = 0.02  # seconds between queries answered "not placeable" (btree executors)
 QUERY_MAX_ATTEMPTS = 1000
 HEARTBEAT_PATH = "/v1/members/heartbeat"
+CLIENT_FILES = 64  # the client's files besides the nodes' sockets
 PhaseHook = Callable[[str, "ShardResult"], None]  # ("warm" | "burst", that phase's result)
 ERRORS_KEPT = 20  # error descriptions kept per client process (the count is always exact)
 ERRORS_PRINTED = 5
@@ -720,6 +723,13 @@ def split(total: int, parts: int, k: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.warm_connections:  # every node's socket is held at once, here and in volt-api
+        wanted = args.nodes + CLIENT_FILES
+        soft, _ = raise_open_files(wanted)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            print(f"volt_load: --warm-connections holds {args.nodes} sockets at once; raise the "
+                  "open-file hard limit (ulimit -Hn)")  # fmt: skip
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="volt-load-"))
     server = VoltServer(
         workdir,

@@ -22,6 +22,24 @@ GetLimit = Callable[[int], tuple[int, int]]
 SetLimit = Callable[[int, tuple[int, int]], None]
 
 
+def raise_open_files(
+    needed: int,
+    *,
+    getrlimit: GetLimit = resource.getrlimit,
+    setrlimit: SetLimit = resource.setrlimit,
+) -> tuple[int, int]:
+    """Raise the soft open-file limit towards ``needed`` (never past the hard limit, never
+    down); returns (soft, hard) after, either possibly ``RLIM_INFINITY``."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        if target > soft:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            LOG.info("open-file limit %d -> %d", soft, target)
+            soft = target
+    return soft, hard
+
+
 def fit_open_files(
     wanted: int,
     *,
@@ -34,13 +52,7 @@ def fit_open_files(
     if wanted < 1:
         raise ValueError(f"max_connections must be at least 1, not {wanted}")
     needed = wanted + FD_MARGIN
-    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-        if target > soft:
-            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            LOG.info("open-file limit %d -> %d for %d connections", soft, target, wanted)
-            soft = target
+    soft, hard = raise_open_files(needed, getrlimit=getrlimit, setrlimit=setrlimit)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return wanted
     fits = max(1, soft - FD_MARGIN)
