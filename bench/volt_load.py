@@ -14,6 +14,11 @@ sends, on it:
 (``--place-on-register``: no query; the registration carries ``"place": true`` and places the
 node, as virtman does since issue 15: one request per node of a burst),
 
+(``--warm-connections``: before the burst every node opens its connection and sends one
+heartbeat, as a running virtman does every ``heartbeat_interval`` on the keep-alive connection
+of its session, which volt-api keeps open between heartbeats; the burst then goes over those
+open connections, and the figures, volt-api's CPU included, count the burst only),
+
 then closes the connection. ``--concurrency`` nodes are in flight at any time. Every request's
 latency is measured (write of the request to the last byte of the answer); any answer other
 than 200 is an error. At the end ``GET /v1/volumes`` and ``GET /v1/members`` must account for
@@ -46,9 +51,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from volt.connlimit import raise_open_files
 
 TOKEN = "volt-load-token"  # a throw-away secret of a private test daemon
 SERVER_HOST = "127.0.0.1"
@@ -56,6 +64,9 @@ KINDS = ("query", "register", "heartbeat")
 MAX_NODES = 254 * 254 * 120  # distinct source addresses 127.1.1.1 ... 127.120.254.254
 QUERY_RETRY_DELAY = 0.02  # seconds between queries answered "not placeable" (btree executors)
 QUERY_MAX_ATTEMPTS = 1000
+HEARTBEAT_PATH = "/v1/members/heartbeat"
+CLIENT_FILES = 64  # the client's files besides the nodes' sockets
+PhaseHook = Callable[[str, "ShardResult"], None]  # ("warm" | "burst", that phase's result)
 ERRORS_KEPT = 20  # error descriptions kept per client process (the count is always exact)
 ERRORS_PRINTED = 5
 
@@ -229,6 +240,7 @@ class ShardConfig:
     concurrency: int
     timeout: float
     place_on_register: bool = False
+    warm: bool = False  # connections opened (one heartbeat each) before the burst
 
 
 @dataclass
@@ -342,12 +354,34 @@ class NodeConnection:
                 await writer.wait_closed()
 
 
-async def run_node(i: int, cfg: ShardConfig, result: ShardResult) -> None:
+async def warm_node(i: int, cfg: ShardConfig, result: ShardResult) -> NodeConnection | None:
+    """Open node ``i``'s connection with one heartbeat (a running virtman's, before it has
+    any image) and keep it open; None (an error counted) if that failed."""
+    conn = NodeConnection(cfg, source_address(i), result)
+    try:
+        status, body = await conn.call("heartbeat", build_request("PUT", HEARTBEAT_PATH, cfg.port))
+        if status == 200 and conn.writer is not None:
+            return conn
+        result.error(f"warm-up heartbeat {conn.address}: HTTP {status} {body[:200]!r}")
+    except (OSError, EOFError, ProtocolError, ValueError, TimeoutError) as exc:
+        what = "timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        result.error(f"warm-up heartbeat {conn.address}: {what}")
+    await conn.close()
+    return None
+
+
+async def run_node(
+    i: int, cfg: ShardConfig, result: ShardResult, conn: NodeConnection | None = None
+) -> None:
+    """Node ``i``'s requests, over ``conn`` (a warm connection) or a new connection."""
     address = source_address(i)
     volume = volume_of(i, cfg.images)
     peer_id = f"{address}:{volume}"
     port = cfg.port
-    conn = NodeConnection(cfg, address, result)
+    keep = conn is not None  # a warm connection: the caller closes it after the burst
+    if conn is None:
+        conn = NodeConnection(cfg, address, result)
+    conn.result = result
     kind = "connect"
     try:
         kind = "query"
@@ -388,7 +422,7 @@ async def run_node(i: int, cfg: ShardConfig, result: ShardResult) -> None:
             return
 
         kind = "heartbeat"
-        heartbeat = build_request("PUT", "/v1/members/heartbeat", port)
+        heartbeat = build_request("PUT", HEARTBEAT_PATH, port)
         expected = f'"peer_id": "{peer_id}"'.encode()
         for _ in range(cfg.heartbeats):
             status, body = await conn.call(kind, heartbeat)
@@ -403,21 +437,50 @@ async def run_node(i: int, cfg: ShardConfig, result: ShardResult) -> None:
         what = "timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         result.error(f"{kind} {peer_id}: {what}")
     finally:
-        await conn.close()
+        if not keep:
+            await conn.close()
 
 
-async def run_shard_async(cfg: ShardConfig) -> ShardResult:
+async def run_shard_async(cfg: ShardConfig, on_phase: PhaseHook | None = None) -> ShardResult:
+    """Run the shard's nodes, ``cfg.concurrency`` at a time. ``cfg.warm``: first open every
+    node's connection (one heartbeat each, the same concurrency) and call ``on_phase("warm",
+    ...)``, then run the burst over the open connections, call ``on_phase("burst", ...)``
+    and only then close them (a virtman node keeps its connection: closing is no part of
+    the burst)."""
     result = ShardResult()
-    pending = iter(cfg.nodes)
+    workers = max(1, min(cfg.concurrency, len(cfg.nodes)))
+    conns: dict[int, NodeConnection] = {}
+    if cfg.warm:
+        warm = ShardResult()
+        to_open = iter(cfg.nodes)
+
+        async def opener() -> None:
+            for i in to_open:
+                conn = await warm_node(i, cfg, warm)
+                if conn is not None:
+                    conns[i] = conn
+
+        warm.started = time.monotonic()
+        await asyncio.gather(*(opener() for _ in range(workers)))
+        warm.finished = time.monotonic()
+        result.errors += warm.errors
+        result.error_samples += warm.error_samples
+        if on_phase is not None:
+            on_phase("warm", warm)
+    pending = iter(i for i in cfg.nodes if not cfg.warm or i in conns)
 
     async def worker() -> None:
         for i in pending:  # one shared iterator: each node is taken by exactly one worker
-            await run_node(i, cfg, result)
+            await run_node(i, cfg, result, conns.get(i))
 
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     result.started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(max(1, min(cfg.concurrency, len(cfg.nodes))))))
+    await asyncio.gather(*(worker() for _ in range(workers)))
     result.finished = time.monotonic()
+    if on_phase is not None:
+        on_phase("burst", result)
+    for conn in conns.values():
+        await conn.close()
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     result.cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (
         cpu_after.ru_stime - cpu_before.ru_stime
@@ -425,8 +488,8 @@ async def run_shard_async(cfg: ShardConfig) -> ShardResult:
     return result
 
 
-def run_shard(cfg: ShardConfig) -> ShardResult:
-    return asyncio.run(run_shard_async(cfg))
+def run_shard(cfg: ShardConfig, on_phase: PhaseHook | None = None) -> ShardResult:
+    return asyncio.run(run_shard_async(cfg, on_phase))
 
 
 def _shard_process(cfg: ShardConfig, barrier: Any, queue: Any) -> None:
@@ -435,10 +498,13 @@ def _shard_process(cfg: ShardConfig, barrier: Any, queue: Any) -> None:
     queue.put(run_shard(cfg))
 
 
-def run_load(cfgs: list[ShardConfig]) -> list[ShardResult]:
-    """Run the shards: in this process if there is one, else one client process each."""
+def run_load(cfgs: list[ShardConfig], on_phase: PhaseHook | None = None) -> list[ShardResult]:
+    """Run the shards: in this process if there is one, else one client process each
+    (``on_phase`` needs the one shard in this process)."""
     if len(cfgs) == 1:
-        return [run_shard(cfgs[0])]
+        return [run_shard(cfgs[0], on_phase)]
+    if on_phase is not None:
+        raise ValueError("phase hooks need one client process")
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(len(cfgs))
     queue = ctx.Queue()
@@ -573,6 +639,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no query: each registration places its node (virtman since issue 15)",
     )
     parser.add_argument(
+        "--warm-connections",
+        action="store_true",
+        help="before the burst, every node opens its connection with one heartbeat (a running "
+        "virtman's keep-alive session); the burst and its figures use those connections",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=32,
@@ -640,6 +712,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--nodes must be at most {MAX_NODES}")
     if args.client_procs > args.concurrency:
         parser.error("--client-procs must not exceed --concurrency")
+    if args.warm_connections and args.client_procs != 1:
+        parser.error("--warm-connections needs --client-procs 1")
     return args
 
 
@@ -649,6 +723,13 @@ def split(total: int, parts: int, k: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.warm_connections:  # every node's socket is held at once, here and in volt-api
+        wanted = args.nodes + CLIENT_FILES
+        soft, _ = raise_open_files(wanted)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            print(f"volt_load: --warm-connections holds {args.nodes} sockets at once; raise the "
+                  "open-file hard limit (ulimit -Hn)")  # fmt: skip
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="volt-load-"))
     server = VoltServer(
         workdir,
@@ -677,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             f"load: {args.nodes} nodes x ("
             f"{'placing register' if args.place_on_register else 'query + register'} + "
             f"{args.heartbeats} heartbeats) "
+            f"{'over warm connections ' if args.warm_connections else ''}"
             f"over {args.images} image(s), concurrency {args.concurrency}, "
             f"client process(es) {args.client_procs}"
         )
@@ -690,17 +772,29 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=split(args.concurrency, procs, k),
                 timeout=args.timeout,
                 place_on_register=args.place_on_register,
+                warm=args.warm_connections,
             )
             for k in range(procs)
         ]
         profiler = start_profiler(args.profile, worker, args.profile_gil) if args.profile else None
-        server_cpu = cpu_seconds(worker) + cpu_seconds(server.pid)
+        marks = {"start": cpu_seconds(worker) + cpu_seconds(server.pid)}
+
+        def on_phase(phase: str, part: ShardResult) -> None:
+            marks[phase] = cpu_seconds(worker) + cpu_seconds(server.pid)
+            if phase == "warm":
+                print(
+                    f"warm-up: {len(part.connects)} connections opened, one heartbeat each, in "
+                    f"{part.finished - part.started:.2f} s; volt-api CPU "
+                    f"{marks['warm'] - marks['start']:.1f} s (not counted below)"
+                )
+
         try:
-            results = run_load(cfgs)
+            results = run_load(cfgs, on_phase if args.warm_connections else None)
         finally:
             if profiler is not None:
                 stop_profiler(profiler)
-        server_cpu = cpu_seconds(worker) + cpu_seconds(server.pid) - server_cpu
+        end = marks.get("burst", cpu_seconds(worker) + cpu_seconds(server.pid))
+        server_cpu = end - marks.get("warm", marks["start"])
 
         wall = max(r.finished for r in results) - min(r.started for r in results)
         by_kind = {k: [x for r in results for x in r.latencies[k]] for k in KINDS}

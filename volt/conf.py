@@ -18,6 +18,17 @@ default_opts: list[cfg.Opt] = [
         "interface, only when written explicitly).",
     ),
     cfg.PortOpt("bind_port", default=7447, help="TCP port volt-api listens on."),
+    cfg.IntOpt(
+        "max_connections",
+        default=16384,
+        min=64,
+        max=1048576,
+        help="Client connections volt-api serves at once (Granian's backpressure). Every "
+        "compute node keeps one open (its heartbeat comes before the 30 s idle timeout), so "
+        "set it above the number of compute nodes plus other clients: a connection past it "
+        "waits unanswered in the listen backlog. volt-api raises its soft open-file limit "
+        "to fit (this + 256); a lower hard limit lowers it, with a warning.",
+    ),
     cfg.StrOpt(
         "default_executor",
         default="balanced",

@@ -153,9 +153,10 @@ class VoltService:
         request per node instead of a query and a registration: half Volt's load in a
         burst); NotPlaceable when the executor cannot place it yet."""
         with self._locked(), self._tree_change(volume_id):
+            placed = None
             if place:
                 member, _ = split_peer_id(peer_id)
-                _, placed = self._place(volume_id, member)
+                _, placed = self._place(volume_id, member, quiet=True)
                 if placed is None:
                     raise NotPlaceable(volume_id, peer_id)
             tree, node = self._find(volume_id, peer_id)
@@ -175,8 +176,17 @@ class VoltService:
                     self.executor.registered(tree, node)
                 self._commit(tree)
                 self._push_changes(tree, before)
+                # One line per request of a burst: a placing registration says both.
+                where = _placed_where(placed) if placed is not None else ""
                 LOG.info(
-                    "registered %s in %s: %s:%s %s lun %s", peer_id, volume_id, host, port, iqn, lun
+                    "registered %s in %s%s: %s:%s %s lun %s",
+                    peer_id,
+                    volume_id,
+                    where,
+                    host,
+                    port,
+                    iqn,
+                    lun,
                 )
             return Placement(node, self.executor.parents(tree, node))
 
@@ -374,9 +384,12 @@ class VoltService:
         self._retry_unloaded()
 
     # -- internals -------------------------------------------------------------------------
-    def _place(self, volume_id: str, member: str) -> tuple[Tree, Node | None]:
+    def _place(
+        self, volume_id: str, member: str, *, quiet: bool = False
+    ) -> tuple[Tree, Node | None]:
         """Place ``member`` in the tree of ``volume_id`` unless it is there (under the lock
-        and a tree change); the node is None when the executor cannot place it yet."""
+        and a tree change); the node is None when the executor cannot place it yet.
+        ``quiet``: the caller logs the placement (a placing registration's one line)."""
         peer_id = make_peer_id(member, volume_id)
         tree = self.trees.get(volume_id)
         created = tree is None
@@ -396,13 +409,8 @@ class VoltService:
         self.members.setdefault(member, set()).add((volume_id, peer_id))
         self._seen(member, force=True)
         self._count_placement("placed")
-        LOG.info(
-            "placed %s in %s at depth %d under %s",
-            peer_id,
-            volume_id,
-            node.depth,
-            node.parent.peer_id if node.parent else None,
-        )
+        if not quiet:
+            LOG.info("placed %s in %s%s", peer_id, volume_id, _placed_where(node))
         return tree, node
 
     def _find(self, volume_id: str, peer_id: str) -> tuple[Tree, Node]:
@@ -759,6 +767,12 @@ class VoltService:
             self.traffic.forget(member)
             self.metrics.evictions.inc()
         return expired
+
+
+def _placed_where(node: Node) -> str:
+    """Where a placement put ``node``, for the log (its parent may have moved since)."""
+    parent = node.parent.peer_id if node.parent else None
+    return f" at depth {node.depth} under {parent}"
 
 
 def _register_scope(node: Node) -> Node | None:

@@ -27,6 +27,7 @@ from volt.api.app import VoltApp
 from volt.bus import VoltBus
 from volt.cluster.controller import Controller
 from volt.cluster.nodes import load_nodes
+from volt.connlimit import fit_open_files
 from volt.errors import VoltError
 from volt.liveness import Evictor, LoadMonitor
 from volt.metrics import Metrics
@@ -192,6 +193,7 @@ def _serve() -> None:
         interface=Interfaces.RSGI,
         workers=1,
         backlog=4096,
+        backpressure=fit_open_files(CONF.max_connections),  # one per compute node
         factory=True,
         log_dictconfig=log_config,
         workers_kill_timeout=10,

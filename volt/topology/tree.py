@@ -229,7 +229,10 @@ class Tree:
     @staticmethod
     def _index(index: dict[int, SortedDict], node: Node, present: bool) -> None:
         if present:
-            index.setdefault(node.depth, SortedDict())[node.seq] = node
+            level = index.get(node.depth)
+            if level is None:  # not setdefault: a SortedDict is dear to build per call
+                level = index[node.depth] = SortedDict()
+            level[node.seq] = node
         else:
             level = index.get(node.depth)
             if level is not None:

@@ -265,3 +265,28 @@ def test_place_on_register_halves_volts_requests_and_shortens_the_burst():
     assert before.volt_waits["query"][0] == 200 and before.volt_waits["register"][0] == 200
     assert now.p99_s < before.p99_s - 0.5
     assert now.server_bytes == pytest.approx(FAST.fanout * BOOT)
+
+
+def _result(variant: str, nodes: int, p99: float) -> sim.Result:
+    return sim.Result(
+        variant=variant, nodes=nodes, vms=nodes, p50_s=p99, p99_s=p99, max_s=p99, mean_s=p99,
+        server_bytes=0.0, peer_bytes=0.0, local_bytes=0.0, depth=1, server_readers=0,
+        volt_requests=0, volt_max_wait_s=0.0, mean_from_vm_start_s=0.0,
+        max_from_vm_start_s=0.0, chunk_mib=1.0, events=0, wall_s=0.0, boot_times=[p99],
+        profile=[], volt_waits={},
+    )  # fmt: skip
+
+
+def test_issue_15_burst_lines_judge_10000_with_prefetch_and_1000_without():
+    results = [
+        _result("balanced", 10000, 23.9),
+        _result("balanced+prefetch", 10000, 19.6),
+        _result("balanced", 1000, 21.3),
+        _result("balanced+prefetch", 1000, 17.0),  # not counted: 1,000 is without prefetch
+        _result("btree", 1000, 12.0),  # not counted: only the balanced executor
+    ]
+    assert sim.burst_lines(results) == [
+        "target 10000 nodes p99 <= 20 s (prefetch allowed): balanced+prefetch 19.6 s, met",
+        "target 1000 nodes p99 <= 20 s (without prefetch): balanced 21.3 s, NOT met",
+    ]
+    assert sim.burst_lines([_result("balanced", 100, 5.0)]) == []

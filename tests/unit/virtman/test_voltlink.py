@@ -3,10 +3,13 @@ deadline, and a stop (virtman shutting down) ends a waiting join at once."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -163,3 +166,57 @@ def test_a_volt_that_refuses_read_counters_gets_heartbeats_without_them() -> Non
     assert volt.heartbeat(counters) == {"10.0.0.5:volume-img": [PARENT]}
     assert volt.heartbeat(counters) == {"10.0.0.5:volume-img": [PARENT]}
     assert members.sent == [counters, None, None]  # refused once, then never sent again
+
+
+class _Volt(BaseHTTPRequestHandler):
+    """A Volt that answers a heartbeat and a placing registration, noting the client port
+    (the connection) of each request."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as Granian
+    seen: list[tuple[str, int]] = []
+
+    def _answer(self, body: object) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.seen.append((self.command, self.client_address[1]))
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_PUT(self) -> None:
+        self._answer([])
+
+    def do_POST(self) -> None:
+        peer_id = unquote(self.path.rsplit("/", 1)[-1])
+        self._answer({"peer_id": peer_id, "host": "10.0.0.5", "port": "3260",
+                      "iqn": "iqn.x:img", "lun": "1", "status": "OK", "parents": []})  # fmt: skip
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_burst_registration_rides_the_connection_the_heartbeat_opened() -> None:
+    """A node's placing registration goes over the keep-alive connection its heartbeats
+    hold (one VoltLink, one session, for both): a burst costs Volt no new connections,
+    which is what the simulation's Volt cost per request assumes (docs/benchmarks.rst)."""
+    _Volt.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Volt)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        volt = VoltLink(f"http://127.0.0.1:{server.server_port}", "t", "10.0.0.5")
+        assert volt.heartbeat() == {}
+        relay = Relay(name="r", path="/dev/r", size=1, iqn="iqn.x:img", portal="10.0.0.5:3260",
+                      nbd=None)  # fmt: skip
+        placed = volt.place_and_register("img", relay)
+        assert placed == ("10.0.0.5:img", [])
+        assert volt.heartbeat() == {}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert [command for command, _ in _Volt.seen] == ["PUT", "POST", "PUT"]
+    assert len({port for _, port in _Volt.seen}) == 1  # one connection for all three

@@ -269,6 +269,34 @@ def test_register_with_place_places_and_registers_in_one_request(tmp_path):
     assert snapshot(make(tmp_path)) == snapshot(service)
 
 
+def test_a_placing_registration_logs_one_line_with_the_placement(tmp_path, caplog):
+    """A burst is one request per node: one INFO line each (a line costs Volt CPU in a
+    burst), which still says where the node was placed and what it registered."""
+    service = make(tmp_path)
+    for host in ("10.2.0.1", "10.2.0.2", "10.2.0.3"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="volt.service"):
+            placement = service.register(
+                "volume-a", make_peer_id(host, "volume-a"), host, "3260", IQN + "a", "1",
+                place=True,
+            )  # fmt: skip
+        node = placement.node
+        assert node is not None
+        lines = [r.getMessage() for r in caplog.records]
+        parent = None if node.parent.is_root else node.parent.peer_id
+        assert lines == [
+            f"registered {node.peer_id} in volume-a at depth {node.depth} under {parent}: "
+            f"{host}:3260 {IQN}a lun 1"
+        ]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="volt.service"):
+        service.query("volume-a", "10.2.0.4")  # a query still logs its placement
+    placed = service.trees["volume-a"].nodes[make_peer_id("10.2.0.4", "volume-a")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"placed {placed.peer_id} in volume-a at depth {placed.depth} under {placed.parent.peer_id}"
+    ]
+
+
 def test_register_without_place_still_needs_a_query(tmp_path):
     service = make(tmp_path)
     with pytest.raises(VolumeNotFound):
