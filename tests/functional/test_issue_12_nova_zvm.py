@@ -1,7 +1,8 @@
 """Issue 12, 4a: unmodified Nova (``compute_driver = zvm.ZVMDriver``) drives a real node's
 z/VM API (guest manager wired, libvirtd + QEMU, the tiny guest): spawn boots a VM whose
-console shows it, the power verbs and destroy. Nova's side runs under testtools in a child
-process (``tests/nova/nova_zvm_driver.py``)."""
+console shows it, the power verbs, a snapshot (capture + export, uploaded to Glance: the
+guest's disk flattened, with a mark written through its snapshot) and destroy. Nova's side
+runs under testtools in a child process (``tests/nova/nova_zvm_driver.py``)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def test_nova_zvm_driver_on_a_node(libvirt_daemons, guest_image) -> None:
             assert run.returncode == 0, output[-8000:] + node.logs()[-4000:]
             [line] = [ln for ln in output.splitlines() if ln.startswith("NOVA-SPAWN-BOOTED-S ")]
             print(line)
+            [snap] = [ln for ln in output.splitlines() if "NOVA-SNAPSHOT-BYTES " in ln]
+            print(snap)  # Nova's snapshot: capture + export + upload of the marked disk
             client = node.client(timeout=120)
             assert client.call("guest_list") == []
             assert client.call("list") == []  # destroy released the guest's snapshot

@@ -389,6 +389,20 @@ def test_import_refuses_files_outside_image_dirs(node: SimpleNamespace) -> None:
     assert node.tgt.created == []
 
 
+def test_export_to_this_host_is_local_to_another_not_supported(node: SimpleNamespace) -> None:
+    """Nova's zvm snapshot exports with ``remote_host=<user>@<my_ip>``: this host's address
+    is a local export; another host's is the connector's 501, nothing written."""
+    call = node.call
+    ok(call("image_import", "img1", f"file://{node.images}/base.raw", {"os_version": "rhel8"}))
+    dest = node.images / "nova-tmp.raw"
+    out = ok(call("image_export", "img1", f"file://{dest}", remote_host="nova@127.0.0.1"))
+    assert out["image_path"] == str(dest) and dest.read_bytes() == b"\x01" * 8192
+    elsewhere = node.images / "elsewhere.raw"
+    result = call("image_export", "img1", f"file://{elsewhere}", remote_host="nova@192.0.2.1")
+    assert codes(result) == (501, 501, 1, 40) and "remote_host" in result["errmsg"]
+    assert not elsewhere.exists()
+
+
 def test_token_handshake(node: SimpleNamespace) -> None:
     # no token at all (the plain ZVMConnector never asks for one): 401 in the envelope
     port = node.server.server_address[1]
