@@ -458,8 +458,9 @@ zvm_opts = [
     cfg.StrOpt(
         "zvm_bridge",
         default="virbr0",
-        help="Linux bridge that guest network interfaces created through the z/VM-shaped "
-        "API are recorded on (guest_create_network_interface, guest_create_nic).",
+        help="Linux bridge that the guests' network interfaces created through the "
+        "z/VM-shaped API are attached to (guest_create_network_interface, guest_create_nic: "
+        "virtio NICs of the guest's domain); it must exist when a guest with NICs starts.",
     ),
 ]
 

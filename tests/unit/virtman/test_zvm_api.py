@@ -6,6 +6,7 @@ ImageService. Every body the client sends is checked against the connector's jso
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from zvmsdk.sdkwsgi.validation import _SchemaValidator
 
 from brick.wait import wait_until
 from tests.unit.fakes.guests import FakeGuests
+from virtman.errors import GuestStateError
 from virtman.guest.domains import VirtualMachines, VMError
 from virtman.imageservice import ImageService
 from virtman.zvm.app import ZvmApi
@@ -401,6 +403,33 @@ def test_export_to_this_host_is_local_to_another_not_supported(node: SimpleNames
     result = call("image_export", "img1", f"file://{elsewhere}", remote_host="nova@192.0.2.1")
     assert codes(result) == (501, 501, 1, 40) and "remote_host" in result["errmsg"]
     assert not elsewhere.exists()
+
+
+def test_nics_reach_the_guest_manager_on_the_bridge(node: SimpleNamespace) -> None:
+    """Every NIC verb hands the guest's whole NIC list to the guest manager (the domain's
+    interfaces on ``zvm_bridge``); a NIC without a MAC gets a fixed one; a MAC taken or a
+    manager that refuses: nothing recorded."""
+    call = node.call
+    ok(call("guest_create", "vm1", 1, 128))
+    assert ok(call("guest_create_nic", "vm1", active=True)) == "1000"
+    [nic] = node.guests.nics["VM1"]
+    assert nic["vdev"] == "1000" and nic["bridge"] == "br-vmt"
+    assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", nic["mac_addr"]), nic
+    assert node.guests.calls[-1] == ("set_nics", "VM1", ["1000"], True)
+    net = {"ip_addr": "192.168.95.7", "cidr": "192.168.95.0/24", "mac_addr": nic["mac_addr"]}
+    result = call("guest_create_network_interface", "vm1", "rhel8", [net])
+    assert codes(result)[:3] == (400, 400, 400) and "mac_addr" in result["errmsg"]
+
+    def refuse(userid: str, nics: list[dict[str, Any]], *, live: bool = False) -> None:
+        raise GuestStateError(userid, "libvirt refused the NIC")
+
+    node.guests.set_nics = refuse  # type: ignore[method-assign]
+    result = call("guest_create_nic", "vm1", mac_addr="02:00:00:00:00:02")
+    assert codes(result)[:2] == (409, 409) and "refused" in result["errmsg"]
+    assert list(node.store.get("nics", "VM1")) == ["1000"]  # nothing recorded
+    result = call("guest_delete_nic", "vm1", "1000")
+    assert codes(result)[:2] == (409, 409) and "refused" in result["errmsg"]
+    assert list(node.store.get("nics", "VM1")) == ["1000"]  # nor removed
 
 
 def test_token_handshake(node: SimpleNamespace) -> None:
