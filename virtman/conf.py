@@ -455,6 +455,14 @@ zvm_opts = [
         max=86400,
         help="Seconds a token issued by POST /token (X-Admin-Token = api_token) stays valid.",
     ),
+    cfg.IntOpt(
+        "zvm_image_import_max_gib",
+        default=64,
+        min=1,
+        max=65536,
+        help="Largest image (GiB) image_import fetches from an http(s):// URL into the first "
+        "of image_dirs; a longer answer is refused and nothing is kept.",
+    ),
     cfg.StrOpt(
         "zvm_bridge",
         default="virbr0",
