@@ -1,8 +1,9 @@
 """Issue 12, 4a: unmodified Nova (``compute_driver = zvm.ZVMDriver``) drives a real node's
 z/VM API (guest manager wired, libvirtd + QEMU, the tiny guest): spawn boots a VM whose
-console shows it, the power verbs, a snapshot (capture + export, uploaded to Glance: the
-guest's disk flattened, with a mark written through its snapshot) and destroy. Nova's side
-runs under testtools in a child process (``tests/nova/nova_zvm_driver.py``)."""
+console shows it (Nova's VIF a NIC on a bridge of this run), list, resources, the power
+verbs, a snapshot (capture + export, uploaded to Glance: the guest's disk flattened, with a
+mark written through its snapshot) and destroy. Nova's side runs under testtools in a child
+process (``tests/nova/nova_zvm_driver.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from brick.executor import execute
 from tests.functional import vmfixtures
 from tests.functional.virtmanproc import VirtmanProcess
 from tests.functional.voltproc import free_port
@@ -27,6 +29,16 @@ LAB = os.environ.get("VMT_TEST_LAB", "vmt")
 
 def test_nova_zvm_driver_on_a_node(libvirt_daemons, guest_image) -> None:
     guest = guest_image
+    bridge = f"{LAB}nb{os.getpid() % 100000}"  # the guests' NICs: a bridge of this run
+    execute(["ip", "link", "add", bridge, "type", "bridge"])
+    try:
+        execute(["ip", "link", "set", bridge, "up"])
+        run_nova(libvirt_daemons.uri, guest, bridge)
+    finally:
+        execute(["ip", "link", "del", bridge])
+
+
+def run_nova(libvirt_uri: str, guest, bridge: str) -> None:
     with tempfile.TemporaryDirectory(prefix="vmt-novazvm-") as folder:
         port = free_port()
         node = VirtmanProcess(
@@ -35,7 +47,8 @@ def test_nova_zvm_driver_on_a_node(libvirt_daemons, guest_image) -> None:
             auth_strategy="noauth",
             zvm_api_enabled=True,
             zvm_api_port=port,
-            guest_libvirt_uri=libvirt_daemons.uri,
+            zvm_bridge=bridge,
+            guest_libvirt_uri=libvirt_uri,
             guest_kernel=guest.kernel,
             guest_initrd=guest.initrd,
             guest_cmdline=f"{guest.cmdline} vmt.stay",
@@ -51,6 +64,7 @@ def test_nova_zvm_driver_on_a_node(libvirt_daemons, guest_image) -> None:
                 "VMT_NOVA_IMAGE_DIR": str(node.image_dir),
                 "VMT_NOVA_ROOTFS": str(guest.rootfs),
                 "VMT_NOVA_MARKER": guest.expected_marker,
+                "VMT_NOVA_BRIDGE": bridge,
             }
             run = subprocess.run(
                 [sys.executable, "-m", "testtools.run", "tests.nova.nova_zvm_driver"],

@@ -13,6 +13,7 @@ import time  # noqa: E402
 from xml.etree import ElementTree  # noqa: E402
 
 from nova.compute import power_state, task_states  # noqa: E402
+from nova.network import model as network_model  # noqa: E402
 from nova.tests import fixtures as nova_fixtures  # noqa: E402
 from nova.tests.unit.virt.libvirt import test_driver  # noqa: E402
 from nova.virt.zvm import driver as zvm_driver  # noqa: E402
@@ -23,6 +24,7 @@ from nova import context, objects, test  # noqa: E402
 from nova.virt import fake  # noqa: E402
 
 MARKER = os.environ.get("VMT_NOVA_MARKER", "")
+VIF_MAC = "52:54:00:5a:00:07"
 DISK_MARK = 0x5A  # written into the guest's disk while it is off: free blocks of its ext4
 MARK_LEN = 64 << 10
 
@@ -92,8 +94,9 @@ class ZVMDriverOnVMThunderTest(test.NoDBTestCase):
         image_meta = objects.ImageMeta.from_dict(
             {"id": self.image["id"], "disk_format": "raw", "properties": {"os_distro": "rhel7"}}
         )
+        network_info = network_model.NetworkInfo([vif()])
         t0 = time.monotonic()
-        drvr.spawn(self.context, instance, image_meta, [], None, {}, network_info=[])
+        drvr.spawn(self.context, instance, image_meta, [], None, {}, network_info=network_info)
 
         def console():
             text = drvr.get_console_output(self.context, instance) or ""
@@ -106,6 +109,13 @@ class ZVMDriverOnVMThunderTest(test.NoDBTestCase):
             max_interval_s=0.2,
         )
         print(f"NOVA-SPAWN-BOOTED-S {time.monotonic() - t0:.2f}", flush=True)
+        self.assertEqual(power_state.RUNNING, drvr.get_info(instance).state)
+        self.check_nic(drvr, instance)
+        self.assertIn(instance.name.upper(), drvr.list_instances())  # z/VM userids: upper
+        resources = drvr.get_available_resource()
+        self.assertGreater(resources["vcpus"], 0)
+        self.assertIn(resources["hypervisor_type"], ("qemu", "kvm"))
+        drvr.reboot(self.context, instance, network_info, "SOFT")  # ACPI: the guest ignores it
         self.assertEqual(power_state.RUNNING, drvr.get_info(instance).state)
         drvr.pause(instance)
         # Nova's zvm driver maps only "on"/"off"; the node answers "paused" (NOSTATE to Nova)
@@ -127,6 +137,27 @@ class ZVMDriverOnVMThunderTest(test.NoDBTestCase):
         self.snapshot_and_check(drvr, instance)
         drvr.destroy(self.context, instance)
         self.assertFalse(drvr._hypervisor.guest_exists(instance))
+
+    def check_nic(self, drvr, instance) -> None:
+        """Nova's VIF is a virtio NIC of the guest on the node's bridge; its tap a port."""
+        lines = drvr._hypervisor._reqh.call("guest_get_definition_info", instance.name)
+        root = ElementTree.fromstring("\n".join(lines["user_direct"]))
+        [iface] = root.findall("devices/interface")
+        bridge = os.environ["VMT_NOVA_BRIDGE"]
+        self.assertEqual(
+            ("bridge", bridge, VIF_MAC, "virtio"),
+            (
+                iface.get("type"),
+                iface.find("source").get("bridge"),
+                iface.find("mac").get("address"),
+                iface.find("model").get("type"),
+            ),
+        )
+        tap = iface.find("target").get("dev")
+        ports = execute(["ip", "-o", "link", "show", "master", bridge], timeout_s=30).stdout
+        self.assertIn(f" {tap}:", ports)
+        [row] = drvr._hypervisor._reqh.call("guests_get_nic_info", userid=instance.name)
+        self.assertEqual((row["switch"], row["port"]), (bridge, vif()["id"]))
 
     def mark_disk(self, drvr, instance) -> None:
         """Write ``DISK_MARK`` into the guest's disk (its snapshot, as its definition names
@@ -176,3 +207,18 @@ class ZVMDriverOnVMThunderTest(test.NoDBTestCase):
                 if i["imagename"] == snap["id"]
             ],
         )
+
+
+def vif() -> network_model.VIF:
+    """One port of Neutron's, already active (no plug event to wait for)."""
+    subnet = network_model.Subnet(
+        cidr="192.168.95.0/24",
+        gateway=network_model.IP(address="192.168.95.1", type="gateway"),
+        ips=[network_model.FixedIP(address="192.168.95.7")],
+    )
+    return network_model.VIF(
+        id="8c1bd1e6-5f1c-4d3a-9c55-3a3b9f0e7a01",
+        address=VIF_MAC,
+        active=True,
+        network=network_model.Network(id="net-1", bridge=None, subnets=[subnet]),
+    )
