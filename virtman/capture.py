@@ -164,6 +164,16 @@ def capture(
     return Captured(image, str(dest), size, connection)
 
 
+def discard(service: ImageService, captured: Captured) -> None:
+    """Undo a capture nothing uses yet (its upload failed): its target, then its file.
+    ``CaptureFailed`` if the target stays (the file is kept for it)."""
+    result = service.destroy_image_target(captured.image)
+    if result.partition(":")[0] not in ("0", "1"):
+        raise CaptureFailed(captured.image, f"cannot remove its target: {result[2:]}")
+    _unlink(Path(captured.path))
+    LOG.info("discarded the capture %s (%s)", captured.image, captured.path)
+
+
 def sweep_partials(service: ImageService) -> list[str]:
     """Remove the partial files of captures a crash interrupted (at start); their names."""
     if not service.image_dirs:

@@ -455,11 +455,20 @@ zvm_opts = [
         max=86400,
         help="Seconds a token issued by POST /token (X-Admin-Token = api_token) stays valid.",
     ),
+    cfg.IntOpt(
+        "zvm_image_import_max_gib",
+        default=64,
+        min=1,
+        max=65536,
+        help="Largest image (GiB) image_import fetches from an http(s):// URL into the first "
+        "of image_dirs; a longer answer is refused and nothing is kept.",
+    ),
     cfg.StrOpt(
         "zvm_bridge",
         default="virbr0",
-        help="Linux bridge that guest network interfaces created through the z/VM-shaped "
-        "API are recorded on (guest_create_network_interface, guest_create_nic).",
+        help="Linux bridge that the guests' network interfaces created through the "
+        "z/VM-shaped API are attached to (guest_create_network_interface, guest_create_nic: "
+        "virtio NICs of the guest's domain); it must exist when a guest with NICs starts.",
     ),
 ]
 

@@ -21,6 +21,7 @@ import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from brick.exception import BrickError
 from brick.tgt import Chap, Target, TgtAdm
@@ -34,6 +35,22 @@ LOG = logging.getLogger(__name__)
 
 class NotAllowed(Exception):
     """The export rules (image_dirs, image_block_devices) refuse a path."""
+
+
+def of_node(virtman: Any, conf: Any) -> ImageService:
+    """The image service of a node's ``Virtman`` (its driver's tgtd and CHAP account, its
+    journal) under the options of ``conf``: ``image_dirs`` (default
+    ``<state_dir>/images``) and ``image_block_devices``; what virtmanserver and Nova's
+    ``vmthunder`` driver export images and captures with."""
+    settings = virtman.settings
+    return ImageService(
+        virtman.driver.tgt,
+        virtman.driver.chap,
+        settings.iqn_prefix,
+        conf.image_dirs or [settings.state_dir / "images"],
+        conf.image_block_devices,
+        journal=virtman.journal,
+    )
 
 
 class ImageService:

@@ -13,7 +13,9 @@ reports, and tears everything down through the controller (``--keep`` leaves it 
 says where the status page is). Before the teardown, the first node's z/VM Cloud
 Connector-shaped API (enabled on that node only) is driven once by ``zvmdemo.py`` with the
 connector's client: one more guest imported, created, deployed, started, its console marker
-read, deleted.
+read, captured into a new base image (exported by n1), deleted; then n2 boots a VM from the
+captured image through Volt's tree of it (n1's target its source, the image server not
+involved), the VM is destroyed and n1 deletes the captured image.
 
 Its last line is ``vmtcluster: <V> VMs booted on <N> nodes in <T> s; image server sent <B1>
 bytes, peers sent <B2> bytes; verified``, and it exits 0 only if every VM booted and
@@ -47,6 +49,8 @@ from brick.wait import wait_until  # noqa: E402
 from virtman.guest.domains import VirtualMachines  # noqa: E402
 
 IMAGE = "image1"
+CAPTURED = "zvmcap"  # the image n1's z/VM API captures its guest into
+ISCSI_PORT = 3260
 SUBNET = "10.233.0.0/24"
 LAB_STATE = Path("/run/vmtcluster")
 FLAVOR = {"vcpus": 1, "memory_mb": 128}
@@ -134,6 +138,8 @@ class Demo:
         self._verify(image_file, image_sha)
         self._report(booted_at, boot_started, image_sent, peers_sent, image_file)
         self._zvm_demo(guest, image_file)
+        if args.nodes >= 2:
+            self._boot_captured(guest)
         if args.keep:
             self._keep_note(burst["task"])
         else:
@@ -189,12 +195,65 @@ class Demo:
         """zvmdemo.py in n1's namespace: one guest through the z/VM API, then gone."""
         assert self.cluster is not None
         say("z/VM API on n1: zvmconnector imports the image, creates, deploys, starts a guest")
+        capture = ["--capture", CAPTURED] if self.args.nodes >= 2 else []
         run_in(
             self.cluster,
             "n1",
             self._script("zvmdemo.py", "--token-file", str(self.token_file),
-                         "--image-file", str(image_file), "--marker", guest.expected_marker),
+                         "--image-file", str(image_file), "--marker", guest.expected_marker,
+                         *capture),
         )  # fmt: skip
+
+    def _boot_captured(self, guest: guestimage.GuestImage) -> None:
+        """n2 boots a VM from the image n1 captured, through Volt's tree of it (n1's target
+        is its source); the VM and n2's disk are destroyed and n1 deletes the image."""
+        assert self.cluster is not None and self.vms is not None
+        cluster, vms = self.cluster, self.vms
+        source, node = cluster.node_names[:2]
+        target = f"volume-{CAPTURED}"
+        connection = {
+            "target_portal": f"{cluster.hosts[source].address}:{ISCSI_PORT}",
+            "target_iqn": f"iqn.2010-10.org.openstack:{target}",
+            "target_lun": 1,
+        }
+        instance = f"{self.guest_prefix}{CAPTURED}"  # torn down with the lab's guests
+        log = self.workdir / f"{instance}.log"
+        sent_before = self.cluster.tx_bytes("img")
+        started = time.monotonic()
+        result = cluster.rpc(node, "create", instance, CAPTURED, connection)
+        if not result.startswith("0:"):
+            raise RuntimeError(f"{node}: create from {CAPTURED}: {result}")
+        try:
+            vms.boot(instance, result[2:], kernel=guest.kernel, initrd=guest.initrd,
+                     cmdline=guest.cmdline, console_log=log)  # fmt: skip
+            fields = wait_until(
+                lambda: (
+                    guestimage.parse_marker(log.read_text(errors="replace"))
+                    if log.exists()
+                    else None
+                ),
+                timeout_s=self.args.boot_timeout,
+                what=f"the VM on {node} from {CAPTURED} to boot",
+            )
+            if not guest.marker_matches(fields):
+                raise RuntimeError(f"the VM from {CAPTURED} read the wrong disk: {fields}")
+            booted = time.monotonic() - started
+            [entry] = cluster.volt_tree(target)
+        finally:
+            vms.destroy(instance)
+            destroyed = cluster.rpc(node, "destroy", instance)
+        if destroyed != "0:":
+            raise RuntimeError(f"{node}: destroy {instance}: {destroyed}")
+        image_sent = self.cluster.tx_bytes("img") - sent_before
+        parents = ", ".join(entry["parents"]) or f"{source}'s target"
+        say(
+            f"{node} booted a VM from {CAPTURED} (captured on {source}) in {booted:.1f} s "
+            f"through Volt's tree of it, reading from {parents}; the image server sent "
+            f"{image_sent} bytes meanwhile"
+        )
+        run_in(cluster, source, self._script("zvmdemo.py", "--token-file", str(self.token_file),
+                                             "--delete-image", CAPTURED))  # fmt: skip
+        say(f"captured image booted on {node} and deleted: {time.monotonic() - started:.1f} s")
 
     @staticmethod
     def _script(name: str, *args: str) -> list[str]:

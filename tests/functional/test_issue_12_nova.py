@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,8 @@ def test_nova_vmthunder_libvirt_driver(volt: VoltProcess, tmp_path: Path) -> Non
         psk.write_new(key, "vmt")
         conf = tmp_path / "virtman.conf"
         node = tmp_path / "node"
+        captures = node / "images"  # where the node writes its captures (Nova's snapshots)
+        captures.mkdir(parents=True)
         conf.write_text(
             "[DEFAULT]\ndriver = qemu\nhost_ip = 127.0.0.2\nmaster_ip = 127.0.0.1\n"
             f"master_port = {volt.port}\nmaster_token = {volt.token}\n"
@@ -50,12 +53,14 @@ def test_nova_vmthunder_libvirt_driver(volt: VoltProcess, tmp_path: Path) -> Non
             f"iscsi_port = {free_port()}\nnbd_port = {free_port()}\n"
             f"tgt_control_port = {TGT_BASE + 87}\nlog_file = {node / 'virtman.log'}\n"
             f"chap_user = {chap.user}\nchap_password = {chap.password}\nnbd_psk_file = {key}\n"
+            f"image_dirs = {captures}\n"
         )
         connection = {"target_portal": server.portals[0], "target_iqn": iqn, "target_lun": 1}
         env = {
             **os.environ,
             "VMT_NOVA_VIRTMAN_CONF": str(conf),
             "VMT_NOVA_CONNECTION": json.dumps(connection),
+            "VMT_NOVA_IMAGE_FILE": str(image),
             # Nova 34 native threading mode: Virtman's threads and sockets are not eventlet's
             "OS_NOVA_DISABLE_EVENTLET_PATCHING": "1",
         }
@@ -69,11 +74,14 @@ def test_nova_vmthunder_libvirt_driver(volt: VoltProcess, tmp_path: Path) -> Non
         )
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-12000:]
-        assert "Ran 1 test" in output and "OK" in output, output[-3000:]
+        assert "Ran 2 tests" in output and "OK" in output, output[-3000:]
         [disk] = [ln for ln in output.splitlines() if ln.startswith("NOVA-DISK ")]
         print(disk)  # the domain's root disk, as Nova's driver wrote it
         assert server.adm.connections(iqn) == []  # the node logged out: nothing left
-        [image_id] = [ln.split()[1] for ln in output.splitlines() if ln.startswith("NOVA-IMAGE ")]
+        [captured] = [ln for ln in output.splitlines() if ln.startswith("NOVA-CAPTURED ")]
+        print(captured)  # Nova's snapshot: a capture, uploaded
+        assert list(captures.iterdir()) == []  # the test removed its capture; none left
+        [image_id] = re.findall(r"NOVA-IMAGE (\S+)", output)  # a line of its own or not
         assert volt.request("GET", f"/v1/volumes/volume-{image_id}")[0] == 404
         assert not list((node / "state" / "instances").glob("*"))
     finally:

@@ -1,6 +1,7 @@
 """The main job, ``vmt-demo/vmtcluster.py``, run as a user runs it: one ``POST /v1/clusters``
 starts three real VMs, the controller spreads them over three nodes, they boot through the
-whole stack, and nothing is left afterwards."""
+whole stack; n1's z/VM API captures its guest and n2 boots the captured image through the
+tree; nothing is left afterwards."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ def test_vmtcluster_three_nodes_one_vm_each(tmp_path: Path, libvirt_daemons) -> 
     booted_on = re.findall(r"^vmtcluster: vm-([0-2]) booted on (n[1-3]) ", run.stdout, re.M)
     assert sorted(vm for vm, _ in booted_on) == ["0", "1", "2"], output
     assert sorted(node for _, node in booted_on) == ["n1", "n2", "n3"], output  # spread
+    # the guest API once: n1's z/VM API captures its guest, n2 boots the capture, it goes
+    assert "zvmdemo: ZVMDEMO captured into the new base image zvmcap" in run.stdout, output
+    booted = re.search(
+        r"^vmtcluster: n2 booted a VM from zvmcap \(captured on n1\) in [0-9.]+ s through "
+        r"Volt's tree of it, reading from n1's target; the image server sent ([0-9]+) bytes",
+        run.stdout,
+        re.M,
+    )
+    assert booted and int(booted.group(1)) < 256 << 10, output  # heartbeats, no image data
+    assert "zvmdemo: image zvmcap deleted" in run.stdout, output
     with VirtualMachines(libvirt_daemons.uri) as vms:
         assert not [d.instance for d in vms.list() if d.instance.startswith(f"{LAB}-")]
     assert not [ns for ns in list_netns() if ns.startswith(f"{LAB}-")]

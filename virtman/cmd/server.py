@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import brick.privileged
 import brick.privileged.process
 from brick import values
-from virtman import capture
+from virtman import capture, imageservice
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.conf import Settings
@@ -26,7 +26,6 @@ from virtman.guest.disk_export import DiskExports
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
 from virtman.guest.vcenter_rdm import EsxHost, RecordedHost
-from virtman.imageservice import ImageService
 from virtman.server import Limits, build_server
 from virtman.zvm import service as zvm_service
 
@@ -212,14 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         if pid_file:
             pid_file.unlink(missing_ok=True)
         raise SystemExit(f"virtmanserver: {exc}") from None
-    images = ImageService(
-        driver.tgt,
-        driver.chap,
-        settings.iqn_prefix,
-        CONF.image_dirs or [settings.state_dir / "images"],
-        CONF.image_block_devices,
-        journal=virtman.journal,
-    )
+    images = imageservice.of_node(virtman, CONF)
     images.restore()  # what a tgtd that died with the host (or alone) held
     capture.sweep_partials(images)  # a capture a crash interrupted
     virtman.supervisor.listeners.append(images.restore)

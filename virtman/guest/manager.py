@@ -10,6 +10,9 @@ as ours). Lifecycle:
   and defines the domain on it (direct kernel boot, serial console to a file), not started.
 - the power verbs act on the domain; the journal keeps the state the guest was asked to be in.
 - ``delete`` powers off, undefines, releases the snapshot (``Virtman.destroy``), forgets it.
+- ``set_nics`` records the guest's NICs (virtio, each on a Linux bridge, its MAC fixed) and
+  attaches them to (or detaches them from) its domain's definition, and with ``live`` from
+  the running guest too; a domain defined later (deploy, adopt) has them.
 
 ``adopt`` (at every start of the daemon) reads the journal: running domains are adopted
 as they are (never restarted); a deploy a crash interrupted is undone or finished; a
@@ -69,6 +72,15 @@ HOST_INFO_KEYS = (
 NIC_COUNTERS = (  # libvirt's interfaceStats, in its order
     "rx_bytes", "rx_packets", "rx_errs", "rx_drop", "tx_bytes", "tx_packets", "tx_errs", "tx_drop",
 )  # fmt: skip
+
+
+def nic_xml(nic: dict[str, Any]) -> str:
+    """A NIC on a Linux bridge as libvirt takes it (``{"bridge", "mac_addr"}``)."""
+    iface = ET.Element("interface", type="bridge")
+    ET.SubElement(iface, "source", bridge=str(nic["bridge"]))
+    ET.SubElement(iface, "mac", address=str(nic["mac_addr"]))
+    ET.SubElement(iface, "model", type="virtio")
+    return ET.tostring(iface, encoding="unicode")
 
 
 def power_state_of(state: int) -> str:
@@ -176,6 +188,10 @@ class Guests(GuestRecords):
         on_reboot = root.find("on_reboot")
         if on_reboot is not None:
             on_reboot.text = "restart"  # a guest reboots (the demo's VMs stop instead)
+        devices = root.find("devices")
+        for nic in record.get("nics") or []:
+            if devices is not None:
+                devices.append(ET.fromstring(nic_xml(nic)))  # noqa: S314 (ours)
         source_disk = root.find("devices/disk")
         if is_block and source_disk is not None:  # dm driver: /dev/mapper/snapshot_<vm>
             source_disk.set("type", "block")
@@ -263,6 +279,44 @@ class Guests(GuestRecords):
                     self._call(uid, "resume after capture", dom.resume)
             LOG.info("guest %s: captured into %s (%d bytes)", uid, captured.image, captured.size)
             return captured.as_dict()
+
+    def set_nics(
+        self, userid: str, nics: builtins.list[dict[str, Any]], *, live: bool = False
+    ) -> None:
+        """The guest's NICs become ``nics`` (``[{"vdev", "bridge", "mac_addr"}]``): recorded,
+        and the ones added or removed attached to or detached from its domain's definition
+        (a guest not deployed yet gets them at deploy); with ``live`` a running guest
+        changes at once too. A step libvirt refuses undoes the ones before it: nothing
+        changed, ``VMError``/``GuestStateError`` naming it."""
+        with self._locked(userid) as uid:
+            record = self._record(uid)
+            old = {n["vdev"]: n for n in record.get("nics") or []}
+            new = {n["vdev"]: n for n in nics}
+            dom = self._domain(uid) if record.get("disk") else None
+            if dom is not None:
+                flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+                if live and dom.isActive():
+                    flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+                steps = [
+                    (dom.detachDeviceFlags, dom.attachDeviceFlags, old[v])
+                    for v in sorted(old.keys() - new.keys())
+                ] + [
+                    (dom.attachDeviceFlags, dom.detachDeviceFlags, new[v])
+                    for v in sorted(new.keys() - old.keys())
+                ]
+                done: builtins.list[tuple[Callable[[str, int], Any], str]] = []
+                try:
+                    for do, undo, nic in steps:
+                        xml = nic_xml(nic)
+                        self._call(uid, f"NIC {nic['vdev']}", functools.partial(do, xml, flags))
+                        done.append((undo, xml))
+                except VirtmanError:
+                    for undo, xml in reversed(done):
+                        with contextlib.suppress(libvirt.libvirtError):
+                            undo(xml, flags)
+                    raise
+            self._save(uid, record, nics=list(new.values()))
+        LOG.info("guest %s: NICs %s", uid, ", ".join(sorted(new)) or "none")
 
     def reboot(self, userid: str) -> None:
         """Ask the guest's OS to reboot (ACPI; libvirt's default method)."""

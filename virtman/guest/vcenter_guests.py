@@ -218,6 +218,13 @@ class VCenterGuests(GuestRecords):
             records.validate_userid(userid), "capture is not on the vcenter backend"
         )
 
+    def set_nics(
+        self, userid: str, nics: builtins.list[dict[str, Any]], *, live: bool = False
+    ) -> None:
+        raise GuestStateError(
+            records.validate_userid(userid), "NICs on Linux bridges are not on the vcenter backend"
+        )
+
     # -- reading -----------------------------------------------------------------------------
     def _vm_state(self, uid: str) -> str | None:
         """The VM's state in vCenter (``VCenterVMInfo.state``); None without one."""

@@ -7,6 +7,7 @@ is 1-8 of ``[A-Za-z0-9]``, upper-cased by the API before any call. Errors: ``Gue
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Protocol
 
 
@@ -44,6 +45,13 @@ class GuestBackend(Protocol):
         Returns ``Captured.as_dict()``: ``{"target", "path", "size", "connection"}``.
         Name taken: ``virtman.capture.CaptureExists`` (nothing changed); no disk yet:
         ``GuestStateError``."""
+
+    def set_nics(
+        self, userid: str, nics: builtins.list[dict[str, Any]], *, live: bool = False
+    ) -> None:
+        """The guest's NICs become ``nics`` (``[{"vdev", "bridge", "mac_addr"}]``), each on
+        a Linux bridge; ``live``: a running guest changes at once too. Nothing changed on
+        failure."""
 
     def power_state(self, userid: str) -> str:
         """``"on"``, ``"off"`` or ``"paused"``."""

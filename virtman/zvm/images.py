@@ -1,16 +1,19 @@
 """The images of the z/VM-shaped API: import, query, export, delete, root disk size.
 
-An imported image is a file that already lies in one of ``image_dirs`` (``file://`` URLs
-only; the real path, symlinks and ``..`` resolved, must stay inside): it is exported by the
-node's ``ImageService`` as the iSCSI target ``volume-<name>`` (so every node of the tree can
-boot it) and recorded with its metadata. Nothing is copied on import. A captured image
-(``GuestBackend.capture``: a guest's disk flattened into a new file, exported by this node)
-is recorded the same way, with the metadata of the image the guest ran on. Export copies the file
-to a new file in one of ``image_dirs`` (never over an existing one). Delete removes the
-target and the record (the file stays: it is the operator's); this node's own idle stack of
-the image is torn down first; it is refused (409, naming them) while a real user remains: an
-instance of this node, another node reading it through this node's relay or straight from its
-target. A captured image's file, made by this node, is deleted with it.
+An imported image is a file that already lies in one of ``image_dirs`` (a ``file://`` URL:
+the real path, symlinks and ``..`` resolved, must stay inside; nothing is copied), or one
+fetched from an ``http(s)://`` URL into ``<first image_dir>/volume-<name>.raw``
+(``download``; at most ``max_import_bytes``, never over an existing file). It is exported by
+the node's ``ImageService`` as the iSCSI target ``volume-<name>`` (so every node of the tree
+can boot it) and recorded with its metadata; any other scheme is refused (400, ``url``). A
+captured image (``GuestBackend.capture``: a guest's disk flattened into a new file, exported
+by this node) is recorded the same way, with the metadata of the image the guest ran on.
+Export copies the file to a new file in one of ``image_dirs`` (never over an existing one).
+Delete removes the target and the record (an imported file stays: it is the operator's);
+this node's own idle stack of the image is torn down first; it is refused (409, naming them)
+while a real user remains: an instance of this node, another node reading it through this
+node's relay or straight from its target. A captured or fetched image's file, made by this
+node, is deleted with it.
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from virtman import validation
 from virtman.errors import InvalidInput, VirtmanError
 from virtman.imageservice import ImageService
+from virtman.zvm import download
 from virtman.zvm.store import Store
 
 LOG = logging.getLogger(__name__)
 BLOCK = 512  # disk_size_units are 512-byte blocks ("<n>:BLK", as an FBA image)
+MAX_IMPORT_BYTES = 64 << 30
+FETCH_TIMEOUT_S = 60.0
 
 
 class ImageNotFound(VirtmanError):
@@ -91,19 +98,59 @@ class Catalogue:
         service: ImageService,
         instances_of: Callable[[str], list[str]],
         drop_idle: Callable[[str], str | None] = lambda target: None,
+        *,
+        max_import_bytes: int = MAX_IMPORT_BYTES,
+        fetch_timeout_s: float = FETCH_TIMEOUT_S,
     ) -> None:
         """``instances_of(target)``: the instances of this node on image target ``target``;
         ``drop_idle(target)``: tear down this node's unused stack of it (None: none left,
-        else why it stays: ``Virtman.drop_idle_image``)."""
+        else why it stays: ``Virtman.drop_idle_image``); ``max_import_bytes`` and
+        ``fetch_timeout_s`` (per read) bound an import from an http(s) URL."""
         self.store = store
         self.service = service
         self.instances_of = instances_of
         self.drop_idle = drop_idle
+        self.max_import_bytes = max_import_bytes
+        self.fetch_timeout_s = fetch_timeout_s
 
     # -- verbs -------------------------------------------------------------------------------
     def import_(self, name: str, url: str, meta: dict[str, Any]) -> None:
         name = image_name(name)
-        path = file_url(url, "url")
+        fetched = isinstance(url, str) and urlsplit(url).scheme in download.SCHEMES
+        path = self._fetch(name, url) if fetched else file_url(url, "url")
+        try:
+            self._register(name, url, path, meta, fetched)
+        except BaseException:
+            if fetched:
+                _remove(path)
+            raise
+
+    def _fetch(self, name: str, url: str) -> str:
+        """The new file an http(s) URL is fetched into (``<first image_dir>/volume-<name>.raw``);
+        the name must be free and the file new."""
+        download.check_url(url)
+        if not self.service.image_dirs:
+            raise InvalidInput("url", url, "this node has no image_dirs to fetch it into")
+        if self.store.get("images", name) is not None:
+            raise ImageExists(name)
+        dest = Path(self.service.image_dirs[0]) / f"{validation.image_name(name)}.raw"
+        if os.path.lexists(dest):
+            raise InvalidInput("url", url, f"{dest} exists (never overwritten)")
+        try:
+            size, _ = download.fetch(
+                url, dest, max_bytes=self.max_import_bytes, timeout_s=self.fetch_timeout_s
+            )
+        except FileExistsError:
+            raise InvalidInput("url", url, f"{dest} appeared meanwhile") from None
+        except OSError as exc:
+            raise ImageFailed(f"Import image from {url} failed: {exc}") from None
+        LOG.info("z/VM API: fetched %s (%d bytes) into %s", url, size, dest)
+        return str(dest)
+
+    def _register(
+        self, name: str, url: str, path: str, meta: dict[str, Any], fetched: bool
+    ) -> None:
+        """Export ``path`` as the image ``name`` and record it (its md5sum checked first)."""
         with self.store.lock:
             if self.store.get("images", name) is not None:
                 raise ImageExists(name)
@@ -132,6 +179,7 @@ class Catalogue:
                     "disk_type": meta.get("disk_type"),
                     "size": size,
                     "imported": time.time(),
+                    **({"fetched_from": url} if fetched else {}),
                 },
             )
         LOG.info("z/VM API: imported image %s (%s, %d bytes) as %s", name, path, size, target)
@@ -242,10 +290,9 @@ class Catalogue:
             result = self.service.destroy_image_target(record["target"])
             if result.partition(":")[0] not in ("0", "1"):
                 raise ImageFailed(f"cannot delete image {name}: {result[2:]}")
-            if record.get("captured_from"):
+            if record.get("captured_from") or record.get("fetched_from"):
                 # this node made the file: it goes with the image (an imported file stays)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(record["path"])
+                _remove(record["path"])
             self.store.drop("images", name)
         LOG.info("z/VM API: deleted image %s (target %s)", name, record["target"])
 
@@ -286,6 +333,11 @@ def _public(name: str, record: dict[str, Any]) -> dict[str, Any]:
         "comments": None,
         "last_access_time": record.get("imported"),
     }
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _md5(path: str) -> str:

@@ -1,8 +1,12 @@
-"""The z/VM API's network interfaces: recorded in the ``Store`` on the bridge
-``zvm_bridge`` (no vswitch here), vdevs numbered as the connector numbers them."""
+"""The z/VM API's network interfaces: virtio NICs of the guest on the Linux bridge
+``zvm_bridge`` (no vswitch here), vdevs numbered as the connector numbers them. Each is
+recorded in the ``Store`` (with the connector's fields) and handed to the guest manager
+(``GuestBackend.set_nics``), which puts it in the guest's domain; a NIC given without a MAC
+gets a fixed locally administered one (``52:54:00:xx:xx:xx``, QEMU's prefix)."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from virtman.errors import InvalidInput
@@ -48,7 +52,25 @@ def _network(item: object) -> dict[str, Any]:
     return out
 
 
-def _add_nics(api: Context, userid: str, nics: list[dict[str, Any]]) -> dict[str, Any]:
+def _new_mac() -> str:
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def _apply(api: Context, userid: str, recorded: dict[str, Any], live: bool) -> None:
+    """The guest's domain gets the NICs ``recorded``, then the store does (nothing is
+    recorded if the guest manager refuses)."""
+    nics = [
+        {"vdev": vdev, "bridge": nic["bridge"], "mac_addr": nic["mac_addr"]}
+        for vdev, nic in sorted(recorded.items())
+    ]
+    api.guests().set_nics(userid, nics, live=live)
+    if recorded:
+        api.store.put("nics", userid, recorded)
+    else:
+        api.store.drop("nics", userid)
+
+
+def _add_nics(api: Context, userid: str, nics: list[dict[str, Any]], live: bool) -> dict[str, Any]:
     with api.store.lock:
         recorded: dict[str, Any] = api.store.get("nics", userid) or {}
         wanted = [n["vdev"] for n in nics if "vdev" in n]
@@ -69,8 +91,11 @@ def _add_nics(api: Context, userid: str, nics: list[dict[str, Any]]) -> dict[str
                     number += NIC_STEP
                 nic["vdev"] = f"{number:04X}"
                 taken.add(nic["vdev"])
+            nic.setdefault("mac_addr", _new_mac())
+            if nic["mac_addr"] in {n.get("mac_addr") for n in recorded.values()}:
+                raise InvalidInput("mac_addr", nic["mac_addr"], "another NIC of the guest has it")
             recorded[nic["vdev"]] = {**nic, "bridge": api.bridge}
-        api.store.put("nics", userid, recorded)
+        _apply(api, userid, recorded, live)
     return recorded
 
 
@@ -85,13 +110,13 @@ def guest_create_interface(api: Context, req: Request) -> Any:
         {"os_version", "guest_networks"},
     )
     v.os_version(iface["os_version"])
-    v.optional(iface, "active", v.boolean, "active")
+    live = bool(v.optional(iface, "active", v.boolean, "active"))
     networks = iface["guest_networks"]
     if not isinstance(networks, list) or len(networks) > 8:
         raise InvalidInput("guest_networks", networks, "must be a list of at most 8 networks")
     nics = [_network(n) for n in networks]
     api.known(userid)
-    return _add_nics(api, userid, nics)
+    return _add_nics(api, userid, nics, live)
 
 
 def guest_delete_interface(api: Context, req: Request) -> Any:
@@ -102,8 +127,8 @@ def guest_delete_interface(api: Context, req: Request) -> Any:
         body["interface"], "interface", {"os_version", "vdev", "active"}, {"os_version", "vdev"}
     )
     v.os_version(iface["os_version"])
-    v.optional(iface, "active", v.boolean, "active")
-    _drop_nic(api, userid, v.vdev(iface["vdev"]))
+    live = bool(v.optional(iface, "active", v.boolean, "active"))
+    _drop_nic(api, userid, v.vdev(iface["vdev"]), live)
     return None
 
 
@@ -121,9 +146,9 @@ def guest_create_nic(api: Context, req: Request) -> Any:
         if not isinstance(nic_in["nic_id"], str) or len(nic_in["nic_id"]) > 64:
             raise InvalidInput("nic_id", nic_in["nic_id"], "must be a string of at most 64")
         nic["nic_id"] = nic_in["nic_id"]
-    v.optional(nic_in, "active", v.boolean, "active")
+    live = bool(v.optional(nic_in, "active", v.boolean, "active"))
     api.known(userid)
-    _add_nics(api, userid, [nic])
+    _add_nics(api, userid, [nic], live)
     return nic["vdev"]
 
 
@@ -131,12 +156,12 @@ def guest_delete_nic(api: Context, req: Request) -> Any:
     req.only_query()
     userid = v.userid(req.params["userid"])
     body = v.fields(req.body or {}, "body", {"active"})
-    v.optional(body, "active", v.boolean, "active")
-    _drop_nic(api, userid, v.vdev(req.params["vdev"]))
+    live = bool(v.optional(body, "active", v.boolean, "active"))
+    _drop_nic(api, userid, v.vdev(req.params["vdev"]), live)
     return None
 
 
-def _drop_nic(api: Context, userid: str, vdev: str) -> None:
+def _drop_nic(api: Context, userid: str, vdev: str, live: bool) -> None:
     api.known(userid)
     with api.store.lock:
         recorded = api.store.get("nics", userid) or {}
@@ -145,10 +170,7 @@ def _drop_nic(api: Context, userid: str, vdev: str) -> None:
                 404, 404, 404, 1, MOD_NETWORK, f"NIC {vdev} of guest '{userid}' does not exist."
             )
         del recorded[vdev]
-        if recorded:
-            api.store.put("nics", userid, recorded)
-        else:
-            api.store.drop("nics", userid)
+        _apply(api, userid, recorded, live)
 
 
 def guest_adapters(api: Context, req: Request) -> Any:

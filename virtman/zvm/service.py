@@ -44,7 +44,11 @@ def build_server(
     peers = peer_auth(conf) if token is not None else None  # refused before any state is read
     store = Store(state_dir / "zvm.json")
     catalogue = Catalogue(
-        store, images, lambda target: instances_on(virtman, target), virtman.drop_idle_image
+        store,
+        images,
+        lambda target: instances_on(virtman, target),
+        virtman.drop_idle_image,
+        max_import_bytes=conf.zvm_image_import_max_gib << 30,
     )
     api = ZvmApi(
         backend,

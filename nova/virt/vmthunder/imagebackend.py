@@ -37,6 +37,15 @@ def connection_of(image_meta: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def properties_of(connection: dict[str, Any]) -> dict[str, str]:
+    """The Glance properties naming an image's iSCSI connection (``connection_of``'s input)."""
+    return {
+        PROPERTY + "portal": str(connection["target_portal"]),
+        PROPERTY + "iqn": str(connection["target_iqn"]),
+        PROPERTY + "lun": str(connection.get("target_lun", 1)),
+    }
+
+
 def _disk_kind(path: str | None) -> tuple[str, str]:
     """(libvirt source type, driver format) of a disk Virtman made."""
     if path and os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode):

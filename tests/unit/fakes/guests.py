@@ -26,6 +26,7 @@ class FakeGuests:
         self.guests: dict[str, FakeGuest] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.capture_service: ImageService | None = None
+        self.nics: dict[str, list[dict[str, Any]]] = {}
 
     def _get(self, userid: str) -> FakeGuest:
         if userid not in self.guests:
@@ -114,6 +115,11 @@ class FakeGuests:
     def reset(self, userid: str) -> None:
         self._deployed(userid).console.append("reset")
         self.calls.append(("reset", userid))
+
+    def set_nics(self, userid: str, nics: list[dict[str, Any]], *, live: bool = False) -> None:
+        self._get(userid)
+        self.calls.append(("set_nics", userid, [n["vdev"] for n in nics], live))
+        self.nics[userid] = nics
 
     def power_state(self, userid: str) -> str:
         return self._get(userid).state

@@ -118,6 +118,24 @@ class FakeDomain:
         self._need_active()
         return [{"cpu_time": 5_000_000_000, "user_time": 1, "system_time": 2}]
 
+    def attachDeviceFlags(self, xml: str, flags: int) -> None:
+        mac = ET.fromstring(xml).find("mac").get("address")
+        self.calls.append(f"attach {mac} {flags}")
+        if mac == self.conn.refuse_mac:
+            raise libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, f"no bridge for {mac}")
+        root = ET.fromstring(self.xml)
+        root.find("devices").append(ET.fromstring(xml))
+        self.xml = ET.tostring(root, encoding="unicode")
+
+    def detachDeviceFlags(self, xml: str, flags: int) -> None:
+        mac = ET.fromstring(xml).find("mac").get("address")
+        self.calls.append(f"detach {mac} {flags}")
+        root = ET.fromstring(self.xml)
+        devices = root.find("devices")
+        [iface] = [i for i in devices.findall("interface") if i.find("mac").get("address") == mac]
+        devices.remove(iface)
+        self.xml = ET.tostring(root, encoding="unicode")
+
     def interfaceStats(self, dev: str) -> tuple[int, ...]:
         self.calls.append(f"interfaceStats {dev}")
         return (1, 2, 3, 4, 5, 6, 7, 8)
@@ -130,6 +148,7 @@ class FakeConnection:
     def __init__(self) -> None:
         self.domains: dict[str, FakeDomain] = {}
         self.next_id = 0
+        self.refuse_mac: str | None = None  # attachDeviceFlags fails for this NIC
 
     def isAlive(self) -> bool:
         return True
@@ -536,3 +555,61 @@ def test_capture_pauses_a_running_guest_for_the_copy_and_resumes_it_even_on_fail
     guests.stop("VM1")  # off: nothing to pause
     guests.capture("VM1", "bronze")
     assert dom.calls[-2:] == ["suspend", "destroy"]
+
+
+def nics_of(dom: FakeDomain) -> list[tuple[str, str, str]]:
+    root = ET.fromstring(dom.xml)
+    return [
+        (i.get("type"), i.find("source").get("bridge"), i.find("mac").get("address"))
+        for i in root.findall("devices/interface")
+    ]
+
+
+NIC_A = {"vdev": "1000", "bridge": "br-a", "mac_addr": "52:54:00:00:00:0a"}
+NIC_B = {"vdev": "1003", "bridge": "br-a", "mac_addr": "52:54:00:00:00:0b"}
+CONFIG, LIVE = libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt.VIR_DOMAIN_AFFECT_LIVE
+
+
+def test_nics_recorded_before_deploy_are_in_the_domain_it_defines(rig) -> None:
+    guests = rig["make"]()
+    guests.create("VM1", vcpus=1, memory_mb=128)
+    guests.set_nics("VM1", [NIC_A])
+    guests.deploy("VM1", "tiny")
+    dom = rig["conn"].domains["vmt-guest-VM1"]
+    assert nics_of(dom) == [("bridge", "br-a", "52:54:00:00:00:0a")]
+    model = ET.fromstring(dom.xml).find("devices/interface/model").get("type")
+    assert model == "virtio"
+
+
+def test_nics_of_a_deployed_guest_are_attached_and_detached(rig) -> None:
+    guests = deployed(rig, "VM1")
+    dom = rig["conn"].domains["vmt-guest-VM1"]
+    guests.set_nics("VM1", [NIC_A, NIC_B])
+    assert nics_of(dom) == [
+        ("bridge", "br-a", m) for m in ("52:54:00:00:00:0a", "52:54:00:00:00:0b")
+    ]
+    assert "attach 52:54:00:00:00:0a 2" in dom.calls  # the definition only: it is off
+    guests.start("VM1")
+    guests.set_nics("VM1", [NIC_B], live=True)  # running and live: the guest changes at once
+    assert f"detach 52:54:00:00:00:0a {CONFIG | LIVE}" in dom.calls
+    assert nics_of(dom) == [("bridge", "br-a", "52:54:00:00:00:0b")]
+    assert [n["vdev"] for n in rig["journal"].records("guests")["VM1"]["nics"]] == ["1003"]
+    # a domain defined again (lost behind our back) keeps them
+    del rig["conn"].domains["vmt-guest-VM1"]
+    guests.stop("VM1")
+    assert nics_of(rig["conn"].domains["vmt-guest-VM1"]) == [
+        ("bridge", "br-a", "52:54:00:00:00:0b")
+    ]
+
+
+def test_a_refused_nic_undoes_the_others_and_changes_nothing(rig) -> None:
+    guests = deployed(rig, "VM1")
+    dom = rig["conn"].domains["vmt-guest-VM1"]
+    guests.set_nics("VM1", [NIC_A])
+    rig["conn"].refuse_mac = "52:54:00:00:00:0b"
+    nic_c = {"vdev": "1001", "bridge": "br-a", "mac_addr": "52:54:00:00:00:0c"}
+    with pytest.raises(VirtmanError, match="no bridge for 52:54:00:00:00:0b"):
+        guests.set_nics("VM1", [nic_c, NIC_B])  # A detached, C attached, B refused
+    assert "attach 52:54:00:00:00:0c 2" in dom.calls and "detach 52:54:00:00:00:0c 2" in dom.calls
+    assert nics_of(dom) == [("bridge", "br-a", "52:54:00:00:00:0a")]
+    assert [n["vdev"] for n in rig["journal"].records("guests")["VM1"]["nics"]] == ["1000"]

@@ -5,7 +5,10 @@ ImageService. Every body the client sends is checked against the connector's jso
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import re
 import socket
 import threading
 import time
@@ -23,6 +26,7 @@ from zvmsdk.sdkwsgi.validation import _SchemaValidator
 
 from brick.wait import wait_until
 from tests.unit.fakes.guests import FakeGuests
+from virtman.errors import GuestStateError
 from virtman.guest.domains import VirtualMachines, VMError
 from virtman.imageservice import ImageService
 from virtman.zvm.app import ZvmApi
@@ -386,6 +390,124 @@ def test_import_refuses_files_outside_image_dirs(node: SimpleNamespace) -> None:
     wrong_md5 = {"os_version": "rhel8", "md5sum": "0" * 32}
     result = call("image_import", "img2", f"file://{node.images}/base.raw", wrong_md5)
     assert codes(result)[:3] == (400, 400, 400) and "md5sum" in result["errmsg"]
+    assert node.tgt.created == []
+
+
+def test_export_to_this_host_is_local_to_another_not_supported(node: SimpleNamespace) -> None:
+    """Nova's zvm snapshot exports with ``remote_host=<user>@<my_ip>``: this host's address
+    is a local export; another host's is the connector's 501, nothing written."""
+    call = node.call
+    ok(call("image_import", "img1", f"file://{node.images}/base.raw", {"os_version": "rhel8"}))
+    dest = node.images / "nova-tmp.raw"
+    out = ok(call("image_export", "img1", f"file://{dest}", remote_host="nova@127.0.0.1"))
+    assert out["image_path"] == str(dest) and dest.read_bytes() == b"\x01" * 8192
+    elsewhere = node.images / "elsewhere.raw"
+    result = call("image_export", "img1", f"file://{elsewhere}", remote_host="nova@192.0.2.1")
+    assert codes(result) == (501, 501, 1, 40) and "remote_host" in result["errmsg"]
+    assert not elsewhere.exists()
+
+
+def test_nics_reach_the_guest_manager_on_the_bridge(node: SimpleNamespace) -> None:
+    """Every NIC verb hands the guest's whole NIC list to the guest manager (the domain's
+    interfaces on ``zvm_bridge``); a NIC without a MAC gets a fixed one; a MAC taken or a
+    manager that refuses: nothing recorded."""
+    call = node.call
+    ok(call("guest_create", "vm1", 1, 128))
+    assert ok(call("guest_create_nic", "vm1", active=True)) == "1000"
+    [nic] = node.guests.nics["VM1"]
+    assert nic["vdev"] == "1000" and nic["bridge"] == "br-vmt"
+    assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", nic["mac_addr"]), nic
+    assert node.guests.calls[-1] == ("set_nics", "VM1", ["1000"], True)
+    net = {"ip_addr": "192.168.95.7", "cidr": "192.168.95.0/24", "mac_addr": nic["mac_addr"]}
+    result = call("guest_create_network_interface", "vm1", "rhel8", [net])
+    assert codes(result)[:3] == (400, 400, 400) and "mac_addr" in result["errmsg"]
+
+    def refuse(userid: str, nics: list[dict[str, Any]], *, live: bool = False) -> None:
+        raise GuestStateError(userid, "libvirt refused the NIC")
+
+    node.guests.set_nics = refuse  # type: ignore[method-assign]
+    result = call("guest_create_nic", "vm1", mac_addr="02:00:00:00:00:02")
+    assert codes(result)[:2] == (409, 409) and "refused" in result["errmsg"]
+    assert list(node.store.get("nics", "VM1")) == ["1000"]  # nothing recorded
+    result = call("guest_delete_nic", "vm1", "1000")
+    assert codes(result)[:2] == (409, 409) and "refused" in result["errmsg"]
+    assert list(node.store.get("nics", "VM1")) == ["1000"]  # nor removed
+
+
+class WebHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves its folder; ``/to-file`` and ``/to-ftp`` redirect out of http."""
+
+    REDIRECTS = {"/to-file": "file:///etc/passwd", "/to-ftp": "ftp://127.0.0.1/x.raw"}
+
+    def do_GET(self) -> None:
+        if self.path in self.REDIRECTS:
+            self.send_response(302)
+            self.send_header("Location", self.REDIRECTS[self.path])
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    served = tmp_path / "web"
+    served.mkdir()
+    (served / "disk.raw").write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    handler = functools.partial(WebHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", files=served)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_import_from_an_http_url_fetches_a_new_file(node: SimpleNamespace, web) -> None:
+    import hashlib
+
+    call = node.call
+    data = (web.files / "disk.raw").read_bytes()
+    meta = {"os_version": "rhel8", "md5sum": hashlib.md5(data, usedforsecurity=False).hexdigest()}
+    ok(call("image_import", "web1", f"{web.url}/disk.raw", meta))
+    fetched = node.images / "volume-web1.raw"
+    assert fetched.read_bytes() == data and fetched.stat().st_mode & 0o777 == 0o444
+    assert node.tgt.created == [("iqn.2010-10.org.openstack:volume-web1", fetched)]
+    [record] = ok(call("image_query", imagename="web1"))
+    assert record["image_size_in_bytes"] == str(len(data))
+    assert [p.name for p in node.images.iterdir() if p.name.startswith(".")] == []
+    ok(call("image_delete", "web1"))
+    assert not fetched.exists()  # this node made the file: it goes with the image
+
+
+@pytest.mark.parametrize(
+    ("path", "meta", "why"),
+    [
+        ("/disk.raw", {"md5sum": "0" * 32}, "md5sum"),
+        ("/missing.raw", {}, "answered 404"),
+        ("/to-file", {}, "file:///etc/passwd"),  # a redirect out of http(s)
+        ("/to-ftp", {}, "redirects to ftp://127.0.0.1/x.raw: not http(s)"),
+        ("/disk.raw", {"limit": 4096}, "more than 4096"),
+    ],
+)
+def test_a_failed_url_import_leaves_nothing(node: SimpleNamespace, web, path, meta, why) -> None:
+    if "limit" in meta:
+        node.api.catalogue.max_import_bytes = meta.pop("limit")
+    before = sorted(p.name for p in node.images.iterdir())
+    result = node.call("image_import", "web2", web.url + path, {"os_version": "rhel8", **meta})
+    assert codes(result)[:3] == (400, 400, 400) and why in result["errmsg"], result
+    assert sorted(p.name for p in node.images.iterdir()) == before
+    assert node.tgt.created == [] and ok(node.call("image_query")) == []
+
+
+def test_other_url_schemes_are_refused_naming_the_url(node: SimpleNamespace) -> None:
+    for url in ("ftp://127.0.0.1/x.raw", "http:///x.raw", "https://127.0.0.1/x#y", "x.raw"):
+        result = node.call("image_import", "web3", url, {"os_version": "rhel8"})
+        assert codes(result)[:3] == (400, 400, 400) and "url" in result["errmsg"], (url, result)
     assert node.tgt.created == []
 
 
