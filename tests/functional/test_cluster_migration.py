@@ -42,7 +42,7 @@ guest_image = vmfixtures.guest_image
 
 LAB = os.environ.get("VMT_TEST_LAB", "vmt")
 TGT_BASE = int(os.environ.get("VMT_TEST_TGT_BASE", "3400"))
-WRITE_MIB = 16
+WRITE_MIB = int(os.environ.get("VMT_MIGRATE_WRITE_MIB", "16"))  # bench/migration.py sweeps it
 MIB = 1 << 20
 BOOT_S = 120.0
 
