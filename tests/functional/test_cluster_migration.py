@@ -31,7 +31,7 @@ import pytest
 from brick.wait import wait_until
 from tests.functional import vmfixtures
 from tests.functional.libvirtpeer import PeerLibvirtd
-from tests.functional.test_cluster_controller import delete_guests
+from tests.functional.test_cluster_controller import stop_all
 from tests.functional.virtmanproc import VirtmanProcess
 from tests.functional.vmfixtures import domain_gone
 from tests.functional.voltproc import VoltProcess
@@ -204,11 +204,6 @@ def test_a_running_guest_moves_its_writes_only_and_a_failed_move_leaves_it_where
         )
     finally:
         silent.close()
-        if volt.proc is not None:
-            volt.stop()
-        for node in nodes.values():
-            if node.proc is not None:
-                delete_guests(node)
-                node.stop()
+        stop_all(volt, nodes)
         peer.stop()
         peer.unshare_all()

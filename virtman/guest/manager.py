@@ -366,17 +366,22 @@ class Guests(GuestRecords):
     def delete(self, userid: str) -> None:
         """Power off, undefine, release the snapshot, forget. ``GuestNotFound`` if unknown."""
         with self._locked(userid) as uid:
-            record = self._record(uid)
-            instance = self.instance_name(uid)
-            with self._vms_lock:
-                self.vms.destroy(instance)  # no domain: nothing to do
-            if record.get("disk") or record.get("deploying"):
-                code, info = result_of(self.virtman.destroy(instance))
-                if code == 2:
-                    raise VirtmanError(f"delete of {uid}: releasing its snapshot failed: {info}")
-            self._console(uid).unlink(missing_ok=True)
-            self.journal.drop(KIND, uid)
+            self._remove(uid, self._record(uid), "delete")
         LOG.info("guest %s deleted", uid)
+
+    def _remove(self, uid: str, record: dict[str, Any], what: str) -> None:
+        """Power off and undefine the guest's domain (none: nothing to do), release its
+        snapshot, forget its console and record; ``VirtmanError`` naming ``what`` if the
+        snapshot cannot be released."""
+        instance = self.instance_name(uid)
+        with self._vms_lock:
+            self.vms.destroy(instance)
+        if record.get("disk") or record.get("deploying"):
+            code, info = result_of(self.virtman.destroy(instance))
+            if code == 2:
+                raise VirtmanError(f"{what} of {uid}: releasing its snapshot failed: {info}")
+        self._console(uid).unlink(missing_ok=True)
+        self.journal.drop(KIND, uid)
 
     # -- live migration --------------------------------------------------------------------------
     def prepare_incoming(
@@ -513,15 +518,7 @@ class Guests(GuestRecords):
         return "removed"
 
     def _undo_incoming(self, uid: str, record: dict[str, Any]) -> None:
-        instance = self.instance_name(uid)
-        with self._vms_lock:
-            self.vms.destroy(instance)  # none: nothing to do
-        if record.get("disk") or record.get("deploying"):
-            code, info = result_of(self.virtman.destroy(instance))
-            if code == 2:
-                raise VirtmanError(f"undoing incoming {uid}: releasing its snapshot: {info}")
-        self._console(uid).unlink(missing_ok=True)
-        self.journal.drop(KIND, uid)
+        self._remove(uid, record, "undoing the arrival")
         LOG.info("guest %s: its arrival was undone (nothing left)", uid)
 
     def host_info(self) -> dict[str, Any]:
