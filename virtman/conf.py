@@ -399,7 +399,32 @@ guest_opts: list[cfg.Opt] = [
         regex=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,23}$",
         help="A guest's instance (and snapshot) name is this prefix + its userid; its "
         "domain is vmt-<instance>. Domains of ours with this prefix and no journal record "
-        "are reported as orphans at start, never destroyed.",
+        "are reported as orphans at start, never destroyed. Nodes between which guests "
+        "live-migrate must use the same prefix (a domain keeps its name).",
+    ),
+    cfg.StrOpt(
+        "guest_migration_uri",
+        help="libvirt URI through which other nodes' virtmanservers reach this node's "
+        "libvirtd to live-migrate a guest here (e.g. qemu+tls://node5/system). Unset: "
+        "guest_libvirt_uri (right only when the nodes can open it as it is).",
+    ),
+    cfg.HostAddressOpt(
+        "guest_migration_host",
+        help="Address this node's QEMU listens on for a guest arriving by live migration "
+        "(its memory and its disk's written clusters, over TCP). Unset: host_ip.",
+    ),
+    cfg.IntOpt(
+        "guest_migration_timeout",
+        default=600,
+        min=1,
+        help="Seconds a live migration out of this node may take; then it is aborted and "
+        "the guest keeps running here.",
+    ),
+    cfg.IntOpt(
+        "guest_migration_bandwidth",
+        default=0,
+        min=0,
+        help="MiB/s a live migration out of this node may use (memory and disk). 0: no limit.",
     ),
 ]
 

@@ -486,6 +486,30 @@ class Methods:
     def guest_orphans(self) -> builtins.list[str]:
         return list(self._guest_manager().orphans())
 
+    # -- live migration (virtman.guest.migration; the cluster controller drives it) -----------
+    def _migrations(self) -> Any:
+        guests = self._guest_manager()
+        if not hasattr(guests, "prepare_incoming"):
+            raise VirtmanError("this node's guests cannot live-migrate (guest_backend)")
+        return guests
+
+    def guest_migrate_prepare(
+        self, userid: str, vcpus: int, memory_mb: int, image: str
+    ) -> dict[str, str]:
+        """Destination: this node's stack for ``image`` and a new snapshot for the guest."""
+        return dict(self._migrations().prepare_incoming(userid, vcpus, memory_mb, image))
+
+    def guest_migrate(self, userid: str, incoming: Any) -> dict[str, Any]:
+        """Source: live-migrate the guest to what ``guest_migrate_prepare`` answered."""
+        return _xmlrpc_safe(self._migrations().migrate(userid, incoming))
+
+    def guest_migrate_finish(self, userid: str) -> bool:
+        self._migrations().finish_incoming(userid)
+        return True
+
+    def guest_migrate_abort(self, userid: str) -> str:
+        return str(self._migrations().abort_incoming(userid))
+
 
 GUEST_ACTIONS = frozenset({"start", "stop", "softstop", "pause", "unpause", "reboot", "reset"})
 

@@ -17,7 +17,11 @@
       VMT-BOOTED host=<hostname> id=<cat /etc/vmt/id> sha=<sha256 of /etc/vmt/blob> uptime=<s>
 
   and powers off, or stays up if the kernel command line has ``vmt.stay``. The ``id`` and
-  ``sha`` prove that the guest read its disk. A guest that cannot mount its root prints
+  ``sha`` prove that the guest read its disk. With ``rw vmt.write=N`` it then writes N MiB
+  (N numbered copies of the blob) to ``/vmt-written`` (``VMT-WROTE mib=N sha=<sha256>``)
+  and stays up, printing ``VMT-TICK n=<i>`` every second and, every 8th, ``VMT-CHECK n=<i>
+  sha=<sha256>`` of the file read again from its disk (page cache dropped): a migrated
+  guest shows it runs on, on its new disk. A guest that cannot mount its root prints
   ``VMT-FAIL ...`` and powers off.
 
 The artifacts live in ``<cache_dir>/<key>/``, ``key`` a hash of the package versions and of
@@ -101,6 +105,30 @@ $B hostname -F /etc/hostname
 sum=$($B sha256sum /etc/vmt/blob)
 read up idle < /proc/uptime
 echo "VMT-BOOTED host=$($B hostname) id=$($B cat /etc/vmt/id) sha=${sum%% *} uptime=$up"
+for a in $($B cat /proc/cmdline); do
+  case $a in vmt.write=*)  # (needs rw) N MiB of new data on the disk, then ticks
+    i=0
+    while [ $i -lt ${a#vmt.write=} ]; do  # cheap under TCG, unlike /dev/urandom
+      echo "vmt chunk $i"
+      $B cat /etc/vmt/blob
+      i=$((i+1))
+    done > /vmt-written
+    $B sync
+    sum=$($B sha256sum /vmt-written)
+    echo "VMT-WROTE mib=${a#vmt.write=} sha=${sum%% *}"
+    n=0
+    while :; do  # alive; every 8th tick re-read from the disk, not the page cache
+      $B sleep 1
+      n=$((n+1))
+      echo "VMT-TICK n=$n"
+      if [ $((n % 8)) = 0 ]; then
+        echo 3 > /proc/sys/vm/drop_caches
+        sum=$($B sha256sum /vmt-written)
+        echo "VMT-CHECK n=$n sha=${sum%% *}"
+      fi
+    done ;;
+  esac
+done
 case " $($B cat /proc/cmdline) " in
   *" vmt.stay "*) while :; do $B sleep 3600; done ;;
 esac

@@ -37,6 +37,24 @@ class Guests:
     def guest_list(self) -> list[str]:
         return sorted(self.guests)
 
+    # live migration: the destination's side, then the source's (each node in its process)
+    def guest_migrate_prepare(self, userid: str, vcpus: int, memory_mb: int, image: str) -> dict:
+        self.guests[userid] = {"state": "incoming", "image": image}
+        return {"disk": f"/fake/{userid}.qcow2"}
+
+    def guest_migrate(self, userid: str, incoming: dict[str, Any]) -> dict[str, Any]:
+        del self.guests[userid]
+        return {"disk_bytes": str(16 << 20), "memory_bytes": str(90 << 20)}
+
+    def guest_migrate_finish(self, userid: str) -> bool:
+        self.guests[userid]["state"] = "on"
+        return True
+
+    def guest_migrate_abort(self, userid: str) -> str:
+        if self.guests.get(userid, {}).get("state") == "incoming":
+            del self.guests[userid]
+        return "removed"
+
 
 def main() -> None:
     port = int(sys.argv[1])

@@ -179,12 +179,7 @@ def test_cluster_burst_of_4_on_2_nodes_runs_spread_2_2_then_destroys(
         )
     finally:
         silent.close()
-        if volt.proc is not None:
-            volt.stop()
-        for node in nodes.values():
-            if node.proc is not None:
-                delete_guests(node)
-                node.stop()
+        stop_all(volt, nodes)
 
 
 def not_deleted(view: dict) -> str:
@@ -193,6 +188,16 @@ def not_deleted(view: dict) -> str:
     lines = [f"{vm['name']} ({vm['userid']}) on {vm['node']}: {vm['status']}: {vm['error']}"
              for vm in view["vms"] if vm["status"] != "DELETED"]  # fmt: skip
     return f"task {view['task']} is {view['status']}:\n" + "\n".join(lines)
+
+
+def stop_all(volt: VoltProcess, nodes: dict[str, VirtmanProcess]) -> None:
+    """volt-api, then each node with its guests deleted (best effort), if started."""
+    if volt.proc is not None:
+        volt.stop()
+    for node in nodes.values():
+        if node.proc is not None:
+            delete_guests(node)
+            node.stop()
 
 
 def delete_guests(node: VirtmanProcess) -> None:

@@ -1,8 +1,8 @@
 """Issue 13, Build 2: the seed's own curl lines (seeds/003), unchanged, against volt-api's
-Snooze routes. They name localhost:5001 (group manager) and localhost:5000 (bootstrap), so
-the run gets its own network namespace: volt-api (noauth, as Snooze has no credentials)
-listens on 127.0.0.1:5001 there, socat forwards 5000 to it, and two fake nodes answer the
-guest API (tests/functional/fakenode.py)."""
+Snooze routes, and a migrateVirtualMachine with the seed's body. They name localhost:5001
+(group manager) and localhost:5000 (bootstrap), so the run gets its own network namespace:
+volt-api (noauth, as Snooze has no credentials) listens on 127.0.0.1:5001 there, socat
+forwards 5000 to it, and two fake nodes answer the guest API (tests/functional/fakenode.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ START = ('curl -H "Content-Type: application/json" -X POST -d "$template" '
 POLL = ('curl -H "Content-Type: application/json" -X POST -d "{task}" '
         "http://localhost:5001/groupmanager?getVirtualClusterResponse")  # fmt: skip
 LIST = "curl localhost:5000/bootstrap?getLocalControllerList"
+# The seed gives migrate's body, not a curl line: this one is in the style of the others.
+MIGRATE = ('curl -H "Content-Type: application/json" -X POST -d "$body" '
+           "http://localhost:5001/groupmanager?migrateVirtualMachine")  # fmt: skip
 
 
 @pytest.fixture
@@ -126,6 +129,21 @@ def test_seed_curl_lines_work_unchanged(netns: str) -> None:
                 ("lc1", "ACTIVE"), ("lc2", "ACTIVE")]  # fmt: skip
             assert [c["controlDataAddress"]["port"] for c in controllers] == [7775, 7776]
             assert sum(len(c["assignedVirtualMachines"]) for c in controllers) == 1
+
+            # migrate, as the seed's libcloud does: the destination is another location
+            other = next(c["id"] for c in controllers if c["id"] != location["localControllerId"])
+            body = {"sourceVirtualMachineLocation": location,
+                    "destinationVirtualMachineLocation": {**location, "localControllerId": other},
+                    "destinationHypervisorSettings": {}, "migrated": False}  # fmt: skip
+            assert json.loads(sh(MIGRATE, body=json.dumps(body))) is True
+
+            def moved() -> bool:
+                listed = json.loads(sh(LIST))["localControllers"]
+                return {c["id"]: c["assignedVirtualMachines"] for c in listed}[other] == ["debian1"]
+
+            wait_until(moved, timeout_s=20, what="the migration", max_interval_s=0.1)
+            (vm,) = json.loads(sh(POLL.format(task=task)))["virtualMachineMetaData"]
+            assert vm["virtualMachineLocation"]["localControllerId"] == other
         finally:
             for proc in reversed(procs):
                 proc.terminate()

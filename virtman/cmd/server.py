@@ -21,7 +21,7 @@ from virtman.compute import Virtman
 from virtman.conf import Settings
 from virtman.drivers import load_driver
 from virtman.errors import JournalCorrupt, VirtmanError
-from virtman.guest import sources
+from virtman.guest import migration, sources
 from virtman.guest.disk_export import DiskExports
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
@@ -153,6 +153,12 @@ def build_guests(virtman: Virtman, settings: Settings) -> Guests | VCenterGuests
         cmdline=CONF.guest_cmdline,
         name_prefix=CONF.guest_name_prefix,
         state_dir=settings.state_dir,
+        migration_settings=migration.Settings(
+            uri=CONF.guest_migration_uri or CONF.guest_libvirt_uri,
+            host=CONF.guest_migration_host or settings.host_ip,
+            timeout_s=CONF.guest_migration_timeout,
+            bandwidth_mib_s=CONF.guest_migration_bandwidth,
+        ),
     )
     try:
         guests.adopt()

@@ -13,10 +13,15 @@ as ours). Lifecycle:
 - ``set_nics`` records the guest's NICs (virtio, each on a Linux bridge, its MAC fixed) and
   attaches them to (or detaches them from) its domain's definition, and with ``live`` from
   the running guest too; a domain defined later (deploy, adopt) has them.
+- live migration (``virtman.guest.migration``): the destination's ``prepare_incoming``
+  records the guest as ``incoming`` and makes its snapshot; the source's ``migrate`` moves
+  it and then releases its own domain, snapshot and record; the destination's
+  ``finish_incoming`` records it running, or ``abort_incoming`` removes what prepare made.
 
 ``adopt`` (at every start of the daemon) reads the journal: running domains are adopted
 as they are (never restarted); a deploy a crash interrupted is undone or finished; a
-recorded domain that is gone is defined again from the record; a domain of ours (prefix +
+recorded domain that is gone is defined again from the record; an incoming guest whose
+migration never arrived is removed; a domain of ours (prefix +
 metadata) with no record is an orphan: logged and listed by ``orphans()``, never touched.
 
 Thread-safe: one lock per userid serialises the verbs of a guest; libvirt's connection is
@@ -45,16 +50,21 @@ from brick.exception import Timeout
 from brick.wait import wait_until
 from virtman import validation
 from virtman.errors import (
+    GuestExists,
     GuestStateError,
     VirtmanError,
 )
+from virtman.guest import migration
 from virtman.guest.domains import VirtualMachines, VMError
 from virtman.guest.records import (
     KIND,
+    MAX_VCPUS,
+    MEMORY_MB,
     Connections,
     GuestRecords,
     boot_time,
     check_softstop,
+    integer,
     result_of,
     validate_userid,
 )
@@ -108,6 +118,7 @@ class Guests(GuestRecords):
         cmdline: str,
         name_prefix: str = "guest-",
         state_dir: Path | None = None,
+        migration_settings: migration.Settings | None = None,
     ) -> None:
         super().__init__(virtman.journal, name_prefix)
         self.virtman = virtman
@@ -116,6 +127,7 @@ class Guests(GuestRecords):
         self.console_dir = console_dir
         self.kernel, self.initrd, self.cmdline = kernel, initrd, cmdline
         self.state_dir = state_dir or console_dir
+        self.migration = migration_settings or migration.Settings(vms.uri, "127.0.0.1")
         self._vms_lock = threading.Lock()  # VirtualMachines opens its connection lazily
         self._orphans: builtins.list[str] = []
 
@@ -408,17 +420,160 @@ class Guests(GuestRecords):
     def delete(self, userid: str) -> None:
         """Power off, undefine, release the snapshot, forget. ``GuestNotFound`` if unknown."""
         with self._locked(userid) as uid:
-            record = self._record(uid)
-            instance = self.instance_name(uid)
-            with self._vms_lock:
-                self.vms.destroy(instance)  # no domain: nothing to do
-            if record.get("disk") or record.get("deploying"):
-                code, info = result_of(self.virtman.destroy(instance))
-                if code == 2:
-                    raise VirtmanError(f"delete of {uid}: releasing its snapshot failed: {info}")
-            self._console(uid).unlink(missing_ok=True)
-            self.journal.drop(KIND, uid)
+            self._remove(uid, self._record(uid), "delete")
         LOG.info("guest %s deleted", uid)
+
+    def _remove(self, uid: str, record: dict[str, Any], what: str) -> None:
+        """Power off and undefine the guest's domain (none: nothing to do), release its
+        snapshot, forget its console and record; ``VirtmanError`` naming ``what`` if the
+        snapshot cannot be released."""
+        instance = self.instance_name(uid)
+        with self._vms_lock:
+            self.vms.destroy(instance)
+        if record.get("disk") or record.get("deploying"):
+            code, info = result_of(self.virtman.destroy(instance))
+            if code == 2:
+                raise VirtmanError(f"{what} of {uid}: releasing its snapshot failed: {info}")
+        self._console(uid).unlink(missing_ok=True)
+        self.journal.drop(KIND, uid)
+
+    # -- live migration --------------------------------------------------------------------------
+    def prepare_incoming(
+        self, userid: str, vcpus: int, memory_mb: int, image: str
+    ) -> dict[str, str]:
+        """Join ``image``'s tree (this node's own stack) and make a new, empty snapshot for
+        a guest about to arrive by migration; what its source needs (``Incoming``).
+        ``GuestExists`` if the guest is recorded here; on any failure nothing is left."""
+        uid = validate_userid(userid)
+        name = validation.image_name(image)
+        record = {
+            "userid": uid,
+            "instance": self.instance_name(uid),
+            "vcpus": integer("vcpus", vcpus, 1, MAX_VCPUS),
+            "memory_mb": integer("memory_mb", memory_mb, *MEMORY_MB),
+            "disk_gb": 0,
+            "image": None,
+            "disk": None,
+            "state": "off",
+            "incoming": True,
+        }
+        if not (self.kernel and self.initrd):
+            raise GuestStateError(uid, "guest_kernel and guest_initrd are not configured")
+        instance = self.instance_name(uid)
+        with self._locked(uid):
+            if uid in self.journal.records(KIND):
+                raise GuestExists(uid)
+            # Recorded first: a crash in between leaves a record adopt() removes.
+            record = self._save(uid, record, deploying=name)
+            try:
+                code, info = result_of(
+                    self.virtman.create(instance, name, self.connections(name), None)
+                )
+                if code != 0:
+                    raise VirtmanError(f"incoming {uid}: the snapshot of {name} failed: {info}")
+            except BaseException:
+                self.journal.drop(KIND, uid)
+                raise
+            self._save(uid, record, deploying=None, image=name, disk=info, state="incoming")
+            self.console_dir.mkdir(parents=True, exist_ok=True)
+        LOG.info("guest %s: ready to arrive from another node on %s", uid, info)
+        return migration.Incoming(
+            domain=self.vms.domain_name(instance),
+            disk=info,
+            console=str(self._console(uid)),
+            kernel=str(self.kernel),
+            initrd=str(self.initrd),
+            libvirt_uri=self.migration.uri,
+            host=self.migration.host,
+        ).as_dict()
+
+    def migrate(self, userid: str, incoming: Any) -> dict[str, Any]:
+        """Live-migrate a running guest to the node that answered ``incoming``
+        (``prepare_incoming``), then release it here (domain, snapshot, record); the
+        migration's figures. On a failure the guest runs on here as before (``VMError``)."""
+        plan = migration.Incoming.parse(incoming)
+        with self._locked(userid) as uid:
+            record, dom = self._deployed(uid)
+            if record.get("incoming"):
+                raise GuestStateError(uid, "it is arriving here, not leaving")
+            self._running(uid, dom, "migrate")
+            disk = Path(record["disk"])
+            if disk.exists() and stat.S_ISBLK(disk.stat().st_mode):
+                raise GuestStateError(uid, "live migration needs a file disk (the qemu driver)")
+            if dom.name() != plan.domain:
+                raise GuestStateError(
+                    uid, f"the destination expects domain {plan.domain}, here it is "
+                    f"{dom.name()}: the nodes' guest_name_prefix differ",
+                )  # fmt: skip
+            xml = self._call(
+                uid, "migratable XML", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+            )
+            xml = migration.destination_xml(xml, record["disk"], plan)
+            LOG.info("guest %s: migrating to %s (%s)", uid, plan.libvirt_uri, plan.disk)
+            try:
+                figures = migration.migrate(
+                    dom, plan, xml,
+                    timeout_s=self.migration.timeout_s,
+                    bandwidth_mib_s=self.migration.bandwidth_mib_s,
+                )  # fmt: skip
+            except libvirt.libvirtError as err:
+                LOG.warning("guest %s: migration failed, it runs on here: %s", uid, err)
+                raise VMError(f"guest {uid}: migration failed, it runs on here: {err}") from err
+            LOG.info("guest %s: migrated to %s: %s", uid, plan.libvirt_uri, figures)
+            return {**figures, **self._release(uid)}
+
+    def _release(self, uid: str) -> dict[str, str]:
+        """What stays of a guest that left: its domain (shut off), its snapshot (and its
+        stack when no other instance uses it), its console and record, removed. Failures
+        are logged and answered (the guest runs elsewhere now)."""
+        instance = self.instance_name(uid)
+        errors = []
+        try:
+            with self._vms_lock:
+                self.vms.destroy(instance)
+        except VirtmanError as err:
+            errors.append(f"undefine: {err}")
+        code, info = result_of(self.virtman.destroy(instance))
+        if code == 2:
+            errors.append(f"snapshot: {info}")
+        self._console(uid).unlink(missing_ok=True)
+        self.journal.drop(KIND, uid)
+        if errors:
+            LOG.warning("guest %s left, but here: %s", uid, "; ".join(errors))
+            return {"source_cleanup_error": "; ".join(errors)}
+        return {}
+
+    def finish_incoming(self, userid: str) -> None:
+        """Record a guest that arrived by migration as running here."""
+        with self._locked(userid) as uid:
+            record = self._record(uid)
+            if not record.get("incoming"):
+                raise GuestStateError(uid, "it is not arriving by migration")
+            dom = self._domain(uid)
+            if dom is None or not dom.isActive():
+                raise GuestStateError(uid, "its migrated domain does not run here")
+            self._save(uid, record, incoming=False, state="on")
+        LOG.info("guest %s arrived by migration", uid)
+
+    def abort_incoming(self, userid: str) -> str:
+        """Undo ``prepare_incoming`` after a failed migration: "removed" (nothing of it is
+        left here), "running" (it did arrive: kept) or "kept" (a guest of this node, not
+        an incoming one: untouched)."""
+        with self._locked(userid) as uid:
+            record = self.journal.records(KIND).get(uid)
+            if record is None:
+                return "removed"
+            if not record.get("incoming"):
+                return "kept"
+            dom = self._domain(uid)
+            if dom is not None and dom.isActive():
+                return "running"
+            self._undo_incoming(uid, record)
+        return "removed"
+
+    def _undo_incoming(self, uid: str, record: dict[str, Any]) -> None:
+        self._remove(uid, record, "undoing the arrival")
+        LOG.info("guest %s: its arrival was undone (nothing left)", uid)
 
     def host_info(self) -> dict[str, Any]:
         """What z/VM's host_get_info gives, for this Linux/KVM host (disk in GB, memory in
@@ -461,6 +616,15 @@ class Guests(GuestRecords):
         for uid, record in sorted(records.items()):
             instance = self.instance_name(uid)
             info = domains.get(instance)
+            if record.get("incoming"):
+                if info is not None and info.active:
+                    LOG.warning("guest %s: arrived by migration while we were down", uid)
+                    self._save(uid, record, incoming=False, state="on")
+                    adopted.append(f"{uid}(on)")
+                else:
+                    LOG.warning("guest %s: its migration never arrived: undone", uid)
+                    self._undo_incoming(uid, record)
+                continue
             if record.get("deploying") and not record.get("disk"):
                 self._finish_deploy(uid, record, info is not None)
                 continue

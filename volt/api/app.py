@@ -83,6 +83,7 @@ def cluster_routes(app: VoltApp) -> list[tuple[str, dict[str, Handler]]]:
         ("/v1/clusters/{task_id}", {"GET": c.show, "DELETE": c.delete}),
         ("/v1/vms/{vm_id}", {"GET": c.show_vm}),
         ("/v1/vms/{vm_id}/action", {"POST": c.vm_action}),
+        ("/v1/vms/{vm_id}/migrate", {"POST": c.migrate}),
         ("/v1/nodes", {"GET": c.nodes}),
         ("/groupmanager", {"POST": c.groupmanager}),  # Snooze: ?startVirtualCluster ...
         # Snooze: GET ?getLocalControllerList, POST the per-VM ...VirtualMachine verbs
@@ -105,6 +106,7 @@ ADMIN_ONLY = frozenset(
         ("DELETE", "/v1/clusters/{task_id}"),
         ("GET", "/v1/vms/{vm_id}"),
         ("POST", "/v1/vms/{vm_id}/action"),
+        ("POST", "/v1/vms/{vm_id}/migrate"),
         ("GET", "/v1/nodes"),
         ("POST", "/groupmanager"),
         ("GET", "/bootstrap"),
@@ -120,6 +122,7 @@ TAKES_BODY = frozenset(
         ("PUT", "/v1/members/heartbeat"),
         ("POST", "/v1/clusters"),
         ("POST", "/v1/vms/{vm_id}/action"),
+        ("POST", "/v1/vms/{vm_id}/migrate"),
     }
 )
 # Operations whose body reaches the handler as bytes (Snooze sends a bare task id).

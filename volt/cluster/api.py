@@ -6,7 +6,7 @@ from importlib import resources
 from typing import Any
 
 from volt.api.request import Request, Response, parse_json
-from volt.cluster import model, snooze, status
+from volt.cluster import migration, model, snooze, status
 from volt.cluster.controller import ACTIONS, Controller
 from volt.cluster.model import VMSpec
 from volt.errors import InvalidInput, RouteNotFound
@@ -126,6 +126,14 @@ class ClusterHandlers:
         href = f"/v1/vms/{vm.userid}"
         return Response(202, {"vm": vm.userid, "action": action, "href": href})
 
+    def migrate(self, req: Request) -> Response:
+        vm = self.controller.records.vm(vm_id(req.params["vm_id"]))
+        vm = self.controller.migrate(vm, migration.destination_of(req.body))
+        moving = migration.migration_of(vm)
+        href = f"/v1/vms/{vm.userid}"
+        return Response(202, {"vm": vm.userid, "from": moving["from"], "to": moving["to"],
+                              "href": href})  # fmt: skip
+
     def nodes(self, req: Request) -> Response:
         return Response(200, self.controller.node_states())
 
@@ -174,6 +182,11 @@ class ClusterHandlers:
             return Response(200, answer)
         if req.query in snooze.VM_VERBS:
             return self._vm_verb(req.query, raw)
+        if req.query == "migrateVirtualMachine":
+            name, node, destination = snooze.migrate_request(parse_json(raw))
+            vm = snooze.pick(self.controller.records.live_named(name), name, node)
+            self.controller.migrate(vm, destination)
+            return Response(200, True)
         raise RouteNotFound(f"no such group manager method: {req.query!r}")
 
     def bootstrap(self, req: Request) -> Response:

@@ -3,7 +3,8 @@
 Dispatch is a bounded thread pool; each VM is brought up by one worker calling its node's
 ``guest_create`` -> ``guest_deploy`` -> ``guest_action start`` (XML-RPC, virtmanclient),
 recording every step in the store. A VM whose node fails on the way is tried once more on
-another node with room (its leftovers on the failed node are deleted, best effort).
+another node with room (its leftovers on the failed node are deleted, best effort). A
+RUNNING VM moves to another node by live migration (``migrate``; volt.cluster.migration).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from volt.cluster import model
+from volt.cluster import migration, model
 from volt.cluster.capacity import CapacityCache
 from volt.cluster.model import VM, Records, VMSpec
 from volt.cluster.nodes import INFO_TIMEOUT_S, NodeEndpoint
@@ -85,12 +86,15 @@ class Controller:
         its backend (libvirt or vcenter), stale or not, capacity (host info capped by the
         nodes file), what the controller placed there, its VMs."""
         vms = [vm for vm in self.records.all_vms() if vm.status in model.HOLDS_ROOM]
+        # a migrating VM holds room on its destination too
+        arriving = {vm.userid: migration.migration_of(vm)["to"] for vm in vms
+                    if migration.migrating(vm)}  # fmt: skip
         now = self.capacity.clock()
         states = []
         for node_id, node in self.nodes.items():
             probe = self.capacity.get(node_id)
             info = probe.info if probe is not None else None
-            mine = [vm for vm in vms if vm.node == node_id]
+            mine = [vm for vm in vms if node_id in (vm.node, arriving.get(vm.userid))]
             capacity = None
             if info is not None:
                 vcpus, memory = int(info.get("vcpus", 0)), int(info.get("memory_mb", 0))
@@ -176,6 +180,9 @@ class Controller:
         vms = self.records.vms(task_id)
         if not all(vm.status in model.FINISHED for vm in vms):
             raise Conflict(f"cluster task {task_id} is still in progress; destroy it when done")
+        moving = [vm.userid for vm in vms if migration.migrating(vm)]
+        if moving:
+            raise Conflict(f"VMs {moving} of task {task_id} are migrating; destroy it after")
         for vm in vms:
             if vm.status != model.DELETED:
                 self._pool.submit(self._destroy, self.records.update(vm, model.DELETING))
@@ -185,6 +192,8 @@ class Controller:
         the VM is not in a state to take it."""
         if action not in ACTIONS:
             raise InvalidInput("action", f"must be one of {sorted(ACTIONS)}")
+        if migration.migrating(vm):
+            raise Conflict(f"VM {vm.userid} is migrating; {action} it when it has moved")
         if action == "destroy":
             if vm.status not in (model.RUNNING, model.ERROR):
                 raise Conflict(f"VM {vm.userid} is {vm.status}; destroy needs RUNNING or ERROR")
@@ -194,6 +203,19 @@ class Controller:
             raise Conflict(f"VM {vm.userid} is {vm.status}; {action} needs RUNNING")
         LOG.info("cluster: %s of VM %s on %s", action, vm.userid, vm.node)
         self._pool.submit(self._power, vm, action)
+
+    def migrate(self, vm: VM, destination: object) -> VM:
+        """Check and dispatch a live migration of ``vm`` (in the background); the VM as
+        recorded, migrating. ``InvalidInput`` naming ``destination`` or ``Conflict``: nothing
+        recorded or dispatched (volt.cluster.migration.check)."""
+        with self._lock:  # the destination's room is checked and taken at once
+            vm = self.records.vm(vm.userid)
+            target = migration.check(vm, destination, self.node_states())
+            moving = {"state": migration.MIGRATING, "from": vm.node, "to": target}
+            vm = self.records.note(vm, extra={**(vm.extra or {}), "migration": moving})
+        LOG.info("cluster: VM %s migrates from %s to %s", vm.userid, vm.node, target)
+        self._pool.submit(self._migrate, vm)
+        return vm
 
     # -- workers --------------------------------------------------------------------------------
     def _client(self, node_id: str, timeout: float = CALL_TIMEOUT_S) -> Any:
@@ -272,6 +294,56 @@ class Controller:
                 self.records.note(vm, extra={**(vm.extra or {}), "power": power}, error=None)
             except Exception:  # e.g. destroyed meanwhile (Conflict)
                 LOG.exception("cluster: recording %s of %s", action, vm.userid)
+
+    def _migrate(self, vm: VM) -> None:
+        """Prepare the destination, migrate from the source, finish on the destination;
+        on a failure the guest stays on the source and the destination is undone."""
+        with self._vm_lock(vm.userid):
+            moving = migration.migration_of(vm)
+            source, target = str(moving["from"]), str(moving["to"])
+            step = f"guest_migrate_prepare on {target}"
+            try:
+                incoming = self._client(target).call(
+                    "guest_migrate_prepare", vm.userid, vm.vcpus, vm.memory_mb, vm.image
+                )
+                step = f"guest_migrate on {source}"
+                answer = self._client(source).call("guest_migrate", vm.userid, incoming)
+            except Exception as exc:
+                reason = f"{step}: {exc}"
+                if self._undo_incoming(vm.userid, target) != "running":
+                    LOG.warning("cluster: migration of %s failed: %s", vm.userid, reason)
+                    self._record_migration(vm, source, migration.FAILED, moving, reason)
+                    return
+                LOG.warning("cluster: %s: %s, yet it runs on %s", vm.userid, reason, target)
+                answer = {}
+            error = None
+            try:
+                self._client(target).call("guest_migrate_finish", vm.userid)
+            except Exception as exc:  # it runs there: recorded there, with the reason
+                error = f"guest_migrate_finish on {target}: {exc}"
+                LOG.warning("cluster: migration of %s: %s", vm.userid, error)
+            done = {**moving, **migration.stats_of(answer)}
+            self._record_migration(vm, target, migration.DONE, done, error)
+            LOG.info("cluster: VM %s moved from %s to %s: %s", vm.userid, source, target, done)
+
+    def _undo_incoming(self, userid: str, target: str) -> str:
+        """The destination's answer to ``guest_migrate_abort``: "removed", "running" (the
+        guest did arrive) or "unknown" when the node does not answer."""
+        try:
+            return str(self._client(target).call("guest_migrate_abort", userid))
+        except Exception as exc:
+            LOG.warning("cluster: undoing %s's arrival on %s: %s", userid, target, exc)
+            return "unknown"
+
+    def _record_migration(
+        self, vm: VM, node: str, state: str, moving: dict[str, object], error: str | None
+    ) -> None:
+        try:
+            vm = self.records.vm(vm.userid)
+            extra = {**(vm.extra or {}), "migration": {**moving, "state": state}}
+            self.records.note(vm, node=node, extra=extra, error=error)
+        except Exception:
+            LOG.exception("cluster: recording the migration of %s", vm.userid)
 
     def _vm_lock(self, userid: str) -> threading.Lock:
         with self._lock:

@@ -110,6 +110,7 @@ class VM:
             "address": self.address,
             "error": self.error,
             "attempts": self.attempts,
+            "migration": (self.extra or {}).get("migration"),
         }
 
 

@@ -12,6 +12,11 @@
   is the VM's id (its name or userid; raw or a JSON string) or a VirtualMachineLocation
   (``virtualMachineId``, optional ``localControllerId``); the answer is ``true`` once the
   action is dispatched (the same per-VM actions as ``POST /v1/vms/{vm_id}/action``).
+* ``POST /groupmanager?migrateVirtualMachine``: ``{"sourceVirtualMachineLocation",
+  "destinationVirtualMachineLocation", "destinationHypervisorSettings", "migrated": false}``;
+  the VM is the source location's, the destination node its ``localControllerId`` (the seed's
+  libcloud passes another VM's location: that VM's node); the answer is ``true`` once the
+  migration is dispatched (``POST /v1/vms/{vm_id}/migrate``).
 """
 
 from __future__ import annotations
@@ -161,6 +166,34 @@ def vm_reference(body: Any) -> tuple[str, str | None]:
     if not isinstance(body, str) or not NAME_RE.fullmatch(body):
         raise InvalidInput("virtualMachineId", "must be 1-64 of A-Z a-z 0-9 . _ -")
     return body, node
+
+
+MIGRATE_KEYS = {
+    "sourceVirtualMachineLocation", "destinationVirtualMachineLocation",
+    "destinationHypervisorSettings", "migrated",
+}  # fmt: skip
+
+
+def migrate_request(body: Any) -> tuple[str, str | None, Any]:
+    """(VM name or userid, its node or None, destination node id) of a migrateVirtualMachine
+    body; the destination is checked by the controller."""
+    if not isinstance(body, dict) or not {
+        "sourceVirtualMachineLocation", "destinationVirtualMachineLocation"
+    } <= set(body) <= MIGRATE_KEYS:  # fmt: skip
+        raise InvalidInput("body", f"must be an object with {sorted(MIGRATE_KEYS)}")
+    if body.get("migrated", False) is not False:
+        raise InvalidInput("migrated", "must be false (the migration has not happened yet)")
+    source = body["sourceVirtualMachineLocation"]
+    if not isinstance(source, dict):
+        raise InvalidInput("sourceVirtualMachineLocation", "must be a VirtualMachineLocation")
+    name, node = vm_reference(source)
+    target = body["destinationVirtualMachineLocation"]
+    if not isinstance(target, dict) or "localControllerId" not in target:
+        raise InvalidInput(
+            "destinationVirtualMachineLocation.localControllerId",
+            "is required: the destination node",
+        )
+    return name, node, target["localControllerId"]
 
 
 def pick(found: list[VM], name: str, node: str | None) -> VM:

@@ -143,12 +143,34 @@ class FakeDomain:
     def memoryStats(self) -> dict[str, int]:
         return {"actual": 131072, "rss": 90000}
 
+    # live migration: the guest lands on ``dconn`` (another FakeConnection) with its XML
+    def migrate3(self, dconn: FakeConnection, params: dict[str, Any], flags: int) -> FakeDomain:
+        self._need_active()
+        self.calls.append("migrate3")
+        if self.conn.fail_migrate:
+            raise libvirt_error(libvirt.VIR_ERR_OPERATION_FAILED, "migration job: aborted")
+        arrived = dconn.defineXML(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
+        arrived.state_ = libvirt.VIR_DOMAIN_RUNNING
+        self.state_, self.id = libvirt.VIR_DOMAIN_SHUTOFF, -1
+        return arrived
+
+    def jobStats(self, flags: int = 0) -> dict[str, int]:
+        return {"disk_processed": 16 << 20, "memory_processed": 90 << 20,
+                "data_processed": 106 << 20, "downtime": 40}  # fmt: skip
+
+    def blockInfo(self, dev: str) -> list[int]:
+        return [64 << 20, 17 << 20, 17 << 20]
+
+    def blockStats(self, dev: str) -> tuple[int, ...]:
+        return (10, 4096, 20, 16 << 20, 0)
+
 
 class FakeConnection:
     def __init__(self) -> None:
         self.domains: dict[str, FakeDomain] = {}
         self.next_id = 0
         self.refuse_mac: str | None = None  # attachDeviceFlags fails for this NIC
+        self.fail_migrate = False
 
     def isAlive(self) -> bool:
         return True
@@ -222,8 +244,13 @@ class FakeVirtman:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> dict[str, Any]:
+    return make_rig(tmp_path)
+
+
+def make_rig(tmp_path: Path) -> dict[str, Any]:
+    """A node's guests over a fake libvirt connection and a fake Virtman in ``tmp_path``."""
     boot = tmp_path / "boot"
-    boot.mkdir()
+    boot.mkdir(parents=True)
     (boot / "vmlinuz").write_bytes(b"k")
     (boot / "initrd").write_bytes(b"i")
     conn = FakeConnection()

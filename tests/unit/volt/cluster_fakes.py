@@ -52,6 +52,22 @@ class FakeNode:
                 self.guests[userid]["state"] = states[args[1]]
             elif method == "guest_power_state":
                 return self.guests[userid]["state"]
+            elif method == "guest_migrate_prepare":
+                if userid in self.guests:
+                    raise RuntimeError(f"guest {userid} exists already")
+                self.guests[userid] = {"state": "incoming", "vcpus": args[1],
+                                       "memory_mb": args[2], "image": args[3]}  # fmt: skip
+                return {"disk": f"/{self.endpoint.id}/{userid}.qcow2"}
+            elif method == "guest_migrate":  # the incoming disk must be the destination's
+                assert args[1]["disk"].endswith(f"/{userid}.qcow2"), args
+                del self.guests[userid]
+                return {"disk_bytes": str(16 << 20), "memory_bytes": 90 << 20, "seconds": 3.5}
+            elif method == "guest_migrate_finish":
+                self.guests[userid]["state"] = "on"
+            elif method == "guest_migrate_abort":
+                if self.guests.get(userid, {}).get("state") == "incoming":
+                    del self.guests[userid]
+                return "removed"
             elif method == "guest_delete":
                 if userid not in self.guests:
                     raise RuntimeError(f"guest {userid} does not exist")

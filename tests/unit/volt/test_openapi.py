@@ -54,6 +54,7 @@ EXPECTED_STATUSES = {
     ("/v1/clusters/{task_id}", "delete"): {"202", "400", "401", "403", "404", "409"},
     ("/v1/vms/{vm_id}", "get"): {"200", "400", "401", "403", "404"},
     ("/v1/vms/{vm_id}/action", "post"): {"202", "400", "401", "403", "404", "408", "409", "413"},
+    ("/v1/vms/{vm_id}/migrate", "post"): {"202", "400", "401", "403", "404", "408", "409", "413"},
     ("/v1/nodes", "get"): {"200", "401", "403"},
     ("/groupmanager", "post"): {"200", "400", "401", "403", "404", "408", "409", "413"},
     ("/bootstrap", "get"): {"200", "401", "403", "404"},
@@ -217,6 +218,7 @@ def test_request_bodies(doc: dict[str, Any]) -> None:
         ("/v1/members/heartbeat", "put"),
         ("/v1/clusters", "post"),
         ("/v1/vms/{vm_id}/action", "post"),
+        ("/v1/vms/{vm_id}/migrate", "post"),
         ("/groupmanager", "post"),
         ("/bootstrap", "post"),
     }
@@ -229,6 +231,7 @@ def test_request_bodies(doc: dict[str, Any]) -> None:
     assert action["required"] == ["action"]
     assert set(action["properties"]["action"]["enum"]) == ACTIONS
     assert set(bodies[("/v1/clusters", "post")]["properties"]) == CLUSTER_KEYS
+    assert bodies[("/v1/vms/{vm_id}/migrate", "post")]["required"] == ["destination"]
     for where, body in bodies.items():
         if where[0] not in SNOOZE_PATHS:  # Snooze's bodies are its own
             assert body["additionalProperties"] is False
