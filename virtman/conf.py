@@ -488,6 +488,15 @@ zvm_opts = [
         help="Largest image (GiB) image_import fetches from an http(s):// URL into the first "
         "of image_dirs; a longer answer is refused and nothing is kept.",
     ),
+    cfg.ListOpt(
+        "zvm_image_import_url_prefixes",
+        default=[],
+        help="URL prefixes image_import may fetch http(s):// images from, e.g. "
+        "https://images.example.org/glance/ (a URL must be one of them or below one at a / "
+        "boundary; redirects are checked too). Empty (the default): URL imports are refused, "
+        "file:// imports from image_dirs still work; without this list anyone holding the "
+        "API's credential could make the node fetch from any address it reaches.",
+    ),
     cfg.StrOpt(
         "zvm_bridge",
         default="virbr0",

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -101,17 +101,20 @@ class Catalogue:
         *,
         max_import_bytes: int = MAX_IMPORT_BYTES,
         fetch_timeout_s: float = FETCH_TIMEOUT_S,
+        url_prefixes: Sequence[str] = (),
     ) -> None:
         """``instances_of(target)``: the instances of this node on image target ``target``;
         ``drop_idle(target)``: tear down this node's unused stack of it (None: none left,
         else why it stays: ``Virtman.drop_idle_image``); ``max_import_bytes`` and
-        ``fetch_timeout_s`` (per read) bound an import from an http(s) URL."""
+        ``fetch_timeout_s`` (per read) bound an import from an http(s) URL, allowed only under
+        ``url_prefixes`` (none: no URL imports)."""
         self.store = store
         self.service = service
         self.instances_of = instances_of
         self.drop_idle = drop_idle
         self.max_import_bytes = max_import_bytes
         self.fetch_timeout_s = fetch_timeout_s
+        self.url_prefixes = tuple(url_prefixes)
 
     # -- verbs -------------------------------------------------------------------------------
     def import_(self, name: str, url: str, meta: dict[str, Any]) -> None:
@@ -128,7 +131,7 @@ class Catalogue:
     def _fetch(self, name: str, url: str) -> str:
         """The new file an http(s) URL is fetched into (``<first image_dir>/volume-<name>.raw``);
         the name must be free and the file new."""
-        download.check_url(url)
+        download.check_url(url, self.url_prefixes)
         if not self.service.image_dirs:
             raise InvalidInput("url", url, "this node has no image_dirs to fetch it into")
         if self.store.get("images", name) is not None:
@@ -138,7 +141,11 @@ class Catalogue:
             raise InvalidInput("url", url, f"{dest} exists (never overwritten)")
         try:
             size, _ = download.fetch(
-                url, dest, max_bytes=self.max_import_bytes, timeout_s=self.fetch_timeout_s
+                url,
+                dest,
+                prefixes=self.url_prefixes,
+                max_bytes=self.max_import_bytes,
+                timeout_s=self.fetch_timeout_s,
             )
         except FileExistsError:
             raise InvalidInput("url", url, f"{dest} appeared meanwhile") from None

@@ -49,6 +49,7 @@ def build_server(
         lambda target: instances_on(virtman, target),
         virtman.drop_idle_image,
         max_import_bytes=conf.zvm_image_import_max_gib << 30,
+        url_prefixes=conf.zvm_image_import_url_prefixes,
     )
     api = ZvmApi(
         backend,

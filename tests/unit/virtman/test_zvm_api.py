@@ -470,6 +470,7 @@ def web(tmp_path: Path) -> Iterator[SimpleNamespace]:
 def test_import_from_an_http_url_fetches_a_new_file(node: SimpleNamespace, web) -> None:
     import hashlib
 
+    node.api.catalogue.url_prefixes = (web.url + "/",)
     call = node.call
     data = (web.files / "disk.raw").read_bytes()
     meta = {"os_version": "rhel8", "md5sum": hashlib.md5(data, usedforsecurity=False).hexdigest()}
@@ -495,11 +496,40 @@ def test_import_from_an_http_url_fetches_a_new_file(node: SimpleNamespace, web) 
     ],
 )
 def test_a_failed_url_import_leaves_nothing(node: SimpleNamespace, web, path, meta, why) -> None:
+    node.api.catalogue.url_prefixes = (web.url,)
     if "limit" in meta:
         node.api.catalogue.max_import_bytes = meta.pop("limit")
     before = sorted(p.name for p in node.images.iterdir())
     result = node.call("image_import", "web2", web.url + path, {"os_version": "rhel8", **meta})
     assert codes(result)[:3] == (400, 400, 400) and why in result["errmsg"], result
+    assert sorted(p.name for p in node.images.iterdir()) == before
+    assert node.tgt.created == [] and ok(node.call("image_query")) == []
+
+
+def test_url_imports_only_from_the_listed_prefixes(node: SimpleNamespace, web) -> None:
+    """No prefixes (the default): no URL import at all; with prefixes: only below them, at a
+    ``/`` boundary, redirects included; nothing fetched, exported or recorded otherwise."""
+    before = sorted(p.name for p in node.images.iterdir())
+    refused = node.call("image_import", "web4", f"{web.url}/disk.raw", {"os_version": "rhel8"})
+    assert codes(refused)[:3] == (400, 400, 400), refused
+    assert "zvm_image_import_url_prefixes is empty" in refused["errmsg"], refused
+    node.api.catalogue.url_prefixes = (web.url + "/pub",)
+    (web.files / "pub").mkdir()
+    (web.files / "pubx.raw").write_bytes(b"x" * 512)
+    for path, why in (
+        ("/disk.raw", "not under any of zvm_image_import_url_prefixes"),
+        ("/pubx.raw", "not under any of zvm_image_import_url_prefixes"),
+        ("/pub/../disk.raw", "must not have . or .. path segments"),  # a server resolves it
+        ("/pub/%2e%2e/disk.raw", "must not have . or .. path segments"),
+    ):
+        result = node.call("image_import", "web4", web.url + path, {"os_version": "rhel8"})
+        assert codes(result)[:3] == (400, 400, 400) and why in result["errmsg"], (path, result)
+    WebHandler.REDIRECTS["/pub/out"] = f"{web.url}/disk.raw"
+    try:
+        result = node.call("image_import", "web4", f"{web.url}/pub/out", {"os_version": "rhel8"})
+    finally:
+        del WebHandler.REDIRECTS["/pub/out"]
+    assert "not under an allowed prefix" in result["errmsg"], result
     assert sorted(p.name for p in node.images.iterdir()) == before
     assert node.tgt.created == [] and ok(node.call("image_query")) == []
 
