@@ -445,6 +445,15 @@ class Methods:
         self._guest_manager().deploy(userid, image)
         return True
 
+    def guest_create_once(self, userid: str, vcpus: int, memory_mb: int, disk_gb: int = 0) -> bool:
+        """``guest_create``, idempotent by userid (``GuestRecords.create_once``): True if
+        created now."""
+        return bool(self._guest_manager().create_once(userid, vcpus, memory_mb, disk_gb))
+
+    def guest_deploy_once(self, userid: str, image: str) -> bool:
+        """``guest_deploy``, idempotent by userid: True if deployed now."""
+        return bool(self._guest_manager().deploy_once(userid, image))
+
     def guest_action(self, userid: str, action: str, options: Any = None) -> bool:
         """``action``: start, stop, softstop (``options``: timeout_s, poll_interval_s),
         pause, unpause, reboot, reset."""

@@ -4,6 +4,11 @@ Dispatch is a bounded thread pool; each VM is brought up by one worker calling i
 ``guest_create`` -> ``guest_deploy`` -> ``guest_action start`` (XML-RPC, virtmanclient),
 recording every step in the store. A VM whose node fails on the way is tried once more on
 another node with room (its leftovers on the failed node are deleted, best effort).
+
+With a control bus (``bus``, volt/cluster/busdispatch.py) the same verbs go over it, in
+their idempotent forms (``guest_create_once``, ``guest_deploy_once``: a verb whose answer
+the bus lost is sent again over XML-RPC); the nodes' progress notifications and the
+transport of every answered verb are the VM's events (volt/cluster/events.py).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from volt.cluster import model
+from volt.cluster.busdispatch import BusDispatch
 from volt.cluster.capacity import CapacityCache
+from volt.cluster.events import Events
 from volt.cluster.model import VM, Records, VMSpec
 from volt.cluster.nodes import INFO_TIMEOUT_S, NodeEndpoint
 from volt.cluster.placement import Demand, InsufficientCapacity, Room, place
@@ -58,10 +65,14 @@ class Controller:
         controller_address: tuple[str, int] = ("127.0.0.1", 0),
         capacity_interval: float = 5.0,
         capacity: CapacityCache | None = None,
+        bus: BusDispatch | None = None,
     ) -> None:
         """``capacity``: a cache the caller refreshes (tests); default: one that asks
-        every node every ``capacity_interval`` seconds in the background."""
+        every node every ``capacity_interval`` seconds in the background (over XML-RPC).
+        ``bus``: dispatch the guest verbs over the control bus."""
         self.records = Records(store)
+        self.events = Events(store)
+        self.bus = bus
         self.nodes = {n.id: n for n in nodes}
         self.client_factory = client_factory
         self.address = controller_address
@@ -75,6 +86,8 @@ class Controller:
     def close(self) -> None:
         self.capacity.stop()
         self._pool.shutdown(wait=True)
+        if self.bus is not None:
+            self.bus.close()
 
     # -- capacity -------------------------------------------------------------------------------
     def _ask(self, node: NodeEndpoint) -> Any:
@@ -197,7 +210,38 @@ class Controller:
 
     # -- workers --------------------------------------------------------------------------------
     def _client(self, node_id: str, timeout: float = CALL_TIMEOUT_S) -> Any:
-        return self.client_factory(self.nodes[node_id], timeout)
+        node = self.nodes[node_id]
+        if self.bus is not None:
+            return self.bus.client(node, timeout, self.client_factory(node, timeout))
+        return self.client_factory(node, timeout)
+
+    def _call(self, client: Any, userid: str, method: str, *args: Any) -> Any:
+        """``client.call``, recorded as the VM's event with the transport that answered."""
+        result = client.call(method, *args)
+        self.events.dispatched(userid, method, getattr(client, "via", "") or "xmlrpc")
+        return result
+
+    def node_event(self, publisher_id: str, event_type: str, payload: Any) -> bool:
+        """A node's ``vmthunder.guest.*`` notification into its VM's events; False (and
+        nothing recorded) unless it comes from the node the VM is placed on, about a VM
+        of ours, in the notification's shape."""
+        if not isinstance(payload, dict):
+            return False
+        host, userid = payload.get("host"), payload.get("userid")
+        if not isinstance(host, str) or publisher_id != f"virtman.{host}":
+            return False
+        if not isinstance(userid, str):
+            return False
+        try:
+            vm = self.records.vm(userid)
+        except model.VMNotFound:
+            return False
+        node = self.nodes.get(vm.node or "")
+        if node is None or node.bus_host != host:
+            LOG.warning("cluster: ignored %s about %s from %s: not its node", event_type,
+                        userid, host)  # fmt: skip
+            return False
+        return self.events.from_node(host, userid, event_type, payload)
 
     def _bring_up(self, vm: VM) -> None:
         try:
@@ -212,17 +256,19 @@ class Controller:
         """One try on ``vm.node``: RUNNING, or PENDING on another node, or ERROR."""
         assert vm.node is not None
         node = vm.node
+        once = "_once" if self.bus is not None else ""  # a bus verb may be sent twice
         step = "guest_create"
         try:
             client = self._client(node)
             vm = self.records.update(vm, model.CREATING, attempts=vm.attempts + 1)
-            client.call("guest_create", vm.userid, vm.vcpus, vm.memory_mb, 0)
+            self._call(client, vm.userid, f"guest_create{once}", vm.userid, vm.vcpus,
+                       vm.memory_mb, 0)  # fmt: skip
             vm = self.records.update(vm, model.DEPLOYING)
             step = "guest_deploy"
-            client.call("guest_deploy", vm.userid, vm.image)
+            self._call(client, vm.userid, f"guest_deploy{once}", vm.userid, vm.image)
             vm = self.records.update(vm, model.STARTING)
             step = "guest_action start"
-            client.call("guest_action", vm.userid, "start")
+            self._call(client, vm.userid, "guest_action", vm.userid, "start")
             return self.records.update(vm, model.RUNNING, error=None)
         except Exception as exc:
             reason = f"{step} on {node}: {exc}"
