@@ -309,8 +309,8 @@ class Controller:
                 assert vm.node is not None
                 client = self._client(vm.node)
                 try:
-                    client.call("guest_action", vm.userid, method)
-                    power = client.call("guest_power_state", vm.userid)
+                    self._call(client, vm.userid, "guest_action", vm.userid, method)
+                    power = self._call(client, vm.userid, "guest_power_state", vm.userid)
                 except Exception as exc:
                     LOG.warning("cluster: %s of %s on %s: %s", action, vm.userid, vm.node, exc)
                     self.records.note(vm, error=f"{action} on {vm.node}: {exc}")
