@@ -148,6 +148,12 @@ class NodeBus:
             self.host_ip,
         )
 
+    @property
+    def serves_guests(self) -> bool:
+        """Whether the controller's guest calls can come over the bus now (listening, and
+        ``serve_guests`` called): the node's host info says so (``bus``)."""
+        return self._started.is_set() and self._guests is not None
+
     def wait_started(self, timeout_s: float) -> bool:
         return self._started.wait(timeout_s)
 

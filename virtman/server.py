@@ -483,7 +483,14 @@ class Methods:
         return _xmlrpc_safe(self._guest_manager().stats(userid))
 
     def guest_host_info(self) -> dict[str, Any]:
-        return _xmlrpc_safe(self._guest_manager().host_info())
+        """The backend's host info, and ``bus: true`` when the cluster controller's guest
+        calls can come over the control bus (docs/bus.rst; the controller uses it only
+        for the nodes that say so)."""
+        info = dict(_xmlrpc_safe(self._guest_manager().host_info()))
+        bus = getattr(self._virtman, "bus", None)
+        if bus is not None and bus.serves_guests:
+            info["bus"] = True
+        return info
 
     def guest_console_output(self, userid: str) -> str:
         return str(self._guest_manager().console_output(userid))

@@ -211,14 +211,23 @@ class Controller:
     # -- workers --------------------------------------------------------------------------------
     def _client(self, node_id: str, timeout: float = CALL_TIMEOUT_S) -> Any:
         node = self.nodes[node_id]
-        if self.bus is not None:
+        if self.bus is not None and self._on_bus(node_id):
             return self.bus.client(node, timeout, self.client_factory(node, timeout))
         return self.client_factory(node, timeout)
+
+    def _on_bus(self, node_id: str) -> bool:
+        """Whether the node's last host info says it takes guest calls over the bus (a
+        node without a transport_url does not: no call waits for it in vain)."""
+        probe = self.capacity.get(node_id)
+        return probe is not None and probe.info is not None and probe.info.get("bus") is True
 
     def _call(self, client: Any, userid: str, method: str, *args: Any) -> Any:
         """``client.call``, recorded as the VM's event with the transport that answered."""
         result = client.call(method, *args)
-        self.events.dispatched(userid, method, getattr(client, "via", "") or "xmlrpc")
+        try:
+            self.events.dispatched(userid, method, getattr(client, "via", "") or "xmlrpc")
+        except Exception:  # the history loses a line; the VM's step stays done
+            LOG.exception("cluster: recording %s of %s", method, userid)
         return result
 
     def node_event(self, publisher_id: str, event_type: str, payload: Any) -> bool:
@@ -256,7 +265,7 @@ class Controller:
         """One try on ``vm.node``: RUNNING, or PENDING on another node, or ERROR."""
         assert vm.node is not None
         node = vm.node
-        once = "_once" if self.bus is not None else ""  # a bus verb may be sent twice
+        once = "_once" if self.bus is not None else ""  # a verb may be sent twice
         step = "guest_create"
         try:
             client = self._client(node)
