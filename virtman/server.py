@@ -483,13 +483,13 @@ class Methods:
         return _xmlrpc_safe(self._guest_manager().stats(userid))
 
     def guest_host_info(self) -> dict[str, Any]:
-        """The backend's host info, and ``bus: true`` when the cluster controller's guest
-        calls can come over the control bus (docs/bus.rst; the controller uses it only
-        for the nodes that say so)."""
+        """The backend's host info, and ``bus``: this node's host_ip when the cluster
+        controller's guest calls can come over the control bus, to the queue of that host
+        (docs/bus.rst; the controller uses the bus only for the nodes that say so)."""
         info = dict(_xmlrpc_safe(self._guest_manager().host_info()))
         bus = getattr(self._virtman, "bus", None)
         if bus is not None and bus.serves_guests:
-            info["bus"] = True
+            info["bus"] = bus.host_ip
         return info
 
     def guest_console_output(self, userid: str) -> str:

@@ -1,8 +1,9 @@
 """The cluster controller's guest verbs over the control bus, XML-RPC when it is down.
 
-With a ``transport_url``, ``BusDispatch.client(node)`` answers each of the controller's
-guest verbs (``brick.bus.GUEST_METHODS``) by an RPC call to the node's own queue
-(``vmthunder-node.<host>``, namespace ``guest``, the node's api_token in the context), and
+With a ``transport_url``, ``BusDispatch.client(node, host)`` answers each of the
+controller's guest verbs (``brick.bus.GUEST_METHODS``) by an RPC call to the node's own
+queue (``vmthunder-node.<host>``, namespace ``guest``, the node's api_token in the context;
+``host`` is the node's host_ip as its host info says), and
 everything else, or any verb while the bus is unusable, by the node's XML-RPC API: the
 same verbs, the same token. Only idempotent verbs travel (create and deploy ``_once``, the
 power verbs), so a call sent twice never makes a second guest:
@@ -77,10 +78,10 @@ class BusDispatch:
         self._stop.set()
         self._prober.join(5.0)
 
-    def client(self, node: NodeEndpoint, timeout: float, xmlrpc: Any) -> NodeClient:
-        """The node's client: over the bus when it is usable, else ``xmlrpc`` (the node's
-        virtmanclient, or a stand-in)."""
-        return NodeClient(self, node, timeout, xmlrpc)
+    def client(self, node: NodeEndpoint, host: str, timeout: float, xmlrpc: Any) -> NodeClient:
+        """The node's client: over the bus (to the queue of ``host``, the node's host_ip)
+        when it is usable, else ``xmlrpc`` (the node's virtmanclient, or a stand-in)."""
+        return NodeClient(self, node, host, timeout, xmlrpc)
 
     # -- health ---------------------------------------------------------------------------------
     def usable(self, node_id: str) -> bool:
@@ -114,14 +115,16 @@ class BusDispatch:
         return True
 
     # -- one call -------------------------------------------------------------------------------
-    def call(self, node: NodeEndpoint, method: str, args: list[Any], timeout: float) -> Any:
+    def call(
+        self, node: NodeEndpoint, host: str, method: str, args: list[Any], timeout: float
+    ) -> Any:
         """The node's answer over the bus; ``BusUnusable`` if it did not come (the call may
         or may not have run: only idempotent verbs come here); the node's own error (an
         ``oslo_messaging.RemoteError``) as it is."""
         import oslo_messaging
 
         wait_s = min(timeout, self.call_timeout)
-        client = self._rpc.prepare(server=node.bus_host, timeout=wait_s)
+        client = self._rpc.prepare(server=host, timeout=wait_s)
         context = {"token": node.token} if node.token else {}
         outcome: dict[str, Any] = {}
         done = threading.Event()
@@ -129,7 +132,7 @@ class BusDispatch:
         def run() -> None:
             try:
                 outcome["result"] = client.call(
-                    context, bus.GUEST_CALL, host=node.bus_host, verb=method, args=args
+                    context, bus.GUEST_CALL, host=host, verb=method, args=args
                 )
             except BaseException as exc:
                 outcome["error"] = exc
@@ -175,10 +178,11 @@ class NodeClient:
     call was answered ("bus" or "xmlrpc")."""
 
     def __init__(
-        self, dispatch: BusDispatch, node: NodeEndpoint, timeout: float, xmlrpc: Any
+        self, dispatch: BusDispatch, node: NodeEndpoint, host: str, timeout: float, xmlrpc: Any
     ) -> None:
         self.dispatch = dispatch
         self.node = node
+        self.host = host
         self.timeout = timeout
         self.xmlrpc = xmlrpc
         self.via = ""
@@ -186,7 +190,7 @@ class NodeClient:
     def call(self, method: str, *args: Any) -> Any:
         if method in bus.GUEST_METHODS and self.dispatch.usable(self.node.id):
             try:
-                result = self.dispatch.call(self.node, method, list(args), self.timeout)
+                result = self.dispatch.call(self.node, self.host, method, list(args), self.timeout)
             except BusUnusable as exc:
                 LOG.info("cluster dispatch: %s; sent over XML-RPC", exc)
             else:

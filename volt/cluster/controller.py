@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 import string
 import threading
@@ -46,6 +47,7 @@ POWER_ACTIONS = {
     "reboot": "reboot",
 }
 ACTIONS = frozenset({*POWER_ACTIONS, "destroy"})
+BUS_HOST_RE = re.compile(r"[A-Za-z0-9.:-]{1,255}")  # a host_ip (IPv4, IPv6 or a name)
 
 ClientFactory = Callable[[NodeEndpoint, float], Any]
 
@@ -211,15 +213,18 @@ class Controller:
     # -- workers --------------------------------------------------------------------------------
     def _client(self, node_id: str, timeout: float = CALL_TIMEOUT_S) -> Any:
         node = self.nodes[node_id]
-        if self.bus is not None and self._on_bus(node_id):
-            return self.bus.client(node, timeout, self.client_factory(node, timeout))
+        host = self._bus_host(node_id) if self.bus is not None else None
+        if self.bus is not None and host is not None:
+            return self.bus.client(node, host, timeout, self.client_factory(node, timeout))
         return self.client_factory(node, timeout)
 
-    def _on_bus(self, node_id: str) -> bool:
-        """Whether the node's last host info says it takes guest calls over the bus (a
-        node without a transport_url does not: no call waits for it in vain)."""
+    def _bus_host(self, node_id: str) -> str | None:
+        """The host_ip whose bus queue the node takes guest calls on, as its last host
+        info says; None for a node that says none (no transport_url, its listener not up):
+        no call waits for it in vain."""
         probe = self.capacity.get(node_id)
-        return probe is not None and probe.info is not None and probe.info.get("bus") is True
+        host = None if probe is None or probe.info is None else probe.info.get("bus")
+        return host if isinstance(host, str) and BUS_HOST_RE.fullmatch(host) else None
 
     def _call(self, client: Any, userid: str, method: str, *args: Any) -> Any:
         """``client.call``, recorded as the VM's event with the transport that answered."""
@@ -245,8 +250,7 @@ class Controller:
             vm = self.records.vm(userid)
         except model.VMNotFound:
             return False
-        node = self.nodes.get(vm.node or "")
-        if node is None or node.bus_host != host:
+        if vm.node is None or self._bus_host(vm.node) != host:
             LOG.warning("cluster: ignored %s about %s from %s: not its node", event_type,
                         userid, host)  # fmt: skip
             return False

@@ -7,9 +7,7 @@
 
 ``id``: 1-64 of ``[A-Za-z0-9._-]``; ``url``: the node's virtmanserver; ``token``: its
 ``api_token`` (omit for a noauth node); ``vcpus`` / ``memory_mb`` (optional): cap what the
-controller places there below what the node's ``guest_host_info`` reports. With a control
-bus, the controller calls the node on the queue of the URL's host: write the node's
-``host_ip`` there (docs/bus.rst).
+controller places there below what the node's ``guest_host_info`` reports.
 """
 
 from __future__ import annotations
@@ -39,12 +37,6 @@ class NodeEndpoint:
     def address(self) -> tuple[str, int]:
         parts = urlsplit(self.url if "//" in self.url else f"http://{self.url}")
         return parts.hostname or "", parts.port or 7774
-
-    @property
-    def bus_host(self) -> str:
-        """The node's queue on the control bus (``vmthunder-node.<host_ip>``): the URL's
-        host, which must be the node's ``host_ip`` (docs/bus.rst)."""
-        return self.address[0]
 
     def client(self, timeout: float) -> Client:
         return Client(self.url, token=self.token, timeout=timeout)

@@ -90,8 +90,8 @@ def transports() -> Iterator[tuple[Any, Any]]:
 
 def bus_node(i: int) -> FakeNode:
     node = FakeNode(f"n{i}", vcpus=2, memory_mb=1024)
-    node.on_bus = True
-    node.endpoint = NodeEndpoint(f"n{i}", f"http://10.0.0.{i}:7774/RPC2", token=f"token{i}")
+    node.on_bus = f"10.0.0.{i}"  # the node's host_ip, its bus queue
+    node.endpoint = NodeEndpoint(f"n{i}", f"http://node{i}.example:7774/RPC2", token=f"token{i}")
     return node
 
 
@@ -102,7 +102,7 @@ class BusRig:
         self.verbs = {i: GuestVerbs(n) for i, n in self.nodes.items()}
         self.node_buses = []
         for node_id, node in self.nodes.items():
-            nb = NodeBus("fake:/", node.endpoint.bus_host, dict, transports=transports)
+            nb = NodeBus("fake:/", node.on_bus, dict, transports=transports)
             nb.serve_guests(self.verbs[node_id], node.endpoint.token)
             self.node_buses.append(nb.start())
         self.volt_bus = VoltBus("fake:/", transports=transports).start()
@@ -170,7 +170,7 @@ def test_a_burst_goes_over_the_bus_and_the_nodes_events_reach_the_task(rig: BusR
     view = wait_until(node_events, timeout_s=10, what="the nodes' progress events")
     for vm in view["vms"]:
         from_node = [e for e in vm["events"] if e["source"] != "controller"]
-        assert {e["source"] for e in from_node} == {rig.nodes[vm["node"]].endpoint.bus_host}
+        assert {e["source"] for e in from_node} == {rig.nodes[vm["node"]].on_bus}
         assert sorted((e["step"], e["detail"]) for e in from_node) == sorted(
             (step, state)
             for step in ("guest_create_once", "guest_deploy_once", "guest_action")
@@ -179,7 +179,7 @@ def test_a_burst_goes_over_the_bus_and_the_nodes_events_reach_the_task(rig: BusR
 
 
 def test_a_node_not_on_the_bus_gets_xmlrpc_at_once(rig: BusRig) -> None:
-    rig.nodes["n2"].on_bus = False  # its host info no longer says bus (no transport_url)
+    rig.nodes["n2"].on_bus = None  # its host info no longer says bus (no transport_url)
     rig.capacity.refresh_all()
     _status, answer, _ = call(rig.app, "POST", "/v1/clusters", BURST)
     view = rig.wait_done(answer["task"])
@@ -222,7 +222,7 @@ def test_an_event_about_a_vm_on_another_node_is_ignored(rig: BusRig) -> None:
     other = "10.0.0.2" if vm["node"] == "n1" else "10.0.0.1"
     payload = {"userid": vm["userid"], "step": "guest_action", "state": "done", "host": other}
     assert not rig.controller.node_event(f"virtman.{other}", bus.EVENT_GUEST_PROGRESS, payload)
-    mine = dict(payload, host=rig.nodes[vm["node"]].endpoint.bus_host)
+    mine = dict(payload, host=rig.nodes[vm["node"]].on_bus)
     assert not rig.controller.node_event(f"virtman.{other}", bus.EVENT_GUEST_PROGRESS, mine)
     assert rig.controller.node_event(f"virtman.{mine['host']}", bus.EVENT_GUEST_PROGRESS, mine)
     assert not rig.controller.node_event(
@@ -273,7 +273,7 @@ def test_broker_down_goes_xmlrpc_logs_once_and_comes_back(stubbed, caplog) -> No
     node = bus_node(1)
     node.call("guest_create", "VM1", 1, 128)
     xml = XmlRpc(node)
-    client = dispatch.client(node.endpoint, 10, xml)
+    client = dispatch.client(node.endpoint, "10.0.0.1", 10, xml)
     caplog.set_level(logging.WARNING, logger="brick.bus")
     assert client.call("guest_create_once", "VM1", 1, 128, 0) == "bus-answer"
     assert client.via == "bus"
@@ -304,7 +304,7 @@ def test_a_call_waiting_when_the_broker_dies_goes_xmlrpc(stubbed) -> None:
     node = bus_node(1)
     xml = XmlRpc(node)
     node.call("guest_create", "VM1", 1, 128)
-    client = dispatch.client(node.endpoint, 10, xml)
+    client = dispatch.client(node.endpoint, "10.0.0.1", 10, xml)
     stub.mode = "hang"
     answers: list[Any] = []
     waiter = threading.Thread(target=lambda: answers.append(client.call("guest_action", "VM1",
@@ -323,7 +323,7 @@ def test_a_node_that_does_not_answer_gets_xmlrpc_for_a_while(stubbed) -> None:
     one, two = bus_node(1), bus_node(2)
     one.call("guest_create", "VM1", 1, 128)
     stub.mode = "silent"
-    client = dispatch.client(one.endpoint, 10, XmlRpc(one))
+    client = dispatch.client(one.endpoint, "10.0.0.1", 10, XmlRpc(one))
     assert client.call("guest_power_state", "VM1") == "off"
     assert client.via == "xmlrpc"
     assert not dispatch.usable("n1") and dispatch.usable("n2")
@@ -331,14 +331,17 @@ def test_a_node_that_does_not_answer_gets_xmlrpc_for_a_while(stubbed) -> None:
     clock.now += busdispatch.SILENT_S
     assert dispatch.usable("n1")
     stub.mode = "up"
-    assert dispatch.client(two.endpoint, 10, XmlRpc(two)).call("guest_delete", "X") == "bus-answer"
+    assert (
+        dispatch.client(two.endpoint, "10.0.0.2", 10, XmlRpc(two)).call("guest_delete", "X")
+        == "bus-answer"
+    )
 
 
 def test_only_the_guest_verbs_travel(stubbed) -> None:
     dispatch, stub, _ = stubbed
     node = bus_node(1)
     xml = XmlRpc(node)
-    client = dispatch.client(node.endpoint, 10, xml)
+    client = dispatch.client(node.endpoint, "10.0.0.1", 10, xml)
     client.call("guest_host_info")
     client.call("guest_create", "VM1", 1, 128)  # not idempotent: never over the bus
     assert stub.sent == 0 and xml.calls == {"guest_host_info": 1, "guest_create": 1}
