@@ -189,16 +189,16 @@ class NodeBus:
         try:
             result = getattr(self._guests, method)(*args)
         except Exception as exc:
-            LOG.warning("guest call over the bus: %s(%s) failed: %s", method, userid or "", exc)
+            LOG.warning("guest call over the bus: %s(%s) failed: %s", method, userid, exc)
             self.event(bus.EVENT_GUEST_FAILED, dict(payload, error=str(exc)), error=True)
             raise
         self.guest_calls += 1
-        LOG.info("guest call over the bus: %s(%s) done", method, userid or "")
+        LOG.info("guest call over the bus: %s(%s) done", method, userid)
         self.event(bus.EVENT_GUEST_PROGRESS, dict(payload, state="done"))
         return result
 
-    def _check(self, ctxt: Any, host: Any, method: Any, args: Any) -> str | None:
-        """The call's userid (None for host info) once it passed every check."""
+    def _check(self, ctxt: Any, host: Any, method: Any, args: Any) -> str:
+        """The call's userid (its first argument) once it passed every check."""
         if host != self.host_ip:
             raise GuestRefused(f"addressed to host {host!r}, not {self.host_ip!r}")
         given = ctxt.get("token") if isinstance(ctxt, dict) else None
@@ -211,10 +211,9 @@ class NodeBus:
             raise GuestRefused("this node serves no guests")
         if method not in bus.GUEST_METHODS:
             raise GuestRefused(f"no guest verb {method!r} over the bus")
-        if not isinstance(args, list) or len(args) > 8:
-            raise GuestRefused(f"{method}: args must be a list of at most 8")
-        userid = args[0] if args and isinstance(args[0], str) else None
-        return userid
+        if not (isinstance(args, list) and 1 <= len(args) <= 8 and isinstance(args[0], str)):
+            raise GuestRefused(f"{method}: args must be a list of 1-8, the userid first")
+        return args[0]
 
     # -- notifications -------------------------------------------------------------------
     def event(self, event_type: str, payload: dict[str, Any], *, error: bool = False) -> None:

@@ -208,8 +208,10 @@ def test_the_node_refuses_calls_not_for_it(rig: BusRig) -> None:
         # rabbit: a RemoteError naming it; fake:/ raises the node's exception itself
         with pytest.raises((oslo_messaging.RemoteError, GuestRefused), match=r"token|host|verb"):
             client.call(ctxt, bus.GUEST_CALL, host=host, verb=method, args=args)
+    with pytest.raises((oslo_messaging.RemoteError, GuestRefused), match="userid first"):
+        client.call(good, bus.GUEST_CALL, host="10.0.0.1", verb="guest_delete", args=[])
     assert rig.verbs["n1"].calls == [] and node.guests == {}
-    assert nb.rejected == 4
+    assert nb.rejected == 5
     assert client.call(good, bus.GUEST_CALL, host="10.0.0.1", verb="guest_create_once",
                        args=args) is True  # fmt: skip
     assert "VM1" in node.guests
