@@ -5,6 +5,9 @@ Volt and virtman share. Layout and failure modes: docs/bus.rst.
   ``vmthunder-node.<host_ip>``: one per node host, so a message reaches exactly that host).
   Method ``parents_changed(host, nodes=[{"peer_id", "parents": [identity, ...]}])``: the
   same entries a heartbeat answer carries, for the host's nodes whose parents changed.
+- the cluster controller → a node: RPC calls in namespace ``GUEST_NAMESPACE`` on the same
+  per-host queue, method ``guest_call(host, verb, args)`` (one of the node's guest verbs,
+  ``GUEST_METHODS``); the node's ``api_token`` travels in the request context.
 - a node → Volt: notifications on topic ``EVENTS_TOPIC`` (publisher ``virtman.<host_ip>``),
   event types ``EVENT_*`` below.
 
@@ -32,7 +35,24 @@ PARENTS_CHANGED = "parents_changed"
 EVENT_STACK_BUILT = "vmthunder.stack.built"
 EVENT_STACK_FAILED = "vmthunder.stack.failed"
 EVENT_STACK_DEGRADED = "vmthunder.stack.degraded"
-EVENTS = (EVENT_STACK_BUILT, EVENT_STACK_FAILED, EVENT_STACK_DEGRADED)
+EVENT_GUEST_PROGRESS = "vmthunder.guest.progress"
+EVENT_GUEST_FAILED = "vmthunder.guest.failed"
+GUEST_EVENTS = (EVENT_GUEST_PROGRESS, EVENT_GUEST_FAILED)
+EVENTS = (EVENT_STACK_BUILT, EVENT_STACK_FAILED, EVENT_STACK_DEGRADED, *GUEST_EVENTS)
+GUEST_NAMESPACE = "guest"
+GUEST_CALL = "guest_call"
+# The guest verbs the controller may call over the bus (virtman.server.Methods): the
+# idempotent create and deploy (a call the bus lost an answer of is sent again), the rest
+# of the controller's verbs. Anything else is refused by the node.
+GUEST_METHODS = frozenset(
+    {
+        "guest_create_once",
+        "guest_deploy_once",
+        "guest_action",
+        "guest_power_state",
+        "guest_delete",
+    }
+)
 SEND_RETRY = 1  # attempts after the first: a send to a broker that is down fails fast
 QUEUE_SIZE = 10000
 
@@ -137,8 +157,9 @@ def quiet_reconnects() -> None:
 class Health:
     """Whether the bus worked last time; a change is logged once (WARNING down, INFO up)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, fallback: str = "parent changes travel with heartbeats") -> None:
         self.what = what
+        self.fallback = fallback
         self.down = False
         self.failures = 0
         self._lock = threading.Lock()
@@ -150,10 +171,7 @@ class Health:
                 return
             self.down = True
         LOG.warning(
-            "%s: the bus is unreachable (%s); parent changes travel with heartbeats until it "
-            "returns",
-            self.what,
-            exc,
+            "%s: the bus is unreachable (%s); %s until it returns", self.what, exc, self.fallback
         )
 
     def worked(self) -> None:

@@ -445,6 +445,15 @@ class Methods:
         self._guest_manager().deploy(userid, image)
         return True
 
+    def guest_create_once(self, userid: str, vcpus: int, memory_mb: int, disk_gb: int = 0) -> bool:
+        """``guest_create``, idempotent by userid (``GuestRecords.create_once``): True if
+        created now."""
+        return bool(self._guest_manager().create_once(userid, vcpus, memory_mb, disk_gb))
+
+    def guest_deploy_once(self, userid: str, image: str) -> bool:
+        """``guest_deploy``, idempotent by userid: True if deployed now."""
+        return bool(self._guest_manager().deploy_once(userid, image))
+
     def guest_action(self, userid: str, action: str, options: Any = None) -> bool:
         """``action``: start, stop, softstop (``options``: timeout_s, poll_interval_s),
         pause, unpause, reboot, reset."""
@@ -474,7 +483,14 @@ class Methods:
         return _xmlrpc_safe(self._guest_manager().stats(userid))
 
     def guest_host_info(self) -> dict[str, Any]:
-        return _xmlrpc_safe(self._guest_manager().host_info())
+        """The backend's host info, and ``bus``: this node's host_ip when the cluster
+        controller's guest calls can come over the control bus, to the queue of that host
+        (docs/bus.rst; the controller uses the bus only for the nodes that say so)."""
+        info = dict(_xmlrpc_safe(self._guest_manager().host_info()))
+        bus = getattr(self._virtman, "bus", None)
+        if bus is not None and bus.serves_guests:
+            info["bus"] = bus.host_ip
+        return info
 
     def guest_console_output(self, userid: str) -> str:
         return str(self._guest_manager().console_output(userid))

@@ -101,6 +101,7 @@ class LocalCluster:
         bus: bool = False,
         node_conf: dict[str, str] | None = None,
         controller: bool = False,
+        controller_conf: str = "",
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -140,6 +141,7 @@ class LocalCluster:
         if controller and rpc_ca_file is not None:
             raise ValueError("the cluster controller calls the nodes over http only here")
         self.controller = controller
+        self.controller_conf = controller_conf  # appended to volt.conf's [cluster] section
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -278,7 +280,10 @@ class LocalCluster:
         nodes_file = d / "nodes.json"
         nodes_file.touch(mode=0o600)
         nodes_file.write_text(json.dumps(nodes, indent=1) + "\n")
-        return f"[cluster]\nnodes_file = {nodes_file}\ncapacity_interval = 1.0\n"
+        return (
+            f"[cluster]\nnodes_file = {nodes_file}\ncapacity_interval = 1.0\n"
+            + self.controller_conf
+        )
 
     def restart_volt(self, *, executor: str | None = None, fresh: bool = False) -> Daemon:
         """Stop volt-api and start it again (with another placement executor, and with an

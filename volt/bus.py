@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from oslo_config import cfg
@@ -50,12 +51,17 @@ class ParentPusher:
         self.sender.stop()
 
 
+GuestEvents = Callable[[str, str, Any], bool]  # (publisher, event type, payload) -> kept
+
+
 class EventsEndpoint:
-    """Notifications from the nodes: logged and counted (``volt_node_events``)."""
+    """Notifications from the nodes: logged and counted (``volt_node_events``); the guest
+    events go to ``on_guest`` (the cluster controller's ``node_event``) when set."""
 
     def __init__(self, metrics: Any | None = None) -> None:
         self.metrics = metrics
         self.counts: Counter[str] = Counter()
+        self.on_guest: GuestEvents | None = None
         self._lock = threading.Lock()
 
     def _record(self, level: int, publisher_id: str, event_type: str, payload: Any) -> None:
@@ -67,6 +73,11 @@ class EventsEndpoint:
         if self.metrics is not None:
             self.metrics.node_events.labels(event_type).inc()
         LOG.log(level, "%s from %s: %s", event_type, publisher_id, payload)
+        if event_type in bus.GUEST_EVENTS and self.on_guest is not None:
+            try:
+                self.on_guest(publisher_id, event_type, payload)
+            except Exception:  # a store hiccup loses an advisory event, never the listener
+                LOG.exception("recording %s from %s", event_type, publisher_id)
 
     def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any, md: Any) -> None:
         self._record(logging.INFO, publisher_id, event_type, payload)
@@ -99,6 +110,7 @@ class VoltBus:
             bus.rpc_transport(conf, url),
             bus.notification_transport(conf, url),
         )
+        self.rpc = rpc  # the cluster controller's dispatch shares it
         self.pusher = ParentPusher(rpc)
         self.events = EventsEndpoint(metrics)
         self._listening = threading.Event()

@@ -193,6 +193,16 @@ cluster_opts: list[cfg.Opt] = [
         "failed is 'down', one whose last answer is older than 2 x this + 5 s is 'stale'; "
         "neither gets VMs (GET /v1/nodes shows both).",
     ),
+    cfg.FloatOpt(
+        "bus_call_timeout",
+        default=120.0,
+        min=1.0,
+        max=3600.0,
+        help="With a control bus (transport_url): seconds a guest verb sent over the bus "
+        "waits for its answer before it is sent again over XML-RPC (the verbs are "
+        "idempotent; docs/bus.rst), and that node gets XML-RPC for a minute. A deploy that "
+        "takes longer than this finishes over XML-RPC.",
+    ),
 ]
 
 

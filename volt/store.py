@@ -104,6 +104,20 @@ cluster_vms = sa.Table(
     sa.Column("extra", sa.Text),  # JSON: what a Snooze template carried (xml, network demand)
 )
 
+# What happened to each cluster VM on the way (volt/cluster/events.py): the controller's
+# dispatches (and over which transport) and the nodes' progress notifications.
+cluster_events = sa.Table(
+    "volt_cluster_events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("userid", sa.String(8), nullable=False, index=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("source", sa.String(80), nullable=False),  # "controller" or a node's publisher
+    sa.Column("event", sa.String(40), nullable=False),
+    sa.Column("step", sa.String(40), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),  # "bus"/"xmlrpc", "started"/"done", an error
+)
+
 
 @dataclass(frozen=True)
 class NodeRow:

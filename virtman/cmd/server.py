@@ -26,7 +26,7 @@ from virtman.guest.disk_export import DiskExports
 from virtman.guest.domains import VirtualMachines
 from virtman.guest.manager import Guests
 from virtman.guest.vcenter_rdm import EsxHost, RecordedHost
-from virtman.server import Limits, build_server
+from virtman.server import Limits, Methods, build_server
 from virtman.zvm import service as zvm_service
 
 if TYPE_CHECKING:  # oslo.vmware is the optional extra vmthunder[vcenter]: imported when used
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except OSError as exc:
         fail(f"cannot listen on {listen_host}:{CONF.listen_port}: {exc}")
+    if virtman.bus is not None:  # the cluster controller's guest calls (docs/bus.rst)
+        virtman.bus.serve_guests(Methods(virtman, images, guests), token)
     zvm_server = None
     if CONF.zvm_api_enabled:
         try:

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from virtman.errors import GuestExists, GuestNotFound, InvalidInput
+from virtman import validation
+from virtman.errors import GuestExists, GuestNotFound, GuestStateError, InvalidInput
 
 LOG = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class GuestRecords:
             raise GuestNotFound(uid)
         return record
 
+    def record(self, userid: str) -> dict[str, Any]:
+        """A copy of the guest's record; ``GuestNotFound``."""
+        return dict(self._record(validate_userid(userid)))
+
     def _save(self, uid: str, record: dict[str, Any], **changes: Any) -> dict[str, Any]:
         record = {**record, **changes}
         self.journal.put(KIND, uid, record)
@@ -98,6 +103,42 @@ class GuestRecords:
 
     def list(self) -> builtins.list[str]:
         return sorted(self.journal.records(KIND))
+
+    # -- idempotent by userid: the cluster controller's verbs over the bus (docs/bus.rst) ----
+    # A bus call whose answer was lost is sent again (over the bus or XML-RPC): the second of
+    # two identical calls is a no-op that succeeds, one that contradicts the record still
+    # fails. The per-userid lock orders them: a deploy sent again while the first runs
+    # waits for it, then sees its disk.
+    def create_once(self, userid: str, vcpus: int, memory_mb: int, disk_gb: int = 0) -> bool:
+        """``create``; True if it created the guest, False if it was recorded already with
+        this flavor. ``GuestStateError`` if it was recorded with another one."""
+        try:
+            self.create(userid, vcpus=vcpus, memory_mb=memory_mb, disk_gb=disk_gb)
+        except GuestExists:
+            record = self.record(userid)
+            had = (record.get("vcpus"), record.get("memory_mb"), record.get("disk_gb", 0))
+            if had != (vcpus, memory_mb, disk_gb):
+                raise GuestStateError(
+                    validate_userid(userid),
+                    f"exists with vcpus, memory_mb, disk_gb {had}, not "
+                    f"{(vcpus, memory_mb, disk_gb)}",
+                ) from None
+            return False
+        return True
+
+    def deploy_once(self, userid: str, image: str) -> bool:
+        """The backend's ``deploy``; True if it deployed now, False if the guest has a disk
+        of ``image`` already (the deploy's ``GuestStateError`` otherwise: of another image,
+        or not deployable)."""
+        name = validation.image_name(image)
+        try:
+            self.deploy(userid, name)  # type: ignore[attr-defined]  # each backend's own
+        except GuestStateError:
+            record = self.record(userid)
+            if record.get("disk") and record.get("image") == name:
+                return False
+            raise
+        return True
 
     def create(self, userid: str, *, vcpus: int, memory_mb: int, disk_gb: int = 0) -> None:
         """Record a guest (nothing on the hypervisor yet). ``GuestExists`` if recorded;

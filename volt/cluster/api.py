@@ -8,6 +8,7 @@ from typing import Any
 from volt.api.request import Request, Response, parse_json
 from volt.cluster import migration, model, snooze, status
 from volt.cluster.controller import ACTIONS, Controller
+from volt.cluster.events import dispatch_counts
 from volt.cluster.model import VMSpec
 from volt.errors import InvalidInput, RouteNotFound
 from volt.service import VoltService
@@ -102,12 +103,20 @@ class ClusterHandlers:
     def show(self, req: Request) -> Response:
         task_id = snooze.task_id(req.params["task_id"].encode())
         vms = self.controller.vms(task_id)
+        events = self.controller.events.of(vm.userid for vm in vms)
         return Response(
             200,
             {
                 "task": task_id,
                 "status": model.task_status(vms),
-                "vms": [vm.view() for vm in vms],
+                "vms": [
+                    {
+                        **vm.view(),
+                        "events": events[vm.userid],
+                        "dispatch": dispatch_counts(events[vm.userid]),
+                    }
+                    for vm in vms
+                ],
             },
         )
 

@@ -4,13 +4,20 @@ Dispatch is a bounded thread pool; each VM is brought up by one worker calling i
 ``guest_create`` -> ``guest_deploy`` -> ``guest_action start`` (XML-RPC, virtmanclient),
 recording every step in the store. A VM whose node fails on the way is tried once more on
 another node with room (its leftovers on the failed node are deleted, best effort). A
-RUNNING VM moves to another node by live migration (``migrate``; volt.cluster.migration).
+RUNNING VM moves to another node by live migration (``migrate``; volt.cluster.migration,
+over XML-RPC only).
+
+With a control bus (``bus``, volt/cluster/busdispatch.py) the same verbs go over it, in
+their idempotent forms (``guest_create_once``, ``guest_deploy_once``: a verb whose answer
+the bus lost is sent again over XML-RPC); the nodes' progress notifications and the
+transport of every answered verb are the VM's events (volt/cluster/events.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 import string
 import threading
@@ -20,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from volt.cluster import migration, model
+from volt.cluster.busdispatch import BusDispatch
 from volt.cluster.capacity import CapacityCache
+from volt.cluster.events import Events
 from volt.cluster.model import VM, Records, VMSpec
 from volt.cluster.nodes import INFO_TIMEOUT_S, NodeEndpoint
 from volt.cluster.placement import Demand, InsufficientCapacity, Room, place
@@ -40,6 +49,7 @@ POWER_ACTIONS = {
     "reboot": "reboot",
 }
 ACTIONS = frozenset({*POWER_ACTIONS, "destroy"})
+BUS_HOST_RE = re.compile(r"[A-Za-z0-9.:-]{1,255}")  # a host_ip (IPv4, IPv6 or a name)
 
 ClientFactory = Callable[[NodeEndpoint, float], Any]
 
@@ -59,10 +69,14 @@ class Controller:
         controller_address: tuple[str, int] = ("127.0.0.1", 0),
         capacity_interval: float = 5.0,
         capacity: CapacityCache | None = None,
+        bus: BusDispatch | None = None,
     ) -> None:
         """``capacity``: a cache the caller refreshes (tests); default: one that asks
-        every node every ``capacity_interval`` seconds in the background."""
+        every node every ``capacity_interval`` seconds in the background (over XML-RPC).
+        ``bus``: dispatch the guest verbs over the control bus."""
         self.records = Records(store)
+        self.events = Events(store)
+        self.bus = bus
         self.nodes = {n.id: n for n in nodes}
         self.client_factory = client_factory
         self.address = controller_address
@@ -76,6 +90,8 @@ class Controller:
     def close(self) -> None:
         self.capacity.stop()
         self._pool.shutdown(wait=True)
+        if self.bus is not None:
+            self.bus.close()
 
     # -- capacity -------------------------------------------------------------------------------
     def _ask(self, node: NodeEndpoint) -> Any:
@@ -219,7 +235,49 @@ class Controller:
 
     # -- workers --------------------------------------------------------------------------------
     def _client(self, node_id: str, timeout: float = CALL_TIMEOUT_S) -> Any:
-        return self.client_factory(self.nodes[node_id], timeout)
+        node = self.nodes[node_id]
+        host = self._bus_host(node_id) if self.bus is not None else None
+        if self.bus is not None and host is not None:
+            return self.bus.client(node, host, timeout, self.client_factory(node, timeout))
+        return self.client_factory(node, timeout)
+
+    def _bus_host(self, node_id: str) -> str | None:
+        """The host_ip whose bus queue the node takes guest calls on, as its last host
+        info says; None for a node that says none (no transport_url, its listener not up):
+        no call waits for it in vain."""
+        probe = self.capacity.get(node_id)
+        host = None if probe is None or probe.info is None else probe.info.get("bus")
+        return host if isinstance(host, str) and BUS_HOST_RE.fullmatch(host) else None
+
+    def _call(self, client: Any, userid: str, method: str, *args: Any) -> Any:
+        """``client.call``, recorded as the VM's event with the transport that answered."""
+        result = client.call(method, *args)
+        try:
+            self.events.dispatched(userid, method, getattr(client, "via", "") or "xmlrpc")
+        except Exception:  # the history loses a line; the VM's step stays done
+            LOG.exception("cluster: recording %s of %s", method, userid)
+        return result
+
+    def node_event(self, publisher_id: str, event_type: str, payload: Any) -> bool:
+        """A node's ``vmthunder.guest.*`` notification into its VM's events; False (and
+        nothing recorded) unless it comes from the node the VM is placed on, about a VM
+        of ours, in the notification's shape."""
+        if not isinstance(payload, dict):
+            return False
+        host, userid = payload.get("host"), payload.get("userid")
+        if not isinstance(host, str) or publisher_id != f"virtman.{host}":
+            return False
+        if not isinstance(userid, str):
+            return False
+        try:
+            vm = self.records.vm(userid)
+        except model.VMNotFound:
+            return False
+        if vm.node is None or self._bus_host(vm.node) != host:
+            LOG.warning("cluster: ignored %s about %s from %s: not its node", event_type,
+                        userid, host)  # fmt: skip
+            return False
+        return self.events.from_node(host, userid, event_type, payload)
 
     def _bring_up(self, vm: VM) -> None:
         try:
@@ -234,17 +292,19 @@ class Controller:
         """One try on ``vm.node``: RUNNING, or PENDING on another node, or ERROR."""
         assert vm.node is not None
         node = vm.node
+        once = "_once" if self.bus is not None else ""  # a verb may be sent twice
         step = "guest_create"
         try:
             client = self._client(node)
             vm = self.records.update(vm, model.CREATING, attempts=vm.attempts + 1)
-            client.call("guest_create", vm.userid, vm.vcpus, vm.memory_mb, 0)
+            self._call(client, vm.userid, f"guest_create{once}", vm.userid, vm.vcpus,
+                       vm.memory_mb, 0)  # fmt: skip
             vm = self.records.update(vm, model.DEPLOYING)
             step = "guest_deploy"
-            client.call("guest_deploy", vm.userid, vm.image)
+            self._call(client, vm.userid, f"guest_deploy{once}", vm.userid, vm.image)
             vm = self.records.update(vm, model.STARTING)
             step = "guest_action start"
-            client.call("guest_action", vm.userid, "start")
+            self._call(client, vm.userid, "guest_action", vm.userid, "start")
             return self.records.update(vm, model.RUNNING, error=None)
         except Exception as exc:
             reason = f"{step} on {node}: {exc}"
@@ -285,8 +345,8 @@ class Controller:
                 assert vm.node is not None
                 client = self._client(vm.node)
                 try:
-                    client.call("guest_action", vm.userid, method)
-                    power = client.call("guest_power_state", vm.userid)
+                    self._call(client, vm.userid, "guest_action", vm.userid, method)
+                    power = self._call(client, vm.userid, "guest_power_state", vm.userid)
                 except Exception as exc:
                     LOG.warning("cluster: %s of %s on %s: %s", action, vm.userid, vm.node, exc)
                     self.records.note(vm, error=f"{action} on {vm.node}: {exc}")

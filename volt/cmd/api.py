@@ -25,6 +25,7 @@ from oslo_log import log as oslo_logging
 from volt import conf as volt_conf
 from volt.api.app import VoltApp
 from volt.bus import VoltBus
+from volt.cluster.busdispatch import BusDispatch
 from volt.cluster.controller import Controller
 from volt.cluster.nodes import load_nodes
 from volt.connlimit import fit_open_files
@@ -113,10 +114,12 @@ def build_app() -> VoltApp:
         liveness_write_interval=CONF.database.liveness_write_interval,
         group_commit=CONF.database.group_commit,
     )
+    volt_bus = None
     if CONF.transport_url:
         # A broker down now is no reason not to start: pushes fail fast and are logged
         # once; the listener reconnects by itself.
-        service.on_parents_changed = VoltBus(CONF.transport_url, metrics=metrics).start().push
+        volt_bus = VoltBus(CONF.transport_url, metrics=metrics).start()
+        service.on_parents_changed = volt_bus.push
     monitor = LoadMonitor()
     Evictor(service, monitor).start()
     cluster = None
@@ -128,8 +131,17 @@ def build_app() -> VoltApp:
             workers=CONF.cluster.dispatch_workers,
             capacity_interval=CONF.cluster.capacity_interval,
             controller_address=(CONF.bind_host, CONF.bind_port),
+            bus=None
+            if volt_bus is None
+            else BusDispatch(volt_bus.rpc, call_timeout=CONF.cluster.bus_call_timeout),
         )
-        LOG.info("volt-api: cluster controller over %d nodes", len(nodes))
+        if volt_bus is not None:
+            volt_bus.events.on_guest = cluster.node_event
+        LOG.info(
+            "volt-api: cluster controller over %d nodes (dispatch over %s)",
+            len(nodes),
+            "XML-RPC" if volt_bus is None else "the control bus, XML-RPC when it is down",
+        )
     if CONF.auth_strategy == "noauth":
         LOG.warning("volt-api runs with auth_strategy = noauth: anyone can change every tree")
     LOG.info(

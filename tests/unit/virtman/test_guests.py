@@ -3,6 +3,7 @@ journal, real VirtualMachines rendering): records, deploy, power verbs, delete, 
 
 from __future__ import annotations
 
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -640,3 +641,48 @@ def test_a_refused_nic_undoes_the_others_and_changes_nothing(rig) -> None:
     assert "attach 52:54:00:00:00:0c 2" in dom.calls and "detach 52:54:00:00:00:0c 2" in dom.calls
     assert nics_of(dom) == [("bridge", "br-a", "52:54:00:00:00:0a")]
     assert [n["vdev"] for n in rig["journal"].records("guests")["VM1"]["nics"]] == ["1000"]
+
+
+# -- create and deploy once (the cluster controller's verbs over the bus) ----------------------
+def test_create_once_and_deploy_once_do_it_once_and_refuse_a_contradiction(rig) -> None:
+    guests = rig["make"]()
+    assert guests.create_once("vm1", 1, 128) is True
+    assert guests.create_once("VM1", 1, 128) is False  # the same call again: a no-op
+    with pytest.raises(GuestStateError, match="exists with"):
+        guests.create_once("VM1", 2, 128)
+    assert guests.deploy_once("VM1", "tiny") is True
+    assert guests.deploy_once("VM1", "volume-tiny") is False
+    with pytest.raises(GuestStateError, match="deployed already"):
+        guests.deploy_once("VM1", "other")
+    creates = [c for c in rig["virtman"].calls if c[0] == "create"]
+    assert len(creates) == 1  # one snapshot, one domain
+    assert len(rig["conn"].domains) == 1
+
+
+def test_deploy_once_sent_twice_at_once_makes_one_disk(rig) -> None:
+    """The copy of a deploy (the bus lost the first one's answer) waits for the first."""
+    guests = rig["make"]()
+    guests.create_once("VM1", 1, 128)
+    virtman = rig["virtman"]
+    entered, release = threading.Event(), threading.Event()
+    create = virtman.create
+
+    def slow_create(*args: Any) -> str:
+        entered.set()
+        assert release.wait(10)
+        return create(*args)
+
+    virtman.create = slow_create
+    results: list[bool] = []
+    first = threading.Thread(target=lambda: results.append(guests.deploy_once("VM1", "tiny")))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=lambda: results.append(guests.deploy_once("VM1", "tiny")))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # waits on the guest's lock
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert sorted(results) == [False, True]
+    assert len([c for c in virtman.calls if c[0] == "create"]) == 1

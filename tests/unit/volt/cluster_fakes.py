@@ -27,6 +27,7 @@ class FakeNode:
         self.backend = backend  # None: says none, as a libvirt node does
         self.guests: dict[str, dict[str, Any]] = {}
         self.fail: str | None = None
+        self.on_bus: str | None = None  # the host_ip its host info says it takes bus calls on
         self.calls: list[str] = []
         self.lock = threading.Lock()
 
@@ -38,6 +39,8 @@ class FakeNode:
             if method == "guest_host_info":
                 info = {"hypervisor_hostname": "fake", "vcpus": self.vcpus,
                         "memory_mb": self.memory_mb, "vcpus_used": 0}  # fmt: skip
+                if self.on_bus:
+                    info["bus"] = self.on_bus
                 return info if self.backend is None else {**info, "backend": self.backend}
             userid = args[0]
             if method == "guest_create":
