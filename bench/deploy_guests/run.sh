@@ -5,7 +5,7 @@
 # image server: both roles on one host) exports img1; B, C and D each create an instance on it through their virtmanserver and read its
 # disk (relay reads: qemu-img reads the instance's qcow2 overlay, whose backing file is the
 # node's FUSE origin; no guest OS boots inside). B and C sit under the image server, D under
-# B with C as its standby parent. Then B reboots; once B's NBD port is closed (its daemons
+# B with C as its standby parent (virtmanserver's journal: "parents now"). Then B reboots; once B's NBD port is closed (its daemons
 # stopped by virtman-halt), D reads its whole disk: every block comes through C. Boot 3 of B:
 # virtmanserver is back by itself, rebuilds vm-b's stack, Volt hears from B again.
 # Signals between guests: busybox nc on ports 9000 (M), 9002 (B), 9003 (C), 9004 (D).
@@ -132,7 +132,6 @@ D:2)
   log "create vm-d"
   virtman create vm-d img1 --portal $MASTER:3260 > $OUT/create-vm-d.txt 2>&1 \
     || die "create vm-d: $(cat $OUT/create-vm-d.txt)"
-  cp /run/virtman/paths/img1.json $OUT/paths-d.json
   send "$MASTER 9000" D-CREATED
   send "$B_IP 9002" REBOOT
   log "waiting for B's NBD port to close"
