@@ -37,6 +37,7 @@ HELP_WORDS = {
     "volt-manage": "node-token",
     "volt": "volume-list",
     "virtmanserver": "--config-file",
+    "virtman-halt": "--at-shutdown",
     "virtman": "--url",
     "vmt-initenv.py": "--role",
 }

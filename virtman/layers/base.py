@@ -238,6 +238,11 @@ class Driver(Protocol):
         """Stop the daemons (call only once every image is torn down)."""
         ...
 
+    def halt(self) -> None:
+        """The host goes down: stop the node's daemons whatever they still serve (run by
+        ``virtman-halt``, in a process of its own, after virtmanserver has exited)."""
+        ...
+
     def revive(self) -> Revived:
         """Start again every node daemon that died (logged as an error), and say what
         was lost with it; the caller rebuilds that. Nothing died: ``Revived()``."""

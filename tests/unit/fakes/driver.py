@@ -46,7 +46,7 @@ class FakeDriver:
         self.cache = _Cache(self.state)
         self.relay = _Relay(self.state)
         self.snapshot = _Snapshot(self.state)
-        self.started = self.stopped = 0
+        self.started = self.stopped = self.halted = 0
         self.lost = Revived()  # what the next revive() reports
 
     def start(self) -> None:
@@ -68,6 +68,9 @@ class FakeDriver:
 
     def stop(self) -> None:
         self.stopped += 1
+
+    def halt(self) -> None:
+        self.halted += 1
 
     def images(self) -> set[str]:
         return set(self.state.upstreams) | set(self.state.caches) | set(self.state.relays)

@@ -50,6 +50,8 @@ class Recorder:
 
     def stop(self) -> None: ...
 
+    def halt(self) -> None: ...
+
     def revive(self) -> Revived:
         return Revived()
 

@@ -181,6 +181,17 @@ class DmDriver:
         if self.tgtd is not None and not self.tgt.targets():
             self.tgtd.stop()
 
+    def halt(self) -> None:
+        """tgtd through tgtadm (it ignores SIGTERM) and the NBD relay's daemon; the
+        kernel's stacks go with the host. A failed tgtd stop still stops the other."""
+        try:
+            if self.tgtd is not None:
+                self.tgtd.stop()
+        finally:
+            nbd = self.nbd or NbdRelay.leftover(self.settings, self.host.qsd)
+            if nbd is not None:
+                nbd.qsd.stop()
+
     # -- what exists ----------------------------------------------------------------------------
     def images(self) -> set[str]:
         return stack.images(self)

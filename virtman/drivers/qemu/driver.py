@@ -178,6 +178,16 @@ class QemuDriver:
             if not self.tgt.targets():
                 self.tgtd.stop()
 
+    def halt(self) -> None:
+        """tgtd through tgtadm (it ignores SIGTERM), then qemu-storage-daemon: its FUSE
+        origins are unmounted once it is gone. A failed tgtd stop still stops the other."""
+        with self._daemons:
+            try:
+                self.tgtd.stop()
+            finally:
+                self.qsd.stop()
+                psk.uninstall(self.psk_dir)
+
     # -- what exists -----------------------------------------------------------------------
     def images(self) -> set[str]:
         return stack.images(self)
