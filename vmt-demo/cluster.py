@@ -62,13 +62,21 @@ class Daemon:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def stop(self, timeout: float = 60.0) -> int:
+        self.terminate()
+        return self.reap(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM, if it still runs (``reap`` waits for it)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def reap(self, timeout: float = 60.0) -> int:
+        """Wait for the exit, SIGKILL after ``timeout``; the exit status."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
     def kill9(self) -> None:
@@ -169,10 +177,16 @@ class LocalCluster:
             self.destroy_all()
         except Exception as exc:  # the namespaces go anyway, and their processes with them
             print(f"cluster: could not destroy everything cleanly: {exc}", file=sys.stderr)
-        for name in [*self.node_names, "img"]:
-            daemon = self.daemons.pop(name, None)
-            if daemon is not None:
-                daemon.stop()
+        # the compute nodes all at once (each tears its own stacks down: a few seconds, most
+        # of it its bus listener's stop), then the image server they read from
+        nodes = [d for d in (self.daemons.pop(n, None) for n in self.node_names) if d]
+        for daemon in nodes:
+            daemon.terminate()
+        for daemon in nodes:
+            daemon.reap()
+        image_server = self.daemons.pop("img", None)
+        if image_server is not None:
+            image_server.stop()
         volt = self.daemons.pop("volt", None)
         if volt is not None:
             volt.stop()
