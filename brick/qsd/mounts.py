@@ -36,31 +36,33 @@ def mount_device(path: str) -> str | None:
     return found
 
 
-def mounted_paths() -> set[str]:
-    """Every mount point listed in /proc/mounts (of this mount namespace)."""
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, file system type) of each line of /proc/mounts (this mount namespace)."""
     try:
         lines = Path("/proc/mounts").read_text().splitlines()
     except OSError:
-        return set()
-    return {_unescape_mount_field(line.split()[1]) for line in lines if len(line.split()) > 1}
+        return []
+    return [
+        (_unescape_mount_field(fields[1]), fields[2])
+        for fields in (line.split() for line in lines)
+        if len(fields) > 2
+    ]
+
+
+def mounted_paths() -> set[str]:
+    """Every mount point listed in /proc/mounts (of this mount namespace)."""
+    return {path for path, _ in _mounts()}
 
 
 def fuse_mounts_under(root: Path) -> list[str]:
     """FUSE mount points at or below ``root`` (deepest first), e.g. the exports of
     qemu-storage-daemons that died without unmounting them."""
-    try:
-        lines = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return []
     prefix = str(root).rstrip("/") + "/"
-    found = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3 or not fields[2].startswith("fuse"):
-            continue
-        path = _unescape_mount_field(fields[1])
-        if path == str(root) or path.startswith(prefix):
-            found.append(path)
+    found = [
+        path
+        for path, fstype in _mounts()
+        if fstype.startswith("fuse") and (path == str(root) or path.startswith(prefix))
+    ]
     return sorted(found, key=len, reverse=True)
 
 
