@@ -102,6 +102,9 @@ cluster_vms = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("extra", sa.Text),  # JSON: what a Snooze template carried (xml, network demand)
+    # The controller that changed the row last (its controller_id): who resumes the VM's
+    # unfinished step after a restart (volt/cluster/controller.py, resume)
+    sa.Column("owner", sa.String(36)),
 )
 
 # What happened to each cluster VM on the way (volt/cluster/events.py): the controller's
@@ -196,7 +199,7 @@ class Store:
 
     def _add_missing_columns(self) -> None:
         """Columns added after a store was created (nullable ones only) are added in place."""
-        for table in (volumes, nodes, members):
+        for table in (volumes, nodes, members, cluster_vms):
             present = {c["name"] for c in sa.inspect(self.engine).get_columns(table.name)}
             for column in table.columns:
                 if column.name in present:

@@ -7,6 +7,11 @@ another node with room (its leftovers on the failed node are deleted, best effor
 RUNNING VM moves to another node by live migration (``migrate``; volt.cluster.migration,
 over XML-RPC only).
 
+Every row names the controller that changed it last (``controller_id``). A controller that
+starts takes up what it left unfinished when it stopped (``_resume``): a bring-up starts
+again from a clean node, a destroy is sent again, a migration is settled by asking both
+nodes. On a shared store (several volt-api, docs/ha.rst) each resumes only its own rows.
+
 With a control bus (``bus``, volt/cluster/busdispatch.py) the same verbs go over it, in
 their idempotent forms (``guest_create_once``, ``guest_deploy_once``: a verb whose answer
 the bus lost is sent again over XML-RPC); the nodes' progress notifications and the
@@ -38,6 +43,7 @@ from volt.store import Store
 
 LOG = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 600.0  # a deploy builds a whole block stack
+SETTLE_INTERVAL_S = 5.0  # how often a restarted controller asks where a migrating VM went
 MAX_ATTEMPTS = 2  # the first node, then one other
 USERID_CHARS = string.ascii_uppercase + string.digits
 # Per-VM action -> the node's guest_action; destroy is apart.
@@ -74,20 +80,24 @@ class Controller:
         """``capacity``: a cache the caller refreshes (tests); default: one that asks
         every node every ``capacity_interval`` seconds in the background (over XML-RPC).
         ``bus``: dispatch the guest verbs over the control bus."""
-        self.records = Records(store)
+        host, port = controller_address
+        self.controller_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"volt:{host}:{port}"))
+        self.records = Records(store, owner=self.controller_id)
         self.events = Events(store)
         self.bus = bus
         self.nodes = {n.id: n for n in nodes}
         self.client_factory = client_factory
         self.address = controller_address
-        host, port = controller_address
-        self.controller_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"volt:{host}:{port}"))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cluster")
         self._lock = threading.Lock()  # placement + recording: no two bursts take one room
         self._vm_locks: dict[str, threading.Lock] = {}  # per userid: its actions in turn
+        self._closing = threading.Event()
         self.capacity = capacity or CapacityCache(nodes, self._ask, capacity_interval).start()
+        # one volt-api alone owns every row; beside others, its own only
+        self._pool.submit(self._resume, self.controller_id if store.shared else None)
 
     def close(self) -> None:
+        self._closing.set()
         self.capacity.stop()
         self._pool.shutdown(wait=True)
         if self.bus is not None:
@@ -385,6 +395,81 @@ class Controller:
             done = {**moving, **migration.stats_of(answer)}
             self._record_migration(vm, target, migration.DONE, done, error)
             LOG.info("cluster: VM %s moved from %s to %s: %s", vm.userid, source, target, done)
+
+    # -- after a restart --------------------------------------------------------------------------
+    def _resume(self, owner: str | None) -> None:
+        """Take up the steps a previous run left in the middle (volt-api was killed or
+        restarted during a burst, a destroy or a migration)."""
+        try:
+            vms = self.records.unfinished(owner)
+        except Exception:
+            LOG.exception("cluster: finding the work a previous run left unfinished")
+            return
+        taken = []
+        for vm in vms:
+            if vm.status == model.RUNNING:
+                if migration.migrating(vm):
+                    self._pool.submit(self._settle_migration, vm)
+                    taken.append(f"{vm.userid} (migrating)")
+                continue
+            work = {model.DELETING: self._destroy, model.PENDING: self._bring_up}
+            self._pool.submit(work.get(vm.status, self._bring_up_again), vm)
+            taken.append(f"{vm.userid} ({vm.status})")
+        if taken:
+            LOG.warning("cluster: resuming what a previous run left unfinished: %s",
+                        ", ".join(taken))  # fmt: skip
+
+    def _bring_up_again(self, vm: VM) -> None:
+        """A bring-up cut in its middle: what its node made of the guest is deleted, then
+        it starts over there (a node that fails it passes it on, as in a burst)."""
+        assert vm.node is not None
+        self._forget(vm.node, vm.userid)
+        try:
+            vm = self.records.update(vm, model.PENDING, error=None)
+        except Exception:
+            LOG.exception("cluster: resuming VM %s", vm.userid)
+            return
+        self._bring_up(vm)
+
+    def _settle_migration(self, vm: VM) -> None:
+        """A migration cut in its middle: ask both nodes (every SETTLE_INTERVAL_S, until
+        they answer) where the guest is, then finish it there or undo the arrival."""
+        moving = migration.migration_of(vm)
+        source, target = str(moving["from"]), str(moving["to"])
+        with self._vm_lock(vm.userid):
+            while True:
+                try:
+                    where = migration.settled(
+                        self._power_or_gone(source, vm.userid),
+                        self._power_or_gone(target, vm.userid),
+                    )
+                except Exception as exc:  # a node does not answer: ask again later
+                    LOG.info("cluster: where did %s go? %s", vm.userid, exc)
+                    where = None
+                if where is not None or self._closing.wait(SETTLE_INTERVAL_S):
+                    break
+            if where == "moved":
+                error = None
+                try:
+                    self._client(target).call("guest_migrate_finish", vm.userid)
+                except Exception as exc:
+                    error = f"guest_migrate_finish on {target}: {exc}"
+                self._record_migration(vm, target, migration.DONE, moving, error)
+                LOG.warning("cluster: VM %s had moved to %s during the restart", vm.userid,
+                            target)  # fmt: skip
+            elif where == "stayed":
+                self._undo_incoming(vm.userid, target)
+                reason = f"volt-api restarted during the migration; the guest stays on {source}"
+                self._record_migration(vm, source, migration.FAILED, moving, reason)
+                LOG.warning("cluster: VM %s: %s", vm.userid, reason)
+
+    def _power_or_gone(self, node: str, userid: str) -> str:
+        try:
+            return str(self._client(node, INFO_TIMEOUT_S).call("guest_power_state", userid))
+        except Exception as exc:
+            if "does not exist" in str(exc):
+                return migration.GONE
+            raise
 
     def _undo_incoming(self, userid: str, target: str) -> str:
         """The destination's answer to ``guest_migrate_abort``: "removed", "running" (the

@@ -9,7 +9,8 @@ records the guest as running on the destination. When the migration fails the gu
 running on the source and ``guest_migrate_abort`` removes the destination's snapshot.
 
 While a VM migrates its record stays RUNNING with ``extra["migration"]["state"] ==
-"migrating"``: it holds room on both nodes and takes no other action.
+"migrating"``: it holds room on both nodes and takes no other action. A controller that
+restarts in the middle asks both nodes where the guest is (``settled``) until it knows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from volt.cluster.nodes import NODE_ID_RE
 from volt.errors import Conflict, InvalidInput
 
 MIGRATING, DONE, FAILED = "migrating", "done", "failed"
+GONE = "gone"  # what ``settled`` takes for a node that has no record of the guest
 # What a source's guest_migrate answers (bytes unless named otherwise); kept on the VM.
 STAT_KEYS = (
     "disk_bytes", "memory_bytes", "total_bytes", "disk_virtual_bytes", "disk_allocated_bytes",
@@ -81,6 +83,18 @@ def check(vm: VM, destination: Any, states: list[dict[str, Any]]) -> str:
     if source is not None and source["backend"] not in (None, "libvirt"):
         raise Conflict(f"VM {vm.userid} runs on a {source['backend']} node: it cannot migrate")
     return destination
+
+
+def settled(source_power: str, target_power: str) -> str | None:
+    """Where an interrupted migration ended, from each node's ``guest_power_state`` (or
+    ``GONE``): "moved" once the source released the guest (it does so only after libvirt
+    moved it), "stayed" while the destination has no running domain for it (never started,
+    or undone), None while both still hold it (libvirt's job may still run)."""
+    if source_power == GONE:
+        return "moved"
+    if target_power in (GONE, "off"):
+        return "stayed"
+    return None
 
 
 def stats_of(answer: Any) -> dict[str, Any]:

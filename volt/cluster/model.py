@@ -144,10 +144,12 @@ def _vm(row: Any) -> VM:
 
 
 class Records:
-    """The controller's rows; every change is committed before it returns."""
+    """The controller's rows; every change is committed before it returns and names
+    ``owner`` (the controller making it) as the row's owner."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, owner: str | None = None) -> None:
         self.engine = store.engine
+        self.owner = owner
 
     def create(
         self, task_id: str, origin: str, specs: list[VMSpec], nodes: list[str], userids: list[str]
@@ -171,6 +173,7 @@ class Records:
                         "status": PENDING,
                         "attempts": 0,
                         "extra": json.dumps(spec.extra) if spec.extra else None,
+                        "owner": self.owner,
                     }
                     for i, (spec, node, userid) in enumerate(
                         zip(specs, nodes, userids, strict=True)
@@ -220,6 +223,16 @@ class Records:
             raise VMNotFound(userid)
         return _vm(row)
 
+    def unfinished(self, owner: str | None) -> list[VM]:
+        """The VMs that may be in the middle of a step: bring-up, destroy, or (RUNNING) a
+        migration; of ``owner`` only unless it is None."""
+        moving = [PENDING, CREATING, DEPLOYING, STARTING, DELETING, RUNNING]
+        query = sa.select(cluster_vms).where(cluster_vms.c.status.in_(moving))
+        if owner is not None:
+            query = query.where(cluster_vms.c.owner == owner)
+        with self.engine.connect() as conn:
+            return [_vm(r) for r in conn.execute(query.order_by(cluster_vms.c.task_id))]
+
     def live_named(self, name: str) -> list[VM]:
         """The VMs not DELETED whose name or userid is ``name`` (names repeat across tasks)."""
         with self.engine.connect() as conn:
@@ -248,6 +261,8 @@ class Records:
         """Write ``values`` (``extra`` as JSON) to ``vm``'s row if its status is still
         ``vm.status``: ``Conflict`` if another writer moved it meanwhile."""
         columns = {k: json.dumps(v) if k == "extra" else v for k, v in values.items()}
+        if self.owner is not None:
+            columns["owner"] = self.owner
         with self.engine.begin() as conn:
             done = conn.execute(
                 cluster_vms.update()

@@ -53,8 +53,11 @@ class FakeNode:
                 if userid not in self.guests:
                     raise RuntimeError(f"guest {userid} does not exist")
                 self.guests[userid]["state"] = states[args[1]]
-            elif method == "guest_power_state":
-                return self.guests[userid]["state"]
+            elif method == "guest_power_state":  # a real node says "off" for a guest
+                if userid not in self.guests:  # with no domain: one still arriving, say
+                    raise RuntimeError(f"Virtman: the guest '{userid}' does not exist")
+                state = self.guests[userid]["state"]
+                return "off" if state == "incoming" else state
             elif method == "guest_migrate_prepare":
                 if userid in self.guests:
                     raise RuntimeError(f"guest {userid} exists already")
