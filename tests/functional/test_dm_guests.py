@@ -126,8 +126,10 @@ def test_cache_engine_measurement(run: RunResult) -> None:
     writecache = fetched[("dm-writecache", seq)]
     assert smq[0] >= size * 0.9 and smq[1] >= size * 0.5  # smq: not cache on read
     # bcache skips some inserts (more under CPU contention: the other guests run beside
-    # it); the second read fetched 2.4-10.5 % of the first in runs here, the third less
-    assert big[0] <= size and big[1] <= size * 0.25 and big[2] <= big[1]
+    # it); the second read fetched 2.4-10.5 % of the first in runs here, the third less.
+    # Its first read may fetch a little past the 16 MiB (its own readahead on the backing
+    # device: 17,358,848 bytes, +3.5 %, in one CI run), never the image twice.
+    assert big[0] <= size * 1.05 and big[1] <= size * 0.25 and big[2] <= big[1]
     assert writecache == [size, size, size]  # a write cache: every read goes upstream
 
 
@@ -137,7 +139,7 @@ def test_the_layer_contract_holds_on_the_dm_driver(
     report: dict[str, dict[str, Any]], case: str
 ) -> None:
     """The cases test_driver_contract.py runs against the qemu driver, run by node C
-    against a DmDriver while it waits for B's build (before its virtmanserver starts);
+    against a DmDriver once its own VM is destroyed and its virtmanserver stopped;
     they leave nothing behind."""
     outcome = report["C"].get("contract", {})
     assert outcome.get(case) == "ok", outcome

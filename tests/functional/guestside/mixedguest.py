@@ -9,6 +9,9 @@ the image server and the third under the first, with the second as its standby p
   Q also reads A's LIO relay once over libiscsi;
 - volume-img2, created on Q, B, then A: A (dm) reads through Q's tgtd relay (open-iscsi).
 
+Only the order of each image's creates (the registrations) shapes its tree: a node signals
+``<role>-created-<n>`` right after its create, and its checks run beside the next create.
+
 B relays with dm_relay = tgt: it is the standby parent of both children (Q reads it over
 libiscsi), and A reads volume-img2 once straight from its path to B.
 
@@ -103,27 +106,22 @@ def check_dm_disk(vm: str, image: str, sha: str) -> dict:
         }
 
 
-def dm_node(shas: dict) -> None:
-    from brick.lio import LioTargets
-
-    virtman = Virtman(DRIVER_CONF[ROLE])
-    with step("virtmanserver starts (dm driver)"):
-        result["start_s"] = virtman.start()
+def dm_node(virtman: Virtman, shas: dict) -> None:
     me = ROLE.lower()
     if ROLE == "B":
-        board_get("A-1")
+        board_get("A-created-1")
     create(virtman, f"vm-{me}1", IMG1)
+    board_set(f"{ROLE}-created-1")
     result["img1"] = {"paths": multipath_paths(IMG1)}
     result["img1"].update(check_dm_disk(f"vm-{me}1", IMG1, shas[IMG1]))
-    board_set(f"{ROLE}-1")
     if ROLE == "A":
         kill_nbd_relay(virtman, shas[IMG1])
-    board_get("Q-2" if ROLE == "B" else "B-2")
+    board_get("Q-created-2" if ROLE == "B" else "B-created-2")
     create(virtman, f"vm-{me}2", IMG2)
+    board_set(f"{ROLE}-created-2")
     result["img2"] = {"paths": multipath_paths(IMG2)}
     result["img2"].update(check_dm_disk(f"vm-{me}2", IMG2, shas[IMG2]))
     if ROLE == "A":
-        result["img1"]["lio_sessions"] = list(LioTargets().sessions(IQN_PREFIX + IMG1))
         with step("volume-img2 read straight from the standby path (B's tgtd relay)"):
             portal, device = multipath_path_devices(IMG2)[1]
             result["img2"]["standby"] = [portal, sha256(device) == shas[IMG2]]
@@ -159,10 +157,13 @@ def kill_nbd_relay(virtman: Virtman, sha: str) -> None:
     """While Q reads volume-img1 through A's NBD relay: kill -9 the NBD daemon, with
     virtman paused so that it cannot start it again before Q has read the rest from B;
     then let virtman heal it and read the export back over NBD."""
+    from brick.lio import LioTargets
     from brick.proc import established_connections
 
     board_get("Q-reading-1")
     info: dict = {"clients_before": established_connections(10809)}
+    # Q reads through this node now, over NBD only (its one LIO read comes after A-nbd-back)
+    result["img1"]["lio_sessions"] = list(LioTargets().sessions(IQN_PREFIX + IMG1))
     assert virtman.proc is not None
     with step("kill -9 the NBD relay daemon while Q reads (virtman paused)"):
         os.kill(virtman.proc.pid, signal.SIGSTOP)
@@ -333,22 +334,18 @@ def qemu_state() -> dict:
     return {"daemons": daemons(), "fuse_mounts": mounts, "files": files}
 
 
-def qemu_node(shas: dict) -> None:
-    virtman = Virtman(DRIVER_CONF[ROLE])
-    with step("virtmanserver starts (qemu driver: qemu-storage-daemon, tgtd)"):
-        result["start_s"] = virtman.start()
-    board_get("B-1")
+def qemu_node(virtman: Virtman, shas: dict) -> None:
+    disk2 = create(virtman, "vm-q2", IMG2)  # Q heads volume-img2's tree
+    board_set("Q-created-2")
+    result["img2"] = {"disk": disk2, "paths": qemu_paths(IMG2)}
+    board_get("B-created-1")
     disk1 = create(virtman, "vm-q1", IMG1)
     result["img1"] = {"disk": disk1, "paths": qemu_paths(IMG1)}
     result["img1"]["failover"] = read_through_failover(IMG1, shas[IMG1])
     board_get("A-nbd-back")
     result["img1"]["lio_read"] = read_lio_relay(IMG1, shas[IMG1])
     result["img1"].update(check_qemu_disk(disk1, IMG1, shas[IMG1]))
-    board_set("Q-1")
-    disk2 = create(virtman, "vm-q2", IMG2)
-    result["img2"] = {"disk": disk2, "paths": qemu_paths(IMG2)}
     result["img2"].update(check_qemu_disk(disk2, IMG2, shas[IMG2]))
-    board_set("Q-2")
     board_get("A-2")
     result["tgt_connections"] = tgt_connections()
     board_set("Q-checked")
@@ -365,9 +362,13 @@ def qemu_node(shas: dict) -> None:
 
 
 def compute() -> None:
+    virtman = Virtman(DRIVER_CONF[ROLE])
+    kind = "qemu driver: qemu-storage-daemon, tgtd" if ROLE == "Q" else "dm driver"
+    with step(f"virtmanserver starts ({kind})"):  # while the image server starts
+        result["start_s"] = virtman.start()
     shas = board_get("images")
     assert isinstance(shas, dict)
-    qemu_node(shas) if ROLE == "Q" else dm_node(shas)
+    qemu_node(virtman, shas) if ROLE == "Q" else dm_node(virtman, shas)
 
 
 if __name__ == "__main__":
