@@ -180,3 +180,19 @@ def test_read_counters_are_each_paths_tcp_bytes_unless_its_peer_is_shared(
     ImageStack(driver, "volume-two", iqn=other.iqn).build([other])
     assert driver.upstream.read_counters(IMAGE) == {NBD: 1024}
     assert driver.upstream.read_counters("volume-two") == {}
+
+
+def test_a_heartbeat_runs_ss_once_for_all_its_images(
+    driver: QemuDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build(driver)
+    monkeypatch.setattr(type(driver.qsd), "pid", property(lambda self: 4242))
+    asked = []
+    monkeypatch.setattr(
+        "virtman.drivers.qemu.driver.tcpinfo.received", lambda pid: asked.append(pid) or {}
+    )
+    clock = iter([100.0, 100.4, 100.9, 101.0, 101.5])
+    monkeypatch.setattr("virtman.drivers.qemu.driver._clock", lambda: next(clock))
+    for _ in range(5):
+        driver.upstream.read_counters(IMAGE)
+    assert asked == [4242, 4242]  # at 100.0 s and at 101.0 s (SOCKETS_TTL_S later)

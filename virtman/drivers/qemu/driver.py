@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -231,9 +232,16 @@ class QemuDriver:
                     continue
 
 
+# A heartbeat reads every image's counters at once: one ``ss`` run serves them all.
+SOCKETS_TTL_S = 1.0
+_clock = time.monotonic  # the tests' to replace
+
+
 class QemuUpstream:
     def __init__(self, driver: QemuDriver) -> None:
         self.d = driver
+        self._sockets_lock = threading.Lock()
+        self._sockets: tuple[float, int, dict[tcpinfo.Peer, list[int]]] = (0.0, 0, {})
 
     def ensure(self, spec: layer.UpstreamSpec) -> layer.Device:
         image, endpoints = spec.image, spec.endpoints
@@ -327,12 +335,22 @@ class QemuUpstream:
             return {}
         peers = {e: _peer(e) for e in self.endpoints(image)}
         shared = Counter(_peer(e) for other in self.d.paths.images() for e in self.endpoints(other))
-        sockets = tcpinfo.received(pid)
+        sockets = self._received(pid)
         return {
             e: sum(sockets[peer])
             for e, peer in peers.items()
             if peer is not None and shared[peer] == 1 and peer in sockets
         }
+
+    def _received(self, pid: int) -> dict[tcpinfo.Peer, list[int]]:
+        """``tcpinfo.received(pid)``, taken at most once per SOCKETS_TTL_S."""
+        with self._sockets_lock:
+            at, of, sockets = self._sockets
+            now = _clock()
+            if of != pid or now - at >= SOCKETS_TTL_S:
+                sockets = tcpinfo.received(pid)
+                self._sockets = (now, pid, sockets)
+            return sockets
 
     def inspect(self, image: str) -> layer.Device | None:
         n = self.d.names(image)
