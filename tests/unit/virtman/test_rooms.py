@@ -35,7 +35,7 @@ def test_only_the_daemon_entry_point_imports_the_guest_room_and_none_a_benchmark
             str(path.relative_to(ROOT))
             for path in (ROOT / "virtman").rglob("*.py")
             if (ROOT / "virtman" / "guest") not in path.parents
-            and any(n.startswith(prefix) for n in imported(path))
+            and any(n == prefix or n.startswith(prefix + ".") for n in imported(path))
         }
 
     # virtmanserver owns the node's guests (issue 12); the stack's code never sees them.
