@@ -205,6 +205,16 @@ def test_status_page_renders_the_tree_live_behind_the_token(
     ) == "DONE RUNNING 4"  # fmt: skip
     browser.wait_for("document.querySelector('#nodes tbody tr').cells[3].textContent === '1 / 4'")
 
+    # A migration shows in its table: from, to, and the bytes the source said it moved.
+    vm = next(v for v in volt.request("GET", task["href"])[1]["vms"] if v["node"] == "node1")
+    status, _ = volt.request("POST", f"/v1/vms/{vm['userid']}/migrate", {"destination": "node2"})
+    assert status == 202
+    row = browser.wait_for(
+        f"(r => r && r.dataset.state === 'done' && [...r.cells].map(c => c.textContent))"
+        f"(document.querySelector('#migrations tbody tr[data-vm=\"{vm['userid']}\"]'))"
+    )
+    assert row[1:5] == ["node1", "node2", "done", "16.0 MiB"], row
+
     # It updates by itself: a node that joins now is drawn at the next poll.
     polls = browser.evaluate("Number(document.body.dataset.polls)")
     join(volt, "127.0.0.17")

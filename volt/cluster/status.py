@@ -6,7 +6,8 @@ comes from the controller's capacity cache, which a background thread refreshes,
 poll never waits on a silent node (handlers run on volt-api's event loop). Bytes per source
 are the nodes' own read counters, as their last heartbeat reported them (volt.traffic): per
 node ``bytes_read`` (null: not reported) and ``bytes_served`` (what the nodes that reported
-read from it), per image the totals read from the image server and from peers.
+read from it), per image the totals read from the image server and from peers. Each VM's
+last migration: the ones under way first, then the finished ones (moved bytes, or why not).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from typing import Any
 
 from volt import traffic, validation
-from volt.cluster import model
+from volt.cluster import migration, model
 from volt.cluster.controller import Controller
 from volt.errors import InvalidInput, VolumeNotFound
 from volt.service import VoltService
@@ -25,6 +26,7 @@ LOG = logging.getLogger(__name__)
 MAX_IMAGES = 50  # trees shown; the others are counted in "images_hidden"
 MAX_TREE_NODES = 500  # nodes drawn per tree (breadth-first: the top of the tree)
 MAX_TASKS = 20  # the most recent tasks that are not wholly DELETED
+MAX_MIGRATIONS = 50  # the VMs' last migrations shown (those under way first)
 
 
 def _tree(service: VoltService, volume_id: str) -> dict[str, Any] | None:
@@ -110,7 +112,14 @@ def _nodes(
                 "capacity": state.get("capacity"),
                 "used": state.get("used"),
                 "vms": [
-                    {"name": vm.name, "status": vm.status, "image": vm.image}
+                    {
+                        "name": vm.name,
+                        "status": vm.status,
+                        "image": vm.image,
+                        "migrating_to": migration.migration_of(vm)["to"]
+                        if migration.migrating(vm)
+                        else None,
+                    }
                     for vm in vms
                     if vm.node == node_id and vm.status != model.DELETED
                 ],
@@ -164,6 +173,30 @@ def _tasks(controller: Controller, vms: list[model.VM]) -> list[dict[str, Any]]:
     return out
 
 
+def _migrations(vms: list[model.VM]) -> list[dict[str, Any]]:
+    out = []
+    for vm in vms:
+        moving = migration.migration_of(vm)
+        if not moving or vm.status == model.DELETED:
+            continue
+        state = moving.get("state")
+        out.append(
+            {
+                "vm": vm.name,
+                "userid": vm.userid,
+                "from": moving.get("from"),
+                "to": moving.get("to"),
+                "state": state,
+                "disk_bytes": moving.get("disk_bytes"),
+                "memory_bytes": moving.get("memory_bytes"),
+                "seconds": moving.get("seconds"),
+                "error": vm.error if state != migration.MIGRATING else None,
+            }
+        )
+    out.sort(key=lambda m: m["state"] != migration.MIGRATING)
+    return out[:MAX_MIGRATIONS]
+
+
 def snapshot(service: VoltService, controller: Controller) -> dict[str, Any]:
     counts = service.volume_counts()
     images = [t for vid, _ in counts[:MAX_IMAGES] if (t := _tree(service, vid)) is not None]
@@ -175,4 +208,5 @@ def snapshot(service: VoltService, controller: Controller) -> dict[str, Any]:
         "images_hidden": max(0, len(counts) - MAX_IMAGES),
         "nodes": _nodes(controller.node_states(), controller, _cache_of(service), vms),
         "tasks": _tasks(controller, vms),
+        "migrations": _migrations(vms),
     }

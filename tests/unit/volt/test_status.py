@@ -158,3 +158,39 @@ def test_a_heartbeat_with_bad_read_counters_is_refused_naming_the_field(
     assert status == 400, body
     assert body["errors"][0]["detail"].startswith(f"invalid {names!r}"), body  # type: ignore[index]
     assert rig.service.traffic.of("10.0.0.9:v") is None
+
+
+def test_status_shows_each_vms_last_migration_those_under_way_first(rig: Rig) -> None:
+    burst = {"image": "tiny", "count": 2, "flavor": {"vcpus": 1, "memory_mb": 64}}
+    wait_until(lambda: all(rig.controller.capacity.get(n) for n in ("n1", "n2")), timeout_s=10,
+               what="both nodes' capacity")  # fmt: skip
+    status, task, _ = call(rig.app, "POST", "/v1/clusters", burst)
+    assert status == 202
+    vms = wait_until(
+        lambda: (v := rig.controller.vms(task["task"])) and all(
+            vm.status == "RUNNING" for vm in v) and v,
+        timeout_s=10, what="the burst",
+    )  # fmt: skip
+    moved, failed = vms
+    other = {"n1": "n2", "n2": "n1"}
+    rig.nodes[failed.node].fail = "guest_migrate"
+    for vm in (moved, failed):
+        answer = call(
+            rig.app, "POST", f"/v1/vms/{vm.userid}/migrate", {"destination": other[vm.node]}
+        )
+        assert answer[0] == 202, answer
+
+    def settled() -> list[dict] | None:
+        shown = call(rig.app, "GET", "/v1/status")[1]["migrations"]
+        return shown if all(m["state"] != "migrating" for m in shown) else None
+
+    shown = {m["userid"]: m for m in wait_until(settled, timeout_s=10, what="both settled")}
+    assert shown[moved.userid] == {
+        "vm": moved.name, "userid": moved.userid, "from": moved.node, "to": other[moved.node],
+        "state": "done", "disk_bytes": 16 << 20, "memory_bytes": 90 << 20, "seconds": 3.5,
+        "error": None,
+    }  # fmt: skip
+    assert shown[failed.userid]["state"] == "failed"
+    assert f"guest_migrate on {failed.node}" in shown[failed.userid]["error"]
+    nodes = {n["id"]: n for n in call(rig.app, "GET", "/v1/status")[1]["nodes"]}
+    assert all(vm["migrating_to"] is None for n in nodes.values() for vm in n["vms"])

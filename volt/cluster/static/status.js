@@ -206,7 +206,8 @@ function render(data) {
     cell(row, n.status);
     cell(row, ratio(n.used, n.capacity, "vcpus"));
     cell(row, ratio(n.used, n.capacity, "memory_mb"));
-    cell(row, n.vms.map((vm) => vm.name + " " + vm.status).join(", "));
+    cell(row, n.vms.map((vm) => vm.name + " " + vm.status +
+      (vm.migrating_to ? " (migrating to " + vm.migrating_to + ")" : "")).join(", "));
     cell(row, n.cache.join(", "));
     cell(row, n.heartbeat_age_s);
     return row;
@@ -222,6 +223,21 @@ function render(data) {
     return row;
   });
   document.querySelector("#tasks tbody").replaceChildren(...taskRows);
+
+  const moveRows = (data.migrations || []).map((m) => {
+    const row = el("tr", { "data-vm": m.userid, "data-state": m.state });
+    cell(row, m.vm + " (" + m.userid + ")");
+    cell(row, m.from);
+    cell(row, m.to);
+    cell(row, m.state);
+    cell(row, m.disk_bytes === null || m.disk_bytes === undefined ? null : human(m.disk_bytes));
+    cell(row, m.memory_bytes === null || m.memory_bytes === undefined ? null :
+      human(m.memory_bytes));
+    cell(row, m.seconds);
+    cell(row, m.error);
+    return row;
+  });
+  document.querySelector("#migrations tbody").replaceChildren(...moveRows);
 
   document.body.dataset.polls = String(polls);
   document.getElementById("state").textContent = "updated " +
