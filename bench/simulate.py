@@ -84,7 +84,7 @@ GIB = 1 << 30
 MB = 1e6
 VARIANTS = ("balanced", "btree", "direct", "fullcopy")
 TREE_VARIANTS = ("balanced", "btree")
-MODIFIERS = ("wake", "prefetch")
+MODIFIERS = ("wake", "prefetch", "stripe")
 DEFAULT_SPECS = ("balanced", "btree", "direct", "fullcopy", "balanced+wake")
 PRESET_SPECS = ("btree", "btree+prefetch", "balanced", "balanced+prefetch", "balanced+wake",
                 "balanced+wake+prefetch", "direct", "fullcopy")  # fmt: skip
@@ -141,6 +141,7 @@ class Params:
     query_before_register: bool = False  # before issue 15: a query placed the node first
     fanout: int = 2
     parents_per_node: int = 2
+    stripe: bool = False  # read from every ready parent at once (dm multibus)
     prefetch_depth: int = 1
     prefetch_slack: float = 2.0  # 0: unpaced (before issue 15's pacing)
     prefetch_max_pause_s: float = 2.0
@@ -343,8 +344,9 @@ class IndexedBtree(BtreeExecutor):
         return heap[0][3] if heap else None
 
 
-# A fetch of one chunk by one node from its read source: [node, chunk, bytes, source, state].
-NODE, CHUNK, SIZE, SRC, STATE = range(5)
+# A fetch of (a part of) one chunk by one node from one read source:
+# [node, chunk, bytes, source, state, key in ``fetching``, half round trip, service time].
+NODE, CHUNK, SIZE, SRC, STATE, KEY, LAT, SVC = range(8)
 ASKED, SENDING, SENT, DEAD = range(4)
 
 
@@ -352,14 +354,16 @@ class Sim:
     """One run: ``nodes`` nodes, one variant. Call ``run()`` once."""
 
     def __init__(self, params: Params, spec: str, nodes: int) -> None:
-        variant, prefetch, wake = parse_spec(spec)
+        variant, prefetch, wake, stripe = parse_spec(spec)
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
         if wake:
             params = replace(params, wake_on_create=True)
+        if stripe:
+            params = replace(params, stripe=True)
         p = self.p = params
         self.variant = variant
-        self.name = spec_name(variant, prefetch=prefetch, wake=wake)
+        self.name = spec_name(variant, prefetch=prefetch, wake=wake, stripe=p.stripe)
         self.nodes = nodes
         self.prefetch = prefetch
         self.q: list[tuple[float, int, Callable[[Any, Any], None], Any, Any]] = []
@@ -372,10 +376,16 @@ class Sim:
         self.chunk_mib = chunk_mib_for(p, nodes)
         self.nchunks = max(1, round(boot / (self.chunk_mib * MIB)))
         self.chunk = boot / self.nchunks
-        requests = max(1, math.ceil(self.chunk / (p.request_kib * 1024)))
-        self.lat_half = requests * p.hop_latency_ms / 1e3 / 2
-        self.svc = requests * p.service_ms / 1e3
-        self.ask_t = self.lat_half + self.svc  # from asking to the source starting to answer
+        # read sources of a node at once: all its ready parents when striping (each chunk
+        # split evenly between them, its requests in parallel on both paths), else one
+        self.width = max(1, p.parents_per_node) if p.stripe else 1
+        # (half round trip, service time) of a fetch of one of n parts of a chunk, by n
+        self.part_t = [(0.0, 0.0)]
+        for n in range(1, self.width + 1):
+            requests = max(1, math.ceil(self.chunk / n / (p.request_kib * 1024)))
+            self.part_t.append((requests * p.hop_latency_ms / 1e3 / 2,
+                                requests * p.service_ms / 1e3))  # fmt: skip
+        self.lat_half, self.svc = self.part_t[1]
         self.local_t = self.chunk / mbps_to_bytes(p.local_read_mbps)
         cores = p.cores_per_node or p.vms_per_node
         self.cpu_slice = p.boot_cpu_s * max(1.0, p.vms_per_node / cores) / self.nchunks
@@ -395,7 +405,8 @@ class Sim:
         self.inflight: list[dict[int, list[tuple[Callable[[Any, Any], None], Any, Any]]]] = [
             {} for _ in range(nodes + 1)
         ]
-        self.source = [self.root] * nodes
+        self.source: list[tuple[int, ...]] = [(self.root,)] * nodes
+        self.parts_left: list[dict[int, int]] = [{} for _ in range(nodes + 1)]
         self.read_server = bytearray(nodes)
         self.uplinks: dict[int, Uplink] = {}
         self.server_bytes = self.peer_bytes = self.local_bytes = 0.0
@@ -620,31 +631,40 @@ class Sim:
         self.start_vms(v, None)
 
     def choose(self, v: int, parents: list[Any]) -> None:
-        """virtman's ``_choose``: read from the first ready parent, else the image server;
-        follow (heartbeat every ``follow_s``) while any parent is pending."""
+        """virtman's ``_choose``: read from the first ready parent (striping: from every
+        ready parent), else the image server; follow (heartbeat every ``follow_s``) while
+        any parent is pending."""
         self.following[v] = any(not p.ready for p in parents)
-        ready = [p for p in parents if p.ready]
-        old, new = self.source[v], int(ready[0].peer_id) if ready else self.root
+        ready = [int(p.peer_id) for p in parents if p.ready][: self.width]
+        old, new = self.source[v], tuple(ready) if ready else (self.root,)
         if new != old:
             self.source[v] = new
             self.switch(v, old, new)
 
-    def switch(self, v: int, old: int, new: int) -> None:
-        """New paths take the next requests: what the old source has not sent yet of this
-        node's fetches moves to the new one (real requests are 64 KiB; chunks are coarser,
-        so an unsent chunk must not stay queued behind a slow source)."""
+    def switch(self, v: int, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+        """New paths take the next requests: what a source no longer used has not sent yet
+        of this node's fetches moves to the new sources, in turn (real requests are 64 KiB;
+        chunks are coarser, so an unsent chunk must not stay queued behind a slow source)."""
         self.switches += 1
-        link = self.uplinks.get(old)
-        sending = {id(item[2]): item[0] for item in link.cancel(v)} if link is not None else {}
-        for c, fetch in list(self.fetching[v].items()):
-            if fetch[SRC] != old or fetch[STATE] == SENT:
+        sending: dict[int, float] = {}
+        gone = [s for s in old if s not in new]
+        for s in gone:
+            link = self.uplinks.get(s)
+            if link is not None:
+                sending.update((id(item[2]), item[0]) for item in link.cancel(v))
+        turn = 0
+        for key, fetch in list(self.fetching[v].items()):
+            if fetch[SRC] not in gone or fetch[STATE] == SENT:
                 continue
             size = sending.get(id(fetch), fetch[SIZE])
             fetch[STATE] = DEAD
-            moved = self.fetching[v][c] = [v, c, size, new, ASKED]
-            if new == self.root:
+            to = new[turn % len(new)]
+            turn += 1
+            if to == self.root:
                 self.read_server[v] = 1
-            self.request(new, self._arrive, new, moved)
+            moved = self.fetching[v][key] = [v, fetch[CHUNK], size, to, ASKED, key, fetch[LAT],
+                                             fetch[SVC]]  # fmt: skip
+            self.request(to, self._arrive, to, moved, moved[LAT], moved[SVC])
 
     def heartbeat(self, v: int, version: int) -> None:
         if version == self.hb_version[v]:
@@ -719,11 +739,17 @@ class Sim:
             waiting.append((fn, a, b))
             return
         self.inflight[v][c] = [(fn, a, b)]
-        s = self.source[v]
-        if s == self.root:
-            self.read_server[v] = 1
-        fetch = self.fetching[v][c] = [v, c, self.chunk, s, ASKED]
-        heapq.heappush(self.q, (self.now + self.ask_t, next(self.seq), self._arrive, s, fetch))
+        sources = self.source[v]
+        n = len(sources)
+        lat, svc = self.part_t[n]
+        if n > 1:
+            self.parts_left[v][c] = n
+        for part, s in enumerate(sources):
+            if s == self.root:
+                self.read_server[v] = 1
+            key = c * self.width + part
+            fetch = self.fetching[v][key] = [v, c, self.chunk / n, s, ASKED, key, lat, svc]
+            heapq.heappush(self.q, (self.now + lat + svc, next(self.seq), self._arrive, s, fetch))
 
     def request(
         self,
@@ -751,14 +777,18 @@ class Sim:
 
     def _fetch_sent(self, fetch: list[Any], _: Any) -> None:
         fetch[STATE] = SENT
-        heapq.heappush(
-            self.q, (self.now + self.lat_half, next(self.seq), self._deliver, fetch, None)
-        )
+        heapq.heappush(self.q, (self.now + fetch[LAT], next(self.seq), self._deliver, fetch, None))
 
     def _deliver(self, fetch: list[Any], _: Any) -> None:
         v, c = fetch[NODE], fetch[CHUNK]
+        del self.fetching[v][fetch[KEY]]
+        left = self.parts_left[v]
+        if c in left:  # striped: the chunk is held once its last part has arrived
+            left[c] -= 1
+            if left[c]:
+                return
+            del left[c]
         self.have[v][c] = 1
-        del self.fetching[v][c]
         for fn, a, b in self.inflight[v].pop(c):
             fn(a, b)
 
@@ -802,8 +832,8 @@ class Sim:
         self.prefetch_fill(v, None)
 
 
-def parse_spec(spec: str) -> tuple[str, bool, bool]:
-    """``base[+wake][+prefetch]`` -> (base variant, prefetch, wake)."""
+def parse_spec(spec: str) -> tuple[str, bool, bool, bool]:
+    """``base[+wake][+prefetch][+stripe]`` -> (base variant, prefetch, wake, stripe)."""
     base, *mods = spec.split("+")
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {base!r} (one of {', '.join(VARIANTS)})")
@@ -812,11 +842,12 @@ def parse_spec(spec: str) -> tuple[str, bool, bool]:
         raise ValueError(f"unknown modifier(s) {', '.join(sorted(unknown))} in {spec!r}")
     if mods and base not in TREE_VARIANTS:
         raise ValueError(f"{spec!r}: modifiers apply to {' and '.join(TREE_VARIANTS)} only")
-    return base, "prefetch" in mods, "wake" in mods
+    return base, "prefetch" in mods, "wake" in mods, "stripe" in mods
 
 
-def spec_name(variant: str, *, prefetch: bool, wake: bool) -> str:
-    return variant + ("+wake" if wake else "") + ("+prefetch" if prefetch else "")
+def spec_name(variant: str, *, prefetch: bool, wake: bool, stripe: bool = False) -> str:
+    return (variant + ("+wake" if wake else "") + ("+prefetch" if prefetch else "")
+            + ("+stripe" if stripe else ""))  # fmt: skip
 
 
 def simulate(params: Params, spec: str, nodes: int) -> Result:
@@ -859,7 +890,9 @@ OPTION_HELP = {
     "query_before_register": "the behaviour before issue 15's place-on-register: a query "
     "places the node before its build, then it registers (two Volt requests per node)",
     "fanout": "balanced: children per node",
-    "parents_per_node": "balanced: parents per node (1 carries the reads)",
+    "parents_per_node": "balanced: parents per node (1 carries the reads unless --stripe)",
+    "stripe": "read from every ready parent at once, each chunk split evenly between them "
+    "(virtman's dm driver with one multipath group, round robin: multibus)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",
     "prefetch_slack": "prefetch: a fetch this many times slower than the node's fastest "
     "recent one pauses the prefetch (0: unpaced)",

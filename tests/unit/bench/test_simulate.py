@@ -195,7 +195,8 @@ def test_uplink_cancel_returns_what_was_not_sent():
 
 
 def test_variant_specs():
-    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True)
+    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True, False)
+    assert sim.parse_spec("balanced+wake+stripe") == ("balanced", False, True, True)
     with pytest.raises(ValueError):
         sim.parse_spec("direct+prefetch")
     with pytest.raises(ValueError):
