@@ -20,7 +20,12 @@ fastest recent one pauses the prefetch for the queueing it saw (at most
 ``--prefetch-max-pause-s``, 0 slack: unpaced, the behaviour before) and keeps one fetch in
 flight until fetches are fast again; ``--prefetch`` adds them) and ``+wake`` (virtman's
 heartbeat loop is woken right after a build that left a parent pending: what virtman does
-since this simulation found the delay; without it, the behaviour before).
+since this simulation found the delay; without it, the behaviour before) and ``+stripe``
+(``--stripe``: a node reads from all its ready parents at once, each chunk split evenly
+between them, its requests on the paths in parallel, as dm-multipath with one priority
+group over every path, "multibus", would; the parts share the reader's one downlink, and a
+parent serves only what it holds; without it the first ready parent carries the reads and
+the others are standby, what virtman does).
 
 The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
 ``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
@@ -544,13 +549,16 @@ class Sim:
         link = self.uplinks.get(s)
         if link is None:
             p = self.p
-            if s == self.root:
+            downlink = p.node_mbps  # what one connection can carry into its reader
+            if s == self.root:  # read alone: a node reads from the server only without parents
                 cap = min(p.server_mbps, p.image_server_throughput_mbps)
             else:
                 cap = min(p.node_mbps, p.relay_throughput_mbps)
-            link = self.uplinks[s] = Uplink(
-                self, s, mbps_to_bytes(cap), mbps_to_bytes(self.p.node_mbps)
-            )
+                # a striped reader's parts arrive at once over its one downlink: each of its
+                # connections gets at most its share (pessimistic for a node that has one
+                # ready parent only)
+                downlink /= self.width
+            link = self.uplinks[s] = Uplink(self, s, mbps_to_bytes(cap), mbps_to_bytes(downlink))
         return link
 
     # -- node life cycle -----------------------------------------------------------------
@@ -979,7 +987,7 @@ def resolve_params(args: argparse.Namespace) -> tuple[Params, dict[str, str], fl
 def format_table(results: list[Result], single: float) -> str:
     """One row per variant: boot times, ratio to a VM booting alone, bytes by origin."""
     head = (
-        f"{'variant':<22} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
+        f"{'variant':<29} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
         f"{'depth':>5} {'srv rdrs':>8} {'server MB':>10} {'peers MB':>10} {'local MB':>9} "
         f"{'Volt wait':>9} {'events':>8} {'wall s':>6}"
     )
@@ -989,7 +997,7 @@ def format_table(results: list[Result], single: float) -> str:
         depth = str(r.depth) if tree else "-"
         volt = f"{r.volt_max_wait_s:8.1f}s" if tree else "-"
         lines.append(
-            f"{r.variant:<22} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
+            f"{r.variant:<29} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
             f"{r.p99_s / single:8.2f} {depth:>5} {r.server_readers:8d} "
             f"{r.server_bytes / MB:10.0f} {r.peer_bytes / MB:10.0f} {r.local_bytes / MB:9.0f} "
             f"{volt:>9} {r.events:8d} {r.wall_s:6.1f}"
