@@ -20,12 +20,16 @@ fastest recent one pauses the prefetch for the queueing it saw (at most
 ``--prefetch-max-pause-s``, 0 slack: unpaced, the behaviour before) and keeps one fetch in
 flight until fetches are fast again; ``--prefetch`` adds them) and ``+wake`` (virtman's
 heartbeat loop is woken right after a build that left a parent pending: what virtman does
-since this simulation found the delay; without it, the behaviour before) and ``+stripe``
+since this simulation found the delay; without it, the behaviour before), ``+stripe``
 (``--stripe``: a node reads from all its ready parents at once, each chunk split evenly
 between them, its requests on the paths in parallel, as dm-multipath with one priority
 group over every path, "multibus", would; the parts share the reader's one downlink, and a
 parent serves only what it holds; without it the first ready parent carries the reads and
-the others are standby, what virtman does).
+the others are standby, what virtman does) or ``+exchange`` (``--exchange``: sibling
+exchange; a ready node under a ready tree parent reads chunk ``c`` from the parent when
+``c % fanout`` is its slot, else from the ready sibling in slot ``c % fanout``, so the parent
+sends each chunk once to its children and leaves upload; a node follows while a sibling is
+pending or its slot empty). Neither is built in virtman or Volt (docs/benchmarks.rst).
 
 The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
 ``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
@@ -77,7 +81,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from volt.topology import OK, Node, Tree
 from volt.topology.balanced import BalancedExecutor
@@ -89,7 +93,7 @@ GIB = 1 << 30
 MB = 1e6
 VARIANTS = ("balanced", "btree", "direct", "fullcopy")
 TREE_VARIANTS = ("balanced", "btree")
-MODIFIERS = ("wake", "prefetch", "stripe")
+MODIFIERS = ("wake", "prefetch", "stripe", "exchange")
 DEFAULT_SPECS = ("balanced", "btree", "direct", "fullcopy", "balanced+wake")
 PRESET_SPECS = ("btree", "btree+prefetch", "balanced", "balanced+prefetch", "balanced+wake",
                 "balanced+wake+prefetch", "direct", "fullcopy")  # fmt: skip
@@ -147,6 +151,7 @@ class Params:
     fanout: int = 2
     parents_per_node: int = 2
     stripe: bool = False  # read from every ready parent at once (dm multibus)
+    exchange: bool = False  # siblings share their parent's uplink: chunk c % fanout by slot
     prefetch_depth: int = 1
     prefetch_slack: float = 2.0  # 0: unpaced (before issue 15's pacing)
     prefetch_max_pause_s: float = 2.0
@@ -359,16 +364,20 @@ class Sim:
     """One run: ``nodes`` nodes, one variant. Call ``run()`` once."""
 
     def __init__(self, params: Params, spec: str, nodes: int) -> None:
-        variant, prefetch, wake, stripe = parse_spec(spec)
+        variant, prefetch, wake, stripe, exchange = parse_spec(spec)
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
         if wake:
             params = replace(params, wake_on_create=True)
-        if stripe:
-            params = replace(params, stripe=True)
+        if stripe or exchange:
+            params = replace(params, stripe=params.stripe or stripe,
+                             exchange=params.exchange or exchange)  # fmt: skip
+        if params.stripe and params.exchange:
+            raise ValueError("stripe and exchange are two ways to use the parents: pick one")
         p = self.p = params
         self.variant = variant
-        self.name = spec_name(variant, prefetch=prefetch, wake=wake, stripe=p.stripe)
+        self.name = spec_name(variant, prefetch=prefetch, wake=wake, stripe=p.stripe,
+                              exchange=p.exchange)  # fmt: skip
         self.nodes = nodes
         self.prefetch = prefetch
         self.q: list[tuple[float, int, Callable[[Any, Any], None], Any, Any]] = []
@@ -415,6 +424,7 @@ class Sim:
         self.read_server = bytearray(nodes)
         self.uplinks: dict[int, Uplink] = {}
         self.server_bytes = self.peer_bytes = self.local_bytes = 0.0
+        self.sent = [0.0] * (nodes + 1)  # bytes each node's uplink sent (root: image server)
         # VMs.
         vpn = p.vms_per_node
         self.vms = nodes * vpn
@@ -540,6 +550,7 @@ class Sim:
         return rows
 
     def account(self, server: int, size: float) -> None:
+        self.sent[server] += size
         if server == self.root:
             self.server_bytes += size
         else:
@@ -644,10 +655,36 @@ class Sim:
         any parent is pending."""
         self.following[v] = any(not p.ready for p in parents)
         ready = [int(p.peer_id) for p in parents if p.ready][: self.width]
-        old, new = self.source[v], tuple(ready) if ready else (self.root,)
+        new = tuple(ready) if ready else (self.root,)
+        if self.p.exchange and self.ready[v]:
+            new = self.exchange_route(v) or new
+        old = self.source[v]
         if new != old:
             self.source[v] = new
             self.switch(v, old, new)
+
+    def exchange_route(self, v: int) -> tuple[int, ...] | None:
+        """Sibling exchange: the source of each chunk class (chunk % fanout) of ready node
+        ``v`` under a ready tree parent (or the image server): the class of its own slot from
+        the parent, every other class from the ready sibling in that slot (else the parent).
+        Per class the reads form a tree (parent -> slot j -> the other siblings), and a
+        ready node never moves in a burst (no removals), so no class can read in a cycle.
+        A pending sibling, or an empty sibling slot (a sibling may be placed next), is
+        followed like a pending parent: a node often registers before its sibling is
+        placed."""
+        node = self.tnode[v]
+        parent = node.parent
+        if not (parent.is_root or parent.ready):
+            return None
+        up = self.root if parent.is_root else int(parent.peer_id)
+        route = []
+        for j, sibling in enumerate(parent.children):
+            if j == node.slot or sibling is None or not sibling.ready:
+                route.append(up)
+                self.following[v] |= j != node.slot
+            else:
+                route.append(int(sibling.peer_id))
+        return tuple(route)
 
     def switch(self, v: int, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         """New paths take the next requests: what a source no longer used has not sent yet
@@ -666,7 +703,7 @@ class Sim:
                 continue
             size = sending.get(id(fetch), fetch[SIZE])
             fetch[STATE] = DEAD
-            to = new[turn % len(new)]
+            to = new[(fetch[CHUNK] if self.p.exchange else turn) % len(new)]
             turn += 1
             if to == self.root:
                 self.read_server[v] = 1
@@ -748,6 +785,8 @@ class Sim:
             return
         self.inflight[v][c] = [(fn, a, b)]
         sources = self.source[v]
+        if self.p.exchange:  # one source per chunk class
+            sources = (sources[c % len(sources)],)
         n = len(sources)
         lat, svc = self.part_t[n]
         if n > 1:
@@ -840,8 +879,18 @@ class Sim:
         self.prefetch_fill(v, None)
 
 
-def parse_spec(spec: str) -> tuple[str, bool, bool, bool]:
-    """``base[+wake][+prefetch][+stripe]`` -> (base variant, prefetch, wake, stripe)."""
+class Spec(NamedTuple):
+    """A parsed variant spec."""
+
+    base: str
+    prefetch: bool
+    wake: bool
+    stripe: bool
+    exchange: bool
+
+
+def parse_spec(spec: str) -> Spec:
+    """``base[+wake][+prefetch][+stripe|+exchange]`` -> its base variant and modifiers."""
     base, *mods = spec.split("+")
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {base!r} (one of {', '.join(VARIANTS)})")
@@ -850,12 +899,14 @@ def parse_spec(spec: str) -> tuple[str, bool, bool, bool]:
         raise ValueError(f"unknown modifier(s) {', '.join(sorted(unknown))} in {spec!r}")
     if mods and base not in TREE_VARIANTS:
         raise ValueError(f"{spec!r}: modifiers apply to {' and '.join(TREE_VARIANTS)} only")
-    return base, "prefetch" in mods, "wake" in mods, "stripe" in mods
+    return Spec(base, "prefetch" in mods, "wake" in mods, "stripe" in mods, "exchange" in mods)
 
 
-def spec_name(variant: str, *, prefetch: bool, wake: bool, stripe: bool = False) -> str:
+def spec_name(
+    variant: str, *, prefetch: bool, wake: bool, stripe: bool = False, exchange: bool = False
+) -> str:
     return (variant + ("+wake" if wake else "") + ("+prefetch" if prefetch else "")
-            + ("+stripe" if stripe else ""))  # fmt: skip
+            + ("+stripe" if stripe else "") + ("+exchange" if exchange else ""))  # fmt: skip
 
 
 def simulate(params: Params, spec: str, nodes: int) -> Result:
@@ -899,6 +950,8 @@ OPTION_HELP = {
     "places the node before its build, then it registers (two Volt requests per node)",
     "fanout": "balanced: children per node",
     "parents_per_node": "balanced: parents per node (1 carries the reads unless --stripe)",
+    "exchange": "sibling exchange: a ready node under a ready parent reads chunk c from the "
+    "parent if c %% fanout is its slot, else from the ready sibling in that slot",
     "stripe": "read from every ready parent at once, each chunk split evenly between them "
     "(virtman's dm driver with one multipath group, round robin: multibus)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",

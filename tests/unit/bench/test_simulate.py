@@ -16,7 +16,8 @@ from volt.topology.btree import BtreeExecutor
 # A short boot keeps every run well under a second; the behaviours do not depend on it.
 FAST = Params(boot_read_mib=16, chunk_mib=1, boot_cpu_s=2.0, image_gib=0.25, heartbeat_s=4.0)
 BOOT = 16 * MIB
-ON_DEMAND = ("balanced", "btree", "direct", "balanced+wake", "balanced+wake+stripe")
+ON_DEMAND = ("balanced", "btree", "direct", "balanced+wake", "balanced+wake+stripe",
+             "balanced+wake+exchange")  # fmt: skip
 
 
 def bytes_per_s(mbps: float) -> float:
@@ -60,7 +61,8 @@ def test_direct_image_server_egress_is_n_boot_sets(nodes):
 
 def test_every_node_fetches_its_boot_set_once_even_across_switches():
     specs = ("balanced", "balanced+wake", "btree", "balanced+wake+prefetch",
-             "balanced+wake+stripe", "balanced+wake+prefetch+stripe")  # fmt: skip
+             "balanced+wake+stripe", "balanced+wake+prefetch+stripe", "balanced+wake+exchange",
+             "balanced+wake+prefetch+exchange")  # fmt: skip
     for spec in specs:
         result = simulate(FAST, spec, 60)
         total = result.server_bytes + result.peer_bytes
@@ -146,6 +148,27 @@ def test_a_striped_node_splits_each_chunk_over_both_parents_within_its_downlink(
     assert striped == pytest.approx(16 * (requests // 2 * per_request + transfer), rel=1e-6)
 
 
+def test_sibling_exchange_makes_leaves_upload_and_halves_the_image_servers_egress():
+    """+exchange: siblings read the chunks of their own slot's class from the parent and
+    the others from each other, so a leaf's uplink carries data and the image server sends
+    each chunk once to the top level (fan-out 2), not once per top-level node."""
+    plain, exchange = (
+        sim.Sim(FAST, "balanced+wake", 30),
+        sim.Sim(FAST, "balanced+wake+exchange", 30),
+    )
+    for run in (plain, exchange):
+        run.run()
+    leaves = [v for v in range(30) if not plain.tnode[v].child_nodes()]
+    assert leaves and all(plain.sent[v] == 0 for v in leaves)
+    leaves = [v for v in range(30) if not exchange.tnode[v].child_nodes()]
+    assert leaves and all(exchange.sent[v] > 0 for v in leaves)
+    assert plain.sent[plain.root] == pytest.approx(FAST.fanout * BOOT)
+    # (a node reads from the image server until its next heartbeat names its sibling)
+    assert exchange.sent[exchange.root] < 1.3 * BOOT
+    with pytest.raises(ValueError, match="pick one"):
+        sim.Sim(FAST, "balanced+stripe+exchange", 3)
+
+
 def test_deterministic_for_a_fixed_seed():
     first, again = simulate(FAST, "balanced", 50), simulate(FAST, "balanced", 50)
     assert first.boot_times == again.boot_times
@@ -219,8 +242,8 @@ def test_uplink_cancel_returns_what_was_not_sent():
 
 
 def test_variant_specs():
-    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True, False)
-    assert sim.parse_spec("balanced+wake+stripe") == ("balanced", False, True, True)
+    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True, False, False)
+    assert sim.parse_spec("balanced+wake+stripe") == ("balanced", False, True, True, False)
     assert sim.spec_name("balanced", prefetch=True, wake=True, stripe=True) == (
         "balanced+wake+prefetch+stripe"
     )
