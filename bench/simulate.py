@@ -899,6 +899,8 @@ def parse_spec(spec: str) -> Spec:
         raise ValueError(f"unknown modifier(s) {', '.join(sorted(unknown))} in {spec!r}")
     if mods and base not in TREE_VARIANTS:
         raise ValueError(f"{spec!r}: modifiers apply to {' and '.join(TREE_VARIANTS)} only")
+    if "stripe" in mods and "exchange" in mods:
+        raise ValueError(f"{spec!r}: +stripe and +exchange are two ways to use the parents")
     return Spec(base, "prefetch" in mods, "wake" in mods, "stripe" in mods, "exchange" in mods)
 
 
@@ -1029,6 +1031,8 @@ def resolve_params(args: argparse.Namespace) -> tuple[Params, dict[str, str], fl
     if single is None:
         single = calibration.get("single_vm_boot_s")
     params = Params(**values)
+    if params.stripe and params.exchange:
+        raise SystemExit("--stripe and --exchange are two ways to use the parents: pick one")
     if single is not None and "boot_cpu_s" not in values:
         io_only = single_vm_s(replace(params, boot_cpu_s=0.0))
         cpu = max(0.0, single - io_only)
@@ -1129,7 +1133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"MiB, boot set {params.boot_read_mib * MIB / MB:.0f} MB per VM")  # fmt: skip
         scale = []
         for spec in specs:
-            scale.append(simulate(params, spec, n))
+            try:
+                scale.append(simulate(params, spec, n))
+            except ValueError as exc:  # e.g. --stripe with a +exchange variant
+                raise SystemExit(f"{spec}: {exc}") from None
             print(format_table(scale[-1:], single).splitlines()[-1] if len(scale) > 1 else
                   format_table(scale, single), flush=True)  # fmt: skip
         results += scale

@@ -166,7 +166,7 @@ def test_sibling_exchange_makes_leaves_upload_and_halves_the_image_servers_egres
     # (a node reads from the image server until its next heartbeat names its sibling)
     assert exchange.sent[exchange.root] < 1.3 * BOOT
     with pytest.raises(ValueError, match="pick one"):
-        sim.Sim(FAST, "balanced+stripe+exchange", 3)
+        sim.Sim(replace(FAST, stripe=True), "balanced+exchange", 3)
 
 
 def test_deterministic_for_a_fixed_seed():
@@ -251,6 +251,11 @@ def test_variant_specs():
         sim.parse_spec("direct+prefetch")
     with pytest.raises(ValueError):
         sim.parse_spec("mesh")
+    with pytest.raises(ValueError, match="two ways"):
+        sim.parse_spec("balanced+stripe+exchange")
+    for args in (["--stripe", "--exchange"], ["--stripe", "--variants", "balanced+exchange"]):
+        with pytest.raises(SystemExit, match="pick one"):
+            sim.main(["--nodes", "2", *args])
 
 
 def test_command_line_calibration_and_last_line(tmp_path, capsys):
