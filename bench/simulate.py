@@ -20,7 +20,16 @@ fastest recent one pauses the prefetch for the queueing it saw (at most
 ``--prefetch-max-pause-s``, 0 slack: unpaced, the behaviour before) and keeps one fetch in
 flight until fetches are fast again; ``--prefetch`` adds them) and ``+wake`` (virtman's
 heartbeat loop is woken right after a build that left a parent pending: what virtman does
-since this simulation found the delay; without it, the behaviour before).
+since this simulation found the delay; without it, the behaviour before), ``+stripe``
+(``--stripe``: a node reads from all its ready parents at once, each chunk split evenly
+between them, its requests on the paths in parallel, as dm-multipath with one priority
+group over every path, "multibus", would; the parts share the reader's one downlink, and a
+parent serves only what it holds; without it the first ready parent carries the reads and
+the others are standby, what virtman does) or ``+exchange`` (``--exchange``: sibling
+exchange; a ready node under a ready tree parent reads chunk ``c`` from the parent when
+``c % fanout`` is its slot, else from the ready sibling in slot ``c % fanout``, so the parent
+sends each chunk once to its children and leaves upload; a node follows while a sibling is
+pending or its slot empty). Neither is built in virtman or Volt (docs/benchmarks.rst).
 
 The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
 ``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
@@ -72,7 +81,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from volt.topology import OK, Node, Tree
 from volt.topology.balanced import BalancedExecutor
@@ -84,7 +93,7 @@ GIB = 1 << 30
 MB = 1e6
 VARIANTS = ("balanced", "btree", "direct", "fullcopy")
 TREE_VARIANTS = ("balanced", "btree")
-MODIFIERS = ("wake", "prefetch")
+MODIFIERS = ("wake", "prefetch", "stripe", "exchange")
 DEFAULT_SPECS = ("balanced", "btree", "direct", "fullcopy", "balanced+wake")
 PRESET_SPECS = ("btree", "btree+prefetch", "balanced", "balanced+prefetch", "balanced+wake",
                 "balanced+wake+prefetch", "direct", "fullcopy")  # fmt: skip
@@ -141,6 +150,8 @@ class Params:
     query_before_register: bool = False  # before issue 15: a query placed the node first
     fanout: int = 2
     parents_per_node: int = 2
+    stripe: bool = False  # read from every ready parent at once (dm multibus)
+    exchange: bool = False  # siblings share their parent's uplink: chunk c % fanout by slot
     prefetch_depth: int = 1
     prefetch_slack: float = 2.0  # 0: unpaced (before issue 15's pacing)
     prefetch_max_pause_s: float = 2.0
@@ -343,8 +354,9 @@ class IndexedBtree(BtreeExecutor):
         return heap[0][3] if heap else None
 
 
-# A fetch of one chunk by one node from its read source: [node, chunk, bytes, source, state].
-NODE, CHUNK, SIZE, SRC, STATE = range(5)
+# A fetch of (a part of) one chunk by one node from one read source:
+# [node, chunk, bytes, source, state, key in ``fetching``, half round trip, service time].
+NODE, CHUNK, SIZE, SRC, STATE, KEY, LAT, SVC = range(8)
 ASKED, SENDING, SENT, DEAD = range(4)
 
 
@@ -352,14 +364,20 @@ class Sim:
     """One run: ``nodes`` nodes, one variant. Call ``run()`` once."""
 
     def __init__(self, params: Params, spec: str, nodes: int) -> None:
-        variant, prefetch, wake = parse_spec(spec)
+        variant, prefetch, wake, stripe, exchange = parse_spec(spec)
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
         if wake:
             params = replace(params, wake_on_create=True)
+        if stripe or exchange:
+            params = replace(params, stripe=params.stripe or stripe,
+                             exchange=params.exchange or exchange)  # fmt: skip
+        if params.stripe and params.exchange:
+            raise ValueError("stripe and exchange are two ways to use the parents: pick one")
         p = self.p = params
         self.variant = variant
-        self.name = spec_name(variant, prefetch=prefetch, wake=wake)
+        self.name = spec_name(variant, prefetch=prefetch, wake=wake, stripe=p.stripe,
+                              exchange=p.exchange)  # fmt: skip
         self.nodes = nodes
         self.prefetch = prefetch
         self.q: list[tuple[float, int, Callable[[Any, Any], None], Any, Any]] = []
@@ -372,10 +390,16 @@ class Sim:
         self.chunk_mib = chunk_mib_for(p, nodes)
         self.nchunks = max(1, round(boot / (self.chunk_mib * MIB)))
         self.chunk = boot / self.nchunks
-        requests = max(1, math.ceil(self.chunk / (p.request_kib * 1024)))
-        self.lat_half = requests * p.hop_latency_ms / 1e3 / 2
-        self.svc = requests * p.service_ms / 1e3
-        self.ask_t = self.lat_half + self.svc  # from asking to the source starting to answer
+        # read sources of a node at once: all its ready parents when striping (each chunk
+        # split evenly between them, its requests in parallel on both paths), else one
+        self.width = max(1, p.parents_per_node) if p.stripe else 1
+        # (half round trip, service time) of a fetch of one of n parts of a chunk, by n
+        self.part_t = [(0.0, 0.0)]
+        for n in range(1, self.width + 1):
+            requests = max(1, math.ceil(self.chunk / n / (p.request_kib * 1024)))
+            self.part_t.append((requests * p.hop_latency_ms / 1e3 / 2,
+                                requests * p.service_ms / 1e3))  # fmt: skip
+        self.lat_half, self.svc = self.part_t[1]
         self.local_t = self.chunk / mbps_to_bytes(p.local_read_mbps)
         cores = p.cores_per_node or p.vms_per_node
         self.cpu_slice = p.boot_cpu_s * max(1.0, p.vms_per_node / cores) / self.nchunks
@@ -395,10 +419,12 @@ class Sim:
         self.inflight: list[dict[int, list[tuple[Callable[[Any, Any], None], Any, Any]]]] = [
             {} for _ in range(nodes + 1)
         ]
-        self.source = [self.root] * nodes
+        self.source: list[tuple[int, ...]] = [(self.root,)] * nodes
+        self.parts_left: list[dict[int, int]] = [{} for _ in range(nodes + 1)]
         self.read_server = bytearray(nodes)
         self.uplinks: dict[int, Uplink] = {}
         self.server_bytes = self.peer_bytes = self.local_bytes = 0.0
+        self.sent = [0.0] * (nodes + 1)  # bytes each node's uplink sent (root: image server)
         # VMs.
         vpn = p.vms_per_node
         self.vms = nodes * vpn
@@ -524,6 +550,7 @@ class Sim:
         return rows
 
     def account(self, server: int, size: float) -> None:
+        self.sent[server] += size
         if server == self.root:
             self.server_bytes += size
         else:
@@ -533,13 +560,16 @@ class Sim:
         link = self.uplinks.get(s)
         if link is None:
             p = self.p
-            if s == self.root:
+            downlink = p.node_mbps  # what one connection can carry into its reader
+            if s == self.root:  # read alone: a node reads from the server only without parents
                 cap = min(p.server_mbps, p.image_server_throughput_mbps)
             else:
                 cap = min(p.node_mbps, p.relay_throughput_mbps)
-            link = self.uplinks[s] = Uplink(
-                self, s, mbps_to_bytes(cap), mbps_to_bytes(self.p.node_mbps)
-            )
+                # a striped reader's parts arrive at once over its one downlink: each of its
+                # connections gets at most its share (pessimistic for a node that has one
+                # ready parent only)
+                downlink /= self.width
+            link = self.uplinks[s] = Uplink(self, s, mbps_to_bytes(cap), mbps_to_bytes(downlink))
         return link
 
     # -- node life cycle -----------------------------------------------------------------
@@ -620,31 +650,66 @@ class Sim:
         self.start_vms(v, None)
 
     def choose(self, v: int, parents: list[Any]) -> None:
-        """virtman's ``_choose``: read from the first ready parent, else the image server;
-        follow (heartbeat every ``follow_s``) while any parent is pending."""
+        """virtman's ``_choose``: read from the first ready parent (striping: from every
+        ready parent), else the image server; follow (heartbeat every ``follow_s``) while
+        any parent is pending."""
         self.following[v] = any(not p.ready for p in parents)
-        ready = [p for p in parents if p.ready]
-        old, new = self.source[v], int(ready[0].peer_id) if ready else self.root
+        ready = [int(p.peer_id) for p in parents if p.ready][: self.width]
+        new = tuple(ready) if ready else (self.root,)
+        if self.p.exchange and self.ready[v]:
+            new = self.exchange_route(v) or new
+        old = self.source[v]
         if new != old:
             self.source[v] = new
             self.switch(v, old, new)
 
-    def switch(self, v: int, old: int, new: int) -> None:
-        """New paths take the next requests: what the old source has not sent yet of this
-        node's fetches moves to the new one (real requests are 64 KiB; chunks are coarser,
-        so an unsent chunk must not stay queued behind a slow source)."""
+    def exchange_route(self, v: int) -> tuple[int, ...] | None:
+        """Sibling exchange: the source of each chunk class (chunk % fanout) of ready node
+        ``v`` under a ready tree parent (or the image server): the class of its own slot from
+        the parent, every other class from the ready sibling in that slot (else the parent).
+        Per class the reads form a tree (parent -> slot j -> the other siblings), and a
+        ready node never moves in a burst (no removals), so no class can read in a cycle.
+        A pending sibling, or an empty sibling slot (a sibling may be placed next), is
+        followed like a pending parent: a node often registers before its sibling is
+        placed."""
+        node = self.tnode[v]
+        parent = node.parent
+        if not (parent.is_root or parent.ready):
+            return None
+        up = self.root if parent.is_root else int(parent.peer_id)
+        route = []
+        for j, sibling in enumerate(parent.children):
+            if j == node.slot or sibling is None or not sibling.ready:
+                route.append(up)
+                self.following[v] |= j != node.slot
+            else:
+                route.append(int(sibling.peer_id))
+        return tuple(route)
+
+    def switch(self, v: int, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+        """New paths take the next requests: what a source no longer used has not sent yet
+        of this node's fetches moves to the new sources, in turn (real requests are 64 KiB;
+        chunks are coarser, so an unsent chunk must not stay queued behind a slow source)."""
         self.switches += 1
-        link = self.uplinks.get(old)
-        sending = {id(item[2]): item[0] for item in link.cancel(v)} if link is not None else {}
-        for c, fetch in list(self.fetching[v].items()):
-            if fetch[SRC] != old or fetch[STATE] == SENT:
+        sending: dict[int, float] = {}
+        gone = [s for s in old if s not in new]
+        for s in gone:
+            link = self.uplinks.get(s)
+            if link is not None:
+                sending.update((id(item[2]), item[0]) for item in link.cancel(v))
+        turn = 0
+        for key, fetch in list(self.fetching[v].items()):
+            if fetch[SRC] not in gone or fetch[STATE] == SENT:
                 continue
             size = sending.get(id(fetch), fetch[SIZE])
             fetch[STATE] = DEAD
-            moved = self.fetching[v][c] = [v, c, size, new, ASKED]
-            if new == self.root:
+            to = new[(fetch[CHUNK] if self.p.exchange else turn) % len(new)]
+            turn += 1
+            if to == self.root:
                 self.read_server[v] = 1
-            self.request(new, self._arrive, new, moved)
+            moved = self.fetching[v][key] = [v, fetch[CHUNK], size, to, ASKED, key, fetch[LAT],
+                                             fetch[SVC]]  # fmt: skip
+            self.request(to, self._arrive, to, moved, moved[LAT], moved[SVC])
 
     def heartbeat(self, v: int, version: int) -> None:
         if version == self.hb_version[v]:
@@ -719,11 +784,19 @@ class Sim:
             waiting.append((fn, a, b))
             return
         self.inflight[v][c] = [(fn, a, b)]
-        s = self.source[v]
-        if s == self.root:
-            self.read_server[v] = 1
-        fetch = self.fetching[v][c] = [v, c, self.chunk, s, ASKED]
-        heapq.heappush(self.q, (self.now + self.ask_t, next(self.seq), self._arrive, s, fetch))
+        sources = self.source[v]
+        if self.p.exchange:  # one source per chunk class
+            sources = (sources[c % len(sources)],)
+        n = len(sources)
+        lat, svc = self.part_t[n]
+        if n > 1:
+            self.parts_left[v][c] = n
+        for part, s in enumerate(sources):
+            if s == self.root:
+                self.read_server[v] = 1
+            key = c * self.width + part
+            fetch = self.fetching[v][key] = [v, c, self.chunk / n, s, ASKED, key, lat, svc]
+            heapq.heappush(self.q, (self.now + lat + svc, next(self.seq), self._arrive, s, fetch))
 
     def request(
         self,
@@ -751,14 +824,18 @@ class Sim:
 
     def _fetch_sent(self, fetch: list[Any], _: Any) -> None:
         fetch[STATE] = SENT
-        heapq.heappush(
-            self.q, (self.now + self.lat_half, next(self.seq), self._deliver, fetch, None)
-        )
+        heapq.heappush(self.q, (self.now + fetch[LAT], next(self.seq), self._deliver, fetch, None))
 
     def _deliver(self, fetch: list[Any], _: Any) -> None:
         v, c = fetch[NODE], fetch[CHUNK]
+        del self.fetching[v][fetch[KEY]]
+        left = self.parts_left[v]
+        if c in left:  # striped: the chunk is held once its last part has arrived
+            left[c] -= 1
+            if left[c]:
+                return
+            del left[c]
         self.have[v][c] = 1
-        del self.fetching[v][c]
         for fn, a, b in self.inflight[v].pop(c):
             fn(a, b)
 
@@ -802,8 +879,18 @@ class Sim:
         self.prefetch_fill(v, None)
 
 
-def parse_spec(spec: str) -> tuple[str, bool, bool]:
-    """``base[+wake][+prefetch]`` -> (base variant, prefetch, wake)."""
+class Spec(NamedTuple):
+    """A parsed variant spec."""
+
+    base: str
+    prefetch: bool
+    wake: bool
+    stripe: bool
+    exchange: bool
+
+
+def parse_spec(spec: str) -> Spec:
+    """``base[+wake][+prefetch][+stripe|+exchange]`` -> its base variant and modifiers."""
     base, *mods = spec.split("+")
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {base!r} (one of {', '.join(VARIANTS)})")
@@ -812,11 +899,16 @@ def parse_spec(spec: str) -> tuple[str, bool, bool]:
         raise ValueError(f"unknown modifier(s) {', '.join(sorted(unknown))} in {spec!r}")
     if mods and base not in TREE_VARIANTS:
         raise ValueError(f"{spec!r}: modifiers apply to {' and '.join(TREE_VARIANTS)} only")
-    return base, "prefetch" in mods, "wake" in mods
+    if "stripe" in mods and "exchange" in mods:
+        raise ValueError(f"{spec!r}: +stripe and +exchange are two ways to use the parents")
+    return Spec(base, "prefetch" in mods, "wake" in mods, "stripe" in mods, "exchange" in mods)
 
 
-def spec_name(variant: str, *, prefetch: bool, wake: bool) -> str:
-    return variant + ("+wake" if wake else "") + ("+prefetch" if prefetch else "")
+def spec_name(
+    variant: str, *, prefetch: bool, wake: bool, stripe: bool = False, exchange: bool = False
+) -> str:
+    return (variant + ("+wake" if wake else "") + ("+prefetch" if prefetch else "")
+            + ("+stripe" if stripe else "") + ("+exchange" if exchange else ""))  # fmt: skip
 
 
 def simulate(params: Params, spec: str, nodes: int) -> Result:
@@ -859,7 +951,11 @@ OPTION_HELP = {
     "query_before_register": "the behaviour before issue 15's place-on-register: a query "
     "places the node before its build, then it registers (two Volt requests per node)",
     "fanout": "balanced: children per node",
-    "parents_per_node": "balanced: parents per node (1 carries the reads)",
+    "parents_per_node": "balanced: parents per node (1 carries the reads unless --stripe)",
+    "exchange": "sibling exchange: a ready node under a ready parent reads chunk c from the "
+    "parent if c %% fanout is its slot, else from the ready sibling in that slot",
+    "stripe": "read from every ready parent at once, each chunk split evenly between them "
+    "(virtman's dm driver with one multipath group, round robin: multibus)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",
     "prefetch_slack": "prefetch: a fetch this many times slower than the node's fastest "
     "recent one pauses the prefetch (0: unpaced)",
@@ -935,6 +1031,8 @@ def resolve_params(args: argparse.Namespace) -> tuple[Params, dict[str, str], fl
     if single is None:
         single = calibration.get("single_vm_boot_s")
     params = Params(**values)
+    if params.stripe and params.exchange:
+        raise SystemExit("--stripe and --exchange are two ways to use the parents: pick one")
     if single is not None and "boot_cpu_s" not in values:
         io_only = single_vm_s(replace(params, boot_cpu_s=0.0))
         cpu = max(0.0, single - io_only)
@@ -946,7 +1044,7 @@ def resolve_params(args: argparse.Namespace) -> tuple[Params, dict[str, str], fl
 def format_table(results: list[Result], single: float) -> str:
     """One row per variant: boot times, ratio to a VM booting alone, bytes by origin."""
     head = (
-        f"{'variant':<22} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
+        f"{'variant':<29} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
         f"{'depth':>5} {'srv rdrs':>8} {'server MB':>10} {'peers MB':>10} {'local MB':>9} "
         f"{'Volt wait':>9} {'events':>8} {'wall s':>6}"
     )
@@ -956,7 +1054,7 @@ def format_table(results: list[Result], single: float) -> str:
         depth = str(r.depth) if tree else "-"
         volt = f"{r.volt_max_wait_s:8.1f}s" if tree else "-"
         lines.append(
-            f"{r.variant:<22} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
+            f"{r.variant:<29} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
             f"{r.p99_s / single:8.2f} {depth:>5} {r.server_readers:8d} "
             f"{r.server_bytes / MB:10.0f} {r.peer_bytes / MB:10.0f} {r.local_bytes / MB:9.0f} "
             f"{volt:>9} {r.events:8d} {r.wall_s:6.1f}"
@@ -1035,7 +1133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"MiB, boot set {params.boot_read_mib * MIB / MB:.0f} MB per VM")  # fmt: skip
         scale = []
         for spec in specs:
-            scale.append(simulate(params, spec, n))
+            try:
+                scale.append(simulate(params, spec, n))
+            except ValueError as exc:  # e.g. --stripe with a +exchange variant
+                raise SystemExit(f"{spec}: {exc}") from None
             print(format_table(scale[-1:], single).splitlines()[-1] if len(scale) > 1 else
                   format_table(scale, single), flush=True)  # fmt: skip
         results += scale

@@ -16,7 +16,8 @@ from volt.topology.btree import BtreeExecutor
 # A short boot keeps every run well under a second; the behaviours do not depend on it.
 FAST = Params(boot_read_mib=16, chunk_mib=1, boot_cpu_s=2.0, image_gib=0.25, heartbeat_s=4.0)
 BOOT = 16 * MIB
-ON_DEMAND = ("balanced", "btree", "direct", "balanced+wake")
+ON_DEMAND = ("balanced", "btree", "direct", "balanced+wake", "balanced+wake+stripe",
+             "balanced+wake+exchange")  # fmt: skip
 
 
 def bytes_per_s(mbps: float) -> float:
@@ -59,7 +60,10 @@ def test_direct_image_server_egress_is_n_boot_sets(nodes):
 
 
 def test_every_node_fetches_its_boot_set_once_even_across_switches():
-    for spec in ("balanced", "balanced+wake", "btree", "balanced+wake+prefetch"):
+    specs = ("balanced", "balanced+wake", "btree", "balanced+wake+prefetch",
+             "balanced+wake+stripe", "balanced+wake+prefetch+stripe", "balanced+wake+exchange",
+             "balanced+wake+prefetch+exchange")  # fmt: skip
+    for spec in specs:
         result = simulate(FAST, spec, 60)
         total = result.server_bytes + result.peer_bytes
         assert total == pytest.approx(60 * BOOT, rel=1e-6), spec
@@ -120,6 +124,49 @@ def test_doubling_bandwidth_does_not_slow_anything(spec):
         base, doubled = simulate(FAST, spec, nodes), simulate(fast, spec, nodes)
         for figure in ("p50_s", "p99_s", "max_s", "mean_s"):
             assert getattr(doubled, figure) <= getattr(base, figure) + 1e-9, (nodes, figure)
+
+
+def late_node_read_s(spec: str) -> float:
+    """Seven nodes; the last starts once the others have booted, under two ready parents
+    that hold the whole boot set: its time from registration to boot, less the guest's CPU."""
+    run = sim.Sim(FAST, spec, 7)
+    run.start[6] = 100.0
+    run.run()
+    return run.booted_t[6] - run.vm_start[6] - FAST.boot_cpu_s
+
+
+def test_a_striped_node_splits_each_chunk_over_both_parents_within_its_downlink():
+    """+stripe (dm multibus): each 1 MiB chunk is two 512 KiB parts, one per parent, in
+    parallel: half the requests in series, but the parts share the reader's one downlink,
+    so the bytes take as long as from one parent."""
+    requests = math.ceil(MIB / (FAST.request_kib * 1024))  # per chunk
+    per_request = (FAST.hop_latency_ms + FAST.service_ms) / 1e3
+    transfer = MIB / bytes_per_s(FAST.node_mbps)
+    one = late_node_read_s("balanced+wake")
+    assert one == pytest.approx(16 * (requests * per_request + transfer), rel=1e-6)
+    striped = late_node_read_s("balanced+wake+stripe")
+    assert striped == pytest.approx(16 * (requests // 2 * per_request + transfer), rel=1e-6)
+
+
+def test_sibling_exchange_makes_leaves_upload_and_halves_the_image_servers_egress():
+    """+exchange: siblings read the chunks of their own slot's class from the parent and
+    the others from each other, so a leaf's uplink carries data and the image server sends
+    each chunk once to the top level (fan-out 2), not once per top-level node."""
+    plain, exchange = (
+        sim.Sim(FAST, "balanced+wake", 30),
+        sim.Sim(FAST, "balanced+wake+exchange", 30),
+    )
+    for run in (plain, exchange):
+        run.run()
+    leaves = [v for v in range(30) if not plain.tnode[v].child_nodes()]
+    assert leaves and all(plain.sent[v] == 0 for v in leaves)
+    leaves = [v for v in range(30) if not exchange.tnode[v].child_nodes()]
+    assert leaves and all(exchange.sent[v] > 0 for v in leaves)
+    assert plain.sent[plain.root] == pytest.approx(FAST.fanout * BOOT)
+    # (a node reads from the image server until its next heartbeat names its sibling)
+    assert exchange.sent[exchange.root] < 1.3 * BOOT
+    with pytest.raises(ValueError, match="pick one"):
+        sim.Sim(replace(FAST, stripe=True), "balanced+exchange", 3)
 
 
 def test_deterministic_for_a_fixed_seed():
@@ -195,11 +242,20 @@ def test_uplink_cancel_returns_what_was_not_sent():
 
 
 def test_variant_specs():
-    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True)
+    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True, False, False)
+    assert sim.parse_spec("balanced+wake+stripe") == ("balanced", False, True, True, False)
+    assert sim.spec_name("balanced", prefetch=True, wake=True, stripe=True) == (
+        "balanced+wake+prefetch+stripe"
+    )
     with pytest.raises(ValueError):
         sim.parse_spec("direct+prefetch")
     with pytest.raises(ValueError):
         sim.parse_spec("mesh")
+    with pytest.raises(ValueError, match="two ways"):
+        sim.parse_spec("balanced+stripe+exchange")
+    for args in (["--stripe", "--exchange"], ["--stripe", "--variants", "balanced+exchange"]):
+        with pytest.raises(SystemExit, match="pick one"):
+            sim.main(["--nodes", "2", *args])
 
 
 def test_command_line_calibration_and_last_line(tmp_path, capsys):
