@@ -4,6 +4,12 @@ A file of lines ``<identity>:<key in hex>`` (what ``tls-creds-psk`` and libnbd's
 ``tls-psk-file`` read); the first line's identity is the one a client presents. QEMU wants
 the file named ``keys.psk`` in a directory of its own (``dir=``), so ``install`` copies the
 operator's file there.
+
+A server's ``tls-creds-psk`` also wants Diffie-Hellman parameters: without a
+``dh-params.pem`` in that directory QEMU generates 2048-bit ones inside ``object-add``
+(0.1-0.2 s here, but tens of seconds under TCG: a guest's daemon missed its 30 s QMP
+deadline and was left without its NBD server). ``install`` writes RFC 7919's ``ffdhe2048``
+group there, a public standard group: loading it takes milliseconds.
 """
 
 from __future__ import annotations
@@ -18,6 +24,18 @@ from pathlib import Path
 from brick.exception import InvalidArgument
 
 FILENAME = "keys.psk"
+DH_FILENAME = "dh-params.pem"
+# RFC 7919 ffdhe2048 (what ``openssl genpkey -genparam -algorithm DH -pkeyopt
+# group:ffdhe2048`` prints): public, standard, nothing secret.
+FFDHE2048 = """-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 _LINE = re.compile(r"([A-Za-z0-9._@-]{1,64}):([0-9a-fA-F]{32,1024})")
 KEY_BYTES = 32  # 256-bit keys by default
 
@@ -73,17 +91,23 @@ def read(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def install(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> tuple[Path, str]:
-    """Copy ``source`` to ``<directory>/keys.psk`` (directory 0700, file 0600, replaced
-    atomically when it differs); returns ``(directory, first identity)``."""
+    """Copy ``source`` to ``<directory>/keys.psk`` and write the DH parameters beside it
+    (directory 0700, files 0600, each replaced atomically when it differs); returns
+    ``(directory, first identity)``."""
     text, identity = read(source)
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    target = directory / FILENAME
+    _write(directory / FILENAME, text)
+    _write(directory / DH_FILENAME, FFDHE2048)
+    return directory, identity
+
+
+def _write(target: Path, text: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         if target.read_text() == text and (os.stat(target).st_mode & 0o777) == 0o600:
-            return directory, identity
-    tmp = directory / f".{FILENAME}.tmp"
+            return
+    tmp = target.with_name(f".{target.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
@@ -94,13 +118,13 @@ def install(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return directory, identity
 
 
 def uninstall(directory: str | os.PathLike[str]) -> None:
-    """Remove what ``install`` made: ``<directory>/keys.psk`` and the directory if empty."""
+    """Remove what ``install`` made: its two files and the directory if empty."""
     directory = Path(directory)
     (directory / FILENAME).unlink(missing_ok=True)
+    (directory / DH_FILENAME).unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError, OSError):
         directory.rmdir()
 

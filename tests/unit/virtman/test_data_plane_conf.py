@@ -124,7 +124,12 @@ def test_install_copies_the_key_for_qemu_and_keeps_it_private(key: Path, tmp_pat
     key.write_text("new:" + "ab" * 32 + "\n")  # a rotated key replaces the copy
     assert psk.install(key, directory) == (directory, "new")
     assert (directory / "keys.psk").read_text() == key.read_text()
-    assert sorted(p.name for p in directory.iterdir()) == ["keys.psk"]
+    # QEMU's server credentials load these instead of generating DH parameters
+    assert (directory / "dh-params.pem").read_text() == psk.FFDHE2048
+    assert stat.S_IMODE((directory / "dh-params.pem").stat().st_mode) == 0o600
+    assert sorted(p.name for p in directory.iterdir()) == ["dh-params.pem", "keys.psk"]
+    psk.uninstall(directory)
+    assert not directory.exists()
 
 
 def test_write_new_makes_a_random_256_bit_key_and_never_replaces(tmp_path: Path) -> None:

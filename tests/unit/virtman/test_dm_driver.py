@@ -1070,6 +1070,26 @@ def test_a_dead_nbd_daemon_is_started_again_with_every_export(nbd_rig: Rig) -> N
     assert qsd.exported == exported
 
 
+def test_a_daemon_that_cannot_start_its_nbd_server_is_stopped_and_healed_next_time(
+    nbd_rig: Rig,
+) -> None:
+    # A guest's restarted daemon answered no object-add in 30 s (QEMU generating DH
+    # parameters under TCG): left running, it had no NBD server and no pass retried.
+    driver, virtman, _ = build(nbd_rig)
+    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
+    qsd = nbd_rig.qsd
+    exported = dict(qsd.exported)
+    qsd.alive, qsd.server, qsd.exported, qsd.devices = False, None, {}, {}  # kill -9
+    nbd_rig.kernel.opened.clear()
+    qsd.fail_server = True
+    with pytest.raises(CommandFailed):
+        driver.nbd.heal(lambda: {"volume-img": "/dev/mapper/cached_volume-img"})
+    assert not qsd.alive  # stopped again, not left without a server
+    qsd.fail_server = False
+    driver.check_nbd()  # the monitor's next pass
+    assert qsd.alive and qsd.server == "10.0.0.9:10809" and qsd.exported == exported
+
+
 def test_a_teardown_with_a_dead_nbd_daemon_still_removes_everything(nbd_rig: Rig) -> None:
     _, virtman, _ = build(nbd_rig)
     assert virtman.create("vm1", "img", CONNECTION).startswith("0:")

@@ -113,7 +113,12 @@ class NbdRelay:
                 return False
             LOG.warning("NBD relay daemon %s is gone: starting it again", DAEMON)
             self.qsd.detach()
-            self.start()
+            try:
+                self.start()
+            except BaseException:  # not half started (no NBD server): the next pass retries
+                if self.qsd.running():
+                    self.qsd.stop()
+                raise
             for image, device in sorted(relays().items()):
                 try:
                     self.export(image, device)
