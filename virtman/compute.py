@@ -489,9 +489,9 @@ class Virtman:
         failed = getattr(self.driver.upstream, "failed_paths", None)
         return failed(image) if failed is not None else []
 
-    def _report_dead_parent(self, image: str, peer_id: str, parent: str) -> None:
-        """Tell Volt: over the bus when it is up (the REST API if that send fails), else
-        over the REST API."""
+    def _report_dead_parent(self, image: str, peer_id: str, parent: str, attempt: int) -> None:
+        """Tell Volt: the first report over the bus when it is up (the REST API if that send
+        fails), the others (the parent is still ours: the first may be lost) over REST."""
 
         def over_rest() -> None:
             try:
@@ -505,7 +505,7 @@ class Virtman:
             self._follow_until = time.monotonic() + REPORT_FOLLOW_S
             self._wake.set()
 
-        if self.bus is not None and self.bus.up:
+        if attempt == 0 and self.bus is not None and self.bus.up:
             payload = {"image": image, "peer_id": peer_id, "parent": parent}
             self.bus.event(bus.EVENT_PARENT_DEAD, payload, error=True, fallback=over_rest)
             LOG.info("%s: reported parent %s to Volt (bus)", image, parent)

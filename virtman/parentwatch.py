@@ -8,9 +8,11 @@ Two signals, every ``interval_s``:
 * a TCP connect to the port the first path reads from (``timeout_s``): an idle image,
   which reads nothing, notices its parent's death too. One connect per image and round.
 
-A parent seen failing is reported once (``report``: over the bus when it is up, else the
-REST API), and again every ``repeat_s`` while it is still this image's parent: Volt checks
-each report itself, and one that found the parent alive is not lost for good.
+A parent seen failing is reported (``report``, with the attempt's number: the first goes
+over the bus when it is up, the next ones over the REST API), again after ``retry_s`` while
+it is still this image's parent (a bus that looked up may have lost the first: a broker
+that stopped does not always fail the send), then every ``repeat_s``: Volt checks each
+report itself, and one that found the parent alive is not lost for good.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ LOG = logging.getLogger(__name__)
 
 INTERVAL_S = 0.5
 CONNECT_TIMEOUT_S = 0.3
+RETRY_S = 1.0
 REPEAT_S = 5.0
 
 
@@ -55,7 +58,8 @@ def accepts(host: str, port: int, timeout_s: float) -> bool:
         return False
 
 
-Report = Callable[[str, str, str], None]  # (image, this node's peer id, dead parent)
+# (image, this node's peer id, dead parent, attempt: 0 for the first report of it)
+Report = Callable[[str, str, str, int], None]
 
 
 class ParentWatch:
@@ -68,6 +72,7 @@ class ParentWatch:
         probe: Callable[[str, int, float], bool] = accepts,
         interval_s: float = INTERVAL_S,
         timeout_s: float = CONNECT_TIMEOUT_S,
+        retry_s: float = RETRY_S,
         repeat_s: float = REPEAT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -77,9 +82,11 @@ class ParentWatch:
         self.probe = probe
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
         self.repeat_s = repeat_s
         self.clock = clock
-        self.reported: dict[tuple[str, str], float] = {}  # (image, parent) -> when
+        # (image, parent) -> (when last reported, reports so far)
+        self.reported: dict[tuple[str, str], tuple[float, int]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -109,13 +116,14 @@ class ParentWatch:
             dead = {e.peer_id: why for e, why in self._failing(w) if e.peer_id is not None}
             current.update((w.image, p.peer_id) for p in w.paths if p.peer_id)
             for parent, why in sorted(dead.items()):
-                last = self.reported.get((w.image, parent))
-                if last is not None and now - last < self.repeat_s:
+                last, attempt = self.reported.get((w.image, parent), (None, 0))
+                wait = self.retry_s if attempt == 1 else self.repeat_s
+                if last is not None and now - last < wait:
                     continue
-                self.reported[(w.image, parent)] = now
+                self.reported[(w.image, parent)] = (now, attempt + 1)
                 LOG.warning("%s: parent %s stopped serving this node (%s)", w.image, parent, why)
                 try:
-                    self.report(w.image, w.peer_id, parent)
+                    self.report(w.image, w.peer_id, parent, attempt)
                 except Exception as exc:  # the heartbeat and Volt's node_timeout remain
                     LOG.warning("%s: could not report parent %s: %s", w.image, parent, exc)
                 done.append((w.image, parent))

@@ -101,6 +101,15 @@ class DeathWatch:
             if seen is not None and self.clock() - seen < self.alive_hold_s:
                 self.counts["alive"] += 1
                 return "alive"
+            LOG.info(
+                "%s reports that parent %s of %s stopped serving it (%s): checking %s:%d",
+                report.reporter,
+                report.parent,
+                report.volume_id,
+                report.source,
+                host,
+                port,
+            )
             try:
                 self._queue.put_nowait((member, host, port, report))
             except queue.Full:
@@ -109,15 +118,6 @@ class DeathWatch:
             self._pending.add(member)
             self.counts["checking"] += 1
             self._start()
-        LOG.info(
-            "%s reports that parent %s of %s stopped serving it (%s): checking %s:%d",
-            report.reporter,
-            report.parent,
-            report.volume_id,
-            report.source,
-            host,
-            port,
-        )
         return "checking"
 
     def _count(self, what: str) -> None:

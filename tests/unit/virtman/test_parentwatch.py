@@ -51,12 +51,16 @@ def test_the_first_path_is_probed_where_it_reads_and_a_death_reported_once():
     assert rig.watch.check() == [] and rig.probed == [("10.0.0.1", 10809)]  # NBD first
     rig.dead.add(("10.0.0.1", 10809))
     assert rig.watch.check() == [(IMG, P1.peer_id)]
-    assert rig.reports == [(IMG, f"10.0.0.9:{IMG}", P1.peer_id)]
-    rig.clock.now += 1
+    assert rig.reports == [(IMG, f"10.0.0.9:{IMG}", P1.peer_id, 0)]
+    rig.clock.now += 0.5
     assert rig.watch.check() == []  # reported already: not again at once
-    rig.clock.now += 5
-    assert rig.watch.check() == [(IMG, P1.peer_id)]  # still its parent 5 s later: again
-    assert len(rig.reports) == 2
+    rig.clock.now += 0.5
+    assert rig.watch.check() == [(IMG, P1.peer_id)]  # still its parent 1 s later: again
+    rig.clock.now += 4
+    assert rig.watch.check() == []  # then every 5 s
+    rig.clock.now += 1
+    assert rig.watch.check() == [(IMG, P1.peer_id)]
+    assert [r[3] for r in rig.reports] == [0, 1, 2]  # the attempts: the first may use the bus
 
 
 def test_a_parent_that_left_the_paths_is_forgotten():
@@ -132,23 +136,26 @@ def test_a_report_goes_over_the_bus_when_it_is_up_else_over_rest(tmp_path: Path)
     assert vm.create("vm1", "img", CONN).startswith("0:")
     up = UpBus(True)
     vm.bus = up  # type: ignore[assignment]
-    vm._report_dead_parent(IMG, "10.0.0.9:volume-img", P1.peer_id or "")
+    vm._report_dead_parent(IMG, "10.0.0.9:volume-img", P1.peer_id or "", 0)
     (event,) = up.events
     assert event[0] == bus.EVENT_PARENT_DEAD and event[2] is True
     assert event[1] == {"image": IMG, "peer_id": "10.0.0.9:volume-img", "parent": P1.peer_id}
     assert not [c for c in volt.calls if c[0] == "report_dead_parent"]
     up.fallback()  # the bus refused it: the REST API takes it
     assert ("report_dead_parent", IMG, "10.0.0.9:volume-img", P1.peer_id) in volt.calls
+    volt.calls.clear()
+    vm._report_dead_parent(IMG, "10.0.0.9:volume-img", P1.peer_id or "", 1)  # a second one
+    assert len(up.events) == 1 and volt.calls[-1][0] == "report_dead_parent"  # over REST
 
     down = UpBus(False)
     vm.bus = down  # type: ignore[assignment]
     volt.calls.clear()
-    vm._report_dead_parent(IMG, "10.0.0.9:volume-img", P1.peer_id or "")
+    vm._report_dead_parent(IMG, "10.0.0.9:volume-img", P1.peer_id or "", 0)
     assert down.events == [] and volt.calls[-1][0] == "report_dead_parent"
     # no push will come: the heartbeat asks for the new parents now, then every second
     assert vm._wake.is_set() and vm._next_round_s() == 1.0
     volt.down = True  # Volt unreachable too: logged, nothing raised (node_timeout remains)
-    vm._report_dead_parent(IMG, "10.0.0.9:volume-img", P1.peer_id or "")
+    vm._report_dead_parent(IMG, "10.0.0.9:volume-img", P1.peer_id or "", 0)
 
 
 def test_the_watch_sees_only_images_read_from_parents(tmp_path: Path) -> None:
@@ -157,3 +164,18 @@ def test_the_watch_sees_only_images_read_from_parents(tmp_path: Path) -> None:
     (watched,) = vm._watched()
     base = vm.images[IMG]
     assert watched == Watched(IMG, base.peer_id, tuple(base.upstream))
+
+
+# -- qemu: the quorum's reports of failed reads ----------------------------------------------
+def test_qemu_quorum_reports_name_the_failed_path_once(qemu_driver) -> None:
+    from virtman.stack import ImageStack
+
+    ImageStack(qemu_driver, IMG, iqn="iqn.x:img").build([P1])
+    n = qemu_driver.names(IMG)
+    qmp = qemu_driver.qsd.qmp
+    assert qemu_driver.upstream.failed_paths(IMG) == []
+    for node in (n.path(P1), n.path(P2)):  # ours, and a path no image has (forgotten)
+        qmp._dispatch({"event": "QUORUM_REPORT_BAD", "data": {"node-name": node, "type": "read"}})
+    assert qemu_driver.upstream.failed_paths(IMG) == [P1]
+    assert qemu_driver.upstream.failed_paths(IMG) == []  # taken: reported once
+    assert qemu_driver.upstream._bad == set()

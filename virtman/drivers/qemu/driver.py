@@ -336,6 +336,9 @@ class QemuUpstream:
             n = self.d.names(image)
             failed = [e for e in self.endpoints(image) if n.path(e) in self._bad]
             self._bad -= {n.path(e) for e in failed}
+            if self._bad:  # forget the paths no image has any more
+                images = self.d.paths.images()
+                self._bad &= {self.d.names(i).path(e) for i in images for e in self.endpoints(i)}
         return failed
 
     def read_counters(self, image: str) -> dict[layer.Endpoint, int]:
