@@ -18,13 +18,13 @@ report itself, and one that found the parent alive is not lost for good.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from brick import values
+from brick.net import accepts
 from virtman.layers.base import Endpoint
 
 LOG = logging.getLogger(__name__)
@@ -48,14 +48,6 @@ def address(endpoint: Endpoint) -> tuple[str, int]:
     """The (host, port) the path reads from: its NBD export if it has one, else iSCSI."""
     portal = values.Portal.parse(endpoint.nbd or endpoint.portal, names=True)
     return portal.host, portal.port
-
-
-def accepts(host: str, port: int, timeout_s: float) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 # (image, this node's peer id, dead parent, attempt: 0 for the first report of it)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from brick.net import accepts
 
 if TYPE_CHECKING:
     from volt.service import VoltService
@@ -35,15 +36,6 @@ ALIVE_HOLD_S = 2.0
 QUEUE_SIZE = 1000
 
 Probe = Callable[[str, int, float], bool]  # (host, port, timeout) -> accepts connections
-
-
-def accepts(host: str, port: int, timeout_s: float) -> bool:
-    """Whether ``host:port`` accepts a TCP connection within ``timeout_s``."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
