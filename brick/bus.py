@@ -38,7 +38,15 @@ EVENT_STACK_DEGRADED = "vmthunder.stack.degraded"
 EVENT_GUEST_PROGRESS = "vmthunder.guest.progress"
 EVENT_GUEST_FAILED = "vmthunder.guest.failed"
 GUEST_EVENTS = (EVENT_GUEST_PROGRESS, EVENT_GUEST_FAILED)
-EVENTS = (EVENT_STACK_BUILT, EVENT_STACK_FAILED, EVENT_STACK_DEGRADED, *GUEST_EVENTS)
+# A child's report that its parent stopped serving it: {image, peer_id, parent, host}.
+EVENT_PARENT_DEAD = "vmthunder.parent.dead"
+EVENTS = (
+    EVENT_STACK_BUILT,
+    EVENT_STACK_FAILED,
+    EVENT_STACK_DEGRADED,
+    *GUEST_EVENTS,
+    EVENT_PARENT_DEAD,
+)
 GUEST_NAMESPACE = "guest"
 GUEST_CALL = "guest_call"
 # The guest verbs the controller may call over the bus (virtman.server.Methods): the

@@ -1,4 +1,5 @@
-"""Local TCP ports: whether one is free to bind, and waiting until it is."""
+"""TCP ports: whether a local one is free to bind (and waiting until it is), whether a
+remote one accepts connections."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def wait_port_free(port: int, *, timeout_s: float = 10.0, host: str = "127.0.0.1
         interval_s=0.05,
         max_interval_s=0.05,
     )
+
+
+def accepts(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout_s`` (the connection is
+    closed at once: no payload)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False

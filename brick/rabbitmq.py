@@ -10,8 +10,9 @@ Two daemons, each under a ``brick.daemon.Supervisor`` (stopped by PID only):
 - the broker itself (``beam.smp``: the start script execs it, so the PID we spawn is the
   broker's), AMQP on ``port``, Erlang distribution on ``dist_port``.
 
-``stop`` asks the broker to exit (``rabbitmqctl stop``), then SIGTERM/SIGKILL by PID, then
-stops epmd the same way.
+``stop`` ends the broker with SIGTERM by PID (a graceful shutdown: Erlang/OTP >= 20 runs
+``init:stop()`` on it, as ``rabbitmqctl stop`` does), SIGKILL if it outlives the timeout,
+then stops epmd the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from brick import proc, values
 from brick.daemon import Supervisor, start_time
-from brick.exception import CommandFailed, NotFound
+from brick.exception import NotFound
 from brick.executor import execute
 from brick.wait import wait_until
 
@@ -237,20 +238,11 @@ class RabbitMQ:
         return result.exit_code == 0
 
     def stop(self, *, timeout_s: float = 30.0) -> None:
-        """Stop the broker (``rabbitmqctl stop``, then by PID) and epmd. Idempotent."""
-
-        def ask(pid: int) -> None:
-            try:
-                execute(
-                    self._argv([str(CTL), "-n", self.node, "stop"]),
-                    env=self._env(),
-                    timeout_s=timeout_s,
-                )
-            except CommandFailed as exc:  # SIGTERM follows
-                LOG.warning("rabbitmqctl stop failed (%s); stopping pid %d", exc, pid)
-
+        """Stop the broker (SIGTERM by PID: Erlang/OTP >= 20 shuts the node down as
+        ``rabbitmqctl stop`` does, without starting that command's own Erlang VM; SIGKILL
+        after ``timeout_s``) and epmd. Idempotent."""
         try:
-            self.broker.stop(timeout_s=timeout_s, graceful=ask)
+            self.broker.stop(timeout_s=timeout_s)
         finally:
             self.epmd.stop(timeout_s=5.0)
 

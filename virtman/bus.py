@@ -216,13 +216,31 @@ class NodeBus:
         return args[0]
 
     # -- notifications -------------------------------------------------------------------
-    def event(self, event_type: str, payload: dict[str, Any], *, error: bool = False) -> None:
-        """Queue a notification (never blocks)."""
-        self.sender.put((event_type, dict(payload, host=self.host_ip), error))
+    @property
+    def up(self) -> bool:
+        """Whether notifications go out now (the listener connected, the last send worked)."""
+        return self._started.is_set() and not self.health.down
 
-    def _notify(self, item: tuple[str, dict[str, Any], bool]) -> None:
-        event_type, payload, error = item
-        (self._notifier.error if error else self._notifier.info)({}, event_type, payload)
+    def event(
+        self,
+        event_type: str,
+        payload: dict[str, Any],
+        *,
+        error: bool = False,
+        fallback: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue a notification (never blocks); ``fallback`` runs (in the sender's thread)
+        if the bus does not take it."""
+        self.sender.put((event_type, dict(payload, host=self.host_ip), error, fallback))
+
+    def _notify(self, item: tuple[str, dict[str, Any], bool, Callable[[], None] | None]) -> None:
+        event_type, payload, error, fallback = item
+        try:
+            (self._notifier.error if error else self._notifier.info)({}, event_type, payload)
+        except Exception:
+            if fallback is not None:
+                fallback()
+            raise
 
     def stop(self) -> None:
         self.sender.stop()

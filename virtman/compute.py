@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from brick import bus
 from brick.exception import Timeout
 from brick.wait import wait_until
 from virtman import capture as capturing
@@ -38,6 +39,7 @@ from virtman.errors import (
 from virtman.imageservice import ImageService
 from virtman.journal import Journal
 from virtman.layers.base import Driver, Endpoint, Revived
+from virtman.parentwatch import ParentWatch, Watched
 from virtman.supervisor import Supervisor
 from virtman.voltlink import VoltLink
 from voltclient.client import Volume
@@ -49,6 +51,7 @@ _Endpoints = list[Endpoint]  # spelled here: ``list`` is a method of Virtman
 # image building, a lock held by a heal) before it leaves the stacks up and stops.
 FORCED_TEARDOWN_S = 120.0
 FAST_FOLLOW_S = 1.0  # heartbeat period while a tree parent is still pending
+REPORT_FOLLOW_S = 4.0  # ... and for this long after a dead parent was reported over REST
 # How long a requested teardown of an idle stack waits for it to be free (a heartbeat holds it).
 IDLE_TEARDOWN_S = 10.0
 
@@ -90,6 +93,7 @@ class Virtman:
         self.lock = threading.Lock()  # guards the two dicts only; never held while building
         self._wake = threading.Event()
         self._volt_down = False  # the last heartbeat could not reach Volt
+        self._follow_until = 0.0  # heartbeat every FAST_FOLLOW_S until then (monotonic)
         # The control bus (docs/bus.rst): Volt's pushes of new parents, our stack events;
         # made with the background threads below, when a transport_url is set.
         self.bus: NodeBus | None = None
@@ -105,6 +109,15 @@ class Virtman:
         if heartbeat and settings.transport_url:
             self.bus = NodeBus(settings.transport_url, settings.host_ip, self.apply_pushed)
             self.bus.start()
+        # A parent that stops serving is reported to Volt at once (docs/bus.rst).
+        self.parent_watch: ParentWatch | None = None
+        if heartbeat and settings.parent_check_interval > 0:
+            self.parent_watch = ParentWatch(
+                self._watched,
+                self._failed_paths,
+                self._report_dead_parent,
+                interval_s=settings.parent_check_interval,
+            ).start()
         if heartbeat:
             self.supervisor.start()
             self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat")
@@ -239,6 +252,8 @@ class Virtman:
         """Stop the heartbeat and the supervisor; the stacks stay up (a restart adopts
         them)."""
         self.supervisor.stop()
+        if self.parent_watch is not None:
+            self.parent_watch.stop()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -403,7 +418,7 @@ class Virtman:
         with self.lock:
             images = list(self.images.values())
         wait = self.settings.heartbeat_interval
-        if any(b.following for b in images):
+        if any(b.following for b in images) or time.monotonic() < self._follow_until:
             wait = FAST_FOLLOW_S
         for base in images:
             due = base.retry.remaining() if base.status == Status.DEGRADED else None
@@ -456,6 +471,46 @@ class Virtman:
                 busy = True
         if busy:
             self._wake.set()
+
+    # -- dead parents ----------------------------------------------------------------------------
+    def _watched(self) -> builtins.list[Watched]:
+        """The images this node reads from parents, for the parent watch."""
+        with self.lock:
+            images = list(self.images.values())
+        return [
+            Watched(b.name, b.peer_id, tuple(b.upstream))
+            for b in images
+            if b.status == Status.OK and not b.local and b.peer_id is not None and b.upstream
+        ]
+
+    def _failed_paths(self, image: str) -> _Endpoints:
+        """The paths of ``image`` whose reads failed since the last call (drivers that can
+        tell; the dm and qemu drivers can)."""
+        failed = getattr(self.driver.upstream, "failed_paths", None)
+        return failed(image) if failed is not None else []
+
+    def _report_dead_parent(self, image: str, peer_id: str, parent: str, attempt: int) -> None:
+        """Tell Volt: the first report over the bus when it is up (the REST API if that send
+        fails), the others (the parent is still ours: the first may be lost) over REST."""
+
+        def over_rest() -> None:
+            try:
+                result = self.volt.report_dead_parent(image, peer_id, parent)
+            except VoltClientError as exc:
+                LOG.warning("%s: Volt did not take the report on %s: %s", image, parent, exc)
+                return
+            LOG.info("%s: reported parent %s to Volt (REST): %s", image, parent, result)
+            # No push will come (no bus): ask Volt for the new parents now and every second
+            # for a few seconds, while it checks the parent and evicts it.
+            self._follow_until = time.monotonic() + REPORT_FOLLOW_S
+            self._wake.set()
+
+        if attempt == 0 and self.bus is not None and self.bus.up:
+            payload = {"image": image, "peer_id": peer_id, "parent": parent}
+            self.bus.event(bus.EVENT_PARENT_DEAD, payload, error=True, fallback=over_rest)
+            LOG.info("%s: reported parent %s to Volt (bus)", image, parent)
+            return
+        over_rest()
 
     # -- daemons -------------------------------------------------------------------------------
     def _rebuild_lost(self, revived: Revived) -> None:

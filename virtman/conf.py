@@ -169,6 +169,18 @@ default_opts = [
         "of create_image_target. 0 turns the checks off (a restart of virtmanserver then "
         "does the same).",
     ),
+    cfg.FloatOpt(
+        "parent_check_interval",
+        default=0.5,
+        min=0.0,
+        max=60.0,
+        help="Seconds between two checks that each image's first parent still serves this "
+        "node (a TCP connect to the port its path reads from, and the driver's failed "
+        "reads for every parent). A parent that stopped is reported to Volt at once (over "
+        "the control bus when it is up, else the REST API), which confirms it and evicts "
+        "it: see docs/bus.rst, 'Detecting a dead parent'. 0 turns the checks off (Volt's "
+        "node_timeout then notices the death).",
+    ),
     cfg.IntOpt(
         "nbd_reconnect_delay",
         default=3,
@@ -397,6 +409,7 @@ class Settings:
     degraded_retry_min: float = 5.0
     degraded_retry_max: float = 300.0
     daemon_check_interval: float = 2.0
+    parent_check_interval: float = 0.5
     nbd_reconnect_delay: int = 3
     qemu_fuse_readahead_kib: int = 4096
     qemu_malloc_mmap_threshold_kib: int = 32768
@@ -440,6 +453,7 @@ class Settings:
             degraded_retry_min=conf.degraded_retry_min,
             degraded_retry_max=conf.degraded_retry_max,
             daemon_check_interval=conf.daemon_check_interval,
+            parent_check_interval=conf.parent_check_interval,
             nbd_reconnect_delay=conf.nbd_reconnect_delay,
             qemu_fuse_readahead_kib=conf.qemu_fuse_readahead_kib,
             qemu_malloc_mmap_threshold_kib=conf.qemu_malloc_mmap_threshold_kib,

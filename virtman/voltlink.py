@@ -139,6 +139,10 @@ class VoltLink:
     def leave(self, image: str, peer_id: str) -> None:
         self.client.volumes.logout(image, peer_id)
 
+    def report_dead_parent(self, image: str, peer_id: str, parent: str) -> str:
+        """Tell Volt that ``parent`` stopped serving ``peer_id`` (REST); Volt's answer."""
+        return self.client.volumes.report_dead_parent(image, peer_id, parent)
+
     def heartbeat(self, bytes_read: list[dict[str, Any]] | None = None) -> dict[str, list[Volume]]:
         """{peer_id: parents} for every node of this host that Volt knows. ``bytes_read``
         (the nodes' read counters) goes along unless this Volt refused it once (a Volt

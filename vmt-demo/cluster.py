@@ -455,6 +455,16 @@ class LocalCluster:
         )
         return pid
 
+    def kill_node(self, host_name: str) -> list[int]:
+        """A dead machine: SIGKILL the host's virtmanserver (first: its supervisor would
+        start the others again), then its qemu-storage-daemon and tgtd, each by PID after
+        the checks of ``component_pid``. Returns the PIDs killed."""
+        killed = [self.kill_component(host_name, "virtmanserver")]
+        for component in ("qsd", "tgtd"):
+            if self.component_pid(host_name, component) is not None:
+                killed.append(self.kill_component(host_name, component))
+        return killed
+
     def set_link(self, host_name: str, up: bool) -> None:
         """Take the host's link (its eth0, inside its namespace) down or up."""
         self.hosts[host_name].run(["ip", "link", "set", "eth0", "up" if up else "down"])

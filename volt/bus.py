@@ -17,6 +17,9 @@ from typing import Any
 from oslo_config import cfg
 
 from brick import bus
+from volt import validation
+from volt.deathwatch import Report
+from volt.errors import VoltError
 
 LOG = logging.getLogger(__name__)
 
@@ -52,6 +55,34 @@ class ParentPusher:
 
 
 GuestEvents = Callable[[str, str, Any], bool]  # (publisher, event type, payload) -> kept
+DeadParent = Callable[[Report], str]  # volt.deathwatch.DeathWatch.report
+
+
+def parse_dead_parent(publisher_id: str, payload: Any) -> Report:
+    """The report of a ``vmthunder.parent.dead`` notification; ValueError unless its fields
+    have the expected form and its publisher (``virtman.<host>``) is the host of the
+    reporting peer (the broker's credentials are the boundary: a host may speak only for
+    its own peers)."""
+    if not isinstance(payload, dict):
+        raise ValueError("payload is not an object")
+    fields = [payload.get(k) for k in ("image", "peer_id", "parent", "host")]
+    strings = [f for f in fields if isinstance(f, str) and f]
+    if len(strings) != len(fields):
+        raise ValueError("image, peer_id, parent and host must be non-empty strings")
+    image, peer_id, parent, host = strings
+    if publisher_id != f"virtman.{host}":
+        raise ValueError(f"publisher {publisher_id!r} is not host {host!r}")
+    try:
+        reporter_host, reporter_image = validation.split_peer_id(peer_id)
+        _, parent_image = validation.split_peer_id(parent, "parent")
+        validation.volume_id(image)
+    except VoltError as exc:
+        raise ValueError(exc.detail) from None
+    if reporter_host != validation.host(host) or reporter_image != image:
+        raise ValueError(f"peer {peer_id!r} is not {host!r}'s node of {image!r}")
+    if parent_image != image or parent == peer_id:
+        raise ValueError(f"parent {parent!r} is not a parent in {image!r}")
+    return Report(image, peer_id, parent, "bus")
 
 
 class EventsEndpoint:
@@ -62,6 +93,7 @@ class EventsEndpoint:
         self.metrics = metrics
         self.counts: Counter[str] = Counter()
         self.on_guest: GuestEvents | None = None
+        self.on_dead_parent: DeadParent | None = None
         self._lock = threading.Lock()
 
     def _record(self, level: int, publisher_id: str, event_type: str, payload: Any) -> None:
@@ -73,11 +105,24 @@ class EventsEndpoint:
         if self.metrics is not None:
             self.metrics.node_events.labels(event_type).inc()
         LOG.log(level, "%s from %s: %s", event_type, publisher_id, payload)
+        if event_type == bus.EVENT_PARENT_DEAD and self.on_dead_parent is not None:
+            self._dead_parent(publisher_id, payload, self.on_dead_parent)
         if event_type in bus.GUEST_EVENTS and self.on_guest is not None:
             try:
                 self.on_guest(publisher_id, event_type, payload)
             except Exception:  # a store hiccup loses an advisory event, never the listener
                 LOG.exception("recording %s from %s", event_type, publisher_id)
+
+    @staticmethod
+    def _dead_parent(publisher_id: str, payload: Any, on_dead_parent: DeadParent) -> None:
+        try:
+            on_dead_parent(parse_dead_parent(publisher_id, payload))
+        except ValueError as exc:
+            LOG.warning("ignoring a parent death report from %s: %s", publisher_id, exc)
+        except VoltError as exc:
+            LOG.info("parent death report from %s refused: %s", publisher_id, exc.detail)
+        except Exception:
+            LOG.exception("handling a parent death report from %s", publisher_id)
 
     def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any, md: Any) -> None:
         self._record(logging.INFO, publisher_id, event_type, payload)

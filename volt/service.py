@@ -36,7 +36,13 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from volt.errors import NotPlaceable, PeerNotFound, StoreUnavailable, VolumeNotFound
+from volt.errors import (
+    InvalidInput,
+    NotPlaceable,
+    PeerNotFound,
+    StoreUnavailable,
+    VolumeNotFound,
+)
 from volt.metrics import Metrics
 from volt.store import Store, TreeWrite, VolumeRows, node_values
 from volt.topology import OK, Executor, Node, Tree
@@ -243,8 +249,41 @@ class VoltService:
             deadline = self.clock() - self.node_timeout
             expired = [m for m, seen in self.last_seen.items() if seen < deadline]
             for member in expired:
-                self._evict(member)
+                self._evict(member, f"no heartbeat for {self.node_timeout}s")
             return expired
+
+    def dead_parent_target(
+        self, volume_id: str, reporter: str, parent: str
+    ) -> tuple[str, str, int] | None:
+        """Where to check that ``parent`` still serves ``reporter`` (a child's report,
+        volt/deathwatch.py): (parent's host as Volt's member, host, the port the child
+        reads from: NBD if it has one, else iSCSI). None if ``parent`` left the tree
+        already (an earlier report or the evictor removed it: nothing to do). Raises
+        PeerNotFound for a reporter not in the tree, InvalidInput for a parent that is
+        not one of the reporter's."""
+        with self._locked(), self._tree_change(volume_id):
+            tree, child = self._find(volume_id, reporter)
+            node = tree.nodes.get(parent)
+            if node is None:
+                return None
+            if node not in self.executor.parents(tree, child):
+                raise InvalidInput("parent", f"{parent!r} is not a parent of {reporter!r}")
+            port = node.nbd_port or node.port
+            if node.member is None or node.host is None or port is None:
+                raise InvalidInput("parent", f"{parent!r} serves no target yet")
+            return node.member, node.host, int(port)
+
+    def evict_member(self, member: str, why: str) -> bool:
+        """Remove every node of ``member`` from its trees now, exactly as the evictor does
+        (``why`` goes in the log); False if Volt knows no node of it (already evicted:
+        reports of the same death are idempotent)."""
+        if self.shared:
+            return self._shared_evict(member, why)
+        with self._locked():
+            if member not in self.members:
+                return False
+            self._evict(member, why)
+            return True
 
     def credit(self, seconds: float) -> None:
         """Move every host's last heartbeat ``seconds`` later (never past now): volt-api
@@ -439,13 +478,10 @@ class VoltService:
                 del self.members[node.member]
                 self.last_seen.pop(node.member, None)
 
-    def _evict(self, member: str) -> None:
+    def _evict(self, member: str, why: str) -> None:
         entries = sorted(self.members.get(member, ()))
         LOG.warning(
-            "evicting host %s: no heartbeat for %ss; its %d node(s) leave their trees",
-            member,
-            self.node_timeout,
-            len(entries),
+            "evicting host %s: %s; its %d node(s) leave their trees", member, why, len(entries)
         )
         touched: dict[str, Tree] = {}
         views: dict[str, dict[str, tuple[str | None, list[dict[str, str | None]]]]] = {}
@@ -743,30 +779,32 @@ class VoltService:
     def _shared_evict_expired(self) -> list[str]:
         expired = self._store_call(self.store.expired_members, float(self.node_timeout))
         for member in expired:
-            entries = self._store_call(self.store.member_volumes, member)
-            LOG.warning(
-                "evicting host %s: no heartbeat for %ss; its %d node(s) leave their trees",
-                member,
-                self.node_timeout,
-                len(entries),
-            )
-            for volume_id, peer_id, _ in sorted(entries):
-                with self._locked(), self._tree_change(volume_id):
-                    tree = self.trees.get(volume_id)
-                    node = tree.nodes.get(peer_id) if tree is not None else None
-                    if tree is None or node is None:
-                        continue
-                    before = self._parents_view(tree)
-                    self._remove(tree, node, reason="evicted")
-                    self._commit(tree)
-                    self._push_changes(tree, before)
-                    self._drop_if_empty(tree)
-            self._store_call(self.store.forget_member, member)
-            with self.lock:
-                self.written.pop(member, None)
-            self.traffic.forget(member)
-            self.metrics.evictions.inc()
+            self._shared_evict(member, f"no heartbeat for {self.node_timeout}s")
         return expired
+
+    def _shared_evict(self, member: str, why: str) -> bool:
+        entries = self._store_call(self.store.member_volumes, member)
+        if entries:
+            LOG.warning(
+                "evicting host %s: %s; its %d node(s) leave their trees", member, why, len(entries)
+            )
+        for volume_id, peer_id, _ in sorted(entries):
+            with self._locked(), self._tree_change(volume_id):
+                tree = self.trees.get(volume_id)
+                node = tree.nodes.get(peer_id) if tree is not None else None
+                if tree is None or node is None:
+                    continue
+                before = self._parents_view(tree)
+                self._remove(tree, node, reason="evicted")
+                self._commit(tree)
+                self._push_changes(tree, before)
+                self._drop_if_empty(tree)
+        self._store_call(self.store.forget_member, member)
+        with self.lock:
+            self.written.pop(member, None)
+        self.traffic.forget(member)
+        self.metrics.evictions.inc()
+        return bool(entries)
 
 
 def _placed_where(node: Node) -> str:

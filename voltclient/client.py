@@ -331,6 +331,14 @@ class VolumeManager:
         path = _peer_path(session_name, peer_id)
         self.api.request("DELETE", path)
 
+    def report_dead_parent(self, session_name: str, peer_id: str, parent: str) -> str:
+        """Tell Volt that ``parent`` stopped serving the node ``peer_id`` (a node token
+        reports for its own peers only); Volt checks it itself before it evicts anyone.
+        Returns what Volt did with it: ``checking``, ``alive`` or ``gone``."""
+        path = _peer_path(session_name, peer_id) + "/dead-parent"
+        answer = self.api.request("POST", path, {"parent": parent})
+        return str(answer.get("result")) if isinstance(answer, dict) else ""
+
     def list(self, volume_id: str | None = None) -> Records:
         """Without ``volume_id``: ``[{"id", "count"}]`` of every tree. With it: the tree's
         nodes breadth first, each an identity plus ``parent``, ``depth`` and ``parents``

@@ -89,7 +89,14 @@ ALL_CHECKS = [
 ]
 # Rules that tie two inputs together, which a JSON schema cannot state (the document describes
 # them): a schema-valid request may break them and is rightly answered 400.
-CROSS_FIELD_400 = ("names volume", "for this caller", "is not a node of host")
+CROSS_FIELD_400 = (
+    "names volume",
+    "for this caller",
+    "is not a node of host",
+    "is not a parent of",  # dead-parent: the tree decides who is whose parent
+    "is the reporter itself",
+    "serves no target yet",
+)
 QUERY_PATH = "/v1/volumes/query/{volume_id}"
 PEER_PATH = "/v1/volumes/{volume_id}/{peer_id}"
 

@@ -33,6 +33,7 @@ from volt.api.request import MAX_BODY_BYTES, Request, Response, parse_json
 from volt.auth import ADMIN, Authenticator, Credential
 from volt.cluster.api import ClusterHandlers
 from volt.cluster.controller import Controller
+from volt.deathwatch import DeathWatch
 from volt.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -64,6 +65,7 @@ def route_table(h: Handlers, app: VoltApp) -> list[tuple[str, dict[str, Handler]
             {"GET": h.show_volume, "HEAD": h.show_volume, "DELETE": h.delete_volume},
         ),
         ("/v1/volumes/{volume_id}/{peer_id}", {"POST": h.register, "DELETE": h.leave}),
+        ("/v1/volumes/{volume_id}/{peer_id}/dead-parent", {"POST": h.dead_parent}),
         ("/v1/members", {"GET": h.list_members}),
         ("/v1/members/heartbeat", {"PUT": h.heartbeat}),
         *cluster_routes(app),
@@ -120,6 +122,7 @@ TAKES_BODY = frozenset(
         ("GET", "/v1/volumes/query/{volume_id}"),
         ("POST", "/v1/volumes/{volume_id}/{peer_id}"),
         ("PUT", "/v1/members/heartbeat"),
+        ("POST", "/v1/volumes/{volume_id}/{peer_id}/dead-parent"),
         ("POST", "/v1/clusters"),
         ("POST", "/v1/vms/{vm_id}/action"),
         ("POST", "/v1/vms/{vm_id}/migrate"),
@@ -198,8 +201,11 @@ class VoltApp:
         body_timeout: float = 5.0,
         monitor: LoadMonitor | None = None,
         cluster: Controller | None = None,
+        deathwatch: DeathWatch | None = None,
     ) -> None:
         self.service = service
+        # children's reports of dead parents (volt/deathwatch.py; the bus's too)
+        self.deathwatch = deathwatch or DeathWatch(service)
         self.cluster = cluster
         self.auth = Authenticator(auth_token, node_secret)
         self.metrics_public = metrics_public
@@ -209,7 +215,7 @@ class VoltApp:
         self.metrics_ = metrics or service.metrics
         self.routes = [
             (template, template.split("/"), methods)
-            for template, methods in route_table(Handlers(service), self)
+            for template, methods in route_table(Handlers(service, self.deathwatch), self)
         ]
         self._observers: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._openapi = resources.files("volt.api").joinpath("openapi.json").read_bytes()

@@ -7,6 +7,7 @@ from typing import Any
 from volt import validation
 from volt.api import schemas
 from volt.api.request import Request, Response
+from volt.deathwatch import DeathWatch, Report
 from volt.errors import InvalidInput
 from volt.service import VoltService
 from volt.topology import Node
@@ -39,8 +40,9 @@ def _peer_id(req: Request, volume_id: str) -> str:
 
 
 class Handlers:
-    def __init__(self, service: VoltService) -> None:
+    def __init__(self, service: VoltService, deathwatch: DeathWatch | None = None) -> None:
         self.service = service
+        self.deathwatch = deathwatch or DeathWatch(service)
 
     def query(self, req: Request) -> Response:
         volume_id = _volume_id(req)
@@ -87,6 +89,22 @@ class Handlers:
         volume_id = _volume_id(req)
         self.service.leave(volume_id, _peer_id(req, volume_id))
         return Response(200)
+
+    def dead_parent(self, req: Request) -> Response:
+        """A child reports that its parent stopped serving it (volt/deathwatch.py): a node
+        token may report only for its own peer ids (403), about one of their parents in
+        the same image (400); the check and the eviction follow in the background."""
+        volume_id = _volume_id(req)
+        reporter = _peer_id(req, volume_id)
+        body = schemas.extract(req.body, schemas.DEAD_PARENT, ("parent",))
+        host, parent_volume = body["parent"]
+        if parent_volume != volume_id:
+            raise InvalidInput("parent", f"names volume {parent_volume!r}, not {volume_id!r}")
+        parent = validation.make_peer_id(host, parent_volume)
+        if parent == reporter:
+            raise InvalidInput("parent", "is the reporter itself")
+        result = self.deathwatch.report(Report(volume_id, reporter, parent, "api"))
+        return Response(202, {"result": result})
 
     def delete_volume(self, req: Request) -> Response:
         self.service.delete_volume(_volume_id(req))

@@ -27,6 +27,7 @@ REGISTER: dict[str, Callable[..., Any]] = {
 }
 # ``host`` too, except with a node token: its own host is the default (handlers.register).
 REGISTER_REQUIRED = ("port", "iqn", "lun")
+DEAD_PARENT: dict[str, Callable[..., Any]] = {"parent": validation.split_peer_id}
 HEARTBEAT: dict[str, Callable[..., Any]] = {"host": validation.host, "bytes_read": traffic.entries}
 
 

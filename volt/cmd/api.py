@@ -29,6 +29,7 @@ from volt.cluster.busdispatch import BusDispatch
 from volt.cluster.controller import Controller
 from volt.cluster.nodes import load_nodes
 from volt.connlimit import fit_open_files
+from volt.deathwatch import DeathWatch
 from volt.errors import VoltError
 from volt.liveness import Evictor, LoadMonitor
 from volt.metrics import Metrics
@@ -114,12 +115,14 @@ def build_app() -> VoltApp:
         liveness_write_interval=CONF.database.liveness_write_interval,
         group_commit=CONF.database.group_commit,
     )
+    deathwatch = DeathWatch(service)
     volt_bus = None
     if CONF.transport_url:
         # A broker down now is no reason not to start: pushes fail fast and are logged
         # once; the listener reconnects by itself.
         volt_bus = VoltBus(CONF.transport_url, metrics=metrics).start()
         service.on_parents_changed = volt_bus.push
+        volt_bus.events.on_dead_parent = deathwatch.report
     monitor = LoadMonitor()
     Evictor(service, monitor).start()
     cluster = None
@@ -160,6 +163,7 @@ def build_app() -> VoltApp:
         body_timeout=CONF.request_body_timeout,
         monitor=monitor,
         cluster=cluster,
+        deathwatch=deathwatch,
     )
 
 

@@ -30,3 +30,12 @@ def test_a_listening_port_is_not_free_and_a_closed_one_is() -> None:
     threading.Timer(0.05, close_soon).start()
     net.wait_port_free(port, timeout_s=5)
     assert closing.is_set() and net.port_free(port)
+
+
+def test_accepts_tells_a_listening_port_from_a_closed_one() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert net.accepts("127.0.0.1", port, 1.0)
+    assert not net.accepts("127.0.0.1", port, 1.0)  # closed now: refused

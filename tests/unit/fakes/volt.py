@@ -64,6 +64,11 @@ class FakeVolt:
         self.calls.append(("leave", image, peer_id))
         self.known.pop(peer_id, None)
 
+    def report_dead_parent(self, image: str, peer_id: str, parent: str) -> str:
+        self._reach("report_dead_parent")
+        self.calls.append(("report_dead_parent", image, peer_id, parent))
+        return "checking"
+
     def heartbeat(
         self, bytes_read: list[dict[str, object]] | None = None
     ) -> dict[str, list[Volume]]:

@@ -47,6 +47,9 @@ EXPECTED_STATUSES = {
         *("200", "400", "401", "403", "404", "408", "409", "413", "503"),
     },
     ("/v1/volumes/{volume_id}/{peer_id}", "delete"): {"200", "400", "401", "403", "404", "503"},
+    ("/v1/volumes/{volume_id}/{peer_id}/dead-parent", "post"): {
+        *("202", "400", "401", "403", "404", "408", "413", "503"),
+    },
     ("/v1/members", "get"): {"200", "401", "403"},
     ("/v1/members/heartbeat", "put"): {"200", "400", "401", "403", "408", "413"},
     ("/v1/clusters", "post"): {"202", "400", "401", "403", "408", "409", "413"},
@@ -215,6 +218,7 @@ def test_request_bodies(doc: dict[str, Any]) -> None:
     assert set(bodies) == {
         ("/v1/volumes/query/{volume_id}", "get"),
         ("/v1/volumes/{volume_id}/{peer_id}", "post"),
+        ("/v1/volumes/{volume_id}/{peer_id}/dead-parent", "post"),
         ("/v1/members/heartbeat", "put"),
         ("/v1/clusters", "post"),
         ("/v1/vms/{vm_id}/action", "post"),
@@ -232,6 +236,9 @@ def test_request_bodies(doc: dict[str, Any]) -> None:
     assert set(action["properties"]["action"]["enum"]) == ACTIONS
     assert set(bodies[("/v1/clusters", "post")]["properties"]) == CLUSTER_KEYS
     assert bodies[("/v1/vms/{vm_id}/migrate", "post")]["required"] == ["destination"]
+    assert bodies[("/v1/volumes/{volume_id}/{peer_id}/dead-parent", "post")]["required"] == [
+        "parent"
+    ]
     for where, body in bodies.items():
         if where[0] not in SNOOZE_PATHS:  # Snooze's bodies are its own
             assert body["additionalProperties"] is False

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from brick import values
 from brick.dm import Linear, Multipath, MultipathMonitor, Snapshot, Table, scsi_path_ready
+from brick.dm.parse import MultipathStatus
 from brick.exception import BrickError, NotFound, PathsUnavailable
 from brick.fileio import FILE_MODE, private_dir
 from brick.iscsi import ISCSIConnector, validate_lun
@@ -256,6 +257,21 @@ class DmDriver:
                     self.dm.switch_group(name, 1)
 
 
+def failed_endpoints(
+    status: MultipathStatus, endpoints: Sequence[layer.Endpoint]
+) -> list[layer.Endpoint]:
+    """The endpoints whose path group has no working path (one group per endpoint, in
+    order: ``FailoverMultipath``). A table that does not match the endpoints (a reload
+    under way) tells nothing: no endpoint."""
+    if len(status.groups) != len(endpoints):
+        return []
+    return [
+        e
+        for group, e in zip(status.groups, endpoints, strict=True)
+        if group.paths and not any(p.active for p in group.paths)
+    ]
+
+
 def _bracket(host: str) -> str:
     return values.bracket(host)
 
@@ -280,6 +296,15 @@ class DmUpstream:
 
     def _save(self, image: str, endpoints: Sequence[layer.Endpoint]) -> None:
         self.d.paths.save(image, endpoints)
+
+    def failed_paths(self, image: str) -> list[layer.Endpoint]:
+        """The paths of ``image`` the kernel failed (``dmsetup status`` of its multipath
+        device): a failed read marks its path ``F`` until the monitor reinstates it."""
+        try:
+            status = self.d.dm.multipath_status(ImageNames(image).multipath)
+        except BrickError:
+            return []
+        return failed_endpoints(status, self.endpoints(image))
 
     def read_counters(self, image: str) -> dict[layer.Endpoint, int]:
         """Sectors read from each path's SCSI disk (``/sys/block/sdX/stat``, field 3), in

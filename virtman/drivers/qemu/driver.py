@@ -39,6 +39,7 @@ from virtman.layers.pathsfile import PathsFiles
 
 LOG = logging.getLogger(__name__)
 
+QUORUM_REPORT_BAD = "QUORUM_REPORT_BAD"
 PSK_SERVER = "vmt-nbd-psk-server"  # the NBD server's tls-creds-psk object
 
 
@@ -242,6 +243,8 @@ class QemuUpstream:
         self.d = driver
         self._sockets_lock = threading.Lock()
         self._sockets: tuple[float, int, dict[tcpinfo.Peer, list[int]]] = (0.0, 0, {})
+        self._bad: set[str] = set()  # path nodes with a failed read not asked for yet
+        self._bad_lock = threading.Lock()
 
     def ensure(self, spec: layer.UpstreamSpec) -> layer.Device:
         image, endpoints = spec.image, spec.endpoints
@@ -324,6 +327,27 @@ class QemuUpstream:
 
     def endpoints(self, image: str) -> list[layer.Endpoint]:
         return self.d.paths.load(image)
+
+    def failed_paths(self, image: str) -> list[layer.Endpoint]:
+        """The paths of ``image`` whose reads failed since the last call: the quorum's
+        ``QUORUM_REPORT_BAD`` events (fifo: a child's failed read, before the next child
+        serves it) name the path node. Events of other images wait for their call."""
+        try:
+            events = self.d.qsd.qmp.events(QUORUM_REPORT_BAD)
+        except BrickError:
+            events = []
+        with self._bad_lock:
+            for event in events:
+                node = (event.get("data") or {}).get("node-name")
+                if isinstance(node, str):
+                    self._bad.add(node)
+            n = self.d.names(image)
+            failed = [e for e in self.endpoints(image) if n.path(e) in self._bad]
+            self._bad -= {n.path(e) for e in failed}
+            if self._bad:  # forget the paths no image has any more
+                images = self.d.paths.images()
+                self._bad &= {self.d.names(i).path(e) for i in images for e in self.endpoints(i)}
+        return failed
 
     def read_counters(self, image: str) -> dict[layer.Endpoint, int]:
         """Bytes received on each path's TCP connection (``brick.tcpinfo``): QEMU accounts
