@@ -183,10 +183,13 @@ default_opts = [
     ),
     cfg.IntOpt(
         "nbd_reconnect_delay",
-        default=3,
+        default=1,
         min=1,
         max=60,
-        help="Seconds an NBD path waits for its parent before the read moves to another path.",
+        help="Seconds an NBD path waits for its parent before the read moves to another path. "
+        "NBD paths lead to parents, and every node has a standby parent: a short wait keeps "
+        "a dead parent's replacement within 2 s of its death (docs/bus.rst); a longer one "
+        "rides out longer network blips on the first path.",
     ),
     cfg.IntOpt(
         "qemu_fuse_readahead_kib",
@@ -410,7 +413,7 @@ class Settings:
     degraded_retry_max: float = 300.0
     daemon_check_interval: float = 2.0
     parent_check_interval: float = 0.5
-    nbd_reconnect_delay: int = 3
+    nbd_reconnect_delay: int = 1
     qemu_fuse_readahead_kib: int = 4096
     qemu_malloc_mmap_threshold_kib: int = 32768
     prefetch_dir: Path | None = None
