@@ -29,7 +29,7 @@ NODES = [Node("S", 640, 1), Node("A", 768, 2), Node("B", 768, 3), Node("C", 768,
 
 CACHE_ENGINES = Path(__file__).resolve().parents[2] / "bench" / "cache_engines.py"
 run, report = module_fixtures(
-    NODES, "dmguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB, files=[CACHE_ENGINES]
+    __name__, NODES, "dmguest.py", work_dir=WORK_DIR, size_mib=SIZE_MIB, files=[CACHE_ENGINES]
 )
 
 
@@ -124,7 +124,10 @@ def test_cache_engine_measurement(run: RunResult) -> None:
     smq = fetched[("dm-cache smq, 256 KiB blocks (default)", seq)]
     big = fetched[("bcache writethrough, sequential_cutoff 0, 64 GiB cache", seq)]
     writecache = fetched[("dm-writecache", seq)]
-    assert smq[0] >= size * 0.9 and smq[1] >= size * 0.5  # smq: not cache on read
+    # smq caches on read only as time passes between reads (docs/dm-driver.rst: 99 % of a
+    # second pass back to back, 36 % 3 s later; 33 % under CI load): only its first read is
+    # certain here. What chose bcache is the second pass below, not smq's.
+    assert smq[0] >= size * 0.9
     # bcache skips some inserts (more under CPU contention: the other guests run beside
     # it); the second read fetched 2.4-10.5 % of the first in runs here, the third less.
     # Its first read may fetch a little past the 16 MiB (its own readahead on the backing
