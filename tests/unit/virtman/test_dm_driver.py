@@ -1055,13 +1055,19 @@ def test_the_nbd_relay_needs_nbd_port(nbd_rig: Rig) -> None:
         nbd_rig.driver()
 
 
-def test_a_dead_nbd_daemon_is_started_again_with_every_export(nbd_rig: Rig) -> None:
+def _nbd_daemon_killed(nbd_rig: Rig) -> tuple[Any, FakeQsd, dict[str, tuple[str, str]]]:
+    """A relay exported over NBD, then its daemon killed: (driver, daemon, its exports)."""
     driver, virtman, _ = build(nbd_rig)
     assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
     qsd = nbd_rig.qsd
     exported = dict(qsd.exported)
     qsd.alive, qsd.server, qsd.exported, qsd.devices = False, None, {}, {}  # kill -9
     nbd_rig.kernel.opened.clear()
+    return driver, qsd, exported
+
+
+def test_a_dead_nbd_daemon_is_started_again_with_every_export(nbd_rig: Rig) -> None:
+    driver, qsd, exported = _nbd_daemon_killed(nbd_rig)
     driver.check_nbd()
     assert qsd.alive and qsd.server == "10.0.0.9:10809"
     assert qsd.exported == exported
@@ -1075,12 +1081,7 @@ def test_a_daemon_that_cannot_start_its_nbd_server_is_stopped_and_healed_next_ti
 ) -> None:
     # A guest's restarted daemon answered no object-add in 30 s (QEMU generating DH
     # parameters under TCG): left running, it had no NBD server and no pass retried.
-    driver, virtman, _ = build(nbd_rig)
-    assert virtman.create("vm1", "img", CONNECTION).startswith("0:")
-    qsd = nbd_rig.qsd
-    exported = dict(qsd.exported)
-    qsd.alive, qsd.server, qsd.exported, qsd.devices = False, None, {}, {}  # kill -9
-    nbd_rig.kernel.opened.clear()
+    driver, qsd, exported = _nbd_daemon_killed(nbd_rig)
     qsd.fail_server = True
     with pytest.raises(CommandFailed):
         driver.nbd.heal(lambda: {"volume-img": "/dev/mapper/cached_volume-img"})
