@@ -2,6 +2,7 @@
 (bench/provision.py), without a cluster."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,57 @@ def test_replot_draws_a_sweep_again_from_its_json(tmp_path: Path):
     argv = ["--replot", "--json", str(tmp_path / "sweep.json"), "--plot", str(png)]
     assert provision.main(argv) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_boots_options():
+    args = provision.parse_args(["--nodes", "4", "--real-boots", "4", "--variants", "balanced"])
+    assert args.real_boots == 4 and args.variants == ["balanced"]
+    assert provision.parse_args(["--nodes", "4"]).real_boots == 0
+    for bad in (
+        ["--nodes", "4", "--real-boots", "2"],  # not every node: no replay to compare with
+        ["--nodes", "4", "--real-boots", "-1"],
+        ["--nodes", "2", "--real-boots", "2", "--variants", "direct"],  # no balanced replay
+        ["--sweep-nodes", "2,4", "--real-boots", "4"],
+    ):
+        with pytest.raises(SystemExit):
+            provision.parse_args(bad)
+
+
+def test_real_boots_errors_name_the_option(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        provision.parse_args(["--nodes", "4", "--real-boots", "3"])
+    assert "--real-boots 3: must be 0 or --nodes (4)" in capsys.readouterr().err
+
+
+def test_the_real_row_is_reported_apart_and_leaves_the_last_line_alone():
+    single, balanced = result("single", 1, 9.0), result("balanced", 4, 10.0)
+    real = provision.Result("real", 4, [30.0, 31.0, 32.0, 40.0], 4 * MB, 0, 0, 8 * MB)
+    without = provision.last_line([single, balanced])
+    assert provision.last_line([single, balanced, real]) == without
+    lines = provision.report([single, balanced, real], TRACE)
+    [row] = [line for line in lines if re.match(r"real +\d", line)]
+    assert row.split()[:5] == ["real", "4", "31.5", "39.8", "40.0"]
+    assert "4.42" in row.split()  # 39.76 / 9.0 x single
+    assert any(line.startswith("real = real VMs") for line in lines)
+    assert not any(line.startswith("real = ") for line in provision.report([single], TRACE))
+
+
+def test_calibration_puts_real_replay_and_simulation_side_by_side():
+    single, balanced = result("single", 1, 9.0), result("balanced", 4, 10.0)
+    real = provision.Result("real", 4, [40.0] * 4, 4 * MB, 0, 0, 8 * MB)
+    assert provision.calibration([single, balanced], TRACE, 1000, 1000) is None
+    cal = provision.calibration([single, balanced, real], TRACE, 1000, 1000)
+    assert cal is not None
+    assert (cal["nodes"], cal["real_p99"], cal["replay_p99"]) == (4, 40.0, 10.0)
+    assert cal["real_over_replay"] == pytest.approx(4.0)
+    # the simulation is calibrated on the single replay: 4 nodes on 1 Gbit/s take about as long
+    assert 9.0 <= cal["simulated_p99"] < 12.0
+    assert provision.simulated(
+        TRACE, [provision.Point(4, 1000, 1000, [single, balanced])], ["balanced"]
+    )[1]["p99"] == pytest.approx(cal["simulated_p99"])
+    line = provision.realboot.calibration_line(cal)
+    assert re.fullmatch(
+        r"provision: calibration nodes 4 real p99 40\.0 s, replay p99 10\.0 s, "
+        r"simulated p99 \d+\.\d s",
+        line,
+    )
