@@ -69,8 +69,9 @@ class RealBoots:
         self.workdir = workdir
         self.timeout_s = timeout_s
         self.daemons = LibvirtDaemons(LIBVIRT_RUN, fix_kvm_device=True, shared=True)
-        self.daemons.start()
+        # checks the prefix and connects lazily: nothing to undo if it refuses
         self.vms = VirtualMachines(self.daemons.uri, prefix=prefix)
+        self.daemons.start()
         self.lock = threading.Lock()  # one libvirt call at a time on the shared connection
         self.booted: list[str] = []
 
