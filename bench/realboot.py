@@ -74,6 +74,7 @@ class RealBoots:
         self.daemons.start()
         self.lock = threading.Lock()  # one libvirt call at a time on the shared connection
         self.booted: list[str] = []
+        self.closing = threading.Event()  # ends the waits of a burst that is torn down
 
     def boot(self, node: str, instance: str, volume: str, image: str) -> float:
         """Create ``instance``'s snapshot on ``node``, boot a VM on it, and return the seconds
@@ -85,6 +86,8 @@ class RealBoots:
             raise RuntimeError(f"create on {node}: {answer}")
         console = self.workdir / f"{instance}.console"
         with self.lock:
+            if self.closing.is_set():
+                raise RuntimeError(f"the real VM on {node}: the benchmark is shutting down")
             self.booted.append(instance)
             self.vms.boot(
                 instance, answer[2:], kernel=self.guest.kernel, initrd=self.guest.initrd,
@@ -95,6 +98,7 @@ class RealBoots:
             timeout_s=self.timeout_s,
             what=f"the real VM on {node} to print its marker",
             max_interval_s=0.2,
+            sleep=self.closing.wait,
         )
         elapsed = time.monotonic() - started
         if not self.guest.marker_matches(fields):
@@ -102,7 +106,10 @@ class RealBoots:
         return elapsed
 
     def _marker(self, console: Path) -> dict[str, str] | None:
-        """The marker's fields, None while booting; a failed guest raises at once."""
+        """The marker's fields, None while booting; a failed guest, or ``close``, raises at
+        once (the burst's threads must not outlive the teardown)."""
+        if self.closing.is_set():
+            raise RuntimeError("the benchmark is shutting down")
         text = console.read_text(errors="replace") if console.exists() else ""
         fields = guestimage.parse_marker(text)
         if fields is None and (guestimage.FAIL_MARKER in text or PANIC in text):
@@ -122,6 +129,7 @@ class RealBoots:
         return errors
 
     def close(self) -> list[str]:
+        self.closing.set()
         errors = self.destroy_vms()
         self.vms.close()
         try:
