@@ -3,7 +3,11 @@
 
 import json
 import re
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -144,3 +148,69 @@ def test_calibration_puts_real_replay_and_simulation_side_by_side():
         r"simulated p99 \d+\.\d s",
         line,
     )
+
+
+class FakeDaemons:
+    uri = "qemu:///system"
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class FakeCluster:
+    def rpc(self, node: str, method: str, *args: object) -> str:
+        return f"0:/nonexistent/{node}.qcow2"
+
+    def connection(self, volume: str) -> dict[str, str]:
+        return {"volume": volume}
+
+
+def real_boots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
+    """RealBoots without libvirt: the daemons faked, the domains only recorded."""
+    monkeypatch.setattr(provision.realboot, "LibvirtDaemons", FakeDaemons)
+    guest = SimpleNamespace(kernel="/k", initrd="/i", cmdline="", marker_matches=lambda _: True)
+    real = provision.realboot.RealBoots(FakeCluster(), guest, tmp_path, "t-", timeout_s=30)
+    destroyed: list[str] = []
+    monkeypatch.setattr(real.vms, "boot", lambda *_args, **_kwargs: None)
+    monkeypatch.setattr(real.vms, "destroy", destroyed.append)
+    return real, destroyed
+
+
+def test_a_failed_real_guest_fails_its_boot_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    real, destroyed = real_boots(tmp_path, monkeypatch)
+    (tmp_path / "vm-n1.console").write_text("[    1.0] Kernel panic - not syncing: VFS\n")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the guest failed"):
+        real.boot("n1", "vm-n1", "volume-image1", "image1")
+    assert time.monotonic() - started < 5  # not the 30 s timeout
+    assert real.close() == [] and destroyed == ["vm-n1"] and not real.daemons.running
+
+
+def test_closing_ends_a_burst_that_waits_for_its_consoles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    real, destroyed = real_boots(tmp_path, monkeypatch)
+    outcome: list[BaseException] = []
+
+    def boot() -> None:
+        try:
+            real.boot("n1", "vm-n1", "volume-image1", "image1")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=boot)
+    waiter.start()
+    assert not outcome  # still waiting for a marker that never comes
+    started = time.monotonic()
+    assert real.close() == []
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and time.monotonic() - started < 5
+    assert "shutting down" in str(outcome[0]) and destroyed == ["vm-n1"]
