@@ -18,8 +18,15 @@ variants in turn, each from cold caches:
 A "boot" is the replay of a recorded real boot (``bench/boottrace.py``): the guest's reads in
 order, with its recorded think time between them, from the path that VM would read (a node's
 origin, its local copy, its on-demand path). That stands for N VMs on N machines; N real TCG
-guests on this 2-core machine would measure the CPU instead. ``--real-boots K`` adds real VM
-boots under libvirt on K nodes (VMThunder, default executor), reported separately.
+guests on this 2-core machine would measure the CPU instead. ``--real-boots K`` (K =
+``--nodes``, ``balanced`` among the variants) adds, after the replays, a burst of K real VM
+boots under libvirt/QEMU TCG (``bench/realboot.py``): every node boots one guest on its
+VMThunder snapshot (default executor, cold caches, the same links), each timed from the
+burst's start to its console's marker, reported separately as the ``real`` row. Then the
+calibration line puts it beside the replay and ``bench/simulate.py``'s prediction for the
+same N, calibrated as ``--calibration`` writes it (the sweep's code path)::
+
+    provision: calibration nodes <K> real p99 <a> s, replay p99 <b> s, simulated p99 <c> s
 
 For each variant: time until every VM booted (p50, p99, max, from the burst's start: stack
 build + boot), image-server egress, bytes peers served, bytes served by local caches, and the
@@ -62,6 +69,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import boottrace  # noqa: E402
 import debianguest  # noqa: E402
 import guestimage  # noqa: E402
+import realboot  # noqa: E402
 import simulate  # noqa: E402
 from cluster import PYTHON, LocalCluster  # noqa: E402
 
@@ -74,6 +82,7 @@ IQN = f"iqn.2010-10.org.openstack:{VOLUME}"
 LAB, SUBNET, TGT_BASE = "vmtp", "10.236.0.0/24", 3600
 LAB_STATE = Path("/run/vmt-provision")
 MB = 1_000_000
+REAL_BOOT_TIMEOUT_S = 1200.0  # K Debian guests under TCG on 2 shared cores
 
 
 def say(message: str) -> None:
@@ -150,6 +159,7 @@ class Bench:
         self.trace_path = Path()
         self.guest: guestimage.GuestImage | None = None
         self.prefetch_dir = self.workdir / "prefetch"
+        self.real: realboot.RealBoots | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, nodes: int) -> None:
@@ -294,6 +304,28 @@ class Bench:
         self.empty_nodes(nodes)
         return result
 
+    def real_boots(self, nodes: Sequence[str]) -> Result:
+        """Every node boots one real VM on its VMThunder snapshot, all at once."""
+        assert self.cluster is not None and self.guest is not None
+        cluster = self.cluster
+        cluster.restart_volt(executor="balanced", fresh=True)
+        real = self.real = realboot.RealBoots(
+            cluster, self.guest, self.workdir, f"{self.args.lab}-", REAL_BOOT_TIMEOUT_S
+        )
+        result = self.burst(
+            "real", nodes, lambda node: real.boot(node, f"vm-{node}", VOLUME, IMAGE)
+        )
+        depth = max((n["depth"] for n in cluster.volt_tree(VOLUME)), default=0)
+        result.notes.append(f"tree depth {depth}")
+        # a real guest's re-reads hit its own page cache: the trace's estimate does not apply
+        result.local_served = 0
+        result.notes.append("real VMs, local cache not counted")
+        errors = real.destroy_vms()
+        if errors:
+            raise RuntimeError(f"real VMs not destroyed: {'; '.join(errors)}")
+        self.empty_nodes(nodes)
+        return result
+
     def full_copy(self, nodes: Sequence[str]) -> Result:
         assert self.cluster is not None
         cluster = self.cluster
@@ -366,7 +398,10 @@ class Bench:
         assert self.cluster is not None
         nodes = self.cluster.node_names
         single = self.vmthunder("single", "balanced", nodes[:1])
-        return [single, *self.variants(nodes)]
+        results = [single, *self.variants(nodes)]
+        if self.args.real_boots:
+            results.append(self.real_boots(nodes[: self.args.real_boots]))
+        return results
 
     def sweep(self) -> list[Point]:
         """Every variant at every (server link, N) point, on one cluster of the largest N."""
@@ -411,6 +446,10 @@ class Bench:
         return results
 
     def teardown(self) -> None:
+        if self.real is not None:  # the VMs go before the stacks under them
+            for error in self.real.close():
+                say(f"teardown: {error}")
+            self.real = None
         for daemon in self.direct_daemons:
             try:
                 daemon.stop()
@@ -438,7 +477,26 @@ def report(results: list[Result], trace: boottrace.BootTrace) -> list[str]:
         f"boot read set {trace.read_bytes / MB:.1f} MB per VM ({trace.unique_bytes / MB:.1f} MB "
         "distinct), replayed boot traces; local-cache = the boot's re-reads, served locally"
     )
+    if any(r.variant == "real" for r in results):
+        lines.append(
+            "real = real VMs under libvirt/QEMU TCG on this machine's cores, burst start to "
+            "console marker"
+        )
     return lines
+
+
+def calibration(
+    results: Sequence[Result], trace: boottrace.BootTrace, server_mbit: float, node_mbit: float
+) -> dict[str, Any] | None:
+    """The real burst, the replay of the same boot and the simulation's p99 for that N
+    (calibrated by the replayed single, as the sweep's overlay is); None without both."""
+    by = {r.variant: r for r in results}
+    real, replay = by.get("real"), by.get("balanced")
+    if real is None or replay is None:
+        return None
+    point = Point(real.nodes, server_mbit, node_mbit, list(results))
+    [row] = [r for r in simulated(trace, [point], ["balanced"]) if r["variant"] == "balanced"]
+    return realboot.calibration_json(real.nodes, real.p99, replay.p99, row["p99"])
 
 
 def last_line(results: list[Result]) -> str:
@@ -625,6 +683,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--calibration", type=Path, help="write bench/simulate.py's calibration here"
     )
+    parser.add_argument(
+        "--real-boots",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after the replays, K real VMs at once under libvirt, one per node (K = --nodes, "
+        "needs balanced in --variants: the replay they calibrate); default 0",
+    )
     parser.add_argument("--lab", default=LAB, help=f"namespace prefix (default {LAB})")
     parser.add_argument("--subnet", default=SUBNET, help=f"lab subnet (default {SUBNET})")
     parser.add_argument(
@@ -634,6 +700,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.variants) - set(VARIANTS)
     if unknown or not 1 <= args.nodes <= 60:
         parser.error(f"bad --variants {sorted(unknown)} or --nodes (1-60)")
+    if args.real_boots and args.real_boots != args.nodes:
+        parser.error(f"--real-boots {args.real_boots}: must be 0 or --nodes ({args.nodes})")
+    if args.real_boots and "balanced" not in args.variants:
+        parser.error("--real-boots: needs balanced in --variants (the replay it calibrates)")
     args.server_mbit = args.rate_mbit if args.server_mbit is None else args.server_mbit
     args.node_mbit = args.rate_mbit if args.node_mbit is None else args.node_mbit
     if min(args.rate_mbit, args.server_mbit, args.node_mbit) <= 0:
@@ -650,6 +720,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--sweep-server-mbit: each > 0")
         if args.json is None:
             args.json = Path("provision-sweep.json")
+        if args.real_boots:
+            parser.error("--real-boots: not with a sweep (one calibration point per run)")
     return args
 
 
@@ -686,6 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert bench.trace is not None
     for line in report(results, bench.trace):
         print(line)
+    calibrated = calibration(results, bench.trace, args.server_mbit, args.node_mbit)
+    if calibrated:
+        print(realboot.calibration_line(calibrated), flush=True)
     if args.calibration:
         single = next(r for r in results if r.variant == "single")
         args.calibration.write_text(
@@ -701,7 +776,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     if args.json:
-        args.json.write_text(json.dumps([result_json(r) for r in results], indent=1))
+        rows = [
+            result_json(r) | ({"calibration": calibrated} if r.variant == "real" else {})
+            for r in results
+        ]
+        args.json.write_text(json.dumps(rows, indent=1))
     say(f"run took {time.monotonic() - started:.0f} s")
     print(last_line(results), flush=True)
     return 0

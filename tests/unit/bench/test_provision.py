@@ -2,7 +2,12 @@
 (bench/provision.py), without a cluster."""
 
 import json
+import re
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -89,3 +94,123 @@ def test_replot_draws_a_sweep_again_from_its_json(tmp_path: Path):
     argv = ["--replot", "--json", str(tmp_path / "sweep.json"), "--plot", str(png)]
     assert provision.main(argv) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_boots_options():
+    args = provision.parse_args(["--nodes", "4", "--real-boots", "4", "--variants", "balanced"])
+    assert args.real_boots == 4 and args.variants == ["balanced"]
+    assert provision.parse_args(["--nodes", "4"]).real_boots == 0
+    for bad in (
+        ["--nodes", "4", "--real-boots", "2"],  # not every node: no replay to compare with
+        ["--nodes", "4", "--real-boots", "-1"],
+        ["--nodes", "2", "--real-boots", "2", "--variants", "direct"],  # no balanced replay
+        ["--sweep-nodes", "2,4", "--real-boots", "4"],
+    ):
+        with pytest.raises(SystemExit):
+            provision.parse_args(bad)
+
+
+def test_real_boots_errors_name_the_option(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        provision.parse_args(["--nodes", "4", "--real-boots", "3"])
+    assert "--real-boots 3: must be 0 or --nodes (4)" in capsys.readouterr().err
+
+
+def test_the_real_row_is_reported_apart_and_leaves_the_last_line_alone():
+    single, balanced = result("single", 1, 9.0), result("balanced", 4, 10.0)
+    real = provision.Result("real", 4, [30.0, 31.0, 32.0, 40.0], 4 * MB, 0, 0, 8 * MB)
+    without = provision.last_line([single, balanced])
+    assert provision.last_line([single, balanced, real]) == without
+    lines = provision.report([single, balanced, real], TRACE)
+    [row] = [line for line in lines if re.match(r"real +\d", line)]
+    assert row.split()[:5] == ["real", "4", "31.5", "39.8", "40.0"]
+    assert "4.42" in row.split()  # 39.76 / 9.0 x single
+    assert any(line.startswith("real = real VMs") for line in lines)
+    assert not any(line.startswith("real = ") for line in provision.report([single], TRACE))
+
+
+def test_calibration_puts_real_replay_and_simulation_side_by_side():
+    single, balanced = result("single", 1, 9.0), result("balanced", 4, 10.0)
+    real = provision.Result("real", 4, [40.0] * 4, 4 * MB, 0, 0, 8 * MB)
+    assert provision.calibration([single, balanced], TRACE, 1000, 1000) is None
+    cal = provision.calibration([single, balanced, real], TRACE, 1000, 1000)
+    assert cal is not None
+    assert (cal["nodes"], cal["real_p99"], cal["replay_p99"]) == (4, 40.0, 10.0)
+    assert cal["real_over_replay"] == pytest.approx(4.0)
+    # the simulation is calibrated on the single replay: 4 nodes on 1 Gbit/s take about as long
+    assert 9.0 <= cal["simulated_p99"] < 12.0
+    assert provision.simulated(
+        TRACE, [provision.Point(4, 1000, 1000, [single, balanced])], ["balanced"]
+    )[1]["p99"] == pytest.approx(cal["simulated_p99"])
+    line = provision.realboot.calibration_line(cal)
+    assert re.fullmatch(
+        r"provision: calibration nodes 4 real p99 40\.0 s, replay p99 10\.0 s, "
+        r"simulated p99 \d+\.\d s",
+        line,
+    )
+
+
+class FakeDaemons:
+    uri = "qemu:///system"
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class FakeCluster:
+    def rpc(self, node: str, method: str, *args: object) -> str:
+        return f"0:/nonexistent/{node}.qcow2"
+
+    def connection(self, volume: str) -> dict[str, str]:
+        return {"volume": volume}
+
+
+def real_boots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
+    """RealBoots without libvirt: the daemons faked, the domains only recorded."""
+    monkeypatch.setattr(provision.realboot, "LibvirtDaemons", FakeDaemons)
+    guest = SimpleNamespace(kernel="/k", initrd="/i", cmdline="", marker_matches=lambda _: True)
+    real = provision.realboot.RealBoots(FakeCluster(), guest, tmp_path, "t-", timeout_s=30)
+    destroyed: list[str] = []
+    monkeypatch.setattr(real.vms, "boot", lambda *_args, **_kwargs: None)
+    monkeypatch.setattr(real.vms, "destroy", destroyed.append)
+    return real, destroyed
+
+
+def test_a_failed_real_guest_fails_its_boot_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    real, destroyed = real_boots(tmp_path, monkeypatch)
+    (tmp_path / "vm-n1.console").write_text("[    1.0] Kernel panic - not syncing: VFS\n")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the guest failed"):
+        real.boot("n1", "vm-n1", "volume-image1", "image1")
+    assert time.monotonic() - started < 5  # not the 30 s timeout
+    assert real.close() == [] and destroyed == ["vm-n1"] and not real.daemons.running
+
+
+def test_closing_ends_a_burst_that_waits_for_its_consoles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    real, destroyed = real_boots(tmp_path, monkeypatch)
+    outcome: list[BaseException] = []
+
+    def boot() -> None:
+        try:
+            real.boot("n1", "vm-n1", "volume-image1", "image1")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=boot)
+    waiter.start()
+    assert not outcome  # still waiting for a marker that never comes
+    started = time.monotonic()
+    assert real.close() == []
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and time.monotonic() - started < 5
+    assert "shutting down" in str(outcome[0]) and destroyed == ["vm-n1"]
