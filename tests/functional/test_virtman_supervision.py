@@ -1,6 +1,11 @@
 """A node's own daemons SIGKILLed under a running virtmanserver: it notices within
 ``daemon_check_interval``, starts them again and rebuilds what lived in them (image stacks,
-relays, image targets), while the children keep reading without an error."""
+relays, image targets), while the children keep reading without an error.
+
+The children's parent watch is off here (``parent_check_interval = 0``): with it, a child
+whose parent's daemon died reports it and Volt evicts the parent until it rejoins
+(docs/bus.rst, "Detecting a dead parent"); these tests keep the tree still to show the
+node's own repair."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from brick.tgt import TgtAdm
 from tests.functional.clusterfixtures import IMAGE, create_vm, disk_matches, export_image
 
 pytestmark = pytest.mark.functional
+NO_PARENT_WATCH = "parent_check_interval = 0\n"
 
 
 def _node_of(cluster, peer_id: str) -> str:
@@ -28,7 +34,7 @@ def _restarted(cluster, host: str, component: str, old: int) -> bool:
 
 
 def test_a_killed_storage_daemon_is_restarted_and_its_stack_rebuilt(cluster_factory) -> None:
-    cluster = cluster_factory(3, heartbeat_interval=1)
+    cluster = cluster_factory(3, heartbeat_interval=1, extra_conf=NO_PARENT_WATCH)
     image_file = export_image(cluster, 64)
     disks = {node: create_vm(cluster, node, f"vm-{node}") for node in cluster.node_names}
     tree = cluster.volt_tree(IMAGE)
