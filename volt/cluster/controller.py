@@ -93,8 +93,9 @@ class Controller:
         self._vm_locks: dict[str, threading.Lock] = {}  # per userid: its actions in turn
         self._closing = threading.Event()
         self.capacity = capacity or CapacityCache(nodes, self._ask, capacity_interval).start()
-        # one volt-api alone owns every row; beside others, its own only
-        self._pool.submit(self._resume, self.controller_id if store.shared else None)
+        # Found now, before any new burst is recorded (its rows would look unfinished too);
+        # one volt-api alone owns every row, beside others its own only.
+        self._resume(self.controller_id if store.shared else None)
 
     def close(self) -> None:
         self._closing.set()
@@ -399,7 +400,8 @@ class Controller:
     # -- after a restart --------------------------------------------------------------------------
     def _resume(self, owner: str | None) -> None:
         """Take up the steps a previous run left in the middle (volt-api was killed or
-        restarted during a burst, a destroy or a migration)."""
+        restarted during a burst, a destroy or a migration): found here, done by the
+        pool."""
         try:
             vms = self.records.unfinished(owner)
         except Exception:
