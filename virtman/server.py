@@ -29,14 +29,16 @@ import socket
 import ssl
 import threading
 import time
+import xmlrpc.client
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from virtman.compute import Virtman
-from virtman.errors import InvalidInput, VirtmanError
+from virtman.errors import GuestNotFound, InvalidInput, VirtmanError
 from virtman.imageservice import ImageService
+from virtmanclient.exceptions import FAULT_GUEST_NOT_FOUND
 
 LOG = logging.getLogger(__name__)
 
@@ -541,6 +543,21 @@ def _xmlrpc_safe(value: Any) -> Any:
     return value
 
 
+class Dispatcher(SimpleXMLRPCDispatcher):
+    """The standard dispatcher, with a typed fault code for the errors a caller acts on
+    (its fault string stays the standard ``"<class>:<message>"``; every other error is
+    fault 1 as before)."""
+
+    FAULT_CODES: dict[type[Exception], int] = {GuestNotFound: FAULT_GUEST_NOT_FOUND}
+
+    def _dispatch(self, method: str, params: Any) -> Any:
+        try:
+            return super()._dispatch(method, params)
+        except tuple(self.FAULT_CODES) as exc:
+            code = self.FAULT_CODES[type(exc)]
+            raise xmlrpc.client.Fault(code, f"{type(exc)}:{exc}") from None
+
+
 def build_server(
     address: tuple[str, int],
     limits: Limits,
@@ -549,7 +566,7 @@ def build_server(
     ssl_context: ssl.SSLContext | None = None,
     guests: Any = None,
 ) -> Server:
-    dispatcher = SimpleXMLRPCDispatcher(allow_none=True, encoding=None)
+    dispatcher = Dispatcher(allow_none=True, encoding=None)
     dispatcher.register_introspection_functions()
     dispatcher.register_instance(Methods(virtman, images, guests))
     return Server(address, dispatcher, limits, ssl_context)

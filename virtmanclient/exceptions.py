@@ -68,6 +68,10 @@ class Unauthorized(RequestFailed):
         super().__init__(url, status, reason, message)
 
 
+# XML-RPC fault codes of virtmanserver: 1 for any error, these for the ones a caller acts on.
+FAULT_GUEST_NOT_FOUND = 404  # no guest of that userid on the node
+
+
 class RemoteFault(VirtmanError):
     """The server raised an exception (XML-RPC fault) instead of answering a result."""
 
@@ -80,3 +84,8 @@ class RemoteFault(VirtmanError):
 
 class InvalidResponse(VirtmanError, ValueError):
     """An answer that is not what the contract promises (not ``"<code>:<info>"`` …)."""
+
+
+def guest_not_found(exc: BaseException) -> bool:
+    """True when ``exc`` is virtmanserver's answer that the guest does not exist."""
+    return isinstance(exc, RemoteFault) and exc.fault_code == FAULT_GUEST_NOT_FOUND

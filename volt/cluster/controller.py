@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from virtmanclient.exceptions import guest_not_found
 from volt.cluster import migration, model
 from volt.cluster.busdispatch import BusDispatch
 from volt.cluster.capacity import CapacityCache
@@ -62,6 +63,12 @@ ClientFactory = Callable[[NodeEndpoint, float], Any]
 
 def _default_client(node: NodeEndpoint, timeout: float) -> Any:
     return node.client(timeout)
+
+
+def no_such_guest(exc: BaseException) -> bool:
+    """The node's typed answer that it has no guest of that userid: fault 404 over XML-RPC,
+    ``GuestNotFound`` over the bus (oslo.messaging's ``RemoteError.exc_type``)."""
+    return guest_not_found(exc) or getattr(exc, "exc_type", None) == "GuestNotFound"
 
 
 class Controller:
@@ -469,7 +476,7 @@ class Controller:
         try:
             return str(self._client(node, INFO_TIMEOUT_S).call("guest_power_state", userid))
         except Exception as exc:
-            if "does not exist" in str(exc):
+            if no_such_guest(exc):
                 return migration.GONE
             raise
 
@@ -507,7 +514,7 @@ class Controller:
             try:
                 client.call("guest_delete", vm.userid)
             except Exception as exc:
-                if "does not exist" not in str(exc):
+                if not no_such_guest(exc):
                     raise
             self.records.update(vm, model.DELETED)
         except Exception as exc:  # ERROR names the node and the whole reason: destroy again

@@ -13,7 +13,10 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 import pytest
 
 from brick.wait import wait_until
-from virtman.server import Limits, Server
+from virtman.errors import GuestNotFound, InvalidInput
+from virtman.server import Dispatcher, Limits, Server
+from virtmanclient import Client, RemoteFault
+from virtmanclient.exceptions import FAULT_GUEST_NOT_FOUND, guest_not_found
 
 TOKEN = "unit-token"
 
@@ -183,3 +186,36 @@ def test_calls_run_on_a_bounded_pool(serve, gate: Gate) -> None:
     for thread in waiting:
         thread.join(15)
     assert [status(r) for r in results] == [200, 200, 200]
+
+
+def test_a_missing_guest_is_a_typed_fault_and_other_errors_stay_fault_1() -> None:
+    """virtman.server.Dispatcher: GuestNotFound is fault 404 (what Volt's controller acts
+    on), with the standard fault string; any other error stays fault 1."""
+
+    def lost(userid: str) -> str:
+        raise GuestNotFound(userid)
+
+    def broken(userid: str) -> str:
+        raise InvalidInput("userid", userid, "must be 1-8 characters")
+
+    dispatcher = Dispatcher(allow_none=True, encoding=None)
+    dispatcher.register_function(lost, "guest_power_state")
+    dispatcher.register_function(broken, "guest_delete")
+    server = Server(("127.0.0.1", 0), dispatcher, Limits(token=TOKEN))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        host, port = server.server_address[:2]
+        client = Client(f"http://{host}:{port}/RPC2", token=TOKEN, timeout=5)
+        with pytest.raises(RemoteFault) as missing:
+            client.call("guest_power_state", "VM1")
+        assert missing.value.fault_code == FAULT_GUEST_NOT_FOUND and guest_not_found(missing.value)
+        assert missing.value.fault_string == (
+            "<class 'virtman.errors.GuestNotFound'>:Virtman: the guest 'VM1' does not exist"
+        )
+        with pytest.raises(RemoteFault) as refused:
+            client.call("guest_delete", "TOOLONGNAME")
+        assert refused.value.fault_code == 1 and not guest_not_found(refused.value)
+        assert "invalid userid 'TOOLONGNAME'" in refused.value.fault_string
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,6 +7,7 @@ import json
 import threading
 from typing import Any
 
+from virtmanclient.exceptions import FAULT_GUEST_NOT_FOUND, RemoteFault
 from volt.cluster.nodes import NodeEndpoint
 
 
@@ -55,7 +56,7 @@ class FakeNode:
                 self.guests[userid]["state"] = states[args[1]]
             elif method == "guest_power_state":  # a real node says "off" for a guest
                 if userid not in self.guests:  # with no domain: one still arriving, say
-                    raise RuntimeError(f"Virtman: the guest '{userid}' does not exist")
+                    raise not_found("guest_power_state", userid)
                 state = self.guests[userid]["state"]
                 return "off" if state == "incoming" else state
             elif method == "guest_migrate_prepare":
@@ -76,9 +77,15 @@ class FakeNode:
                 return "removed"
             elif method == "guest_delete":
                 if userid not in self.guests:
-                    raise RuntimeError(f"guest {userid} does not exist")
+                    raise not_found("guest_delete", userid)
                 del self.guests[userid]
             return True
+
+
+def not_found(method: str, userid: str) -> RemoteFault:
+    """What virtmanclient raises for a node's GuestNotFound (virtman.server.Dispatcher)."""
+    text = f"<class 'virtman.errors.GuestNotFound'>:Virtman: the guest '{userid}' does not exist"
+    return RemoteFault(method, FAULT_GUEST_NOT_FOUND, text)
 
 
 def client_factory(nodes: dict[str, FakeNode]) -> Any:

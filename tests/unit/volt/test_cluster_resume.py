@@ -208,3 +208,18 @@ def test_a_burst_posted_at_start_is_not_taken_for_unfinished_work(tmp_path, node
                what="the left VM", max_interval_s=0.02)  # fmt: skip
     created = sum(n.calls.count("guest_create") for n in nodes)
     assert created == 4  # each VM once
+
+
+def test_no_such_guest_is_read_from_the_typed_answer_of_either_transport() -> None:
+    """A missing guest is the node's fault 404 (XML-RPC) or GuestNotFound (bus), never a
+    message that merely says "does not exist"."""
+    import oslo_messaging
+
+    from tests.unit.volt.cluster_fakes import not_found
+
+    assert controller_module.no_such_guest(not_found("guest_delete", "VM1"))
+    over_bus = oslo_messaging.RemoteError("GuestNotFound", "Virtman: the guest 'VM1' ...", "")
+    assert controller_module.no_such_guest(over_bus)
+    assert not controller_module.no_such_guest(RuntimeError("guest VM1 does not exist"))
+    other = oslo_messaging.RemoteError("InvalidInput", "the image does not exist", "")
+    assert not controller_module.no_such_guest(other)
