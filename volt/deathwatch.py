@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from brick.net import accepts
@@ -162,10 +163,9 @@ class DeathWatch:
             if item is None:
                 return
             if item:
-                member, host, port, report = item
-                self._check(report.reporter, member, lambda: self.confirm(member, host, port, report))
+                self._check(item[3].reporter, item[0], partial(self.confirm, *item))
             for repair in self._due():
-                self._check(repair.report.reporter, repair.member, lambda: self.recheck(repair))
+                self._check(repair.report.reporter, repair.member, partial(self.recheck, repair))
 
     def _check(self, reporter: str, member: str, check: Callable[[], bool]) -> None:
         """Run one check (in the thread); its host stays pending while a repair's grace runs."""
