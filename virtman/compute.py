@@ -86,6 +86,7 @@ class Virtman:
             settings.host_ip,
             ca_file=settings.master_ca_file,
             stop=self._stop,
+            api_port=settings.api_port,
         )
         self.journal = Journal(settings.state_dir / "journal.json")
         self.images: dict[str, BaseImage] = {}

@@ -428,6 +428,10 @@ class Settings:
     dm_cow_percent: int = 110
     master_ca_file: str | None = None
     transport_url: str | None = None
+    # The node daemon's own port on host_ip (virtmanserver's XML-RPC), announced in the
+    # heartbeats for Volt's liveness probe (docs/bus.rst); None: announced not (Nova's
+    # in-process Virtman has no server).
+    api_port: int | None = None
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, host_ip: str) -> Settings:
@@ -538,6 +542,22 @@ def settings_from_conf() -> Settings:
         raise ValueError("degraded_retry_max must be at least degraded_retry_min")
     check_data_plane(settings, CONF.driver)
     return settings
+
+
+def announced_api_port(listen_host: str | None, host_ip: str, listen_port: int) -> int | None:
+    """The port virtmanserver announces to Volt (heartbeat ``api_port``): ``listen_port``
+    when the server listens on ``host_ip`` (``listen_host`` unset, that address, or every
+    interface), where Volt probes it; None otherwise (Volt then never takes the node for
+    repairing)."""
+    if not 1 <= listen_port <= 65535:
+        return None
+    if not listen_host or _is_unspecified(listen_host):
+        return listen_port
+    try:
+        same = ipaddress.ip_address(listen_host) == ipaddress.ip_address(host_ip)
+    except ValueError:
+        same = listen_host.lower() == host_ip.lower()
+    return listen_port if same else None
 
 
 def _is_unspecified(host: str) -> bool:

@@ -37,6 +37,13 @@ def pending_parents(parents: list[Volume]) -> bool:
     return any(not p.ready for p in parents)
 
 
+def _refused_field(exc: VoltClientError) -> str | None:
+    """The body field a 400 ``volt.invalid_input`` names (``invalid '<field>': …``)."""
+    if exc.code != "volt.invalid_input" or not exc.detail.startswith("invalid '"):
+        return None
+    return exc.detail[len("invalid '") :].split("'", 1)[0]
+
+
 class VoltLink:
     def __init__(
         self,
@@ -47,11 +54,15 @@ class VoltLink:
         timeout: float = 10.0,
         ca_file: str | None = None,
         stop: threading.Event | None = None,
+        api_port: int | None = None,
     ):
         self.client = Client(url, token=token, timeout=timeout, ca_file=ca_file)
         self.host_ip = host_ip
         self.stop = stop or threading.Event()  # set: every join waiting for Volt ends now
         self.counters_refused = False  # this Volt answered 400 on a heartbeat's bytes_read
+        # The node daemon's port, announced in every heartbeat for Volt's liveness probe
+        # (None: not announced; also once a Volt without the extension refused it).
+        self.api_port = api_port
 
     def join(
         self,
@@ -145,18 +156,32 @@ class VoltLink:
 
     def heartbeat(self, bytes_read: list[dict[str, Any]] | None = None) -> dict[str, list[Volume]]:
         """{peer_id: parents} for every node of this host that Volt knows. ``bytes_read``
-        (the nodes' read counters) goes along unless this Volt refused it once (a Volt
-        without the extension): then it is never sent again."""
+        (the nodes' read counters) and ``api_port`` go along unless this Volt refused them
+        once (a Volt without the extension): then the refused one is never sent again."""
         if self.counters_refused:
             bytes_read = None
-        try:
-            answer = self.client.members.heartbeat(self.host_ip, bytes_read)
-        except VoltClientError as exc:
-            if bytes_read is None or not (
-                exc.code == "volt.invalid_input" and "bytes_read" in exc.detail
-            ):
-                raise
-            LOG.info("Volt does not take read counters (%s): heartbeats without them", exc.detail)
-            self.counters_refused = True
-            answer = self.client.members.heartbeat(self.host_ip)
+        for _ in range(3):  # at most one refusal per extension
+            extra = {"api_port": self.api_port} if self.api_port is not None else {}
+            try:
+                answer = self.client.members.heartbeat(self.host_ip, bytes_read, **extra)
+                break
+            except VoltClientError as exc:
+                refused = _refused_field(exc)
+                if refused == "bytes_read" and bytes_read is not None:
+                    LOG.info(
+                        "Volt does not take read counters (%s): heartbeats without them",
+                        exc.detail,
+                    )
+                    self.counters_refused = True
+                    bytes_read = None
+                elif refused == "api_port" and self.api_port is not None:
+                    LOG.info(
+                        "Volt does not take the node daemon's port (%s): heartbeats without it",
+                        exc.detail,
+                    )
+                    self.api_port = None
+                else:
+                    raise
+        else:  # pragma: no cover (each extension is dropped once at most)
+            raise AssertionError("heartbeat extensions refused more than once")
         return {item["peer_id"]: item["parents"] for item in answer}

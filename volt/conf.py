@@ -74,6 +74,20 @@ default_opts: list[cfg.Opt] = [
         "evicted and their children re-parented. Must exceed the nodes' heartbeat_interval; "
         "after a restart of volt-api every host gets a full node_timeout again.",
     ),
+    cfg.FloatOpt(
+        "dead_parent_repair_grace",
+        default=10.0,
+        min=0.0,
+        max=600.0,
+        help="Seconds a reported parent is given to repair itself: when a child reports "
+        "that its parent stopped serving it and the parent's data port refuses Volt's "
+        "connection too, but the parent's node daemon still accepts on the port its "
+        "heartbeats announce (api_port), its supervisor is restarting the data daemon. "
+        "The parent stays in its trees and its data port is checked again after this "
+        "long: evicted then if it still refuses. A parent whose node daemon does not "
+        "accept, or that announced no port, is evicted at once (docs/bus.rst). 0: check "
+        "again at once.",
+    ),
     cfg.IntOpt(
         "api_threads",
         default=4,

@@ -115,6 +115,10 @@ class VoltService:
         self.trees: dict[str, Tree] = {}
         self.members: dict[str, set[tuple[str, str]]] = {}  # host -> {(volume_id, peer_id)}
         self.last_seen: dict[str, float] = {}
+        # host -> the port of its node daemon's own API, as its last heartbeat announced it
+        # (``api_port``, an extension): only ever probed for liveness (volt/deathwatch.py).
+        # In memory, this process's heartbeats only.
+        self.api_ports: dict[str, int] = {}
         self.traffic = ReadCounters()  # the nodes' read counters (heartbeat ``bytes_read``)
         self.unloaded: set[str] = set()  # trees to reload once the store answers again
         # The control bus (volt.bus): called with {host: [{"peer_id", "parents"}, ...]} for
@@ -224,15 +228,19 @@ class VoltService:
             LOG.info("deleted the tree of %s (%d nodes)", volume_id, len(tree))
             return len(tree)
 
-    def heartbeat(self, member: str) -> list[tuple[Node, list[Node]]]:
-        """Refresh ``member``'s clock; return the parents of each of its nodes."""
+    def heartbeat(self, member: str, api_port: int | None = None) -> list[tuple[Node, list[Node]]]:
+        """Refresh ``member``'s clock; return the parents of each of its nodes.
+        ``api_port``: the port of the host's node daemon, kept for a host with nodes (None
+        leaves the one kept alone)."""
         if self.shared:
-            return self._shared_heartbeat(member)
+            return self._shared_heartbeat(member, api_port)
         with self._locked():
             entries = self.members.get(member)
             if not entries:
                 return []
             self.last_seen[member] = self.clock()
+            if api_port is not None:
+                self.api_ports[member] = api_port
             answer = []
             for volume_id, peer_id in sorted(entries):
                 tree = self.trees[volume_id]
@@ -272,6 +280,12 @@ class VoltService:
             if node.member is None or node.host is None or port is None:
                 raise InvalidInput("parent", f"{parent!r} serves no target yet")
             return node.member, node.host, int(port)
+
+    def api_port(self, member: str) -> int | None:
+        """The port ``member``'s node daemon announced in its heartbeats, if any: for a
+        liveness probe only (volt/deathwatch.py)."""
+        with self.lock:
+            return self.api_ports.get(member)
 
     def evict_member(self, member: str, why: str) -> bool:
         """Remove every node of ``member`` from its trees now, exactly as the evictor does
@@ -477,6 +491,7 @@ class VoltService:
             if not entries:
                 del self.members[node.member]
                 self.last_seen.pop(node.member, None)
+                self.api_ports.pop(node.member, None)
 
     def _evict(self, member: str, why: str) -> None:
         entries = sorted(self.members.get(member, ()))
@@ -493,6 +508,7 @@ class VoltService:
             touched[volume_id] = tree
         self.members.pop(member, None)
         self.last_seen.pop(member, None)
+        self.api_ports.pop(member, None)
         self.traffic.forget(member)
         self.metrics.evictions.inc()
         for tree in touched.values():
@@ -755,12 +771,16 @@ class VoltService:
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(f"store unavailable: {exc.__class__.__name__}") from exc
 
-    def _shared_heartbeat(self, member: str) -> list[tuple[Node, list[Node]]]:
+    def _shared_heartbeat(
+        self, member: str, api_port: int | None = None
+    ) -> list[tuple[Node, list[Node]]]:
         entries = self._store_call(self.store.member_volumes, member)
         if not entries:
             return []
         with self.lock:
             self._seen(member)
+            if api_port is not None:
+                self.api_ports[member] = api_port
             for volume_id in sorted({vid for vid, _, version in entries}):
                 known = self.versions.get(volume_id)
                 stale = {v for vid, _, v in entries if vid == volume_id} != {known}
@@ -802,6 +822,7 @@ class VoltService:
         self._store_call(self.store.forget_member, member)
         with self.lock:
             self.written.pop(member, None)
+            self.api_ports.pop(member, None)
         self.traffic.forget(member)
         self.metrics.evictions.inc()
         return bool(entries)

@@ -70,6 +70,13 @@ def port(value: object, field: str = "port") -> str:
     return _bounded_int(value, field, 1, 65535)
 
 
+def port_number(value: object, field: str) -> int:
+    """A TCP port as a JSON integer 1-65535 (an extension's field: no strings, no booleans)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise InvalidInput(field, f"must be an integer 1-65535, got {value!r}")
+    return value
+
+
 def lun(value: object, field: str = "lun") -> str:
     return _bounded_int(value, field, 0, MAX_LUN)
 

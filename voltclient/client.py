@@ -362,15 +362,27 @@ class MemberManager:
     def __init__(self, api: HTTPClient) -> None:
         self.api = api
 
-    def heartbeat(self, host: str | None = None, bytes_read: Records | None = None) -> Records:
+    def heartbeat(
+        self,
+        host: str | None = None,
+        bytes_read: Records | None = None,
+        api_port: int | None = None,
+    ) -> Records:
         """Refresh the host's liveness; returns ``[{"peer_id", "parents": [Volume]}]``,
         the current parents of each of its nodes (empty when the host has none).
-        ``bytes_read``: the nodes' read counters, ``[{"peer_id", "source", "bytes"}]``
-        (an extension of this Volt's; a Volt without it answers 400 on ``bytes_read``)."""
+        ``bytes_read``: the nodes' read counters, ``[{"peer_id", "source", "bytes"}]``;
+        ``api_port``: the node daemon's own port, which Volt only probes for liveness
+        (extensions of this Volt's; a Volt without them answers 400 naming the field)."""
         path = "/v1/members/heartbeat"
         body: dict[str, Any] = {"host": host} if host else {}
         if bytes_read is not None:
             body["bytes_read"] = bytes_read
+        if api_port is not None:
+            if isinstance(api_port, bool) or not isinstance(api_port, int):
+                raise ValueError(f"api_port must be an integer 1-65535, got {api_port!r}")
+            if not 1 <= api_port <= 65535:
+                raise ValueError(f"api_port must be an integer 1-65535, got {api_port!r}")
+            body["api_port"] = api_port
         answer = self.api.request("PUT", path, body or None)
         try:
             return [

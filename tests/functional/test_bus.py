@@ -140,6 +140,9 @@ def test_a_dead_parent_is_detected_and_replaced_in_seconds_without_an_operator(
     print(json.dumps({"bus": bus, "rest": rest, "bus_again": again, "heartbeat_s": HEARTBEAT_S}))
     assert text.count("confirmed the death of") >= 3, "Volt did not log its confirmations"
     assert "stopped serving it (bus)" in text and "stopped serving it (api)" in text
+    # every daemon of the parent died, its virtmanserver too: evicted at once, never taken
+    # for a node repairing itself (its heartbeats announced the virtmanserver's port)
+    assert "nor its node daemon's" in text and "repairing, not evicted" not in text
     assert bus["moved_s"] <= 2.0, f"new parents {bus['moved_s']:.2f} s after the kill"
     assert again["moved_s"] <= 2.0, f"after the broker's restart: {again['moved_s']:.2f} s"
     assert rest["moved_s"] <= 4.0, f"over REST: {rest['moved_s']:.2f} s"

@@ -2,10 +2,10 @@
 ``daemon_check_interval``, starts them again and rebuilds what lived in them (image stacks,
 relays, image targets), while the children keep reading without an error.
 
-The children's parent watch is off here (``parent_check_interval = 0``): with it, a child
-whose parent's daemon died reports it and Volt evicts the parent until it rejoins
-(docs/bus.rst, "Detecting a dead parent"); these tests keep the tree still to show the
-node's own repair."""
+The children's parent watch is on (``parent_check_interval`` 0.5 s): a child whose parent's
+daemon died reports it, Volt finds the parent's data port refused but its virtmanserver
+alive (the ``api_port`` of its heartbeats), and leaves the tree alone while the node
+repairs itself (docs/bus.rst, "Detecting a dead parent")."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from brick.tgt import TgtAdm
 from tests.functional.clusterfixtures import IMAGE, create_vm, disk_matches, export_image
 
 pytestmark = pytest.mark.functional
-NO_PARENT_WATCH = "parent_check_interval = 0\n"
 
 
 def _node_of(cluster, peer_id: str) -> str:
@@ -29,12 +28,16 @@ def _log(cluster, node: str) -> str:
     return (cluster.node_dir(node) / "virtman.log").read_text(errors="replace")
 
 
+def _volt_log(cluster) -> str:
+    return (cluster.workdir / "volt" / "volt-api.log").read_text(errors="replace")
+
+
 def _restarted(cluster, host: str, component: str, old: int) -> bool:
     return cluster.component_pid(host, component) not in (None, old)
 
 
 def test_a_killed_storage_daemon_is_restarted_and_its_stack_rebuilt(cluster_factory) -> None:
-    cluster = cluster_factory(3, heartbeat_interval=1, extra_conf=NO_PARENT_WATCH)
+    cluster = cluster_factory(3, heartbeat_interval=1)
     image_file = export_image(cluster, 64)
     disks = {node: create_vm(cluster, node, f"vm-{node}") for node in cluster.node_names}
     tree = cluster.volt_tree(IMAGE)
@@ -64,6 +67,18 @@ def test_a_killed_storage_daemon_is_restarted_and_its_stack_rebuilt(cluster_fact
         f"{parent}'s virtmanserver to restart its qemu-storage-daemon",
         timeout_s=30,
     )
+    # the leaf reported its parent, Volt found the data port refused but the parent's
+    # virtmanserver alive: repairing, not evicted; after the grace its data port is back
+    address = cluster.hosts[parent].address
+    cluster.wait_for(
+        lambda: f"repaired: {address}:" in _volt_log(cluster),
+        f"Volt to find {parent} repaired",
+        timeout_s=60,
+    )
+    assert f"parent {child['parents'][0]} stopped serving this node" in _log(cluster, leaf)
+    volt_log = _volt_log(cluster)
+    assert f"node daemon accepts on {address}:7774: repairing, not evicted" in volt_log
+    assert f"evicting host {address}" not in volt_log
     reader.join(timeout=240)
     assert not reader.is_alive(), "the child's read hung"
     assert outcome == {"same": True}, outcome
@@ -71,6 +86,8 @@ def test_a_killed_storage_daemon_is_restarted_and_its_stack_rebuilt(cluster_fact
     assert "qemu-storage-daemon virtman-qsd died: starting it again" in log
     # the parent serves again as before: same tree, its VM listed healthy, the origin back
     assert cluster.volt_tree(IMAGE) == tree
+    assert [p["peer_id"] for p in cluster.paths(leaf, IMAGE)] == child["parents"]
+    assert f"evicting host {address}" not in _volt_log(cluster)
     assert cluster.rpc(parent, "list") == [f"vm-{parent}:{IMAGE}"]
     fresh = create_vm(cluster, parent, "vm-after")
     assert disk_matches(fresh, image_file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -197,6 +198,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"virtmanserver: {exc}") from None
     host_ip = settings.host_ip
     listen_host = CONF.listen_host or host_ip
+    # Volt probes this port (only for liveness) before it evicts a parent whose data
+    # daemon stopped: a live node daemon is repairing it (docs/bus.rst).
+    api_port = virtman_conf.announced_api_port(CONF.listen_host, host_ip, CONF.listen_port)
+    if api_port is None:
+        LOG.info(
+            "virtmanserver: XML-RPC on %s, not host_ip %s: heartbeats announce no api_port",
+            listen_host,
+            host_ip,
+        )
+    settings = dataclasses.replace(settings, api_port=api_port)
     limits = Limits(
         token=token,
         max_request_bytes=CONF.max_request_bytes,

@@ -130,7 +130,7 @@ class Handlers:
         host = _caller(req, body)
         if "bytes_read" in body:  # an extension: the original's nodes send none
             self.service.traffic.report(host, body["bytes_read"])
-        answer = self.service.heartbeat(host)
+        answer = self.service.heartbeat(host, api_port=body.get("api_port"))
         return Response(
             200,
             [

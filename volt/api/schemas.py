@@ -28,7 +28,14 @@ REGISTER: dict[str, Callable[..., Any]] = {
 # ``host`` too, except with a node token: its own host is the default (handlers.register).
 REGISTER_REQUIRED = ("port", "iqn", "lun")
 DEAD_PARENT: dict[str, Callable[..., Any]] = {"parent": validation.split_peer_id}
-HEARTBEAT: dict[str, Callable[..., Any]] = {"host": validation.host, "bytes_read": traffic.entries}
+# ``bytes_read`` and ``api_port`` are extensions (the original's nodes send neither):
+# ``api_port`` is the node daemon's own port, used only to probe its liveness
+# (volt/deathwatch.py).
+HEARTBEAT: dict[str, Callable[..., Any]] = {
+    "host": validation.host,
+    "bytes_read": traffic.entries,
+    "api_port": validation.port_number,
+}
 
 
 def extract(

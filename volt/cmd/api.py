@@ -115,7 +115,7 @@ def build_app() -> VoltApp:
         liveness_write_interval=CONF.database.liveness_write_interval,
         group_commit=CONF.database.group_commit,
     )
-    deathwatch = DeathWatch(service)
+    deathwatch = DeathWatch(service, repair_grace_s=CONF.dead_parent_repair_grace)
     volt_bus = None
     if CONF.transport_url:
         # A broker down now is no reason not to start: pushes fail fast and are logged

@@ -14,7 +14,7 @@ import pytest
 from brick import psk
 from brick.exception import InvalidArgument
 from tests.unit.fakes.settings import settings as unit_settings
-from virtman.conf import Settings, check_data_plane
+from virtman.conf import Settings, announced_api_port, check_data_plane
 
 KEY = "vmt:" + "0123456789abcdef" * 4 + "\n"
 
@@ -150,3 +150,16 @@ def test_issue_10_targets_never_listen_on_every_address(secure: Settings, host: 
     with pytest.raises(ValueError, match=f"^host_ip {host} is not an address"):
         check_data_plane(replace(secure, host_ip=host, insecure_targets=True), "qemu")
     check_data_plane(replace(secure, host_ip="node1.example"), "qemu")  # a name is fine
+
+
+def test_the_api_port_is_announced_only_where_volt_can_reach_it() -> None:
+    """Volt probes host_ip:api_port for the node daemon's liveness (docs/bus.rst)."""
+    assert announced_api_port(None, "10.0.0.5", 7774) == 7774  # listen_host unset: host_ip
+    assert announced_api_port("", "10.0.0.5", 7774) == 7774
+    assert announced_api_port("10.0.0.5", "10.0.0.5", 7775) == 7775
+    assert announced_api_port("0.0.0.0", "10.0.0.5", 7774) == 7774  # every interface
+    assert announced_api_port("::", "fd00::5", 7774) == 7774
+    assert announced_api_port("fd00:0::5", "fd00::5", 7774) == 7774  # one address, spelt twice
+    assert announced_api_port("127.0.0.1", "10.0.0.5", 7774) is None  # not where Volt looks
+    assert announced_api_port("node-5.example", "10.0.0.5", 7774) is None
+    assert announced_api_port(None, "10.0.0.5", 0) is None

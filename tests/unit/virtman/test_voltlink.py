@@ -168,6 +168,56 @@ def test_a_volt_that_refuses_read_counters_gets_heartbeats_without_them() -> Non
     assert members.sent == [counters, None, None]  # refused once, then never sent again
 
 
+class ExtensionMembers:
+    """``members.heartbeat`` of a Volt that knows ``bytes_read`` but not ``api_port`` (400
+    naming it, its allowed fields listed as volt-api does); records what each call sent."""
+
+    def __init__(self, refuse: tuple[str, ...]) -> None:
+        self.refuse = refuse
+        self.sent: list[dict[str, object]] = []
+
+    def heartbeat(
+        self, host: str, bytes_read: object = None, api_port: int | None = None
+    ) -> list[dict[str, Any]]:
+        sent = {"bytes_read": bytes_read, "api_port": api_port}
+        self.sent.append(sent)
+        for field in self.refuse:
+            if sent[field] is not None:
+                detail = f"invalid {field!r}: unknown field; allowed: bytes_read, host"
+                raise VoltClientError(400, "volt.invalid_input", detail)
+        return [{"peer_id": "10.0.0.5:volume-img", "parents": [PARENT]}]
+
+
+@pytest.mark.parametrize("refuse", [(), ("api_port",), ("bytes_read", "api_port")])
+def test_the_node_daemons_port_goes_with_every_heartbeat_unless_refused(refuse) -> None:
+    volt = VoltLink("http://127.0.0.1:9", None, "10.0.0.5", api_port=7774)
+    members = ExtensionMembers(refuse)
+    volt.client = type("C", (), {"members": members})()  # type: ignore[assignment]
+    counters = [{"peer_id": "10.0.0.5:volume-img", "source": None, "bytes": 1}]
+    assert volt.heartbeat(counters) == {"10.0.0.5:volume-img": [PARENT]}
+    assert volt.heartbeat(counters) == {"10.0.0.5:volume-img": [PARENT]}
+    counted = None if "bytes_read" in refuse else counters
+    port = None if "api_port" in refuse else 7774
+    # a refusal names its own field (the allowed list naming bytes_read is no refusal of it):
+    # that field alone is dropped, once, and never sent again
+    assert members.sent[-2:] == [{"bytes_read": counted, "api_port": port}] * 2
+    assert len(members.sent) == 2 + len(refuse)
+    assert volt.api_port == port and volt.counters_refused == ("bytes_read" in refuse)
+
+
+def test_a_heartbeat_refused_for_another_reason_is_raised() -> None:
+    volt = VoltLink("http://127.0.0.1:9", None, "10.0.0.5", api_port=7774)
+
+    class Refusing:
+        def heartbeat(self, host: str, bytes_read: object = None, api_port: object = None) -> None:
+            raise VoltClientError(400, "volt.invalid_input", "invalid 'host': must be an address")
+
+    volt.client = type("C", (), {"members": Refusing()})()  # type: ignore[assignment]
+    with pytest.raises(VoltClientError):
+        volt.heartbeat([])
+    assert volt.api_port == 7774 and not volt.counters_refused
+
+
 class _Volt(BaseHTTPRequestHandler):
     """A Volt that answers a heartbeat and a placing registration, noting the client port
     (the connection) of each request."""

@@ -212,3 +212,143 @@ def test_a_report_over_the_bus_evicts_and_pushes(tree, transports):
         liar.stop()
         volt.stop()
         watch.stop()
+
+
+# -- a parent whose node daemon is alive: repairing ------------------------------------------
+class PortProbe(Probe):
+    """A fake TCP check by port: the (host, port) pairs in ``open`` accept."""
+
+    def __init__(self, *open_: tuple[str, int]) -> None:
+        super().__init__()
+        self.open = set(open_)
+
+    def __call__(self, host: str, port: int, timeout_s: float) -> bool:
+        self.gate.wait(10)
+        self.calls.append((host, port))
+        return (host, port) in self.open
+
+
+API = 7774  # the node daemon's port A's heartbeats announce
+
+
+def decisions(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name in ("volt.deathwatch", "volt.service")]
+
+
+def test_a_parent_whose_node_daemon_answers_is_repairing_and_stays_once_repaired(tree, caplog):
+    service, clock, pushed, (a, _a2, b) = tree
+    service.heartbeat(A, api_port=API)
+    probe = PortProbe((A, API))  # the data port refuses, the node daemon accepts
+    watch = DeathWatch(service, probe=probe, clock=clock, repair_grace_s=10)
+    caplog.set_level("INFO")
+    assert watch.report(Report(IMAGE, b, a, "bus")) == "checking"
+    wait_counted(watch, "repairing")
+    assert probe.calls == [(A, 10809), (A, API)]
+    assert a in service.trees[IMAGE].nodes and pushed.calls == []
+    (line,) = [m for m in decisions(caplog) if "repairing" in m]
+    assert f"{A}:10809 refuses" in line and f"{A}:{API}" in line and "not evicted" in line
+    # during the grace, reports of the same host are folded into its pending second check
+    assert watch.report(Report(IMAGE, b, a, "api")) == "checking"
+    assert watch.counts["folded"] == 1 and watch.counts["checking"] == 1
+    probe.open.add((A, 10809))  # the supervisor restarted the data daemon
+    clock.now += 9.9
+    threading.Event().wait(0.5)  # the thread looks (every 0.2 s at most): not due yet
+    assert len(probe.calls) == 2
+    clock.now += 0.2
+    wait_counted(watch, "repaired")
+    assert probe.calls[2:] == [(A, 10809)]
+    assert a in service.trees[IMAGE].nodes and pushed.calls == [] and A in service.members
+    assert service.metrics.evictions._value.get() == 0
+    assert any(m.startswith(f"repaired: {A}:10809 accepts") for m in decisions(caplog))
+    # found serving: the next report is answered at once
+    assert watch.report(Report(IMAGE, b, a, "bus")) == "alive"
+    check_tree(service.trees[IMAGE], service.executor, depth_bound=True)
+    watch.stop()
+
+
+def test_a_repairing_parent_still_refusing_after_the_grace_is_evicted(tree, caplog):
+    service, clock, pushed, (a, _a2, b) = tree
+    service.heartbeat(A, api_port=API)
+    probe = PortProbe((A, API))
+    watch = DeathWatch(service, probe=probe, clock=clock, repair_grace_s=10)
+    caplog.set_level("INFO")
+    assert watch.report(Report(IMAGE, b, a, "bus")) == "checking"
+    wait_counted(watch, "repairing")
+    clock.now += 10
+    wait_counted(watch, "evicted")
+    assert probe.calls == [(A, 10809), (A, API), (A, 10809)]  # the node daemon not again
+    assert a not in service.trees[IMAGE].nodes and A not in service.members
+    assert A not in service.api_ports  # forgotten with the host
+    assert pushed.hosts() == {B}
+    (line,) = [m for m in decisions(caplog) if m.startswith(f"evicting host {A}")]
+    assert "still did not accept" in line and "10.0 s after its node daemon answered" in line
+    check_tree(service.trees[IMAGE], service.executor, depth_bound=True)
+    assert watch.report(Report(IMAGE, b, a, "bus")) == "gone"
+    watch.stop()
+
+
+def test_a_parent_whose_node_daemon_is_dead_too_is_evicted_at_once(tree, caplog):
+    service, clock, pushed, (a, _a2, b) = tree
+    service.heartbeat(A, api_port=API)
+    probe = PortProbe()  # every daemon of A is dead (bench/bus_push.py's kills)
+    watch = DeathWatch(service, probe=probe, clock=clock, repair_grace_s=10)
+    caplog.set_level("INFO")
+    assert watch.report(Report(IMAGE, b, a, "bus")) == "checking"
+    wait_counted(watch, "evicted")
+    assert probe.calls == [(A, 10809), (A, API)] and watch.counts["repairing"] == 0
+    assert a not in service.trees[IMAGE].nodes and pushed.hosts() == {B}
+    (line,) = [m for m in decisions(caplog) if m.startswith(f"evicting host {A}")]
+    assert f"nor its node daemon's {A}:{API}" in line
+    watch.stop()
+
+
+def test_a_parent_that_announced_no_node_daemon_port_is_evicted_at_once(tree, caplog):
+    service, clock, pushed, (a, _a2, b) = tree
+    service.heartbeat(A)  # an older node: no api_port
+    probe = PortProbe((A, API))  # even if something listens there, it is not probed
+    watch = DeathWatch(service, probe=probe, clock=clock, repair_grace_s=10)
+    caplog.set_level("INFO")
+    assert watch.report(Report(IMAGE, b, a, "api")) == "checking"
+    wait_counted(watch, "evicted")
+    assert probe.calls == [(A, 10809)]
+    (line,) = [m for m in decisions(caplog) if m.startswith(f"evicting host {A}")]
+    assert f"{A} announced no node daemon port" in line
+    assert pushed.hosts() == {B}
+    watch.stop()
+
+
+def test_the_heartbeat_takes_api_port_only_as_a_port(tree):
+    service, clock, _pushed, (_a, _a2, _b) = tree
+    handlers = Handlers(service, DeathWatch(service, probe=Probe(), clock=clock))
+
+    def beat(body: object) -> int:
+        req = Request(
+            "PUT", "/v1/members/heartbeat", {}, A, {}, body=body, credential=Credential(A)
+        )
+        return handlers.heartbeat(req).status
+
+    for bad in ("7774", 0, 65536, -1, True, 7774.0, [7774], {"port": 7774}):
+        with pytest.raises(InvalidInput) as err:
+            beat({"api_port": bad})
+        assert err.value.field == "api_port"
+    assert A not in service.api_ports  # nothing kept from a refused heartbeat
+    assert beat({"api_port": 65535}) == 200 and service.api_ports[A] == 65535
+    assert beat({"api_port": API}) == 200 and service.api_port(A) == API
+    assert beat({}) == 200 and beat({"api_port": None}) == 200  # absent: kept as it was
+    assert service.api_port(A) == API
+    # a host without nodes is not remembered, nor is its port
+    nine = "10.0.0.9"
+    req = Request(
+        "PUT",
+        "/v1/members/heartbeat",
+        {},
+        nine,
+        {},
+        body={"api_port": API},
+        credential=Credential(nine),
+    )
+    assert handlers.heartbeat(req).status == 200 and "10.0.0.9" not in service.api_ports
+    # a host whose last node leaves is forgotten with its port
+    service.evict_member(A, "test")
+    assert service.api_port(A) is None
+    handlers.deathwatch.stop()

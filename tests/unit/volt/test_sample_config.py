@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ def test_sample_config_is_current(tmp_path, project):
     today."""
     out = tmp_path / f"{project}.conf.sample"
     generator = Path(sys.executable).with_name("oslo-config-generator")
+    # the options of this checkout, not of the one the venv's editable install names (a
+    # worktree sharing another checkout's venv)
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
     subprocess.run(
         [
             str(generator),
@@ -23,6 +27,7 @@ def test_sample_config_is_current(tmp_path, project):
         ],
         check=True,
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))},
     )
     assert out.read_text() == (ROOT / f"etc/{project}/{project}.conf.sample").read_text(), (
         "regenerate with: tox -e genconfig"
