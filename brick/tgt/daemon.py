@@ -182,7 +182,10 @@ class TgtDaemon:
             return set(self.portals) <= _listening(self.pid or 0)
 
         def answers_and_listens() -> bool:
-            if not self.adm.answers():
+            try:
+                if not self.adm.answers():
+                    return False
+            except Timeout:  # slow, not hung (a loaded TCG guest): the spawn's bound decides
                 return False
             # tgtd binds its portals before it serves the control socket; this normally
             # holds at once and fails only when a portal could not be bound.
