@@ -237,7 +237,7 @@ class ImageServer:
         shas = {}
         with step("image files and tgtd targets (CHAP, read-only)"):
             Path("/run/img").mkdir()
-            self.tgtd.start()
+            self.tgtd.start(timeout_s=60)  # a TCG guest on a loaded host: seconds per tgtadm
             for image in self.images:
                 data = os.urandom(SIZE_MIB * MIB)
                 path = Path(f"/run/img/{image}.img")
