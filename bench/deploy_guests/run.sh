@@ -125,7 +125,7 @@ M:1)
   exit 200 ;;
 M2:1)
   master_initenv $M2_IP
-  msg=$(recv 9001); log "got $msg"  # M: PostgreSQL and M's volt-api are up
+  msg=$(recv 9001) || msg=$(recv 9001); log "got $msg"  # M: its database and volt-api are up
   systemctl start volt-api.service || die "volt-api: $(systemctl status volt-api)"
   units volt-api.service
   retry 600 env VOLT_URL=http://$M2_IP:7447 volt node-list || die "volt-api does not answer"
