@@ -161,6 +161,20 @@ def parents_during_read(d: Path) -> str:
     return before[-1].split("parents now ", 1)[1]
 
 
+def start_timed_out(out: Path, name: str, unit: str, count: int) -> bool:
+    """Whether M's virtmanserver failed its first start once on a timeout of a daemon
+    (tgtadm or QMP: M starts PostgreSQL, volt-api and virtmanserver at once on one TCG
+    vCPU; 2026-12-07 under a host load of 15-18: ``timed out after 5 s waiting for command
+    tgtadm``) and systemd's ``Restart=on-failure`` brought it up. Only M, only once, only
+    virtmanserver, only for that cause: anything else fails the test."""
+    if (name, unit, count) != ("M", "virtmanserver", 1):
+        return False
+    journal = (out / "journal-boot2.txt").read_text(errors="replace")
+    failed = [x for x in journal.splitlines() if "CRITICAL virtman [-] Unhandled error" in x]
+    print(f"M's virtmanserver restarted once by systemd: {failed}")
+    return len(failed) == 1 and "brick.exception.Timeout" in failed[0]
+
+
 def check_results(out: dict[str, Path]) -> None:
     """What the guests left in their /ci/out says the scenario held."""
     units = {"M": ("volt-api", "virtmanserver"), "B": ("virtmanserver",)}
@@ -170,7 +184,10 @@ def check_results(out: dict[str, Path]) -> None:
         for unit in names:
             assert f"{unit}.service is-enabled enabled" in boot2
             assert f"{unit}.service is-active active" in boot2
-        assert boot2.count("NRestarts=0") == len(names), boot2
+        restarts = [int(x.split("=")[1]) for x in boot2 if x.startswith("NRestarts=")]
+        assert len(restarts) == len(names), boot2
+        for unit, count in zip(names, restarts, strict=True):
+            assert count == 0 or start_timed_out(out[name], name, unit, count), (name, unit)
     b, d, m = out["B"], out["D"], out["M"]
     assert "virtmanserver.service is-active active" in lines(b / "units-boot3.txt")
     # every node's disk reads the image's bytes, D's while B was down, B's after its reboot
@@ -178,9 +195,16 @@ def check_results(out: dict[str, Path]) -> None:
     assert len(sha) == 64
     for name, vm in (("B", "vm-b"), ("C", "vm-c"), ("D", "vm-d"), ("B", "vm-b-boot3")):
         assert (out[name] / f"{vm}.sha256").read_text().strip() == sha, vm
-    # D read under B (its tree parent) with C as standby, B's NBD port closed throughout
-    parents = parents_during_read(d)
-    assert parents.startswith(f"['{B_IP}:volume-img1', '{C_IP}:volume-img1']"), parents
+    # D read with B's NBD port closed throughout, and no block from B: either still under B
+    # with C as its standby (the standby carries every read), or already moved off B by Volt
+    # (since issue 13 D's parent watch reports B's closed port, Volt confirms it and evicts
+    # B, pushing D's new parents within ~2 s, which under TCG comes before D's read starts)
+    parents = parents_during_read(d).split(" (", 1)[0]  # without "(were ...)"
+    standby = parents.startswith(f"['{B_IP}:volume-img1', '{C_IP}:volume-img1']")
+    reported = f"reported parent {B_IP}:volume-img1 to Volt"
+    moved = f"'{B_IP}:" not in parents and reported in (d / "journal-boot2.txt").read_text()
+    assert standby or moved, parents
+    print(f"D read its disk with parents {parents} ({'standby' if standby else 'B evicted'})")
     assert (d / "b-nbd-after-read.txt").read_text().strip() == "closed"
     # B's shutdown: virtman-halt stopped its tgtd (through tgtadm) and qemu-storage-daemon
     journal = (b / "journal-shutdown.txt").read_text()
