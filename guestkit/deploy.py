@@ -14,7 +14,13 @@ The initramfs hands over to ``/sbin/guestkit-init`` as for every guest; here tha
 into ``/ci`` on the first boot) and ``guestkit-check.service`` (runs ``/ci/run.sh`` once the
 boot is done; exit 0-99 is the result: ``/ci/out`` goes to the results disk and the guest
 powers off; ``REBOOT`` (exit 200) reboots the guest, and ``/ci/run.sh`` runs again after
-the next boot with ``CI_boot`` one higher). Runs need ``run_guests(..., allow_reboot=True)``.
+the next boot with ``CI_boot`` one higher; ``LOSE`` (exit 201) is a machine lost: result 0,
+``/ci/out`` on the results disk, then the power goes at once through sysrq, no unit stopped,
+no socket closed). Runs need ``run_guests(..., allow_reboot=True)``.
+
+The image also holds Debian's ``postgresql`` (its service disabled: a run enables it on the
+one guest that hosts the database) and the wheel's ``[postgresql]`` extra, for runs with
+several masters on one database (``docs/ha.rst``).
 
 The key hashes the base guest's inputs (``guestkit.build.base_key``), the wheel's *content*
 (names and bytes of its members, not its timestamps), the files of ``guest/deploy/`` and this
@@ -57,12 +63,17 @@ from guestkit.build import (
 )
 
 SYSTEMD_PACKAGES = ("systemd", "systemd-sysv")
+# PostgreSQL for runs with several masters on one database (docs/ha.rst); its service is
+# disabled in the image: the run's database host enables it, as an operator would.
+POSTGRESQL_PACKAGES = ("postgresql",)
+EXTRAS = "[postgresql]"  # docs/deploy.rst step 2: the master's PostgreSQL driver (psycopg)
 VENV = "/opt/vmthunder"
 STAGE = "/opt/vmt-stage"
 DEPLOY_FILES = GUEST_FILES / "deploy"
 UNITS = ("guestkit-boot.service", "guestkit-check.service")
 SCRIPT = "guestkit-deploy"
 REBOOT = 200  # the exit status of /ci/run.sh that asks for a reboot
+LOSE = 201  # the exit status of /ci/run.sh that powers the guest off at once (result 0)
 # Units of the Debian packages that cost boot time under TCG and that no run needs: the
 # getty (no one logs in), logind (there is no D-Bus), LIO's restore (rtslib-fb), iSCSI's
 # logins to stored nodes, the pstore archiver and the timers. tgt.service stays: disabling
@@ -111,7 +122,7 @@ def _install_wheel(root: Path, wheels: Path, wheel: Path) -> None:
     _chroot(root, ["python3", "-m", "venv", VENV], timeout_s=300)
     pip = [f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     pip += ["--no-index", "--no-cache-dir", "--find-links", f"{STAGE}/wheels"]
-    _chroot(root, [*pip, f"{STAGE}/{wheel.name}"], timeout_s=900)
+    _chroot(root, [*pip, f"{STAGE}/{wheel.name}{EXTRAS}"], timeout_s=900)
     _chroot(root, [f"{VENV}/bin/vmt-initenv.py", "--help"])
     shutil.rmtree(stage)
 
@@ -128,6 +139,7 @@ def _install_systemd_glue(root: Path) -> None:
         shutil.copyfile(DEPLOY_FILES / unit, _path_in(root, f"/etc/systemd/system/{unit}"))
     _chroot(root, ["systemctl", "enable", "--quiet", *UNITS])
     _chroot(root, ["systemctl", "mask", "--quiet", *MASKED])
+    _chroot(root, ["systemctl", "disable", "--quiet", "postgresql.service"])
     _path_in(root, "/etc/hostname").write_text("guest\n")
     _path_in(root, "/etc/hosts").write_text("127.0.0.1 localhost\n")
     _path_in(root, "/etc/machine-id").write_text("")  # each boot gets its own
@@ -180,7 +192,8 @@ def build_deploy_guest(
     wheel = Path(wheel).absolute()
     if not wheel.is_file():
         raise NotFound("wheel", str(wheel))
-    inputs = resolve_inputs(cache_dir, requirements, mirror, [*PACKAGES, *SYSTEMD_PACKAGES])
+    packages = [*PACKAGES, *SYSTEMD_PACKAGES, *POSTGRESQL_PACKAGES]
+    inputs = resolve_inputs(cache_dir, requirements, mirror, packages)
     key = deploy_key(inputs.key(), wheel)
 
     def build(into: Path, work: Path) -> None:

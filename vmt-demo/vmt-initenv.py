@@ -9,6 +9,9 @@ the venv the wheel was installed in (docs/deploy.rst)::
     /opt/vmthunder/bin/vmt-initenv.py --role node --master-ip 10.0.0.1 --token "$NODE_TOKEN"
     systemctl start volt-api        # or virtmanserver
 
+Several masters on one PostgreSQL (docs/ha.rst): ``--role master --database
+postgresql+psycopg://...`` on each, and ``--master-ip 10.0.0.11,10.0.0.12`` on the nodes.
+
 Both roles, on ``/`` (not under ``--root``) and without ``--no-packages``: the Debian packages
 of the role that are missing are installed first (``apt-get install``; ``PACKAGES``). Then
 the role's config file is written (mode 0600, generated credentials), the role's systemd
@@ -50,8 +53,9 @@ node_secret`` (``--node-secret`` or generated; nodes' tokens are ``volt-manage n
 6. puts the NBD relays' pre-shared key in ``/etc/virtman/nbd.psk`` (mode 0600): a copy of
    ``--nbd-psk-file``, else the file already there, else a new random 256-bit key;
 7. writes ``/etc/virtman/virtman.conf`` last (mode 0600: it holds the tokens): host_ip,
-   master_ip, master_token (``--token``, or with ``--node-secret`` this host's node token:
-   see ``volt-manage node-token``), api_token (the token XML-RPC callers such as
+   master_ip (with several comma-separated ``--master-ip``, also ``master_url`` listing
+   every master: docs/ha.rst), master_token (``--token``, or with ``--node-secret`` this
+   host's node token: see ``volt-manage node-token``), api_token (the token XML-RPC callers such as
    vmtimg.py/vmtrun.py must send; the same token unless ``--api-token``), driver, the CHAP
    account and nbd_psk_file; every other option keeps its default and is listed commented
    out.
@@ -241,6 +245,22 @@ def check_ip(value: str, option: str) -> str:
     if address.is_unspecified or address.is_multicast:
         raise UsageError(f"{option} {value!r}: must be a unicast address of one machine")
     return str(address)
+
+
+def check_masters(value: str) -> list[str]:
+    """``--master-ip``: one address, or several comma-separated (masters sharing one
+    PostgreSQL, docs/ha.rst), each checked, none twice; their canonical texts."""
+    masters = [check_ip(part, "--master-ip") for part in value.split(",")]
+    if len(set(masters)) != len(masters):
+        raise UsageError(f"--master-ip {value!r}: an address is given twice")
+    return masters
+
+
+def master_urls(masters: Sequence[str]) -> str:
+    """virtman's ``master_url`` for several masters: ``http://IP:7447`` each, in order."""
+    port = OPTS["master_port"].default
+    hosts = [f"[{ip}]" if ":" in ip else ip for ip in masters]
+    return ", ".join(f"http://{host}:{port}" for host in hosts)
 
 
 def check_token(value: str, option: str) -> str:
@@ -573,7 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="node",
         help="What this host runs: volt-api (master) or virtmanserver (node, the default).",
     )
-    parser.add_argument("--master-ip", metavar="IP", help="Volt's address (--role node: required).")
+    parser.add_argument(
+        "--master-ip",
+        metavar="IP[,IP...]",
+        help="Volt's address (--role node: required). Several masters sharing one PostgreSQL "
+        "(docs/ha.rst): their addresses comma-separated, the one to try first first; "
+        "virtman.conf then gets master_url = http://IP:7447, ... (master_ip: the first).",
+    )
     parser.add_argument(
         "--host-ip",
         metavar="IP",
@@ -754,7 +780,8 @@ def make_node_plan(args: argparse.Namespace) -> tuple[Plan | None, list[str]]:
             errors.append(str(exc))
             return None
 
-    master_ip = check(check_ip, args.master_ip, "--master-ip")
+    masters = check(check_masters, args.master_ip)
+    master_ip = masters[0] if masters else None
     if args.host_ip is not None:
         host_ip = check(check_ip, args.host_ip, "--host-ip")
     else:
@@ -798,6 +825,7 @@ def make_node_plan(args: argparse.Namespace) -> tuple[Plan | None, list[str]]:
     values = {
         "host_ip": host_ip,
         "master_ip": master_ip,
+        **({"master_url": master_urls(masters)} if len(masters) > 1 else {}),
         "master_token": master_token,
         "api_token": api_token,
         "driver": args.driver,
@@ -965,9 +993,10 @@ def config_summary(plan: Plan) -> str:
             f"{database}, generated: {made}"
         )
     chap = "generated" if plan.chap_generated else "given"
+    volt = values.get("master_url") or f"{values['master_ip']}:{OPTS['master_port'].default}"
     return (
         f"wrote {plan.config} (mode 0600): host_ip {values['host_ip']}, Volt "
-        f"{values['master_ip']}:{OPTS['master_port'].default}, driver {plan.driver}, "
+        f"{volt}, driver {plan.driver}, "
         f"CHAP {chap} (user {values['chap_user']})"
     )
 

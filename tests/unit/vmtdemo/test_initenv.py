@@ -272,6 +272,62 @@ def test_ipv6_addresses_are_written_canonical(tmp_path: Path) -> None:
     assert (values["master_ip"], values["host_ip"]) == ("fd00::1", "fd00::5")
 
 
+def test_several_masters_make_master_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Masters sharing one PostgreSQL (docs/ha.rst): every one in master_url, in the order
+    given; master_ip is the first; virtman loads the list."""
+    argv = ["--master-ip", "10.0.0.12,10.0.0.11", "--host-ip", "10.0.0.5", "--token", "t"]
+    assert initenv.main([*argv, "--root", str(tmp_path)]) == 0
+    config = tmp_path / "etc/virtman/virtman.conf"
+    values = config_values(config)
+    assert values["master_ip"] == "10.0.0.12"
+    assert values["master_url"] == "http://10.0.0.12:7447, http://10.0.0.11:7447"
+    out = capsys.readouterr().out.splitlines()
+    assert any("Volt http://10.0.0.12:7447, http://10.0.0.11:7447, driver qemu" in x for x in out)
+    loaded = load_in_subprocess(config)
+    assert loaded["master_url"] == "http://10.0.0.12:7447,http://10.0.0.11:7447"
+    # the same arguments again keep the config; another list is refused without --force
+    assert initenv.main([*argv, "--root", str(tmp_path)]) == 0
+    other = ["--master-ip", "10.0.0.11,10.0.0.12", *argv[2:], "--root", str(tmp_path)]
+    assert initenv.main(other) == 1
+    assert config_values(config)["master_url"] == values["master_url"]
+
+
+def test_one_master_writes_no_master_url(tmp_path: Path) -> None:
+    assert initenv.main(args(tmp_path)) == 0
+    assert "master_url" not in config_values(tmp_path / "etc/virtman/virtman.conf")
+
+
+def test_ipv6_masters_are_bracketed_in_master_url(tmp_path: Path) -> None:
+    argv = ["--master-ip", "FD00::1,10.0.0.2", "--host-ip", "fd00::5", "--token", "t"]
+    assert initenv.main([*argv, "--root", str(tmp_path)]) == 0
+    values = config_values(tmp_path / "etc/virtman/virtman.conf")
+    assert values["master_url"] == "http://[fd00::1]:7447, http://10.0.0.2:7447"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10.0.0.1,10.0.0.1", "--master-ip '10.0.0.1,10.0.0.1': an address is given twice"),
+        ("10.0.0.1,10.0.0.01", "--master-ip '10.0.0.01': not an IP address"),
+        ("10.0.0.1,", "--master-ip '': not an IP address"),
+        ("10.0.0.1, 10.0.0.2", "--master-ip ' 10.0.0.2': not an IP address"),
+        ("10.0.0.1;10.0.0.2", "--master-ip '10.0.0.1;10.0.0.2': not an IP address"),
+    ],
+)
+def test_bad_master_lists_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    argv = ["--master-ip", value, "--host-ip", "10.0.0.5", "--token", "t"]
+    assert initenv.main([*argv, "--root", str(tmp_path)]) == 2
+    assert tree(tmp_path) == []
+    assert capsys.readouterr().err.splitlines() == [
+        f"{PROG}: error: {message}",
+        f"{PROG}: nothing was written",
+    ]
+
+
 # -- test images -----------------------------------------------------------------------------
 def test_test_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = ["--test-image", "image1:2", "--test-image", "volume-image2:1"]
