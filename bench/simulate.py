@@ -1175,7 +1175,7 @@ def format_table(results: list[Result], single: float, *, nominal: bool = False)
     """One row per variant: boot times, ratio to a VM booting alone, bytes by origin (and
     with ``nominal``, the p99 less each VM's CPU jitter)."""
     head = (
-        f"{'variant':<29} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
+        f"{'variant':<33} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
         f"{'depth':>5} {'srv rdrs':>8} {'server MB':>10} {'peers MB':>10} {'local MB':>9} "
         f"{'Volt wait':>9} {'events':>8} {'wall s':>6}" + (f" {'p99 nom':>8}" if nominal else "")
     )
@@ -1185,7 +1185,7 @@ def format_table(results: list[Result], single: float, *, nominal: bool = False)
         depth = str(r.depth) if tree else "-"
         volt = f"{r.volt_max_wait_s:8.1f}s" if tree else "-"
         lines.append(
-            f"{r.variant:<29} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
+            f"{r.variant:<33} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
             f"{r.p99_s / single:8.2f} {depth:>5} {r.server_readers:8d} "
             f"{r.server_bytes / MB:10.0f} {r.peer_bytes / MB:10.0f} {r.local_bytes / MB:9.0f} "
             f"{volt:>9} {r.events:8d} {r.wall_s:6.1f}"
