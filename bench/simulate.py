@@ -30,6 +30,19 @@ exchange; a ready node under a ready tree parent reads chunk ``c`` from the pare
 ``c % fanout`` is its slot, else from the ready sibling in slot ``c % fanout``, so the parent
 sends each chunk once to its children and leaves upload; a node follows while a sibling is
 pending or its slot empty). Neither is built in virtman or Volt (docs/benchmarks.rst).
+``+priority`` (``--priority``; not built either): every serving uplink serves its tree
+children in strict priority of their slot (slot 0 first; the image server likewise its
+top-level nodes), readers that are not its tree children last, processor sharing within a
+band, as a ``prio`` qdisc with one filter per child (destination address) would: of two
+children asking for one chunk at once, slot 0 gets it in one transfer time and slot 1 in two
+(with processor sharing both in two), after which they no longer collide in a lock-step
+burst.
+
+``--boot-cpu-jitter F`` scales each VM's CPU time (every chunk's slice) by a factor drawn
+uniform in 1 +- F per VM, from the seed (a stream of its own: the other draws do not change):
+real boots differ by a few percent, so VMs do not boot in lock step. With F > 0 the table
+adds ``p99 nom``, the p99 of each VM's boot time less its own jitter ((factor - 1) x its CPU
+time): what the burst costs over each VM's own time alone. One VM alone is the nominal one.
 
 The tree is built by the real ``volt.topology`` executors (same ``Tree``, same ``join``,
 ``registered`` and ``parents`` calls as volt-api makes); Volt is one FIFO server
@@ -93,7 +106,7 @@ GIB = 1 << 30
 MB = 1e6
 VARIANTS = ("balanced", "btree", "direct", "fullcopy")
 TREE_VARIANTS = ("balanced", "btree")
-MODIFIERS = ("wake", "prefetch", "stripe", "exchange")
+MODIFIERS = ("wake", "prefetch", "stripe", "exchange", "priority")
 DEFAULT_SPECS = ("balanced", "btree", "direct", "fullcopy", "balanced+wake")
 PRESET_SPECS = ("btree", "btree+prefetch", "balanced", "balanced+prefetch", "balanced+wake",
                 "balanced+wake+prefetch", "direct", "fullcopy")  # fmt: skip
@@ -152,6 +165,8 @@ class Params:
     parents_per_node: int = 2
     stripe: bool = False  # read from every ready parent at once (dm multibus)
     exchange: bool = False  # siblings share their parent's uplink: chunk c % fanout by slot
+    priority: bool = False  # uplinks serve their tree children in strict priority by slot
+    boot_cpu_jitter: float = 0.0  # each VM's CPU time scaled by uniform(1 - this, 1 + this)
     prefetch_depth: int = 1
     prefetch_slack: float = 2.0  # 0: unpaced (before issue 15's pacing)
     prefetch_max_pause_s: float = 2.0
@@ -185,6 +200,9 @@ class Result:
     boot_times: list[float]
     profile: list[dict[str, float]]  # per final tree depth (tree variants; see ``profile``)
     volt_waits: dict[str, tuple[int, float, float]]  # kind -> (requests, mean, max wait)
+    # p99 of each VM's boot time less its own CPU jitter ((factor - 1) x its CPU time): the
+    # p99 as if every VM had the nominal CPU time (= p99_s without --boot-cpu-jitter)
+    p99_nominal_s: float = math.nan
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
@@ -214,11 +232,12 @@ class Uplink:
     """A serving node's uplink: processor sharing between active connections (each gets
     min(per-connection cap, capacity / active)), FIFO within a connection. Virtual time
     ``vt`` counts the bytes one continuously active connection has received so far; a
-    connection's head finishes when ``vt`` reaches its tag."""
+    connection's head finishes when ``vt`` reaches its tag. As one band of a
+    ``PriorityUplink``, ``lower`` is the next band: it gets the capacity this one leaves."""
 
     __slots__ = (
-        "cancelled", "cap", "conn_cap", "heads", "heap", "last", "n", "queues", "r", "server",
-        "sim", "version", "vt",
+        "cancelled", "cap", "conn_cap", "heads", "heap", "last", "lower", "n", "queues", "r",
+        "server", "sim", "version", "vt",
     )  # fmt: skip
 
     def __init__(self, sim: Sim, server: int, capacity: float, conn_cap: float) -> None:
@@ -235,10 +254,26 @@ class Uplink:
         self.queues: dict[Any, deque[Item]] = {}
         self.cancelled = 0  # cancelled heads still in the heap
         self.version = 0
+        self.lower: Uplink | None = None
 
     def _count(self, n: int) -> None:
         self.n = n
         self.r = min(self.conn_cap, self.cap / n) if n else 0.0
+        if self.lower is not None:  # strict priority: the next band gets what is left
+            left = self.cap - n * self.r
+            self.lower.set_capacity(left if left > 1e-9 * self.cap else 0.0)
+
+    def set_capacity(self, capacity: float) -> None:
+        """The capacity changes now (a higher band of a ``PriorityUplink`` changed)."""
+        if capacity == self.cap:
+            return
+        now = self.sim.now
+        if self.n:
+            self.vt += self.r * (now - self.last)
+        self.last = now
+        self.cap = capacity
+        self._count(self.n)
+        self._reschedule(now)
 
     def add(self, dest: Any, size: float, fn: Callable[[Any, Any], None], a: Any, b: Any) -> None:
         """Queue ``size`` bytes to ``dest``; ``fn(a, b)`` runs when the last byte is sent."""
@@ -315,13 +350,52 @@ class Uplink:
             while heap and heads.get(heap[0][2], (0.0, -1))[1] != heap[0][1]:
                 heapq.heappop(heap)  # drop cancelled heads
                 self.cancelled -= 1
-        if heap:
+        if heap and self.r > 0:  # r = 0: a band starved by higher ones waits
             wait = (heap[0][0] - self.vt) / self.r
             sim = self.sim
             heapq.heappush(
                 sim.q, (now + wait if wait > 0 else now, next(sim.seq), self.complete, self.version,
                         None)
             )  # fmt: skip
+
+
+class PriorityUplink:
+    """A serving node's uplink with strict priority between bands, as a ``prio`` qdisc on
+    the node's link with one filter per child (by destination address): ``band(dest)``
+    gives a connection's band (0 first); within a band, processor sharing (an ``Uplink``
+    each). A band gets the capacity the higher ones leave, so while a higher band is
+    backlogged and its receiver can take the whole link, the lower ones wait."""
+
+    __slots__ = ("band", "band_of", "bands")
+
+    def __init__(
+        self,
+        sim: Sim,
+        server: int,
+        capacity: float,
+        conn_cap: float,
+        bands: int,
+        band: Callable[[Any], int],
+    ) -> None:
+        if bands < 1:
+            raise ValueError("a priority uplink needs at least one band")
+        self.bands = [Uplink(sim, server, capacity, conn_cap) for _ in range(bands)]
+        for higher, lower in itertools.pairwise(self.bands):
+            higher.lower = lower
+        self.band = band
+        self.band_of: dict[Any, Uplink] = {}  # dest -> its band while it has a queue
+
+    def add(self, dest: Any, size: float, fn: Callable[[Any, Any], None], a: Any, b: Any) -> None:
+        """As ``Uplink.add``; a connection's band is fixed while it has bytes queued."""
+        link = self.band_of.get(dest)
+        if link is None or dest not in link.queues:
+            link = self.band_of[dest] = self.bands[self.band(dest)]
+        link.add(dest, size, fn, a, b)
+
+    def cancel(self, dest: Any) -> list[Item]:
+        """As ``Uplink.cancel``."""
+        link = self.band_of.pop(dest, None)
+        return link.cancel(dest) if link is not None else []
 
 
 class IndexedBtree(BtreeExecutor):
@@ -364,11 +438,15 @@ class Sim:
     """One run: ``nodes`` nodes, one variant. Call ``run()`` once."""
 
     def __init__(self, params: Params, spec: str, nodes: int) -> None:
-        variant, prefetch, wake, stripe, exchange = parse_spec(spec)
+        variant, prefetch, wake, stripe, exchange, priority = parse_spec(spec)
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
+        if not 0.0 <= params.boot_cpu_jitter < 1.0:
+            raise ValueError("boot_cpu_jitter must be in [0, 1)")
         if wake:
             params = replace(params, wake_on_create=True)
+        if priority:
+            params = replace(params, priority=True)
         if stripe or exchange:
             params = replace(params, stripe=params.stripe or stripe,
                              exchange=params.exchange or exchange)  # fmt: skip
@@ -377,7 +455,8 @@ class Sim:
         p = self.p = params
         self.variant = variant
         self.name = spec_name(variant, prefetch=prefetch, wake=wake, stripe=p.stripe,
-                              exchange=p.exchange)  # fmt: skip
+                              exchange=p.exchange,
+                              priority=p.priority and variant in TREE_VARIANTS)  # fmt: skip
         self.nodes = nodes
         self.prefetch = prefetch
         self.q: list[tuple[float, int, Callable[[Any, Any], None], Any, Any]] = []
@@ -403,6 +482,16 @@ class Sim:
         self.local_t = self.chunk / mbps_to_bytes(p.local_read_mbps)
         cores = p.cores_per_node or p.vms_per_node
         self.cpu_slice = p.boot_cpu_s * max(1.0, p.vms_per_node / cores) / self.nchunks
+        # Each VM's CPU time per chunk: the nominal slice scaled by its own factor, drawn
+        # from a stream of its own so that the other draws do not depend on the jitter.
+        vms = nodes * p.vms_per_node
+        self.cpu_slices = [self.cpu_slice] * vms
+        if p.boot_cpu_jitter:
+            cpu_rng = random.Random(f"{p.seed}/boot-cpu")
+            f = p.boot_cpu_jitter
+            self.cpu_slices = [self.cpu_slice * cpu_rng.uniform(1.0 - f, 1.0 + f)
+                               for _ in range(vms)]  # fmt: skip
+        self.nominal_times: list[float] = []
         # Per-node draws, in node order (the same for every variant of a seed).
         rng = random.Random(p.seed)
         self.start = [0.0] * nodes
@@ -422,7 +511,7 @@ class Sim:
         self.source: list[tuple[int, ...]] = [(self.root,)] * nodes
         self.parts_left: list[dict[int, int]] = [{} for _ in range(nodes + 1)]
         self.read_server = bytearray(nodes)
-        self.uplinks: dict[int, Uplink] = {}
+        self.uplinks: dict[int, Uplink | PriorityUplink] = {}
         self.server_bytes = self.peer_bytes = self.local_bytes = 0.0
         self.sent = [0.0] * (nodes + 1)  # bytes each node's uplink sent (root: image server)
         # VMs.
@@ -502,6 +591,7 @@ class Sim:
         if self.booted < self.vms:
             raise RuntimeError(f"{self.vms - self.booted} VMs never booted ({self.variant})")
         ordered = sorted(self.boot_times)
+        nominal = sorted(self.nominal_times)
         depth = self.tree.max_depth() if self.tree is not None else 1
         return Result(
             variant=self.name,
@@ -527,6 +617,7 @@ class Sim:
             profile=self.profile(),
             volt_waits={k: (int(n), total / n, top) for k, (n, total, top) in
                         self.volt_waits.items()},
+            p99_nominal_s=percentile(nominal, 0.99),
         )  # fmt: skip
 
     def profile(self) -> list[dict[str, float]]:
@@ -569,8 +660,24 @@ class Sim:
                 # connections gets at most its share (pessimistic for a node that has one
                 # ready parent only)
                 downlink /= self.width
-            link = self.uplinks[s] = Uplink(self, s, mbps_to_bytes(cap), mbps_to_bytes(downlink))
+            if p.priority and self.tree is not None:
+                link = PriorityUplink(self, s, mbps_to_bytes(cap), mbps_to_bytes(downlink),
+                                      p.fanout + 1, lambda dest: self.band(s, dest))  # fmt: skip
+            else:
+                link = Uplink(self, s, mbps_to_bytes(cap), mbps_to_bytes(downlink))
+            self.uplinks[s] = link
         return link
+
+    def band(self, s: int, dest: Any) -> int:
+        """``+priority``: the band of reader ``dest`` at server ``s``'s uplink: its tree slot
+        if it is a tree child of ``s`` (the image server: a top-level node), else the last
+        band (``fanout``: readers that are not children, e.g. a standby's or a sibling's)."""
+        assert self.tree is not None
+        node = self.tnode[dest] if isinstance(dest, int) else None
+        if node is None:
+            return self.p.fanout
+        up = self.tree.root if s == self.root else self.tnode[s]
+        return node.slot if node.parent is up else self.p.fanout
 
     # -- node life cycle -----------------------------------------------------------------
     def create(self, v: int, _: Any) -> None:
@@ -748,6 +855,8 @@ class Sim:
         v = vm // self.vpn
         if i == self.nchunks:
             self.boot_times.append(self.now - self.start[v])
+            extra = (self.cpu_slices[vm] - self.cpu_slice) * self.nchunks  # its CPU jitter
+            self.nominal_times.append(self.now - self.start[v] - extra)
             self.booted_t[v] = self.now
             since = self.now - self.vm_start[v]
             self.since_vm_start += since
@@ -760,15 +869,17 @@ class Sim:
             self.local_bytes += self.chunk
             self.vm_next[vm] = i + 1
             heapq.heappush(
-                self.q, (self.now + self.local_t + self.cpu_slice, next(self.seq), self.vm_step,
-                         vm, None)
+                self.q, (self.now + self.local_t + self.cpu_slices[vm], next(self.seq),
+                         self.vm_step, vm, None)
             )  # fmt: skip
         else:
             self.fetch(v, i, self.vm_got, vm, i)
 
     def vm_got(self, vm: int, i: int) -> None:
         self.vm_next[vm] = i + 1
-        heapq.heappush(self.q, (self.now + self.cpu_slice, next(self.seq), self.vm_step, vm, None))
+        heapq.heappush(
+            self.q, (self.now + self.cpu_slices[vm], next(self.seq), self.vm_step, vm, None)
+        )
 
     def _direct_arrive(self, vm: int, i: int) -> None:
         self.uplink(self.root).add(("vm", vm), self.chunk, self._direct_sent, vm, i)
@@ -887,10 +998,12 @@ class Spec(NamedTuple):
     wake: bool
     stripe: bool
     exchange: bool
+    priority: bool
 
 
 def parse_spec(spec: str) -> Spec:
-    """``base[+wake][+prefetch][+stripe|+exchange]`` -> its base variant and modifiers."""
+    """``base[+wake][+prefetch][+stripe|+exchange][+priority]`` -> its base variant and
+    modifiers."""
     base, *mods = spec.split("+")
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {base!r} (one of {', '.join(VARIANTS)})")
@@ -901,14 +1014,22 @@ def parse_spec(spec: str) -> Spec:
         raise ValueError(f"{spec!r}: modifiers apply to {' and '.join(TREE_VARIANTS)} only")
     if "stripe" in mods and "exchange" in mods:
         raise ValueError(f"{spec!r}: +stripe and +exchange are two ways to use the parents")
-    return Spec(base, "prefetch" in mods, "wake" in mods, "stripe" in mods, "exchange" in mods)
+    return Spec(base, "prefetch" in mods, "wake" in mods, "stripe" in mods, "exchange" in mods,
+                "priority" in mods)  # fmt: skip
 
 
 def spec_name(
-    variant: str, *, prefetch: bool, wake: bool, stripe: bool = False, exchange: bool = False
+    variant: str,
+    *,
+    prefetch: bool,
+    wake: bool,
+    stripe: bool = False,
+    exchange: bool = False,
+    priority: bool = False,
 ) -> str:
     return (variant + ("+wake" if wake else "") + ("+prefetch" if prefetch else "")
-            + ("+stripe" if stripe else "") + ("+exchange" if exchange else ""))  # fmt: skip
+            + ("+stripe" if stripe else "") + ("+exchange" if exchange else "")
+            + ("+priority" if priority else ""))  # fmt: skip
 
 
 def simulate(params: Params, spec: str, nodes: int) -> Result:
@@ -918,7 +1039,7 @@ def simulate(params: Params, spec: str, nodes: int) -> Result:
 
 def single_vm_s(params: Params, *, prefetch: bool = False) -> float:
     """One VM booting alone (one node, through the stack, from the image server)."""
-    single = replace(params, vms_per_node=1)
+    single = replace(params, vms_per_node=1, boot_cpu_jitter=0.0)  # the nominal CPU time
     return simulate(single, "balanced+prefetch" if prefetch else "balanced", 1).max_s
 
 
@@ -956,6 +1077,12 @@ OPTION_HELP = {
     "parent if c %% fanout is its slot, else from the ready sibling in that slot",
     "stripe": "read from every ready parent at once, each chunk split evenly between them "
     "(virtman's dm driver with one multipath group, round robin: multibus)",
+    "priority": "every uplink serves its tree children in strict priority of their slot "
+    "(slot 0 first; the image server likewise its top-level nodes), other readers last, "
+    "processor sharing within a band: a prio qdisc with a filter per child (the +priority "
+    "modifier)",
+    "boot_cpu_jitter": "each VM's CPU time scaled by a factor uniform in 1 +- this, drawn per "
+    "VM from the seed (0: every VM boots in lock step)",
     "prefetch_depth": "prefetch: chunks in flight ahead of the VM",
     "prefetch_slack": "prefetch: a fetch this many times slower than the node's fastest "
     "recent one pauses the prefetch (0: unpaced)",
@@ -975,7 +1102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", default=",".join(DEFAULT_SPECS),
                         help=f"comma-separated, each one of {', '.join(VARIANTS)}, the tree "
                         "ones optionally with +wake (virtman heartbeats right after a build "
-                        "that left a parent pending) and/or +prefetch")  # fmt: skip
+                        "that left a parent pending), +prefetch, +stripe or +exchange, "
+                        "+priority (see the options of the same names)")  # fmt: skip
     parser.add_argument("--prefetch", action="store_true",
                         help="also run each tree variant with +prefetch")  # fmt: skip
     parser.add_argument("--preset", choices=["original"],
@@ -1031,6 +1159,8 @@ def resolve_params(args: argparse.Namespace) -> tuple[Params, dict[str, str], fl
     if single is None:
         single = calibration.get("single_vm_boot_s")
     params = Params(**values)
+    if not 0.0 <= params.boot_cpu_jitter < 1.0:
+        raise SystemExit("--boot-cpu-jitter must be in [0, 1)")
     if params.stripe and params.exchange:
         raise SystemExit("--stripe and --exchange are two ways to use the parents: pick one")
     if single is not None and "boot_cpu_s" not in values:
@@ -1041,12 +1171,13 @@ def resolve_params(args: argparse.Namespace) -> tuple[Params, dict[str, str], fl
     return params, origin, single
 
 
-def format_table(results: list[Result], single: float) -> str:
-    """One row per variant: boot times, ratio to a VM booting alone, bytes by origin."""
+def format_table(results: list[Result], single: float, *, nominal: bool = False) -> str:
+    """One row per variant: boot times, ratio to a VM booting alone, bytes by origin (and
+    with ``nominal``, the p99 less each VM's CPU jitter)."""
     head = (
-        f"{'variant':<29} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
+        f"{'variant':<33} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'mean s':>8} {'x single':>8} "
         f"{'depth':>5} {'srv rdrs':>8} {'server MB':>10} {'peers MB':>10} {'local MB':>9} "
-        f"{'Volt wait':>9} {'events':>8} {'wall s':>6}"
+        f"{'Volt wait':>9} {'events':>8} {'wall s':>6}" + (f" {'p99 nom':>8}" if nominal else "")
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -1054,10 +1185,11 @@ def format_table(results: list[Result], single: float) -> str:
         depth = str(r.depth) if tree else "-"
         volt = f"{r.volt_max_wait_s:8.1f}s" if tree else "-"
         lines.append(
-            f"{r.variant:<29} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
+            f"{r.variant:<33} {r.p50_s:8.1f} {r.p99_s:8.1f} {r.max_s:8.1f} {r.mean_s:8.1f} "
             f"{r.p99_s / single:8.2f} {depth:>5} {r.server_readers:8d} "
             f"{r.server_bytes / MB:10.0f} {r.peer_bytes / MB:10.0f} {r.local_bytes / MB:9.0f} "
             f"{volt:>9} {r.events:8d} {r.wall_s:6.1f}"
+            + (f" {r.p99_nominal_s:8.1f}" if nominal else "")
         )
     return "\n".join(lines)
 
@@ -1110,6 +1242,8 @@ def describe(params: Params) -> str:
         f"{params.heartbeat_s:g} s, {params.follow_s:g} s while following"
         f"{' (woken on create)' if params.wake_on_create else ''}; fanout {params.fanout}; "
         f"{params.vms_per_node} VM(s)/node; seed {params.seed}"
+        f"{'; uplinks in strict priority by slot' if params.priority else ''}"
+        f"{f'; boot CPU jitter +-{params.boot_cpu_jitter:g}' if params.boot_cpu_jitter else ''}"
     )
 
 
@@ -1137,8 +1271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scale.append(simulate(params, spec, n))
             except ValueError as exc:  # e.g. --stripe with a +exchange variant
                 raise SystemExit(f"{spec}: {exc}") from None
-            print(format_table(scale[-1:], single).splitlines()[-1] if len(scale) > 1 else
-                  format_table(scale, single), flush=True)  # fmt: skip
+            table = format_table(scale[-1:], single, nominal=params.boot_cpu_jitter > 0)
+            print(table.splitlines()[-1] if len(scale) > 1 else table, flush=True)
         results += scale
         if args.profile:
             for r in scale:

@@ -17,7 +17,7 @@ from volt.topology.btree import BtreeExecutor
 FAST = Params(boot_read_mib=16, chunk_mib=1, boot_cpu_s=2.0, image_gib=0.25, heartbeat_s=4.0)
 BOOT = 16 * MIB
 ON_DEMAND = ("balanced", "btree", "direct", "balanced+wake", "balanced+wake+stripe",
-             "balanced+wake+exchange")  # fmt: skip
+             "balanced+wake+exchange", "balanced+wake+priority")  # fmt: skip
 
 
 def bytes_per_s(mbps: float) -> float:
@@ -62,7 +62,8 @@ def test_direct_image_server_egress_is_n_boot_sets(nodes):
 def test_every_node_fetches_its_boot_set_once_even_across_switches():
     specs = ("balanced", "balanced+wake", "btree", "balanced+wake+prefetch",
              "balanced+wake+stripe", "balanced+wake+prefetch+stripe", "balanced+wake+exchange",
-             "balanced+wake+prefetch+exchange")  # fmt: skip
+             "balanced+wake+prefetch+exchange", "balanced+wake+priority",
+             "balanced+wake+prefetch+priority", "btree+priority")  # fmt: skip
     for spec in specs:
         result = simulate(FAST, spec, 60)
         total = result.server_bytes + result.peer_bytes
@@ -242,11 +243,19 @@ def test_uplink_cancel_returns_what_was_not_sent():
 
 
 def test_variant_specs():
-    assert sim.parse_spec("balanced+prefetch+wake") == ("balanced", True, True, False, False)
-    assert sim.parse_spec("balanced+wake+stripe") == ("balanced", False, True, True, False)
+    assert sim.parse_spec("balanced+prefetch+wake") == (
+        "balanced", True, True, False, False, False
+    )  # fmt: skip
+    assert sim.parse_spec("balanced+wake+stripe") == ("balanced", False, True, True, False, False)
+    assert sim.parse_spec("btree+priority").priority
     assert sim.spec_name("balanced", prefetch=True, wake=True, stripe=True) == (
         "balanced+wake+prefetch+stripe"
     )
+    assert sim.spec_name("balanced", prefetch=False, wake=True, priority=True) == (
+        "balanced+wake+priority"
+    )
+    with pytest.raises(ValueError):
+        sim.parse_spec("direct+priority")
     with pytest.raises(ValueError):
         sim.parse_spec("direct+prefetch")
     with pytest.raises(ValueError):
@@ -346,3 +355,98 @@ def test_issue_15_burst_lines_judge_10000_with_prefetch_and_1000_without():
         "target 1000 nodes p99 <= 20 s (without prefetch): balanced 21.3 s, NOT met",
     ]
     assert sim.burst_lines([_result("balanced", 100, 5.0)]) == []
+
+
+def run_priority_uplink(capacity, conn_cap, transfers, bands):
+    """Drive one PriorityUplink alone: transfers = [(dest, size)] at t=0, ``bands`` maps a
+    dest to its band; returns finish times."""
+    host = sim.Sim(FAST, "direct", 1)
+    link = sim.PriorityUplink(host, host.root, capacity, conn_cap, 3, bands.__getitem__)
+    done = {}
+    for dest, size in transfers:
+        link.add(dest, size, lambda d, _: done.setdefault(d, host.now), dest, None)
+    while host.q:
+        t, _, fn, a, b = sim.heapq.heappop(host.q)
+        host.now = t
+        fn(a, b)
+    return done, host
+
+
+def test_priority_uplink_serves_slot_0_first_and_processor_sharing_does_not():
+    """Two readers of one chunk: by slot, slot 0 has it after one transfer time d and slot 1
+    after 2d; shared, both after 2d."""
+    d = 1.0  # 100 bytes at 100 bytes/s
+    done, host = run_priority_uplink(100.0, 100.0, [("b", 100.0), ("a", 100.0)], {"a": 0, "b": 1})
+    assert done == {"a": pytest.approx(d), "b": pytest.approx(2 * d)}
+    assert host.server_bytes == pytest.approx(200.0)
+    done, _, _ = run_uplink(100.0, 100.0, [("b", 100.0), ("a", 100.0)])
+    assert done == {"a": pytest.approx(2 * d), "b": pytest.approx(2 * d)}
+    # Readers in one band share it; a lower band gets what the receivers of the higher
+    # ones cannot take (a 100 B/s link, 40 B/s downlinks: a and c share 80, b gets 20).
+    done, _ = run_priority_uplink(
+        100.0, 40.0, [("a", 40.0), ("c", 40.0), ("b", 40.0)], {"a": 0, "c": 0, "b": 2}
+    )
+    assert done["a"] == pytest.approx(1.0) and done["c"] == pytest.approx(1.0)
+    assert done["b"] == pytest.approx(1.0 + (40.0 - 20.0) / 40.0)
+
+
+def lock_step(spec: str, **changes) -> tuple[list[float], float]:
+    """Two top-level nodes in exact lock step (no build jitter, Volt free): boot times by
+    slot, and one transfer time of a chunk."""
+    p = replace(FAST, stack_jitter=0.0, volt_service_ms=0.0, **changes)
+    run = sim.Sim(p, spec, 2)
+    run.run()
+    by_slot = sorted(range(2), key=lambda v: run.tnode[v].slot)
+    return [run.booted_t[v] for v in by_slot], run.chunk / bytes_per_s(p.node_mbps)
+
+
+def test_priority_children_collide_once_where_shared_ones_collide_on_every_chunk():
+    """+priority: after their first collision the slot-1 node lags one transfer time and
+    from then on both read at the full rate; shared, every one of the 16 chunks comes at
+    half the rate."""
+    single = single_vm_s(replace(FAST, stack_jitter=0.0, volt_service_ms=0.0))
+    shared, d = lock_step("balanced+wake")
+    assert shared == [pytest.approx(single + 16 * d, abs=1e-6)] * 2
+    by_slot, d = lock_step("balanced+wake+priority")
+    assert by_slot == [pytest.approx(single, abs=1e-6), pytest.approx(single + d, abs=1e-6)]
+    # The image server's link twice a node's: both top-level nodes at full rate anyway.
+    doubled, _ = lock_step("balanced+wake", server_mbps=2000.0)
+    assert doubled == [pytest.approx(single, abs=1e-6)] * 2
+
+
+def test_priority_bands_are_the_tree_slots_of_a_servers_children():
+    run = sim.Sim(FAST, "balanced+wake+priority", 30)
+    run.run()
+    root = run.tree.root
+    for v in range(30):
+        node = run.tnode[v]
+        if node.parent is root:
+            assert run.band(run.root, v) == node.slot
+        else:
+            assert run.band(run.root, v) == FAST.fanout  # not a child of the image server
+            assert run.band(int(node.parent.peer_id), v) == node.slot
+    assert any(isinstance(link, sim.PriorityUplink) for link in run.uplinks.values())
+
+
+def test_boot_cpu_jitter_scales_each_vms_cpu_time_and_nothing_else():
+    f = 0.05
+    jittered = replace(FAST, boot_cpu_jitter=f)
+    factor = random.Random(f"{FAST.seed}/boot-cpu").uniform(1 - f, 1 + f)
+    single = single_vm_s(FAST)
+    assert single_vm_s(jittered) == single  # one VM alone is the nominal one
+    one = simulate(jittered, "balanced+wake", 1)
+    assert one.max_s == pytest.approx(single + (factor - 1) * FAST.boot_cpu_s, rel=1e-9)
+    assert one.p99_nominal_s == pytest.approx(single, rel=1e-9)
+    runs = [sim.Sim(replace(FAST, boot_cpu_jitter=x), "balanced+wake", 40) for x in (0, f)]
+    assert runs[0].build == runs[1].build and runs[0].phase == runs[1].phase
+    assert len(set(runs[0].cpu_slices)) == 1 and len(set(runs[1].cpu_slices)) == 40
+    assert all(abs(x / runs[0].cpu_slice - 1) <= f for x in runs[1].cpu_slices)
+    plain = simulate(FAST, "balanced+wake", 40)
+    assert plain.p99_nominal_s == plain.p99_s
+    assert simulate(jittered, "balanced+wake", 40).boot_times == (
+        simulate(jittered, "balanced+wake", 40).boot_times
+    )
+    with pytest.raises(ValueError, match="boot_cpu_jitter"):
+        sim.Sim(replace(FAST, boot_cpu_jitter=1.0), "balanced", 2)
+    with pytest.raises(SystemExit, match="boot-cpu-jitter"):
+        sim.main(["--nodes", "2", "--boot-cpu-jitter", "-0.1"])
