@@ -22,6 +22,11 @@ import pytest
 from guestkit import Node, RunResult, build_guest, run_guests
 
 GUESTSIDE = Path(__file__).resolve().parent / "guestside"
+# Both suites boot side by side (eight TCG guests on this 2-core machine, nothing else
+# running): about 8 min on a quiet day, more than 12 min (killed at the old 720 s, in two
+# runs) on 2026-12-07. The bound detects a hang; a test's own bound covers both suites.
+SUITE_TIMEOUT_S = 1200.0
+TEST_TIMEOUT_S = 1500
 RUN_SH = """#!/bin/sh
 mkdir -p /etc/rtslib-fb-target
 modprobe fuse
@@ -123,7 +128,7 @@ def module_fixtures(
     *,
     work_dir: Path,
     size_mib: int,
-    timeout_s: float = 720,
+    timeout_s: float = SUITE_TIMEOUT_S,
     files: Sequence[Path] = (),
 ) -> tuple[Callable[..., RunResult], Callable[..., dict[str, dict[str, Any]]]]:
     """The ``run`` and ``report`` fixtures of guest test module ``module``: one boot of

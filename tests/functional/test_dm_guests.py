@@ -18,7 +18,12 @@ from typing import Any
 import pytest
 
 from guestkit import Node, RunResult
-from tests.functional.guestruns import NOTHING_LEFT, assert_every_guest_passed, module_fixtures
+from tests.functional.guestruns import (
+    NOTHING_LEFT,
+    TEST_TIMEOUT_S,
+    assert_every_guest_passed,
+    module_fixtures,
+)
 from tests.functional.guestside import contract
 
 SIZE_MIB = 48
@@ -33,12 +38,12 @@ run, report = module_fixtures(
 )
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_every_guest_passes(run: RunResult, report: dict[str, dict[str, Any]]) -> None:
     assert_every_guest_passed(run, report)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_each_snapshot_reads_the_image_and_keeps_its_writes(
     report: dict[str, dict[str, Any]],
 ) -> None:
@@ -54,7 +59,7 @@ def test_each_snapshot_reads_the_image_and_keeps_its_writes(
         }
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_the_grandchild_reads_through_its_parents_lio_relay(
     report: dict[str, dict[str, Any]],
 ) -> None:
@@ -64,7 +69,7 @@ def test_the_grandchild_reads_through_its_parents_lio_relay(
     assert report["A"]["lio_sessions"] == ["iqn.2026-12.org.vmthunder.guestkit:c"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_a_parent_path_going_down_fails_no_read(report: dict[str, dict[str, Any]]) -> None:
     failover = report["C"]["failover"]
     print(failover)
@@ -76,7 +81,7 @@ def test_a_parent_path_going_down_fails_no_read(report: dict[str, dict[str, Any]
     assert "active=False" not in after and after.index("state='A'") < after.index("state='E'")
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_kill9_of_virtman_then_restart_adopts_everything(
     report: dict[str, dict[str, Any]],
 ) -> None:
@@ -86,7 +91,7 @@ def test_kill9_of_virtman_then_restart_adopts_everything(
     assert restart["before"]["lio"] == ["iqn.2010-10.org.openstack:volume-img"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_teardown_leaves_no_table_session_target_or_loop(
     report: dict[str, dict[str, Any]],
 ) -> None:
@@ -96,7 +101,7 @@ def test_teardown_leaves_no_table_session_target_or_loop(
         assert r["left"] == NOTHING_LEFT, name
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_bcache_serves_the_second_read_locally(report: dict[str, dict[str, Any]]) -> None:
     # A and B read the image server: the first read fetches the image once, later reads
     # what bcache dropped (see docs/dm-driver.rst). C's first read was the failover read.
@@ -109,7 +114,7 @@ def test_bcache_serves_the_second_read_locally(report: dict[str, dict[str, Any]]
     assert max(report["C"]["fetched"]) <= SIZE * 0.05
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_cache_engine_measurement(run: RunResult) -> None:
     """The comparison behind the choice (docs/dm-driver.rst), on 16 MiB: bytes fetched
     upstream by three full sequential reads of a fresh cache."""
@@ -136,7 +141,7 @@ def test_cache_engine_measurement(run: RunResult) -> None:
     assert writecache == [size, size, size]  # a write cache: every read goes upstream
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 @pytest.mark.parametrize("case", sorted(contract.CASES))
 def test_the_layer_contract_holds_on_the_dm_driver(
     report: dict[str, dict[str, Any]], case: str

@@ -24,7 +24,12 @@ from typing import Any
 import pytest
 
 from guestkit import Node, RunResult
-from tests.functional.guestruns import NOTHING_LEFT, assert_every_guest_passed, module_fixtures
+from tests.functional.guestruns import (
+    NOTHING_LEFT,
+    TEST_TIMEOUT_S,
+    assert_every_guest_passed,
+    module_fixtures,
+)
 
 SIZE_MIB = 32
 WORK_DIR = Path(__file__).resolve().parents[2] / ".work" / "mixed-guests"  # the last run's logs
@@ -43,12 +48,12 @@ run, report = module_fixtures(
 )
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_every_guest_passes(run: RunResult, report: Report) -> None:
     assert_every_guest_passed(run, report)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_a_qemu_node_reads_through_a_dm_nodes_nbd_relay(report: Report) -> None:
     q = report["Q"]["img1"]
     assert q["paths"] == [A_NBD, B]  # A's relay first (NBD: A offers it), B standby
@@ -58,7 +63,7 @@ def test_a_qemu_node_reads_through_a_dm_nodes_nbd_relay(report: Report) -> None:
     assert q["lio_read"] is True  # and A's LIO relay serves libiscsi (CHAP) too
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_a_qemu_child_reads_on_when_the_dm_parents_nbd_relay_dies(report: Report) -> None:
     failover = report["Q"]["img1"]["failover"]
     assert failover["errors"] == [] and failover["sha_ok"] is True, failover
@@ -69,7 +74,7 @@ def test_a_qemu_child_reads_on_when_the_dm_parents_nbd_relay_dies(report: Report
     assert nbd["sha_ok"] is True, nbd  # with the export back
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_a_dm_node_reads_through_a_qemu_nodes_tgt_relay(report: Report) -> None:
     a = report["A"]["img2"]
     assert a["paths"] == [Q, B]  # Q's relay first, B standby
@@ -82,7 +87,7 @@ def test_a_dm_node_reads_through_a_qemu_nodes_tgt_relay(report: Report) -> None:
     }
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_a_dm_tgt_relay_serves_both_drivers_as_standby(report: Report) -> None:
     assert report["B"]["tgt_connections"] == {
         "volume-img1": [[Q_INITIATOR, "10.77.0.4"]],
@@ -91,7 +96,7 @@ def test_a_dm_tgt_relay_serves_both_drivers_as_standby(report: Report) -> None:
     assert report["A"]["img2"]["standby"] == [B, True]  # the image's bytes, read from B
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_the_first_nodes_read_the_image_server(report: Report) -> None:
     assert report["A"]["img1"]["paths"] == [SERVER]
     assert report["B"]["img1"]["paths"] == report["B"]["img2"]["paths"] == [SERVER]
@@ -101,7 +106,7 @@ def test_the_first_nodes_read_the_image_server(report: Report) -> None:
         assert {k: r[k] for k in PRIVATE} == PRIVATE, (name, image)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_teardown_leaves_nothing_on_either_driver(report: Report) -> None:
     assert report["Q"]["destroy_child"] == report["A"]["destroy_child"] == "0:"
     for name in "ABQ":

@@ -36,6 +36,7 @@ IPS = {
     if line.strip()
 }
 BOARD = (IPS["S"], 9999)
+BOARD_WAIT_S = 1500.0  # a guest may wait on another for most of the run (guestruns.SUITE_TIMEOUT_S)
 IQN_PREFIX = "iqn.2010-10.org.openstack:"
 CHAP_USER, CHAP_PASSWORD = "vmt-chap", "s3cret-Chap-pw-42"
 # the guests' cluster-wide NBD pre-shared key (QEMU keys.psk format), a test-only secret
@@ -114,11 +115,11 @@ class BoardHandler(socketserver.StreamRequestHandler):
                 board.cond.notify_all()
                 self.wfile.write(b"OK\n")
                 return
-            board.cond.wait_for(lambda: key in board.values, timeout=900)
+            board.cond.wait_for(lambda: key in board.values, timeout=BOARD_WAIT_S)
             self.wfile.write((board.values.get(key, "") + "\n").encode())
 
 
-def board(line: str, timeout: float = 900.0) -> str:
+def board(line: str, timeout: float = BOARD_WAIT_S) -> str:
     deadline = time.monotonic() + timeout
     while True:
         try:
