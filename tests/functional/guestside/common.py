@@ -36,7 +36,7 @@ IPS = {
     if line.strip()
 }
 BOARD = (IPS["S"], 9999)
-BOARD_WAIT_S = 1500.0  # a guest may wait on another for most of the run (guestruns.SUITE_TIMEOUT_S)
+BOARD_WAIT_S = 2100.0  # a guest may wait on another for most of the run (guestruns.SUITE_TIMEOUT_S)
 IQN_PREFIX = "iqn.2010-10.org.openstack:"
 CHAP_USER, CHAP_PASSWORD = "vmt-chap", "s3cret-Chap-pw-42"
 # the guests' cluster-wide NBD pre-shared key (QEMU keys.psk format), a test-only secret
