@@ -20,6 +20,7 @@ See docs/privsep.rst.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -32,7 +33,9 @@ from oslo_config import cfg
 from oslo_privsep import capabilities as caps
 from oslo_privsep import daemon, priv_context
 
-from brick.exception import BrickError
+from brick import proc
+from brick.exception import BrickError, Timeout
+from brick.wait import wait_until
 
 LOG = logging.getLogger(__name__)
 
@@ -62,6 +65,9 @@ cfg.CONF.set_default("thread_pool_size", 16, group=CFG_SECTION)
 cfg.CONF.set_default("logger_name", "brick.privileged.daemon", group=CFG_SECTION)
 
 START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+_daemon_pid: int | None = None  # the running daemon's PID, for stop() to wait on
 
 
 class PrivsepUnavailable(BrickError):
@@ -129,6 +135,7 @@ def start(method: priv_context.Method | None = None, *, timeout_s: float = START
     :class:`PrivsepUnavailable` if the helper command is not on PATH, exits non-zero or runs
     past ``timeout_s``, the daemon does not connect within ``timeout_s``, or it cannot drop
     to ``CAPABILITIES``: a clear error at start, not a hang."""
+    global _daemon_pid
     if enabled():
         return
     if method is None:
@@ -158,13 +165,41 @@ def start(method: priv_context.Method | None = None, *, timeout_s: float = START
     except OSError as exc:
         raise PrivsepUnavailable(method.name, str(exc)) from None
     vmt_root.set_client_mode(True)
-    LOG.info("privsep: daemon started (%s), capabilities %s", method.name, describe())
+    from brick.privileged.process import whoami  # it imports vmt_root from here
+
+    _daemon_pid = int(str(whoami()["pid"]))
+    LOG.info(
+        "privsep: daemon pid %d started (%s), capabilities %s",
+        _daemon_pid,
+        method.name,
+        describe(),
+    )
 
 
-def stop() -> None:
-    """Stop the privsep daemon; entry points run in-process again."""
+def stop(timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop the privsep daemon and wait up to ``timeout_s`` for it to exit; entry points run
+    in-process again. Idempotent.
+
+    The daemon ends when its socket closes, but on its own time: a caller that exits right
+    after closing would leave it (and whatever it is reaping) running behind it."""
+    global _daemon_pid
+    pid, _daemon_pid = _daemon_pid, None
     vmt_root.stop()
     vmt_root.set_client_mode(False)
+    if pid is None:
+        return
+
+    def exited() -> bool:
+        with contextlib.suppress(ChildProcessError):  # forked by us: reap it
+            os.waitpid(pid, os.WNOHANG)
+        return proc.is_gone(pid)
+
+    try:
+        wait_until(exited, timeout_s=timeout_s, what=f"privsep daemon pid {pid} to exit")
+    except Timeout as exc:
+        LOG.warning("privsep: %s", exc)
+        return
+    LOG.info("privsep: daemon pid %d exited", pid)
 
 
 def describe() -> list[str]:

@@ -136,6 +136,8 @@ def test_outside_the_allow_list_is_refused_by_the_daemon() -> None:
         assert process.whoami()["executed"] == who["executed"]  # nothing ran
     finally:
         brick.privileged.stop()
+    assert proc.is_gone(int(str(who["pid"])))  # stop() returns once the daemon has exited
+    assert not brick.privileged.enabled()
 
 
 def test_privsep_false_runs_in_virtmanserver(tmp_path: Path) -> None:

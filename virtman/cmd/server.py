@@ -191,6 +191,14 @@ def main(argv: list[str] | None = None) -> None:
             "virtmanserver: privsep = false: root-only operations run in this process, "
             "without the allow-lists of brick/privileged (docs/privsep.rst)"
         )
+    try:
+        serve(token)
+    finally:
+        brick.privileged.stop()  # last, and on every way out: it ran the node's root daemons
+
+
+def serve(token: str | None) -> None:
+    """Build the node from the loaded configuration and serve until a signal."""
     context = tls_context()
     try:
         settings = virtman_conf.settings_from_conf()
