@@ -26,7 +26,7 @@ from tests.functional.guestruns import (
 )
 from tests.functional.guestside import contract
 
-SIZE_MIB = 48
+SIZE_MIB = 24
 SIZE = SIZE_MIB << 20
 WORK_DIR = Path(__file__).resolve().parents[2] / ".work" / "dm-guests"  # the last run's logs
 NODES = [Node("S", 640, 1), Node("A", 768, 2), Node("B", 768, 3), Node("C", 768, 4)]

@@ -31,7 +31,7 @@ from tests.functional.guestruns import (
     module_fixtures,
 )
 
-SIZE_MIB = 32
+SIZE_MIB = 16
 WORK_DIR = Path(__file__).resolve().parents[2] / ".work" / "mixed-guests"  # the last run's logs
 NODES = [Node("S", 640, 1), Node("A", 768, 2), Node("B", 768, 3), Node("Q", 768, 4)]
 A, B, Q = "10.77.0.2:3260", "10.77.0.3:3260", "10.77.0.4:3260"
