@@ -165,15 +165,19 @@ def start(method: priv_context.Method | None = None, *, timeout_s: float = START
     except OSError as exc:
         raise PrivsepUnavailable(method.name, str(exc)) from None
     vmt_root.set_client_mode(True)
-    from brick.privileged.process import whoami  # it imports vmt_root from here
-
-    _daemon_pid = int(str(whoami()["pid"]))
+    _daemon_pid = _pid()
     LOG.info(
         "privsep: daemon pid %d started (%s), capabilities %s",
         _daemon_pid,
         method.name,
         describe(),
     )
+
+
+@vmt_root.entrypoint
+def _pid() -> int:
+    """The daemon's PID (for stop() to wait on; process.whoami says more, for the logs)."""
+    return os.getpid()
 
 
 def stop(timeout_s: float = STOP_TIMEOUT_S) -> None:
