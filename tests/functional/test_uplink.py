@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,9 @@ from brick import uplink
 from brick.exception import Conflict
 from brick.executor import execute
 from brick.netns import HOST_IFNAME, Host, Lab
+from brick.tgt import TgtAdm, TgtDaemon
 from brick.wait import wait_until
+from virtman import uplinkwatch
 
 LAB = f"{os.environ.get('VMT_TEST_LAB', 'vmt')}-q"
 SUBNET = "10.244.0.0/24"
@@ -30,6 +33,8 @@ LAB_STATE = Path("/run/vmt-test-labs")
 MBIT = 50
 OTHER = "10.244.0.99"  # a third reader's address (no host: only its class is checked)
 PRIO_QDISC = Path(prio_qdisc.__file__).resolve()
+TGT_CONTROL = int(os.environ.get("VMT_TEST_TGT_BASE", "3400")) + 51
+IQN = "iqn.2010-10.org.openstack:volume-uplink-test"
 
 
 @pytest.fixture
@@ -180,4 +185,65 @@ def test_readers_are_served_by_slot_on_a_shaped_uplink(lab: Lab, tmp_path: Path)
         assert high / (high + low) >= 0.8, (high, low)
     finally:
         up.remove()
+    assert uplink.root_qdisc(tc_show(p, "qdisc", "show")) == ("noqueue", 0)
+
+
+def hold(host: Host, url: str) -> subprocess.Popen[bytes]:
+    """An initiator in ``host`` that stays logged in: qemu-io reading commands from a pipe
+    we keep open (closing it makes qemu-io quit)."""
+    argv = [*host.nsenter_argv(), "qemu-io", "-f", "raw", "-r", url]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
+def release(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the PID we started
+        proc.wait(timeout=15)
+
+
+def test_the_watch_orders_a_real_tgtds_initiators_by_arrival(lab: Lab, tmp_path: Path) -> None:
+    """A tgtd in p exports one target; c1 logs in, then c0: c1 gets slot 0. c1 logs out:
+    c0 moves up; c1 comes back: it goes last. stop() removes the qdisc."""
+    p, c0, c1 = (lab.hosts[n] for n in ("p", "c0", "c1"))
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    daemon = TgtDaemon(TGT_CONTROL, [f"{p.address}:3260"], run_dir=tmp_path / "tgt",
+                       netns=p.netns)  # fmt: skip
+    daemon.start()
+    holders: list[subprocess.Popen[bytes]] = []
+    watch = None
+    try:
+        adm = TgtAdm(TGT_CONTROL)
+        adm.create_target(IQN, image)
+        link = uplink.Uplink(HOST_IFNAME, MBIT, netns=p.netns)
+        watch = uplinkwatch.UplinkWatch(
+            link, lambda: uplinkwatch.node_readers(adm, None, [p.address]), interval_s=0.2
+        ).start()
+        url = f"iscsi://{p.address}:3260/{IQN}/1"
+
+        def readers() -> list[str]:
+            return [str(a) for a in link.readers]
+
+        first = hold(c1, url)
+        holders.append(first)
+        wait_until(lambda: readers() == [c1.address], timeout_s=15, what="c1 as reader")
+        holders.append(hold(c0, url))
+        wait_until(lambda: readers() == [c1.address, c0.address], timeout_s=15, what="c0 after")
+        assert filters(p) == [("7674:10", c1.address), ("7674:11", c0.address)]
+        release(first)
+        wait_until(lambda: readers() == [c0.address], timeout_s=15, what="c1 gone")
+        holders.append(hold(c1, url))
+        wait_until(lambda: readers() == [c0.address, c1.address], timeout_s=15, what="c1 back")
+        assert sorted(filters(p)) == [("7674:10", c0.address), ("7674:11", c1.address)]
+        assert classes(p) == expected_classes(2)
+    finally:
+        for proc in holders:
+            release(proc)
+        if watch is not None:
+            watch.stop()
+        daemon.stop()
     assert uplink.root_qdisc(tc_show(p, "qdisc", "show")) == ("noqueue", 0)
