@@ -352,7 +352,7 @@ class Uplink:
             self.state = None
             return False
         minors = parse_classes(self._show("class"))
-        for argv in self._base(minors, "replace"):
+        for argv in self._base("replace"):
             self._tc(argv)
         slots = {m - FIRST_SLOT_MINOR for m in minors if m >= FIRST_SLOT_MINOR}
         for slot in sorted(slots):
@@ -374,16 +374,15 @@ class Uplink:
         LOG.info("uplink %s: adopted our qdisc (%d reader classes)", self.device, len(slots))
         return True
 
-    def _base(self, minors: set[int], op: str) -> list[list[str]]:
-        """The qdisc (op ``add`` only), the parent class and the default class."""
+    def _base(self, op: str) -> list[list[str]]:
+        """The qdisc (op ``add`` only), the parent class and the default class (``replace``
+        creates a class that is missing)."""
         argv = []
         if op == "add":
             argv.append(["qdisc", "add", "root", "handle", HANDLE, "htb", "default",
                          f"{DEFAULT_MINOR:x}"])  # fmt: skip
-        if op == "add" or ROOT_MINOR in minors:
-            argv.append(_class(op, classid(ROOT_MINOR), HANDLE, None))
-        if op == "add" or DEFAULT_MINOR in minors:
-            argv.append(_class(op, classid(DEFAULT_MINOR), None, 0))
+        argv.append(_class(op, classid(ROOT_MINOR), HANDLE, None))
+        argv.append(_class(op, classid(DEFAULT_MINOR), None, 0))
         return argv
 
     # -- changes ---------------------------------------------------------------------------
@@ -404,7 +403,7 @@ class Uplink:
                     "is not ours (handle 7674:): left alone",
                 )  # fmt: skip
             else:
-                for argv in self._base(set(), "add"):
+                for argv in self._base("add"):
                     self._tc(argv)
                     ran += 1
                 self.state = State()
