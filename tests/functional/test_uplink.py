@@ -33,7 +33,9 @@ LAB_STATE = Path("/run/vmt-test-labs")
 MBIT = 50
 OTHER = "10.244.0.99"  # a third reader's address (no host: only its class is checked)
 PRIO_QDISC = Path(prio_qdisc.__file__).resolve()
-TGT_CONTROL = int(os.environ.get("VMT_TEST_TGT_BASE", "3400")) + 51
+
+pytestmark = pytest.mark.functional
+TGT_CONTROL = int(os.environ.get("VMT_TEST_TGT_BASE", "3400")) + 74  # an offset no other test uses
 IQN = "iqn.2010-10.org.openstack:volume-uplink-test"
 
 
