@@ -291,8 +291,7 @@ default_opts = [
         "htb qdisc of ours (handle 7674:) on uplink_device with one class per reader, the "
         "first to arrive first, each assured uplink_floor_kbit (docs/virtman.rst, "
         "'Readers served by priority'). Off until measured on real boots: the simulation "
-        "shows it (docs/benchmarks.rst), bench/provision.py does not yet. Not for the dm "
-        "driver's LIO relays (their readers' addresses are not known).",
+        "shows it (docs/benchmarks.rst), bench/provision.py does not yet.",
     ),
     cfg.StrOpt(
         "uplink_device",

@@ -4,21 +4,23 @@ issue 15 item 4, docs/virtman.rst "Readers served by priority").
 Every ``interval_s`` (1 s) the addresses reading from this node are collected: the
 initiators of every target of the node's tgtd (its relay targets with the qemu driver or
 ``dm_relay = tgt``, and the image targets of ``create_image_target``) and the peers of the
-connections established to ``nbd_port`` (NBD relays). They are ranked in the order they
+connections established to ``iscsi_port`` and ``nbd_port`` (the dm driver's LIO relay,
+NBD relays). They are ranked in the order they
 were FIRST seen (:class:`ReaderOrder`: the order is kept across polls; a reader that
 leaves drops out, one that comes back goes last), and :class:`brick.uplink.Uplink` gives
 the first the highest priority on the device that carries ``host_ip``. An unchanged list
 runs no command. The qdisc is adopted at start when it is ours and removed on stop.
 
-Not covered: the dm driver's LIO relay targets (``dm_relay = lio``, the default): LIO's
-sessions name the initiator, not its address; their readers go to the default class.
+Within one round tgtd's sessions come oldest first (its I_T nexus numbers); the peers read
+from ``/proc/net/tcp{,6}`` (LIO's, NBD's) come in the kernel's table order, so two LIO
+readers that arrive within the same second are ranked in no particular order.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from brick import uplink
@@ -55,12 +57,14 @@ def tgt_readers(tgt: Any) -> list[str]:
     return [c.address for c in sorted(connections, key=lambda c: c.nexus)]
 
 
-def node_readers(tgt: Any, nbd_port: int | None, local: Iterable[str]) -> list[str]:
-    """This node's readers now: tgtd's initiators, then NBD peers; loopback addresses and
-    the node's own (``local``) left out, since their reads never cross the uplink."""
+def node_readers(tgt: Any, ports: Sequence[int], local: Iterable[str]) -> list[str]:
+    """This node's readers now: tgtd's initiators, then the peers established on each of
+    ``ports``; loopback addresses and the node's own (``local``) left out, since their reads
+    never cross the uplink. A reader may appear more than once (:class:`ReaderOrder` keeps
+    its first place)."""
     found = tgt_readers(tgt)
-    if nbd_port:
-        found += established_peers(nbd_port)
+    for port in ports:
+        found += established_peers(port)
     mine = {uplink.reader_address(a) for a in local}
     kept = []
     for text in found:
@@ -138,7 +142,7 @@ def link_rate(device: str, mbit: int) -> int:
     return max(1, int(speed * SPEED_SHARE))
 
 
-def from_conf(conf: Any, host_ip: str, tgt: Any, nbd_port: int | None) -> UplinkWatch | None:
+def from_conf(conf: Any, host_ip: str, tgt: Any, ports: Sequence[int]) -> UplinkWatch | None:
     """The watch ``uplink_priority`` asks for (None when off); ``ValueError`` naming the
     option when the device, its rate or the floor cannot be used."""
     if not conf.uplink_priority:
@@ -157,4 +161,4 @@ def from_conf(conf: Any, host_ip: str, tgt: Any, nbd_port: int | None) -> Uplink
         "uplink priority: %s at %d Mbit/s, floor %d kbit/s",
         device, rate, link.floor_kbit,
     )  # fmt: skip
-    return UplinkWatch(link, lambda: node_readers(tgt, nbd_port, local))
+    return UplinkWatch(link, lambda: node_readers(tgt, tuple(ports), local))

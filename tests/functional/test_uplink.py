@@ -223,7 +223,7 @@ def test_the_watch_orders_a_real_tgtds_initiators_by_arrival(lab: Lab, tmp_path:
         adm.create_target(IQN, image)
         link = uplink.Uplink(HOST_IFNAME, MBIT, netns=p.netns)
         watch = uplinkwatch.UplinkWatch(
-            link, lambda: uplinkwatch.node_readers(adm, None, [p.address]), interval_s=0.2
+            link, lambda: uplinkwatch.node_readers(adm, (), [p.address]), interval_s=0.2
         ).start()
         url = f"iscsi://{p.address}:3260/{IQN}/1"
 

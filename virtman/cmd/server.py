@@ -288,7 +288,8 @@ def serve(token: str | None) -> None:
         )
     uplink = None
     try:  # uplink_priority: before serving, so that a bad option stops the start
-        uplink = uplinkwatch.from_conf(CONF, host_ip, driver.tgt, settings.nbd_port)
+        ports = (settings.iscsi_port, settings.nbd_port)  # relays: tgtd or LIO, and NBD
+        uplink = uplinkwatch.from_conf(CONF, host_ip, driver.tgt, ports)
         if uplink is not None:
             uplink.start()  # adopts our qdisc of a previous run
     except (ValueError, OSError, BrickError) as exc:

@@ -48,10 +48,15 @@ def test_readers_are_every_targets_initiators_oldest_session_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tgt = FakeTgt([target(1, (B, 7), ("127.0.0.1", 2)), target(2, (A, 3), ("10.244.0.1", 9))])
-    monkeypatch.setattr(uplinkwatch, "established_peers", lambda port: [C, "::1", "fd00::9"])
+    peers = {10809: [C, "::1", "fd00::9"], 3260: [B, "10.244.0.9"]}
+    monkeypatch.setattr(uplinkwatch, "established_peers", lambda port: peers[port])
     # loopback and the node's own address left out: their reads do not cross the uplink
-    assert uplinkwatch.node_readers(tgt, 10809, ["10.244.0.1"]) == [A, B, C, "fd00::9"]
-    assert uplinkwatch.node_readers(tgt, None, ["10.244.0.1"]) == [A, B]
+    assert uplinkwatch.node_readers(tgt, (10809,), ["10.244.0.1"]) == [A, B, C, "fd00::9"]
+    assert uplinkwatch.node_readers(tgt, (), ["10.244.0.1"]) == [A, B]
+    # LIO's readers (iscsi_port's peers) after tgtd's; a reader twice keeps its first place
+    got = uplinkwatch.node_readers(tgt, (3260,), ["10.244.0.1"])
+    assert got == [A, B, B, "10.244.0.9"]
+    assert uplinkwatch.ReaderOrder().update(got) == [A, B, "10.244.0.9"]
 
 
 def test_poll_applies_the_order_and_an_unchanged_one_runs_nothing() -> None:
@@ -122,11 +127,11 @@ def conf(**over: object) -> SimpleNamespace:
 
 
 def test_from_conf_off_builds_nothing() -> None:
-    assert uplinkwatch.from_conf(conf(uplink_priority=False), A, FakeTgt([]), 10809) is None
+    assert uplinkwatch.from_conf(conf(uplink_priority=False), A, FakeTgt([]), (10809,)) is None
 
 
 def test_from_conf_builds_the_watch() -> None:
-    watch = uplinkwatch.from_conf(conf(), A, FakeTgt([target(1, (A, 1), (B, 2))]), None)
+    watch = uplinkwatch.from_conf(conf(), A, FakeTgt([target(1, (A, 1), (B, 2))]), ())
     assert watch is not None
     assert (watch.link.device, watch.link.mbit, watch.link.floor_kbit) == ("eth0", 1000, 10000)
     assert watch.readers() == [B]  # the node's own address is not a reader
@@ -142,7 +147,7 @@ def test_from_conf_builds_the_watch() -> None:
 )
 def test_from_conf_names_what_is_wrong(over: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        uplinkwatch.from_conf(conf(**over), A, FakeTgt([]), None)
+        uplinkwatch.from_conf(conf(**over), A, FakeTgt([]), ())
 
 
 def test_link_rate_from_sysfs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
