@@ -236,8 +236,8 @@ def test_a_failed_command_makes_the_next_apply_read_the_kernel_again() -> None:
     assert tc.changes()[-1] == filt(B, 11, "11")
 
 
-# Captured from `tc class show` / `tc filter show ... parent 7674:` (iproute2 6.1) with
-# readers 10.244.0.2 and 10.244.0.3 and fd00::9: see tests/functional/test_uplink.py.
+# Captured from `tc class show` / `tc filter show ... parent 7674:` (iproute2 6.1, 2026-12-07) with
+# readers 10.244.0.2, 10.244.0.3 and fd00::9 (slot 2's class line left out). 6.1 prints "*flowid".
 CLASSES = (DATA / "tc-class-show.txt").read_text()
 FILTERS = (DATA / "tc-filter-show.txt").read_text()
 FILTERS_V6 = (DATA / "tc-filter-show-v6.txt").read_text()
@@ -247,7 +247,7 @@ def test_parse_reads_the_filters_back() -> None:
     assert uplink.parse_filters(FILTERS + FILTERS_V6) == [
         uplink.ShownFilter(10, "7674:10", ipaddress.ip_address(A)),
         uplink.ShownFilter(11, "7674:11", ipaddress.ip_address(B)),
-        uplink.ShownFilter(12, "7674:10", ipaddress.ip_address(V6)),
+        uplink.ShownFilter(12, "7674:12", ipaddress.ip_address(V6)),
     ]
     assert uplink.parse_classes(CLASSES) == {0x1, 0x2, 0x10, 0x11}
     assert uplink.root_qdisc("qdisc noqueue 0: root refcnt 2 \n") == ("noqueue", 0)
