@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from brick.executor import execute
 from brick.netns import HOST_IFNAME, Host, Lab
 from brick.tgt import TgtAdm, TgtDaemon
 from brick.wait import wait_until
+from tests.functional.virtmanproc import VIRTMANSERVER, VirtmanProcess
 from virtman import uplinkwatch
 
 LAB = f"{os.environ.get('VMT_TEST_LAB', 'vmt')}-q"
@@ -248,4 +250,67 @@ def test_the_watch_orders_a_real_tgtds_initiators_by_arrival(lab: Lab, tmp_path:
         if watch is not None:
             watch.stop()
         daemon.stop()
+    assert uplink.root_qdisc(tc_show(p, "qdisc", "show")) == ("noqueue", 0)
+
+
+class NsVirtman(VirtmanProcess):
+    """A real virtmanserver (qemu driver, no Volt) inside ``host``'s namespace, host_ip its
+    address. Never addressed from here: it is stopped by SIGTERM to its PID."""
+
+    def __init__(self, host: Host, workdir: Path, **options: object) -> None:
+        self.host = host
+        super().__init__(workdir, host_ip=host.address, **options)
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        argv = [*self.host.nsenter_argv(), *VIRTMANSERVER, "--config-file", str(self.config_path)]
+        with open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        return self.proc
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # the PID we started
+            self.proc.wait()
+            self.reap()
+            raise
+
+
+def test_virtmanserver_serves_its_readers_by_priority_and_removes_the_qdisc(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """uplink_priority = true on a real virtmanserver in p: its uplink gets our qdisc at
+    start, an initiator of a target of its tgtd (qemu-io in c0) gets slot 0, and SIGTERM
+    leaves the device its default qdisc."""
+    p, c0 = lab.hosts["p"], lab.hosts["c0"]
+    node = NsVirtman(p, tmp_path / "node", uplink_priority="true", uplink_mbit=MBIT)
+    node.start()
+    holder = None
+    try:
+        assert "uplink priority: eth0 at 50 Mbit/s, floor 1000 kbit/s" in node.logs()
+        assert uplink.root_qdisc(tc_show(p, "qdisc", "show")) == ("htb", uplink.MAJOR)
+        assert classes(p) == expected_classes(0)
+        image = tmp_path / "image.raw"
+        image.write_bytes(os.urandom(1 << 20))
+        adm = TgtAdm(node.tgt_control_port)
+        adm.create_target(IQN, image)
+        iscsi_port = int(re.search(r"^iscsi_port = (\d+)$", node.config_path.read_text(),
+                                   re.MULTILINE).group(1))  # type: ignore[union-attr]  # fmt: skip
+        holder = hold(c0, f"iscsi://{p.address}:{iscsi_port}/{IQN}/1")
+        wait_until(lambda: filters(p) == [("7674:10", c0.address)], timeout_s=15,
+                   what="c0's filter")  # fmt: skip
+        assert classes(p) == expected_classes(1)
+        release(holder)
+        adm.delete_target(IQN)
+        wait_until(lambda: filters(p) == [], timeout_s=15, what="c0's filter removed")
+    finally:
+        if holder is not None:
+            release(holder)
+        assert node.terminate() == 0, node.logs()[-4000:]
     assert uplink.root_qdisc(tc_show(p, "qdisc", "show")) == ("noqueue", 0)
