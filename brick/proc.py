@@ -6,6 +6,7 @@ reused PID is never taken for ours.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,8 +44,17 @@ def ended(pid: int, is_ours: Callable[[int], bool]) -> bool:
 
 def established_connections(port: int) -> int:
     """TCP connections established to local ``port`` in this network namespace."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    return len(established_peers(port))
+
+
+def established_peers(
+    port: int, tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")
+) -> list[str]:
+    """The remote addresses of the TCP connections established to local ``port`` in this
+    network namespace, one per connection, in the tables' order (an IPv4-mapped IPv6 peer
+    as IPv4)."""
+    peers = []
+    for table in tables:
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except FileNotFoundError:
@@ -53,5 +63,15 @@ def established_connections(port: int) -> int:
             fields = line.split()
             local_port = int(fields[1].rpartition(":")[2], 16)
             if local_port == port and fields[3] == "01":
-                count += 1
-    return count
+                peers.append(_proc_address(fields[2].rpartition(":")[0]))
+    return peers
+
+
+def _proc_address(text: str) -> str:
+    """An address as /proc/net/tcp{,6} prints it: 32-bit words in host (little-endian)
+    byte order, as hex."""
+    raw = b"".join(bytes.fromhex(text[i : i + 8])[::-1] for i in range(0, len(text), 8))
+    address = ipaddress.ip_address(raw)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

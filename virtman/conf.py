@@ -283,6 +283,39 @@ default_opts = [
         max=10000,
         help="Pause of each prefetch reader after every read (leaves bandwidth to the VM).",
     ),
+    cfg.BoolOpt(
+        "uplink_priority",
+        default=False,
+        help="Serve the nodes reading from this node (its relay and image targets' "
+        "initiators, its NBD peers) in strict priority of their arrival on the uplink: an "
+        "htb qdisc of ours (handle 7674:) on uplink_device with one class per reader, the "
+        "first to arrive first, each assured uplink_floor_kbit (docs/virtman.rst, "
+        "'Readers served by priority'). Off until measured on real boots: the simulation "
+        "shows it (docs/benchmarks.rst), bench/provision.py does not yet.",
+    ),
+    cfg.StrOpt(
+        "uplink_device",
+        help="uplink_priority: the device whose egress is ordered (default: the device "
+        "carrying host_ip, from `ip -o addr`).",
+    ),
+    cfg.IntOpt(
+        "uplink_mbit",
+        default=0,
+        min=0,
+        max=1000000,
+        help="uplink_priority: the link rate the classes share, in Mbit/s; set it a little "
+        "below the real rate, so that the queue forms in the qdisc and not in the NIC. 0: "
+        "95 % of the speed in /sys/class/net/<uplink_device>/speed (virtmanserver stops "
+        "with an error when the kernel does not know it, e.g. a veth).",
+    ),
+    cfg.IntOpt(
+        "uplink_floor_kbit",
+        default=0,
+        min=0,
+        help="uplink_priority: the rate each reader (and the default class) is assured "
+        "whatever the readers above it take, in kbit/s; at most a tenth of the link. 0: 1 % "
+        "of the link, at least 1000.",
+    ),
 ]
 
 

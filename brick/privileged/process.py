@@ -43,7 +43,7 @@ ROOT_COMMANDS: dict[str, str] = {
     "tee": "only `tee -a /sys/block/sdX/device/delete`: drops a SCSI disk after logout",
     "tgtadm": "targets, LUNs and CHAP accounts of tgtd (its management socket is root's)",
     "ip": "network namespaces, veth/bridge/tap links and addresses",
-    "tc": "token-bucket rate limits on lab links",
+    "tc": "token-bucket rate limits on lab links; the uplink's reader classes (brick.uplink)",
     "nsenter": "only `nsenter --net=/var/run/netns/<ns>` followed by an allow-listed command",
     "fusermount3": "only `fusermount3 -u -z <mountpoint>`: lazy unmount of a FUSE export",
     "qemu-storage-daemon": "FUSE exports and block-device nodes (started with --daemonize)",

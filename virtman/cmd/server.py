@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import brick.privileged
 import brick.privileged.process
 from brick import values
-from virtman import capture, imageservice
+from brick.exception import BrickError
+from virtman import capture, imageservice, uplinkwatch
 from virtman import conf as virtman_conf
 from virtman.compute import Virtman
 from virtman.conf import Settings
@@ -285,6 +286,19 @@ def serve(token: str | None) -> None:
             if token is None or CONF.zvm_api_auth == "token"
             else f", or peer-uid of {', '.join(CONF.zvm_api_peer_users)}",
         )
+    uplink = None
+    try:  # uplink_priority: before serving, so that a bad option stops the start
+        ports = (settings.iscsi_port, settings.nbd_port)  # relays: tgtd or LIO, and NBD
+        uplink = uplinkwatch.from_conf(CONF, host_ip, driver.tgt, ports)
+        if uplink is not None:
+            uplink.start()  # adopts our qdisc of a previous run
+    except (ValueError, OSError, BrickError) as exc:
+        if uplink is not None:
+            uplink.stop()
+        if zvm_server is not None:
+            zvm_server.stop()
+        server.server_close()
+        fail(str(exc))
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -310,6 +324,8 @@ def serve(token: str | None) -> None:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if uplink is not None:
+            uplink.stop()  # removes our qdisc
         if zvm_server is not None:
             zvm_server.stop()
         server.server_close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,26 @@ def test_a_process_still_exiting_has_not_ended(monkeypatch: pytest.MonkeyPatch) 
     looks like ours, while it is not a zombie yet (seen with a SIGKILLed tgtd under load)."""
     monkeypatch.setattr(proc, "cmdline", lambda pid: [])
     assert proc.ended(os.getpid(), lambda pid: False) is False
+
+
+TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100000A:2A41 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0100000A:2A41 0300000A:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0100000A:0CBC 0400000A:C351 01 00000000:00000000 00:00000000 00000000     0        0 3 1
+   3: 0100000A:2A41 0200000A:C352 01 00000000:00000000 00:00000000 00000000     0        0 4 1
+"""
+TCP6 = """\
+  sl  local_address                         remote_address                        st
+   0: 000000FD000000000000000001000000:2A41 000000FD000000000000000009000000:D431 01 0 0
+   1: 0000000000000000FFFF00000100000A:2A41 0000000000000000FFFF00000500000A:D432 01 0 0
+"""
+
+
+def test_established_peers_reads_both_tables(tmp_path: Path) -> None:
+    (tmp_path / "tcp").write_text(TCP)
+    (tmp_path / "tcp6").write_text(TCP6)
+    tables = (str(tmp_path / "tcp"), str(tmp_path / "tcp6"))
+    # port 0x2A41 = 10817: established ones only (not the listener), in table order
+    assert proc.established_peers(10817, tables) == ["10.0.0.3", "10.0.0.2", "fd00::9", "10.0.0.5"]
+    assert proc.established_peers(3260, tables) == ["10.0.0.4"]
