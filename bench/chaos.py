@@ -91,6 +91,9 @@ BLOCK = 64 << 10
 MARKER = ".vmt-chaos"
 FAULTS = ("virtmanserver", "qsd", "tgtd", "volt-api", "link")
 OUTAGE_FAULTS = ("qsd",)  # the faulted node's own disks may fail (see above)
+# A node's shutdown is bounded by its heartbeat thread's join (30 s), the children's grace
+# period and the forced teardown (120 s, virtman.compute): beyond this, it hangs.
+STOP_TIMEOUT_S = 180.0
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -589,10 +592,17 @@ class Chaos:
             c.destroy_all()
         except Exception as exc:
             self.problems.append(f"destroy: {exc}")
+        stops = []
         for name in [*c.node_names, "img", "volt"]:
             daemon = c.daemons.pop(name, None)
-            if daemon is not None and daemon.stop() != 0:
-                self.problems.append(f"{name}'s daemon exited {daemon.proc.returncode}")
+            if daemon is None:
+                continue
+            t0 = time.monotonic()
+            status = daemon.stop(timeout=STOP_TIMEOUT_S)
+            stops.append(f"{name} {time.monotonic() - t0:.1f} s")
+            if status != 0:
+                self.problems.append(f"{name}'s daemon exited {status}{_log_ends(daemon)}")
+        print(f"daemons stopped: {', '.join(stops)}", flush=True)
         for host in c.hosts:
             left = c.processes(host)
             if left:
@@ -626,6 +636,16 @@ class Chaos:
         left = [p.name for p in (self.workdir / "vms").glob("*")]
         if left:
             self.problems.append(f"files left in {self.workdir / 'vms'}: {left}")
+
+
+def _log_ends(daemon: Any) -> str:
+    """The last lines of a daemon's log file and of its output (stacks, on SIGUSR1)."""
+    parts = []
+    for path in (daemon.extra.get("dir", daemon.log.parent) / "virtman.log", daemon.log):
+        if path.exists():
+            lines = path.read_text(errors="replace").splitlines()[-60:]
+            parts.append(f"\n  the end of {path}:\n    " + "\n    ".join(lines))
+    return "".join(parts)
 
 
 def _cycle(graph: dict[str, list[str]]) -> list[str]:

@@ -7,6 +7,7 @@ checked through their logs and every RPC runs inside the control namespace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -60,6 +61,7 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     log: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    dumps_stacks: bool = False  # SIGUSR1 writes every thread's stack to its log (faulthandler)
 
     def stop(self, timeout: float = 60.0) -> int:
         self.terminate()
@@ -75,6 +77,10 @@ class Daemon:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            if self.dumps_stacks:  # where it hangs, for the log, before it is killed
+                self.proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2)
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode
@@ -348,7 +354,8 @@ class LocalCluster:
         log = d / "virtmanserver.out"
         extra: dict[str, Any] = {"dir": d, "log_offset": log.stat().st_size if log.exists() else 0}
         proc = host.spawn([PYTHON, "-m", "virtman.cmd.server", "--config-file", str(conf)], log)
-        daemon = self.daemons[host_name] = Daemon(host_name, host, proc, log, extra)
+        daemon = Daemon(host_name, host, proc, log, extra, dumps_stacks=True)
+        self.daemons[host_name] = daemon
         self._wait_log(daemon, "Virtman Server Run ...")
         return daemon
 

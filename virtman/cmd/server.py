@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import os
 import signal
@@ -183,6 +184,8 @@ def start_privsep() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # kill -USR1: every thread's stack on stderr, to see where a stop or a call hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     virtman_conf.load(sys.argv[1:] if argv is None else argv, prog="virtmanserver")
     token = check_auth()
     if CONF.privsep:
