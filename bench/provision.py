@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -118,11 +119,15 @@ class Result:
 
     @property
     def p50(self) -> float:
-        return percentile(self.times, 0.5)
+        return percentile(self.times, 0.5) if self.times else math.nan  # nan: it failed
 
     @property
     def p99(self) -> float:
-        return percentile(self.times, 0.99)
+        return percentile(self.times, 0.99) if self.times else math.nan
+
+    @property
+    def slowest(self) -> float:
+        return max(self.times, default=math.nan)
 
 
 @dataclass
@@ -334,16 +339,19 @@ class Bench:
         def boot(node: str) -> float:
             started = time.monotonic()
             local = cluster.node_dir(node) / "full-copy.raw"
-            env = self.chap_env()
-            subprocess.run(
-                [*cluster.hosts[node].nsenter_argv(), "qemu-img", "convert", "-O", "raw",
-                 "-f", "raw", url, str(local)],
-                env=env, check=True, capture_output=True, timeout=3600,
-            )  # fmt: skip
-            self.replay(node, local)
-            elapsed = time.monotonic() - started
-            local.unlink()
-            return elapsed
+            try:
+                copy = subprocess.run(
+                    [*cluster.hosts[node].nsenter_argv(), "qemu-img", "convert", "-O", "raw",
+                     "-f", "raw", url, str(local)],
+                    env=self.chap_env(), capture_output=True, text=True, timeout=3600,
+                    check=False,
+                )  # fmt: skip
+                if copy.returncode != 0:
+                    raise RuntimeError(f"qemu-img convert: {copy.stderr.strip()[-300:]}")
+                self.replay(node, local)
+                return time.monotonic() - started
+            finally:
+                local.unlink(missing_ok=True)
 
         return self.burst("full", nodes, boot)
 
@@ -403,8 +411,9 @@ class Bench:
             results.append(self.real_boots(nodes[: self.args.real_boots]))
         return results
 
-    def sweep(self) -> list[Point]:
-        """Every variant at every (server link, N) point, on one cluster of the largest N."""
+    def sweep(self, measured: Callable[[list[Point]], None]) -> list[Point]:
+        """Every variant at every (server link, N) point, on one cluster of the largest N;
+        ``measured(points so far)`` after each point (an interrupted sweep keeps them)."""
         args = self.args
         self.setup(max(args.sweep_nodes))
         assert self.cluster is not None and self.trace is not None
@@ -425,25 +434,43 @@ class Bench:
                 )
                 print(last_line(point.results), flush=True)
                 points.append(point)
+                measured(points)
         return points
 
     def variants(self, nodes: Sequence[str]) -> list[Result]:
+        """Every variant on ``nodes``. A full copy that fails (over libiscsi, 16 copies on
+        a 16 Mbit/s link fail) is a row without times, and the others still run: it leaves
+        nothing behind, unlike a stack or a daemon that fails."""
         results = []
         for variant in self.args.variants:
-            if variant == "full":
-                results.append(self.full_copy(nodes))
-            elif variant == "direct":
-                results.append(self.direct(nodes))
-            elif variant in ("btree", "balanced"):
-                results.append(self.vmthunder(variant, variant, nodes))
-            elif variant == "prefetch":
-                trace = self.prefetch_dir / f"{VOLUME}.trace.json"
-                shutil.copyfile(self.trace_path, trace)
-                try:
-                    results.append(self.vmthunder("prefetch", "balanced", nodes))
-                finally:
-                    trace.unlink()
+            if variant == "full" and len(nodes) > self.args.full_max_nodes:
+                say(f"full copy not run on {len(nodes)} nodes (--full-max-nodes)")
+                results.append(Result("full", len(nodes), [], 0, 0, 0, 0, notes=["not run"]))
+                continue
+            try:
+                results.append(self.variant(variant, nodes))
+            except RuntimeError as exc:
+                if variant != "full":
+                    raise
+                say(f"full copy failed: {exc}")
+                failed = Result("full", len(nodes), [], 0, 0, 0, 0, notes=[f"failed: {exc}"])
+                results.append(failed)
         return results
+
+    def variant(self, variant: str, nodes: Sequence[str]) -> Result:
+        if variant == "full":
+            return self.full_copy(nodes)
+        if variant == "direct":
+            return self.direct(nodes)
+        if variant in ("btree", "balanced"):
+            return self.vmthunder(variant, variant, nodes)
+        assert variant == "prefetch", variant
+        trace = self.prefetch_dir / f"{VOLUME}.trace.json"
+        shutil.copyfile(self.trace_path, trace)
+        try:
+            return self.vmthunder("prefetch", "balanced", nodes)
+        finally:
+            trace.unlink()
 
     def teardown(self) -> None:
         if self.real is not None:  # the VMs go before the stacks under them
@@ -468,7 +495,7 @@ def report(results: list[Result], trace: boottrace.BootTrace) -> list[str]:
     ]
     for r in results:
         lines.append(
-            f"{r.variant:<10} {r.nodes:>5} {r.p50:7.1f} {r.p99:7.1f} {max(r.times):7.1f} "
+            f"{r.variant:<10} {r.nodes:>5} {r.p50:7.1f} {r.p99:7.1f} {r.slowest:7.1f} "
             f"{r.p99 / single.p99:9.2f} {r.image_server_sent / MB:16.1f} "
             f"{r.peers_sent / MB:9.1f} {r.local_served / MB:15.1f} {r.fetched / MB:11.1f}  "
             f"{' '.join(r.notes)}"
@@ -627,6 +654,7 @@ def plot(
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("p99 boot time, s (burst start to booted)")
     times = [r.p99 for p in points for r in p.results] + [row["p99"] for row in sim_rows]
+    times = [t for t in times if not math.isnan(t)]  # a variant that failed: no point
     if max(times) > 10 * min(times):
         axes[0][0].set_yscale("log")
     else:
@@ -674,6 +702,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="full,direct,btree,balanced,prefetch",
         type=lambda text: [v for v in text.split(",") if v],
         help="comma-separated, from full,direct,btree,balanced,prefetch (single always runs)",
+    )
+    parser.add_argument(
+        "--full-max-nodes",
+        type=int,
+        default=60,
+        metavar="K",
+        help="full copy only on up to K nodes (it takes N x the image's link time); default 60",
     )
     parser.add_argument("--workdir", default="/var/lib/vmthunder/provision")
     parser.add_argument("--cache-dir", default="/var/cache/vmthunder/guest")
@@ -801,8 +836,12 @@ def replot(json_path: Path, png: Path) -> None:
 
 
 def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
+    def save(points: list[Point]) -> None:  # after every point: a cut sweep keeps them
+        assert bench.trace is not None
+        write_sweep(args, bench.trace, points, complete=False)
+
     try:
-        points = bench.sweep()
+        points = bench.sweep(save)
     except KeyboardInterrupt:
         say("interrupted")
         return 130
@@ -814,20 +853,37 @@ def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
         say(f"nodes {point.nodes}, image server {point.server_mbit:g} Mbit/s:")
         for line in report(point.results, trace):
             print(line)
-    sim_rows = simulated(trace, points, args.variants)
-    for row in sim_rows:
+    for row in write_sweep(args, trace, points, complete=True):
         say(
             f"simulated {row['variant']:<9} nodes {row['nodes']:>3} server "
             f"{row['server_mbit']:g} Mbit/s p99 {row['p99']:6.1f} s"
         )
+    say(f"run took {time.monotonic() - started:.0f} s")
+    print(
+        f"provision: sweep {len(points)} points, nodes {','.join(map(str, args.sweep_nodes))}, "
+        f"server {','.join(f'{s:g}' for s in args.sweep_server_mbit)} Mbit/s, plot "
+        f"{args.plot}, json {args.json}",
+        flush=True,
+    )
+    return 0
+
+
+def write_sweep(
+    args: argparse.Namespace, trace: boottrace.BootTrace, points: list[Point], *, complete: bool
+) -> list[dict[str, Any]]:
+    """The sweep's JSON and plot for the points so far, with the simulation's rows (which
+    it returns); ``complete`` is False until the last point."""
+    sim_rows = simulated(trace, points, args.variants)
     title = (
         f"bench/provision.py, guest {args.guest}, boot read set {trace.read_bytes / MB:.1f} MB\n"
         "measured (solid) and bench/simulate.py (dashed)"
     )
-    args.json.write_text(
+    partial = args.json.with_name(args.json.name + ".part")
+    partial.write_text(
         json.dumps(
             {
                 "title": title,
+                "complete": complete,
                 "guest": args.guest,
                 "node_mbit": args.node_mbit,
                 "variants": ["single", *args.variants],
@@ -840,15 +896,9 @@ def run_sweep(args: argparse.Namespace, bench: Bench, started: float) -> int:
             indent=1,
         )
     )
+    partial.replace(args.json)  # never a half-written file
     plot(args.plot, points, sim_rows, args.variants, title)
-    say(f"run took {time.monotonic() - started:.0f} s")
-    print(
-        f"provision: sweep {len(points)} points, nodes {','.join(map(str, args.sweep_nodes))}, "
-        f"server {','.join(f'{s:g}' for s in args.sweep_server_mbit)} Mbit/s, plot "
-        f"{args.plot}, json {args.json}",
-        flush=True,
-    )
-    return 0
+    return sim_rows
 
 
 if __name__ == "__main__":

@@ -96,6 +96,74 @@ def test_replot_draws_a_sweep_again_from_its_json(tmp_path: Path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _bench(tmp_path: Path, variants: list[str], full_max_nodes: int = 60) -> Any:
+    args = provision.parse_args(
+        ["--variants", ",".join(variants), "--full-max-nodes", str(full_max_nodes)]
+    )
+    return provision.Bench(args)
+
+
+def test_a_full_copy_that_fails_is_a_row_without_times_and_the_others_still_run(tmp_path: Path):
+    bench = _bench(tmp_path, ["full", "direct"])
+    ran = []
+
+    def variant(name: str, nodes: list[str]) -> provision.Result:
+        ran.append(name)
+        if name == "full":
+            raise RuntimeError("full: 10 node(s) failed, n3: qemu-img convert: exit 1")
+        return result(name, len(nodes), 4.0)
+
+    bench.variant = variant
+    full, direct = bench.variants(["n1", "n2"])
+    assert ran == ["full", "direct"]
+    assert full.times == [] and full.notes == [
+        "failed: full: 10 node(s) failed, n3: qemu-img convert: exit 1"
+    ]
+    assert all(v != v for v in (full.p50, full.p99, full.slowest))  # nan
+    assert direct.p99 == 4.0
+    line = provision.report([result("single", 1, 2.0), full, direct], TRACE)[2]
+    assert line.split()[:5] == ["full", "2", "nan", "nan", "nan"]
+
+
+def test_any_other_variant_that_fails_ends_the_run(tmp_path: Path):
+    bench = _bench(tmp_path, ["direct", "balanced"])
+
+    def variant(name: str, nodes: list[str]) -> provision.Result:
+        raise RuntimeError(f"{name}: 1 node(s) failed")  # it may leave a stack or a daemon
+
+    bench.variant = variant
+    with pytest.raises(RuntimeError, match="direct: 1 node"):
+        bench.variants(["n1"])
+
+
+def test_full_copy_runs_only_up_to_full_max_nodes(tmp_path: Path):
+    bench = _bench(tmp_path, ["full"], full_max_nodes=4)
+    bench.variant = lambda name, nodes: result(name, len(nodes), 9.0)
+    assert bench.variants(["n1", "n2", "n3", "n4"])[0].p99 == 9.0
+    [skipped] = bench.variants([f"n{i}" for i in range(1, 9)])
+    assert (skipped.nodes, skipped.times, skipped.notes) == (8, [], ["not run"])
+
+
+def test_the_sweep_is_written_after_every_point_and_plots_a_failed_variant(tmp_path: Path):
+    args = provision.parse_args(
+        ["--sweep-nodes", "1,2", "--variants", "full,direct", "--json",
+         str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]
+    )  # fmt: skip
+    single = result("single", 1, 5.0)
+    failed = provision.Result("full", 2, [], 0, 0, 0, 0, notes=["failed: x"])
+    points = [provision.Point(1, 16, 1000, [single, result("full", 1, 30), result("direct", 1, 6)])]
+    provision.write_sweep(args, TRACE, points, complete=False)
+    first = json.loads((tmp_path / "s.json").read_text())
+    assert first["complete"] is False and [p["nodes"] for p in first["points"]] == [1]
+    points.append(provision.Point(2, 16, 1000, [single, failed, result("direct", 2, 9)]))
+    provision.write_sweep(args, TRACE, points, complete=True)
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["complete"] is True and [p["nodes"] for p in data["points"]] == [1, 2]
+    assert data["points"][1]["results"][1]["times"] == []
+    assert not (tmp_path / "s.json.part").exists()
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_real_boots_options():
     args = provision.parse_args(["--nodes", "4", "--real-boots", "4", "--variants", "balanced"])
     assert args.real_boots == 4 and args.variants == ["balanced"]
