@@ -18,13 +18,13 @@ report itself, and one that found the parent alive is not lost for good.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from brick import values
 from brick.net import accepts
+from brick.periodic import Periodic
 from virtman.layers.base import Endpoint
 
 LOG = logging.getLogger(__name__)
@@ -79,25 +79,14 @@ class ParentWatch:
         self.clock = clock
         # (image, parent) -> (when last reported, reports so far)
         self.reported: dict[tuple[str, str], tuple[float, int]] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic("parent-watch", interval_s, self.check)
 
     def start(self) -> ParentWatch:
-        self._thread = threading.Thread(target=self._run, name="parent-watch", daemon=True)
-        self._thread.start()
+        self._rounds.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception:
-                LOG.exception("parent watch round failed")
+        self._rounds.stop()
 
     def check(self) -> list[tuple[str, str]]:
         """One round; returns the (image, parent) pairs reported in it."""

@@ -9,9 +9,9 @@ this a SIGKILLed qemu-storage-daemon or tgtd went unnoticed until virtmanserver 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
+from brick.periodic import Periodic
 from virtman.layers.base import Driver, Revived
 
 LOG = logging.getLogger(__name__)
@@ -24,8 +24,7 @@ class Supervisor:
         self.driver = driver
         self.interval_s = interval_s
         self.listeners: list[Listener] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic("supervisor", interval_s, self._round, join_timeout_s=60)
 
     def check(self) -> Revived:
         """One round: restart what died, then let every listener rebuild what it lost
@@ -40,22 +39,14 @@ class Supervisor:
         return revived
 
     def start(self) -> None:
-        if self.interval_s <= 0 or self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
-        self._thread.start()
+        self._rounds.start()
 
     def stop(self) -> None:
         """Stop checking (before the daemons are stopped on purpose)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-            self._thread = None
+        self._rounds.stop()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception as exc:  # a failed start is retried next round
-                LOG.error("a node daemon could not be started again: %s; retrying", exc)
+    def _round(self) -> None:
+        try:
+            self.check()
+        except Exception as exc:  # a failed start is retried next round
+            LOG.error("a node daemon could not be started again: %s; retrying", exc)

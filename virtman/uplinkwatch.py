@@ -19,12 +19,12 @@ readers that arrive within the same second are ranked in no particular order.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from brick import uplink
 from brick.exception import BrickError
+from brick.periodic import Periodic
 from brick.proc import established_peers
 
 LOG = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ class UplinkWatch:
         self.readers = readers
         self.interval_s = interval_s
         self.order = ReaderOrder()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic("uplink-watch", interval_s, self.poll)
 
     def start(self) -> UplinkWatch:
         """Adopt our qdisc if the device's root carries it (a previous run's), apply the
@@ -101,26 +100,16 @@ class UplinkWatch:
         if self.link.adopt():
             self.order.order = [str(a) for a in self.link.readers]
         self.poll()
-        self._thread = threading.Thread(target=self._run, name="uplink-watch", daemon=True)
-        self._thread.start()
+        self._rounds.start()
         return self
 
     def stop(self) -> None:
         """Stop polling and remove our qdisc (the device's default comes back)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._rounds.stop()
         try:
             self.link.remove()
         except Exception as exc:  # shutdown goes on: the next start adopts and fixes it
             LOG.warning("uplink priority: could not remove the qdisc: %s", exc)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.poll()
-            except Exception:
-                LOG.exception("uplink priority: round failed")
 
     def poll(self) -> int:
         """One round; returns the tc commands it ran."""

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from brick import bus
+from brick.periodic import Periodic
 from volt.cluster.nodes import NodeEndpoint
 
 LOG = logging.getLogger(__name__)
@@ -69,14 +70,11 @@ class BusDispatch:
         self._silent: dict[str, float] = {}  # node id -> clock() until which it gets XML-RPC
         self._in_flight = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._prober = threading.Thread(target=self._probe_loop, name="cluster-bus-probe")
-        self._prober.daemon = True
+        self._prober = Periodic("cluster-bus-probe", PROBE_INTERVAL_S, self._probe_round)
         self._prober.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._prober.join(5.0)
+        self._prober.stop()
 
     def client(self, node: NodeEndpoint, host: str, timeout: float, xmlrpc: Any) -> NodeClient:
         """The node's client: over the bus (to the queue of ``host``, the node's host_ip)
@@ -93,13 +91,12 @@ class BusDispatch:
                 and now >= self._silent.get(node_id, 0.0)
             )
 
-    def _probe_loop(self) -> None:
+    def _probe_round(self) -> None:
         """While calls wait or the bus is down: a cast every PROBE_INTERVAL_S."""
-        while not self._stop.wait(PROBE_INTERVAL_S):
-            with self._lock:
-                needed = self._in_flight > 0 or self.health.down
-            if needed:
-                self.probe()
+        with self._lock:
+            needed = self._in_flight > 0 or self.health.down
+        if needed:
+            self.probe()
 
     def probe(self) -> bool:
         """Whether the broker takes a message now (logged once per change)."""

@@ -85,14 +85,14 @@ def test_start_adopts_polls_and_stop_removes() -> None:
         uplink.Uplink("eth0", 50, run=tc), readers, interval_s=0.01
     ).start()
     try:
-        assert watch._thread is not None and watch._thread.is_alive()
+        assert watch._rounds.running
         assert watch.link.readers == [ipaddress.ip_address(A)]
         wait_until(lambda: len(rounds) >= 5, timeout_s=5, what="5 rounds")
         assert len(tc.changes()) == 5  # the first round's; the others ran nothing
     finally:
         tc.root = "qdisc htb 7674: root refcnt 2 r2q 10 default 0x2\n"
         watch.stop()
-    assert watch._thread is not None and not watch._thread.is_alive()
+    assert not watch._rounds.running
     assert tc.changes()[-1] == ["tc", "qdisc", "del", "dev", "eth0", "root", "handle", "7674:"]
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from brick.exception import BrickError, NotFound, PathsUnavailable
 from brick.fileio import FILE_MODE, private_dir
 from brick.iscsi import ISCSIConnector, validate_lun
 from brick.lio import LioTargets
+from brick.periodic import Periodic
 from brick.tgt import Chap, TgtAdm, TgtDaemon, validate_iqn, validate_portal
 from virtman import stack
 from virtman.conf import Settings
@@ -130,8 +130,9 @@ class DmDriver:
         self.snapshot = DmSnapshot(self)
         self.nbd = NbdRelay(settings, h.qsd) if settings.dm_nbd_relay else None
         self._monitors: dict[str, MultipathMonitor] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._monitor = Periodic(
+            "dm-multipath", monitor_interval_s, self._monitor_round, join_timeout_s=10
+        )
 
     # -- daemons -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,11 +153,7 @@ class DmDriver:
             self.nbd.start()
         else:
             self.nbd = NbdRelay.leftover(self.settings, self.host.qsd)
-        if self.monitor_interval_s and self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._monitor_loop, name="dm-multipath")
-            self._thread.daemon = True
-            self._thread.start()
+        self._monitor.start()
 
     def revive(self) -> layer.Revived:
         """The kernel holds the stacks; only tgtd (a relay with ``dm_relay = tgt``, the
@@ -172,10 +169,7 @@ class DmDriver:
 
     def stop(self) -> None:
         """Stop the monitor; remove the cache set and stop tgtd if nothing uses them."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._monitor.stop()
         if self.nbd is not None:
             self.nbd.stop()
         self.cacheset.stop()
@@ -211,16 +205,15 @@ class DmDriver:
             self.nbd.sweep(keep)
 
     # -- multipath monitoring ------------------------------------------------------------------
-    def _monitor_loop(self) -> None:
-        while not self._stop.wait(self.monitor_interval_s):
-            try:
-                self.check_paths()
-            except Exception:
-                LOG.exception("multipath check failed")
-            try:
-                self.check_nbd()
-            except Exception:
-                LOG.exception("NBD relay check failed")
+    def _monitor_round(self) -> None:
+        try:
+            self.check_paths()
+        except Exception:
+            LOG.exception("multipath check failed")
+        try:
+            self.check_nbd()
+        except Exception:
+            LOG.exception("NBD relay check failed")
 
     def check_nbd(self) -> None:
         """Start the NBD relay daemon again if it died, with every relay's export."""
