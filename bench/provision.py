@@ -203,6 +203,12 @@ class Bench:
             node_timeout=30,
             # every node may prefetch; only the prefetch variant puts a trace there
             extra_conf=f"prefetch_dir = {self.prefetch_dir}\n",
+            volt_conf=f"[balanced]\nfanout = {args.fanout}\n"
+            + (
+                f"image_server_fanout = {args.image_server_fanout}\n"
+                if args.image_server_fanout
+                else ""
+            ),
         )
         cluster.start()
         self.shape(args.server_mbit)
@@ -709,6 +715,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=60,
         metavar="K",
         help="full copy only on up to K nodes (it takes N x the image's link time); default 60",
+    )
+    parser.add_argument(
+        "--fanout",
+        type=int,
+        default=2,
+        choices=range(2, 65),
+        metavar="K",
+        help="Volt's [balanced] fanout: children per node, the image server included (2)",
+    )
+    parser.add_argument(
+        "--image-server-fanout",
+        type=int,
+        choices=range(1, 65),
+        metavar="K",
+        help="Volt's [balanced] image_server_fanout: the image server's children (--fanout)",
     )
     parser.add_argument("--workdir", default="/var/lib/vmthunder/provision")
     parser.add_argument("--cache-dir", default="/var/cache/vmthunder/guest")

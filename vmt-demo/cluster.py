@@ -116,6 +116,7 @@ class LocalCluster:
         node_conf: dict[str, str] | None = None,
         controller: bool = False,
         controller_conf: str = "",
+        volt_conf: str = "",
     ) -> None:
         self.workdir = workdir
         self.node_count = nodes
@@ -127,6 +128,7 @@ class LocalCluster:
         self.node_timeout = node_timeout
         self.executor = executor
         self.extra_conf = extra_conf  # appended to every virtman.conf ([DEFAULT] lines)
+        self.volt_conf = volt_conf  # appended to volt.conf (whole sections)
         self.node_conf = node_conf or {}  # appended to one host's virtman.conf
         # What the image server may export: by default the work directory's parent, where
         # the demo, the benchmarks and the tests put their image files.
@@ -279,7 +281,9 @@ class LocalCluster:
             + self._bus_conf()
             + self._bus_sections(self.bus)
             + f"[auth]\ntoken = {self.token}\nnode_secret = {self.node_secret}\n"
-            f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n" + self._cluster_section(d)
+            f"[database]\nconnection = sqlite:///{d / 'volt.sqlite'}\n"
+            + self._cluster_section(d)
+            + self.volt_conf
         )
         log = d / "volt-api.log"
         extra: dict[str, Any] = {"log_offset": log.stat().st_size if log.exists() else 0}

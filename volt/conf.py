@@ -114,6 +114,15 @@ balanced_opts: list[cfg.Opt] = [
         "only: a tree keeps the fan-out it was created with.",
     ),
     cfg.IntOpt(
+        "image_server_fanout",
+        min=1,
+        max=64,
+        help="Children of the image server (the tree's top level), when they should differ "
+        "from fanout (default: fanout). The image server sends each block once per top-level "
+        "node: on a thin image-server link 1 boots a burst faster and halves its egress "
+        "(docs/benchmarks.rst). New trees only.",
+    ),
+    cfg.IntOpt(
         "parents_per_node",
         default=2,
         min=1,

@@ -447,7 +447,7 @@ class VoltService:
         tree = self.trees.get(volume_id)
         created = tree is None
         if tree is None:
-            tree = Tree(volume_id, self.executor.fanout())
+            tree = Tree(volume_id, self.executor.fanout(), self.executor.image_server_fanout())
         node = tree.nodes.get(peer_id)
         if node is not None:
             self._seen(member)
@@ -567,7 +567,10 @@ class VoltService:
             return
         if self.batching:  # written with its batch (_flush); rows taken now, under the lock
             rows = [node_values(tree.volume_id, node) for node in changed]
-            write = TreeWrite(tree.volume_id, tree.fanout, rows, list(removed), create=create)
+            write = TreeWrite(
+                tree.volume_id, tree.fanout, rows, list(removed), create=create,
+                root_fanout=tree.root_fanout,
+            )  # fmt: skip
             self._batch.writes.append(write)
             return
         version = None
@@ -584,6 +587,7 @@ class VoltService:
                 removed,
                 create=create,
                 version=version,
+                root_fanout=tree.root_fanout,
                 conn=self._conn,
             )
         except sa.exc.SQLAlchemyError as exc:
@@ -662,7 +666,7 @@ class VoltService:
                 self.last_seen[node.member] = now
 
     def _build_tree(self, rows: VolumeRows) -> Tree:
-        tree = Tree(rows.volume_id, rows.fanout)
+        tree = Tree(rows.volume_id, rows.fanout, rows.root_fanout)
         children: dict[str | None, list[tuple[int, Node]]] = {}
         for row in rows.nodes:
             node = tree.new_node(row.peer_id, row.member, seq=row.seq)

@@ -36,6 +36,7 @@ volumes = sa.Table(
     metadata,
     sa.Column("id", sa.String(255), primary_key=True),
     sa.Column("fanout", sa.Integer, nullable=False),
+    sa.Column("root_fanout", sa.Integer),  # the image server's children; NULL: fanout
     # Bumped by every change of the tree on a shared (PostgreSQL) store: a volt-api reloads
     # its cached copy when the number differs from the one it last wrote or read.
     sa.Column("version", sa.BigInteger),
@@ -143,6 +144,7 @@ class VolumeRows:
     fanout: int
     nodes: list[NodeRow]
     version: int | None = field(default=None)
+    root_fanout: int | None = None  # None: fanout (a tree of a store made before it)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class TreeWrite:
     removed: list[str] = field(default_factory=list)
     create: bool = False
     delete: bool = False  # the whole tree is gone
+    root_fanout: int | None = None  # with create
 
 
 EVICTOR_LOCK = (0x566F6C74, 1)  # ("Volt", 1): the session lock only the evictor holds
@@ -263,7 +266,9 @@ class Store:
         if volume_ids is not None:
             volume_query = volume_query.where(volumes.c.id.in_(volume_ids))
             query = query.where(nodes.c.volume_id.in_(volume_ids))
-        heads = {row.id: (row.fanout, row.version) for row in conn.execute(volume_query)}
+        heads = {
+            row.id: (row.fanout, row.version, row.root_fanout) for row in conn.execute(volume_query)
+        }
         by_volume: dict[str, list[NodeRow]] = {vid: [] for vid in heads}
         for row in conn.execute(query):
             if row.volume_id not in by_volume:
@@ -284,7 +289,8 @@ class Store:
                 )
             )
         return [
-            VolumeRows(vid, heads[vid][0], rows, heads[vid][1]) for vid, rows in by_volume.items()
+            VolumeRows(vid, heads[vid][0], rows, heads[vid][1], heads[vid][2])
+            for vid, rows in by_volume.items()
         ]
 
     def save(
@@ -296,20 +302,24 @@ class Store:
         *,
         create: bool = False,
         version: int | None = None,
+        root_fanout: int | None = None,
         conn: Connection | None = None,
     ) -> None:
-        """Write one tree's changes in one transaction (``create``: the volume row too);
-        ``version``: the tree's new version; ``conn``: inside that connection's transaction."""
+        """Write one tree's changes in one transaction (``create``: the volume row too, with
+        ``root_fanout``); ``version``: the tree's new version; ``conn``: inside that
+        connection's transaction."""
         if conn is None:
             with self.engine.begin() as own:
-                self.save(volume_id, fanout, changed, removed, create=create, conn=own)
+                self.save(
+                    volume_id, fanout, changed, removed, create=create, version=version,
+                    root_fanout=root_fanout, conn=own,
+                )  # fmt: skip
             return
         rows = [node_values(volume_id, node) for node in changed]
         removed = list(removed)
         if create:
-            conn.execute(
-                self._upsert_volume, [{"id": volume_id, "fanout": fanout, "version": version}]
-            )
+            head = {"id": volume_id, "fanout": fanout, "version": version}
+            conn.execute(self._upsert_volume, [head | {"root_fanout": root_fanout}])
         elif version is not None:
             conn.execute(volumes.update().where(volumes.c.id == volume_id).values(version=version))
         if removed:
@@ -344,6 +354,7 @@ class Store:
                     "id": write.volume_id,
                     "fanout": write.fanout,
                     "version": None,
+                    "root_fanout": write.root_fanout,
                 }
             for peer_id in write.removed:
                 last[(write.volume_id, peer_id)] = None

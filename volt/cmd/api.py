@@ -103,6 +103,7 @@ def build_app() -> VoltApp:
     executor = load_executor(
         CONF.default_executor,
         fanout=CONF.balanced.fanout,
+        image_server_fanout=CONF.balanced.image_server_fanout,
         parents_per_node=CONF.balanced.parents_per_node,
     )
     metrics = Metrics()

@@ -33,16 +33,28 @@ SCAN_LIMIT = 64  # bound on the search for a ready candidate within one level
 class BalancedExecutor(Executor):
     name = "balanced"
 
-    def __init__(self, fanout: int = 2, parents_per_node: int = 2, **_: object) -> None:
+    def __init__(
+        self,
+        fanout: int = 2,
+        parents_per_node: int = 2,
+        image_server_fanout: int | None = None,
+        **_: object,
+    ) -> None:
         if fanout < 2:
             raise ValueError("fanout must be at least 2")
         if parents_per_node < 1:
             raise ValueError("parents_per_node must be at least 1")
+        if image_server_fanout is not None and image_server_fanout < 1:
+            raise ValueError("image_server_fanout must be at least 1")
         self._fanout = fanout
+        self._image_server_fanout = image_server_fanout or fanout
         self.parents_per_node = parents_per_node
 
     def fanout(self) -> int:
         return self._fanout
+
+    def image_server_fanout(self) -> int:
+        return self._image_server_fanout
 
     def join(self, tree: Tree, peer_id: str, member: str) -> Node | None:
         parent = self._placement_parent(tree)

@@ -21,6 +21,11 @@ class Executor(abc.ABC):
     def fanout(self) -> int:
         """Children per node for trees created by this executor."""
 
+    def image_server_fanout(self) -> int:
+        """Children of the image server (the tree's root) for trees created by this
+        executor."""
+        return self.fanout()
+
     @abc.abstractmethod
     def join(self, tree: Tree, peer_id: str, member: str) -> Node | None:
         """Place a new node; None when it cannot be placed yet (the caller retries)."""

@@ -67,13 +67,15 @@ class Node:
 
 
 class Tree:
-    """One image's tree. ``fanout`` bounds the children of every node, the root included."""
+    """One image's tree. ``fanout`` bounds the children of every node; the root's (the
+    image server's) are ``root_fanout`` (default: ``fanout``)."""
 
-    def __init__(self, volume_id: str, fanout: int) -> None:
+    def __init__(self, volume_id: str, fanout: int, root_fanout: int | None = None) -> None:
         self.volume_id = volume_id
         self.fanout = fanout
+        self.root_fanout = root_fanout or fanout
         self.root = Node(peer_id=None, member=None, host=None, seq=-1, status=OK)
-        self.root.children = [None] * fanout
+        self.root.children = [None] * self.root_fanout
         self.nodes: dict[str, Node] = {}
         self.next_seq = 0
         # depth -> {seq: node}; the root lives at depth 0.

@@ -14,7 +14,7 @@ def check_tree(tree: Tree, executor: Executor, *, depth_bound: bool) -> None:
         assert id(node) not in seen, f"{node.peer_id} reached twice: the tree has a cycle"
         seen.add(id(node))
         order.append(node)
-        assert len(node.children) == tree.fanout
+        assert len(node.children) == (tree.root_fanout if node.is_root else tree.fanout)
         for slot, child in enumerate(node.children):
             if child is None:
                 continue
@@ -53,5 +53,7 @@ def check_tree(tree: Tree, executor: Executor, *, depth_bound: bool) -> None:
         # The balanced executor's own invariant (stronger than the bound below): no node
         # is deeper than where the next node would be placed.
         assert tree.max_depth() <= tree.placement_depth()
-        bound = math.ceil(math.log(len(tree), tree.fanout)) + 1
+        # The shallowest tree of N nodes: r top-level nodes, then fanout f below each node.
+        f, r = tree.fanout, tree.root_fanout
+        bound = math.ceil(math.log(len(tree) * (f - 1) / r + 1, f)) + 1
         assert tree.max_depth() <= bound, f"depth {tree.max_depth()} > {bound} for N={len(tree)}"

@@ -212,15 +212,15 @@ def test_a_tree_is_dropped_when_its_last_node_leaves(tmp_path):
     assert make(tmp_path).volume_counts() == []
 
 
-@pytest.mark.parametrize("fanout", [2, 3])
-def test_register_answers_ready_parents_in_a_burst(tmp_path, fanout):
+@pytest.mark.parametrize(("fanout", "image_server_fanout"), [(2, None), (3, None), (4, 1)])
+def test_register_answers_ready_parents_in_a_burst(tmp_path, fanout, image_server_fanout):
     """Issue 15: in a burst every node is placed before any registers, so its query
     answered only pending parents. The register answer gives the parents after the node was
     lifted above its pending ancestors: its tree parent (ready) first, never a pending one,
     and the same list a heartbeat would answer."""
     service = VoltService(
         Store(f"sqlite:///{tmp_path / 'volt.sqlite'}"),
-        load_executor("balanced", fanout=fanout),
+        load_executor("balanced", fanout=fanout, image_server_fanout=image_server_fanout),
         node_timeout=60,
         clock=Clock(),
     )
@@ -241,6 +241,34 @@ def test_register_answers_ready_parents_in_a_burst(tmp_path, fanout):
         [(same, beat)] = service.heartbeat(host)
         assert same is node and beat == placement.parents
         check_tree(service.trees["volume-a"], service.executor, depth_bound=True)
+
+
+def test_image_server_fanout_bounds_the_top_level_only_and_survives_a_restart(tmp_path):
+    """[balanced] image_server_fanout = 1, fanout = 4: one node reads from the image server,
+    four below each node (16 nodes: depth 3, not 4 as with fanout 2); a restarted Volt
+    reloads the tree with the same top level, even under another configuration."""
+    url = f"sqlite:///{tmp_path / 'volt.sqlite'}"
+    executor = load_executor("balanced", fanout=4, image_server_fanout=1)
+    service = VoltService(Store(url), executor, node_timeout=60, clock=Clock())
+    hosts = [f"10.3.0.{i}" for i in range(1, 17)]
+    for host in hosts:
+        service.register(
+            "volume-a", make_peer_id(host, "volume-a"), host, "3260", IQN + "volume-a", "1",
+            place=True,
+        )  # fmt: skip
+    tree = service.trees["volume-a"]
+    assert (tree.fanout, tree.root_fanout, len(tree.root.children)) == (4, 1, 1)
+    assert len(tree.root.child_nodes()) == 1 and tree.max_depth() == 3
+    assert max(len(n.child_nodes()) for n in tree.nodes.values()) == 4
+    check_tree(tree, executor, depth_bound=True)
+    other = load_executor("balanced", fanout=2)  # the option changed: old trees keep theirs
+    again = VoltService(Store(url), other, node_timeout=60, clock=Clock())
+    again.query("volume-a", "10.3.0.1")
+    reloaded = again.trees["volume-a"]
+    assert (reloaded.fanout, reloaded.root_fanout) == (4, 1)
+    assert [n.peer_id for n in reloaded.bfs()] == [n.peer_id for n in tree.bfs()]
+    again.query("volume-b", "10.3.0.1")
+    assert (again.trees["volume-b"].fanout, again.trees["volume-b"].root_fanout) == (2, 2)
 
 
 def test_register_with_place_places_and_registers_in_one_request(tmp_path):

@@ -72,3 +72,18 @@ def test_a_store_without_the_nbd_port_column_gets_it(tmp_path) -> None:
     store = Store(url)
     columns = {c["name"] for c in sa.inspect(store.engine).get_columns("volt_nodes")}
     assert "nbd_port" in columns
+
+
+def test_a_tree_keeps_its_image_server_fanout_and_old_trees_have_none(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/old.sqlite"
+    store = Store(url)
+    store.save("old", 2, [], [], create=True)
+    store.dispose()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # a store made before the column
+        conn.exec_driver_sql("ALTER TABLE volt_volumes DROP COLUMN root_fanout")
+    store = Store(url)
+    store.save("v1", 4, [], [], create=True, root_fanout=1)
+    store.write_batch([TreeWrite("v2", 3, [], create=True, root_fanout=2)])
+    found = {rows.volume_id: (rows.fanout, rows.root_fanout) for rows in store.load()}
+    assert found == {"old": (2, None), "v1": (4, 1), "v2": (3, 2)}
