@@ -14,6 +14,8 @@ EXECUTORS = [
     ("balanced", {"fanout": 2, "parents_per_node": 2}),
     ("balanced", {"fanout": 3, "parents_per_node": 3}),
     ("balanced", {"fanout": 4, "parents_per_node": 1}),
+    ("balanced", {"fanout": 4, "parents_per_node": 2, "image_server_fanout": 1}),
+    ("balanced", {"fanout": 3, "parents_per_node": 2, "image_server_fanout": 2}),
 ]
 
 operation = st.one_of(
@@ -25,7 +27,7 @@ operation = st.one_of(
 
 def run(name: str, options: dict, ops: list[tuple[str, int]]) -> None:
     executor = load_executor(name, **options)
-    tree = Tree("volume-prop", executor.fanout())
+    tree = Tree("volume-prop", executor.fanout(), executor.image_server_fanout())
     for op, host in ops:
         peer_id = f"10.0.{host // 250}.{host % 250}:volume-prop"
         node = tree.nodes.get(peer_id)
