@@ -3,6 +3,7 @@ refused on the headers alone, deadlines, the connection bound, the worker pool."
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from brick.wait import wait_until
 from virtman.errors import GuestNotFound, InvalidInput
-from virtman.server import Dispatcher, Limits, Server
+from virtman.server import Dispatcher, Limits, Methods, Server
 from virtmanclient import Client, RemoteFault
 from virtmanclient.exceptions import FAULT_GUEST_NOT_FOUND, guest_not_found
 
@@ -219,3 +220,40 @@ def test_a_missing_guest_is_a_typed_fault_and_other_errors_stay_fault_1() -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Calls:
+    """Virtman and the image service, as far as destroy_image_target uses them."""
+
+    def __init__(self, why: str | None = None, bad: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.image_service = None
+        self.why, self.bad = why, bad
+
+    def drop_idle_image(self, image: str) -> str | None:
+        self.calls.append(("drop_idle_image", image))
+        if self.bad:
+            raise InvalidInput("image_name", image, "bad name")
+        return self.why
+
+    def destroy_image_target(self, image: str) -> str:
+        self.calls.append(("destroy_image_target", image))
+        return "0:done"
+
+
+def test_destroy_image_target_tears_down_the_nodes_idle_stack_first(caplog) -> None:
+    """CI: the target removed under this node's own stack mid-teardown wedged QEMU's iSCSI
+    logout (qemu-storage-daemon stopped answering QMP): the idle stack goes first."""
+    both = _Calls()
+    assert Methods(both, both).destroy_image_target("volume-tiny") == "0:done"  # type: ignore[arg-type]
+    assert both.calls == [
+        ("drop_idle_image", "volume-tiny"),
+        ("destroy_image_target", "volume-tiny"),
+    ]
+    busy = _Calls(why="instances of this node on it: vm1")
+    with caplog.at_level(logging.INFO, logger="virtman.server"):
+        assert Methods(busy, busy).destroy_image_target("volume-tiny") == "0:done"  # type: ignore[arg-type]
+    assert "this node's stack stays (instances of this node on it: vm1)" in caplog.text
+    bad = _Calls(bad=True)  # the image service answers a bad name in the original's form
+    assert Methods(bad, bad).destroy_image_target("../x") == "0:done"  # type: ignore[arg-type]
+    assert bad.calls[-1] == ("destroy_image_target", "../x")
