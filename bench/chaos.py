@@ -82,7 +82,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "vmt-demo")]
 
-from cluster import LocalCluster  # noqa: E402
+from cluster import Daemon, LocalCluster  # noqa: E402
 
 from brick.netns import Lab, list_netns  # noqa: E402
 
@@ -638,7 +638,7 @@ class Chaos:
             self.problems.append(f"files left in {self.workdir / 'vms'}: {left}")
 
 
-def _log_ends(daemon: Any) -> str:
+def _log_ends(daemon: Daemon) -> str:
     """The last lines of a daemon's log file and of its output (stacks, on SIGUSR1)."""
     parts = []
     for path in (daemon.extra.get("dir", daemon.log.parent) / "virtman.log", daemon.log):

@@ -72,7 +72,6 @@ class ParentWatch:
         self.failed_paths = failed_paths
         self.report = report
         self.probe = probe
-        self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.repeat_s = repeat_s

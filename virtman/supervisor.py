@@ -22,7 +22,6 @@ Listener = Callable[[Revived], object]  # what it returns is not used
 class Supervisor:
     def __init__(self, driver: Driver, interval_s: float) -> None:
         self.driver = driver
-        self.interval_s = interval_s
         self.listeners: list[Listener] = []
         self._rounds = Periodic("supervisor", interval_s, self._round, join_timeout_s=60)
 

@@ -90,7 +90,6 @@ class UplinkWatch:
     ) -> None:
         self.link = link
         self.readers = readers
-        self.interval_s = interval_s
         self.order = ReaderOrder()
         self._rounds = Periodic("uplink-watch", interval_s, self.poll)
 

@@ -98,7 +98,6 @@ class DmDriver:
         self.settings = settings
         self.host = host or Host()
         self.timeout_s = timeout_s
-        self.monitor_interval_s = monitor_interval_s
         self.chap = Chap(settings.chap_user, settings.chap_password)
         h = self.host
         self.context = DmContext(settings, h, timeout_s=timeout_s)  # what the layers share
