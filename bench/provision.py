@@ -72,7 +72,7 @@ import debianguest  # noqa: E402
 import guestimage  # noqa: E402
 import realboot  # noqa: E402
 import simulate  # noqa: E402
-from cluster import PYTHON, LocalCluster  # noqa: E402
+from cluster import PYTHON, ControlRpc, LocalCluster  # noqa: E402
 
 from brick.netns import Lab  # noqa: E402
 from brick.qsd.daemon import StorageDaemon  # noqa: E402
@@ -201,6 +201,7 @@ class Bench:
             lab_state_dir=LAB_STATE,
             heartbeat_interval=2,
             node_timeout=30,
+            nbd_tls=args.nbd_tls == "on",
             # every node may prefetch; only the prefetch variant puts a trace there
             extra_conf=f"prefetch_dir = {self.prefetch_dir}\n",
             volt_conf=f"[balanced]\nfanout = {args.fanout}\n"
@@ -299,17 +300,19 @@ class Bench:
         assert self.cluster is not None
         cluster = self.cluster
         cluster.restart_volt(executor=executor, fresh=True)
+        rpc = ControlRpc(cluster, len(nodes))  # a client process per call would be timed too
 
         def boot(node: str) -> float:
             started = time.monotonic()
-            answer = cluster.rpc(node, "create", f"vm-{node}", IMAGE, cluster.connection(VOLUME))
+            answer = rpc(node, "create", f"vm-{node}", IMAGE, cluster.connection(VOLUME))
             if not str(answer).startswith("0:"):
                 raise RuntimeError(f"create on {node}: {answer}")
             origin = cluster.node_dir(node) / "run" / "exports" / f"{VOLUME}.raw"
             self.replay(node, origin)
             return time.monotonic() - started
 
-        result = self.burst(variant, nodes, boot)
+        with rpc:
+            result = self.burst(variant, nodes, boot)
         depth = max((n["depth"] for n in cluster.volt_tree(VOLUME)), default=0)
         result.notes.append(f"tree depth {depth}")
         self.empty_nodes(nodes)
@@ -730,6 +733,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=range(1, 65),
         metavar="K",
         help="Volt's [balanced] image_server_fanout: the image server's children (--fanout)",
+    )
+    parser.add_argument(
+        "--nbd-tls",
+        choices=("on", "off"),
+        default="on",
+        help="NBD between nodes with TLS and the cluster's pre-shared key (a node's default), "
+        "or plain NBD (the nodes run with insecure_targets)",
     )
     parser.add_argument("--workdir", default="/var/lib/vmthunder/provision")
     parser.add_argument("--cache-dir", default="/var/cache/vmthunder/guest")

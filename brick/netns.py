@@ -25,6 +25,8 @@ teardown 0.15-0.25 s (each veth delete waits ~20 ms for the kernel's RCU grace p
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import ipaddress
 import json
@@ -126,6 +128,30 @@ def host_address(subnet: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Add
 def nsenter_argv(netns: str) -> list[str]:
     """The argv prefix that runs a command in ``netns``'s network namespace only."""
     return ["nsenter", f"--net={NETNS_DIR / netns}"]
+
+
+def enter_in_thread(netns: str) -> None:
+    """Move the calling thread (only it) into ``netns``'s network namespace, for good.
+
+    Sockets the thread opens afterwards belong to that namespace. For dedicated worker
+    threads (a pool's initializer): the thread never comes back to the namespace it was in.
+    """
+    path = NETNS_DIR / netns
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc().setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise BrickError(f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 # -- processes inside a namespace ------------------------------------------------------------

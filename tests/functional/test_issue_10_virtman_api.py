@@ -349,7 +349,7 @@ def test_issue_10_tls(virtman_factory, certificate: tuple[Path, Path]) -> None:
     )  # fmt: skip
     assert (cli.returncode, cli.stdout) == (0, "IMAGE  TID  LOOP_DEV\n"), cli.stderr
     snippet = subprocess.run(
-        [sys.executable, "-c", cluster.RPC_SNIPPET, node.url, TOKEN, "list", "[]", ca],
+        [sys.executable, str(cluster.RPC_CLIENT), node.url, TOKEN, "list", "[]", ca],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert json.loads(snippet.stdout) == []
