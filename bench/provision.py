@@ -522,7 +522,12 @@ def report(results: list[Result], trace: boottrace.BootTrace) -> list[str]:
 
 
 def calibration(
-    results: Sequence[Result], trace: boottrace.BootTrace, server_mbit: float, node_mbit: float
+    results: Sequence[Result],
+    trace: boottrace.BootTrace,
+    server_mbit: float,
+    node_mbit: float,
+    fanout: int = 2,
+    image_server_fanout: int | None = None,
 ) -> dict[str, Any] | None:
     """The real burst, the replay of the same boot and the simulation's p99 for that N
     (calibrated by the replayed single, as the sweep's overlay is); None without both."""
@@ -531,7 +536,8 @@ def calibration(
     if real is None or replay is None:
         return None
     point = Point(real.nodes, server_mbit, node_mbit, list(results))
-    [row] = [r for r in simulated(trace, [point], ["balanced"]) if r["variant"] == "balanced"]
+    rows = simulated(trace, [point], ["balanced"], fanout, image_server_fanout)
+    [row] = [r for r in rows if r["variant"] == "balanced"]
     return realboot.calibration_json(real.nodes, real.p99, replay.p99, row["p99"])
 
 
@@ -566,7 +572,12 @@ SIM_SPECS = {
 
 
 def sim_params(
-    trace: boottrace.BootTrace, server_mbit: float, node_mbit: float, single_s: float
+    trace: boottrace.BootTrace,
+    server_mbit: float,
+    node_mbit: float,
+    single_s: float,
+    fanout: int = 2,
+    image_server_fanout: int | None = None,
 ) -> simulate.Params:
     """bench/simulate.py's model of this run: the links, the boot read set and CPU time of
     the trace, the image's size; the stack build time chosen so that the simulated single VM
@@ -579,20 +590,28 @@ def sim_params(
         server_mbps=server_mbit,
         stack_build_s=0.0,
         stack_jitter=0.0,
+        fanout=fanout,
+        image_server_fanout=image_server_fanout or 0,
     )
     build = max(0.0, single_s - simulate.single_vm_s(params))
     return replace(params, stack_build_s=build)
 
 
 def simulated(
-    trace: boottrace.BootTrace, points: Sequence[Point], variants: Sequence[str]
+    trace: boottrace.BootTrace,
+    points: Sequence[Point],
+    variants: Sequence[str],
+    fanout: int = 2,
+    image_server_fanout: int | None = None,
 ) -> list[dict[str, Any]]:
     """The simulation's p99 at every point of the sweep, for every variant measured."""
     rows: list[dict[str, Any]] = []
     servers: set[float] = set()
     for point in points:
         single = next(r for r in point.results if r.variant == "single")
-        params = sim_params(trace, point.server_mbit, point.node_mbit, single.p99)
+        params = sim_params(
+            trace, point.server_mbit, point.node_mbit, single.p99, fanout, image_server_fanout
+        )
         first = point.server_mbit not in servers  # one single row per image-server link
         servers.add(point.server_mbit)
         for variant in ["single", *variants] if first else variants:
@@ -824,7 +843,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert bench.trace is not None
     for line in report(results, bench.trace):
         print(line)
-    calibrated = calibration(results, bench.trace, args.server_mbit, args.node_mbit)
+    calibrated = calibration(
+        results,
+        bench.trace,
+        args.server_mbit,
+        args.node_mbit,
+        args.fanout,
+        args.image_server_fanout,
+    )
     if calibrated:
         print(realboot.calibration_line(calibrated), flush=True)
     if args.calibration:
@@ -904,7 +930,7 @@ def write_sweep(
 ) -> list[dict[str, Any]]:
     """The sweep's JSON and plot for the points so far, with the simulation's rows (which
     it returns); ``complete`` is False until the last point."""
-    sim_rows = simulated(trace, points, args.variants)
+    sim_rows = simulated(trace, points, args.variants, args.fanout, args.image_server_fanout)
     title = (
         f"bench/provision.py, guest {args.guest}, boot read set {trace.read_bytes / MB:.1f} MB\n"
         "measured (solid) and bench/simulate.py (dashed)"

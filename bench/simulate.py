@@ -162,6 +162,7 @@ class Params:
     register_without_parents: bool = False  # before issue 15: register answered no parents
     query_before_register: bool = False  # before issue 15: a query placed the node first
     fanout: int = 2
+    image_server_fanout: int = 0  # 0: fanout
     parents_per_node: int = 2
     stripe: bool = False  # read from every ready parent at once (dm multibus)
     exchange: bool = False  # siblings share their parent's uplink: chunk c % fanout by slot
@@ -526,11 +527,17 @@ class Sim:
         self.executor: Executor | None = None
         self.tree: Tree | None = None
         if variant == "balanced":
-            self.executor = BalancedExecutor(fanout=p.fanout, parents_per_node=p.parents_per_node)
+            self.executor = BalancedExecutor(
+                fanout=p.fanout,
+                parents_per_node=p.parents_per_node,
+                image_server_fanout=p.image_server_fanout or None,
+            )
         elif variant == "btree":
             self.executor = IndexedBtree()
         if self.executor is not None:
-            self.tree = Tree("volume-sim", self.executor.fanout())
+            self.tree = Tree(
+                "volume-sim", self.executor.fanout(), self.executor.image_server_fanout()
+            )
         self.tnode: list[Any] = [None] * nodes
         self.ready = bytearray(nodes)
         self.following = bytearray(nodes)
@@ -1072,6 +1079,8 @@ OPTION_HELP = {
     "query_before_register": "the behaviour before issue 15's place-on-register: a query "
     "places the node before its build, then it registers (two Volt requests per node)",
     "fanout": "balanced: children per node",
+    "image_server_fanout": "balanced: the image server's children (Volt's [balanced] "
+    "image_server_fanout; 0: fanout)",
     "parents_per_node": "balanced: parents per node (1 carries the reads unless --stripe)",
     "exchange": "sibling exchange: a ready node under a ready parent reads chunk c from the "
     "parent if c %% fanout is its slot, else from the ready sibling in that slot",
