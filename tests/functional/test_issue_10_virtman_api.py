@@ -33,6 +33,7 @@ pytestmark = pytest.mark.functional
 sys.path.insert(0, str(Path(__file__).parents[2] / "vmt-demo"))
 
 import cluster  # noqa: E402
+import rpcclient  # noqa: E402
 import vmtapi  # noqa: E402
 
 TOKEN = "test-api-token"
@@ -353,3 +354,4 @@ def test_issue_10_tls(virtman_factory, certificate: tuple[Path, Path]) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert json.loads(snippet.stdout) == []
+    assert rpcclient.call(node.url, TOKEN, "list", [], ca, 10) == []  # ControlRpc's call

@@ -4,12 +4,14 @@ three compute nodes, each a virtmanserver in its own network namespace, two VMs 
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from brick.netns import enter_in_thread, netns_inode
 from brick.tgt import TgtAdm
 from tests.functional.clusterfixtures import (
     IMAGE,
@@ -186,6 +188,22 @@ def test_bad_input_over_xmlrpc_gets_a_clear_result_and_creates_nothing(cluster_f
     assert cluster.rpc("n1", "list") == [f"vm1:{IMAGE}"]
     assert cluster.rpc("n1", "destroy", "nope").startswith("1:")
     assert cluster.rpc("n1", "destroy", "a;b").startswith("2:")
+
+    # The same calls from threads moved into the control namespace (provision.py's burst):
+    # the same answers, and only those threads changed namespace.
+    from cluster import ControlRpc  # vmt-demo: on the path once clusterfixtures is imported
+
+    ctl = netns_inode(cluster.hosts["ctl"].netns)
+    mine = os.stat("/proc/thread-self/ns/net").st_ino
+    assert ctl is not None and ctl != mine
+    with ControlRpc(cluster, 2) as rpc:
+        assert rpc("n1", "list") == [f"vm1:{IMAGE}"]
+        assert rpc("n1", "destroy", "a;b").startswith("2:")
+    with ThreadPoolExecutor(
+        1, initializer=enter_in_thread, initargs=(cluster.hosts["ctl"].netns,)
+    ) as pool:
+        assert pool.submit(lambda: os.stat("/proc/thread-self/ns/net").st_ino).result() == ctl
+    assert os.stat("/proc/thread-self/ns/net").st_ino == mine
 
 
 def test_destroying_every_vm_at_once_tears_every_stack_down(cluster_factory) -> None:
