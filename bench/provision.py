@@ -203,7 +203,9 @@ class Bench:
             node_timeout=30,
             nbd_tls=args.nbd_tls == "on",
             # every node may prefetch; only the prefetch variant puts a trace there
-            extra_conf=f"prefetch_dir = {self.prefetch_dir}\n",
+            extra_conf=f"prefetch_dir = {self.prefetch_dir}\n"
+            + ("uplink_priority = true\n" if args.uplink_priority else ""),
+            node_conf=self.uplink_conf(nodes),
             volt_conf=f"[balanced]\nfanout = {args.fanout}\n"
             + (
                 f"image_server_fanout = {args.image_server_fanout}\n"
@@ -218,14 +220,24 @@ class Bench:
             raise RuntimeError(f"create_image_target: {result}")
         say(f"{nodes} nodes and an image server up")
 
+    def uplink_conf(self, nodes: int) -> dict[str, str] | None:
+        """With --uplink-priority every host shapes what it sends itself, at its link's
+        rate (``uplink_mbit``); None without."""
+        if not self.args.uplink_priority:
+            return None
+        rates = {"img": self.args.server_mbit}
+        rates.update({f"n{i}": self.args.node_mbit for i in range(1, nodes + 1)})
+        return {host: f"uplink_mbit = {int(rate)}\n" for host, rate in rates.items()}
+
     def shape(self, server_mbit: float) -> None:
         """The image server's link to ``server_mbit``, every node's to ``--node-mbit`` (tbf on
         both ends of each veth: each way)."""
         assert self.cluster is not None
         cluster = self.cluster
-        cluster.lab.shape(cluster.hosts["img"], server_mbit)
+        own = not self.args.uplink_priority  # else virtman shapes each host's egress
+        cluster.lab.shape(cluster.hosts["img"], server_mbit, host_egress=own)
         for node in cluster.node_names:
-            cluster.lab.shape(cluster.hosts[node], self.args.node_mbit)
+            cluster.lab.shape(cluster.hosts[node], self.args.node_mbit, host_egress=own)
         say(
             f"links shaped: image server {server_mbit:g} Mbit/s, nodes "
             f"{self.args.node_mbit:g} Mbit/s, each way"
@@ -760,6 +772,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="NBD between nodes with TLS and the cluster's pre-shared key (a node's default), "
         "or plain NBD (the nodes run with insecure_targets)",
     )
+    parser.add_argument(
+        "--uplink-priority",
+        action="store_true",
+        help="every host runs virtman's uplink_priority (its readers served in strict "
+        "priority by arrival, docs/virtman.rst) and shapes its own egress with it "
+        "(uplink_mbit = its link's rate; the lab's tbf then shapes only what it receives)",
+    )
     parser.add_argument("--workdir", default="/var/lib/vmthunder/provision")
     parser.add_argument("--cache-dir", default="/var/cache/vmthunder/guest")
     parser.add_argument(
@@ -807,6 +826,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             args.json = Path("provision-sweep.json")
         if args.real_boots:
             parser.error("--real-boots: not with a sweep (one calibration point per run)")
+    if args.uplink_priority:
+        servers = args.sweep_server_mbit if args.sweep else [args.server_mbit]
+        if len(servers) > 1:
+            parser.error("--uplink-priority: one image-server rate per run (uplink_mbit)")
+        if any(rate != int(rate) for rate in (*servers, args.node_mbit)):
+            parser.error("--uplink-priority: link rates in whole Mbit/s (uplink_mbit)")
     return args
 
 

@@ -427,9 +427,19 @@ class Lab(Closing):
 
     # -- shaping ---------------------------------------------------------------------------
     def shape(
-        self, host: Host, rate_mbit: float, burst_kb: int = 512, latency_ms: int = 50
+        self,
+        host: Host,
+        rate_mbit: float,
+        burst_kb: int = 512,
+        latency_ms: int = 50,
+        *,
+        host_egress: bool = True,
     ) -> None:
-        """Limit the host's link to ``rate_mbit`` each way: a tbf qdisc on both veth ends."""
+        """Limit the host's link to ``rate_mbit`` each way: a tbf qdisc on both veth ends.
+
+        ``host_egress=False`` shapes only what the host receives and leaves its own device's
+        root qdisc alone, for a host that shapes what it sends itself (virtman's
+        ``uplink_priority`` with ``uplink_mbit``)."""
         if isinstance(rate_mbit, bool) or not isinstance(rate_mbit, int | float) or rate_mbit <= 0:
             raise InvalidArgument("rate_mbit", rate_mbit, "must be a number > 0")
         for value, what in ((burst_kb, "burst_kb"), (latency_ms, "latency_ms")):
@@ -437,9 +447,16 @@ class Lab(Closing):
                 raise InvalidArgument(what, value, "must be an integer > 0")
         tbf = ["tbf", "rate", f"{rate_mbit}mbit", "burst", f"{burst_kb}kb"]
         tbf += ["latency", f"{latency_ms}ms"]
-        for netns, dev in self._ends(host):
+        ends = self._ends(host) if host_egress else self._ends(host)[1:]
+        for netns, dev in ends:
             execute(["tc", "-n", netns, "qdisc", "replace", "dev", dev, "root", *tbf])
-        LOG.info("lab %s: host %s shaped to %s Mbit/s", self.name, host.name, rate_mbit)
+        LOG.info(
+            "lab %s: host %s shaped to %s Mbit/s%s",
+            self.name,
+            host.name,
+            rate_mbit,
+            "" if host_egress else " (what it receives)",
+        )
 
     def unshape(self, host: Host) -> None:
         """Remove what ``shape`` put on the host's link (no error if not shaped)."""
