@@ -235,9 +235,10 @@ class Bench:
         assert self.cluster is not None
         cluster = self.cluster
         own = not self.args.uplink_priority  # else virtman shapes each host's egress
-        cluster.lab.shape(cluster.hosts["img"], server_mbit, host_egress=own)
+        burst = self.args.burst_kb
+        cluster.lab.shape(cluster.hosts["img"], server_mbit, burst, host_egress=own)
         for node in cluster.node_names:
-            cluster.lab.shape(cluster.hosts[node], self.args.node_mbit, host_egress=own)
+            cluster.lab.shape(cluster.hosts[node], self.args.node_mbit, burst, host_egress=own)
         say(
             f"links shaped: image server {server_mbit:g} Mbit/s, nodes "
             f"{self.args.node_mbit:g} Mbit/s, each way"
@@ -779,6 +780,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "priority by arrival, docs/virtman.rst) and shapes its own egress with it "
         "(uplink_mbit = its link's rate; the lab's tbf then shapes only what it receives)",
     )
+    parser.add_argument(
+        "--burst-kb",
+        type=int,
+        default=512,
+        help="the lab's tbf burst on each shaped link end, KB (512)",
+    )
     parser.add_argument("--workdir", default="/var/lib/vmthunder/provision")
     parser.add_argument("--cache-dir", default="/var/cache/vmthunder/guest")
     parser.add_argument(
@@ -812,6 +819,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.node_mbit = args.rate_mbit if args.node_mbit is None else args.node_mbit
     if min(args.rate_mbit, args.server_mbit, args.node_mbit) <= 0:
         parser.error("link rates must be > 0")
+    if args.burst_kb <= 0:
+        parser.error("--burst-kb must be > 0")
     args.sweep = bool(args.sweep_nodes or args.sweep_server_mbit)
     if args.replot and args.json is None:
         parser.error("--replot needs --json (a sweep's results)")
