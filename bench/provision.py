@@ -231,7 +231,7 @@ class Bench:
 
     def shape(self, server_mbit: float) -> None:
         """The image server's link to ``server_mbit``, every node's to ``--node-mbit`` (tbf on
-        both ends of each veth: each way)."""
+        both ends of each veth: each way; with --uplink-priority only the switch end's)."""
         assert self.cluster is not None
         cluster = self.cluster
         own = not self.args.uplink_priority  # else virtman shapes each host's egress
@@ -241,7 +241,8 @@ class Bench:
             cluster.lab.shape(cluster.hosts[node], self.args.node_mbit, burst, host_egress=own)
         say(
             f"links shaped: image server {server_mbit:g} Mbit/s, nodes "
-            f"{self.args.node_mbit:g} Mbit/s, each way"
+            f"{self.args.node_mbit:g} Mbit/s, "
+            + ("each way" if own else "received by the lab's tbf, sent by virtman's HTB")
         )
 
     # -- measuring one variant -------------------------------------------------------------

@@ -130,6 +130,9 @@ def nsenter_argv(netns: str) -> list[str]:
     return ["nsenter", f"--net={NETNS_DIR / netns}"]
 
 
+CLONE_NEWNET = 0x40000000  # setns(2): the fd is a network namespace
+
+
 def enter_in_thread(netns: str) -> None:
     """Move the calling thread (only it) into ``netns``'s network namespace, for good.
 
@@ -144,9 +147,6 @@ def enter_in_thread(netns: str) -> None:
             raise BrickError(f"setns({path}): {os.strerror(err)}")
     finally:
         os.close(fd)
-
-
-CLONE_NEWNET = 0x40000000
 
 
 @functools.cache

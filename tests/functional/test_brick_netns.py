@@ -291,5 +291,15 @@ def test_shape_limits_throughput(lab: Lab, tmp_path: Path) -> None:
     assert 8e6 <= shaped_down <= 14e6
     assert free > 40e6
     assert again > 40e6
+    # host_egress=False: what b receives is shaped, what it sends is not, and b's own
+    # device keeps the kernel's root qdisc (for virtman's uplink_priority to take)
+    lab.shape(b, 100, host_egress=False)
+    down_only = throughput(a, b, tmp_path, size, 7005)
+    up_free = throughput(b, a, tmp_path, size, 7006)
+    root = b.run(["tc", "qdisc", "show", "dev", "eth0", "root"]).stdout
+    lab.unshape(b)
+    assert 8e6 <= down_only <= 14e6
+    assert up_free > 40e6
+    assert "tbf" not in root, root
     with pytest.raises(InvalidArgument):
         lab.shape(b, 0)
