@@ -115,6 +115,7 @@ class Result:
     local_served: int
     read_bytes: int
     fetched: int = 0  # bytes the nodes received over the network
+    tcp_loss: dict[str, int] = field(default_factory=dict)  # every host's, summed (cluster.py)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -255,10 +256,20 @@ class Bench:
             sent, received = sent + tx, received + rx
         return self.cluster.tx_bytes("img"), sent, received
 
+    def tcp_loss(self) -> dict[str, int]:
+        """Every host's TCP retransmissions and timeouts so far, summed: a starved or
+        over-queued flow shows here before it shows in the boot times."""
+        assert self.cluster is not None
+        total: dict[str, int] = {}
+        for host in ["img", *self.cluster.node_names]:
+            for name, value in self.cluster.tcp_counters(host).items():
+                total[name] = total.get(name, 0) + value
+        return total
+
     def burst(self, variant: str, nodes: Sequence[str], boot: Callable[[str], float]) -> Result:
         """Run ``boot(node)`` on every node at once; each returns its time to booted."""
         drop_caches()
-        before = self.counters()
+        before, loss_before = self.counters(), self.tcp_loss()
         times: dict[str, float] = {}
         errors: dict[str, BaseException] = {}
 
@@ -291,10 +302,13 @@ class Bench:
             max(rereads, 0) if variant != "direct" else 0,
             read,
             fetched=after[2] - before[2],
+            tcp_loss={k: v - loss_before.get(k, 0) for k, v in self.tcp_loss().items()},
         )
         say(
             f"{variant:<9} p50 {result.p50:6.1f} s  p99 {result.p99:6.1f} s  max "
             f"{max(result.times):6.1f} s  image server {result.image_server_sent / MB:8.1f} MB"
+            f"  TCP retransmitted {result.tcp_loss.get('retransmitted', 0)} segments, "
+            f"{result.tcp_loss.get('timeouts', 0)} timeouts"
         )
         return result
 
@@ -514,13 +528,14 @@ def report(results: list[Result], trace: boottrace.BootTrace) -> list[str]:
     single = next(r for r in results if r.variant == "single")
     lines = [
         "variant    nodes   p50 s   p99 s   max s  x single  image-server MB  peers MB  "
-        "local-cache MB  fetched MB",
+        "local-cache MB  fetched MB  TCP retx/RTO",
     ]
     for r in results:
         lines.append(
             f"{r.variant:<10} {r.nodes:>5} {r.p50:7.1f} {r.p99:7.1f} {r.slowest:7.1f} "
             f"{r.p99 / single.p99:9.2f} {r.image_server_sent / MB:16.1f} "
             f"{r.peers_sent / MB:9.1f} {r.local_served / MB:15.1f} {r.fetched / MB:11.1f}  "
+            f"{r.tcp_loss.get('retransmitted', 0):>7}/{r.tcp_loss.get('timeouts', 0):<4}  "
             f"{' '.join(r.notes)}"
         )
     lines.append(

@@ -91,6 +91,7 @@ OPEN_RUNS = 3
 NBD_PORT = 10809  # a node's nbd_port (the default)
 MARKER = ".stack_read"  # the work directory is emptied only if it holds this file
 SHM, SHM_PREFIX = "/dev/shm", "stack_read-"  # tmpfs: where seq passes write what they read
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -125,6 +126,38 @@ def write_random_image(path: Path, size: int) -> str:
         f.flush()
         os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def cpu_busy_s() -> float:
+    """Seconds of CPU the whole machine has spent busy (``/proc/stat``: all but idle, iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """``pid -> (command name, CPU seconds used so far)`` of every process now running."""
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        rest = raw[raw.rindex(")") + 2 :].split()
+        found[int(entry.name)] = (comm, (int(rest[11]) + int(rest[12])) / CLOCK_TICKS)
+    return found
+
+
+def cpu_by_command(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per command name used since ``before`` by processes alive in both."""
+    spent: dict[str, float] = {}
+    for pid, (comm, now) in process_cpu().items():
+        if pid in before and before[pid][0] == comm and now > before[pid][1]:
+            spent[comm] = spent.get(comm, 0.0) + now - before[pid][1]
+    return spent
 
 
 def allocated(path: Path) -> int:
@@ -242,6 +275,8 @@ class Pass:
     open_s: float = 0.0
     upstream: int = 0
     cache_growth: int = 0  # bytes the node's cache file grew by during the pass
+    cpu_s: float = 0.0  # the machine's busy CPU seconds during the pass
+    cpu_daemons: dict[str, float] = field(default_factory=dict)  # long-lived processes' share
     check: str = ""
     problems: list[str] = field(default_factory=list)
 
@@ -349,10 +384,12 @@ class Bench:
             p.problems.append(f"cache of {image} holds {before / MiB:.1f} MiB before cold")
         drop_caches()
         tx0 = self.cluster.tx_bytes("img")
+        procs0, busy0 = process_cpu(), cpu_busy_s()
         if pattern == "seq":
             out = self.shm / f"{pattern}-{variant}.raw"
             try:
                 p.wall_s = source.dd(out, self.block, self.timeout_s)
+                p.cpu_s, p.cpu_daemons = cpu_busy_s() - busy0, cpu_by_command(procs0)
                 got = sha256_file(out)
             finally:
                 out.unlink(missing_ok=True)
@@ -363,6 +400,7 @@ class Bench:
                 p.problems.append(f"{pattern} {variant}: sha256 {got} != image {self.sha}")
         else:
             p.wall_s = source.reads(self.offsets, self.rblock, self.timeout_s)
+            p.cpu_s, p.cpu_daemons = cpu_busy_s() - busy0, cpu_by_command(procs0)
             p.check = "ok"
         p.upstream = self.cluster.tx_bytes("img") - tx0
         if variant != "direct":
@@ -441,6 +479,16 @@ class Bench:
                 f"{label:<14} {p.variant:<7} {p.nbytes / MiB:>7.1f} {p.wall_s:>8.3f} "
                 f"{p.open_s * 1e3:>8.1f} {p.mbps:>8.1f} {p.upstream / MiB:>13.1f} "
                 f"{p.cache_growth / MiB:>11.1f}  {p.check}"
+            )
+        print()
+        print("CPU per pass (the whole machine's busy seconds, per GB read; then the long-lived")
+        print("processes that used the most of it; the rest is the reader and the kernel):")
+        for p in self.passes:
+            top = sorted(p.cpu_daemons.items(), key=lambda kv: -kv[1])[:4]
+            shares = ", ".join(f"{comm} {spent:.2f}" for comm, spent in top)
+            print(
+                f"  {p.pattern:4} {p.variant:6} {p.cpu_s:6.2f} s  "
+                f"{p.cpu_s / (p.nbytes / 1e9):6.2f} s/GB  ({shares})"
             )
         return [problem for p in self.passes for problem in p.problems]
 

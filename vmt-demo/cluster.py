@@ -32,6 +32,11 @@ from volt.auth import node_token
 
 PYTHON = sys.executable
 RPC_CLIENT = Path(__file__).with_name("rpcclient.py")
+TCP_LOSS_COUNTERS = {  # tcp_counters()'s names -> /proc/net/{snmp,netstat} "<group><key>"
+    "retransmitted": "TcpRetransSegs",
+    "timeouts": "TcpExtTCPTimeouts",
+    "spurious_rtos": "TcpExtTCPSpuriousRTOs",
+}
 VOLT_SNIPPET = (
     "import json, sys\n"
     "from voltclient import Client\n"
@@ -81,6 +86,20 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def parse_proc_net_counters(text: str) -> dict[str, int]:
+    """``/proc/net/snmp`` / ``netstat`` text (a ``Group: names`` line, then ``Group: values``)
+    as ``{"<Group><name>": value}``."""
+    found: dict[str, int] = {}
+    lines = text.splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        group, _, keys = names.partition(":")
+        if values.partition(":")[0] != group:
+            raise ValueError(f"counters out of step: {names[:40]!r} then {values[:40]!r}")
+        for key, value in zip(keys.split(), values.partition(":")[2].split(), strict=True):
+            found[f"{group}{key}"] = int(value)
+    return found
 
 
 class ControlRpc:
@@ -448,6 +467,13 @@ class LocalCluster:
         out = self.hosts[host_name].run(["ip", "-j", "-s", "link", "show", "eth0"]).stdout
         stats = json.loads(out)[0]["stats64"]
         return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
+
+    def tcp_counters(self, host_name: str) -> dict[str, int]:
+        """The host's TCP loss counters so far (its namespace's ``/proc/net/snmp`` and
+        ``netstat``): segments retransmitted, retransmission timeouts, spurious ones."""
+        out = self.hosts[host_name].run(["cat", "/proc/net/snmp", "/proc/net/netstat"]).stdout
+        found = parse_proc_net_counters(out)
+        return {name: found.get(key, 0) for name, key in TCP_LOSS_COUNTERS.items()}
 
     def paths(self, host_name: str, image: str) -> list[dict[str, Any]]:
         """The node's upstream paths now, in read order (the qemu driver's record)."""
