@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from guestkit.build import build_guest, default_cache_dir
-from guestkit.run import Node, cleanup_stale, run_guests
+from guestkit.run import CPU, Node, cleanup_stale, run_guests
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -53,6 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         append=args.append,
         coldplug=args.coldplug,
+        cpu=args.cpu,
     )
     print(result.summary())
     return 0 if result.ok else 1
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--work-dir", type=Path, help="logs and results (default: in the cache)")
     run.add_argument("--append", action="append", default=[], help="more kernel arguments")
     run.add_argument("--coldplug", action="store_true", help="udev coldplug at boot (+~4 s)")
+    run.add_argument(
+        "--cpu", default=CPU, help=f"QEMU -cpu model (default {CPU}; max is slow under TCG)"
+    )
     sub.add_parser("cleanup")
     args = parser.parse_args(argv)
     logging.basicConfig(

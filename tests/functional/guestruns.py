@@ -1,19 +1,17 @@
 """Boot guestkit guests that run a script of tests/functional/guestside/ (see common.py).
 
-Every guest suite (a module using ``module_fixtures``) registers itself at import; the first
-one whose tests run boots every selected suite at once, each in its own namespace, and
-waits for its own. Their guests wait on each other much of the time (a create for the next
-one's, a failover for a relay's), so two suites side by side take far less wall time than
-one after the other on this 2-core machine; no other test runs meanwhile.
+Every guest suite (a module using ``module_fixtures``) boots its guests once, when its first
+test needs them, and waits for them; no other test runs meanwhile. One suite at a time:
+both suites side by side (eight TCG guests on this 2-core machine) took 23.7 min in CI on
+2026-12-07; one after the other they took 7.5 + 4.7 min (2026-12-08, CPU model ``max``),
+and 5.7 + 3.4 min with guestkit's ``qemu64`` (``guestkit.run.CPU``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,8 @@ import pytest
 from guestkit import Node, RunResult, build_guest, run_guests
 
 GUESTSIDE = Path(__file__).resolve().parent / "guestside"
-# Both suites boot side by side (eight TCG guests on this 2-core machine, nothing else
-# running): about 8 min on a quiet day; on 2026-12-07 the mixed suite took ~17 min and
-# the dm suite more than 19 min here (killed at 720 s twice, then at 1200 s). The bound
-# detects a hang; a test's own bound covers the wait for both suites.
+# One suite alone takes 3-6 min here (four TCG guests on this 2-core machine, nothing else
+# running). The bound detects a hang; a test's own bound covers its suite's boot.
 SUITE_TIMEOUT_S = 1800.0
 TEST_TIMEOUT_S = 2100
 RUN_SH = """#!/bin/sh
@@ -103,25 +99,6 @@ def assert_every_guest_passed(run: RunResult, report: dict[str, dict[str, Any]])
     )
 
 
-_SUITES: dict[str, Callable[[Path], RunResult]] = {}  # module -> its boot, given a payload
-_RUNS: dict[str, Future[RunResult]] = {}
-_LOCK = threading.Lock()
-
-
-def _start_selected(request: pytest.FixtureRequest, tmp: pytest.TempPathFactory) -> None:
-    """Boot every registered suite that has a selected test and has not started yet."""
-    selected = {getattr(item, "module", None) for item in request.session.items}
-    names = {module.__name__ for module in selected if module is not None}
-    with _LOCK:
-        todo = [m for m in _SUITES if m in names and m not in _RUNS]
-        if not todo:
-            return
-        pool = ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="guests")
-        for module in todo:
-            _RUNS[module] = pool.submit(_SUITES[module], tmp.mktemp("payload"))
-        pool.shutdown(wait=False)
-
-
 def module_fixtures(
     module: str,
     nodes: list[Node],
@@ -133,8 +110,7 @@ def module_fixtures(
     files: Sequence[Path] = (),
 ) -> tuple[Callable[..., RunResult], Callable[..., dict[str, dict[str, Any]]]]:
     """The ``run`` and ``report`` fixtures of guest test module ``module``: one boot of
-    ``nodes`` for the module (started beside the other suites'), and each node's
-    result.json."""
+    ``nodes`` for the module, and each node's result.json."""
 
     def boot(payload: Path) -> RunResult:
         return run_guest_script(
@@ -147,13 +123,9 @@ def module_fixtures(
             files=files,
         )
 
-    _SUITES[module] = boot
-
     @pytest.fixture(scope="module")
-    def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-        _start_selected(request, tmp_path_factory)
-        wait(list(_RUNS.values()))  # no other test runs beside the guests
-        result = _RUNS[module].result()
+    def run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+        result = boot(tmp_path_factory.mktemp(f"payload-{module.rsplit('.', 1)[-1]}"))
         show(result)
         return result
 

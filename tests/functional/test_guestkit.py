@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from brick.daemon import start_time as process_start_time
-from brick.exception import NotFound
+from brick.exception import InvalidArgument, NotFound
 from brick.netns import list_netns
 from brick.wait import wait_until
 from guestkit import Guest, Node, RunResult, build_guest, cleanup_stale, run_guests
@@ -234,6 +234,16 @@ def test_wall_clock_timeout(guest: Guest, tmp_path: Path) -> None:
 def test_missing_qemu_fails(guest: Guest, tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         run_guests(guest, [Node("A", 256, 1)], None, qemu="qemu-system-nonexistent")
+
+
+@pytest.mark.parametrize("cpu", ["max -enable-kvm", "", ",max", "qemu64\n", 64])
+def test_a_bad_cpu_model_is_refused_before_anything_is_made(
+    guest: Guest, tmp_path: Path, cpu: object
+) -> None:
+    with pytest.raises(InvalidArgument, match="cpu"):
+        bad: str = cpu  # type: ignore[assignment]
+        run_guests(guest, [Node("A", 256, 1)], None, cpu=bad, work_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_node_specs() -> None:
