@@ -42,7 +42,11 @@ Figures are MB/s (10^6 bytes per second) over the tool's wall time minus its ope
 (the fastest of three runs that read 512 bytes, measured after the passes). Each pass also
 records what the image server sent (``tx_bytes`` of ``img``): a cold or direct pass must
 fetch at least 95 % of what it reads from it, a warm or relay pass almost nothing, and a
-cache file must be empty before its cold pass; otherwise the run fails. The last line is::
+cache file must be empty before its cold pass; otherwise the run fails. After the table
+comes each pass's CPU: the whole machine's busy seconds (``/proc/stat``) and per GB read,
+and the long-lived processes that used most of them (tgtd, qemu-storage-daemon); busy
+seconds close to the wall time on this 2-core machine mean a chain of waits, not a
+CPU-bound pass (docs/benchmarks.rst). The last line is::
 
     stack_read: cold <x> warm <y> direct <z> relay <r> MB/s (NBD TLS on|off)
 
