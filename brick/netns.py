@@ -44,6 +44,7 @@ from brick import values
 from brick.closing import Closing
 from brick.exception import BrickError, CommandFailed, Conflict, InvalidArgument, Timeout
 from brick.executor import Result, execute
+from brick.proc import describe
 from brick.wait import wait_until
 
 LOG = logging.getLogger(__name__)
@@ -205,7 +206,10 @@ def kill_netns_processes(netns: str, timeout_s: float = _KILL_TIMEOUT_S) -> list
         )
     except Timeout:
         left = pids_in_netns(inode)
-        LOG.warning("netns %s: SIGKILL to PIDs %s", netns, left)
+        LOG.warning(
+            "netns %s: SIGKILL to PIDs %s (pid, command, state, wait channel: %s)",
+            netns, left, "; ".join(describe(pid) for pid in left),
+        )  # fmt: skip
         _signal(left, signal.SIGKILL)
         wait_until(
             lambda: not pids_in_netns(inode),

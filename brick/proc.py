@@ -20,6 +20,22 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def describe(pid: int) -> str:
+    """``<pid> <command> <state>[ <wchan>]`` of a process, for a log line about it: what a
+    process that does not exit is, and where in the kernel it waits (``?`` if gone)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return f"{pid} ?"
+    comm = stat_line[stat_line.find("(") + 1 : stat_line.rfind(")")]
+    state = stat_line.rpartition(")")[2].split()[0]
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        wchan = ""
+    return " ".join([str(pid), comm, state, *([wchan] if wchan not in ("", "0") else [])])
+
+
 def is_gone(pid: int) -> bool:
     """True if ``pid`` no longer runs (a zombie counts as gone)."""
     try:

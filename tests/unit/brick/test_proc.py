@@ -1,4 +1,5 @@
-"""brick.proc.ended: when a process of ours counts as ended (by PID, never by name)."""
+"""brick.proc: when a process of ours counts as ended (by PID, never by name), and how a
+process is described in a log line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from brick import proc
+from brick.wait import wait_until
 
 
 def test_a_running_process_of_ours_has_not_ended() -> None:
@@ -60,3 +62,16 @@ def test_established_peers_reads_both_tables(tmp_path: Path) -> None:
     # port 0x2A41 = 10817: established ones only (not the listener), in table order
     assert proc.established_peers(10817, tables) == ["10.0.0.3", "10.0.0.2", "fd00::9", "10.0.0.5"]
     assert proc.established_peers(3260, tables) == ["10.0.0.4"]
+
+
+def test_describe_names_a_process_its_state_and_where_it_waits() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_until(lambda: proc.describe(child.pid).split()[2] == "S", timeout_s=5, what="sleep")
+        pid, comm, state, *wchan = proc.describe(child.pid).split()
+        assert (int(pid), comm, state) == (child.pid, "sleep", "S")
+        assert all("sleep" in w for w in wchan), wchan  # hrtimer_nanosleep here
+    finally:
+        child.kill()
+        child.wait()
+    assert proc.describe(child.pid) == f"{child.pid} ?"
