@@ -225,9 +225,15 @@ class Records:
 
     def unfinished(self, owner: str | None) -> list[VM]:
         """The VMs that may be in the middle of a step: bring-up, destroy, or (RUNNING) a
-        migration; of ``owner`` only unless it is None."""
-        moving = [PENDING, CREATING, DEPLOYING, STARTING, DELETING, RUNNING]
-        query = sa.select(cluster_vms).where(cluster_vms.c.status.in_(moving))
+        migration; of ``owner`` only unless it is None. Of the RUNNING ones only those with
+        a migration on record are read (a match on the key in their JSON: a cluster's
+        running VMs would otherwise all be loaded at every start); the caller decides with
+        ``migration.migrating`` whether it is still under way."""
+        stepping = [PENDING, CREATING, DEPLOYING, STARTING, DELETING]
+        migrated = sa.and_(
+            cluster_vms.c.status == RUNNING, cluster_vms.c.extra.like('%"migration"%')
+        )
+        query = sa.select(cluster_vms).where(sa.or_(cluster_vms.c.status.in_(stepping), migrated))
         if owner is not None:
             query = query.where(cluster_vms.c.owner == owner)
         with self.engine.connect() as conn:

@@ -223,3 +223,19 @@ def test_no_such_guest_is_read_from_the_typed_answer_of_either_transport() -> No
     assert not controller_module.no_such_guest(RuntimeError("guest VM1 does not exist"))
     other = oslo_messaging.RemoteError("InvalidInput", "the image does not exist", "")
     assert not controller_module.no_such_guest(other)
+
+
+def test_running_vms_are_read_as_unfinished_only_with_a_migration_on_record(tmp_path):
+    left_by_a_previous_run(tmp_path, [("n1", model.RUNNING), ("n2", model.RUNNING)])
+    store = Store(f"sqlite:///{tmp_path / 'volt.sqlite'}")
+    try:
+        records = Records(store, owner=OWNER)
+        assert records.unfinished(OWNER) == []  # running, never moved: not read at all
+        moved = {"migration": {"state": migration.MIGRATING, "from": "n1", "to": "n2"}}
+        records.note(records.vm("VRESUME1"), extra=moved)
+        records.note(records.vm("VRESUME0"), extra={"power": "on"})
+        found = records.unfinished(OWNER)
+        assert [vm.userid for vm in found] == ["VRESUME1"]
+        assert migration.migrating(found[0])
+    finally:
+        store.dispose()
