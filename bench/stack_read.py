@@ -78,6 +78,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brick import proc
+
 REPO = Path(__file__).resolve().parent.parent
 LAB_NAME = "vmtsr"  # namespaces vmtsr-img, vmtsr-n1, ...
 SUBNET = "10.239.0.0/24"
@@ -143,15 +145,9 @@ def process_cpu() -> dict[int, tuple[str, float]]:
     """``pid -> (command name, CPU seconds used so far)`` of every process now running."""
     found: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue  # it ended meanwhile
-        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-        rest = raw[raw.rindex(")") + 2 :].split()
-        found[int(entry.name)] = (comm, (int(rest[11]) + int(rest[12])) / CLOCK_TICKS)
+        if entry.name.isdigit() and (got := proc.stat(int(entry.name))) is not None:
+            comm, fields = got  # utime and stime: proc(5) fields 14 and 15
+            found[int(entry.name)] = (comm, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     return found
 
 

@@ -20,29 +20,35 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def stat(pid: int) -> tuple[str, list[str]] | None:
+    """``(command name, the fields after it)`` of ``/proc/<pid>/stat`` (state first, then
+    ppid, ...: proc(5) field 3 on), or None if the process is gone."""
+    try:
+        line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the name is in parentheses and may itself hold spaces and ')'
+    return line[line.find("(") + 1 : line.rfind(")")], line[line.rfind(")") + 2 :].split()
+
+
 def describe(pid: int) -> str:
     """``<pid> <command> <state>[ <wchan>]`` of a process, for a log line about it: what a
     process that does not exit is, and where in the kernel it waits (``?`` if gone)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    found = stat(pid)
+    if found is None:
         return f"{pid} ?"
-    comm = stat_line[stat_line.find("(") + 1 : stat_line.rfind(")")]
-    state = stat_line.rpartition(")")[2].split()[0]
+    comm, fields = found
     try:
         wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
     except OSError:
         wchan = ""
-    return " ".join([str(pid), comm, state, *([wchan] if wchan not in ("", "0") else [])])
+    return " ".join([str(pid), comm, fields[0], *([wchan] if wchan not in ("", "0") else [])])
 
 
 def is_gone(pid: int) -> bool:
     """True if ``pid`` no longer runs (a zombie counts as gone)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat_line.rpartition(")")[2].split()[0] in {"Z", "X"}
+    found = stat(pid)
+    return found is None or found[1][0] in {"Z", "X"}
 
 
 def ended(pid: int, is_ours: Callable[[int], bool]) -> bool:
